@@ -1,0 +1,132 @@
+"""`dist-cache`: the command-line entry point. Kept thin: parse flags, call a pipeline, print.
+
+Every error a user can fix is a `UserError`; it prints as one line and exits 2, never a traceback.
+Heavy imports (torch, open_clip, zarr) happen inside the commands so `--help` stays instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+
+class CommandError(click.ClickException):
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.message}", err=True)
+
+
+def user_errors(fn):
+    """Turn `UserError` (and file-system errors on user-given paths) into a one-line message and exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from dist_cache.errors import UserError
+
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            raise CommandError(str(err)) from None
+        except KeyboardInterrupt:
+            click.echo("interrupted: rerun the same command to resume", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _floats(text: str) -> tuple[float, float]:
+    low, high = (float(x) for x in text.split(","))
+    return low, high
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="dist-cache")
+def main() -> None:
+    """DiST on cached CLIP features: extract once, train the temporal branch many times."""
+
+
+@main.command()
+@click.option("--manifest", required=True, type=click.Path(), help="Video list: CSV path,label; Kinetics CSV; SSv2 JSON; or mmaction list.")
+@click.option("--video-root", required=True, type=click.Path(), help="Directory the manifest's paths are relative to.")
+@click.option("--out", required=True, help="Store to create or resume: a path or an fsspec URL (s3://...).")
+@click.option("--model", default="ViT-B-16", show_default=True, help="open_clip model name, dist-tiny, or a model-config JSON path.")
+@click.option("--pretrained", default="openai", show_default=True, help="open_clip tag, local checkpoint path, or none.")
+@click.option("--allow-random-weights", is_flag=True, help="Permit --pretrained none (features then mean nothing).")
+@click.option("--layers", default="all", show_default=True, help="all, last:N, or comma list of 0-based block indices.")
+@click.option("--frames", default=8, show_default=True, help="Sparse (CLIP) frames per view, T.")
+@click.option("--views", default=1, show_default=True, help="Views cached per video (train: augmented; test: temporal clips).")
+@click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
+              help="train: TSN + random resized crop + flip; test: uniform clips + centre crop.")
+@click.option("--seed", default=0, show_default=True, help="Seed for frame sampling and crops.")
+@click.option("--dtype", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True)
+@click.option("--codec", type=click.Choice(["none", "zstd", "blosc-zstd", "blosc-lz4"]), default="none", show_default=True,
+              help="Lossless codec; fp16 activations compress by under 10%.")
+@click.option("--classes", type=click.Path(), default=None, help="Class names file (txt, one per line, or JSON).")
+@click.option("--manifest-format", type=click.Choice(["auto", "csv", "kinetics", "ssv2", "mmaction"]), default="auto", show_default=True)
+@click.option("--template", "templates", multiple=True, default=("{}",), show_default=True,
+              help="Prompt template(s) for the class-name text embeddings; {} is the class name.")
+@click.option("--flip-p", default=0.5, show_default=True, help="Train flip probability (use 0 for SSv2: left/right labels).")
+@click.option("--grayscale-p", default=0.2, show_default=True, help="Train grayscale probability.")
+@click.option("--scale", default="0.4,1.0", show_default=True, help="Random resized crop area range.")
+@click.option("--batch-frames", default=64, show_default=True, help="Frames per CLIP forward pass.")
+@click.option("--decode-workers", default=2, show_default=True, help="Decode processes.")
+@click.option("--decode-timeout", default=120.0, show_default=True, help="Seconds before a video's decode is killed and recorded as failed.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+@click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
+@user_errors
+def extract(**kw) -> None:
+    """Run the frozen CLIP over every video once; store each layer's tokens in a zarr store."""
+    from pipelines.extract import ExtractOptions, extract as run_extract
+
+    strict = kw.pop("strict")
+    kw["scale"] = _floats(kw["scale"])
+    kw["templates"] = tuple(kw["templates"])
+    summary = run_extract(ExtractOptions(**kw))
+    click.echo(
+        f"stored {summary.stored} videos, skipped {summary.skipped} (already done), failed {summary.failed}, "
+        f"wrote {summary.bytes_written / 1e6:.1f} MB in {summary.seconds:.1f} s -> {kw['out']}"
+        + ("" if summary.complete else " (incomplete)")
+    )
+    if summary.failed:
+        video, error = summary.failures[0]
+        click.echo(f"warning: {summary.failed} video(s) failed and were recorded as failed; first: {error}", err=True)
+        if strict:
+            sys.exit(1)
+
+
+@main.command()
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print the full schema and counts as JSON.")
+@click.option("--failed", is_flag=True, help="List failed videos with their errors.")
+@user_errors
+def info(store: str, as_json: bool, failed: bool) -> None:
+    """Summarise a store: backbone, layers, sampling, progress, size."""
+    from pipelines.info import format_info, store_info
+
+    summary = store_info(store)
+    click.echo(json.dumps(summary, indent=2) if as_json else format_info(summary, show_failed=failed))
+
+
+@main.command()
+@click.argument("store")
+@click.option("--video-root", type=click.Path(), default=None, help="Where the videos are; without it, features are not recomputed.")
+@click.option("--samples", default=3, show_default=True, help="Random samples to recompute from the videos.")
+@click.option("--pretrained", default=None, help="Checkpoint path, if the store's recorded one is elsewhere on this machine.")
+@click.option("--seed", default=0, show_default=True, help="Seed for choosing the samples.")
+@user_errors
+def verify(store: str, video_root: str | None, samples: int, pretrained: str | None, seed: int) -> None:
+    """Check schema and completeness, and recompute random samples from the videos."""
+    from pipelines.verify import format_report, verify_store
+
+    report = verify_store(store, video_root=video_root, samples=samples, pretrained=pretrained, seed=seed)
+    click.echo(format_report(report))
+    if not report.ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""`dist-cache verify`: prove a store is complete and that its features are what its record says.
+
+Beyond "the file opens", it checks each claim a store makes: every video is accounted for, no write
+was left half-done, the recorded sampling plan is what the recorded seed gives, the videos on this
+machine are the ones that were extracted, and a random subset of samples recomputed from the videos
+with the recorded weights and preprocessing matches what is stored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dist_cache.backbone import load_recorded_backbone
+from dist_cache.errors import UserError
+from dist_cache.sampling import ViewPlan, plan_views
+from dist_cache.transforms import render_frames
+from dist_cache.video import DecodeError, probe_video, read_frames
+from storage import FeatureStore
+
+# fp16 storage rounds to ~1e-3 relative; int8 per-token absmax to ~1 %.
+TOLERANCE = {"fp16": 0.005, "int8": 0.03}
+
+
+@dataclass
+class VerifyReport:
+    store: str
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    checked_samples: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _plan_of(sample: dict) -> ViewPlan:
+    return ViewPlan(
+        sparse_indices=tuple(int(i) for i in sample["sparse_indices"]),
+        window=float(sample["window"]),
+        crop=tuple(int(c) for c in sample["crop"]),
+        flip=bool(sample["flip"]),
+        grayscale=bool(sample["grayscale"]),
+    )
+
+
+def _replanned(store: FeatureStore, sample: dict) -> ViewPlan:
+    """The plan the recorded sampling parameters give for this sample's video."""
+    sampling, schema = store.schema["sampling"], store.schema
+    plans = plan_views(
+        int(sample["num_frames"]), int(sample["width"]), int(sample["height"]),
+        frames=schema["num_frames"], views=schema["views_per_video"], split=schema["split"], seed=sampling["seed"],
+        video_index=int(sample["video_index"]), scale=tuple(sampling["scale"]), ratio=tuple(sampling["ratio"]),
+        flip_p=sampling["flip_p"], grayscale_p=sampling["grayscale_p"],
+    )
+    return plans[int(sample["view"])]
+
+
+def _relative_error(stored: np.ndarray, recomputed: np.ndarray) -> float:
+    return float(np.linalg.norm(stored - recomputed) / max(np.linalg.norm(recomputed), 1e-12))
+
+
+def verify_store(
+    url: str,
+    *,
+    video_root: str | None,
+    samples: int = 3,
+    pretrained: str | None = None,
+    seed: int = 0,
+    storage_options: dict | None = None,
+) -> VerifyReport:
+    store = FeatureStore.open(url, storage_options=storage_options)
+    report = VerifyReport(store=url)
+    status = store.status
+    pending, failed = int((status == 0).sum()), int((status == 2).sum())
+    if pending:
+        report.problems.append(f"{pending} of {len(store)} samples are not extracted yet: rerun the same extract command")
+    elif not store.complete:
+        report.problems.append("every sample is recorded but the store was never finalised: rerun the extract command")
+    if failed:
+        report.notes.append(f"{failed} samples belong to videos that failed to decode (see `dist-cache info --failed`)")
+    if Path(url).is_dir():
+        stray = sorted(str(p.relative_to(url)) for p in Path(url).rglob("*.partial*"))
+        if stray:
+            report.problems.append(f"{len(stray)} half-written files from an interrupted write (e.g. {stray[0]}): rerun extract to clean them")
+
+    done = store.done_indices()
+    if video_root is None:
+        report.notes.append("no --video-root given: videos and features were not recomputed")
+        return report
+    if not len(done):
+        return report
+    try:
+        backbone = load_recorded_backbone(store.backbone, pretrained=pretrained)
+    except UserError as err:
+        report.problems.append(f"cannot rebuild the recorded backbone: {err}")
+        return report
+    encoder = backbone.spatial_encoder(store.layers)
+    tolerance = TOLERANCE[store.schema["dtype"]]
+    chosen = np.random.default_rng(seed).choice(done, size=min(samples, len(done)), replace=False)
+    for i in sorted(int(i) for i in chosen):
+        sample = store.sample(i)
+        path = Path(video_root) / sample["video"]
+        try:
+            facts = probe_video(path)
+        except DecodeError as err:
+            report.problems.append(f"sample {i}: {err}")
+            continue
+        recorded = (int(sample["num_frames"]), int(sample["width"]), int(sample["height"]))
+        if (facts.num_frames, facts.width, facts.height) != recorded:
+            report.problems.append(
+                f"{sample['video']}: this copy has {facts.num_frames} frames of {facts.width}x{facts.height}, "
+                f"the store recorded {recorded[0]} of {recorded[1]}x{recorded[2]}: not the video that was extracted"
+            )
+            continue
+        plan = _plan_of(sample)
+        if _replanned(store, sample) != plan:
+            report.problems.append(f"sample {i}: the recorded plan is not what the recorded seed gives")
+        frames = read_frames(path, plan.sparse_indices)
+        images = render_frames(frames, plan, backbone.image_size, backbone.mean, backbone.std)
+        with torch.inference_mode():
+            tokens, _ = encoder(images)
+        error = _relative_error(store.features(i).astype(np.float32), tokens.numpy())
+        report.checked_samples.append({"sample": i, "video": sample["video"], "relative_error": error})
+        if not error <= tolerance:
+            report.problems.append(f"sample {i} ({sample['video']}): stored features differ from a recompute by {error:.2%}")
+    return report
+
+
+def format_report(report: VerifyReport) -> str:
+    lines = [f"verify {report.store}"]
+    for checked in report.checked_samples:
+        lines.append(f"  recomputed sample {checked['sample']} ({checked['video']}): relative error {checked['relative_error']:.2e}")
+    lines += [f"  note: {n}" for n in report.notes]
+    lines += [f"  problem: {p}" for p in report.problems]
+    lines.append("ok" if report.ok else f"FAILED: {len(report.problems)} problem(s)")
+    return "\n".join(lines)
