@@ -1,0 +1,263 @@
+"""Reading the video lists people already have: a `path,label` CSV, the official Kinetics CSV, the SSv2 JSON
+and mmaction's `path label_index` lists, into one `Manifest` (row v is video index v everywhere downstream).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from .errors import UserError
+
+FORMATS = ("csv", "kinetics", "ssv2", "mmaction")
+_KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
+# Kinetics downloaders save whatever container YouTube served; SSv2 ships webm that some convert.
+_VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi")
+
+
+class ManifestError(UserError, ValueError):
+    """A manifest or class list that cannot be read; the message names the file, the line and the fix."""
+
+
+@dataclass
+class Manifest:
+    videos: list[str]  # relative to the video root, as listed (or the variant found on disk, see _resolve)
+    labels: list[int]  # indices into class_names
+    class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.videos)
+
+
+def load_class_names(path: str | os.PathLike) -> list[str]:
+    """Class names in index order from classes.txt (one per line), a JSON list, or a JSON dict name -> index
+    (SSv2's labels.json, whose indices are strings)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"class list {path} not found; pass an existing classes file")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"class list {path} is not UTF-8 text ({exc}); pass the class-names file") from exc
+    if path.suffix.lower() == ".json":
+        names = _class_names_from_json(path, text)
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise ManifestError(f"class list {path} is empty; put one class name per line")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ManifestError(f"class list {path} names {dupes[0]!r} more than once; remove the duplicate")
+    return names
+
+
+def _class_names_from_json(path: Path, text: str) -> list[str]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"class list {path} is not valid JSON ({exc.msg}, line {exc.lineno}); fix the file") from exc
+    if isinstance(data, list) and all(isinstance(n, str) for n in data):
+        return [n.strip() for n in data]
+    if isinstance(data, dict):
+        try:
+            index = {name.strip(): int(i) for name, i in data.items()}
+        except (TypeError, ValueError):
+            index = {}
+        if index and sorted(index.values()) == list(range(len(index))):
+            return sorted(index, key=index.__getitem__)
+    raise ManifestError(
+        f"class list {path} must be a JSON list of names or a dict name -> index 0..K-1; fix the file"
+    )
+
+
+def load_manifest(
+    path: str | os.PathLike,
+    *,
+    video_root: str | os.PathLike | None = None,
+    classes: str | os.PathLike | Sequence[str] | None = None,
+    fmt: str = "auto",
+) -> Manifest:
+    """Read a manifest; `classes` (a class-list file or the names) fixes the label order, else the sorted names.
+
+    fmt: "auto" (by extension and header), "csv", "kinetics", "ssv2" or "mmaction". Video paths stay relative
+    (stores record them so, and readers join their own root); `video_root` only lets Kinetics and SSv2 names
+    be matched to the files a downloader actually wrote.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest {path} not found; check the path")
+    if fmt != "auto" and fmt not in FORMATS:
+        raise ManifestError(f"unknown manifest format {fmt!r}; use one of auto, {', '.join(FORMATS)}")
+    label_map = _Labels(path, classes)
+    try:
+        fmt = _detect_format(path) if fmt == "auto" else fmt
+        if fmt == "ssv2":
+            rows = _read_ssv2(path)
+        elif fmt == "mmaction":
+            rows = _read_mmaction(path)
+        else:
+            rows = _read_csv(path, fmt)
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise ManifestError(f"{path.name} is not a text manifest ({exc}); pass the list of videos") from exc
+    if not rows:
+        raise ManifestError(f"manifest {path} lists no videos; add rows or pick another file")
+    root = Path(video_root) if video_root is not None else None
+    labels = label_map.index([(where, label) for where, _, label in rows])
+    return Manifest(videos=[_resolve(root, rel, fmt) for _, rel, _ in rows], labels=labels, class_names=label_map.names)
+
+
+def _detect_format(path: Path) -> str:
+    if path.suffix.lower() == ".json":
+        return "ssv2"
+    with path.open(encoding="utf-8-sig") as f:
+        first = next((line for line in f if line.strip()), "")
+    if "," not in first:
+        return "mmaction"
+    header = {c.strip().lower() for c in first.split(",")}
+    return "kinetics" if set(_KINETICS_COLUMNS) <= header else "csv"
+
+
+# A row is (where, for messages: "line 14" or "entry 3"; relative video path; label as written: a name or an index).
+Row = tuple[str, str, str | int]
+
+
+def _read_csv(path: Path, fmt: str) -> list[Row]:
+    with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: spreadsheets save a BOM
+        reader = csv.DictReader(f, skipinitialspace=True)
+        header = [c.strip().lower() for c in reader.fieldnames or []]
+        reader.fieldnames = header
+        required = _KINETICS_COLUMNS if fmt == "kinetics" else ("path", "label")
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise ManifestError(
+                f"{path.name}: header {','.join(header) or '(none)'} lacks column(s) {','.join(missing)}; "
+                f"a {fmt} manifest needs {','.join(required)}"
+            )
+        rows: list[Row] = []
+        for rec in reader:
+            where = f"line {reader.line_num}"
+            label = (rec["label"] or "").strip()
+            rel = _kinetics_path(path, where, rec) if fmt == "kinetics" else (rec["path"] or "").strip()
+            if not rel or not label:
+                raise ManifestError(f"{path.name} {where}: empty path or label; fill it in or delete the row")
+            rows.append((where, rel, _label_value(label)))
+    return rows
+
+
+def _kinetics_path(path: Path, where: str, rec: dict) -> str:
+    try:
+        start, end = int(float(rec["time_start"])), int(float(rec["time_end"]))
+    except (TypeError, ValueError):
+        raise ManifestError(
+            f"{path.name} {where}: time_start/time_end {rec['time_start']!r}/{rec['time_end']!r} are not "
+            "numbers; fix the row"
+        ) from None
+    return f"{(rec['label'] or '').strip()}/{(rec['youtube_id'] or '').strip()}_{start:06d}_{end:06d}.mp4"
+
+
+def _label_value(label: str) -> str | int:
+    """An integer-looking label is a class index, anything else a class name."""
+    return int(label) if re.fullmatch(r"-?\d+", label) else label
+
+
+def _read_ssv2(path: Path) -> list[Row]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path.name} is not valid JSON ({exc.msg}, line {exc.lineno}); fix the file") from exc
+    if not isinstance(data, list):
+        raise ManifestError(f"{path.name}: an SSv2 manifest is a JSON list of {{id, template}} objects; fix the file")
+    rows: list[Row] = []
+    for i, item in enumerate(data, start=1):
+        where = f"entry {i}"
+        if not isinstance(item, dict) or "id" not in item:
+            raise ManifestError(f"{path.name} {where}: no 'id'; each entry needs id and template (or label)")
+        if "template" in item:
+            label = re.sub(r"\[([^\]]*)\]", r"\1", str(item["template"])).strip()
+        elif "label" in item:
+            label = str(item["label"]).strip()
+        else:
+            raise ManifestError(f"{path.name} {where}: no 'template' or 'label'; use the labelled train/validation json")
+        rows.append((where, f"{item['id']}.webm", label))
+    return rows
+
+
+def _read_mmaction(path: Path) -> list[Row]:
+    rows: list[Row] = []
+    for line, text in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        parts = text.split()
+        if not parts:
+            continue
+        if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
+            raise ManifestError(
+                f"{path.name} line {line}: expected 'relative/path label_index' (no spaces in the path), "
+                f"got {text.strip()!r}; fix the row"
+            )
+        rows.append((f"line {line}", parts[0], int(parts[1])))
+    return rows
+
+
+class _Labels:
+    """Maps labels (names or indices) to indices, against the given class list or the sorted names found."""
+
+    def __init__(self, manifest: Path, classes: str | os.PathLike | Sequence[str] | None):
+        self.manifest = manifest
+        if classes is None:
+            self.names: list[str] = []
+            self.source = ""
+        elif isinstance(classes, (str, os.PathLike)):
+            self.names = load_class_names(classes)
+            self.source = f"--classes {Path(classes).name}"
+        else:
+            self.names = list(classes)
+            self.source = "the given classes"
+        self.given = classes is not None
+
+    def index(self, labels: list[tuple[str, str | int]]) -> list[int]:
+        name = self.manifest.name
+        if not self.given:
+            ints = [where for where, label in labels if isinstance(label, int)]
+            if ints:
+                raise ManifestError(
+                    f"{name} {ints[0]}: labels are class indices, so the class names are needed; pass --classes"
+                )
+            self.names = sorted({label for _, label in labels})
+        lookup = {n: i for i, n in enumerate(self.names)}
+        out = []
+        for where, label in labels:
+            if isinstance(label, int):
+                if not 0 <= label < len(self.names):
+                    raise ManifestError(
+                        f"{name} {where}: label index {label} is out of range for {self.source} "
+                        f"({len(self.names)} names); fix the row or the class list"
+                    )
+                out.append(label)
+            elif label in lookup:
+                out.append(lookup[label])
+            else:
+                raise ManifestError(
+                    f"{name} {where}: label {label!r} is not in {self.source} ({len(self.names)} names); "
+                    "add it or fix the row"
+                )
+        return out
+
+
+def _resolve(root: Path | None, rel: str, fmt: str) -> str:
+    """`rel`, or for Kinetics and SSv2, when root/rel is missing, the first variant under root with another
+    container extension (or, for Kinetics, underscores for spaces in the class folder). A video found under
+    none keeps its listed name, and the extractor records it as missing."""
+    if root is None or fmt not in ("kinetics", "ssv2") or (root / rel).exists():
+        return rel
+    parent, stem = os.path.split(os.path.splitext(rel)[0])
+    folders = dict.fromkeys([parent, parent.replace(" ", "_")])  # ordered, without the duplicate
+    for folder in folders:
+        for ext in _VIDEO_EXTENSIONS:
+            candidate = os.path.join(folder, stem + ext)
+            if (root / candidate).exists():
+                return candidate
+    return rel

@@ -1,0 +1,140 @@
+"""Which frames, crop, flip and grayscale make up each cached view of a video.
+
+A `ViewPlan` is stored next to its features, so stage two can rebuild the dense frames that belong to
+the cached sparse ones: the sparse frames are `dense_indices(plan, gamma, n)[::gamma]`, rendered with
+the same crop, flip and grayscale (as in the reference, where CLIP sees every gamma-th dense frame and
+sparse slot k covers the dense frames from sparse frame k up to the next one).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ViewPlan:
+    sparse_indices: tuple[int, ...]  # T decoded-frame indices, one per segment
+    window: float  # frames per segment (num_frames / T); the last slot's dense frames span this many
+    crop: tuple[int, int, int, int]  # x, y, w, h in decoded-frame pixels
+    flip: bool
+    grayscale: bool
+
+    def to_dict(self) -> dict:
+        return {
+            "sparse_indices": list(self.sparse_indices),
+            "window": self.window,
+            "crop": list(self.crop),
+            "flip": self.flip,
+            "grayscale": self.grayscale,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ViewPlan:
+        x, y, w, h = (int(v) for v in d["crop"])
+        return cls(
+            sparse_indices=tuple(int(i) for i in d["sparse_indices"]),
+            window=float(d["window"]),
+            crop=(x, y, w, h),
+            flip=bool(d["flip"]),
+            grayscale=bool(d["grayscale"]),
+        )
+
+
+def dense_indices(plan: ViewPlan, gamma: int, num_frames: int) -> np.ndarray:
+    """int64 (gamma * T,): slot k's gamma dense frames spread evenly from sparse[k] towards the next sparse frame.
+
+    dense[gamma*k + j] = min(num_frames - 1, sparse[k] + floor(j * gap_k / gamma)), j < gamma, where gap_k is
+    sparse[k+1] - sparse[k], and `window` for the last slot. So dense[::gamma] == sparse; the frames stay in
+    temporal order (an offset of j * window / gamma would overtake the next sparse frame whenever TSN drew
+    one late in its segment and the next early); and, as j / gamma == 2j / (2 gamma) exactly in floating
+    point, the frames for gamma are a subset of those for 2 * gamma.
+    """
+    if gamma < 1:
+        raise ValueError(f"gamma must be >= 1, got {gamma}")
+    sparse = np.asarray(plan.sparse_indices, dtype=np.int64)
+    gaps = np.append(np.diff(sparse), plan.window).astype(np.float64)
+    offsets = np.floor(gaps[:, None] * np.arange(gamma)[None, :] / gamma).astype(np.int64)
+    return np.minimum(num_frames - 1, sparse[:, None] + offsets).reshape(-1)
+
+
+def _segment_frames(num_frames: int, frames: int, offsets: np.ndarray) -> tuple[tuple[int, ...], float]:
+    """Frame floor((k + offset_k) * window) in each of `frames` equal segments; a video shorter than
+    `frames` repeats frames, since window < 1 then."""
+    window = num_frames / frames
+    idx = np.floor((np.arange(frames) + offsets) * window).astype(np.int64)
+    return tuple(int(i) for i in np.clip(idx, 0, num_frames - 1)), window
+
+
+def _random_resized_crop(
+    rng: np.random.Generator, width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params, drawn from `rng`, as (x, y, w, h)."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    # Fallback: the whole frame, cut to the nearest allowed aspect ratio, centred.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def plan_views(
+    num_frames: int,
+    width: int,
+    height: int,
+    *,
+    frames: int,
+    views: int,
+    split: str,
+    seed: int,
+    video_index: int,
+    scale: tuple[float, float] = (0.4, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip_p: float = 0.5,
+    grayscale_p: float = 0.2,
+) -> list[ViewPlan]:
+    """`views` plans of `frames` sparse frames each.
+
+    train: TSN (a uniform random frame in each of `frames` equal segments of the whole video), a
+    RandomResizedCrop box, flip with p=flip_p and grayscale with p=grayscale_p, drawn independently per view.
+    test: clip c takes offset (c + 0.5) / views of every segment, with the centre square crop, no flip, no grayscale.
+    The generator is seeded by (seed, video_index) only, so plans never depend on processing order or worker,
+    and view k is the same whatever the number of views.
+    """
+    if num_frames < 1 or width < 1 or height < 1:
+        raise ValueError(f"cannot plan views of a video with {num_frames} frames of {width}x{height}")
+    if frames < 1 or views < 1:
+        raise ValueError(f"frames and views must be >= 1, got frames={frames}, views={views}")
+    if split == "test":
+        side = min(width, height)
+        centre = ((width - side) // 2, (height - side) // 2, side, side)
+        plans = []
+        for c in range(views):
+            sparse, window = _segment_frames(num_frames, frames, np.full(frames, (c + 0.5) / views))
+            plans.append(ViewPlan(sparse, window, centre, flip=False, grayscale=False))
+        return plans
+    if split != "train":
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    rng = np.random.default_rng([seed, video_index])
+    plans = []
+    for _ in range(views):
+        sparse, window = _segment_frames(num_frames, frames, rng.uniform(0.0, 1.0, size=frames))
+        crop = _random_resized_crop(rng, width, height, scale, ratio)
+        flip = bool(rng.uniform() < flip_p)
+        grayscale = bool(rng.uniform() < grayscale_p)
+        plans.append(ViewPlan(sparse, window, crop, flip, grayscale))
+    return plans

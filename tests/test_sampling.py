@@ -1,0 +1,194 @@
+"""View plans (frames, crop, flip, grayscale) and rendering them into CLIP input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dist_cache.sampling import ViewPlan, dense_indices, plan_views
+from dist_cache.transforms import PREPROCESS, render_frames
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def train(num_frames=250, width=640, height=272, *, frames=8, views=4, seed=0, video_index=0, **kw):
+    return plan_views(num_frames, width, height, frames=frames, views=views, split="train", seed=seed,
+                      video_index=video_index, **kw)
+
+
+# ---- plans --------------------------------------------------------------------------------------------------
+
+
+def test_train_plans_are_deterministic_and_order_independent():
+    forward = [train(video_index=v) for v in range(6)]
+    backward = [train(video_index=v) for v in reversed(range(6))][::-1]
+    assert forward == backward == [train(video_index=v) for v in range(6)]
+    assert len({p[0] for p in forward}) == 6  # videos differ
+    assert train(seed=1) != train(seed=0)
+    assert len(set(train(views=8))) == 8  # views differ
+    assert train(views=2) == train(views=4)[:2]  # adding views keeps the earlier ones
+
+
+def test_train_sparse_frames_fall_one_per_segment():
+    for seed in range(50):
+        plan = train(num_frames=250, seed=seed)[0]
+        assert plan.window == 250 / 8
+        for k, s in enumerate(plan.sparse_indices):
+            assert int(k * plan.window) <= s < (k + 1) * plan.window
+    # Uniform inside a segment: over many draws the first frame covers its whole segment [0, 31].
+    firsts = {train(num_frames=250, seed=s, views=1)[0].sparse_indices[0] for s in range(400)}
+    assert min(firsts) <= 1 and max(firsts) >= 30
+
+
+@pytest.mark.parametrize("width, height", [(640, 272), (176, 144), (272, 640), (64, 64)])
+def test_train_crops_lie_in_the_frame_with_valid_scale_and_ratio(width, height):
+    plans = [p for seed in range(100) for p in train(width=width, height=height, seed=seed)]
+    for p in plans:
+        x, y, w, h = p.crop
+        assert 0 <= x and 0 <= y and x + w <= width and y + h <= height
+        assert 0.4 - 0.02 <= w * h / (width * height) <= 1.0
+        assert 3 / 4 - 0.03 <= w / h <= 4 / 3 + 0.03
+    assert len({p.crop for p in plans}) > 150  # random boxes, not one fallback
+
+
+def test_flip_and_grayscale_rates():
+    plans = [p for seed in range(500) for p in train(seed=seed)]
+    assert abs(np.mean([p.flip for p in plans]) - 0.5) < 0.05
+    assert abs(np.mean([p.grayscale for p in plans]) - 0.2) < 0.04
+    plain = [p for seed in range(20) for p in train(seed=seed, flip_p=0.0, grayscale_p=0.0)]
+    assert not any(p.flip or p.grayscale for p in plain)
+
+
+def test_test_plans_are_centre_crops_at_evenly_spaced_clips():
+    plans = plan_views(240, 640, 272, frames=8, views=3, split="test", seed=5, video_index=9)
+    assert plans == plan_views(240, 640, 272, frames=8, views=3, split="test", seed=0, video_index=0)
+    for c, plan in enumerate(plans):
+        # window 30: clip c sits at offset (c + 0.5) / 3 of each segment, i.e. frame 30 k + 5 + 10 c.
+        assert plan.sparse_indices == tuple(30 * k + 5 + 10 * c for k in range(8))
+        assert plan.crop == (184, 0, 272, 272)
+        assert not plan.flip and not plan.grayscale
+    (single,) = plan_views(240, 176, 144, frames=8, views=1, split="test", seed=0, video_index=0)
+    assert single.sparse_indices == tuple(30 * k + 15 for k in range(8))  # segment centres
+    assert single.crop == (16, 0, 144, 144)
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_short_videos_repeat_frames_in_range(split):
+    for views in (1, 3):
+        for plan in plan_views(3, 64, 48, frames=8, views=views, split=split, seed=0, video_index=0):
+            assert len(plan.sparse_indices) == 8
+            assert set(plan.sparse_indices) <= {0, 1, 2} and list(plan.sparse_indices) == sorted(plan.sparse_indices)
+            for gamma in (1, 2, 4, 8):
+                dense = dense_indices(plan, gamma, 3)
+                assert dense.min() >= 0 and dense.max() <= 2
+
+
+@pytest.mark.parametrize("num_frames", [3, 7, 16, 33, 250, 1000])
+def test_dense_frames_align_with_sparse_and_nest(num_frames):
+    for split in ("train", "test"):
+        for plan in plan_views(num_frames, 64, 64, frames=8, views=3, split=split, seed=1, video_index=2):
+            previous = None
+            for gamma in (1, 2, 4, 8):
+                dense = dense_indices(plan, gamma, num_frames)
+                assert dense.dtype == np.int64 and dense.shape == (gamma * 8,)
+                assert dense[::gamma].tolist() == list(plan.sparse_indices)
+                assert 0 <= dense.min() and dense.max() < num_frames
+                assert np.all(np.diff(dense) >= 0)
+                if previous is not None:
+                    assert np.array_equal(dense[::2], previous)  # gamma's frames are every other of 2 gamma's
+                previous = dense
+
+
+def test_dense_frames_spread_over_the_slot():
+    plan = ViewPlan(sparse_indices=(0, 10, 20), window=10.0, crop=(0, 0, 8, 8), flip=False, grayscale=False)
+    assert dense_indices(plan, 4, 30).tolist() == [0, 2, 5, 7, 10, 12, 15, 17, 20, 22, 25, 27]
+    assert dense_indices(plan, 4, 24).tolist()[-4:] == [20, 22, 23, 23]  # clamped at the last frame
+    # A sparse frame drawn late in its segment, the next early: the dense frames fill the gap between them.
+    uneven = ViewPlan(sparse_indices=(0, 9, 12), window=10.0, crop=(0, 0, 8, 8), flip=False, grayscale=False)
+    assert dense_indices(uneven, 4, 30).tolist() == [0, 2, 4, 6, 9, 9, 10, 11, 12, 14, 17, 19]
+
+
+def test_plan_round_trips_through_json():
+    for plan in train(views=3) + plan_views(30, 64, 64, frames=4, views=2, split="test", seed=0, video_index=0):
+        assert ViewPlan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="split"):
+        plan_views(30, 64, 64, frames=8, views=1, split="val", seed=0, video_index=0)
+    with pytest.raises(ValueError, match="0 frames"):
+        plan_views(0, 64, 64, frames=8, views=1, split="test", seed=0, video_index=0)
+
+
+# ---- rendering ----------------------------------------------------------------------------------------------
+
+
+def plan_with(crop, flip=False, grayscale=False):
+    return ViewPlan(sparse_indices=(0,), window=1.0, crop=crop, flip=flip, grayscale=grayscale)
+
+
+def normalised(rgb):
+    return (torch.tensor(rgb, dtype=torch.float32) / 255 - torch.tensor(MEAN)) / torch.tensor(STD)
+
+
+@pytest.fixture
+def halves():
+    """Two 48x64 frames: left half red, right half blue."""
+    frames = np.zeros((2, 48, 64, 3), dtype=np.uint8)
+    frames[:, :, :32] = (255, 0, 0)
+    frames[:, :, 32:] = (0, 0, 255)
+    return frames
+
+
+def test_render_shape_crop_and_normalisation(halves):
+    out = render_frames(halves, plan_with((36, 4, 20, 30)), 32, MEAN, STD)  # inside the blue half
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 32, 32)
+    expected = normalised((0, 0, 255)).view(1, 3, 1, 1).expand_as(out)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_render_at_native_size_keeps_the_pixels():
+    frames = np.random.default_rng(0).integers(0, 256, size=(3, 40, 50, 3), dtype=np.uint8)
+    out = render_frames(frames, plan_with((5, 2, 32, 32)), 32, MEAN, STD)
+    crop = torch.from_numpy(frames[:, 2:34, 5:37]).permute(0, 3, 1, 2).float()
+    expected = (crop / 255 - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+
+
+def test_render_flip_mirrors_left_and_right(halves):
+    plain = render_frames(halves, plan_with((0, 0, 64, 48)), 16, MEAN, STD)
+    flipped = render_frames(halves, plan_with((0, 0, 64, 48), flip=True), 16, MEAN, STD)
+    assert torch.equal(flipped, plain.flip(-1))
+    torch.testing.assert_close(flipped[0, :, 8, 1], normalised((0, 0, 255)), atol=1e-5, rtol=0)  # blue now left
+    torch.testing.assert_close(flipped[0, :, 8, 14], normalised((255, 0, 0)), atol=1e-5, rtol=0)
+
+
+def test_render_grayscale_is_601_luma_on_three_channels():
+    frames = np.random.default_rng(1).integers(0, 256, size=(2, 16, 16, 3), dtype=np.uint8)
+    out = render_frames(frames, plan_with((0, 0, 16, 16), grayscale=True), 16, MEAN, STD)
+    pixels = out * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)  # back to 0-1
+    luma = torch.from_numpy(frames.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)) / 255
+    for c in range(3):
+        torch.testing.assert_close(pixels[:, c], luma, atol=1e-5, rtol=0)
+
+
+def test_render_does_not_depend_on_the_batch():
+    frames = np.random.default_rng(2).integers(0, 256, size=(16, 90, 120, 3), dtype=np.uint8)
+    for plan in train(num_frames=16, width=120, height=90, views=4, seed=3):
+        whole = render_frames(frames, plan, 56, MEAN, STD)
+        assert torch.equal(render_frames(frames[4:12], plan, 56, MEAN, STD), whole[4:12])
+        assert torch.equal(render_frames(torch.from_numpy(frames[4:12]), plan, 56, MEAN, STD), whole[4:12])
+
+
+def test_render_rejects_bad_input(halves):
+    with pytest.raises(ValueError, match="outside"):
+        render_frames(halves, plan_with((40, 0, 32, 32)), 16, MEAN, STD)
+    with pytest.raises(ValueError, match="uint8"):
+        render_frames(halves.astype(np.float32), plan_with((0, 0, 8, 8)), 16, MEAN, STD)
+
+
+def test_preprocess_description_is_json_safe():
+    assert json.loads(json.dumps(PREPROCESS)) == PREPROCESS
+    assert PREPROCESS["resize"] == "bilinear" and PREPROCESS["antialias"] is True
