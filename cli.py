@@ -91,9 +91,13 @@ def extract(**kw) -> None:
         f"wrote {summary.bytes_written / 1e6:.1f} MB in {summary.seconds:.1f} s -> {kw['out']}"
         + ("" if summary.complete else " (incomplete)")
     )
-    if summary.failed:
-        video, error = summary.failures[0]
-        click.echo(f"warning: {summary.failed} video(s) failed and were recorded as failed; first: {error}", err=True)
+    if summary.store_failed:
+        first = f"; first in this run: {summary.failures[0][1]}" if summary.failures else ""
+        click.echo(
+            f"warning: {summary.store_failed} video(s) in the store failed to decode and are recorded as failed "
+            f"(list them with `dist-cache info {kw['out']} --failed`){first}",
+            err=True,
+        )
         if strict:
             sys.exit(1)
 

@@ -26,6 +26,7 @@ from dist_cache.transforms import PREPROCESS
 from dist_cache.video import DECODER, DecodeError, DecodePool
 from pipelines.prepare import PreparedVideo, RenderSpec, prepare_video
 from storage import StoreWriter
+from storage.schema import FORMAT_VERSION
 
 FORMAT_SPLITS = ("train", "test")
 DTYPES = ("fp16", "int8")
@@ -69,6 +70,7 @@ class ExtractSummary:
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (video, error), this run
     complete: bool = False
+    store_failed: int = 0  # failed videos in the whole store, earlier runs included
 
     def merge(self, other: "ExtractSummary") -> None:
         self.stored += other.stored
@@ -100,6 +102,7 @@ def check_options(opts: ExtractOptions) -> None:
 def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], manifest: Manifest) -> dict:
     """Everything a stranger needs to reuse or reproduce the features, as JSON."""
     return {
+        "format_version": FORMAT_VERSION,
         "backbone": backbone.describe(),
         "preprocess": {**PREPROCESS, "decoder": DECODER, "image_size": backbone.image_size,
                        "mean": list(backbone.mean), "std": list(backbone.std)},
@@ -120,7 +123,8 @@ def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], ma
             "flip_p": opts.flip_p if opts.split == "train" else 0.0,
             "grayscale_p": opts.grayscale_p if opts.split == "train" else 0.0,
             "rng": "numpy default_rng([seed, video_index])",
-            "dense_rule": "dense[g*k+j] = min(num_frames-1, sparse[k] + floor(j*window/g)), j < g",
+            "dense_rule": "dense[g*k+j] = min(num_frames-1, sparse[k] + floor(j*gap_k/g)), j < g, "
+                          "gap_k = sparse[k+1] - sparse[k], the last slot's gap = window",
         },
         "num_videos": len(manifest.videos),
         "class_names": manifest.class_names,
@@ -247,6 +251,8 @@ def extract(opts: ExtractOptions, progress: bool = True) -> ExtractSummary:
     summary = ExtractSummary(skipped=len(extractor.manifest.videos) - len(pending))
     with tqdm(total=len(pending) * opts.views, unit="clip", desc="extract", disable=not progress, dynamic_ncols=True) as bar:
         summary.merge(extractor.run(pending, on_progress=bar.update))
-    summary.complete = bool(extractor.writer.finalize().get("complete"))
+    final = extractor.writer.finalize()
+    summary.complete = bool(final["complete"])
+    summary.store_failed = int(final["failed"])
     summary.seconds = time.monotonic() - started
     return summary

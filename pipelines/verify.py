@@ -85,7 +85,10 @@ def verify_store(
     if Path(url).is_dir():
         stray = sorted(str(p.relative_to(url)) for p in Path(url).rglob("*.partial*"))
         if stray:
-            report.problems.append(f"{len(stray)} half-written files from an interrupted write (e.g. {stray[0]}): rerun extract to clean them")
+            # Never part of the data: a killed write's temporary file, or a live writer's. Writers
+            # remove them once they are old enough not to belong to anyone still writing.
+            report.notes.append(f"{len(stray)} temporary *.partial file(s) from an interrupted or running write "
+                                f"(e.g. {stray[0]}); harmless, removed by a later extract once stale")
 
     done = store.done_indices()
     if video_root is None:
