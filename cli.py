@@ -132,5 +132,94 @@ def verify(store: str, video_root: str | None, samples: int, pretrained: str | N
         sys.exit(1)
 
 
+def model_options(fn):
+    """DiST architecture flags (the paper's ablation switches), shared by train and profile."""
+    options = [
+        click.option("--gamma", type=click.Choice(["1", "2", "4", "8"]), default="2", show_default=True,
+                     callback=lambda ctx, param, v: int(v), help="Dense frames per sparse frame for the temporal encoder."),
+        click.option("--alpha-dim", default=384, show_default=True, help="Integration branch width (alpha*C)."),
+        click.option("--beta-dim", default=96, show_default=True, help="Temporal encoder width (beta*C)."),
+        click.option("--t-block", type=click.Choice(["r2plus1d", "c3d", "joint"]), default="r2plus1d", show_default=True),
+        click.option("--psi", type=click.Choice(["dconv", "avg", "max"]), default="dconv", show_default=True,
+                     help="Temporal -> integration downsampling (Tab. 2a)."),
+        click.option("--phi", type=click.Choice(["nearest", "trilinear", "deconv"]), default="nearest", show_default=True,
+                     help="Integration -> temporal upsampling (Tab. 2b)."),
+        click.option("--no-temporal", "temporal", flag_value=False, default=True, help="Drop the temporal encoder (Tab. 1a)."),
+        click.option("--no-integration", "integration", flag_value=False, default=True, help="Drop the integration branch (Tab. 1a)."),
+        click.option("--no-integ-to-temp", "integ_to_temp", flag_value=False, default=True, help="Drop Phi (Tab. 1b)."),
+        click.option("--no-temp-to-integ", "temp_to_integ", flag_value=False, default=True, help="Drop Psi (Tab. 1b)."),
+        click.option("--pool-blocks", default=2, show_default=True, help="AdaPooling blocks (reference: 2 for SSv2, 4 for K400)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@main.command()
+@click.option("--cache", required=True, help="Training store (path or fsspec URL).")
+@click.option("--video-root", required=True, type=click.Path(), help="Where the store's videos are (dense frames are decoded from them).")
+@click.option("--out", required=True, type=click.Path(), help="Run directory: checkpoints, metrics.jsonl, curves.")
+@click.option("--val-cache", default=None, help="Validation store; best.pt is chosen by its top-1.")
+@click.option("--val-video-root", default=None, type=click.Path(), help="Video root of the validation store (default: --video-root).")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@click.option("--online", is_flag=True, help="Run the frozen CLIP live on the sparse frames instead of reading cached features.")
+@click.option("--pretrained", default=None, help="Local copy of the store's CLIP weights (needed by --online if not at the recorded path).")
+@click.option("--layers", default="all", show_default=True, help="CLIP layers to integrate: all (the store's), last:N, or a comma list.")
+@model_options
+@click.option("--epochs", default=30, show_default=True)
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--lr", default=3.2e-4, show_default=True, help="Peak learning rate.")
+@click.option("--warmup-epochs", default=5.0, show_default=True)
+@click.option("--weight-decay", default=1e-4, show_default=True)
+@click.option("--label-smoothing", default=0.1, show_default=True)
+@click.option("--clip-grad", default=1.0, show_default=True, help="Max gradient norm; 0 disables.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--workers", default=4, show_default=True, help="DataLoader worker processes.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--save-every", default=500, show_default=True, help="Steps between last.pt writes.")
+@user_errors
+def train(**kw) -> None:
+    """Train DiST's temporal encoder and integration branch from a feature store."""
+    from pipelines.train import TrainOptions, train as run_train
+
+    result = run_train(TrainOptions(**kw))
+    best = f", best val top-1 {result.best_top1:.2%}" if result.best_top1 is not None else ""
+    click.echo(f"trained {result.steps} steps over {result.epochs} epochs{best}; checkpoints in {result.out}")
+    if result.skipped_failed_samples:
+        click.echo(f"skipped {result.skipped_failed_samples} failed samples of the store", err=True)
+
+
+@main.command(name="eval")
+@click.option("--checkpoint", required=True, type=click.Path(), help="A checkpoint written by train (best.pt or last.pt).")
+@click.option("--cache", required=True, help="Evaluation store (test split: 3 clips x 1 crop by default).")
+@click.option("--video-root", required=True, type=click.Path())
+@click.option("--classes", default=None, type=click.Path(), help="Zero-shot: class names file of a new label set.")
+@click.option("--pretrained", default=None, help="Local copy of the store's CLIP weights (for --classes and --online).")
+@click.option("--json", "json_path", default=None, type=click.Path(), help="Write the full report (and a confusion PNG beside it).")
+@click.option("--online", is_flag=True, help="Run the frozen CLIP live instead of reading cached features.")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--workers", default=2, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@user_errors
+def evaluate(json_path: str | None, **kw) -> None:
+    """Score a checkpoint: multi-view top-1/top-5, per-class accuracy, zero-shot with --classes."""
+    from pipelines.evaluate import EvalOptions, evaluate as run_eval, format_report
+
+    click.echo(format_report(run_eval(EvalOptions(json=json_path, **kw))))
+
+
+@main.command()
+@click.option("--workdir", default="demo-run", show_default=True, type=click.Path(), help="Where data, stores and the run go.")
+@click.option("--videos-per-class", default=16, show_default=True)
+@click.option("--epochs", default=12, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@user_errors
+def demo(workdir: str, videos_per_class: int, epochs: int, seed: int) -> None:
+    """Generate motion-defined videos, extract with a tiny CLIP, train, evaluate: all on this CPU."""
+    from pipelines.demo import DemoOptions, run_demo
+
+    run_demo(DemoOptions(workdir=workdir, videos_per_class=videos_per_class, epochs=epochs, seed=seed), say=click.echo)
+
+
 if __name__ == "__main__":
     main()
