@@ -1,0 +1,121 @@
+"""Checks that a store fits a run before any step is taken, each failing as one actionable line.
+
+A mismatch found here would otherwise surface as a shape error deep inside the model, or worse, as a
+run that trains without error on features from another backbone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from dist_cache.backbone import resolve_layers
+from dist_cache.errors import UserError
+from dist_cache.model import DiSTConfig
+from storage import FeatureStore
+from storage.records import STATUS_CODES
+from storage.schema import format_value
+
+# What makes two backbones produce the same features (the path the weights were loaded from does not).
+BACKBONE_IDENTITY = ("model", "weights_sha256", "image_size", "patch_size", "width", "embed_dim")
+
+PENDING, DONE, FAILED = STATUS_CODES["pending"], STATUS_CODES["done"], STATUS_CODES["failed"]
+
+
+def open_store(url: str, flag: str, storage_options: dict | None = None) -> FeatureStore:
+    try:
+        return FeatureStore.open(url, storage_options or None)
+    except UserError as err:
+        raise UserError(f"{flag} {url}: {err}") from None
+
+
+def usable_samples(store: FeatureStore, flag: str) -> tuple[np.ndarray, int]:
+    """Indices of the samples with features, and how many failed at extraction (skipped, not an error).
+
+    A store still being extracted is refused: its sample set would change under a running (or resumed) job.
+    """
+    status = store.status
+    pending = int((status == PENDING).sum())
+    if pending:
+        raise UserError(
+            f"{flag} {store.url}: {pending // store.views_per_video} videos are not extracted yet; "
+            "finish the extraction (rerun dist-cache extract with the same flags) first"
+        )
+    return np.flatnonzero(status == DONE), int((status == FAILED).sum())
+
+
+def check_video_root(store: FeatureStore, usable: np.ndarray, video_root: str, flag: str) -> None:
+    """The dense frames are decoded from the original videos: fail now, not in a loader worker mid-epoch."""
+    if len(usable):
+        video = store.sample(int(usable[0]))["video"]
+        if not (Path(video_root) / video).is_file():
+            raise UserError(
+                f"{flag} {video_root} has no {video} (a video of {store.url}); pass the directory the store's "
+                "manifest paths are relative to"
+            )
+
+
+def select_layers(spec: str, store: FeatureStore, online: bool) -> list[int]:
+    """`--layers`: all (the store's layers), last:N or a comma list of CLIP block indices.
+
+    Cached training can only integrate layers the store holds; online training computes any layer.
+    """
+    if spec.strip() == "all":
+        return store.layers
+    layers = resolve_layers(spec, int(store.backbone["num_layers"]))
+    if not online:
+        check_layers(store, layers, "--cache")
+    return layers
+
+
+def check_layers(store: FeatureStore, layers: Sequence[int], flag: str) -> None:
+    missing = [layer for layer in layers if layer not in store.layers]
+    if missing:
+        raise UserError(
+            f"{flag} {store.url} holds layers {format_value(store.layers)}, but the model integrates "
+            f"{format_value(list(layers))} (missing {format_value(missing)}); pass --layers within the store's, "
+            "or extract a store with those layers"
+        )
+
+
+def check_backbone(store: FeatureStore, recorded: dict[str, Any], flag: str, against: str) -> None:
+    """The store's features must come from the same CLIP (same weights, geometry) as `recorded`."""
+    for key in BACKBONE_IDENTITY:
+        mine, theirs = store.backbone.get(key), recorded.get(key)
+        if mine != theirs:
+            raise UserError(
+                f"{flag} {store.url} was extracted with backbone {key} {format_value(mine)}, but {against} "
+                f"used {format_value(theirs)}; use a store extracted with the same --model and --pretrained"
+            )
+
+
+def check_store_fits(store: FeatureStore, config: DiSTConfig, flag: str, *, online: bool) -> None:
+    """Frames and resolution shape the branch's parameters; layers must be readable unless run online."""
+    if store.num_frames != config.num_frames:
+        raise UserError(
+            f"{flag} {store.url} has {store.num_frames} frames per view, the model takes {config.num_frames} "
+            "(its parameters depend on T); use a store extracted with the same --frames"
+        )
+    if int(store.backbone["image_size"]) != config.image_size:
+        raise UserError(
+            f"{flag} {store.url} was rendered at {store.backbone['image_size']} px, the model takes "
+            f"{config.image_size} px; use a store of the same backbone"
+        )
+    if not online:
+        check_layers(store, config.layers, flag)
+
+
+def config_from_store(store: FeatureStore, layers: list[int], **switches: Any) -> DiSTConfig:
+    """A DiSTConfig shaped after the store's backbone, with the run's switches."""
+    bb = store.backbone
+    return DiSTConfig(
+        width=int(bb["width"]),
+        patch_size=int(bb["patch_size"]),
+        image_size=int(bb["image_size"]),
+        num_frames=store.num_frames,
+        embed_dim=int(bb["embed_dim"]),
+        layers=layers,
+        **switches,
+    )

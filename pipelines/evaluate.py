@@ -1,0 +1,215 @@
+"""Evaluation: softmax scores summed over every cached view of a video (3 clips x 1 crop by default).
+
+Class embeddings come from the store (what extraction computed with the text tower), or, for zero-shot
+evaluation on another label set (`classes`), from the backbone's text tower, rebuilt from the store's
+record and checked against its weight hash. Samples that failed at extraction are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dist_cache.backbone import load_recorded_backbone
+from dist_cache.errors import UserError
+from dist_cache.manifests import load_class_names
+from dist_cache.model import DiSTConfig, OnlineDiST
+from pipelines.branch import Network, autocast, branch_of, build_network, embed
+from pipelines.checkpoint import load_checkpoint
+from pipelines.checks import check_backbone, check_store_fits, check_video_root, open_store, usable_samples
+from pipelines.data import EpochSampler, StoreClips, make_loader
+from pipelines.extract import resolve_device
+from pipelines.plots import plot_confusion
+from storage import FeatureStore
+
+
+@dataclass
+class EvalOptions:
+    checkpoint: str
+    cache: str
+    video_root: str
+    classes: str | None = None  # class-names file: zero-shot on this label set
+    pretrained: str | None = None  # local copy of the backbone weights (zero-shot text tower, --online)
+    json: str | None = None
+    confusion: str | None = None  # PNG; defaults to <json stem>.confusion.png beside --json
+    online: bool = False
+    batch_size: int = 16
+    workers: int = 2
+    device: str = "auto"
+    storage_options: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def score_videos(
+    net: Network,
+    store: FeatureStore,
+    usable: np.ndarray,
+    text: torch.Tensor,
+    *,
+    video_root: str,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    progress: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(V, K) softmax scores summed over each video's usable views, and (V,) how many views were summed."""
+    config = branch_of(net).config
+    online = isinstance(net, OnlineDiST)
+    dataset = StoreClips(
+        store, video_root, config.gamma, None if online else config.layers, frames=online or config.temporal
+    )
+    sampler = EpochSampler(usable, store.views_per_video, batch_size, train=False)
+    loader = make_loader(dataset, sampler, workers=workers, device=device)
+    scores = np.zeros((store.num_videos, text.shape[0]), dtype=np.float64)
+    views = np.zeros(store.num_videos, dtype=np.int64)
+    was_training = net.training
+    net.eval()
+    try:
+        with tqdm(total=len(usable), unit="clip", desc="eval", disable=not progress, dynamic_ncols=True) as bar:
+            for batch in loader:
+                with autocast(device):
+                    logits = net.logits(embed(net, batch, device), text)
+                probs = logits.float().softmax(dim=-1).cpu().numpy()
+                video = batch["video_index"].numpy()
+                np.add.at(scores, video, probs)
+                np.add.at(views, video, 1)
+                bar.update(len(video))
+    finally:
+        net.train(was_training)
+    return scores, views
+
+
+def summarize(scores: np.ndarray, views: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """Top-1, top-5, mean class accuracy, per-class accuracy and confusion matrix over videos with a view."""
+    seen = views > 0
+    scores, labels = scores[seen], np.asarray(labels)[seen]
+    k = len(class_names)
+    if not len(labels):
+        raise UserError("no video of the store has features (every sample failed); nothing to evaluate")
+    top = np.argsort(-scores, axis=1, kind="stable")[:, : min(5, k)]
+    correct1 = top[:, 0] == labels
+    correct5 = (top == labels[:, None]).any(axis=1)
+    confusion = np.zeros((k, k), dtype=np.int64)
+    np.add.at(confusion, (labels, top[:, 0]), 1)
+    per_class_videos = confusion.sum(axis=1)
+    per_class = {
+        name: (float(confusion[c, c] / per_class_videos[c]) if per_class_videos[c] else None)
+        for c, name in enumerate(class_names)
+    }
+    present = [acc for acc in per_class.values() if acc is not None]
+    return {
+        "videos": int(len(labels)),
+        "views": int(views.sum()),
+        "top1": float(correct1.mean()),
+        "top5": float(correct5.mean()),
+        "top5_k": min(5, k),
+        "mean_class_accuracy": float(np.mean(present)),
+        "per_class_accuracy": per_class,
+        "per_class_videos": {name: int(n) for name, n in zip(class_names, per_class_videos)},
+        "class_names": list(class_names),
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def zero_shot_labels(store: FeatureStore, classes_file: str) -> tuple[list[str], np.ndarray]:
+    """The new class list, and the store's labels mapped into it by class name."""
+    names = load_class_names(classes_file)
+    position = {name: i for i, name in enumerate(names)}
+    missing = [name for name in store.class_names if name not in position]
+    if missing:
+        raise UserError(
+            f"--classes {classes_file} lacks {len(missing)} of the store's classes (first: {missing[0]!r}); "
+            "every class of the evaluated store must be named in the list"
+        )
+    mapping = np.array([position[name] for name in store.class_names], dtype=np.int64)
+    return names, mapping[np.asarray(store.labels, dtype=np.int64)]
+
+
+def text_embeddings(store: FeatureStore, names: list[str], pretrained: str | None, device: torch.device) -> np.ndarray:
+    """Embed new class names with the store's own text tower and prompt templates."""
+    try:
+        backbone = load_recorded_backbone(store.backbone, pretrained, device=device)
+    except UserError:
+        raise
+    except Exception as err:  # e.g. an open_clip tag whose weights cannot be downloaded here
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise UserError(
+            f"cannot load the backbone's weights ({store.backbone['pretrained']}) for the text tower: {first}; "
+            "pass --pretrained PATH to a local copy"
+        ) from None
+    return backbone.encode_text(names, list(store.schema["text"]["templates"]))
+
+
+def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
+    """Evaluate a checkpoint on a store; write the JSON report and the confusion PNG when asked."""
+    device = resolve_device(opts.device)
+    ckpt = load_checkpoint(opts.checkpoint)
+    config = DiSTConfig.from_dict(ckpt["dist_config"])
+    store = open_store(opts.cache, "--cache", opts.storage_options)
+    check_backbone(store, ckpt["store"]["backbone"], "--cache", f"checkpoint {opts.checkpoint}")
+    check_store_fits(store, config, "--cache", online=opts.online)
+    usable, failed = usable_samples(store, "--cache")
+    if opts.online or config.temporal:
+        check_video_root(store, usable, opts.video_root, "--video-root")
+
+    if opts.classes:
+        class_names, labels = zero_shot_labels(store, opts.classes)
+        text = text_embeddings(store, class_names, opts.pretrained, device)
+    else:
+        class_names, labels, text = store.class_names, np.asarray(store.labels), store.text_features
+
+    net = build_network(
+        config, online=opts.online, backbone_record=store.backbone, pretrained=opts.pretrained, device=device, seed=0
+    )
+    branch_of(net).load_state_dict(ckpt["model"])
+    scores, views = score_videos(
+        net, store, usable, torch.as_tensor(text, device=device),
+        video_root=opts.video_root, batch_size=opts.batch_size, workers=opts.workers, device=device, progress=progress,
+    )
+    report = {
+        "checkpoint": str(opts.checkpoint),
+        "cache": store.url,
+        "store_fingerprint": store.fingerprint,
+        "classes": opts.classes or "store",
+        "online": opts.online,
+        "views_per_video": store.views_per_video,
+        "skipped_failed_samples": failed,
+        "skipped_failed_videos": failed // store.views_per_video,
+        **summarize(scores, views, labels, class_names),
+    }
+    confusion = opts.confusion or (str(Path(opts.json).with_suffix(".confusion.png")) if opts.json else None)
+    if confusion:
+        report["confusion_png"] = str(plot_confusion(np.array(report["confusion_matrix"]), class_names, confusion))
+    if opts.json:
+        tmp = f"{opts.json}.tmp-{os.getpid()}"
+        Path(tmp).write_text(json.dumps(report, indent=1))
+        os.replace(tmp, opts.json)
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The lines the CLI prints: headline numbers, skipped samples, the weakest classes."""
+    lines = [
+        f"top-1 {100 * report['top1']:.2f}%  top-{report['top5_k']} {100 * report['top5']:.2f}%  "
+        f"mean class {100 * report['mean_class_accuracy']:.2f}%  "
+        f"({report['videos']} videos, {report['views']} views, classes: {report['classes']})"
+    ]
+    if report["skipped_failed_samples"]:
+        lines.append(
+            f"skipped {report['skipped_failed_samples']} failed samples "
+            f"({report['skipped_failed_videos']} videos that failed at extraction)"
+        )
+    scored = [(acc, name) for name, acc in report["per_class_accuracy"].items() if acc is not None]
+    worst = sorted(scored)[:5]
+    if worst and worst[0][0] < 1.0:
+        lines.append("weakest classes: " + ", ".join(f"{name} {100 * acc:.0f}%" for acc, name in worst))
+    if report.get("confusion_png"):
+        lines.append(f"confusion matrix -> {report['confusion_png']}")
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Stage-two building blocks without a store: the resumable sampler, the schedule, the optimiser groups,
+checkpoint files."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dist_cache.errors import UserError
+from dist_cache.model import DiST, DiSTConfig
+from pipelines.checkpoint import load_checkpoint, save_checkpoint
+from pipelines.data import EpochSampler
+from pipelines.train import lr_at, param_groups
+
+# 7 videos x 3 views; video 2 failed at extraction (no usable view), video 5 has only views 0 and 2.
+USABLE = np.array([i for i in range(21) if i // 3 != 2 and i != 16])
+
+
+def _epoch(sampler: EpochSampler, epoch: int, skip: int = 0) -> list[list[int]]:
+    sampler.set_epoch(epoch, skip)
+    return list(sampler)
+
+
+def test_train_sampler_draws_one_usable_view_per_video_seeded_by_epoch():
+    sampler = EpochSampler(USABLE, 3, batch_size=4, seed=7)
+    first = [i for batch in _epoch(sampler, 0) for i in batch]
+    assert sorted(i // 3 for i in first) == [0, 1, 3, 4, 5, 6]
+    assert set(first) <= set(USABLE.tolist())
+    assert first == [i for batch in _epoch(EpochSampler(USABLE, 3, batch_size=4, seed=7), 0) for i in batch]
+    orders = {tuple(i for batch in _epoch(sampler, e) for i in batch) for e in range(6)}
+    assert len(orders) > 1, "the order and the views must change from epoch to epoch"
+    assert [len(b) for b in _epoch(sampler, 0)] == [4, 2] and sampler.batches_per_epoch == 2
+
+
+def test_train_sampler_resume_skips_exactly_the_consumed_batches():
+    sampler = EpochSampler(USABLE, 3, batch_size=2, seed=1)
+    full = _epoch(sampler, 3)
+    for skip in range(len(full) + 1):
+        assert _epoch(sampler, 3, skip) == full[skip:]
+        assert len(sampler) == len(full) - skip
+
+
+def test_train_sampler_splits_an_epoch_across_ranks():
+    world = 4
+    ranks = [EpochSampler(USABLE, 3, batch_size=1, seed=2, rank=r, world_size=world) for r in range(world)]
+    parts = [[i for batch in _epoch(s, 5) for i in batch] for s in ranks]
+    assert len({len(p) for p in parts}) == 1, "every rank must run the same number of steps"
+    order = ranks[0].epoch_order(5).tolist()
+    assert sorted(set(i for p in parts for i in p)) == sorted(order)
+    assert [parts[r][j] for j in range(len(parts[0])) for r in range(world)][: len(order)] == order
+
+
+def test_eval_sampler_visits_every_usable_sample_in_order():
+    sampler = EpochSampler(USABLE, 3, batch_size=5, train=False)
+    assert [i for batch in _epoch(sampler, 0) for i in batch] == USABLE.tolist()
+    assert _epoch(sampler, 4) == _epoch(sampler, 0)
+
+
+def test_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():
+    kw = dict(peak=3.2e-4, total=100, warmup=10, start=8e-7)
+    assert lr_at(0, **kw) == pytest.approx(8e-7)
+    cosine_at_warmup = 3.2e-4 * 0.5 * (1 + math.cos(math.pi * 10 / 100))
+    assert lr_at(5, **kw) == pytest.approx((8e-7 + cosine_at_warmup) / 2)
+    assert lr_at(10, **kw) == pytest.approx(cosine_at_warmup)
+    assert lr_at(50, **kw) == pytest.approx(1.6e-4)
+    assert lr_at(100, **kw) == pytest.approx(0.0, abs=1e-12)
+    values = [lr_at(s, **kw) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_optimizer_groups_hold_every_parameter_and_decay_only_weight_matrices():
+    config = DiSTConfig(width=64, patch_size=16, image_size=64, num_frames=4, embed_dim=64, layers=[0, 1],
+                        alpha_dim=32, beta_dim=16)
+    model = DiST(config)
+    decay, no_decay = param_groups(model, 1e-4)
+    assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert decayed | kept == set(names.values()) and not decayed & kept  # biases are optimised (release bug B1)
+    assert all(n.endswith("bias") or "norm" in n or "token" in n or "query" in n or "pos" in n for n in kept)
+    assert {"head.proj", "psi.0.down.weight", "integration.fcs.0.weight",
+            "head.pool.blocks.0.spatial.attn.in_proj_weight", "temporal.stem.conv.weight"} <= decayed
+    assert {"psi.0.cls_token", "head.pool.temporal_pos", "head.pool.video_query",
+            "temporal.stem.conv.bias", "head.ln_post.weight"} <= kept
+
+
+def test_checkpoint_write_is_atomic_and_loads_without_pickled_code(tmp_path):
+    path = save_checkpoint(tmp_path / "last.pt", {"model": {"w": torch.ones(2)}, "step": 3})
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+    assert load_checkpoint(path)["step"] == 3
+    torch.save({"format": "dist-cache-checkpoint", "version": 1, "obj": np.dtype("float32").type}, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="cannot be read"):
+        load_checkpoint(tmp_path / "evil.pt")
+    torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="not a dist-cache checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(UserError, match="no such file"):
+        load_checkpoint(tmp_path / "missing.pt")

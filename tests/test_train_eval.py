@@ -1,0 +1,271 @@
+"""Stage two end to end on real stores: generated H.264 videos, extracted with the tiny CLIP, trained,
+killed, resumed and evaluated. Nothing is mocked; the kill is a real SIGKILL of a training process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dist_cache.backbone import load_backbone, load_recorded_backbone
+from dist_cache.errors import UserError
+from dist_cache.synthetic import truncate_file
+from pipelines.checkpoint import load_checkpoint
+from pipelines.data import StoreClips
+from pipelines.evaluate import EvalOptions, evaluate, format_report
+from pipelines.extract import ExtractOptions, extract
+from pipelines.plots import read_metrics
+from pipelines.train import TrainOptions, train
+from storage import FeatureStore
+
+# A small branch and batch, so every run takes seconds on two CPU cores.
+SMALL = dict(alpha_dim=32, beta_dim=16, pool_blocks=1, batch_size=4, workers=0, warmup_epochs=1, log_every=1)
+
+
+def _extract(manifest: Path, video_root: Path, out: Path, checkpoint: Path, *, views: int, split: str,
+             layers: str = "all") -> str:
+    extract(ExtractOptions(manifest=str(manifest), video_root=str(video_root), out=str(out), model="dist-tiny",
+                           pretrained=str(checkpoint), layers=layers, frames=4, views=views, split=split,
+                           decode_workers=1, device="cpu"), progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, motion_dataset, tiny_checkpoint):
+    """train (8 videos x 2 augmented views), val (4 videos x 3 clips), broken (val plus a truncated and a
+    missing video), layer1 (only block 1 cached) and other (another CLIP's weights)."""
+    root = tmp_path_factory.mktemp("stage2")
+    videos = root / "videos"
+    shutil.copytree(motion_dataset / "videos", videos)
+    shutil.copy(videos / "left" / "0.mp4", videos / "left" / "truncated.mp4")
+    truncate_file(videos / "left" / "truncated.mp4", 0.3)
+    broken_csv = root / "broken.csv"
+    broken_csv.write_text((motion_dataset / "val.csv").read_text() + "left/truncated.mp4,left\nup/missing.mp4,up\n")
+    one_csv = root / "one.csv"
+    one_csv.write_text("path,label\nleft/0.mp4,left\nright/0.mp4,right\n")
+    torch.manual_seed(1)
+    other_checkpoint = root / "other-clip.pt"
+    torch.save(load_backbone("dist-tiny", "none", allow_random_weights=True).model.state_dict(), other_checkpoint)
+    return {
+        "root": root,
+        "videos": str(videos),
+        "other_checkpoint": other_checkpoint,
+        "train": _extract(motion_dataset / "train.csv", videos, root / "train.zarr", tiny_checkpoint, views=2, split="train"),
+        "val": _extract(motion_dataset / "val.csv", videos, root / "val.zarr", tiny_checkpoint, views=3, split="test"),
+        "broken": _extract(broken_csv, videos, root / "broken.zarr", tiny_checkpoint, views=3, split="test"),
+        "layer1": _extract(one_csv, videos, root / "layer1.zarr", tiny_checkpoint, views=1, split="test", layers="1"),
+        "other": _extract(one_csv, videos, root / "other.zarr", other_checkpoint, views=1, split="test"),
+    }
+
+
+@pytest.fixture(scope="module")
+def run(stores):
+    """A finished 2-epoch run with validation."""
+    out = stores["root"] / "run"
+    result = train(TrainOptions(cache=stores["train"], video_root=stores["videos"], out=str(out),
+                                val_cache=stores["val"], epochs=2, **SMALL), progress=False)
+    return result
+
+
+def test_round_trip_train_then_eval(stores, run, tmp_path):
+    assert run.steps == 4 and run.epochs == 2  # 8 videos, one view each per epoch, batches of 4
+    for path in (run.last, run.best, run.metrics, run.plot):
+        assert path.is_file()
+    assert run.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    ckpt = load_checkpoint(run.last)
+    assert ckpt["step"] == 4 and ckpt["epoch"] == 2
+    assert ckpt["store"]["fingerprint"] == FeatureStore.open(stores["train"]).fingerprint
+    # The trainable branch only: no CLIP weight, and every branch parameter (biases too) was updated.
+    assert not any(k.startswith(("encoder", "visual", "transformer")) for k in ckpt["model"])
+    assert len(ckpt["optimizer"]["state"]) == len(ckpt["model"])
+    assert ckpt["model"]["temporal.stem.conv.bias"].abs().sum() > 0  # initialised to zero, so it was optimised
+
+    records = read_metrics(run.metrics)
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2] and all("val_top1" in r for r in epochs)
+    assert run.best_top1 == max(r["val_top1"] for r in epochs)
+
+    report_path = tmp_path / "report.json"
+    report = evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["val"], video_root=stores["videos"],
+                                  json=str(report_path), workers=1), progress=False)
+    assert json.loads(report_path.read_text()) == report
+    assert report["videos"] == 4 and report["views"] == 12 and report["views_per_video"] == 3
+    assert report["top1"] == pytest.approx(run.best_top1)  # the same scoring as validation in training
+    assert 0 <= report["top1"] <= report["top5"] <= 1
+    assert sorted(report["per_class_accuracy"]) == sorted(FeatureStore.open(stores["val"]).class_names)
+    assert np.array(report["confusion_matrix"]).sum() == 4
+    assert Path(report["confusion_png"]).read_bytes()[:4] == b"\x89PNG"
+    assert "top-1" in format_report(report) and "skipped" not in format_report(report)
+
+
+def test_dataset_frames_are_the_pixels_clip_saw(stores, tiny_checkpoint):
+    store = FeatureStore.open(stores["train"])
+    dataset = StoreClips(store, stores["videos"], gamma=2, layers=store.layers)
+    item = dataset[3]
+    assert item["frames"].shape == (8, 3, 64, 64) and item["features"].dtype == torch.float16
+    encoder = load_recorded_backbone(store.backbone).spatial_encoder(store.layers)
+    tokens, _ = encoder(item["frames"][::2])
+    assert torch.allclose(tokens, item["features"].float(), atol=2e-2, rtol=1e-2)
+    assert not torch.equal(item["frames"][0], item["frames"][1])  # the dense frames in between are others
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(stores, tmp_path):
+    # On the CPU: exact replay is what is tested, and GPU kernels need not be deterministic.
+    common = dict(cache=stores["train"], video_root=stores["videos"], epochs=2, save_every=2, device="cpu",
+                  **{**SMALL, "batch_size": 2})
+    full = train(TrainOptions(out=str(tmp_path / "full"), **common), progress=False)
+    assert full.steps == 8
+
+    # The child trains normally; once last.pt holds step 2, it finishes step 3 and stalls inside step 4's
+    # batch, where it is killed: step 3's work is lost and must be redone on resume.
+    killed = tmp_path / "killed"
+    marker = tmp_path / "stalled"
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(f"""
+        import json, sys, time
+        from pathlib import Path
+        import pipelines.train as train_mod
+        from pipelines.data import StoreClips
+
+        saved, fetched = [], [0]
+        real_save, real_get = train_mod.save_checkpoint, StoreClips.__getitem__
+
+        def save(path, payload):
+            real_save(path, payload)
+            saved.append(payload["step"])
+
+        def get(self, index):
+            if saved:
+                fetched[0] += 1
+                if fetched[0] > 2 + 1:  # step 3's batch of 2, then one item of step 4's
+                    Path({str(marker)!r}).write_text(str(saved))
+                    time.sleep(600)
+            return real_get(self, index)
+
+        train_mod.save_checkpoint, StoreClips.__getitem__ = save, get
+        train_mod.train(train_mod.TrainOptions(**json.loads(sys.argv[1])), progress=False)
+    """))
+    child = subprocess.Popen([sys.executable, str(driver), json.dumps({**common, "out": str(killed)})],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists():
+            assert child.poll() is None, f"training exited before the kill: {child.communicate()[1][-2000:]}"
+            assert time.monotonic() < deadline, "training never reached its first checkpoint"
+            time.sleep(0.05)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.communicate()
+    assert child.returncode == -signal.SIGKILL
+    assert json.loads(marker.read_text()) == [2]
+    assert load_checkpoint(killed / "last.pt")["step"] == 2
+    assert 3 in [r["step"] for r in read_metrics(killed / "metrics.jsonl")]  # logged, then lost
+
+    with pytest.raises(UserError, match="--resume"):
+        train(TrainOptions(out=str(killed), **common), progress=False)  # never overwrite a run silently
+    resumed = train(TrainOptions(out=str(killed), resume=True, **common), progress=False)
+    assert resumed.steps == full.steps
+    a, b = load_checkpoint(full.last), load_checkpoint(resumed.last)
+    for name, tensor in a["model"].items():
+        assert torch.allclose(tensor, b["model"][name], atol=1e-6), name
+    full_log, resumed_log = read_metrics(full.metrics), read_metrics(resumed.metrics)
+    assert [r["step"] for r in resumed_log if r["kind"] == "train"] == list(range(1, 9))
+    assert [r["kind"] for r in resumed_log] == [r["kind"] for r in full_log]
+    assert np.allclose([r["loss"] for r in resumed_log if r["kind"] == "train"],
+                       [r["loss"] for r in full_log if r["kind"] == "train"], atol=1e-5)
+
+
+def test_store_and_run_mismatches_fail_before_training(stores, run, tmp_path):
+    out = str(tmp_path / "x")
+    with pytest.raises(UserError, match=r"holds layers \[1\].*missing \[0\]"):
+        train(TrainOptions(cache=stores["layer1"], video_root=stores["videos"], out=out, layers="0,1", **SMALL),
+              progress=False)
+    with pytest.raises(UserError, match="weights_sha256"):
+        train(TrainOptions(cache=stores["train"], video_root=stores["videos"], out=out, val_cache=stores["other"],
+                           **SMALL), progress=False)
+    with pytest.raises(UserError, match="not the store this run was trained on"):
+        train(TrainOptions(cache=stores["val"], video_root=stores["videos"], out=str(run.out), resume=True,
+                           val_cache=stores["val"], epochs=2, **SMALL), progress=False)
+    with pytest.raises(UserError, match="started with epochs=2, not 3"):
+        train(TrainOptions(cache=stores["train"], video_root=stores["videos"], out=str(run.out), resume=True,
+                           val_cache=stores["val"], epochs=3, **SMALL), progress=False)
+    with pytest.raises(UserError, match="--video-root .* has no left/"):
+        train(TrainOptions(cache=stores["train"], video_root=str(tmp_path), out=out, **SMALL), progress=False)
+    with pytest.raises(UserError, match="missing"):
+        evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["layer1"], video_root=stores["videos"], workers=0),
+                 progress=False)
+    with pytest.raises(UserError, match="weights_sha256"):
+        evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["other"], video_root=stores["videos"], workers=0),
+                 progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_cached_and_online_training_take_the_same_first_step(stores, tmp_path):
+    losses = {}
+    for mode in ("cached", "online"):
+        result = train(TrainOptions(cache=stores["train"], video_root=stores["videos"], out=str(tmp_path / mode),
+                                    epochs=1, online=mode == "online", device="cpu", **SMALL), progress=False)
+        losses[mode] = [r["loss"] for r in read_metrics(result.metrics) if r["kind"] == "train"]
+        assert result.steps == 2
+    # Same initial weights, same views; the features differ only by the store's fp16 rounding.
+    assert losses["online"][0] == pytest.approx(losses["cached"][0], rel=1e-3)
+    assert losses["online"][1] == pytest.approx(losses["cached"][1], rel=1e-2)
+
+
+def test_eval_skips_and_counts_failed_samples(stores, run):
+    report = evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["broken"], video_root=stores["videos"],
+                                  workers=0), progress=False)
+    assert report["skipped_failed_samples"] == 6 and report["skipped_failed_videos"] == 2  # 2 videos x 3 views
+    assert report["videos"] == 4 and report["views"] == 12
+    assert "skipped 6 failed samples" in format_report(report)
+    # Training skips them too, and says how many.
+    result = train(TrainOptions(cache=stores["broken"], video_root=stores["videos"], out=str(stores["root"] / "b"),
+                                epochs=1, **SMALL), progress=False)
+    assert result.skipped_failed_samples == 6 and result.steps == 1
+
+
+def test_zero_shot_eval_on_another_label_set(stores, run, tmp_path):
+    val = FeatureStore.open(stores["val"])
+    base = evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["val"], video_root=stores["videos"],
+                                workers=0), progress=False)
+    # The store's own names, in its order: the text tower must reproduce the stored class embeddings.
+    same = tmp_path / "same.txt"
+    same.write_text("\n".join(val.class_names) + "\n")
+    again = evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["val"], video_root=stores["videos"],
+                                 classes=str(same), workers=0), progress=False)
+    assert again["confusion_matrix"] == base["confusion_matrix"] and again["top1"] == base["top1"]
+
+    # Another label set: extra classes, another order; labels are mapped by name.
+    names = ["spin", *reversed(val.class_names), "jump"]
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(names) + "\n")
+    report = evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["val"], video_root=stores["videos"],
+                                  classes=str(other), workers=0), progress=False)
+    assert report["class_names"] == names and report["classes"] == str(other)
+    assert report["per_class_videos"] == {"spin": 0, "jump": 0, **{n: 1 for n in val.class_names}}
+    assert report["per_class_accuracy"]["spin"] is None
+    assert report["top5_k"] == 5
+
+    missing = tmp_path / "missing.txt"
+    missing.write_text("\n".join(val.class_names[1:]) + "\n")
+    with pytest.raises(UserError, match=f"lacks 1 of the store's classes.*{val.class_names[0]}"):
+        evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["val"], video_root=stores["videos"],
+                             classes=str(missing), workers=0), progress=False)
+    # The text tower's weights must be those the store was extracted with.
+    for weights, why in ((tmp_path / "absent.pt", "pass --pretrained"), (stores["other_checkpoint"], "differs from the store")):
+        with pytest.raises(UserError, match=why):
+            evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["val"], video_root=stores["videos"],
+                                 classes=str(other), pretrained=str(weights), workers=0), progress=False)
