@@ -350,3 +350,20 @@ def test_writer_reopen_uses_stored_schema(tmp_path):
     assert again.schema["software"] == {"note": "informational, not compat"}
     assert pickle.loads(pickle.dumps(again)).pending() == [0, 1]
     assert Path(tmp_path / "s.zarr" / "zarr.json").exists()
+
+
+def test_many_records_are_gathered_in_order(tmp_path):
+    # Enough videos that records are read by the threaded batch path.
+    schema = make_schema(num_videos=90, views=1, num_frames=2)
+    fail = set(range(0, 90, 7))
+    w = write_videos(str(tmp_path / "s.zarr"), schema, range(85), fail=fail)
+    partial = FeatureStore.open(tmp_path / "s.zarr")
+    expect = [2 if v in fail else 1 if v < 85 else 0 for v in range(90)]
+    assert partial.status.tolist() == expect
+    assert w.finalize()["pending"] == 5
+    write_videos(str(tmp_path / "s.zarr"), schema, range(85, 90), fail=fail)
+    assert w.finalize() == {"done": 90 - len(fail), "failed": len(fail), "pending": 0,
+                            "bytes": (90 - len(fail)) * (2 * 2 * 17 * 64 + 2 * 32) * 2, "complete": True}
+    store = FeatureStore.open(tmp_path / "s.zarr")
+    assert store.status.tolist() == [2 if v in fail else 1 for v in range(90)]
+    assert [store.sample(v)["num_frames"] for v in (1, 89)] == [31, 119]
