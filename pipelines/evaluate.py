@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dist_cache.backbone import load_recorded_backbone
@@ -46,33 +47,32 @@ class EvalOptions:
     storage_options: dict = field(default_factory=dict)
 
 
-@torch.no_grad()
-def score_videos(
-    net: Network,
-    store: FeatureStore,
-    usable: np.ndarray,
-    text: torch.Tensor,
-    *,
-    video_root: str,
-    batch_size: int,
-    workers: int,
+def eval_loader(
+    net: Network, store: FeatureStore, usable: np.ndarray, *, video_root: str, batch_size: int, workers: int,
     device: torch.device,
-    progress: bool,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(V, K) softmax scores summed over each video's usable views, and (V,) how many views were summed."""
+) -> DataLoader:
+    """Every usable view of the store, in index order; reusable across validations (its workers persist)."""
     config = branch_of(net).config
     online = isinstance(net, OnlineDiST)
     dataset = StoreClips(
         store, video_root, config.gamma, None if online else config.layers, frames=online or config.temporal
     )
     sampler = EpochSampler(usable, store.views_per_video, batch_size, train=False)
-    loader = make_loader(dataset, sampler, workers=workers, device=device)
-    scores = np.zeros((store.num_videos, text.shape[0]), dtype=np.float64)
-    views = np.zeros(store.num_videos, dtype=np.int64)
+    return make_loader(dataset, sampler, workers=workers, device=device)
+
+
+@torch.no_grad()
+def score_videos(
+    net: Network, loader: DataLoader, text: torch.Tensor, num_videos: int, *, device: torch.device, progress: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(V, K) softmax scores summed over each video's views in `loader`, and (V,) how many views were summed."""
+    scores = np.zeros((num_videos, text.shape[0]), dtype=np.float64)
+    views = np.zeros(num_videos, dtype=np.int64)
     was_training = net.training
     net.eval()
     try:
-        with tqdm(total=len(usable), unit="clip", desc="eval", disable=not progress, dynamic_ncols=True) as bar:
+        clips = loader.batch_sampler.samples_per_epoch
+        with tqdm(total=clips, unit="clip", desc="eval", disable=not progress, dynamic_ncols=True) as bar:
             for batch in loader:
                 with autocast(device):
                     logits = net.logits(embed(net, batch, device), text)
@@ -169,10 +169,10 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
         config, online=opts.online, backbone_record=store.backbone, pretrained=opts.pretrained, device=device, seed=0
     )
     branch_of(net).load_state_dict(ckpt["model"])
-    scores, views = score_videos(
-        net, store, usable, torch.as_tensor(text, device=device),
-        video_root=opts.video_root, batch_size=opts.batch_size, workers=opts.workers, device=device, progress=progress,
-    )
+    loader = eval_loader(net, store, usable, video_root=opts.video_root, batch_size=opts.batch_size,
+                         workers=opts.workers, device=device)
+    scores, views = score_videos(net, loader, torch.as_tensor(text, device=device), store.num_videos,
+                                 device=device, progress=progress)
     report = {
         "checkpoint": str(opts.checkpoint),
         "cache": store.url,

@@ -32,7 +32,7 @@ from pipelines.checks import (
     check_backbone, check_store_fits, check_video_root, config_from_store, open_store, select_layers, usable_samples,
 )
 from pipelines.data import EpochSampler, StoreClips, make_loader
-from pipelines.evaluate import score_videos, summarize
+from pipelines.evaluate import eval_loader, score_videos, summarize
 from pipelines.extract import resolve_device
 from pipelines.plots import plot_curves, read_metrics
 
@@ -254,6 +254,10 @@ def train(opts: TrainOptions, progress: bool = True) -> TrainResult:
     text = torch.as_tensor(store.text_features, device=device)
     dataset = StoreClips(store, opts.video_root, config.gamma, None if opts.online else layers, frames=frames)
     loader = make_loader(dataset, sampler, workers=opts.workers, device=device)
+    if val_store is not None:
+        val_loader = eval_loader(net, val_store, val_usable, video_root=opts.val_video_root or opts.video_root,
+                                 batch_size=opts.eval_batch_size or opts.batch_size, workers=opts.workers, device=device)
+        val_text = torch.as_tensor(val_store.text_features, device=device)
     out.mkdir(parents=True, exist_ok=True)
     log = MetricsLog(metrics_path, step if ckpt is not None else None)
 
@@ -314,11 +318,7 @@ def train(opts: TrainOptions, progress: bool = True) -> TrainResult:
             record = {"kind": "epoch", "epoch": epoch, "step": step, "train_loss": epoch_loss[0] / max(epoch_loss[1], 1)}
             epoch_loss = [0.0, 0]
             if val_store is not None and (epoch % opts.eval_every == 0 or epoch == opts.epochs):
-                scores, views = score_videos(
-                    net, val_store, val_usable, torch.as_tensor(val_store.text_features, device=device),
-                    video_root=opts.val_video_root or opts.video_root, batch_size=opts.eval_batch_size or opts.batch_size,
-                    workers=opts.workers, device=device, progress=False,
-                )
+                scores, views = score_videos(net, val_loader, val_text, val_store.num_videos, device=device, progress=False)
                 val = summarize(scores, views, val_store.labels, val_store.class_names)
                 record.update(val_top1=val["top1"], val_top5=val["top5"], val_mean_class_accuracy=val["mean_class_accuracy"])
                 if best_top1 is None or val["top1"] > best_top1:
