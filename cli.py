@@ -32,7 +32,7 @@ def user_errors(fn):
         except UserError as err:
             raise CommandError(str(err)) from None
         except KeyboardInterrupt:
-            click.echo("interrupted: rerun the same command to resume", err=True)
+            click.echo("interrupted: rerun the same command to resume (train: add --resume)", err=True)
             sys.exit(130)
 
     return wrapper

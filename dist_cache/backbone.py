@@ -41,6 +41,7 @@ class Backbone:
     name: str
     model_config: dict
     pretrained: str
+    pretrained_source: str
     weights_sha256: str
     image_size: int
     patch_size: int
@@ -67,6 +68,7 @@ class Backbone:
             "model": self.name,
             "model_config": self.model_config,
             "pretrained": self.pretrained,
+            "pretrained_source": self.pretrained_source,
             "weights_sha256": self.weights_sha256,
             "image_size": self.image_size,
             "patch_size": self.patch_size,
@@ -198,6 +200,7 @@ def load_backbone(
         name=name,
         model_config=config,
         pretrained="none" if source is None else (Path(source).name if _is_path(pretrained) else source),
+        pretrained_source="none" if source is None else source,
         weights_sha256=weights_sha256(clip),
         image_size=int(visual.image_size[0]),
         patch_size=int(visual.patch_size[0]),
@@ -232,3 +235,40 @@ class SpatialEncoder(nn.Module):
             [torch.cat([cls, patches], dim=1) for cls, patches in zip(out["image_intermediates_prefix"], out["image_intermediates"])]
         )
         return tokens, out["image_features"]
+
+
+def load_recorded_backbone(recorded: dict, pretrained: str | None = None, device: str | torch.device = "cpu") -> Backbone:
+    """Rebuild the backbone a store records, and prove it is the same by its weights' hash.
+
+    `pretrained` overrides the recorded source (a store made from a local checkpoint records only
+    where it was; another machine passes its own copy).
+    """
+    import json
+    import tempfile
+
+    open_clip = _open_clip()
+    name = recorded["model"]
+    if name not in open_clip.list_models():
+        # A store made from a config JSON carries the config itself: register it under its name.
+        config_dir = Path(tempfile.mkdtemp(prefix="dist-cache-config-"))
+        (config_dir / f"{name}.json").write_text(json.dumps(recorded["model_config"]))
+        open_clip.add_model_config(config_dir)
+    source = pretrained or recorded.get("pretrained_source") or recorded["pretrained"]
+    if source == "none":
+        raise UserError(
+            "this store was extracted with random weights (--pretrained none), which cannot be rebuilt; "
+            "pass --pretrained with the checkpoint that was used, if any"
+        )
+    if _is_path(source) and not Path(source).is_file():
+        if pretrained:
+            raise UserError(f"--pretrained {pretrained}: no such checkpoint file; check the path")
+        raise UserError(
+            f"the store's weights came from {source}, which is not on this machine; pass --pretrained PATH to your copy"
+        )
+    backbone = load_backbone(name, source, device=device)
+    if backbone.weights_sha256 != recorded["weights_sha256"]:
+        raise UserError(
+            f"--pretrained {source}: weights hash {backbone.weights_sha256[:12]} differs from the store's "
+            f"{recorded['weights_sha256'][:12]}; pass the checkpoint the store was extracted with"
+        )
+    return backbone
