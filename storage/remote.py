@@ -216,6 +216,10 @@ def open_location(url: str | os.PathLike, storage_options: dict[str, Any] | None
         if storage_options:
             raise ValueError("storage_options apply to fsspec URLs only, not to local paths")
         return LocalLocation(url)
+    from storage.http import HTTPLocation, is_http  # imports this module
+
+    if is_http(os.fspath(url)):
+        return HTTPLocation(os.fspath(url), storage_options)
     return FsspecLocation(os.fspath(url), storage_options)
 
 
