@@ -221,5 +221,20 @@ def demo(workdir: str, videos_per_class: int, epochs: int, seed: int) -> None:
     run_demo(DemoOptions(workdir=workdir, videos_per_class=videos_per_class, epochs=epochs, seed=seed), say=click.echo)
 
 
+@main.command()
+@click.argument("src")
+@click.argument("dst")
+@click.option("--layers", default="all", show_default=True, help="Layers to keep: all, last:N, or a comma list of block indices.")
+@click.option("--dtype", type=click.Choice(["fp16", "int8"]), default=None, help="Store features as this (default: the source's).")
+@user_errors
+def copy(src: str, dst: str, layers: str, dtype: str | None) -> None:
+    """Copy a store (path or URL) to DST, optionally a layer subset or int8; a rerun resumes."""
+    from pipelines.copy import copy_store
+
+    s = copy_store(src, dst, layers=layers, dtype=dtype)
+    click.echo(f"copied {s.copied} videos, skipped {s.skipped} (already there), failed {s.failed} -> {dst}"
+               + ("" if s.complete else f" (incomplete: {s.pending_in_source} not extracted in the source yet)"))
+
+
 if __name__ == "__main__":
     main()
