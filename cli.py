@@ -77,15 +77,22 @@ def main() -> None:
 @click.option("--decode-timeout", default=120.0, show_default=True, help="Seconds before a video's decode is killed and recorded as failed.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
+@click.option("--workers", type=int, default=None, help="Spread videos over a local dask cluster of N worker processes.")
+@click.option("--scheduler", default=None, help="Spread videos over the dask cluster at this address (tcp://host:8786).")
 @user_errors
 def extract(**kw) -> None:
     """Run the frozen CLIP over every video once; store each layer's tokens in a zarr store."""
     from pipelines.extract import ExtractOptions, extract as run_extract
 
-    strict = kw.pop("strict")
+    strict, workers, scheduler = kw.pop("strict"), kw.pop("workers"), kw.pop("scheduler")
     kw["scale"] = _floats(kw["scale"])
     kw["templates"] = tuple(kw["templates"])
-    summary = run_extract(ExtractOptions(**kw))
+    if workers is None and scheduler is None:
+        summary = run_extract(ExtractOptions(**kw))
+    else:
+        from pipelines.extract_dask import extract_distributed
+
+        summary = extract_distributed(ExtractOptions(**kw), workers=workers, scheduler=scheduler)
     click.echo(
         f"stored {summary.stored} videos, skipped {summary.skipped} (already done), failed {summary.failed}, "
         f"wrote {summary.bytes_written / 1e6:.1f} MB in {summary.seconds:.1f} s -> {kw['out']}"

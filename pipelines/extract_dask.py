@@ -1,0 +1,114 @@
+"""Stage one on a dask.distributed cluster: the same extraction as `pipelines.extract`, spread over workers.
+
+The client creates (or reopens) the store, splits the pending videos into chunks and submits one task per
+chunk. Each worker process loads the backbone once per run and writes its videos' shards and records
+straight to the shared store; only the client finalizes, once every chunk is done.
+
+Exactly-once comes from the store, not from dask: a task whose worker dies is rerun elsewhere, and
+rewriting a video writes the same bytes (StoreWriter's rules), so retries are harmless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import multiprocessing
+import time
+import uuid
+from typing import Iterator
+
+from dist_cache.errors import UserError
+from pipelines.extract import ExtractOptions, ExtractSummary, Extractor, check_options
+
+DEFAULT_CHUNK_VIDEOS = 8
+TASK_PREFIX = "extract-chunk"
+
+# The one Extractor this worker process holds, by run key: loading CLIP per chunk would dominate small
+# chunks, and keeping only the latest run's lets a long-lived worker free the previous model.
+_WORKER_EXTRACTOR: dict[str, Extractor] = {}
+
+
+def _extract_chunk(run_key: str, opts: ExtractOptions, videos: list[int]) -> ExtractSummary:
+    """Runs on a worker: extract `videos` into the store with this process's cached Extractor."""
+    if multiprocessing.current_process().daemon:
+        # Decoding runs in killable child processes, which a daemonic process may not start.
+        raise UserError("dask workers must not be daemonic (they start decode processes): start them with "
+                        "DASK_DISTRIBUTED__WORKER__DAEMON=False")
+    extractor = _WORKER_EXTRACTOR.get(run_key)
+    if extractor is None:
+        _WORKER_EXTRACTOR.clear()
+        extractor = _WORKER_EXTRACTOR[run_key] = Extractor.open(opts)
+    return extractor.run(videos)
+
+
+@contextlib.contextmanager
+def connect(workers: int | None, scheduler: str | None) -> Iterator["distributed.Client"]:
+    """A client of the cluster at `scheduler`, or of a LocalCluster of `workers` single-threaded processes."""
+    import dask
+    from distributed import Client, LocalCluster
+
+    if (workers is None) == (scheduler is None):
+        raise UserError("pass exactly one of --workers N (a local cluster) and --scheduler ADDRESS")
+    if scheduler is not None:
+        with Client(scheduler) as client:
+            yield client
+        return
+    if workers < 1:
+        raise UserError(f"--workers {workers}: must be at least 1")
+    with dask.config.set({"distributed.worker.daemon": False}), \
+            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                         dashboard_address=None) as cluster, Client(cluster) as client:
+        yield client
+
+
+def _task_resources(client) -> dict[str, int] | None:
+    """Ask for one GPU per task when the cluster declares GPUs (`dask worker --resources GPU=1`), else none:
+    a task that requests a resource no worker has would wait forever."""
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    return {"GPU": 1} if any(w.get("resources", {}).get("GPU") for w in workers) else None
+
+
+def extract_on_cluster(opts: ExtractOptions, client, *, chunk_videos: int = DEFAULT_CHUNK_VIDEOS,
+                       progress: bool = True) -> ExtractSummary:
+    """Extract every pending video on the cluster behind `client`, then finalize the store once."""
+    from distributed import as_completed
+    from tqdm import tqdm
+
+    if chunk_videos < 1:
+        raise ValueError("chunk_videos must be at least 1")
+    started = time.monotonic()
+    # Opening here creates the store and raises every user error before a task runs; workers only reopen it.
+    extractor = Extractor.open(opts)
+    writer = extractor.writer
+    pending = writer.pending()
+    summary = ExtractSummary(skipped=len(extractor.manifest.videos) - len(pending))
+    del extractor  # the client needs only the writer from here on, not the model
+
+    run_key = json.dumps({"run": uuid.uuid4().hex, "opts": dataclasses.asdict(opts)}, sort_keys=True, default=str)
+    resources = _task_resources(client)
+    chunks = [pending[i : i + chunk_videos] for i in range(0, len(pending), chunk_videos)]
+    futures = {
+        client.submit(_extract_chunk, run_key, opts, chunk, key=f"{TASK_PREFIX}-{n}-{uuid.uuid4().hex}",
+                      retries=2, resources=resources, pure=False): len(chunk)
+        for n, chunk in enumerate(chunks)
+    }
+    with tqdm(total=len(pending) * opts.views, unit="clip", desc="extract", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for future in as_completed(futures):
+            summary.merge(future.result())
+            bar.update(futures[future] * opts.views)
+            future.release()
+    final = writer.finalize()
+    summary.complete = bool(final["complete"])
+    summary.store_failed = int(final["failed"])
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def extract_distributed(opts: ExtractOptions, *, workers: int | None, scheduler: str | None,
+                        chunk_videos: int = DEFAULT_CHUNK_VIDEOS, progress: bool = True) -> ExtractSummary:
+    """`dist-cache extract --workers N | --scheduler ADDRESS`."""
+    check_options(opts)  # fail on a bad flag before starting or joining a cluster
+    with connect(workers, scheduler) as client:
+        return extract_on_cluster(opts, client, chunk_videos=chunk_videos, progress=progress)
