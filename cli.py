@@ -184,12 +184,14 @@ def model_options(fn):
 @click.option("--workers", default=4, show_default=True, help="DataLoader worker processes.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--save-every", default=500, show_default=True, help="Steps between last.pt writes.")
+@click.option("--nproc", default=1, show_default=True, help="Data-parallel processes on this machine (--batch-size is split among them).")
 @user_errors
-def train(**kw) -> None:
+def train(nproc: int, **kw) -> None:
     """Train DiST's temporal encoder and integration branch from a feature store."""
     from pipelines.train import TrainOptions, train as run_train
+    from pipelines.train_ddp import launch
 
-    result = run_train(TrainOptions(**kw))
+    result = run_train(TrainOptions(**kw)) if nproc == 1 else launch(TrainOptions(**kw), nproc)
     best = f", best val top-1 {result.best_top1:.2%}" if result.best_top1 is not None else ""
     click.echo(f"trained {result.steps} steps over {result.epochs} epochs{best}; checkpoints in {result.out}")
     if result.skipped_failed_samples:

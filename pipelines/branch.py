@@ -10,6 +10,7 @@ import contextlib
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from dist_cache.backbone import load_recorded_backbone
 from dist_cache.model import DiST, DiSTConfig, OnlineDiST
@@ -48,10 +49,11 @@ def branch_of(net: Network) -> DiST:
     return net.dist if isinstance(net, OnlineDiST) else net
 
 
-def embed(net: Network, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Video embeddings (B, E) of a collated batch from `StoreClips`."""
+def embed(net: Network | DistributedDataParallel, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """Video embeddings (B, E) of a collated batch from `StoreClips`; `net` may be DDP-wrapped (training)."""
     frames = batch["frames"].to(device, non_blocking=True) if "frames" in batch else None
-    if isinstance(net, OnlineDiST):
+    inner = net.module if isinstance(net, DistributedDataParallel) else net
+    if isinstance(inner, OnlineDiST):
         return net(frames)
     # The loader stacks samples first, (B, L, T, N+1, C); DiST takes layers first.
     features = batch["features"].to(device, non_blocking=True).transpose(0, 1)

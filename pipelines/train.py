@@ -35,6 +35,7 @@ from pipelines.data import EpochSampler, StoreClips, make_loader
 from pipelines.evaluate import eval_loader, score_videos, summarize
 from pipelines.extract import resolve_device
 from pipelines.plots import plot_curves, read_metrics
+from pipelines.train_ddp import Ranks, global_mean, joined
 
 BETAS, EPS = (0.9, 0.999), 1e-8
 
@@ -195,15 +196,23 @@ def _check_resume(ckpt: dict[str, Any], opts: TrainOptions, store_fingerprint: s
 
 
 def train(opts: TrainOptions, progress: bool = True) -> TrainResult:
-    """Train (or resume) a run in `opts.out`: last.pt, best.pt, metrics.jsonl and curves.png."""
+    """Train (or resume) a run in `opts.out`: last.pt, best.pt, metrics.jsonl and curves.png.
+    Under a launcher (see `pipelines.train_ddp`) this process is one rank of a data-parallel run."""
     check_options(opts)
+    with joined(resolve_device(opts.device)) as ranks:
+        return _train(opts, progress and ranks.main, ranks)
+
+
+def _train(opts: TrainOptions, progress: bool, ranks: Ranks) -> TrainResult:
     out = Path(opts.out)
     last_path, best_path, metrics_path = out / "last.pt", out / "best.pt", out / "metrics.jsonl"
     if opts.resume and not last_path.is_file():
         raise UserError(f"--resume: {last_path} does not exist; drop --resume to start this run")
     if not opts.resume and last_path.exists():
         raise UserError(f"--out {out} already holds a run ({last_path.name}); pass --resume to continue it, or another --out")
-    device = resolve_device(opts.device)
+    if opts.batch_size % ranks.world:
+        raise UserError(f"--batch-size {opts.batch_size}: must be a multiple of the {ranks.world} processes")
+    device = ranks.device
 
     # ---- every check before the first step ----
     store = open_store(opts.cache, "--cache", opts.storage_options)
@@ -226,7 +235,9 @@ def train(opts: TrainOptions, progress: bool = True) -> TrainResult:
     if ckpt is not None:
         _check_resume(ckpt, opts, store.fingerprint, opts.cache)
 
-    sampler = EpochSampler(usable, store.views_per_video, opts.batch_size, seed=opts.seed, train=True)
+    # Rank r's batch b is every world-th sample of the global batch b, so the ranks' batches partition it.
+    sampler = EpochSampler(usable, store.views_per_video, opts.batch_size // ranks.world, seed=opts.seed, train=True,
+                           rank=ranks.rank, world_size=ranks.world)
     steps_per_epoch = sampler.batches_per_epoch
     if steps_per_epoch == 0:
         raise UserError(f"--cache {store.url}: no sample has features (all {failed} failed at extraction)")
@@ -254,12 +265,16 @@ def train(opts: TrainOptions, progress: bool = True) -> TrainResult:
     text = torch.as_tensor(store.text_features, device=device)
     dataset = StoreClips(store, opts.video_root, config.gamma, None if opts.online else layers, frames=frames)
     loader = make_loader(dataset, sampler, workers=opts.workers, device=device)
-    if val_store is not None:
+    if val_store is not None and ranks.main:
         val_loader = eval_loader(net, val_store, val_usable, video_root=opts.val_video_root or opts.video_root,
                                  batch_size=opts.eval_batch_size or opts.batch_size, workers=opts.workers, device=device)
         val_text = torch.as_tensor(val_store.text_features, device=device)
-    out.mkdir(parents=True, exist_ok=True)
-    log = MetricsLog(metrics_path, step if ckpt is not None else None)
+    if ranks.main:
+        out.mkdir(parents=True, exist_ok=True)
+        log = MetricsLog(metrics_path, step if ckpt is not None else None)
+    # DDP averages the ranks' gradients (each the mean over its equal share of the global batch), which
+    # is the gradient of the global batch's mean loss: the update one process would make.
+    model = net if ranks.world == 1 else nn.parallel.DistributedDataParallel(net)
 
     def payload() -> dict[str, Any]:
         return {
@@ -282,7 +297,7 @@ def train(opts: TrainOptions, progress: bool = True) -> TrainResult:
             for batch in loader:
                 lr = optimizer.param_groups[0]["lr"]
                 with autocast(device):
-                    logits = net.logits(embed(net, batch, device), text)
+                    logits = net.logits(embed(model, batch, device), text)
                 loss = F.cross_entropy(logits.float(), batch["label"].to(device), label_smoothing=opts.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
@@ -293,16 +308,16 @@ def train(opts: TrainOptions, progress: bool = True) -> TrainResult:
                 scaler.update()
                 scheduler.step()
                 step += 1
-                last_loss = loss.item()
+                last_loss = global_mean(loss, ranks)
                 epoch_loss[0] += last_loss
                 epoch_loss[1] += 1
                 window_loss += last_loss
                 window_steps += 1
-                window_clips += len(batch["label"])
+                window_clips += len(batch["label"]) * ranks.world
                 window_time += time.monotonic() - tick
                 tick = time.monotonic()
                 bar.update(1)
-                if step % opts.log_every == 0 or step == total:
+                if ranks.main and (step % opts.log_every == 0 or step == total):
                     clips_per_s = window_clips / max(window_time, 1e-9)
                     record = {"kind": "train", "step": step, "epoch": step / steps_per_epoch,
                               "loss": window_loss / window_steps, "lr": lr, "clips_per_s": clips_per_s}
@@ -310,11 +325,14 @@ def train(opts: TrainOptions, progress: bool = True) -> TrainResult:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", clips_s=f"{clips_per_s:.1f}")
                     window_loss, window_steps, window_clips, window_time = 0.0, 0, 0, 0.0
                 # An epoch's last step is saved below, after its validation.
-                if step % opts.save_every == 0 and step % steps_per_epoch:
+                if ranks.main and step % opts.save_every == 0 and step % steps_per_epoch:
                     save_checkpoint(last_path, payload())
 
             # ---- epoch end: validate, then best.pt, then last.pt (so a resumed run never skips a validation) ----
             epoch += 1
+            if not ranks.main:
+                epoch_loss = [0.0, 0]
+                continue
             record = {"kind": "epoch", "epoch": epoch, "step": step, "train_loss": epoch_loss[0] / max(epoch_loss[1], 1)}
             epoch_loss = [0.0, 0]
             if val_store is not None and (epoch % opts.eval_every == 0 or epoch == opts.epochs):
@@ -330,7 +348,7 @@ def train(opts: TrainOptions, progress: bool = True) -> TrainResult:
             save_checkpoint(last_path, payload())
     finally:
         bar.close()
-    plot = plot_curves(metrics_path, out / "curves.png")
+    plot = plot_curves(metrics_path, out / "curves.png") if ranks.main else out / "curves.png"
     return TrainResult(
         out=out, steps=step, epochs=step // steps_per_epoch, last=last_path, best=best_path, best_top1=best_top1,
         metrics=metrics_path, plot=plot, skipped_failed_samples=failed, final_loss=last_loss,

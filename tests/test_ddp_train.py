@@ -1,0 +1,43 @@
+"""Data-parallel training: 2 real CPU processes (gloo, loopback) take the same steps to the same weights as
+one process with the same global batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipelines.checkpoint import load_checkpoint
+from pipelines.extract import ExtractOptions, extract
+from pipelines.plots import read_metrics
+from pipelines.train import TrainOptions, train
+from pipelines.train_ddp import launch
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+# Feature-only (no temporal encoder: no video decoding), small, and with every step a full global batch.
+SMALL = dict(alpha_dim=32, beta_dim=16, pool_blocks=1, batch_size=4, workers=0, warmup_epochs=1, log_every=1,
+             temporal=False, temp_to_integ=False, integ_to_temp=False, epochs=2, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, motion_dataset, tiny_checkpoint) -> str:
+    out = tmp_path_factory.mktemp("ddp") / "train.zarr"
+    extract(ExtractOptions(manifest=str(motion_dataset / "train.csv"), video_root=str(motion_dataset / "videos"),
+                           out=str(out), model="dist-tiny", pretrained=str(tiny_checkpoint), frames=4, views=2,
+                           decode_workers=1, device="cpu"), progress=False)
+    return str(out)
+
+
+def test_two_processes_match_one(store, motion_dataset, tmp_path: Path):
+    video_root = str(motion_dataset / "videos")
+    single = train(TrainOptions(cache=store, video_root=video_root, out=str(tmp_path / "one"), **SMALL), progress=False)
+    double = launch(TrainOptions(cache=store, video_root=video_root, out=str(tmp_path / "two"), **SMALL), 2)
+    assert double.steps == single.steps == 4  # 8 videos / global batch 4, 2 epochs
+    one, two = load_checkpoint(single.last), load_checkpoint(double.last)
+    assert one["model"].keys() == two["model"].keys()
+    for name, weight in one["model"].items():
+        torch.testing.assert_close(two["model"][name], weight, atol=1e-4, rtol=1e-4, msg=name)
+    losses = [[r["loss"] for r in read_metrics(run.metrics) if r["kind"] == "train"] for run in (single, double)]
+    assert losses[1] == pytest.approx(losses[0], abs=1e-4)  # rank 0 logs the global batch's loss
