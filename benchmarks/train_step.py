@@ -1,0 +1,182 @@
+"""Cached vs online DiST training throughput (clips/s) with a ViT-B/16-sized CLIP (random weights).
+
+Same DiST branch, batch, frames (8 sparse + 16 dense, gamma 2), optimiser step as `pipelines.train`:
+  * model step, in-memory inputs: cached = branch fwd/bwd/AdamW on (L,B,T,N+1,C) fp16 features;
+    online = CLIP visual forward (no_grad) on the sparse frames + the same branch step. Interleaved.
+  * end to end through the real loader (`pipelines.data.StoreClips` + `make_loader`, spawned workers) over
+    the ViT-B/16 store given by --store (default /tmp/b16/b16.zarr), if it exists.
+  * compute-bound ratio from FLOPs (`dist_cache.flops.profile_dist`): (CLIP fwd + 3 x branch fwd) / (3 x branch fwd),
+    backward taken as 2 x forward.
+
+    python benchmarks/train_step.py [--device cpu|cuda] [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from _common import parse, report, sync  # noqa: E402
+
+STORE = os.environ.get("DIST_BENCH_STORE", "/tmp/b16/b16.zarr")
+VIDEO_ROOT = os.environ.get("DIST_BENCH_VIDEOS", "/tmp/b16/videos")
+WEIGHTS = os.environ.get("DIST_BENCH_WEIGHTS", "/tmp/b16/vit-b-16-random.pt")
+
+
+def make_step(net, branch, text, device):
+    from pipelines.branch import autocast, embed
+    from pipelines.train import param_groups
+
+    opt = torch.optim.AdamW(param_groups(branch, 1e-4), lr=1e-5)
+
+    def step(batch):
+        with autocast(device):
+            logits = net.logits(embed(net, batch, device), text)
+        loss = F.cross_entropy(logits.float(), batch["label"].to(device), label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(branch.parameters(), 1.0)
+        opt.step()
+        sync(device)
+        return loss.item()
+
+    return step
+
+
+def main() -> None:
+    args = parse(__doc__.splitlines()[0])
+    device = torch.device(args.device)
+    from dist_cache.backbone import load_backbone
+    from dist_cache.flops import profile_dist
+    from dist_cache.model import DiST, DiSTConfig, OnlineDiST
+
+    B, T, gamma = 2, 8, 2
+    reps = 2 if args.quick else 4
+    have_store = Path(STORE).exists() and Path(WEIGHTS).exists()
+
+    # ---- FLOPs: compute-bound ratio ----
+    prof = profile_dist("ViT-B-16", frames=T, gamma=gamma)
+    parts = prof["gflops_by_part"]
+    clip_g = parts["clip"]
+    branch_fwd = parts["temporal_encoder"] + parts["integration_branch"] + parts["head"]
+    bound = (clip_g + 3 * branch_fwd) / (3 * branch_fwd)
+
+    # ---- models: the same branch weights for both paths ----
+    backbone = load_backbone("ViT-B-16", WEIGHTS if have_store else "none", allow_random_weights=True, device=device)
+    layers = list(range(backbone.num_layers))
+    config = DiSTConfig(width=backbone.width, patch_size=backbone.patch_size, image_size=backbone.image_size,
+                        num_frames=T, embed_dim=backbone.embed_dim, layers=layers, gamma=gamma)
+    torch.manual_seed(0)
+    cached = DiST(config).to(device).train()
+    torch.manual_seed(0)
+    online = OnlineDiST(backbone.spatial_encoder(layers), DiST(config)).to(device).train()
+    text = torch.randn(4, config.embed_dim, device=device)
+    step_cached = make_step(cached, cached, text, device)
+    step_online = make_step(online, online.dist, text, device)
+
+    # ---- in-memory inputs: real CLIP tokens of random frames (so value ranges are realistic) ----
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randn(B, config.dense_frames, 3, config.image_size, config.image_size, generator=g)
+    with torch.no_grad():
+        feats = online.features(frames.to(device)).cpu().half()  # (L, B, T, N+1, C)
+    label = torch.tensor([0, 1][:B] * (B // 2 + 1))[:B]
+    batch_cached = {"features": feats.transpose(0, 1).contiguous(), "frames": frames, "label": label}
+    batch_online = {"frames": frames, "label": label}
+
+    step_cached(batch_cached)  # warm-up
+    step_online(batch_online)
+    t_cached, t_online = [], []
+    for _ in range(reps):  # interleaved, so machine load hits both alike
+        t0 = time.perf_counter(); step_cached(batch_cached); t_cached.append(time.perf_counter() - t0)
+        t0 = time.perf_counter(); step_online(batch_online); t_online.append(time.perf_counter() - t0)
+    # CLIP forward alone on the same frames, to split the online step
+    t_clip = []
+    for _ in range(max(2, reps // 2)):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            online.features(frames.to(device))
+        sync(device)
+        t_clip.append(time.perf_counter() - t0)
+    mem = {
+        "cached_clips_per_s": B / statistics.median(t_cached),
+        "online_clips_per_s": B / statistics.median(t_online),
+        "cached_step_s": [round(t, 3) for t in t_cached],
+        "online_step_s": [round(t, 3) for t in t_online],
+        "clip_forward_s_per_batch": statistics.median(t_clip),
+    }
+    mem["speedup"] = mem["cached_clips_per_s"] / mem["online_clips_per_s"]
+
+    # ---- end to end through the real loader ----
+    e2e = None
+    if have_store:
+        from pipelines.data import EpochSampler, StoreClips, make_loader
+        from storage import FeatureStore
+
+        store = FeatureStore.open(STORE)
+        import numpy as np
+        usable = np.arange(len(store))
+        steps = 3 if args.quick else 6
+        workers = 2
+        e2e = {"workers": workers, "steps_timed": steps}
+        for name, net, step, feat_layers in (("cached", cached, step_cached, layers), ("online", online, step_online, None)):
+            ds = StoreClips(store, VIDEO_ROOT, gamma, feat_layers, frames=True)
+            # test-split store: iterate every sample (3 videos x 3 views) in index order, cycling epochs
+            sampler = EpochSampler(usable, store.views_per_video, B, seed=0, train=False)
+            loader = make_loader(ds, sampler, workers=workers, device=device)
+            times, done, epoch = [], 0, 0
+            t0 = None
+            while done < steps + 1:
+                sampler.set_epoch(epoch)
+                epoch += 1
+                for batch in loader:
+                    if len(batch["label"]) != B:
+                        continue
+                    batch["label"] = batch["label"] % 4
+                    step(batch)
+                    now = time.perf_counter()
+                    if t0 is not None:
+                        times.append(now - t0)
+                    t0 = now
+                    done += 1
+                    if done >= steps + 1:
+                        break
+            e2e[f"{name}_clips_per_s"] = B / statistics.median(times)
+            e2e[f"{name}_step_s"] = [round(t, 3) for t in times]
+            del loader
+        e2e["speedup"] = e2e["cached_clips_per_s"] / e2e["online_clips_per_s"]
+
+    measured = e2e["speedup"] if e2e else mem["speedup"]
+    frac_mem = mem["speedup"] / bound
+    frac_e2e = e2e["speedup"] / bound if e2e else None
+    ok = frac_mem >= 0.8 and (frac_e2e is None or frac_e2e >= 0.8)
+    report(
+        parameters={"clip": "ViT-B-16 (random weights)", "batch": B, "sparse_frames": T, "dense_frames": T * gamma,
+                    "gamma": gamma, "layers": len(layers), "reps": reps, "device": str(device),
+                    "threads": torch.get_num_threads(), "store": STORE if have_store else None},
+        results={
+            "flops_gmacs_per_clip": {"clip_fwd": round(clip_g, 2), "branch_fwd": round(branch_fwd, 2),
+                                     "branch_fwd_bwd": round(3 * branch_fwd, 2)},
+            "compute_bound_speedup": round(bound, 2),
+            "model_step_in_memory": mem,
+            "end_to_end_loader": e2e,
+        },
+        ratio={"in_memory_speedup_over_bound": round(frac_mem, 3),
+               "end_to_end_speedup_over_bound": None if frac_e2e is None else round(frac_e2e, 3),
+               "measured_speedup": round(measured, 2)},
+        goal="measured cached/online speedup >= 80% of the compute-bound speedup",
+        verdict="met" if ok else "missed",
+    )
+
+
+if __name__ == "__main__":
+    main()
