@@ -218,6 +218,20 @@ def evaluate(json_path: str | None, **kw) -> None:
 
 
 @main.command()
+@click.option("--model", default="ViT-B-16", show_default=True, help="open_clip model name or dist-tiny (random weights; only shapes matter).")
+@click.option("--frames", default=8, show_default=True, help="Sparse (CLIP) frames per view.")
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
+@user_errors
+def profile(model: str, frames: int, gamma: int, alpha_dim: int, beta_dim: int, as_json: bool, **switches) -> None:
+    """Parameters and GFLOPs (1 multiply-add = 1 FLOP) of one view's DiST forward, split by part."""
+    from dist_cache.flops import format_profile, profile_dist
+
+    result = profile_dist(model, frames=frames, gamma=gamma, alpha_dim=alpha_dim, beta_dim=beta_dim, **switches)
+    click.echo(json.dumps(result, indent=2) if as_json else format_profile(result))
+
+
+@main.command()
 @click.option("--workdir", default="demo-run", show_default=True, type=click.Path(), help="Where data, stores and the run go.")
 @click.option("--videos-per-class", default=16, show_default=True)
 @click.option("--epochs", default=12, show_default=True)
