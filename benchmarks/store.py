@@ -1,0 +1,109 @@
+"""Feature-store size and speed per dtype x codec, written through storage.StoreWriter and read through
+storage.FeatureStore, on real ViT-B/16 tokens (the samples of --store, default /tmp/b16/b16.zarr).
+
+Reports bytes per clip on disk, write MB/s (logical fp16 MB, without and with os.sync) and read MB/s
+(whole samples, page cache warm: not a cold disk read), and the int8 reconstruction error.
+
+    python benchmarks/store.py [--device cpu|cuda] [--quick]
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from _common import parse, report  # noqa: E402
+
+STORE = os.environ.get("DIST_BENCH_STORE", "/tmp/b16/b16.zarr")
+
+
+def du(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    args = parse(__doc__.splitlines()[0])
+    from storage import FeatureStore, StoreWriter
+
+    src = FeatureStore.open(STORE)
+    K = src.views_per_video
+    nvid = 1 if args.quick else src.num_videos
+    videos = [src.videos[v] for v in range(nvid)]
+    labels = [int(src.labels[v]) for v in range(nvid)]
+    feats = [np.stack([src.features(v * K + k) for k in range(K)]) for v in range(nvid)]  # (K, L, T, N+1, C) fp16
+    embeds = [np.stack([src.clip_embeddings(v * K + k) for k in range(K)]) for v in range(nvid)]
+    recs = [src._record(v) for v in range(nvid)]
+    clips = nvid * K
+    logical = sum(f.nbytes for f in feats)  # fp16 bytes
+    base = dict(src.schema)
+    base["num_videos"] = nvid
+    base["class_names"] = list(src.class_names)
+
+    tmp = Path(tempfile.mkdtemp(prefix="dist-bench-store-", dir=os.environ.get("DIST_BENCH_TMP")))
+    rows = {}
+    try:
+        for dtype in ("fp16", "int8"):
+            for codec in ("none", "zstd", "blosc-zstd", "blosc-lz4"):
+                name = f"{dtype}/{codec}"
+                path = tmp / f"{dtype}-{codec}.zarr"
+                schema = {**base, "dtype": dtype, "codec": codec}
+                w = StoreWriter.open(str(path), schema=schema, videos=videos, labels=labels,
+                                     text_features=np.asarray(src.text_features))
+                t0 = time.perf_counter()
+                for v in range(nvid):
+                    w.write_video(v, facts=recs[v]["facts"], plans=recs[v]["views"], features=feats[v],
+                                  clip_embeds=embeds[v])
+                t_write = time.perf_counter() - t0
+                os.sync()
+                t_sync = time.perf_counter() - t0
+                w.finalize()
+                feat_bytes = du(path / "features") + (du(path / "feature_scales") if (path / "feature_scales").exists() else 0)
+                r = FeatureStore.open(str(path))
+                reads = []
+                err_num = err_den = 0.0
+                for rep in range(2):  # first pass right after write (+sync), second warm
+                    t0 = time.perf_counter()
+                    for i in range(clips):
+                        x = r.features(i)
+                        if rep == 0 and dtype == "int8":
+                            ref = feats[i // K][i % K].astype(np.float32)
+                            err_num += float(((x.astype(np.float32) - ref) ** 2).sum())
+                            err_den += float((ref ** 2).sum())
+                    reads.append(time.perf_counter() - t0)
+                rows[name] = {
+                    "feature_bytes_per_clip": feat_bytes // clips,
+                    "mb_per_clip": round(feat_bytes / clips / 1e6, 2),
+                    "ratio_vs_fp16_raw": round(logical / feat_bytes, 3),
+                    "write_MBps": round(logical / t_write / 1e6, 1),
+                    "write_sync_MBps": round(logical / t_sync / 1e6, 1),
+                    "read_first_MBps": round(logical / reads[0] / 1e6, 1),
+                    "read_warm_MBps": round(logical / reads[1] / 1e6, 1),
+                    "read_ms_per_clip": round(reads[1] / clips * 1e3, 1),
+                }
+                if dtype == "int8":
+                    rows[name]["int8_rel_frobenius_error"] = round((err_num / err_den) ** 0.5, 5)
+                shutil.rmtree(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    smallest = min(rows, key=lambda k: rows[k]["feature_bytes_per_clip"])
+    report(
+        parameters={"source": STORE, "clips": clips, "shape_per_clip": list(feats[0].shape[1:]),
+                    "logical_fp16_bytes_per_clip": logical // clips, "tmp_dir": str(tmp.parent)},
+        results=rows,
+        ratio={k: v["ratio_vs_fp16_raw"] for k, v in rows.items()},
+        goal="informational: bytes per clip, MB/s and int8 error per dtype x codec",
+        verdict=f"smallest: {smallest} ({rows[smallest]['mb_per_clip']} MB/clip); "
+                f"fastest warm read: {max(rows, key=lambda k: rows[k]['read_warm_MBps'])}",
+    )
+
+
+if __name__ == "__main__":
+    main()
