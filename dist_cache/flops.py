@@ -1,0 +1,255 @@
+"""FLOPs and parameter counts of one DiST view, in the paper's convention (1 multiply-add = 1 FLOP).
+
+The count is measured, not derived: the whole forward of `OnlineDiST` (CLIP visual on the T sparse frames,
+then the DiST branch and head; the text tower excluded) runs under `torch.utils.flop_counter.FlopCounterMode`
+on the meta device, so no weights are allocated and a ViT-B/16 profile takes well under a second.
+
+Two settings make FlopCounterMode count attention at all: the MHA fast path is disabled (its fused kernel
+hides the projections and the attention matmuls) and SDPA is forced to the MATH backend (which decomposes
+into counted bmm's). With both, ViT-B/16 at 224 px is 17.56 GMACs per frame, the paper's figure.
+
+`gflops` is what this project runs. `gflops_paper_convention` adds what the reference also computes: it
+applies CLIP's patch embedding to all γT dense frames before keeping every γ-th one (dist-reference.md §1,
+§6), i.e. (γ-1)·T extra patch embeddings (0.92 G for B/16, 8 frames, γ=2). The paper's Table 1 numbers are
+reproduced by that convention.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import warnings
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from dist_cache.model import DiST, DiSTConfig, OnlineDiST
+from dist_cache.model.config import ConfigError
+
+# Paper GFLOPs (ViT-B/16, 8 sparse frames, one view; Table 1). Key: (gamma, alpha_dim, beta_dim, t_block).
+PAPER_TABLE1_GFLOPS: dict[tuple[int, int, int, str], tuple[str, float]] = {
+    (2, 384, 96, "r2plus1d"): ("default (Tab. 1c-f)", 163.1),
+    (1, 384, 96, "r2plus1d"): ("Tab. 1d gamma 1", 158.7),
+    (4, 384, 96, "r2plus1d"): ("Tab. 1d gamma 4", 171.6),
+    (8, 384, 96, "r2plus1d"): ("Tab. 1d gamma 8", 188.8),
+    (2, 96, 96, "r2plus1d"): ("Tab. 1e alpha 96", 149.4),
+    (2, 192, 96, "r2plus1d"): ("Tab. 1e alpha 192", 152.8),
+    (2, 768, 96, "r2plus1d"): ("Tab. 1e alpha 768", 196.1),
+    (2, 384, 64, "r2plus1d"): ("Tab. 1f beta 64", 159.7),
+    (2, 384, 128, "r2plus1d"): ("Tab. 1f beta 128", 167.4),
+    (2, 384, 192, "r2plus1d"): ("Tab. 1f beta 192", 178.7),
+    (2, 384, 96, "c3d"): ("Tab. 1c C3D", 168.2),
+    (2, 384, 96, "joint"): ("Tab. 1c joint transformer", 165.0),
+}
+# Only Table 1's model, frame count and the reference's interaction/pooling defaults have a paper value.
+_PAPER_DEFAULTS = {"psi": "dconv", "phi": "nearest", "temporal": True, "integration": True,
+                   "integ_to_temp": True, "temp_to_integ": True, "pool_blocks": 2, "stem_t_kernel": 5}
+
+PARTS = ("clip", "temporal_encoder", "integration_branch", "head")
+PART_LABELS = {
+    "clip": "CLIP visual, T sparse frames (frozen)",
+    "temporal_encoder": "temporal encoder (stem + T-Blocks)",
+    "integration_branch": "integration branch (FC, I-Blocks, Psi, Phi)",
+    "head": "head (AdaPooling, cls fusion, proj)",
+}
+
+
+@contextlib.contextmanager
+def counting_attention() -> Iterator[None]:
+    """Make FlopCounterMode see attention: MHA fast path off and SDPA on MATH, restored afterwards."""
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_visual(model_name: str) -> tuple[nn.Module, int]:
+    """Build an open_clip visual tower on the meta device (shapes only) and return it with the text-space width.
+
+    Cached: a meta module holds no data and profiling never changes it, so a table of settings builds it once.
+    """
+    from dist_cache.backbone import _model_name, _open_clip
+
+    open_clip = _open_clip()
+    name = _model_name(model_name, open_clip)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(max(level, logging.ERROR))  # "No pretrained weights loaded": expected here
+        try:
+            clip = open_clip.create_model(name, pretrained=None, device="meta")
+        finally:
+            root.setLevel(level)
+    return clip.visual.eval().requires_grad_(False), int(open_clip.get_model_config(name)["embed_dim"])
+
+
+def _count(fn, *args) -> tuple[dict[str, int], int]:
+    """Run fn under FlopCounterMode; return MACs per module name and in total (counter FLOPs / 2)."""
+    with counting_attention(), FlopCounterMode(display=False) as counter:
+        fn(*args)
+    per_module = {name: sum(ops.values()) // 2 for name, ops in counter.get_flop_counts().items()}
+    return per_module, counter.get_total_flops() // 2
+
+
+def _subtree(per_module: dict[str, int], prefix: str) -> int:
+    """MACs of module `prefix` and everything under it.
+
+    The tracker only names modules that were *called*; DiST.forward calls e.g. `temporal.blocks[i]` directly,
+    never `temporal` itself, so sum the outermost called descendants instead (no double counting).
+    """
+    if prefix in per_module:
+        return per_module[prefix]
+    total = 0
+    for name, macs in per_module.items():
+        if not name.startswith(prefix + "."):
+            continue
+        parts = name.split(".")
+        ancestors = (".".join(parts[:i]) for i in range(len(prefix.split(".")) + 1, len(parts)))
+        if not any(a in per_module for a in ancestors):
+            total += macs
+    return total
+
+
+def _numel(modules: list[nn.Module | None]) -> int:
+    return sum(p.numel() for m in modules if m is not None for p in m.parameters())
+
+
+def paper_gflops(model_name: str, frames: int, config: DiSTConfig) -> tuple[str, float] | None:
+    """The paper's Table 1 value for this setting, if it has one (ViT-B/16, 8 frames, all layers)."""
+    if model_name != "ViT-B-16" or frames != 8 or config.layers != list(range(12)):
+        return None
+    if any(getattr(config, key) != value for key, value in _PAPER_DEFAULTS.items()):
+        return None
+    return PAPER_TABLE1_GFLOPS.get((config.gamma, config.alpha_dim, config.beta_dim, config.t_block))
+
+
+def profile_dist(
+    model_name: str = "ViT-B-16", frames: int = 8, gamma: int = 2, alpha_dim: int = 384, beta_dim: int = 96,
+    **switches: Any,
+) -> dict[str, Any]:
+    """Count one view's forward (CLIP visual on T sparse frames + DiST + head) and the parameters.
+
+    `switches` are any other `DiSTConfig` fields (layers, t_block, psi, phi, temporal, integration,
+    integ_to_temp, temp_to_integ, pool_blocks, ...). `layers` defaults to every block, as in the reference.
+    Returns a JSON-safe dict; `format_profile` renders it.
+    """
+    visual, embed_dim = _meta_visual(model_name)
+    num_layers = len(visual.transformer.resblocks)
+    known = {"layers", "t_block", "psi", "phi", "temporal", "integration", "integ_to_temp", "temp_to_integ",
+             "pool_blocks", "pool_heads", "stem_t_kernel"}
+    unknown = sorted(set(switches) - known)
+    if unknown:
+        raise ConfigError(f"profile_dist: unknown settings {unknown}; use DiSTConfig fields among {sorted(known)}")
+    config = DiSTConfig(
+        width=int(visual.conv1.out_channels), patch_size=int(visual.patch_size[0]), image_size=int(visual.image_size[0]),
+        num_frames=frames, embed_dim=embed_dim, layers=list(switches.pop("layers", range(num_layers))),
+        gamma=gamma, alpha_dim=alpha_dim, beta_dim=beta_dim, **switches,
+    )
+    if config.layers[-1] >= num_layers or config.layers[0] < 0:
+        raise ConfigError(f"profile_dist: layers must lie in 0..{num_layers - 1} for {model_name}")
+
+    from dist_cache.backbone import SpatialEncoder
+
+    with torch.device("meta"):
+        dist = DiST(config)
+    model = OnlineDiST(SpatialEncoder(visual, config.layers), dist).eval()
+    size = config.image_size
+    video = torch.empty(1, config.dense_frames, 3, size, size, device="meta")
+    # Not under no_grad: FlopCounterMode's module tracker trips over learned tokens expanded in no_grad mode.
+    # On the meta device the autograd graph costs nothing anyway.
+    per_module, total = _count(model, video)
+    _, patch_embed = _count(visual.conv1, torch.empty(1, 3, size, size, device="meta"))
+
+    root = "OnlineDiST"
+    clip = _subtree(per_module, f"{root}.encoder")
+    temporal = _subtree(per_module, f"{root}.dist.temporal")
+    integration = sum(_subtree(per_module, f"{root}.dist.{part}") for part in ("integration", "psi", "phi"))
+    head = _subtree(per_module, f"{root}.dist.head")
+    macs = {"clip": clip, "temporal_encoder": temporal, "integration_branch": integration, "head": head}
+    if sum(macs.values()) != total:
+        raise RuntimeError(f"FLOP parts {macs} do not add up to the total {total}; module names changed?")
+    # Without a temporal encoder there are no dense frames, so the reference convention adds nothing.
+    extra = (config.gamma - 1) * config.num_frames * patch_embed if config.temporal else 0
+
+    params = {
+        "clip_visual_frozen": _numel([visual]),
+        "temporal_encoder": _numel([dist.temporal]),
+        "integration_branch": _numel([dist.integration, dist.psi, dist.phi]),
+        "head": _numel([dist.head]),
+    }
+    params["dist_trainable"] = params["temporal_encoder"] + params["integration_branch"] + params["head"]
+    params["total"] = params["clip_visual_frozen"] + params["dist_trainable"]
+
+    paper = paper_gflops(model_name, frames, config)
+    result: dict[str, Any] = {
+        "model": model_name,
+        "frames": config.num_frames,
+        "gamma": config.gamma,
+        "dense_frames": config.dense_frames,
+        "alpha_dim": config.alpha_dim,
+        "beta_dim": config.beta_dim,
+        "config": config.to_dict(),
+        "convention": "one view; 1 multiply-add = 1 FLOP; CLIP visual + DiST branch + head; text tower excluded",
+        "gflops": total / 1e9,
+        "gflops_paper_convention": (total + extra) / 1e9,
+        "gflops_dense_patch_embed": extra / 1e9,
+        "gflops_by_part": {part: value / 1e9 for part, value in macs.items()},
+        "clip_gflops_per_frame": clip / config.num_frames / 1e9,
+        "params": params,
+        "paper_setting": paper[0] if paper else None,
+        "paper_gflops": paper[1] if paper else None,
+    }
+    if paper:
+        result["paper_rel_diff"] = result["gflops_paper_convention"] / paper[1] - 1
+    return result
+
+
+def format_profile(result: dict[str, Any]) -> str:
+    """Human-readable table of a `profile_dist` result (GFLOPs and M params; MFLOPs and K for tiny models)."""
+    cfg = result["config"]
+    params = result["params"]
+    big = result["gflops"] >= 1
+    flop_unit, flop_scale = ("GFLOPs", 1.0) if big else ("MFLOPs", 1e3)
+    big_params = params["total"] >= 1e6
+    param_unit, param_scale = ("params (M)", 1e6) if big_params else ("params (K)", 1e3)
+
+    def row(label: str, gflops: float | None = None, count: int | None = None, suffix: str = "") -> str:
+        f = f"{gflops * flop_scale:>10.2f}" if gflops is not None else " " * 10
+        p = f"{count / param_scale:>12.2f}" if count is not None else ""
+        return f"  {label:<46}{f}{p}{suffix}"
+
+    switches = [name for name in ("temporal", "integration", "integ_to_temp", "temp_to_integ") if not cfg[name]]
+    lines = [
+        f"DiST profile: {result['model']}, {result['frames']} CLIP frames + {result['dense_frames']} dense frames "
+        f"(gamma {result['gamma']}), alpha dim {result['alpha_dim']}, beta dim {result['beta_dim']}, "
+        f"{len(cfg['layers'])} layers",
+        f"  T-Block {cfg['t_block']}, Psi {cfg['psi']}, Phi {cfg['phi']}, {cfg['pool_blocks']} AdaPooling blocks"
+        + (f", off: {', '.join(switches)}" if switches else ""),
+        f"  {result['convention']}",
+        "",
+        f"  {'part':<46}{flop_unit:>10}{param_unit:>12}",
+    ]
+    part_params = {"clip": params["clip_visual_frozen"], "temporal_encoder": params["temporal_encoder"],
+                   "integration_branch": params["integration_branch"], "head": params["head"]}
+    for part in PARTS:
+        lines.append(row(PART_LABELS[part], result["gflops_by_part"][part], part_params[part]))
+    lines += [
+        row("total (what this pipeline runs)", result["gflops"], params["total"]),
+        row("  of which trainable (DiST)", None, params["dist_trainable"]),
+        row("+ patch embed of the non-CLIP dense frames", result["gflops_dense_patch_embed"]),
+        row("total, paper convention", result["gflops_paper_convention"]),
+    ]
+    if result.get("paper_gflops") is not None:
+        lines.append(row(f"paper, {result['paper_setting']}", result["paper_gflops"],
+                         suffix=f"   ({100 * result['paper_rel_diff']:+.1f}% paper convention vs paper)"))
+    lines.append(f"  CLIP visual: {result['clip_gflops_per_frame'] * flop_scale:.2f} {flop_unit} per frame")
+    return "\n".join(lines)
