@@ -12,24 +12,48 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import json
 import multiprocessing
+import os
+import sys
 import time
 import uuid
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from dist_cache.errors import UserError
-from pipelines.extract import ExtractOptions, ExtractSummary, Extractor, check_options
+
+# Nothing that imports `storage` at module level: see _import_storage.
+if TYPE_CHECKING:
+    from pipelines.extract import ExtractOptions, ExtractSummary, Extractor
 
 DEFAULT_CHUNK_VIDEOS = 8
 TASK_PREFIX = "extract-chunk"
 
 # The one Extractor this worker process holds, by run key: loading CLIP per chunk would dominate small
 # chunks, and keeping only the latest run's lets a long-lived worker free the previous model.
-_WORKER_EXTRACTOR: dict[str, Extractor] = {}
+_WORKER_EXTRACTOR: dict[str, "Extractor"] = {}
 
 
-def _extract_chunk(run_key: str, opts: ExtractOptions, videos: list[int]) -> ExtractSummary:
+def _import_storage() -> None:
+    """A `dask worker` puts its local directory first on sys.path, and that directory holds a `storage/`
+    spill folder, which would shadow this project's `storage` package as an empty namespace package.
+    So tasks carry only plain data (options as a dict) and import the package with those entries hidden."""
+    from distributed import get_worker
+
+    local = get_worker().local_directory
+    hidden = {local, os.path.dirname(local)}
+    if getattr(sys.modules.get("storage"), "__file__", "") is None:
+        del sys.modules["storage"]  # an earlier import already picked up the spill folder
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if p not in hidden]
+    try:
+        importlib.import_module("storage")
+    finally:
+        sys.path[:] = saved
+
+
+def _extract_chunk(run_key: str, options: dict[str, Any], videos: list[int]) -> "ExtractSummary":
     """Runs on a worker: extract `videos` into the store with this process's cached Extractor."""
     if multiprocessing.current_process().daemon:
         # Decoding runs in killable child processes, which a daemonic process may not start.
@@ -37,8 +61,11 @@ def _extract_chunk(run_key: str, opts: ExtractOptions, videos: list[int]) -> Ext
                         "DASK_DISTRIBUTED__WORKER__DAEMON=False")
     extractor = _WORKER_EXTRACTOR.get(run_key)
     if extractor is None:
+        _import_storage()
+        from pipelines.extract import ExtractOptions, Extractor
+
         _WORKER_EXTRACTOR.clear()
-        extractor = _WORKER_EXTRACTOR[run_key] = Extractor.open(opts)
+        extractor = _WORKER_EXTRACTOR[run_key] = Extractor.open(ExtractOptions(**options))
     return extractor.run(videos)
 
 
@@ -69,11 +96,13 @@ def _task_resources(client) -> dict[str, int] | None:
     return {"GPU": 1} if any(w.get("resources", {}).get("GPU") for w in workers) else None
 
 
-def extract_on_cluster(opts: ExtractOptions, client, *, chunk_videos: int = DEFAULT_CHUNK_VIDEOS,
-                       progress: bool = True) -> ExtractSummary:
+def extract_on_cluster(opts: "ExtractOptions", client, *, chunk_videos: int = DEFAULT_CHUNK_VIDEOS,
+                       progress: bool = True) -> "ExtractSummary":
     """Extract every pending video on the cluster behind `client`, then finalize the store once."""
     from distributed import as_completed
     from tqdm import tqdm
+
+    from pipelines.extract import ExtractSummary, Extractor
 
     if chunk_videos < 1:
         raise ValueError("chunk_videos must be at least 1")
@@ -85,11 +114,12 @@ def extract_on_cluster(opts: ExtractOptions, client, *, chunk_videos: int = DEFA
     summary = ExtractSummary(skipped=len(extractor.manifest.videos) - len(pending))
     del extractor  # the client needs only the writer from here on, not the model
 
-    run_key = json.dumps({"run": uuid.uuid4().hex, "opts": dataclasses.asdict(opts)}, sort_keys=True, default=str)
+    options = dataclasses.asdict(opts)
+    run_key = json.dumps({"run": uuid.uuid4().hex, "opts": options}, sort_keys=True, default=str)
     resources = _task_resources(client)
     chunks = [pending[i : i + chunk_videos] for i in range(0, len(pending), chunk_videos)]
     futures = {
-        client.submit(_extract_chunk, run_key, opts, chunk, key=f"{TASK_PREFIX}-{n}-{uuid.uuid4().hex}",
+        client.submit(_extract_chunk, run_key, options, chunk, key=f"{TASK_PREFIX}-{n}-{uuid.uuid4().hex}",
                       retries=2, resources=resources, pure=False): len(chunk)
         for n, chunk in enumerate(chunks)
     }
@@ -106,9 +136,11 @@ def extract_on_cluster(opts: ExtractOptions, client, *, chunk_videos: int = DEFA
     return summary
 
 
-def extract_distributed(opts: ExtractOptions, *, workers: int | None, scheduler: str | None,
-                        chunk_videos: int = DEFAULT_CHUNK_VIDEOS, progress: bool = True) -> ExtractSummary:
+def extract_distributed(opts: "ExtractOptions", *, workers: int | None, scheduler: str | None,
+                        chunk_videos: int = DEFAULT_CHUNK_VIDEOS, progress: bool = True) -> "ExtractSummary":
     """`dist-cache extract --workers N | --scheduler ADDRESS`."""
+    from pipelines.extract import check_options
+
     check_options(opts)  # fail on a bad flag before starting or joining a cluster
     with connect(workers, scheduler) as client:
         return extract_on_cluster(opts, client, chunk_videos=chunk_videos, progress=progress)
