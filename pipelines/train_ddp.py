@@ -100,6 +100,8 @@ def main() -> None:
     """torchrun entry point: the `dist-cache train` flags, run on every rank."""
     import cli
 
+    if int(os.environ.get("RANK", "0")):
+        sys.stdout = open(os.devnull, "w")  # rank 0 alone reports; errors still reach stderr
     cli.main(["train", *sys.argv[1:]])
 
 
