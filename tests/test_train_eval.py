@@ -265,7 +265,7 @@ def test_zero_shot_eval_on_another_label_set(stores, run, tmp_path):
         evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["val"], video_root=stores["videos"],
                              classes=str(missing), workers=0), progress=False)
     # The text tower's weights must be those the store was extracted with.
-    for weights, why in ((tmp_path / "absent.pt", "pass --pretrained"), (stores["other_checkpoint"], "differs from the store")):
+    for weights, why in ((tmp_path / "absent.pt", "no such checkpoint file"), (stores["other_checkpoint"], "differs from the store")):
         with pytest.raises(UserError, match=why):
             evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["val"], video_root=stores["videos"],
                                  classes=str(other), pretrained=str(weights), workers=0), progress=False)
