@@ -233,8 +233,8 @@ def profile(model: str, frames: int, gamma: int, alpha_dim: int, beta_dim: int, 
 
 @main.command()
 @click.option("--workdir", default="demo-run", show_default=True, type=click.Path(), help="Where data, stores and the run go.")
-@click.option("--videos-per-class", default=16, show_default=True)
-@click.option("--epochs", default=12, show_default=True)
+@click.option("--videos-per-class", default=48, show_default=True)
+@click.option("--epochs", default=30, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @user_errors
 def demo(workdir: str, videos_per_class: int, epochs: int, seed: int) -> None:

@@ -49,13 +49,22 @@ def _texture(rng: np.random.Generator, size: int, cells: int, colour: np.ndarray
     return np.clip(tex, 0, 255)
 
 
-def motion_clip(rng: np.random.Generator, direction: str, size: int = 64, num_frames: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 frames (n, size, size, 3) of a square moving in `direction`, and its top-left corners (n, 2) as (x, y)."""
+def motion_clip(
+    rng: np.random.Generator, direction: str, size: int = 64, num_frames: int = 32, high_contrast: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 frames (n, size, size, 3) of a square moving in `direction`, and its top-left corners (n, 2) as (x, y).
+
+    Default: random colours for square and background (the harder, colour-invariant task). `high_contrast`:
+    a light square on a dark background, which a small model trained for a minute can follow.
+    """
     dx, dy = DIRECTIONS[direction]
     side = max(4, size // 5)
     free = size - side
-    back_colour = rng.uniform(40, 215, size=3)
-    square_colour = rng.uniform(40, 215, size=3)
+    if high_contrast:
+        back_colour, square_colour = rng.uniform(20, 70, size=3), rng.uniform(190, 240, size=3)
+    else:
+        back_colour = rng.uniform(40, 215, size=3)
+        square_colour = rng.uniform(40, 215, size=3)
     while np.abs(square_colour - back_colour).max() < 60:  # keep the square visible
         square_colour = rng.uniform(40, 215, size=3)
     background = _texture(rng, size, 8, back_colour)
@@ -83,6 +92,7 @@ def make_motion_dataset(
     num_frames: int = 32,
     fps: int = 16,
     seed: int = 0,
+    high_contrast: bool = False,
 ) -> Path:
     """Write root/videos/<class>/<i>.mp4 and root/train.csv, root/val.csv (`path,label`, paths relative to
     root/videos; a quarter of each class, at least one video, goes to val). Returns root.
@@ -103,7 +113,7 @@ def make_motion_dataset(
         val = set(np.random.default_rng([seed, ci]).permutation(videos_per_class)[:n_val].tolist())
         for i in range(videos_per_class):
             # Seeded per video, so a clip does not change when others are added.
-            frames, _ = motion_clip(np.random.default_rng([seed, ci, i]), name, size, num_frames)
+            frames, _ = motion_clip(np.random.default_rng([seed, ci, i]), name, size, num_frames, high_contrast)
             rel = f"{name}/{i}.mp4"
             write_video(root / "videos" / rel, frames, fps)
             splits["val" if i in val else "train"].append((rel, name))
