@@ -76,6 +76,7 @@ def main() -> None:
 @click.option("--decode-workers", default=2, show_default=True, help="Decode processes.")
 @click.option("--decode-timeout", default=120.0, show_default=True, help="Seconds before a video's decode is killed and recorded as failed.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+@click.option("--hash-videos", is_flag=True, help="Record each video file's sha256, so verify can tell a replaced copy.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
 @click.option("--workers", type=int, default=None, help="Spread videos over a local dask cluster of N worker processes.")
 @click.option("--scheduler", default=None, help="Spread videos over the dask cluster at this address (tcp://host:8786).")
@@ -128,12 +129,14 @@ def info(store: str, as_json: bool, failed: bool) -> None:
 @click.option("--samples", default=3, show_default=True, help="Random samples to recompute from the videos.")
 @click.option("--pretrained", default=None, help="Checkpoint path, if the store's recorded one is elsewhere on this machine.")
 @click.option("--seed", default=0, show_default=True, help="Seed for choosing the samples.")
+@click.option("--all-videos", is_flag=True, help="Check every video under --video-root against the recorded facts (and sha256 if recorded).")
 @user_errors
-def verify(store: str, video_root: str | None, samples: int, pretrained: str | None, seed: int) -> None:
-    """Check schema and completeness, and recompute random samples from the videos."""
+def verify(store: str, video_root: str | None, samples: int, pretrained: str | None, seed: int, all_videos: bool) -> None:
+    """Check schema and completeness, the videos on this machine, and recompute random samples from them."""
     from pipelines.verify import format_report, verify_store
 
-    report = verify_store(store, video_root=video_root, samples=samples, pretrained=pretrained, seed=seed)
+    report = verify_store(store, video_root=video_root, samples=samples, pretrained=pretrained, seed=seed,
+                          all_videos=all_videos)
     click.echo(format_report(report))
     if not report.ok:
         sys.exit(1)

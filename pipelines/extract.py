@@ -58,6 +58,7 @@ class ExtractOptions:
     decode_workers: int = 2
     decode_timeout: float = 120.0
     device: str = "auto"
+    hash_videos: bool = False  # record each file's sha256 so verify can tell a replaced copy
     storage_options: dict = field(default_factory=dict)
 
 
@@ -177,7 +178,7 @@ class Extractor:
         encoder = self.backbone.spatial_encoder(self.layers).to(self.device)
         spec = render_spec(self.opts, self.backbone)
         root = Path(self.opts.video_root)
-        jobs = [(str(root / self.manifest.videos[v]), v, spec) for v in video_indices]
+        jobs = [(str(root / self.manifest.videos[v]), v, spec, self.opts.hash_videos) for v in video_indices]
         per_video = self.opts.views * self.opts.frames
         batch: list[PreparedVideo] = []
         writes: list[concurrent.futures.Future] = []
@@ -226,7 +227,7 @@ class Extractor:
             written.append(
                 self.writer.write_video(
                     prepared.video_index,
-                    facts=prepared.facts.to_dict(),
+                    facts={**prepared.facts.to_dict(), **prepared.file_facts},
                     plans=[p.to_dict() for p in prepared.plans],
                     features=features,
                     clip_embeds=embeds[rows].reshape(K, T, -1),

@@ -8,6 +8,8 @@ worker ran it.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,11 +40,27 @@ class RenderSpec:
 class PreparedVideo:
     video_index: int
     facts: VideoFacts
+    file_facts: dict  # size_bytes, and sha256 when asked: lets verify spot a moved or replaced file
     plans: list[ViewPlan]
     images: np.ndarray  # (K*T, 3, S, S) float32, views in order, frames in order
 
 
-def prepare_video(path: str, video_index: int, spec: RenderSpec) -> PreparedVideo:
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_facts(path: str, with_hash: bool) -> dict:
+    facts: dict = {"size_bytes": os.path.getsize(path)}
+    if with_hash:
+        facts["sha256"] = file_sha256(path)
+    return facts
+
+
+def prepare_video(path: str, video_index: int, spec: RenderSpec, hash_video: bool = False) -> PreparedVideo:
     facts = probe_video(path)
     plans = plan_views(
         facts.num_frames,
@@ -67,4 +85,4 @@ def prepare_video(path: str, video_index: int, spec: RenderSpec) -> PreparedVide
         for plan in plans
     ]
     images = np.concatenate([r.numpy() for r in rendered])
-    return PreparedVideo(video_index, facts, plans, images)
+    return PreparedVideo(video_index, facts, file_facts(path, hash_video), plans, images)

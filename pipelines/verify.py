@@ -19,6 +19,7 @@ from dist_cache.errors import UserError
 from dist_cache.sampling import ViewPlan, plan_views
 from dist_cache.transforms import render_frames
 from dist_cache.video import DecodeError, probe_video, read_frames
+from pipelines.prepare import file_sha256
 from storage import FeatureStore
 
 # fp16 storage rounds to ~1e-3 relative; int8 per-token absmax to ~1 %.
@@ -31,6 +32,7 @@ class VerifyReport:
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     checked_samples: list[dict] = field(default_factory=list)
+    mismatched_videos: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -59,6 +61,23 @@ def _replanned(store: FeatureStore, sample: dict) -> ViewPlan:
     return plans[int(sample["view"])]
 
 
+def video_mismatch(sample: dict, path: Path) -> str | None:
+    """Why the file at `path` is not the video this sample was extracted from, or None if it is."""
+    try:
+        facts = probe_video(path)
+    except DecodeError as err:
+        return str(err)
+    recorded = (int(sample["num_frames"]), int(sample["width"]), int(sample["height"]))
+    if (facts.num_frames, facts.width, facts.height) != recorded:
+        return (f"{sample['video']}: this copy has {facts.num_frames} frames of {facts.width}x{facts.height}, "
+                f"the store recorded {recorded[0]} of {recorded[1]}x{recorded[2]}")
+    if sample.get("size_bytes") is not None and path.stat().st_size != sample["size_bytes"]:
+        return f"{sample['video']}: this copy has {path.stat().st_size} bytes, the store recorded {sample['size_bytes']}"
+    if sample.get("sha256") and file_sha256(str(path)) != sample["sha256"]:
+        return f"{sample['video']}: this copy's sha256 differs from the recorded one"
+    return None
+
+
 def _relative_error(stored: np.ndarray, recomputed: np.ndarray) -> float:
     return float(np.linalg.norm(stored - recomputed) / max(np.linalg.norm(recomputed), 1e-12))
 
@@ -70,6 +89,7 @@ def verify_store(
     samples: int = 3,
     pretrained: str | None = None,
     seed: int = 0,
+    all_videos: bool = False,
     storage_options: dict | None = None,
 ) -> VerifyReport:
     store = FeatureStore.open(url, storage_options=storage_options)
@@ -96,6 +116,17 @@ def verify_store(
         return report
     if not len(done):
         return report
+    if all_videos:
+        # One sample per extracted video carries its facts: compare every file on this machine with them.
+        first_views = done[done % store.views_per_video == 0]
+        for i in first_views:
+            sample = store.sample(int(i))
+            why = video_mismatch(sample, Path(video_root) / sample["video"])
+            if why:
+                report.mismatched_videos.append(why)
+        report.notes.append(f"checked {len(first_views)} videos against their recorded facts")
+        if report.mismatched_videos:
+            report.problems.append(f"{len(report.mismatched_videos)} video(s) under --video-root are not the ones extracted")
     try:
         backbone = load_recorded_backbone(store.backbone, pretrained=pretrained)
     except UserError as err:
@@ -107,17 +138,9 @@ def verify_store(
     for i in sorted(int(i) for i in chosen):
         sample = store.sample(i)
         path = Path(video_root) / sample["video"]
-        try:
-            facts = probe_video(path)
-        except DecodeError as err:
-            report.problems.append(f"sample {i}: {err}")
-            continue
-        recorded = (int(sample["num_frames"]), int(sample["width"]), int(sample["height"]))
-        if (facts.num_frames, facts.width, facts.height) != recorded:
-            report.problems.append(
-                f"{sample['video']}: this copy has {facts.num_frames} frames of {facts.width}x{facts.height}, "
-                f"the store recorded {recorded[0]} of {recorded[1]}x{recorded[2]}: not the video that was extracted"
-            )
+        why = video_mismatch(sample, path)
+        if why:
+            report.problems.append(f"sample {i} not recomputed: {why}")
             continue
         plan = _plan_of(sample)
         if _replanned(store, sample) != plan:
@@ -137,6 +160,7 @@ def format_report(report: VerifyReport) -> str:
     lines = [f"verify {report.store}"]
     for checked in report.checked_samples:
         lines.append(f"  recomputed sample {checked['sample']} ({checked['video']}): relative error {checked['relative_error']:.2e}")
+    lines += [f"  mismatch: {m}" for m in report.mismatched_videos]
     lines += [f"  note: {n}" for n in report.notes]
     lines += [f"  problem: {p}" for p in report.problems]
     lines.append("ok" if report.ok else f"FAILED: {len(report.problems)} problem(s)")

