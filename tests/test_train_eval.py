@@ -133,9 +133,12 @@ def test_resume_after_kill_matches_an_uninterrupted_run(stores, tmp_path):
     killed = tmp_path / "killed"
     marker = tmp_path / "stalled"
     driver = tmp_path / "driver.py"
+    # The child must reduce in the same order as this process: same number of intra-op threads.
     driver.write_text(textwrap.dedent(f"""
         import json, sys, time
         from pathlib import Path
+        import torch
+        torch.set_num_threads({torch.get_num_threads()})
         import pipelines.train as train_mod
         from pipelines.data import StoreClips
 
