@@ -9,7 +9,10 @@ row-major order. This is what the reference implementation records (dist-referen
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import re
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,16 +246,16 @@ def load_recorded_backbone(recorded: dict, pretrained: str | None = None, device
     `pretrained` overrides the recorded source (a store made from a local checkpoint records only
     where it was; another machine passes its own copy).
     """
-    import json
-    import tempfile
-
     open_clip = _open_clip()
     name = recorded["model"]
     if name not in open_clip.list_models():
-        # A store made from a config JSON carries the config itself: register it under its name.
-        config_dir = Path(tempfile.mkdtemp(prefix="dist-cache-config-"))
-        (config_dir / f"{name}.json").write_text(json.dumps(recorded["model_config"]))
-        open_clip.add_model_config(config_dir)
+        # A store made from a config JSON carries the config itself: register it under its name. The
+        # name comes from a store, i.e. from a stranger: it must be a plain file name, never a path.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(name)):
+            raise UserError(f"the store's backbone model name {str(name)[:60]!r} is not a valid model name; the store is damaged")
+        with tempfile.TemporaryDirectory(prefix="dist-cache-config-") as config_dir:
+            (Path(config_dir) / f"{name}.json").write_text(json.dumps(recorded["model_config"]))
+            open_clip.add_model_config(config_dir)
     source = pretrained or recorded.get("pretrained_source") or recorded["pretrained"]
     if source == "none":
         raise UserError(
