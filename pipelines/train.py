@@ -180,6 +180,13 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
 
 
+def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
+    """Load a checkpoint's loss-scaler state. A run saved without loss scaling (CPU, bf16) holds an empty
+    state, which an enabled scaler (fp16 on a GPU without bf16) refuses: it starts fresh then."""
+    if state and scaler.is_enabled():
+        scaler.load_state_dict(state)
+
+
 def _check_resume(ckpt: dict[str, Any], opts: TrainOptions, store_fingerprint: str, cache: str) -> None:
     if ckpt["store"]["fingerprint"] != store_fingerprint:
         raise UserError(
@@ -259,7 +266,7 @@ def _train(opts: TrainOptions, progress: bool, ranks: Ranks) -> TrainResult:
         branch.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
+        restore_scaler(scaler, ckpt["scaler"])
         step, best_top1, epoch_loss = ckpt["step"], ckpt["best_top1"], list(ckpt["epoch_loss"])
 
     text = torch.as_tensor(store.text_features, device=device)

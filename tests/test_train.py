@@ -13,7 +13,7 @@ from dist_cache.errors import UserError
 from dist_cache.model import DiST, DiSTConfig
 from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.data import EpochSampler
-from pipelines.train import lr_at, param_groups
+from pipelines.train import lr_at, param_groups, restore_scaler
 
 # 7 videos x 3 views; video 2 failed at extraction (no usable view), video 5 has only views 0 and 2.
 USABLE = np.array([i for i in range(21) if i // 3 != 2 and i != 16])
@@ -100,3 +100,16 @@ def test_checkpoint_write_is_atomic_and_loads_without_pickled_code(tmp_path):
         load_checkpoint(tmp_path / "other.pt")
     with pytest.raises(UserError, match="no such file"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_train_resume_restores_the_scaler_only_from_a_scaled_run():
+    # A checkpoint written on the CPU or with bf16 holds an empty scaler state; an fp16 resume starts fresh.
+    enabled = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    restore_scaler(enabled, torch.amp.GradScaler("cpu", enabled=False).state_dict())
+    assert enabled.get_scale() == 2.0**16
+    saved = torch.amp.GradScaler("cpu", init_scale=8.0)
+    restore_scaler(enabled, saved.state_dict())
+    assert enabled.get_scale() == 8.0
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    restore_scaler(disabled, saved.state_dict())
+    assert not disabled.is_enabled()
