@@ -179,6 +179,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(stores, tmp_path):
 
     with pytest.raises(UserError, match="--resume"):
         train(TrainOptions(out=str(killed), **common), progress=False)  # never overwrite a run silently
+    with (killed / "metrics.jsonl").open("a") as f:
+        f.write('{"kind": "train", "step": 4, "lo')  # a kill mid-write tears the last line
     resumed = train(TrainOptions(out=str(killed), resume=True, **common), progress=False)
     assert resumed.steps == full.steps
     a, b = load_checkpoint(full.last), load_checkpoint(resumed.last)
