@@ -11,6 +11,7 @@ A rerun skips every video that has a record, so kill -9 at any point loses only 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ from storage import StoreWriter
 from storage.schema import FORMAT_VERSION
 
 FORMAT_SPLITS = ("train", "test")
+# Each video owns its shards, so writers never contend; two overlap one slow write with the next.
+WRITER_THREADS = 2
 DTYPES = ("fp16", "int8")
 
 
@@ -106,7 +109,9 @@ def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], ma
         "format_version": FORMAT_VERSION,
         "backbone": backbone.describe(),
         "preprocess": {**PREPROCESS, "decoder": DECODER, "image_size": backbone.image_size,
-                       "mean": list(backbone.mean), "std": list(backbone.std)},
+                       "mean": list(backbone.mean), "std": list(backbone.std),
+                       # Part of the compat schema, so a resume never mixes hashed and unhashed records.
+                       "video_hash": "sha256" if opts.hash_videos else "none"},
         "layers": layers,
         "num_frames": opts.frames,
         "views_per_video": opts.views,
@@ -172,10 +177,23 @@ class Extractor:
         )
         return cls(opts, backbone, layers, manifest, writer, device)
 
+    @functools.cached_property
+    def encoder(self) -> torch.nn.Module:
+        return self.backbone.spatial_encoder(self.layers).to(self.device)
+
+    @functools.cached_property
+    def decode_pool(self) -> DecodePool:
+        # Kept for the extractor's life: a dask worker runs many chunks, and each new pool would
+        # spawn (and import torch in) fresh decode processes.
+        return DecodePool(self.opts.decode_workers, self.opts.decode_timeout)
+
+    def close(self) -> None:
+        if "decode_pool" in self.__dict__:
+            self.__dict__.pop("decode_pool").close()
+
     def run(self, video_indices: Iterable[int], on_progress: Callable[[int], None] = lambda n: None) -> ExtractSummary:
         """Extract the given videos. `on_progress(clips)` is called as each video is stored or fails."""
         summary = ExtractSummary()
-        encoder = self.backbone.spatial_encoder(self.layers).to(self.device)
         spec = render_spec(self.opts, self.backbone)
         root = Path(self.opts.video_root)
         jobs = [(str(root / self.manifest.videos[v]), v, spec, self.opts.hash_videos) for v in video_indices]
@@ -185,23 +203,18 @@ class Extractor:
 
         def flush() -> None:
             if batch:
-                writes.append(write_pool.submit(self._store_batch, self._forward(encoder, batch), list(batch)))
+                writes.append(write_pool.submit(self._store_batch, self._forward(batch), list(batch)))
                 batch.clear()
-            # Keep at most two batches in flight so memory stays bounded while writing overlaps compute.
-            while len(writes) > 2:
+            # Bounded in-flight batches keep memory flat while writing overlaps compute.
+            while len(writes) > 2 * WRITER_THREADS:
                 self._collect(writes.pop(0), summary, on_progress)
 
-        with DecodePool(self.opts.decode_workers, self.opts.decode_timeout) as decode_pool, \
-                concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store-writer") as write_pool:
-            for position, future in decode_pool.map_unordered(prepare_video, jobs):
-                video_index = jobs[position][1]
+        with concurrent.futures.ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="store-writer") as write_pool:
+            for position, future in self.decode_pool.map_unordered(prepare_video, jobs):
                 try:
                     batch.append(future.result())
-                except DecodeError as err:
-                    self.writer.write_failure(video_index, str(err))
-                    summary.failed += 1
-                    summary.failures.append((self.manifest.videos[video_index], str(err)))
-                    on_progress(self.opts.views)
+                except Exception as err:  # any one video's failure is recorded, never the end of the run
+                    self._record_failure(jobs[position][1], err, summary, on_progress)
                     continue
                 if len(batch) * per_video >= self.opts.batch_frames:
                     flush()
@@ -211,34 +224,52 @@ class Extractor:
         return summary
 
     @torch.inference_mode()
-    def _forward(self, encoder, batch: list[PreparedVideo]) -> tuple[np.ndarray, np.ndarray]:
-        images = torch.from_numpy(np.concatenate([p.images for p in batch])).to(self.device)
-        tokens, embeds = encoder(images)
-        return tokens.float().cpu().numpy(), embeds.float().cpu().numpy()
+    def _forward(self, batch: list[PreparedVideo]) -> tuple[np.ndarray, np.ndarray]:
+        """CLIP on a batch of videos -> features (V, K, L, T, N+1, C) and embeddings (V, K, T, E), ready to store.
 
-    def _store_batch(self, outputs: tuple[np.ndarray, np.ndarray], batch: list[PreparedVideo]) -> list[int]:
-        tokens, embeds = outputs
-        K, T = self.opts.views, self.opts.frames
-        written = []
+        The layout change and the cast to the stored precision happen on the device: on a GPU the host
+        side would otherwise spend longer converting than the forward pass takes.
+        """
+        images = torch.from_numpy(np.concatenate([p.images for p in batch])).to(self.device)
+        tokens, embeds = self.encoder(images)  # (L, V*K*T, N+1, C), (V*K*T, E)
+        V, K, T = len(batch), self.opts.views, self.opts.frames
+        store_dtype = torch.float16 if self.opts.dtype == "fp16" else torch.float32  # int8 quantises from fp32
+        features = tokens.reshape(len(self.layers), V, K, T, *tokens.shape[2:]).permute(1, 2, 0, 3, 4, 5)
+        features = features.to(store_dtype).contiguous().cpu().numpy()
+        return features, embeds.reshape(V, K, T, -1).to(torch.float16).cpu().numpy()
+
+    def _store_batch(self, outputs: tuple[np.ndarray, np.ndarray], batch: list[PreparedVideo]) -> list[tuple[int, int | Exception]]:
+        """Store each video of a batch; returns (video index, bytes written or the error that stopped it)."""
+        features, embeds = outputs
+        results: list[tuple[int, int | Exception]] = []
         for n, prepared in enumerate(batch):
-            rows = slice(n * K * T, (n + 1) * K * T)
-            # (L, K*T, N+1, C) -> (K, L, T, N+1, C): the store keeps a sample's layers together.
-            features = tokens[:, rows].reshape(len(self.layers), K, T, *tokens.shape[2:]).transpose(1, 0, 2, 3, 4)
-            written.append(
-                self.writer.write_video(
+            try:
+                nbytes = self.writer.write_video(
                     prepared.video_index,
                     facts={**prepared.facts.to_dict(), **prepared.file_facts},
                     plans=[p.to_dict() for p in prepared.plans],
-                    features=features,
-                    clip_embeds=embeds[rows].reshape(K, T, -1),
+                    features=features[n],
+                    clip_embeds=embeds[n],
                 )
-            )
-        return written
+                results.append((prepared.video_index, nbytes))
+            except Exception as err:  # e.g. non-finite activations: that video fails, the rest go on
+                results.append((prepared.video_index, err))
+        return results
+
+    def _record_failure(self, video_index: int, err: Exception, summary: ExtractSummary, on_progress) -> None:
+        message = str(err) if isinstance(err, DecodeError) else f"{type(err).__name__}: {err}"
+        self.writer.write_failure(video_index, message)
+        summary.failed += 1
+        summary.failures.append((self.manifest.videos[video_index], message))
+        on_progress(self.opts.views)
 
     def _collect(self, future: concurrent.futures.Future, summary: ExtractSummary, on_progress) -> None:
-        for nbytes in future.result():
+        for video_index, outcome in future.result():
+            if isinstance(outcome, Exception):
+                self._record_failure(video_index, outcome, summary, on_progress)
+                continue
             summary.stored += 1
-            summary.bytes_written += nbytes
+            summary.bytes_written += outcome
             on_progress(self.opts.views)
 
 
@@ -250,8 +281,11 @@ def extract(opts: ExtractOptions, progress: bool = True) -> ExtractSummary:
     extractor = Extractor.open(opts)
     pending = extractor.writer.pending()
     summary = ExtractSummary(skipped=len(extractor.manifest.videos) - len(pending))
-    with tqdm(total=len(pending) * opts.views, unit="clip", desc="extract", disable=not progress, dynamic_ncols=True) as bar:
-        summary.merge(extractor.run(pending, on_progress=bar.update))
+    try:
+        with tqdm(total=len(pending) * opts.views, unit="clip", desc="extract", disable=not progress, dynamic_ncols=True) as bar:
+            summary.merge(extractor.run(pending, on_progress=bar.update))
+    finally:
+        extractor.close()
     final = extractor.writer.finalize()
     summary.complete = bool(final["complete"])
     summary.store_failed = int(final["failed"])

@@ -307,3 +307,19 @@ def test_verify_all_videos_lists_copies_that_are_not_the_extracted_ones(motion_d
     mismatches = [line for line in bad.output.splitlines() if "mismatch:" in line]
     assert len(mismatches) == 2
     assert any(replaced in m for m in mismatches) and any(reencoded in m for m in mismatches)
+
+
+def test_a_video_that_fails_after_decoding_is_recorded_and_the_run_goes_on(motion_dataset, tiny_checkpoint, tmp_path):
+    # Weights whose activations overflow fp16: the writer refuses non-finite features for every video.
+    state = torch.load(tiny_checkpoint, weights_only=True)
+    for name in state:
+        if name.startswith("visual.transformer.resblocks.") and name.endswith("mlp.c_proj.weight"):
+            state[name] = state[name] * 1e7
+    overflowing = tmp_path / "overflowing.pt"
+    torch.save(state, overflowing)
+    out = tmp_path / "overflow.zarr"
+    result = run_cli(*extract_args(motion_dataset, out, overflowing))
+    assert result.exit_code == 0, result.output
+    store = FeatureStore.open(out)
+    assert store.complete and (store.status == 2).all()
+    assert "ValueError" in store.sample(0)["error"]
