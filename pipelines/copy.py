@@ -14,11 +14,16 @@ from typing import Any
 import numpy as np
 
 from dist_cache.errors import UserError
-from storage import FeatureStore, StoreWriter
+from storage import FeatureStore, StoreWriter, records
+from storage.records import STATUS_CODES
+from storage.schema import format_value
 
-# Provenance fields of FeatureStore.sample() that make up a record's facts and view plans.
+# Provenance fields of FeatureStore.sample() that make up a record's facts and view plans. The optional
+# facts (the file's identity, which `verify --all-videos` checks) are copied when the source knows them.
 FACT_KEYS = ("num_frames", "fps", "width", "height")
+OPTIONAL_FACT_KEYS = ("size_bytes", "sha256")
 PLAN_KEYS = ("sparse_indices", "window", "crop", "flip", "grayscale")
+PENDING, DONE, FAILED = STATUS_CODES["pending"], STATUS_CODES[records.DONE], STATUS_CODES[records.FAILED]
 
 
 @dataclass
@@ -31,17 +36,39 @@ class CopySummary:
 
 
 def parse_layers(text: str | None, available: list[int]) -> list[int]:
-    """None/"all" -> the source's layers; "last:N" or a comma list of block indices, all in the source."""
-    if text is None or text == "all":
+    """`--layers` of copy, with dist_cache.backbone.resolve_layers' grammar over the source's layers:
+    None/"all" -> all of them, "last:N" (N in 1..len(available)) -> the last N, or a comma list of block
+    indices that must all be in the source. Anything else is a one-line UserError naming the flag.
+
+    (resolve_layers itself counts a model's layers, and importing it pulls in torch.)"""
+    spec = "all" if text is None else text.strip()
+    if spec == "all":
         return list(available)
+    where = f"the source store has layers {format_value(list(available))}"
+    if spec.startswith("last:"):
+        count = spec.split(":", 1)[1]
+        if not count.isdigit() or not 1 <= int(count) <= len(available):
+            raise UserError(f"--layers {spec}: N must be 1..{len(available)} ({where})")
+        return list(available[len(available) - int(count):])
     try:
-        wanted = available[-int(text[5:]):] if text.startswith("last:") else [int(x) for x in text.split(",")]
+        wanted = sorted({int(part) for part in spec.split(",") if part.strip()})
     except ValueError:
-        raise UserError(f"--layers {text!r}: expected all, last:N or a comma list of block indices") from None
+        raise UserError(f"--layers {spec!r} is not 'all', 'last:N' or a comma list of block indices") from None
+    if not wanted:
+        raise UserError(f"--layers {spec!r} is not 'all', 'last:N' or a comma list of block indices")
     missing = [x for x in wanted if x not in available]
-    if missing or not wanted:
-        raise UserError(f"--layers {text!r}: layers {missing} are not in the source store (it has {available})")
-    return sorted(set(wanted))
+    if missing:
+        raise UserError(f"--layers {spec}: layers {format_value(missing)} are not in the source store ({where})")
+    return wanted
+
+
+def record_facts(sample: dict[str, Any]) -> dict[str, Any] | None:
+    """The facts a source sample carries, all of them (None if the source never decoded the video)."""
+    if sample["num_frames"] is None:
+        return None
+    facts = {k: sample[k] for k in FACT_KEYS}
+    facts.update({k: sample[k] for k in OPTIONAL_FACT_KEYS if sample.get(k) is not None})
+    return facts
 
 
 def target_schema(source: FeatureStore, layers: list[int], dtype: str | None) -> dict[str, Any]:
@@ -66,11 +93,11 @@ def copy_store(src: str, dst: str, *, layers: str | None = None, dtype: str | No
     copied = failed = pending = 0
     for v in tqdm(todo, desc=f"copy -> {dst}", unit="video", disable=not progress):
         samples = [source.sample(v * K + k) for k in range(K)]
-        facts = None if samples[0]["num_frames"] is None else {k: samples[0][k] for k in FACT_KEYS}
-        if per_video[v] == 2:
+        facts = record_facts(samples[0])
+        if per_video[v] == FAILED:
             failed += writer.write_failure(v, samples[0]["error"] or "failed in the source store", facts)
             continue
-        if per_video[v] == 0:
+        if per_video[v] == PENDING:
             pending += 1  # not extracted yet in the source: a later copy picks it up
             continue
         plans = [{k: (np.asarray(s[k]).tolist() if k == "sparse_indices" else s[k]) for k in PLAN_KEYS} for s in samples]

@@ -121,6 +121,9 @@ VIDEO_TABLES: dict[str, tuple[Any, tuple[int, ...], Any]] = {
     "videos/size_bytes": ("int64", (), -1),
     "videos/sha256": (str, (), ""),
 }
+# Tables added after format_version 1 was first released: finalize always writes them, but a store
+# finalized by an older dist-cache lacks them, so readers treat a missing one as all-fill ("unknown").
+OPTIONAL_TABLES = frozenset({"videos/size_bytes", "videos/sha256"})
 
 
 def table_arrays(schema: dict[str, Any]) -> list[ArraySpec]:

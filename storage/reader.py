@@ -66,10 +66,20 @@ class _Opened:
             if self.complete:
                 names = list(layout.SAMPLE_TABLES) + list(layout.VIDEO_TABLES) + [layout.VIDEO_PATH,
                                                                                   layout.VIDEO_LABEL]
-                self.tables = {n: self.array(n)[...] for n in names}
+                self.tables = {n: self._read_table(n) for n in names}
         if name not in self.tables:
-            self.tables[name] = self.array(name)[...]
+            self.tables[name] = self._read_table(name)
         return self.tables[name]
+
+    def _read_table(self, name: str) -> np.ndarray:
+        try:
+            return self.array(name)[...]
+        except KeyError:
+            if name not in layout.OPTIONAL_TABLES:
+                raise
+        # A store finalized before this table existed: every row is "unknown".
+        dtype, _row, fill = layout.VIDEO_TABLES[name]
+        return np.full((self.schema["num_videos"],), fill, dtype=object if dtype is str else dtype)
 
 
 class FeatureStore:
@@ -268,7 +278,7 @@ class FeatureStore:
             "fps": float(t("videos/fps")[v]) if has_facts else None,
             "width": int(t("videos/width")[v]) if has_facts else None,
             "height": int(t("videos/height")[v]) if has_facts else None,
-            "size_bytes": int(t("videos/size_bytes")[v]) if int(t("videos/size_bytes")[v]) >= 0 else None,
+            "size_bytes": size if (size := int(t("videos/size_bytes")[v])) >= 0 else None,
             "sha256": str(t("videos/sha256")[v]) or None,
         })
         return out

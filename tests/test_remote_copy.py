@@ -72,6 +72,48 @@ def test_copy_resumes_and_refuses_other_options(source, tmp_path):
     assert bad.exit_code == 2 and "not in the source" in bad.output
 
 
+@pytest.mark.parametrize("spec, why", [
+    ("last:0", "N must be 1..3"), ("last:-1", "N must be 1..3"), ("last:4", "N must be 1..3"),
+    ("last:x", "N must be 1..3"), ("1,5", "[5] are not in the source"), ("a,b", "is not 'all'"), (",", "is not 'all'"),
+])
+def test_copy_refuses_bad_layers_in_one_line(source, tmp_path, spec, why):
+    result = run_cli("copy", source / "src.zarr", tmp_path / "x.zarr", "--layers", spec)
+    assert result.exit_code == 2, result.output
+    assert "--layers" in result.output and why in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "x.zarr").exists()  # refused before anything is written
+
+
+def test_parse_layers_follows_resolve_layers_grammar():
+    from pipelines.copy import parse_layers
+
+    available = [2, 5, 7]
+    assert parse_layers(None, available) == parse_layers("all", available) == [2, 5, 7]
+    assert parse_layers("last:1", available) == [7]
+    assert parse_layers("last:3", available) == [2, 5, 7]
+    assert parse_layers(" 7, 2 ,2", available) == [2, 7]
+
+
+def test_copy_keeps_every_recorded_fact(tmp_path):
+    """size_bytes and sha256 survive a copy, so `verify --all-videos` can check the copied store."""
+    schema = testing.make_schema(num_videos=3, views=2, layers=[0, 1])
+    w = testing.open_writer(str(tmp_path / "src.zarr"), schema)
+    for v in (0, 1):
+        facts, plans, feats, clip = testing.video_data(schema, v)
+        w.write_video(v, {**facts, "size_bytes": 5000 + v, "sha256": f"{v + 1:064x}"}, plans, feats, clip)
+    facts = testing.video_data(schema, 2)[0]
+    w.write_failure(2, "DecodeError: truncated", {**facts, "size_bytes": 7})  # no sha256: stays unknown
+    assert w.finalize()["complete"]
+    result = run_cli("copy", tmp_path / "src.zarr", tmp_path / "dst.zarr", "--layers", "last:1")
+    assert result.exit_code == 0, result.output
+    src, dst = FeatureStore.open(tmp_path / "src.zarr"), FeatureStore.open(tmp_path / "dst.zarr")
+    fact_keys = ("num_frames", "fps", "width", "height", "size_bytes", "sha256", "status")
+    for i in range(6):
+        assert {k: dst.sample(i)[k] for k in fact_keys} == {k: src.sample(i)[k] for k in fact_keys}
+    assert dst.sample(2)["size_bytes"] == 5001 and dst.sample(2)["sha256"] == f"{2:064x}"
+    assert dst.sample(4)["size_bytes"] == 7 and dst.sample(4)["sha256"] is None
+    assert dst.sample(4)["status"] == "failed"
+
+
 def test_copy_from_http(source, tmp_path):
     with serve(source) as (base, _):
         result = run_cli("copy", f"{base}/src.zarr", tmp_path / "local.zarr")

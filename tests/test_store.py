@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import multiprocessing
 import pickle
+import shutil
 import uuid
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -253,6 +255,41 @@ def test_finalize_consolidates_and_keeps_sample_fields(tmp_path):
     assert group["videos/error"][2] == "DecodeError: video 2 is truncated"
     with pytest.raises(SampleNotDoneError):
         store.features(5)
+
+
+def test_store_finalized_before_size_and_sha256_tables_still_reads(tmp_path):
+    """videos/size_bytes and videos/sha256 joined format_version 1 later: a store finalized without them
+    must still open, report status and serve samples and features, with those two facts unknown."""
+    root = tmp_path / "old.zarr"
+    schema = make_schema(num_videos=3, views=2)
+    w = open_writer(str(root), schema)
+    for v in (0, 1):
+        facts, plans, feats, clip = video_data(schema, v)
+        w.write_video(v, {**facts, "size_bytes": 1000 + v, "sha256": f"{v:064x}"}, plans, feats, clip)
+    w.write_failure(2, "DecodeError: video 2 is truncated")
+    assert w.finalize()["complete"]
+    assert FeatureStore.open(root).sample(2)["size_bytes"] == 1001  # written by this version
+    # Mimic a store from before those tables: remove them, then re-consolidate the metadata.
+    for name in ("size_bytes", "sha256"):
+        shutil.rmtree(root / "videos" / name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(LocalStore(root), zarr_format=3)
+    meta = zarr.open_group(root, mode="r", use_consolidated=True).metadata.consolidated_metadata
+    assert "videos/size_bytes" not in meta.flattened_metadata and "videos/num_frames" in meta.flattened_metadata
+
+    store = FeatureStore.open(root)
+    assert store.complete and store.consolidated
+    assert store.status.tolist() == [1, 1, 1, 1, 2, 2]
+    assert store.progress() == {"done": 2, "failed": 1, "pending": 0}
+    for i in range(6):
+        sample = store.sample(i)
+        assert sample["size_bytes"] is None and sample["sha256"] is None
+    assert store.sample(2)["num_frames"] == 31 and store.sample(2)["status"] == "done"
+    assert store.sample(4)["status"] == "failed"
+    np.testing.assert_array_equal(store.features(1), expected_fp16(schema, 1))
+    with pytest.raises(SampleNotDoneError):
+        store.features(4)
 
 
 def test_retry_failed_reopens_and_refinalizes(tmp_path):
