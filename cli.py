@@ -38,8 +38,14 @@ def user_errors(fn):
     return wrapper
 
 
-def _floats(text: str) -> tuple[float, float]:
-    low, high = (float(x) for x in text.split(","))
+def _area_range(ctx, param, text: str) -> tuple[float, float]:
+    """`--scale low,high`: the random resized crop's range of area fractions, 0 < low <= high <= 1."""
+    try:
+        low, high = (float(x) for x in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not two numbers LOW,HIGH (e.g. 0.4,1.0)") from None
+    if not 0 < low <= high <= 1:
+        raise click.BadParameter(f"{text!r} needs 0 < LOW <= HIGH <= 1")
     return low, high
 
 
@@ -57,8 +63,8 @@ def main() -> None:
 @click.option("--pretrained", default="openai", show_default=True, help="open_clip tag, local checkpoint path, or none.")
 @click.option("--allow-random-weights", is_flag=True, help="Permit --pretrained none (features then mean nothing).")
 @click.option("--layers", default="all", show_default=True, help="all, last:N, or comma list of 0-based block indices.")
-@click.option("--frames", default=8, show_default=True, help="Sparse (CLIP) frames per view, T.")
-@click.option("--views", default=1, show_default=True, help="Views cached per video (train: augmented; test: temporal clips).")
+@click.option("--frames", default=8, type=click.IntRange(min=1), show_default=True, help="Sparse (CLIP) frames per view, T.")
+@click.option("--views", default=1, type=click.IntRange(min=1), show_default=True, help="Views cached per video (train: augmented; test: temporal clips).")
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
               help="train: TSN + random resized crop + flip; test: uniform clips + centre crop.")
 @click.option("--seed", default=0, show_default=True, help="Seed for frame sampling and crops.")
@@ -69,12 +75,12 @@ def main() -> None:
 @click.option("--manifest-format", type=click.Choice(["auto", "csv", "kinetics", "ssv2", "mmaction"]), default="auto", show_default=True)
 @click.option("--template", "templates", multiple=True, default=("{}",), show_default=True,
               help="Prompt template(s) for the class-name text embeddings; {} is the class name.")
-@click.option("--flip-p", default=0.5, show_default=True, help="Train flip probability (use 0 for SSv2: left/right labels).")
-@click.option("--grayscale-p", default=0.2, show_default=True, help="Train grayscale probability.")
-@click.option("--scale", default="0.4,1.0", show_default=True, help="Random resized crop area range.")
-@click.option("--batch-frames", default=64, show_default=True, help="Frames per CLIP forward pass.")
-@click.option("--decode-workers", default=2, show_default=True, help="Decode processes.")
-@click.option("--decode-timeout", default=120.0, show_default=True, help="Seconds before a video's decode is killed and recorded as failed.")
+@click.option("--flip-p", default=0.5, type=click.FloatRange(0, 1), show_default=True, help="Train flip probability (use 0 for SSv2: left/right labels).")
+@click.option("--grayscale-p", default=0.2, type=click.FloatRange(0, 1), show_default=True, help="Train grayscale probability.")
+@click.option("--scale", default="0.4,1.0", show_default=True, callback=_area_range, help="Random resized crop area range.")
+@click.option("--batch-frames", default=64, type=click.IntRange(min=1), show_default=True, help="Frames per CLIP forward pass.")
+@click.option("--decode-workers", default=2, type=click.IntRange(min=1), show_default=True, help="Decode processes.")
+@click.option("--decode-timeout", default=120.0, type=click.FloatRange(min=0, min_open=True), show_default=True, help="Seconds before a video's decode is killed and recorded as failed.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--hash-videos", is_flag=True, help="Record each video file's sha256, so verify can tell a replaced copy.")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
@@ -86,7 +92,6 @@ def extract(**kw) -> None:
     from pipelines.extract import ExtractOptions, extract as run_extract
 
     strict, workers, scheduler = kw.pop("strict"), kw.pop("workers"), kw.pop("scheduler")
-    kw["scale"] = _floats(kw["scale"])
     kw["templates"] = tuple(kw["templates"])
     if workers is None and scheduler is None:
         summary = run_extract(ExtractOptions(**kw))
@@ -126,7 +131,7 @@ def info(store: str, as_json: bool, failed: bool) -> None:
 @main.command()
 @click.argument("store")
 @click.option("--video-root", type=click.Path(), default=None, help="Where the videos are; without it, features are not recomputed.")
-@click.option("--samples", default=3, show_default=True, help="Random samples to recompute from the videos.")
+@click.option("--samples", default=3, type=click.IntRange(min=1), show_default=True, help="Random samples to recompute from the videos.")
 @click.option("--pretrained", default=None, help="Checkpoint path, if the store's recorded one is elsewhere on this machine.")
 @click.option("--seed", default=0, show_default=True, help="Seed for choosing the samples.")
 @click.option("--all-videos", is_flag=True, help="Check every video under --video-root against the recorded facts (and sha256 if recorded).")
@@ -147,8 +152,8 @@ def model_options(fn):
     options = [
         click.option("--gamma", type=click.Choice(["1", "2", "4", "8"]), default="2", show_default=True,
                      callback=lambda ctx, param, v: int(v), help="Dense frames per sparse frame for the temporal encoder."),
-        click.option("--alpha-dim", default=384, show_default=True, help="Integration branch width (alpha*C)."),
-        click.option("--beta-dim", default=96, show_default=True, help="Temporal encoder width (beta*C)."),
+        click.option("--alpha-dim", default=384, type=click.IntRange(min=1), show_default=True, help="Integration branch width (alpha*C)."),
+        click.option("--beta-dim", default=96, type=click.IntRange(min=1), show_default=True, help="Temporal encoder width (beta*C)."),
         click.option("--t-block", type=click.Choice(["r2plus1d", "c3d", "joint"]), default="r2plus1d", show_default=True),
         click.option("--psi", type=click.Choice(["dconv", "avg", "max"]), default="dconv", show_default=True,
                      help="Temporal -> integration downsampling (Tab. 2a)."),
@@ -158,7 +163,7 @@ def model_options(fn):
         click.option("--no-integration", "integration", flag_value=False, default=True, help="Drop the integration branch (Tab. 1a)."),
         click.option("--no-integ-to-temp", "integ_to_temp", flag_value=False, default=True, help="Drop Phi (Tab. 1b)."),
         click.option("--no-temp-to-integ", "temp_to_integ", flag_value=False, default=True, help="Drop Psi (Tab. 1b)."),
-        click.option("--pool-blocks", default=2, show_default=True, help="AdaPooling blocks (reference: 2 for SSv2, 4 for K400)."),
+        click.option("--pool-blocks", default=2, type=click.IntRange(min=1), show_default=True, help="AdaPooling blocks (reference: 2 for SSv2, 4 for K400)."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -176,18 +181,18 @@ def model_options(fn):
 @click.option("--pretrained", default=None, help="Local copy of the store's CLIP weights (needed by --online if not at the recorded path).")
 @click.option("--layers", default="all", show_default=True, help="CLIP layers to integrate: all (the store's), last:N, or a comma list.")
 @model_options
-@click.option("--epochs", default=30, show_default=True)
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--lr", default=3.2e-4, show_default=True, help="Peak learning rate.")
-@click.option("--warmup-epochs", default=5.0, show_default=True)
-@click.option("--weight-decay", default=1e-4, show_default=True)
-@click.option("--label-smoothing", default=0.1, show_default=True)
-@click.option("--clip-grad", default=1.0, show_default=True, help="Max gradient norm; 0 disables.")
+@click.option("--epochs", default=30, type=click.IntRange(min=1), show_default=True)
+@click.option("--batch-size", default=32, type=click.IntRange(min=1), show_default=True)
+@click.option("--lr", default=3.2e-4, type=click.FloatRange(min=0, min_open=True), show_default=True, help="Peak learning rate.")
+@click.option("--warmup-epochs", default=5.0, type=click.FloatRange(min=0), show_default=True)
+@click.option("--weight-decay", default=1e-4, type=click.FloatRange(min=0), show_default=True)
+@click.option("--label-smoothing", default=0.1, type=click.FloatRange(0, 1, max_open=True), show_default=True)
+@click.option("--clip-grad", default=1.0, type=click.FloatRange(min=0), show_default=True, help="Max gradient norm; 0 disables.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--workers", default=4, show_default=True, help="DataLoader worker processes.")
+@click.option("--workers", default=4, type=click.IntRange(min=0), show_default=True, help="DataLoader worker processes.")
 @click.option("--device", default="auto", show_default=True)
-@click.option("--save-every", default=500, show_default=True, help="Steps between last.pt writes.")
-@click.option("--nproc", default=1, show_default=True, help="Data-parallel processes on this machine (--batch-size is split among them).")
+@click.option("--save-every", default=500, type=click.IntRange(min=1), show_default=True, help="Steps between last.pt writes.")
+@click.option("--nproc", default=1, type=click.IntRange(min=1), show_default=True, help="Data-parallel processes on this machine (--batch-size is split among them).")
 @user_errors
 def train(nproc: int, **kw) -> None:
     """Train DiST's temporal encoder and integration branch from a feature store."""
@@ -209,8 +214,8 @@ def train(nproc: int, **kw) -> None:
 @click.option("--pretrained", default=None, help="Local copy of the store's CLIP weights (for --classes and --online).")
 @click.option("--json", "json_path", default=None, type=click.Path(), help="Write the full report (and a confusion PNG beside it).")
 @click.option("--online", is_flag=True, help="Run the frozen CLIP live instead of reading cached features.")
-@click.option("--batch-size", default=16, show_default=True)
-@click.option("--workers", default=2, show_default=True)
+@click.option("--batch-size", default=16, type=click.IntRange(min=1), show_default=True)
+@click.option("--workers", default=2, type=click.IntRange(min=0), show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @user_errors
 def evaluate(json_path: str | None, **kw) -> None:
@@ -222,7 +227,7 @@ def evaluate(json_path: str | None, **kw) -> None:
 
 @main.command()
 @click.option("--model", default="ViT-B-16", show_default=True, help="open_clip model name or dist-tiny (random weights; only shapes matter).")
-@click.option("--frames", default=8, show_default=True, help="Sparse (CLIP) frames per view.")
+@click.option("--frames", default=8, type=click.IntRange(min=1), show_default=True, help="Sparse (CLIP) frames per view.")
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 @user_errors
@@ -236,8 +241,8 @@ def profile(model: str, frames: int, gamma: int, alpha_dim: int, beta_dim: int, 
 
 @main.command()
 @click.option("--workdir", default="demo-run", show_default=True, type=click.Path(), help="Where data, stores and the run go.")
-@click.option("--videos-per-class", default=48, show_default=True)
-@click.option("--epochs", default=30, show_default=True)
+@click.option("--videos-per-class", default=48, type=click.IntRange(min=2), show_default=True)
+@click.option("--epochs", default=30, type=click.IntRange(min=1), show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @user_errors
 def demo(workdir: str, videos_per_class: int, epochs: int, seed: int) -> None:

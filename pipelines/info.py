@@ -33,7 +33,7 @@ def format_info(info: dict, show_failed: bool = False) -> str:
     lines = [
         f"{info['store']}: {'complete' if info['complete'] else 'INCOMPLETE'}, {info['videos']} videos, "
         f"{info['samples']} samples ({info['done']} done, {info['failed']} failed, {info['pending']} pending)",
-        f"  backbone   {backbone['model']} pretrained={backbone['pretrained']} sha256={backbone['weights_sha256'][:16]}",
+        f"  backbone   {backbone['model']} pretrained={backbone['pretrained']} sha256={(backbone['weights_sha256'] or 'none')[:16]}",
         f"  features   layers {layers[0]}..{layers[-1]} ({len(layers)}) x {schema['num_frames']} frames x "
         f"{schema['tokens']} tokens x {schema['width']} ch, {schema['dtype']}, codec {schema['codec']}",
         f"  sampling   split {schema['split']}, {schema['views_per_video']} view(s)/video, "
