@@ -35,7 +35,7 @@ from pipelines.data import EpochSampler, StoreClips, make_loader
 from pipelines.evaluate import eval_loader, score_videos, summarize
 from pipelines.extract import resolve_device
 from pipelines.plots import plot_curves
-from pipelines.train_ddp import Ranks, global_mean, joined
+from pipelines.train_ddp import Ranks, global_means, joined
 
 BETAS, EPS = (0.9, 0.999), 1e-8
 
@@ -317,6 +317,21 @@ def _train(opts: TrainOptions, progress: bool, ranks: Ranks) -> TrainResult:
 
     net.train()
     window_loss, window_steps, window_clips, window_time, last_loss = 0.0, 0, 0, 0.0, None
+    # Per-step losses stay on the device until a log, a save or an epoch end needs them: reading one
+    # (.item(), or the all-reduce across ranks) waits for the GPU, which every step would otherwise do.
+    pending: list[torch.Tensor] = []
+
+    def settle() -> None:
+        """Fold the pending steps' global-batch losses into the running sums, step by step as they ran.
+        A collective: every rank calls it at the same steps."""
+        nonlocal window_loss, window_steps, last_loss
+        for value in global_means(pending, ranks):
+            last_loss = value
+            epoch_loss[0] += value
+            epoch_loss[1] += 1
+            window_loss += value
+            window_steps += 1
+        pending.clear()
     bar = tqdm(total=total, initial=step, unit="step", desc="train", disable=not progress, dynamic_ncols=True)
     try:
         while step < total:
@@ -337,27 +352,28 @@ def _train(opts: TrainOptions, progress: bool, ranks: Ranks) -> TrainResult:
                 scaler.update()
                 scheduler.step()
                 step += 1
-                last_loss = global_mean(loss, ranks)
-                epoch_loss[0] += last_loss
-                epoch_loss[1] += 1
-                window_loss += last_loss
-                window_steps += 1
+                pending.append(loss.detach())
+                logs = step % opts.log_every == 0 or step == total
+                # An epoch's last step is saved below, after its validation.
+                saves = step % opts.save_every == 0 and step % steps_per_epoch
+                if logs or saves:
+                    settle()  # before the clock is read, so clips/s counts the GPU's time
                 window_clips += len(batch["label"]) * ranks.world
                 window_time += time.monotonic() - tick
                 tick = time.monotonic()
                 bar.update(1)
-                if ranks.main and (step % opts.log_every == 0 or step == total):
+                if ranks.main and logs:
                     clips_per_s = window_clips / max(window_time, 1e-9)
                     record = {"kind": "train", "step": step, "epoch": step / steps_per_epoch,
                               "loss": window_loss / window_steps, "lr": lr, "clips_per_s": clips_per_s}
                     log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", clips_s=f"{clips_per_s:.1f}")
                     window_loss, window_steps, window_clips, window_time = 0.0, 0, 0, 0.0
-                # An epoch's last step is saved below, after its validation.
-                if ranks.main and step % opts.save_every == 0 and step % steps_per_epoch:
+                if ranks.main and saves:
                     save_checkpoint(last_path, payload())
 
             # ---- epoch end: validate, then best.pt, then last.pt (so a resumed run never skips a validation) ----
+            settle()
             epoch += 1
             if not ranks.main:
                 epoch_loss = [0.0, 0]

@@ -68,6 +68,18 @@ def global_mean(value: torch.Tensor, ranks: Ranks) -> float:
     return total.item() / ranks.world
 
 
+def global_means(values: list[torch.Tensor], ranks: Ranks) -> list[float]:
+    """`global_mean` of each of several per-rank scalars, with one all-reduce and one device sync for all.
+    Every rank must call it at the same points (it is a collective when world > 1)."""
+    if not values:
+        return []
+    stacked = torch.stack([v.detach().float().reshape(()) for v in values])
+    if ranks.world == 1:
+        return stacked.tolist()
+    dist.all_reduce(stacked)
+    return [v / ranks.world for v in stacked.tolist()]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
