@@ -23,7 +23,7 @@ from storage.schema import format_value
 FACT_KEYS = ("num_frames", "fps", "width", "height")
 OPTIONAL_FACT_KEYS = ("size_bytes", "sha256")
 PLAN_KEYS = ("sparse_indices", "window", "crop", "flip", "grayscale")
-PENDING, DONE, FAILED = STATUS_CODES["pending"], STATUS_CODES[records.DONE], STATUS_CODES[records.FAILED]
+PENDING, FAILED = STATUS_CODES["pending"], STATUS_CODES[records.FAILED]
 
 
 @dataclass
