@@ -39,16 +39,6 @@ class VerifyReport:
         return not self.problems
 
 
-def _plan_of(sample: dict) -> ViewPlan:
-    return ViewPlan(
-        sparse_indices=tuple(int(i) for i in sample["sparse_indices"]),
-        window=float(sample["window"]),
-        crop=tuple(int(c) for c in sample["crop"]),
-        flip=bool(sample["flip"]),
-        grayscale=bool(sample["grayscale"]),
-    )
-
-
 def _replanned(store: FeatureStore, sample: dict) -> ViewPlan:
     """The plan the recorded sampling parameters give for this sample's video."""
     sampling, schema = store.schema["sampling"], store.schema
@@ -142,7 +132,7 @@ def verify_store(
         if why:
             report.problems.append(f"sample {i} not recomputed: {why}")
             continue
-        plan = _plan_of(sample)
+        plan = ViewPlan.from_dict(sample)
         if _replanned(store, sample) != plan:
             report.problems.append(f"sample {i}: the recorded plan is not what the recorded seed gives")
         frames = read_frames(path, plan.sparse_indices)
