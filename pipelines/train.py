@@ -227,25 +227,42 @@ def _check_resume(ckpt: dict[str, Any], opts: TrainOptions, store_fingerprint: s
 def train(opts: TrainOptions, progress: bool = True) -> TrainResult:
     """Train (or resume) a run in `opts.out`: last.pt, best.pt, metrics.jsonl and curves.png.
     Under a launcher (see `pipelines.train_ddp`) this process is one rank of a data-parallel run."""
-    check_options(opts)
+    check_options(opts)  # before joining: a bad flag fails every rank alike, without a process group
     with joined(resolve_device(opts.device)) as ranks:
         return _train(opts, progress and ranks.main, ranks)
 
 
-def _train(opts: TrainOptions, progress: bool, ranks: Ranks) -> TrainResult:
+@dataclass
+class _Checked:
+    """What `preflight` opened and checked, for the run to use."""
+    store: Any
+    usable: Any
+    failed: int
+    layers: list[int]
+    config: Any
+    frames: bool
+    val_store: Any
+    val_usable: Any
+    ckpt: dict[str, Any] | None
+
+
+def preflight(opts: TrainOptions, world: int = 1) -> _Checked:
+    """Every check before the first step, each failing as a one-line UserError. `launch` runs it in the
+    parent before it spawns the ranks, and every rank runs it again (cheap: no features are read)."""
+    check_options(opts)
     out = Path(opts.out)
-    last_path, best_path, metrics_path = out / "last.pt", out / "best.pt", out / "metrics.jsonl"
+    last_path = out / "last.pt"
     if opts.resume and not last_path.is_file():
         raise UserError(f"--resume: {last_path} does not exist; drop --resume to start this run")
     if not opts.resume and last_path.exists():
         raise UserError(f"--out {out} already holds a run ({last_path.name}); pass --resume to continue it, or another --out")
-    if opts.batch_size % ranks.world:
-        raise UserError(f"--batch-size {opts.batch_size}: must be a multiple of the {ranks.world} processes")
-    device = ranks.device
+    if opts.batch_size % world:
+        raise UserError(f"--batch-size {opts.batch_size}: must be a multiple of the {world} processes")
 
-    # ---- every check before the first step ----
     store = open_store(opts.cache, "--cache", opts.storage_options)
     usable, failed = usable_samples(store, "--cache")
+    if not len(usable):
+        raise UserError(f"--cache {store.url}: no sample has features (all {failed} failed at extraction)")
     layers = select_layers(opts.layers, store, opts.online)
     config = config_from_store(store, layers, **opts.model_switches())
     check_store_fits(store, config, "--cache", online=opts.online)
@@ -263,6 +280,16 @@ def _train(opts: TrainOptions, progress: bool, ranks: Ranks) -> TrainResult:
     ckpt = load_checkpoint(last_path) if opts.resume else None
     if ckpt is not None:
         _check_resume(ckpt, opts, store.fingerprint, opts.cache)
+    return _Checked(store, usable, failed, layers, config, frames, val_store, val_usable, ckpt)
+
+
+def _train(opts: TrainOptions, progress: bool, ranks: Ranks) -> TrainResult:
+    out = Path(opts.out)
+    last_path, best_path, metrics_path = out / "last.pt", out / "best.pt", out / "metrics.jsonl"
+    device = ranks.device
+    checked = preflight(opts, ranks.world)
+    store, usable, failed, layers, config = checked.store, checked.usable, checked.failed, checked.layers, checked.config
+    frames, val_store, val_usable, ckpt = checked.frames, checked.val_store, checked.val_usable, checked.ckpt
 
     # Rank r's batch b is every world-th sample of the global batch b, so the ranks' batches partition it.
     sampler = EpochSampler(usable, store.views_per_video, opts.batch_size // ranks.world, seed=opts.seed, train=True,

@@ -91,21 +91,38 @@ def _rank_main(rank: int, opts, world: int, port: int, results) -> None:
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    result = train(opts, progress=rank == 0)
+    try:
+        result = train(opts, progress=rank == 0)
+    except UserError as err:
+        # The parent sees a rank's exception as a traceback; the message goes to it first, to be reported
+        # as the one line it is. Raising still fails the rank, so the parent stops the others.
+        results.put(("error", str(err)))
+        raise
     if rank == 0:
-        results.put(result)
+        results.put(("result", result))
 
 
 def launch(opts, nproc: int):
     """Train with `nproc` processes on this machine; returns rank 0's TrainResult."""
+    from pipelines.train import preflight
+
     if nproc < 1:
         raise UserError(f"--nproc {nproc}: must be at least 1")
     if "WORLD_SIZE" in os.environ:
         raise UserError("--nproc: already running under a launcher (torchrun); drop --nproc")
+    preflight(opts, nproc)  # a bad flag or store fails here, as one line, before any process starts
     # spawn, not fork: zarr's asyncio threads and CUDA do not survive fork.
     results = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_rank_main, args=(opts, nproc, _free_port(), results), nprocs=nproc, start_method="spawn")
-    return results.get()
+    try:
+        mp.start_processes(_rank_main, args=(opts, nproc, _free_port(), results), nprocs=nproc, start_method="spawn")
+    except mp.ProcessRaisedException:
+        while not results.empty():
+            kind, value = results.get()
+            if kind == "error":
+                raise UserError(value) from None
+        raise
+    _, result = results.get()
+    return result
 
 
 def main() -> None:

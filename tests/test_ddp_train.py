@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dist_cache.errors import UserError
 from pipelines.checkpoint import load_checkpoint
 from pipelines.extract import ExtractOptions, extract
 from pipelines.plots import read_metrics
@@ -41,3 +42,30 @@ def test_two_processes_match_one(store, motion_dataset, tmp_path: Path):
         torch.testing.assert_close(two["model"][name], weight, atol=1e-4, rtol=1e-4, msg=name)
     losses = [[r["loss"] for r in read_metrics(run.metrics) if r["kind"] == "train"] for run in (single, double)]
     assert losses[1] == pytest.approx(losses[0], abs=1e-4)  # rank 0 logs the global batch's loss
+
+
+def test_nproc_bad_store_is_one_line_before_any_process(motion_dataset, tmp_path: Path):
+    from click.testing import CliRunner
+
+    import cli
+
+    missing = tmp_path / "absent.zarr"
+    result = CliRunner().invoke(cli.main, ["train", "--nproc", "2", "--cache", str(missing), "--video-root",
+                                           str(motion_dataset / "videos"), "--out", str(tmp_path / "run"),
+                                           "--device", "cpu", "--workers", "0"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(missing) in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_rank_user_error_reaches_the_parent_as_one(motion_dataset, tmp_path: Path, monkeypatch):
+    import pipelines.train
+
+    # Skip the parent's checks, so the ranks (fresh spawned processes, not patched) meet the error themselves.
+    monkeypatch.setattr(pipelines.train, "preflight", lambda opts, world=1: None)
+    missing = tmp_path / "absent.zarr"
+    opts = TrainOptions(cache=str(missing), video_root=str(motion_dataset / "videos"), out=str(tmp_path / "run"), **SMALL)
+    with pytest.raises(UserError, match="--cache") as err:
+        launch(opts, 2)
+    assert "\n" not in str(err.value) and str(missing) in str(err.value)
