@@ -47,14 +47,22 @@ def usable_samples(store: FeatureStore, flag: str) -> tuple[np.ndarray, int]:
 
 
 def check_video_root(store: FeatureStore, usable: np.ndarray, video_root: str, flag: str) -> None:
-    """The dense frames are decoded from the original videos: fail now, not in a loader worker mid-epoch."""
-    if len(usable):
-        video = store.sample(int(usable[0]))["video"]
-        if not (Path(video_root) / video).is_file():
-            raise UserError(
-                f"{flag} {video_root} has no {video} (a video of {store.url}); pass the directory the store's "
-                "manifest paths are relative to"
-            )
+    """The dense frames are decoded from the original videos: fail now, not in a loader worker mid-epoch.
+
+    Every video with a usable sample is looked for (one stat each); the first missing one and the count name
+    what is wrong, e.g. a root that holds only part of the dataset.
+    """
+    if not len(usable):
+        return
+    videos = store.videos
+    root = Path(video_root)
+    wanted = np.unique(np.asarray(usable, dtype=np.int64) // store.views_per_video)
+    missing = [videos[v] for v in wanted if not (root / videos[v]).is_file()]
+    if missing:
+        raise UserError(
+            f"{flag} {video_root} has no {missing[0]} ({len(missing)} of the {len(wanted)} videos of {store.url} "
+            "are missing there); pass the directory the store's manifest paths are relative to"
+        )
 
 
 def select_layers(spec: str, store: FeatureStore, online: bool) -> list[int]:

@@ -22,8 +22,22 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dist_cache.sampling import ViewPlan, dense_indices
 from dist_cache.transforms import render_frames
-from dist_cache.video import read_frames
+from dist_cache.errors import UserError
+from dist_cache.video import DecodeError, read_frames
 from storage import FeatureStore
+
+
+class VideoUnreadable(UserError):
+    """A store's video that no longer decodes mid-run (replaced, truncated or gone since extraction)."""
+
+    def __init__(self, message: str):
+        # Raised in a DataLoader worker, it is rebuilt in the main process from "Caught VideoUnreadable in
+        # DataLoader worker process N.\nOriginal Traceback ...\n<module>.VideoUnreadable: <message>":
+        # keep the one-line message, which names the video.
+        marker = f"{type(self).__name__}: "
+        if message.startswith("Caught ") and marker in message:
+            message = message.rstrip().splitlines()[-1].split(marker, 1)[-1]
+        super().__init__(message)
 
 
 class StoreClips(Dataset):
@@ -71,7 +85,15 @@ class StoreClips(Dataset):
         """(gamma*T, 3, S, S): the view's dense frames, rendered exactly as extraction rendered its sparse ones."""
         plan = ViewPlan.from_dict(sample)
         wanted = dense_indices(plan, self.gamma, int(sample["num_frames"]))
-        decoded = read_frames(self.video_root / sample["video"], wanted.tolist())
+        path = self.video_root / sample["video"]
+        try:
+            decoded = read_frames(path, wanted.tolist())
+        except DecodeError as err:
+            reason = str(err).removeprefix(f"{path}: ")
+            raise VideoUnreadable(
+                f"{path} (video {sample['video_index']} of {self.store.url}): {reason}, but it decoded at "
+                "extraction; restore the video the store was extracted from, or re-extract"
+            ) from None
         return render_frames(decoded, plan, self.image_size, self.mean, self.std)
 
 

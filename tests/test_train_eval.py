@@ -21,7 +21,7 @@ from dist_cache.backbone import load_backbone, load_recorded_backbone
 from dist_cache.errors import UserError
 from dist_cache.synthetic import truncate_file
 from pipelines.checkpoint import load_checkpoint
-from pipelines.data import StoreClips
+from pipelines.data import EpochSampler, StoreClips, VideoUnreadable, make_loader
 from pipelines.evaluate import EvalOptions, evaluate, format_report
 from pipelines.extract import ExtractOptions, extract
 from pipelines.plots import read_metrics
@@ -140,7 +140,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(stores, tmp_path):
         import torch
         torch.set_num_threads({torch.get_num_threads()})
         import pipelines.train as train_mod
-        from pipelines.data import StoreClips
+        from pipelines.data import EpochSampler, StoreClips, VideoUnreadable, make_loader
 
         saved, fetched = [], [0]
         real_save, real_get = train_mod.save_checkpoint, StoreClips.__getitem__
@@ -209,6 +209,14 @@ def test_store_and_run_mismatches_fail_before_training(stores, run, tmp_path):
                            val_cache=stores["val"], epochs=3, **SMALL), progress=False)
     with pytest.raises(UserError, match="--video-root .* has no left/"):
         train(TrainOptions(cache=stores["train"], video_root=str(tmp_path), out=out, **SMALL), progress=False)
+    partial = tmp_path / "partial"
+    shutil.copytree(stores["videos"], partial)
+    store = FeatureStore.open(stores["train"])
+    usable = np.flatnonzero(store.status == 1)
+    gone = store.videos[int(usable[-1]) // store.views_per_video]  # every video is looked for, not the first only
+    (partial / gone).unlink()
+    with pytest.raises(UserError, match=f"--video-root .* has no {gone} \\(1 of the \\d+ videos"):
+        train(TrainOptions(cache=stores["train"], video_root=str(partial), out=out, **SMALL), progress=False)
     with pytest.raises(UserError, match="missing"):
         evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["layer1"], video_root=stores["videos"], workers=0),
                  progress=False)
@@ -274,3 +282,18 @@ def test_zero_shot_eval_on_another_label_set(stores, run, tmp_path):
         with pytest.raises(UserError, match=why):
             evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["val"], video_root=stores["videos"],
                                  classes=str(other), pretrained=str(weights), workers=0), progress=False)
+
+
+def test_a_video_that_stops_decoding_mid_run_is_named(stores, tmp_path):
+    root = tmp_path / "videos"
+    shutil.copytree(stores["videos"], root)
+    store = FeatureStore.open(stores["train"])
+    usable = np.flatnonzero(store.status == 1)
+    broken = store.videos[int(usable[0]) // store.views_per_video]
+    (root / broken).write_bytes(b"not a video any more")
+    loader = make_loader(StoreClips(store, root, 2, None), EpochSampler(usable, store.views_per_video, 2, train=False),
+                         workers=1, device=torch.device("cpu"))
+    with pytest.raises(VideoUnreadable) as err:
+        next(iter(loader))
+    message = str(err.value)
+    assert "\n" not in message and broken in message and "re-extract" in message, message
