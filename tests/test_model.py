@@ -221,6 +221,18 @@ def test_cached_features_give_the_online_result(backbone, gamma):
     assert F.cosine_similarity(cached16, online, dim=-1).min() > 0.9999
 
 
+def test_online_clip_ignores_the_training_autocast(backbone):
+    # Cached features were extracted in fp32 without autocast; the live CLIP must compute the same ones
+    # inside the training step's mixed precision (bf16 autocast on the CPU stands in for CUDA's).
+    model = make_online(backbone, gamma=2).eval()
+    frames = random_frames(model.dist.config)
+    reference = model.features(frames)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = model.features(frames)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, reference, rtol=0, atol=0)
+
+
 def test_online_clip_sees_exactly_the_sparse_frames(backbone):
     model = make_online(backbone, gamma=2)
     frames = random_frames(model.dist.config)

@@ -102,7 +102,8 @@ class DiST(nn.Module):
         frames (B, γT, 3, H, W) normalised dense frames, whose every γ-th frame (0, γ, ...) is the one CLIP saw.
         Returns the video embedding (B, E), not normalised."""
         self._check_inputs(features, frames)
-        x = features.to(self.dtype)
+        # Each layer is cast where it is used, never the whole (L, B, T, N+1, C) stack at once (at fp16 to
+        # fp32, a copy twice the batch's size: ~1.9 GB for ViT-B/16 at B=32).
         z = self.temporal.stem(frames.to(self.dtype)) if self.temporal is not None else None
 
         r = m_prime = None
@@ -112,7 +113,7 @@ class DiST(nn.Module):
                 z = self.temporal.blocks[i](z)
             if self.integration is None:
                 continue
-            m = self.integration.fcs[i](x[i])
+            m = self.integration.fcs[i](features[i].to(self.dtype))
             if r is not None:
                 m = m + r
             z_next = z + self.phi[key](m) if key in self.phi else z
@@ -128,7 +129,7 @@ class DiST(nn.Module):
             f = self.psi[str(self.config.num_layers - 1)](z)
         else:
             f = None
-        return self.head(f, x[-1, :, :, 0])
+        return self.head(f, features[-1, :, :, 0].to(self.dtype))
 
     def logits(self, video_emb: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """logit_scale * cosine(video, text): (B, E) x (K, E) -> (B, K). The scale is fixed (CLIP's 100)."""
@@ -157,7 +158,9 @@ class OnlineDiST(nn.Module):
         """(B, γT, 3, H, W) -> (L, B, T, N+1, C), CLIP run under no_grad on the sparse frames."""
         b = frames.shape[0]
         sparse = frames[:, :: self.dist.config.gamma]
-        with torch.no_grad():
+        # Frozen CLIP runs as extraction ran it, in its own precision (fp32): the training step's autocast
+        # would otherwise give online runs other features than the cached ones.
+        with torch.no_grad(), torch.autocast(device_type=sparse.device.type, enabled=False):
             tokens, _ = self.encoder(sparse.reshape(-1, *sparse.shape[2:]))
         return tokens.reshape(tokens.shape[0], b, sparse.shape[1], *tokens.shape[2:])
 
