@@ -16,12 +16,28 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dist_cache.errors import UserError  # noqa: E402
+
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a run's metrics.jsonl. A run killed mid-write leaves a torn last line: it is dropped
+    (that step is redone on resume); a bad line before the last one means the file was damaged otherwise."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or "step" not in record:
+            if number == len(lines):
+                break
+            raise UserError(f"{path} line {number} is not a metrics record; repair or delete that line")
+        records.append(record)
+    return records
 
 
 def plot_curves(metrics_path: str | Path, out_png: str | Path) -> Path:

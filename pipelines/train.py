@@ -34,7 +34,7 @@ from pipelines.checks import (
 from pipelines.data import EpochSampler, StoreClips, make_loader
 from pipelines.evaluate import eval_loader, score_videos, summarize
 from pipelines.extract import resolve_device
-from pipelines.plots import plot_curves
+from pipelines.plots import plot_curves, read_metrics
 from pipelines.train_ddp import Ranks, global_means, joined
 
 BETAS, EPS = (0.9, 0.999), 1e-8
@@ -161,28 +161,6 @@ def lr_at(step: int, *, peak: float, total: int, warmup: int, start: float) -> f
     return cosine(step)
 
 
-def read_logged(path: Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl. A run killed mid-write leaves a torn last line: it is dropped
-    (that step is redone on resume); a bad line before the last one means the file was damaged otherwise."""
-    if not path.is_file():
-        return []
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    records = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break
-            raise UserError(f"--resume: {path} line {number} is not a JSON record; repair or delete that line") from None
-        if not isinstance(record, dict) or "step" not in record:
-            if number == len(lines):
-                break
-            raise UserError(f"--resume: {path} line {number} is not a metrics record; repair or delete that line")
-        records.append(record)
-    return records
-
-
 class MetricsLog:
     """metrics.jsonl: one JSON object per logged step (kind "train") and per epoch (kind "epoch")."""
 
@@ -192,7 +170,7 @@ class MetricsLog:
             path.write_text("")
         else:
             # Drop what the killed run logged after its last checkpoint: those steps are redone.
-            kept = [r for r in read_logged(path) if r["step"] <= resume_step]
+            kept = [r for r in read_metrics(path) if r["step"] <= resume_step]
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             os.replace(tmp, path)

@@ -59,17 +59,9 @@ def joined(device: torch.device) -> Iterator[Ranks]:
         dist.destroy_process_group()
 
 
-def global_mean(value: torch.Tensor, ranks: Ranks) -> float:
-    """The mean of a per-rank scalar over all ranks (a global-batch loss for the log)."""
-    if ranks.world == 1:
-        return value.item()
-    total = value.detach().float().clone()
-    dist.all_reduce(total)
-    return total.item() / ranks.world
-
-
 def global_means(values: list[torch.Tensor], ranks: Ranks) -> list[float]:
-    """`global_mean` of each of several per-rank scalars, with one all-reduce and one device sync for all.
+    """The mean over all ranks of each of several per-rank scalars (global-batch losses for the log), with one
+    all-reduce and one device sync for all.
     Every rank must call it at the same points (it is a collective when world > 1)."""
     if not values:
         return []

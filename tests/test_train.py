@@ -13,7 +13,8 @@ from dist_cache.errors import UserError
 from dist_cache.model import DiST, DiSTConfig
 from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.data import EpochSampler
-from pipelines.train import lr_at, param_groups, read_logged, restore_scaler
+from pipelines.plots import read_metrics
+from pipelines.train import lr_at, param_groups, restore_scaler
 
 # 7 videos x 3 views; video 2 failed at extraction (no usable view), video 5 has only views 0 and 2.
 USABLE = np.array([i for i in range(21) if i // 3 != 2 and i != 16])
@@ -118,8 +119,8 @@ def test_train_resume_restores_the_scaler_only_from_a_scaled_run():
 def test_train_metrics_log_drops_a_torn_last_line_only(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"kind": "train", "step": 1, "loss": 2.0}\n{"kind": "train", "step": 2, "lo')
-    assert read_logged(path) == [{"kind": "train", "step": 1, "loss": 2.0}]
+    assert read_metrics(path) == [{"kind": "train", "step": 1, "loss": 2.0}]
     path.write_text('{"kind": "train", "st\n{"kind": "train", "step": 2, "loss": 2.0}\n')
     with pytest.raises(UserError, match="line 1"):
-        read_logged(path)
-    assert read_logged(tmp_path / "absent.jsonl") == []
+        read_metrics(path)
+    assert read_metrics(tmp_path / "absent.jsonl") == []
