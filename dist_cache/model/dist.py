@@ -20,6 +20,8 @@ implementation does not build that Φ at all: Φ exists for layers 0 .. L-2 only
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -160,7 +162,7 @@ class OnlineDiST(nn.Module):
         sparse = frames[:, :: self.dist.config.gamma]
         # Frozen CLIP runs as extraction ran it, in its own precision (fp32): the training step's autocast
         # would otherwise give online runs other features than the cached ones.
-        with torch.no_grad(), torch.autocast(device_type=sparse.device.type, enabled=False):
+        with torch.no_grad(), _without_autocast(sparse.device.type):
             tokens, _ = self.encoder(sparse.reshape(-1, *sparse.shape[2:]))
         return tokens.reshape(tokens.shape[0], b, sparse.shape[1], *tokens.shape[2:])
 
@@ -178,3 +180,10 @@ class OnlineDiST(nn.Module):
 
     def load_dist_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True):
         return self.dist.load_state_dict(state, strict=strict)
+
+
+def _without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Switch autocast off where it exists; the meta device (FLOP counting) has none to switch off."""
+    if device_type in ("cpu", "cuda"):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
