@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import importlib
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -127,7 +128,9 @@ class _RemoteTraceback(Exception):
         return str(self.args[0])
 
 
-def _worker_main(conn: multiprocessing.connection.Connection) -> None:
+def _worker_main(conn: multiprocessing.connection.Connection, preload: tuple[str, ...]) -> None:
+    for module in preload:
+        importlib.import_module(module)
     while True:
         job = conn.recv()
         if job is None:
@@ -152,9 +155,9 @@ def _describe(fn: Callable, args: tuple) -> str:
 
 
 class _Worker:
-    def __init__(self, ctx: multiprocessing.context.BaseContext):
+    def __init__(self, ctx: multiprocessing.context.BaseContext, preload: tuple[str, ...]):
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker_main, args=(child,), daemon=True)
+        self.process = ctx.Process(target=_worker_main, args=(child, preload), daemon=True)
         self.process.start()
         child.close()  # so that a dead worker reads as EOF here
         self.job: tuple[concurrent.futures.Future, Callable, tuple] | None = None
@@ -174,13 +177,16 @@ class DecodePool:
     and replaced, so the pool keeps working. Any number of jobs may be submitted; `workers` of them run at once.
     """
 
-    def __init__(self, workers: int = 2, timeout: float = 60.0, context: str = "spawn"):
+    def __init__(self, workers: int = 2, timeout: float = 60.0, context: str = "spawn", preload: tuple[str, ...] = ()):
+        """`preload`: modules each worker imports as it starts, so that a pool created early has paid for
+        its imports (seconds, for torch) by the time the first job arrives."""
         if workers < 1 or timeout <= 0:
             raise ValueError("DecodePool needs workers >= 1 and timeout > 0")
         self.timeout = timeout
         # spawn, not fork: the parent may hold CUDA contexts or zarr's asyncio threads, which fork breaks.
         self._ctx = multiprocessing.get_context(context)
-        self._workers = [_Worker(self._ctx) for _ in range(workers)]
+        self._preload = tuple(preload)
+        self._workers = [_Worker(self._ctx, self._preload) for _ in range(workers)]
         self._queue: collections.deque = collections.deque()
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
@@ -290,7 +296,7 @@ class DecodePool:
     def _replace(self, w: _Worker, error: DecodeError) -> None:
         w.kill()
         future = w.job[0]
-        self._workers[self._workers.index(w)] = _Worker(self._ctx)
+        self._workers[self._workers.index(w)] = _Worker(self._ctx, self._preload)
         future.set_exception(error)
 
     def _shutdown(self) -> None:

@@ -32,6 +32,7 @@ from storage.schema import FORMAT_VERSION
 FORMAT_SPLITS = ("train", "test")
 # Each video owns its shards, so writers never contend; two overlap one slow write with the next.
 WRITER_THREADS = 2
+DECODE_PRELOAD = ("pipelines.prepare",)
 DTYPES = ("fp16", "int8")
 
 
@@ -157,39 +158,46 @@ class Extractor:
     manifest: Manifest
     writer: StoreWriter
     device: torch.device
+    # Kept for the extractor's life: a dask worker runs many chunks, and each new pool would spawn
+    # (and import torch in) fresh decode processes.
+    decode_pool: DecodePool | None = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, opts: ExtractOptions) -> "Extractor":
-        """Validate everything, then create or reopen the store. Every user error happens before a write."""
+    def open(cls, opts: ExtractOptions, *, decode: bool = True) -> "Extractor":
+        """Validate everything, then create or reopen the store. Every user error happens before a write.
+
+        `decode=False` for a process that only creates the store (a dask client): no decode workers."""
         check_options(opts)
         manifest = load_manifest(opts.manifest, video_root=opts.video_root, classes=opts.classes, fmt=opts.manifest_format)
-        device = resolve_device(opts.device)
-        backbone = load_backbone(opts.model, opts.pretrained, allow_random_weights=opts.allow_random_weights, device=device)
-        layers = resolve_layers(opts.layers, backbone.num_layers)
-        schema = build_schema(opts, backbone, layers, manifest)
-        writer = StoreWriter.open(
-            opts.out,
-            schema=schema,
-            videos=manifest.videos,
-            labels=manifest.labels,
-            text_features=backbone.encode_text(manifest.class_names, list(opts.templates)),
-            storage_options=opts.storage_options or None,
-        )
-        return cls(opts, backbone, layers, manifest, writer, device)
+        # Decode workers spend seconds importing torch: start them now, so that happens while CLIP loads.
+        pool = DecodePool(opts.decode_workers, opts.decode_timeout, preload=DECODE_PRELOAD) if decode else None
+        try:
+            device = resolve_device(opts.device)
+            backbone = load_backbone(opts.model, opts.pretrained, allow_random_weights=opts.allow_random_weights, device=device)
+            layers = resolve_layers(opts.layers, backbone.num_layers)
+            schema = build_schema(opts, backbone, layers, manifest)
+            writer = StoreWriter.open(
+                opts.out,
+                schema=schema,
+                videos=manifest.videos,
+                labels=manifest.labels,
+                text_features=backbone.encode_text(manifest.class_names, list(opts.templates)),
+                storage_options=opts.storage_options or None,
+            )
+        except BaseException:
+            if pool is not None:
+                pool.close()
+            raise
+        return cls(opts, backbone, layers, manifest, writer, device, pool)
 
     @functools.cached_property
     def encoder(self) -> torch.nn.Module:
         return self.backbone.spatial_encoder(self.layers).to(self.device)
 
-    @functools.cached_property
-    def decode_pool(self) -> DecodePool:
-        # Kept for the extractor's life: a dask worker runs many chunks, and each new pool would
-        # spawn (and import torch in) fresh decode processes.
-        return DecodePool(self.opts.decode_workers, self.opts.decode_timeout)
-
     def close(self) -> None:
-        if "decode_pool" in self.__dict__:
-            self.__dict__.pop("decode_pool").close()
+        if self.decode_pool is not None:
+            self.decode_pool.close()
+            self.decode_pool = None
 
     def run(self, video_indices: Iterable[int], on_progress: Callable[[int], None] = lambda n: None) -> ExtractSummary:
         """Extract the given videos. `on_progress(clips)` is called as each video is stored or fails."""
@@ -210,6 +218,8 @@ class Extractor:
                 self._collect(writes.pop(0), summary, on_progress)
 
         with concurrent.futures.ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="store-writer") as write_pool:
+            if self.decode_pool is None:
+                self.decode_pool = DecodePool(self.opts.decode_workers, self.opts.decode_timeout, preload=DECODE_PRELOAD)
             for position, future in self.decode_pool.map_unordered(prepare_video, jobs):
                 try:
                     batch.append(future.result())

@@ -108,7 +108,7 @@ def extract_on_cluster(opts: "ExtractOptions", client, *, chunk_videos: int = DE
         raise ValueError("chunk_videos must be at least 1")
     started = time.monotonic()
     # Opening here creates the store and raises every user error before a task runs; workers only reopen it.
-    extractor = Extractor.open(opts)
+    extractor = Extractor.open(opts, decode=False)
     writer = extractor.writer
     pending = writer.pending()
     summary = ExtractSummary(skipped=len(extractor.manifest.videos) - len(pending))

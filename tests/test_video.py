@@ -167,3 +167,16 @@ def test_map_unordered_yields_every_job_once(clip, tmp_path):
     assert sorted(results) == [0, 1, 2, 3]
     assert results[0].result().num_frames == 40 and results[3].result().num_frames == 250
     assert isinstance(results[1].exception(), DecodeError)
+
+
+def _imported(module: str) -> bool:
+    import sys
+
+    return module in sys.modules
+
+
+def test_pool_workers_import_preloaded_modules_before_the_first_job():
+    with DecodePool(workers=1, timeout=60, preload=("colorsys",)) as pool:
+        assert pool.submit(_imported, "colorsys").result() is True
+    with DecodePool(workers=1, timeout=60) as pool:
+        assert pool.submit(_imported, "colorsys").result() is False
