@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from dist_cache.errors import UserError
+from pipelines.files import replace_atomically
 
 FORMAT = "dist-cache-checkpoint"
 VERSION = 1
@@ -22,14 +23,8 @@ VERSION = 1
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """Write atomically: a kill -9 mid-write leaves the previous file whole, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
+    return replace_atomically(path, lambda tmp: torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp),
+                              fsync=True)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -8,7 +8,6 @@ record and checked against its weight hash. Samples that failed at extraction ar
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,10 @@ from pipelines.branch import Network, autocast, branch_of, build_network, embed
 from pipelines.checkpoint import load_checkpoint
 from pipelines.checks import check_backbone, check_store_fits, check_video_root, open_store, usable_samples
 from pipelines.data import EpochSampler, StoreClips, make_loader
-from pipelines.extract import resolve_device
+from dist_cache.devices import resolve_device
 from pipelines.plots import plot_confusion
 from storage import FeatureStore
+from pipelines.files import replace_atomically
 
 
 @dataclass
@@ -188,9 +188,7 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
     if confusion:
         report["confusion_png"] = str(plot_confusion(np.array(report["confusion_matrix"]), class_names, confusion))
     if opts.json:
-        tmp = f"{opts.json}.tmp-{os.getpid()}"
-        Path(tmp).write_text(json.dumps(report, indent=1))
-        os.replace(tmp, opts.json)
+        replace_atomically(opts.json, lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
     return report
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from dist_cache.backbone import Backbone, load_backbone, resolve_layers
+from dist_cache.devices import resolve_device
 from dist_cache.errors import UserError
 from dist_cache.manifests import Manifest, load_manifest
 from dist_cache.transforms import PREPROCESS
@@ -82,14 +83,6 @@ class ExtractSummary:
         self.failed += other.failed
         self.bytes_written += other.bytes_written
         self.failures.extend(other.failures)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return torch.device(device)
 
 
 def check_options(opts: ExtractOptions) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,8 @@ from pipelines.checks import (
 )
 from pipelines.data import EpochSampler, StoreClips, make_loader
 from pipelines.evaluate import eval_loader, score_videos, summarize
-from pipelines.extract import resolve_device
+from dist_cache.devices import resolve_device
+from pipelines.files import replace_atomically
 from pipelines.plots import plot_curves, read_metrics
 from pipelines.train_ddp import Ranks, global_means, joined
 
@@ -171,9 +171,7 @@ class MetricsLog:
         else:
             # Drop what the killed run logged after its last checkpoint: those steps are redone.
             kept = [r for r in read_metrics(path) if r["step"] <= resume_step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, path)
+            replace_atomically(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
