@@ -83,6 +83,7 @@ def main() -> None:
 @click.option("--decode-timeout", default=120.0, type=click.FloatRange(min=0, min_open=True), show_default=True, help="Seconds before a video's decode is killed and recorded as failed.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--hash-videos", is_flag=True, help="Record each video file's sha256, so verify can tell a replaced copy.")
+@click.option("--retry-failed", is_flag=True, help="Extract the videos recorded as failed again (after fixing or replacing them).")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
 @click.option("--workers", type=int, default=None, help="Spread videos over a local dask cluster of N worker processes.")
 @click.option("--scheduler", default=None, help="Spread videos over the dask cluster at this address (tcp://host:8786).")

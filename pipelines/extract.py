@@ -64,6 +64,7 @@ class ExtractOptions:
     decode_timeout: float = 120.0
     device: str = "auto"
     hash_videos: bool = False  # record each file's sha256 so verify can tell a replaced copy
+    retry_failed: bool = False  # extract videos recorded as failed again (e.g. after fixing the files)
     storage_options: dict = field(default_factory=dict)
 
 
@@ -282,7 +283,7 @@ def extract(opts: ExtractOptions, progress: bool = True) -> ExtractSummary:
 
     started = time.monotonic()
     extractor = Extractor.open(opts)
-    pending = extractor.writer.pending()
+    pending = extractor.writer.pending(retry_failed=opts.retry_failed)
     summary = ExtractSummary(skipped=len(extractor.manifest.videos) - len(pending))
     try:
         with tqdm(total=len(pending) * opts.views, unit="clip", desc="extract", disable=not progress, dynamic_ncols=True) as bar:

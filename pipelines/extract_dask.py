@@ -110,7 +110,7 @@ def extract_on_cluster(opts: "ExtractOptions", client, *, chunk_videos: int = DE
     # Opening here creates the store and raises every user error before a task runs; workers only reopen it.
     extractor = Extractor.open(opts, decode=False)
     writer = extractor.writer
-    pending = writer.pending()
+    pending = writer.pending(retry_failed=opts.retry_failed)
     summary = ExtractSummary(skipped=len(extractor.manifest.videos) - len(pending))
     del extractor  # the client needs only the writer from here on, not the model
 

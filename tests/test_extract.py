@@ -191,6 +191,16 @@ def test_broken_videos_are_recorded_as_failed_and_extraction_goes_on(motion_data
     strict = CliRunner().invoke(cli.main, [str(a) for a in base] + ["--strict"])
     assert strict.exit_code == 1
 
+    # The user repairs the files; --retry-failed extracts exactly those videos again.
+    for name in ("truncated.mp4", "garbage.mp4", "missing.mp4"):
+        (broken / name).write_bytes(good[0].read_bytes())
+    retried = CliRunner().invoke(cli.main, [str(a) for a in base] + ["--retry-failed", "--strict"])
+    assert retried.exit_code == 0, retried.output
+    assert "stored 3 videos, skipped 2" in retried.output
+    repaired = FeatureStore.open(out)
+    assert repaired.complete and (repaired.status == 1).all()
+    np.testing.assert_array_equal(repaired.features(0), store.features(0))  # done videos were left alone
+
 
 def test_kill_9_then_rerun_equals_an_uninterrupted_run(motion_dataset, tiny_checkpoint, tmp_path):
     args = [str(a) for a in extract_args(motion_dataset, tmp_path / "killed.zarr", tiny_checkpoint, "--batch-frames", "4")]
