@@ -197,7 +197,7 @@ def test_gradients_reach_every_trainable_parameter_and_never_clip(backbone, over
     loss.backward()
     missing = [name for name, p in model.dist.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
-    assert {id(p) for p in model.trainable_parameters()} == {id(p) for p in model.dist.parameters()}
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {id(p) for p in model.dist.parameters()}
     for name, p in model.encoder.named_parameters():
         assert not p.requires_grad and p.grad is None, name
 
@@ -249,7 +249,7 @@ def test_online_clip_sees_exactly_the_sparse_frames(backbone):
 def test_same_seed_same_init_and_output(backbone):
     a, b, c = make_online(backbone, seed=7), make_online(backbone, seed=7), make_online(backbone, seed=8)
     frames = random_frames(a.dist.config)
-    state_a, state_b, state_c = a.dist_state_dict(), b.dist_state_dict(), c.dist_state_dict()
+    state_a, state_b, state_c = a.dist.state_dict(), b.dist.state_dict(), c.dist.state_dict()
     assert state_a.keys() == state_b.keys()
     assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     assert torch.equal(a(frames), b(frames))
@@ -257,12 +257,12 @@ def test_same_seed_same_init_and_output(backbone):
     assert not torch.allclose(a(frames), c(frames))
 
 
-def test_dist_state_dict_excludes_clip_and_restores_the_branch(backbone):
+def test_branch_state_excludes_clip_and_restores_the_branch(backbone):
     a, b = make_online(backbone, seed=1), make_online(backbone, seed=2)
-    state = a.dist_state_dict()
+    state = a.dist.state_dict()
     assert state and not any(key.startswith(("encoder", "visual")) for key in state)
     assert sum(v.numel() for v in state.values()) == sum(p.numel() for p in a.dist.parameters())
-    b.load_dist_state_dict(state)
+    b.dist.load_state_dict(state)
     frames = random_frames(a.dist.config)
     assert torch.equal(a(frames), b(frames))
 

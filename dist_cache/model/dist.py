@@ -79,9 +79,6 @@ class DiST(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.head.proj.dtype
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
-
     def _check_inputs(self, features: torch.Tensor, frames: torch.Tensor | None) -> None:
         cfg = self.config
         expected = (cfg.num_layers, cfg.num_frames, cfg.num_tokens, cfg.width)
@@ -145,8 +142,8 @@ class OnlineDiST(nn.Module):
     """A frozen `SpatialEncoder` plus a `DiST`: features computed live from the dense frames.
 
     CLIP sees exactly the dense frames 0, γ, 2γ, ... (`frames[:, ::gamma]`), so this computes the same
-    function as feeding cached features of those frames to `DiST`. Checkpoints should hold the branch only:
-    use `dist_state_dict()` / `load_dist_state_dict()` (CLIP is rebuilt from its own weights).
+    function as feeding cached features of those frames to `DiST`. Checkpoints hold `.dist`'s state only
+    (CLIP is rebuilt from its own weights).
     """
 
     def __init__(self, encoder: nn.Module, dist: DiST):
@@ -171,15 +168,6 @@ class OnlineDiST(nn.Module):
 
     def logits(self, video_emb: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         return self.dist.logits(video_emb, text_features)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return self.dist.trainable_parameters()
-
-    def dist_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.dist.state_dict()
-
-    def load_dist_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True):
-        return self.dist.load_state_dict(state, strict=strict)
 
 
 def _without_autocast(device_type: str) -> contextlib.AbstractContextManager:
