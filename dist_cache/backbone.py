@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dist_cache.errors import UserError
+from dist_cache.errors import UserError, first_line
 
 BUNDLED_CONFIGS = Path(__file__).parent / "configs"
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
@@ -190,7 +190,7 @@ def load_backbone(
         except (RuntimeError, AssertionError, KeyError, ValueError) as err:
             # open_clip reports a checkpoint that does not fit the architecture in several ways.
             if source is not None and Path(source).is_file():
-                first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+                first = first_line(err)
                 raise UserError(f"--pretrained {pretrained}: weights do not fit {name} ({first}); check --model") from None
             raise
     clip.eval().requires_grad_(False)

@@ -24,6 +24,8 @@ from typing import Any, Callable, Iterable, Iterator
 import decord
 import numpy as np
 
+from dist_cache.errors import first_line
+
 # Recorded in every store: frame counts and pixels drift between decoders and FFmpeg builds.
 DECODER = {"name": "decord", "version": decord.__version__}
 
@@ -49,8 +51,7 @@ class VideoFacts:
 
 def _reason(exc: Exception) -> str:
     """The useful part of a decord error: its first line, without the native timestamp and source location."""
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return re.sub(r"^(\[[\d:]+\] \S+:\d+: )+", "", first)
+    return re.sub(r"^(\[[\d:]+\] \S+:\d+: )+", "", first_line(exc, limit=1000))
 
 
 def _open(path: str | os.PathLike) -> decord.VideoReader:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dist_cache.errors import UserError
+from dist_cache.errors import UserError, first_line
 from pipelines.files import replace_atomically
 
 FORMAT = "dist-cache-checkpoint"
@@ -35,7 +35,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for foreign or corrupt files
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        first = first_line(err, 160)
         raise UserError(f"checkpoint {path}: cannot be read ({first})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UserError(f"checkpoint {path}: not a dist-cache checkpoint; pass a file written by dist-cache train")

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dist_cache.backbone import load_recorded_backbone
-from dist_cache.errors import UserError
+from dist_cache.errors import UserError, first_line
 from dist_cache.manifests import load_class_names
 from dist_cache.model import DiSTConfig, OnlineDiST
 from pipelines.branch import Network, autocast, branch_of, build_network, embed
@@ -139,7 +139,7 @@ def text_embeddings(store: FeatureStore, names: list[str], pretrained: str | Non
     except UserError:
         raise
     except Exception as err:  # e.g. an open_clip tag whose weights cannot be downloaded here
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        first = first_line(err, 160)
         raise UserError(
             f"cannot load the backbone's weights ({store.backbone['pretrained']}) for the text tower: {first}; "
             "pass --pretrained PATH to a local copy"
