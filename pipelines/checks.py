@@ -115,15 +115,3 @@ def check_store_fits(store: FeatureStore, config: DiSTConfig, flag: str, *, onli
         check_layers(store, config.layers, flag)
 
 
-def config_from_store(store: FeatureStore, layers: list[int], **switches: Any) -> DiSTConfig:
-    """A DiSTConfig shaped after the store's backbone, with the run's switches."""
-    bb = store.backbone
-    return DiSTConfig(
-        width=int(bb["width"]),
-        patch_size=int(bb["patch_size"]),
-        image_size=int(bb["image_size"]),
-        num_frames=store.num_frames,
-        embed_dim=int(bb["embed_dim"]),
-        layers=layers,
-        **switches,
-    )

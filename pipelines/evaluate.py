@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dist_cache.backbone import load_recorded_backbone
+from dist_cache.devices import resolve_device
 from dist_cache.errors import UserError, first_line
 from dist_cache.manifests import load_class_names
 from dist_cache.model import DiSTConfig, OnlineDiST
@@ -25,7 +26,6 @@ from pipelines.branch import Network, autocast, branch_of, build_network, embed
 from pipelines.checkpoint import load_checkpoint
 from pipelines.checks import check_backbone, check_store_fits, check_video_root, open_store, usable_samples
 from pipelines.data import EpochSampler, StoreClips, make_loader
-from dist_cache.devices import resolve_device
 from pipelines.plots import plot_confusion
 from storage import FeatureStore
 from pipelines.files import replace_atomically

@@ -24,15 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from dist_cache.devices import resolve_device
 from dist_cache.errors import UserError
+from dist_cache.model import DiSTConfig
 from pipelines.branch import amp_dtype, autocast, branch_of, build_network, embed
 from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.checks import (
-    check_backbone, check_store_fits, check_video_root, config_from_store, open_store, select_layers, usable_samples,
+    check_backbone, check_store_fits, check_video_root, open_store, select_layers, usable_samples,
 )
 from pipelines.data import EpochSampler, StoreClips, make_loader
 from pipelines.evaluate import eval_loader, score_videos, summarize
-from dist_cache.devices import resolve_device
 from pipelines.files import replace_atomically
 from pipelines.plots import plot_curves, read_metrics
 from pipelines.train_ddp import Ranks, global_means, joined
@@ -240,7 +241,7 @@ def preflight(opts: TrainOptions, world: int = 1) -> _Checked:
     if not len(usable):
         raise UserError(f"--cache {store.url}: no sample has features (all {failed} failed at extraction)")
     layers = select_layers(opts.layers, store, opts.online)
-    config = config_from_store(store, layers, **opts.model_switches())
+    config = DiSTConfig.from_backbone(store.backbone, store.num_frames, layers, **opts.model_switches())
     check_store_fits(store, config, "--cache", online=opts.online)
     frames = opts.online or config.temporal
     if frames:

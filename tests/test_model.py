@@ -28,7 +28,7 @@ def backbone():
 
 def make_config(backbone, **overrides) -> DiSTConfig:
     settings = {"alpha_dim": 32, "beta_dim": 16, **overrides}
-    return DiSTConfig.from_backbone(backbone, num_frames=T, **settings)
+    return DiSTConfig.from_backbone(backbone.describe(), num_frames=T, **settings)
 
 
 def make_online(backbone, seed: int = 0, **overrides) -> OnlineDiST:
@@ -61,7 +61,7 @@ def test_config_json_roundtrip(backbone):
 
 
 def test_config_defaults_are_the_reference_ssv2_ones(backbone):
-    config = DiSTConfig.from_backbone(backbone, num_frames=8)
+    config = DiSTConfig.from_backbone(backbone.describe(), num_frames=8)
     assert (config.gamma, config.alpha_dim, config.beta_dim, config.pool_blocks, config.stem_t_kernel) == (2, 384, 96, 2, 5)
     assert (config.t_block, config.psi, config.phi) == ("r2plus1d", "dconv", "nearest")
     assert config.logit_scale == 100.0 and config.pool_num_heads == 6

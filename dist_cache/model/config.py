@@ -130,14 +130,15 @@ class DiSTConfig:
         return cls(**data)
 
     @classmethod
-    def from_backbone(cls, backbone: Any, num_frames: int, layers: list[int] | None = None, **overrides: Any) -> "DiSTConfig":
-        """Shape a config after a loaded `Backbone` (width, patch, resolution, text space)."""
+    def from_backbone(cls, record: dict[str, Any], num_frames: int, layers: list[int] | None = None, **overrides: Any) -> "DiSTConfig":
+        """Shape a config after a backbone record (`Backbone.describe()`, or a store's `backbone`): width,
+        patch, resolution, text space; every block unless `layers` says otherwise."""
         return cls(
-            width=backbone.width,
-            patch_size=backbone.patch_size,
-            image_size=backbone.image_size,
+            width=int(record["width"]),
+            patch_size=int(record["patch_size"]),
+            image_size=int(record["image_size"]),
             num_frames=num_frames,
-            embed_dim=backbone.embed_dim,
-            layers=list(range(backbone.num_layers)) if layers is None else list(layers),
+            embed_dim=int(record["embed_dim"]),
+            layers=list(range(int(record["num_layers"]))) if layers is None else list(layers),
             **overrides,
         )
