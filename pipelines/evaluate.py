@@ -26,9 +26,9 @@ from pipelines.branch import Network, autocast, branch_of, build_network, embed
 from pipelines.checkpoint import load_checkpoint
 from pipelines.checks import check_backbone, check_store_fits, check_video_root, open_store, usable_samples
 from pipelines.data import EpochSampler, StoreClips, make_loader
+from pipelines.files import replace_atomically
 from pipelines.plots import plot_confusion
 from storage import FeatureStore
-from pipelines.files import replace_atomically
 
 
 @dataclass
