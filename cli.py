@@ -268,5 +268,22 @@ def copy(src: str, dst: str, layers: str, dtype: str | None) -> None:
                + ("" if s.complete else f" (incomplete: {s.pending_in_source} not extracted in the source yet)"))
 
 
+def run() -> None:
+    """The `dist-cache` console script: `main`, with bad flags reported like every other user error, in one line."""
+    try:
+        code = main(standalone_mode=False)
+    except click.UsageError as err:
+        where = err.ctx.command_path if err.ctx else "dist-cache"
+        click.echo(f"error: {err.format_message()} (see {where} --help)", err=True)
+        sys.exit(2)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except click.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    main()
+    run()
