@@ -192,6 +192,7 @@ class DecodePool:
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
         self._closed = False
+        self._kill = False
         self._thread = threading.Thread(target=self._run, name="DecodePool", daemon=True)
         self._thread.start()
 
@@ -225,12 +226,14 @@ class DecodePool:
         for future in done:
             yield pending.pop(future), future
 
-    def close(self) -> None:
-        """Stop the workers; jobs not yet finished are cancelled."""
+    def close(self, kill: bool = False) -> None:
+        """Stop the workers; jobs not yet finished are cancelled. `kill` skips letting idle workers exit on
+        their own (they may still be importing their preloads): for giving up on the pool after an error."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
+            self._kill = kill
         self._wake_w.send(None)
         self._thread.join()
 
@@ -304,6 +307,8 @@ class DecodePool:
         for w in self._workers:
             if w.job is not None:
                 w.job[0].set_exception(RuntimeError("DecodePool closed before the job finished"))
+                w.kill()
+            elif self._kill:
                 w.kill()
             else:
                 w.conn.send(None)

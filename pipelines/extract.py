@@ -180,7 +180,7 @@ class Extractor:
             )
         except BaseException:
             if pool is not None:
-                pool.close()
+                pool.close(kill=True)
             raise
         return cls(opts, backbone, layers, manifest, writer, device, pool)
 

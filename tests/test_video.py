@@ -180,3 +180,12 @@ def test_pool_workers_import_preloaded_modules_before_the_first_job():
         assert pool.submit(_imported, "colorsys").result() is True
     with DecodePool(workers=1, timeout=60) as pool:
         assert pool.submit(_imported, "colorsys").result() is False
+
+
+def test_close_kill_leaves_no_worker_behind():
+    pool = DecodePool(workers=2, timeout=60, preload=("colorsys",))
+    queued = pool.submit(time.sleep, 30)
+    processes = [w.process for w in pool._workers]
+    pool.close(kill=True)
+    assert not any(p.is_alive() for p in processes)
+    assert queued.done()
