@@ -19,7 +19,7 @@ from storage import layout, records
 from storage.errors import SampleNotDoneError, StoreNotFoundError
 from storage.quantize import dequantize_int8
 from storage.remote import Location, ZarrStoreLocation, configure_zarr, open_location
-from storage.schema import ATTR_KEY, FORMAT_VERSION, fingerprint, format_value
+from storage.schema import ATTR_KEY, FORMAT_VERSION, SchemaFacts, format_value
 
 
 class _Opened:
@@ -82,7 +82,7 @@ class _Opened:
         return np.full((self.schema["num_videos"],), fill, dtype=object if dtype is str else dtype)
 
 
-class FeatureStore:
+class FeatureStore(SchemaFacts):
     """Read-only view of a store. Pickles as (url, storage_options) and reopens lazily in each process,
     which is what spawn DataLoader workers need (never fork after zarr has done I/O)."""
 
@@ -136,18 +136,6 @@ class FeatureStore:
     @property
     def consolidated(self) -> bool:
         return self._state().consolidated
-
-    @property
-    def fingerprint(self) -> str:
-        return fingerprint(self.schema)
-
-    @property
-    def num_videos(self) -> int:
-        return self.schema["num_videos"]
-
-    @property
-    def views_per_video(self) -> int:
-        return self.schema["views_per_video"]
 
     @property
     def layers(self) -> list[int]:

@@ -159,3 +159,21 @@ def check_compatible(store_name: str, stored: dict[str, Any], wanted: dict[str, 
         raise StoreMismatchError(
             f"store {store_name} was extracted with {field} {format_value(old)}, not {format_value(new)}: "
             f"use another --out or the same flags")
+
+
+class SchemaFacts:
+    """What the reader and the writer both derive from a store's schema (`self.schema`)."""
+
+    schema: dict[str, Any]
+
+    @property
+    def num_videos(self) -> int:
+        return self.schema["num_videos"]
+
+    @property
+    def views_per_video(self) -> int:
+        return self.schema["views_per_video"]
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.schema)

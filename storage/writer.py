@@ -22,7 +22,7 @@ from storage import layout, records
 from storage.errors import StoreMismatchError
 from storage.quantize import quantize_int8
 from storage.remote import Location, configure_zarr, open_location
-from storage.schema import ATTR_KEY, check_compatible, compat_of, fingerprint, format_value, \
+from storage.schema import ATTR_KEY, SchemaFacts, check_compatible, compat_of, format_value, \
     validate_schema, videos_sha256
 
 # A `*.partial` younger than this may belong to a writer that is still running (its rename is
@@ -55,7 +55,7 @@ def consolidate(store: zarr.abc.store.Store) -> None:
         zarr.consolidate_metadata(store, zarr_format=3)
 
 
-class StoreWriter:
+class StoreWriter(SchemaFacts):
     """Writes one store. Cheap to pickle (location + schema) so dask tasks can carry it."""
 
     def __init__(self, loc: Location, schema: dict[str, Any], stale_partial_s: float) -> None:
@@ -146,18 +146,6 @@ class StoreWriter:
     @property
     def url(self) -> str:
         return self._loc.url
-
-    @property
-    def num_videos(self) -> int:
-        return self.schema["num_videos"]
-
-    @property
-    def views_per_video(self) -> int:
-        return self.schema["views_per_video"]
-
-    @property
-    def fingerprint(self) -> str:
-        return fingerprint(self.schema)
 
     def _store(self) -> zarr.abc.store.Store:
         if self._zstore is None:
