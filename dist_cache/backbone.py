@@ -56,14 +56,9 @@ class Backbone:
     tokenizer: object = field(repr=False)
 
     @property
-    def grid(self) -> tuple[int, int]:
-        side = self.image_size // self.patch_size
-        return side, side
-
-    @property
     def num_tokens(self) -> int:
-        h, w = self.grid
-        return h * w + 1
+        """N + 1: the square grid of patches plus the cls token."""
+        return (self.image_size // self.patch_size) ** 2 + 1
 
     def describe(self) -> dict:
         """JSON-safe description recorded in every store, enough to rebuild this exact backbone."""

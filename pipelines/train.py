@@ -90,9 +90,10 @@ class TrainOptions:
     storage_options: dict = field(default_factory=dict)
 
     def model_switches(self) -> dict[str, Any]:
-        names = ("gamma", "alpha_dim", "beta_dim", "t_block", "psi", "phi", "temporal", "integration",
-                 "integ_to_temp", "temp_to_integ", "pool_blocks")
-        return {name: getattr(self, name) for name in names}
+        """The run's DiSTConfig settings: every option named like a config field. `layers` is not one: here
+        it is a spec the store resolves to block indices."""
+        names = {f.name for f in dataclasses.fields(DiSTConfig)} - {"layers"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names}
 
     def recorded(self) -> dict[str, Any]:
         """The options as stored in checkpoints: storage_options may hold credentials, so never."""
