@@ -64,4 +64,4 @@ def test_cli_extract_to_s3_then_info(s3, motion_dataset, tiny_checkpoint):
         "--decode-workers", "1", "--device", "cpu")
     assert "complete" in run("info", url).lower()
     store = FeatureStore.open(url)  # credentials and endpoint from the environment
-    assert store.complete and store.features(int(store.done_indices()[0])).shape[0] == len(store.layers)
+    assert store.complete and store.features(int(store.done_indices()[0])).shape[0] == len(store.schema.layers)

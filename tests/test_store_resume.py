@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage import FeatureStore, SampleNotDoneError, StoreMismatchError, StoreWriter
+from storage import FeatureStore, SampleNotDoneError, StoreMismatchError, StoreNotFoundError, StoreWriter
 from storage.testing import make_schema, manifest, open_writer, video_data, write_videos
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 def spawn_writer(url: str, schema: dict, indices: list[int], **kw) -> subprocess.Popen:
     url = str(Path(url).resolve()) if "://" not in url else url  # the child runs in the repo root
-    args = json.dumps({"schema": schema, "indices": list(indices), **kw})
+    args = json.dumps({"schema": schema.to_json(), "indices": list(indices), **kw})
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.Popen([sys.executable, "-m", "storage.testing", url, args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -94,10 +95,12 @@ def test_crashed_creation_is_completed_on_rerun(tmp_path):
     root = tmp_path / "s.zarr"
     schema = make_schema(num_videos=3, views=1)
     write_videos(str(root), schema, [])
-    # Simulate a creator killed before its last step: arrays exist, root attributes do not.
+    # Simulate a creator killed after publishing the root, before its arrays and tables were all there.
     meta = json.loads((root / "zarr.json").read_text())
-    (root / "zarr.json").write_text(json.dumps({**meta, "attributes": {}}))
-    with pytest.raises(Exception, match="not a dist-cache store|interrupted"):
+    (root / "zarr.json").write_text(json.dumps({**meta, "attributes": {**meta["attributes"], "created": False}}))
+    shutil.rmtree(root / "features")
+    shutil.rmtree(root / "text_embeddings")
+    with pytest.raises(StoreNotFoundError, match="interrupted"):
         FeatureStore.open(root)
     w = write_videos(str(root), schema, range(3), finalize=True)
     assert w.finalize()["complete"] and FeatureStore.open(root).done_indices().tolist() == [0, 1, 2]
