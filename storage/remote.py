@@ -60,16 +60,13 @@ class FsspecLocation(Location):
         self.fs.pipe_file(self._full(key), data)
 
     def create_exclusive(self, key: str, data: bytes) -> bool:
-        # s3fs sends mode="create" as a conditional PUT (If-None-Match: *), which S3 applies atomically;
-        # other fsspec filesystems check for the object first, which is not atomic (storage/README.md).
+        # s3fs sends mode="create" as a conditional PUT (If-None-Match: *), which S3 applies atomically, and
+        # raises FileExistsError for its 412; other fsspec filesystems check for the object first, which is
+        # not atomic (storage/README.md says what holds there).
         try:
             self.fs.pipe_file(self._full(key), data, mode="create")
         except FileExistsError:
             return False
-        except OSError as err:
-            if "PreconditionFailed" in str(err) or "412" in str(err):
-                return False  # s3fs reports S3's answer to a lost conditional PUT as a plain OSError
-            raise
         return True
 
     def list_names(self, prefix: str) -> list[str]:

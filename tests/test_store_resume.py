@@ -178,3 +178,36 @@ def test_concurrent_overlapping_writers_equal_single_writer(tmp_path):
     store = FeatureStore.open(root)
     assert store.complete and store.progress() == {"done": 23, "failed": 1, "pending": 0}
     assert tree_bytes(root) == tree_bytes(ref)
+
+
+def test_racing_creators_with_other_flags_one_wins_and_the_data_is_its(tmp_path):
+    """Two writers on a fresh store at the same moment, seed 0 and seed 1: the root is published
+    create-if-absent, so exactly one schema wins; the other writer stops with the mismatch error, and every
+    stored feature is the winner's."""
+    for attempt in range(2):
+        root = tmp_path / f"race{attempt}.zarr"
+        start_at = time.time() + 1.5  # after both interpreters have imported zarr
+        schemas = [make_schema(num_videos=6, views=1, seed=seed) for seed in (0, 1)]
+        procs = [spawn_writer(str(root), s, range(6), start_at=start_at, finalize=True) for s in schemas]
+        results = [(proc.wait(timeout=60), proc.communicate()[1].decode()) for proc in procs]
+        winners = [seed for seed, (rc, _) in enumerate(results) if rc == 0]
+        assert len(winners) == 1, results
+        loser_err = results[1 - winners[0]][1]
+        assert "StoreMismatchError" in loser_err and "sampling.seed" in loser_err
+        store = FeatureStore.open(root)
+        assert store.complete and store.schema.sampling["seed"] == winners[0]
+        for v in range(6):
+            expected = video_data(schemas[winners[0]], v)[2][0].astype(np.float16)
+            np.testing.assert_array_equal(store.features(v), expected)
+
+
+def test_local_create_exclusive_has_one_winner(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from storage.local import LocalLocation
+
+    loc = LocalLocation(tmp_path / "s.zarr")
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda n: loc.create_exclusive("zarr.json", b"%d" % n), range(32)))
+    assert won.count(True) == 1 and loc.read("zarr.json") == b"%d" % won.index(True)
+    assert [p.name for p in (tmp_path / "s.zarr").iterdir()] == ["zarr.json"]  # no temp file left
