@@ -3,7 +3,6 @@ and ranged reads straight into the caller's buffers (os.preadv: no intermediate 
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import os
 import threading
@@ -19,11 +18,8 @@ from dist_cache.errors import UserError
 from storage.location import PARTIAL_SUFFIX, Location
 
 # Parts are gathered into writes of at least this many bytes: large enough that a syscall's cost is
-# noise, small enough that the checksum of the next batch overlaps the write of this one.
+# noise, small enough that producing the next batch (checks, checksums) overlaps the write of this one.
 WRITE_BATCH_BYTES = 1 << 20
-# Writes in flight per shard. Parts are views of the caller's arrays (compressed chunks are new bytes),
-# so this bounds the extra memory a shard write holds.
-MAX_WRITES_IN_FLIGHT = 4
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
@@ -64,10 +60,12 @@ def _pwrite_all(fd: int, parts: list[Any], offset: int) -> None:
 
 
 def _write_pipelined(fd: int, parts: Iterable[Any]) -> int:
-    """Write the parts back to back from offset 0. Producing the next parts (checksums, checks) runs in
-    this thread while the I/O threads write the previous ones, so the two overlap on separate cores."""
+    """Write the parts back to back from offset 0, one batch at a time in an I/O thread, while this thread
+    produces the next batch (checks, checksums): the two overlap on separate cores, and the file sees one
+    sequential writer, as with a plain write. Parts are views of the caller's arrays, so holding one batch
+    in flight costs no memory."""
     pool = _io_pool()
-    in_flight: collections.deque[concurrent.futures.Future] = collections.deque()
+    pending: concurrent.futures.Future | None = None
     batch: list[Any] = []
     batch_bytes = offset = 0
     try:
@@ -75,19 +73,18 @@ def _write_pipelined(fd: int, parts: Iterable[Any]) -> int:
             batch.append(part)
             batch_bytes += memoryview(part).nbytes
             if batch_bytes >= WRITE_BATCH_BYTES or len(batch) >= IOV_MAX:
-                in_flight.append(pool.submit(_pwrite_all, fd, batch, offset))
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(_pwrite_all, fd, batch, offset)
                 offset, batch, batch_bytes = offset + batch_bytes, [], 0
-                while len(in_flight) > MAX_WRITES_IN_FLIGHT:
-                    in_flight.popleft().result()
-        if batch:
-            in_flight.append(pool.submit(_pwrite_all, fd, batch, offset))
-            offset += batch_bytes
-        while in_flight:
-            in_flight.popleft().result()
+        if pending is not None:
+            pending.result()
+        _pwrite_all(fd, batch, offset)
+        return offset + batch_bytes
     finally:
         # Never leave a write running on a descriptor the caller is about to close.
-        concurrent.futures.wait(in_flight)
-    return offset
+        if pending is not None:
+            concurrent.futures.wait([pending])
 
 
 class LocalLocation(Location):
