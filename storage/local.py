@@ -44,19 +44,27 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool)
 
 
-def _pwrite_all(fd: int, parts: list[Any], offset: int) -> None:
-    """pwritev until every byte is written (regular files may write less, e.g. close to a size limit)."""
-    views = [memoryview(p).cast("B") for p in parts]
+def _vectored(call: Any, fd: int, buffers: list[Any], offset: int) -> int:
+    """Repeat os.preadv or os.pwritev from `offset` until every buffer is done or a call moves nothing (the end
+    of the file); returns the bytes moved. One call may move fewer: at the end of a file, near a size limit."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    done = 0
     while views:
-        n = os.pwritev(fd, views[:IOV_MAX], offset)
+        n = call(fd, views[:IOV_MAX], offset + done)
         if n == 0:
-            raise OSError("pwritev wrote nothing")
-        offset += n
+            break
+        done += n
         while views and n >= len(views[0]):
             n -= len(views[0])
             views.pop(0)
         if n:
             views[0] = views[0][n:]
+    return done
+
+
+def _pwrite_all(fd: int, parts: list[Any], offset: int) -> None:
+    if _vectored(os.pwritev, fd, parts, offset) < sum(memoryview(p).nbytes for p in parts):
+        raise OSError("pwritev wrote nothing")
 
 
 def _write_pipelined(fd: int, parts: Iterable[Any]) -> int:
@@ -142,19 +150,7 @@ class LocalLocation(Location):
         if fd is None:
             return None
         try:
-            views = [memoryview(b).cast("B") for b in buffers]
-            done = 0
-            while views:
-                n = os.preadv(fd, views[:IOV_MAX], offset + done)
-                if n == 0:
-                    break  # end of file: a short (truncated) object
-                done += n
-                while views and n >= len(views[0]):
-                    n -= len(views[0])
-                    views.pop(0)
-                if n:
-                    views[0] = views[0][n:]
-            return done
+            return _vectored(os.preadv, fd, buffers, offset)  # short: a truncated object
         finally:
             os.close(fd)
 
