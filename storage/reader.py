@@ -97,7 +97,6 @@ class _Opened:
             raise StoreNotFoundError(f"store {url} is still being created (or its creation was interrupted: "
                                      f"rerun the extraction)")
         self.complete = bool(attrs.get("complete"))
-        self.summary = attrs.get("summary")
         zstore = loc.zarr_store(read_only=True)
         try:
             group = zarr.open_group(zstore, mode="r", zarr_format=3)

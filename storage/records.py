@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from storage.layout import SAMPLE_TABLES, VIDEO_TABLES
-from storage.schema import FORMAT_VERSION, SampleStatus, StoreSchema, canonical_json
+from storage.schema import FORMAT_VERSION, SampleStatus, StoreSchema, canonical_json, status_counts
 
 MAX_ERROR_CHARS = 4000  # enough for a traceback's last lines; records stay small
 FACT_KEYS = ("num_frames", "fps", "width", "height")
@@ -229,9 +229,11 @@ def from_tables(table: Any, v: int, K: int) -> VideoRecord | None:
 
 
 def summarize(records: Mapping[int, VideoRecord], num_videos: int) -> dict[str, int]:
-    done = sum(1 for r in records.values() if r.status == SampleStatus.DONE)
-    return {"done": done, "failed": len(records) - done, "pending": num_videos - len(records),
-            "bytes": sum(r.nbytes for r in records.values())}
+    """Videos done / failed / pending, and the bytes of their shards."""
+    codes = np.full(num_videos, SampleStatus.PENDING, np.uint8)
+    for v, rec in records.items():
+        codes[v] = rec.status
+    return {**status_counts(codes), "bytes": sum(r.nbytes for r in records.values())}
 
 
 def sample_dict(record: VideoRecord | None, view: int, video_label: int) -> dict[str, Any]:

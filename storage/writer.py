@@ -58,12 +58,24 @@ def _fp16_finite(bits: np.ndarray, scratch: np.ndarray) -> bool:
 
 
 def _checked_fp16(chunks: Iterable[np.ndarray], what: str) -> Iterator[np.ndarray]:
-    """Pass fp16 chunks (uint8 views) through, raising ValueError at the first that holds inf or NaN."""
+    """Pass fp16 chunks (uint8 views) through, raising ValueError at the first that holds inf or NaN: the
+    check of a chunk runs while the previous one is written."""
     scratch = np.empty(_CHECK_BLOCK, np.uint16)
     for chunk in chunks:
         if not _fp16_finite(chunk.view(np.uint16), scratch):
             raise ValueError(f"{what} contain NaN or inf in fp16")
         yield chunk
+
+
+def _require_finite(values: np.ndarray, what: str) -> None:
+    """ValueError if `values` hold inf or NaN: fp16 by its bits, wider floats with np.isfinite (fast for them)."""
+    if values.dtype == np.float16:
+        bits = np.ascontiguousarray(values).reshape(-1).view(np.uint16)
+        finite = _fp16_finite(bits, np.empty(min(_CHECK_BLOCK, bits.size), np.uint16))
+    else:
+        finite = bool(np.isfinite(values).all())
+    if not finite:
+        raise ValueError(f"{what} contain NaN or inf in {values.dtype}")
 
 
 def consolidate(store: zarr.abc.store.Store) -> None:
@@ -264,8 +276,7 @@ class StoreWriter:
             raise ValueError(f"video {v}: {err}") from None
         with np.errstate(over="ignore"):  # overflow shows up as inf, reported just below
             clip16 = clip_embeds.astype(np.float16, copy=False)
-        if not _fp16_finite(np.ascontiguousarray(clip16).reshape(-1).view(np.uint16), np.empty(_CHECK_BLOCK, np.uint16)):
-            raise ValueError(f"video {v}: clip_embeds contain NaN or inf in fp16")
+        _require_finite(clip16, f"video {v}: clip_embeds")
         self._before_write(v)
 
         nbytes = 0
@@ -293,12 +304,7 @@ class StoreWriter:
         specs = {spec.name: ShardFormat.of(spec) for spec in layout.sharded_arrays(self.schema)}
         what = f"video {v}: features"
         if self.schema.dtype == "int8":
-            if features.dtype == np.float16:
-                if not _fp16_finite(np.ascontiguousarray(features).reshape(-1).view(np.uint16),
-                                    np.empty(_CHECK_BLOCK, np.uint16)):
-                    raise ValueError(f"{what} contain NaN or inf")
-            elif not np.isfinite(features).all():
-                raise ValueError(f"{what} contain NaN or inf")
+            _require_finite(features, what)
             codes, scales = quantize_int8(features)
             yield specs[layout.FEATURES], specs[layout.FEATURES].raw_chunks(codes)
             yield specs[layout.SCALES], specs[layout.SCALES].raw_chunks(scales)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 import cli
-from storage import FeatureStore
+from storage import FeatureStore, SampleStatus
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -198,7 +198,7 @@ def test_broken_videos_are_recorded_as_failed_and_extraction_goes_on(motion_data
     assert retried.exit_code == 0, retried.output
     assert "stored 3 videos, skipped 2" in retried.output
     repaired = FeatureStore.open(out)
-    assert repaired.complete and (repaired.status == 1).all()
+    assert repaired.complete and (repaired.status == SampleStatus.DONE).all()
     np.testing.assert_array_equal(repaired.features(0), store.features(0))  # done videos were left alone
 
 
@@ -331,5 +331,5 @@ def test_a_video_that_fails_after_decoding_is_recorded_and_the_run_goes_on(motio
     result = run_cli(*extract_args(motion_dataset, out, overflowing))
     assert result.exit_code == 0, result.output
     store = FeatureStore.open(out)
-    assert store.complete and (store.status == 2).all()
+    assert store.complete and (store.status == SampleStatus.FAILED).all()
     assert "ValueError" in store.sample(0)["error"]

@@ -9,9 +9,7 @@ import dataclasses
 import json
 import multiprocessing
 import pickle
-import shutil
 import uuid
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -211,10 +209,18 @@ def test_bad_inputs_write_nothing(tmp_path):
     bad[0, 0, 0, 0, 0] = 1e6  # overflows fp16
     with pytest.raises(ValueError, match="NaN or inf"):
         w.write_video(0, facts, plans, bad, clip)
+    bad_clip = clip.copy()
+    bad_clip[1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match="clip_embeds contain NaN or inf"):
+        w.write_video(0, facts, plans, feats.astype(np.float16), bad_clip)
     with pytest.raises(TypeError):
         w.write_failure(0, {"num_frames": 1})  # (v, error, facts): error text comes second
     assert w.pending() == [0, 1]
     assert not (tmp_path / "s.zarr" / "features" / "c.0.0.0.0.0").exists()
+    q = open_writer(str(tmp_path / "q.zarr"), make_schema(num_videos=1, views=2, dtype="int8"))
+    with pytest.raises(ValueError, match="features contain NaN or inf in float16"):
+        q.write_video(0, facts, plans, np.where(feats > 4, np.inf, feats).astype(np.float16), clip)
+    assert q.pending() == [0] and not list((tmp_path / "q.zarr" / "features").glob("c.*"))
 
 
 # ------------------------------------------------------------------ finalize

@@ -26,7 +26,7 @@ from pipelines.evaluate import EvalOptions, evaluate, format_report
 from pipelines.extract import ExtractOptions, extract
 from pipelines.plots import read_metrics
 from pipelines.train import TrainOptions, train
-from storage import FeatureStore
+from storage import FeatureStore, SampleStatus
 
 # A small branch and batch, so every run takes seconds on two CPU cores.
 SMALL = dict(alpha_dim=32, beta_dim=16, pool_blocks=1, batch_size=4, workers=0, warmup_epochs=1, log_every=1)
@@ -212,7 +212,7 @@ def test_store_and_run_mismatches_fail_before_training(stores, run, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(stores["videos"], partial)
     store = FeatureStore.open(stores["train"])
-    usable = np.flatnonzero(store.status == 1)
+    usable = np.flatnonzero(store.status == SampleStatus.DONE)
     gone = store.videos[int(usable[-1]) // store.schema.views_per_video]  # every video is looked for, not the first only
     (partial / gone).unlink()
     with pytest.raises(UserError, match=f"--video-root .* has no {gone} \\(1 of the \\d+ videos"):
@@ -288,7 +288,7 @@ def test_a_video_that_stops_decoding_mid_run_is_named(stores, tmp_path):
     root = tmp_path / "videos"
     shutil.copytree(stores["videos"], root)
     store = FeatureStore.open(stores["train"])
-    usable = np.flatnonzero(store.status == 1)
+    usable = np.flatnonzero(store.status == SampleStatus.DONE)
     broken = store.videos[int(usable[0]) // store.schema.views_per_video]
     (root / broken).write_bytes(b"not a video any more")
     loader = make_loader(StoreClips(store, root, 2, None), EpochSampler(usable, store.schema.views_per_video, 2, train=False),
