@@ -55,6 +55,7 @@ def main() -> None:
               "grayscale": False}]
     facts = {"num_frames": p["frames"], "fps": 25.0, "width": 64, "height": 64}
     nbytes = features.nbytes + clip.nbytes
+    load_before = os.getloadavg()[0]
 
     tmp = Path(tempfile.mkdtemp(prefix="dist-bench-store-write-", dir=os.environ.get("DIST_BENCH_TMP")))
     try:
@@ -80,7 +81,9 @@ def main() -> None:
     ratio = round(statistics.median(ratios), 3)
     report(
         parameters={"shape_per_video": list(features.shape[1:]), "bytes_per_video": nbytes, "videos": p["videos"],
-                    "tmp_dir": str(tmp.parent), "quick": bool(args.quick)},
+                    "tmp_dir": str(tmp.parent), "quick": bool(args.quick),
+                    # Other processes competing for the cores slow the writer's overlap of checks and writes.
+                    "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]},
         results={"writer_MBps": round(nbytes * len(ratios) / sum(times["writer"]) / 1e6, 1),
                  "plain_MBps": round(nbytes * len(ratios) / sum(times["plain"]) / 1e6, 1),
                  "pair_ratio_quartiles": [round(q, 3) for q in statistics.quantiles(ratios, n=4)]},
