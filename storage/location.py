@@ -80,7 +80,7 @@ class Location:
     def write_parts(self, key: str, parts: Iterable[Any]) -> int:
         """Atomically write the concatenation of `parts` (buffers, produced lazily); returns its size.
         If iterating `parts` raises, nothing is left at `key` and the error propagates."""
-        data = b"".join(bytes(p) if not isinstance(p, bytes) else p for p in parts)
+        data = b"".join(parts)  # parts are bytes-like (uint8 arrays, bytes): one copy, for one PUT
         self.write_atomic(key, data)
         return len(data)
 
