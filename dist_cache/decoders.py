@@ -19,6 +19,9 @@ import numpy as np
 
 from dist_cache.errors import DecodeError, UserError, first_line
 
+# DecodeError is defined in errors.py (see there why) and exported here with the decoders that raise it.
+__all__ = ["DECODERS", "DecodeError", "Decoder", "VideoFacts", "distinct_frames", "get_decoder"]
+
 DECODERS = ("decord", "pyav")
 
 
