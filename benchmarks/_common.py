@@ -9,14 +9,18 @@ import os
 import platform
 import sys
 import time
+from typing import Callable
 
 import torch
 
 
-def parse(description: str) -> argparse.Namespace:
+def parse(description: str, extra: Callable[[argparse.ArgumentParser], object] | None = None) -> argparse.Namespace:
+    """--device and --quick, plus whatever `extra` adds for one script."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--quick", action="store_true", help="fewer repetitions (smoke run)")
+    if extra is not None:
+        extra(p)
     return p.parse_args()
 
 

@@ -29,6 +29,7 @@ B16 = Path(os.environ.get("DIST_BENCH_B16", "/tmp/b16"))
 
 def bench(opts, device) -> dict:
     from pipelines.extract import Extractor, render_spec
+    from dist_cache.transforms import normalize_frames
     from pipelines.prepare import prepare_video
 
     ex = Extractor.open(opts)
@@ -53,7 +54,7 @@ def bench(opts, device) -> dict:
         t0 = time.perf_counter()
         with torch.inference_mode():
             for b in batches:
-                tokens, embeds = encoder(torch.from_numpy(b).to(device))
+                tokens, embeds = encoder(normalize_frames(torch.from_numpy(b).to(device), ex.backbone.mean, ex.backbone.std))
                 tokens.float().cpu().numpy()
         sync(device)
         return time.perf_counter() - t0

@@ -33,7 +33,7 @@ VIDEO_ROOT = os.environ.get("DIST_BENCH_VIDEOS", "/tmp/b16/videos")
 WEIGHTS = os.environ.get("DIST_BENCH_WEIGHTS", "/tmp/b16/vit-b-16-random.pt")
 
 
-def make_step(net, branch, text, device):
+def make_step(net, branch, text, device, mean, std):
     from pipelines.branch import autocast, embed
     from pipelines.train import param_groups
 
@@ -41,7 +41,7 @@ def make_step(net, branch, text, device):
 
     def step(batch):
         with autocast(device):
-            logits = net.logits(embed(net, batch, device), text)
+            logits = net.logits(embed(net, batch, device, mean, std), text)
         loss = F.cross_entropy(logits.float(), batch["label"].to(device), label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -59,6 +59,7 @@ def main() -> None:
     from dist_cache.backbone import load_backbone
     from dist_cache.flops import profile_dist
     from dist_cache.model import DiST, DiSTConfig, OnlineDiST
+    from dist_cache.transforms import normalize_frames
 
     B, T, gamma = 2, 8, 2
     reps = 2 if args.quick else 4
@@ -81,14 +82,16 @@ def main() -> None:
     torch.manual_seed(0)
     online = OnlineDiST(backbone.spatial_encoder(layers), DiST(config)).to(device).train()
     text = torch.randn(4, config.embed_dim, device=device)
-    step_cached = make_step(cached, cached, text, device)
-    step_online = make_step(online, online.dist, text, device)
+    step_cached = make_step(cached, cached, text, device, backbone.mean, backbone.std)
+    step_online = make_step(online, online.dist, text, device, backbone.mean, backbone.std)
 
-    # ---- in-memory inputs: real CLIP tokens of random frames (so value ranges are realistic) ----
+    # ---- in-memory inputs: real CLIP tokens of random uint8 frames (so value ranges are realistic) ----
     g = torch.Generator().manual_seed(0)
-    frames = torch.randn(B, config.dense_frames, 3, config.image_size, config.image_size, generator=g)
+    frames = torch.randint(0, 256, (B, config.dense_frames, config.image_size, config.image_size, 3), generator=g,
+                           dtype=torch.uint8)
+    normalised = normalize_frames(frames.to(device), backbone.mean, backbone.std)
     with torch.no_grad():
-        feats = online.features(frames.to(device)).cpu().half()  # (L, B, T, N+1, C)
+        feats = online.features(normalised).cpu().half()  # (L, B, T, N+1, C)
     label = torch.tensor([0, 1][:B] * (B // 2 + 1))[:B]
     batch_cached = {"features": feats.transpose(0, 1).contiguous(), "frames": frames, "label": label}
     batch_online = {"frames": frames, "label": label}
@@ -104,7 +107,7 @@ def main() -> None:
     for _ in range(max(2, reps // 2)):
         t0 = time.perf_counter()
         with torch.no_grad():
-            online.features(frames.to(device))
+            online.features(normalize_frames(frames.to(device), backbone.mean, backbone.std))
         sync(device)
         t_clip.append(time.perf_counter() - t0)
     mem = {

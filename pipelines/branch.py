@@ -7,13 +7,14 @@ path differ in one place only: where the per-layer tokens come from.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_cache.backbone import load_recorded_backbone
 from dist_cache.model import DiST, DiSTConfig, OnlineDiST
+from dist_cache.transforms import normalize_frames
 
 Network = DiST | OnlineDiST
 
@@ -49,9 +50,20 @@ def branch_of(net: Network) -> DiST:
     return net.dist if isinstance(net, OnlineDiST) else net
 
 
-def embed(net: Network | DistributedDataParallel, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Video embeddings (B, E) of a collated batch from `StoreClips`; `net` may be DDP-wrapped (training)."""
-    frames = batch["frames"].to(device, non_blocking=True) if "frames" in batch else None
+def embed(
+    net: Network | DistributedDataParallel,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> torch.Tensor:
+    """Video embeddings (B, E) of a collated batch from `StoreClips`; `net` may be DDP-wrapped (training).
+
+    The batch's uint8 frames are normalised here, on the device, with the store's `mean` and `std`, as
+    extraction normalised CLIP's input."""
+    frames = None
+    if "frames" in batch:
+        frames = normalize_frames(batch["frames"].to(device, non_blocking=True), mean, std)
     inner = net.module if isinstance(net, DistributedDataParallel) else net
     if isinstance(inner, OnlineDiST):
         return net(frames)

@@ -1,9 +1,10 @@
 """Stage-two input: cached features plus the dense frames that belong to them, batched by a resumable sampler.
 
 A sample (video v, view k, index v*K + k) yields the stored features of the layers the model integrates
-and the gamma*T dense frames of the same view, decoded with decord at `dense_indices(plan, ...)` and
-rendered by the same `render_frames` call extraction used. So dense[::gamma] are, pixel for pixel, the
-frames whose CLIP features are cached, and online training (CLIP run live on them) sees the same input.
+and the gamma*T dense frames of the same view, decoded at `dense_indices(plan, ...)` and rendered to uint8
+by the same `render_frames` call extraction used. So dense[::gamma] are, byte for byte, the frames whose
+CLIP features are cached, and online training (CLIP run live on them) sees the same input. Frames are
+normalised where batches reach the device (`pipelines.branch.embed`), with this dataset's mean and std.
 
 The sampler owns all randomness of the data order: epoch e's order is a permutation seeded by (seed, e),
 one cached view per video seeded by (seed, e, v). Given (epoch, batches already consumed), it yields the
@@ -20,10 +21,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from dist_cache.decoders import get_decoder
+from dist_cache.errors import DecodeError, UserError
 from dist_cache.sampling import ViewPlan, dense_indices
 from dist_cache.transforms import render_frames
-from dist_cache.errors import UserError
-from dist_cache.video import DecodeError, read_frames
 from storage import FeatureStore
 
 
@@ -41,10 +42,12 @@ class VideoUnreadable(UserError):
 
 
 class StoreClips(Dataset):
-    """Items {index, video_index, label, features (L', T, N+1, C) fp16, frames (gamma*T, 3, S, S) fp32}.
+    """Items {index, video_index, label, features (L', T, N+1, C) fp16, frames (gamma*T, R, R, 3) uint8}.
 
     `layers` (CLIP block indices) selects the stored layers to read; None reads no features (online
     training runs CLIP itself). `frames=False` skips decoding (a model without the temporal encoder).
+    `decoder` names the `dist_cache.decoders` backend (the one the store was extracted with).
+    `mean` and `std` are the store's, for `normalize_frames` on the device.
     """
 
     def __init__(
@@ -54,12 +57,14 @@ class StoreClips(Dataset):
         gamma: int,
         layers: Sequence[int] | None,
         frames: bool = True,
+        decoder: str = "decord",
     ):
         self.store = store  # pickles as its URL: cheap to send to spawned workers
         self.video_root = Path(video_root)
         self.gamma = gamma
         self.layers = None if layers is None else list(layers)
         self.frames = frames
+        self.decoder = decoder
         self.image_size = store.schema.image_size
         self.mean = tuple(store.schema.backbone["mean"])
         self.std = tuple(store.schema.backbone["std"])
@@ -81,19 +86,19 @@ class StoreClips(Dataset):
         return item
 
     def render(self, sample: dict) -> torch.Tensor:
-        """(gamma*T, 3, S, S): the view's dense frames, rendered exactly as extraction rendered its sparse ones."""
+        """uint8 (gamma*T, R, R, 3): the view's dense frames, rendered exactly as extraction rendered its sparse ones."""
         plan = ViewPlan.from_dict(sample)
         wanted = dense_indices(plan, self.gamma, int(sample["num_frames"]))
         path = self.video_root / sample["video"]
         try:
-            decoded = read_frames(path, wanted.tolist())
+            decoded = get_decoder(self.decoder).read(path, wanted.tolist())
         except DecodeError as err:
             reason = str(err).removeprefix(f"{path}: ")
             raise VideoUnreadable(
                 f"{path} (video {sample['video_index']} of {self.store.url}): {reason}, but it decoded at "
                 "extraction; restore the video the store was extracted from, or re-extract"
             ) from None
-        return render_frames(decoded, plan, self.image_size, self.mean, self.std)
+        return render_frames(decoded, plan, self.image_size)
 
 
 class EpochSampler(Sampler[list[int]]):

@@ -75,7 +75,7 @@ def score_videos(
         with tqdm(total=clips, unit="clip", desc="eval", disable=not progress, dynamic_ncols=True) as bar:
             for batch in loader:
                 with autocast(device):
-                    logits = net.logits(embed(net, batch, device), text)
+                    logits = net.logits(embed(net, batch, device, loader.dataset.mean, loader.dataset.std), text)
                 probs = logits.float().softmax(dim=-1).cpu().numpy()
                 video = batch["video_index"].numpy()
                 np.add.at(scores, video, probs)

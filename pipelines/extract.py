@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from dist_cache.backbone import Backbone, load_backbone, resolve_layers
+from dist_cache.decode_pool import DecodePool
+from dist_cache.decoders import DecodeError, get_decoder
 from dist_cache.devices import resolve_device
 from dist_cache.errors import UserError
 from dist_cache.manifests import Manifest, load_manifest
-from dist_cache.transforms import PREPROCESS
-from dist_cache.video import DECODER, DecodeError, DecodePool
+from dist_cache.transforms import PREPROCESS, normalize_frames
 from pipelines.prepare import PreparedVideo, RenderSpec, prepare_video
 from storage import StoreSchema, StoreWriter
 from storage.schema import FORMAT_VERSION
@@ -62,6 +63,7 @@ class ExtractOptions:
     batch_frames: int = 64
     decode_workers: int = 2
     decode_timeout: float = 120.0
+    decoder: str = "decord"  # a dist_cache.decoders name
     device: str = "auto"
     hash_videos: bool = False  # record each file's sha256 so verify can tell a replaced copy
     retry_failed: bool = False  # extract videos recorded as failed again (e.g. after fixing the files)
@@ -106,7 +108,7 @@ def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], ma
     return StoreSchema.from_json({
         "format_version": FORMAT_VERSION,
         "backbone": described,
-        "preprocess": {**PREPROCESS, "decoder": DECODER, "image_size": backbone.image_size,
+        "preprocess": {**PREPROCESS, "decoder": get_decoder(opts.decoder).info(), "image_size": backbone.image_size,
                        "mean": list(backbone.mean), "std": list(backbone.std),
                        # Part of the compat schema, so a resume never mixes hashed and unhashed records.
                        "video_hash": "sha256" if opts.hash_videos else "none"},
@@ -141,7 +143,7 @@ def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], ma
 def render_spec(opts: ExtractOptions, backbone: Backbone) -> RenderSpec:
     return RenderSpec(
         frames=opts.frames, views=opts.views, split=opts.split, seed=opts.seed, image_size=backbone.image_size,
-        mean=backbone.mean, std=backbone.std, scale=tuple(opts.scale), ratio=tuple(opts.ratio),
+        scale=tuple(opts.scale), ratio=tuple(opts.ratio), decoder=opts.decoder,
         flip_p=opts.flip_p if opts.split == "train" else 0.0,
         grayscale_p=opts.grayscale_p if opts.split == "train" else 0.0,
     )
@@ -239,7 +241,8 @@ class Extractor:
         The layout change and the cast to the stored precision happen on the device: on a GPU the host
         side would otherwise spend longer converting than the forward pass takes.
         """
-        images = torch.from_numpy(np.concatenate([p.images for p in batch])).to(self.device)
+        images = torch.from_numpy(np.concatenate([p.images for p in batch])).to(self.device)  # uint8
+        images = normalize_frames(images, self.backbone.mean, self.backbone.std)
         tokens, embeds = self.encoder(images)  # (L, V*K*T, N+1, C), (V*K*T, E)
         V, K, T = len(batch), self.opts.views, self.opts.frames
         store_dtype = torch.float16 if self.opts.dtype == "fp16" else torch.float32  # int8 quantises from fp32

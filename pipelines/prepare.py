@@ -1,6 +1,6 @@
-"""Turning one video into CLIP-ready pixels: probe, plan its views, decode, render.
+"""Turning one video into CLIP's pixels: probe, plan its views, decode, render (uint8; the device normalises).
 
-This runs in decode worker processes (see `dist_cache.video.DecodePool`), so a decoder that hangs on
+This runs in decode worker processes (see `dist_cache.decode_pool.DecodePool`), so a decoder that hangs on
 a corrupt file can be killed without taking the extractor with it, and decoding overlaps the forward
 pass. Everything here is a plain function of its arguments, so the result never depends on which
 worker ran it.
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dist_cache.decoders import VideoFacts, get_decoder
 from dist_cache.sampling import ViewPlan, plan_views
 from dist_cache.transforms import render_frames
-from dist_cache.video import VideoFacts, probe_video, read_frames
 
 
 @dataclass(frozen=True)
@@ -28,12 +28,11 @@ class RenderSpec:
     split: str
     seed: int
     image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
     scale: tuple[float, float]
     ratio: tuple[float, float]
     flip_p: float
     grayscale_p: float
+    decoder: str = "decord"  # a `dist_cache.decoders` name: the store records it
 
 
 @dataclass
@@ -42,7 +41,7 @@ class PreparedVideo:
     facts: VideoFacts
     file_facts: dict  # size_bytes, and sha256 when asked: lets verify spot a moved or replaced file
     plans: list[ViewPlan]
-    images: np.ndarray  # (K*T, 3, S, S) float32, views in order, frames in order
+    images: np.ndarray  # (K*T, R, R, 3) uint8, views in order, frames in order: normalise on the device
 
 
 def file_sha256(path: str) -> str:
@@ -61,28 +60,30 @@ def file_facts(path: str, with_hash: bool) -> dict:
 
 
 def prepare_video(path: str, video_index: int, spec: RenderSpec, hash_video: bool = False) -> PreparedVideo:
-    facts = probe_video(path)
-    plans = plan_views(
-        facts.num_frames,
-        facts.width,
-        facts.height,
-        frames=spec.frames,
-        views=spec.views,
-        split=spec.split,
-        seed=spec.seed,
-        video_index=video_index,
-        scale=spec.scale,
-        ratio=spec.ratio,
-        flip_p=spec.flip_p,
-        grayscale_p=spec.grayscale_p,
+    def plan(facts: VideoFacts) -> list[ViewPlan]:
+        return plan_views(
+            facts.num_frames,
+            facts.width,
+            facts.height,
+            frames=spec.frames,
+            views=spec.views,
+            split=spec.split,
+            seed=spec.seed,
+            video_index=video_index,
+            scale=spec.scale,
+            ratio=spec.ratio,
+            flip_p=spec.flip_p,
+            grayscale_p=spec.grayscale_p,
+        )
+
+    def frames_of(plans: list[ViewPlan]) -> list[int]:
+        # The union of every view's frames, decoded once: views of one video often share frames.
+        return sorted({i for p in plans for i in p.sparse_indices})
+
+    facts, decoded = get_decoder(spec.decoder).probe_and_read(path, lambda facts: frames_of(plan(facts)))
+    plans = plan(facts)
+    row = {frame: r for r, frame in enumerate(frames_of(plans))}
+    images = np.concatenate(
+        [render_frames(decoded[[row[i] for i in p.sparse_indices]], p, spec.image_size).numpy() for p in plans]
     )
-    # Decode the union of every view's frames once; views of one video often share frames.
-    wanted = sorted({i for plan in plans for i in plan.sparse_indices})
-    decoded = read_frames(path, wanted)
-    position = {frame: row for row, frame in enumerate(wanted)}
-    rendered = [
-        render_frames(decoded[[position[i] for i in plan.sparse_indices]], plan, spec.image_size, spec.mean, spec.std)
-        for plan in plans
-    ]
-    images = np.concatenate([r.numpy() for r in rendered])
     return PreparedVideo(video_index, facts, file_facts(path, hash_video), plans, images)

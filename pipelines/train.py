@@ -346,7 +346,7 @@ def _train(opts: TrainOptions, progress: bool, ranks: Ranks) -> TrainResult:
             for batch in loader:
                 lr = optimizer.param_groups[0]["lr"]
                 with autocast(device):
-                    logits = net.logits(embed(model, batch, device), text)
+                    logits = net.logits(embed(model, batch, device, dataset.mean, dataset.std), text)
                 loss = F.cross_entropy(logits.float(), batch["label"].to(device), label_smoothing=opts.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()

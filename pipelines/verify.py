@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from dist_cache.backbone import load_recorded_backbone
-from dist_cache.errors import UserError
+from dist_cache.decoders import get_decoder
+from dist_cache.errors import DecodeError, UserError
 from dist_cache.sampling import ViewPlan, plan_views
-from dist_cache.transforms import render_frames
-from dist_cache.video import DecodeError, probe_video, read_frames
+from dist_cache.transforms import normalize_frames, render_frames
 from pipelines.prepare import file_sha256
 from storage import FeatureStore
 
@@ -52,10 +52,10 @@ def _replanned(store: FeatureStore, sample: dict) -> ViewPlan:
     return plans[int(sample["view"])]
 
 
-def video_mismatch(sample: dict, path: Path) -> str | None:
+def video_mismatch(sample: dict, path: Path, decoder: str = "decord") -> str | None:
     """Why the file at `path` is not the video this sample was extracted from, or None if it is."""
     try:
-        facts = probe_video(path)
+        facts = get_decoder(decoder).probe(path)
     except DecodeError as err:
         return str(err)
     recorded = (int(sample["num_frames"]), int(sample["width"]), int(sample["height"]))
@@ -82,7 +82,9 @@ def verify_store(
     seed: int = 0,
     all_videos: bool = False,
     storage_options: dict | None = None,
+    decoder: str = "decord",
 ) -> VerifyReport:
+    """`decoder`: the `dist_cache.decoders` backend that reads the videos (the one the store was extracted with)."""
     store = FeatureStore.open(url, storage_options=storage_options)
     report = VerifyReport(store=url)
     counts = {name: n * store.schema.views_per_video for name, n in store.progress().items()}
@@ -112,7 +114,7 @@ def verify_store(
         first_views = done[done % store.schema.views_per_video == 0]
         for i in first_views:
             sample = store.sample(int(i))
-            why = video_mismatch(sample, Path(video_root) / sample["video"])
+            why = video_mismatch(sample, Path(video_root) / sample["video"], decoder)
             if why:
                 report.mismatched_videos.append(why)
         report.notes.append(f"checked {len(first_views)} videos against their recorded facts")
@@ -129,17 +131,16 @@ def verify_store(
     for i in sorted(int(i) for i in chosen):
         sample = store.sample(i)
         path = Path(video_root) / sample["video"]
-        why = video_mismatch(sample, path)
+        why = video_mismatch(sample, path, decoder)
         if why:
             report.problems.append(f"sample {i} not recomputed: {why}")
             continue
         plan = ViewPlan.from_dict(sample)
         if _replanned(store, sample) != plan:
             report.problems.append(f"sample {i}: the recorded plan is not what the recorded seed gives")
-        frames = read_frames(path, plan.sparse_indices)
-        images = render_frames(frames, plan, backbone.image_size, backbone.mean, backbone.std)
+        frames = render_frames(get_decoder(decoder).read(path, plan.sparse_indices), plan, backbone.image_size)
         with torch.inference_mode():
-            tokens, _ = encoder(images)
+            tokens, _ = encoder(normalize_frames(frames, backbone.mean, backbone.std))
         error = _relative_error(store.features(i).astype(np.float32), tokens.numpy())
         report.checked_samples.append({"sample": i, "video": sample["video"], "relative_error": error})
         if not error <= tolerance:

@@ -17,8 +17,8 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-import torch.nn.functional as F
 from click.testing import CliRunner
+from PIL import Image, ImageOps
 
 import cli
 from storage import FeatureStore, SampleStatus
@@ -54,26 +54,27 @@ def train_store(tmp_path_factory, motion_dataset, tiny_checkpoint) -> Path:
 
 
 def independent_tokens(video: Path, sample: dict, ckpt: Path, layer: int) -> np.ndarray:
-    """Recompute one layer with code that shares nothing with the pipeline: PyAV decode, hand-written
-    crop/resize/flip/grayscale/normalise, a freshly built open_clip model and forward_intermediates."""
+    """Recompute one layer with code that shares nothing with the pipeline: PyAV decode, PIL's crop, resize,
+    mirror and 601 luma (the uint8 rendering torch's kernel ports), hand-written normalisation, a freshly
+    built open_clip model and forward_intermediates."""
     with av.open(str(video)) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        frames = [f.to_image() for f in container.decode(video=0)]
     x, y, w, h = sample["crop"]
     clip = open_clip.create_model("dist-tiny", pretrained=str(ckpt)).eval()
-    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(3, 1, 1)
     images = []
     for index in sample["sparse_indices"]:
-        img = torch.from_numpy(frames[int(index)][y : y + h, x : x + w]).permute(2, 0, 1).float()[None]
-        img = F.interpolate(img, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
+        img = frames[int(index)].crop((x, y, x + w, y + h)).resize((64, 64), Image.BILINEAR)
         if sample["flip"]:
-            img = img.flip(-1)
+            img = ImageOps.mirror(img)
         if sample["grayscale"]:
-            img = (img * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True).expand(-1, 3, -1, -1)
-        images.append((img / 255 - mean) / std)
+            img = img.convert("L").convert("RGB")
+        pixels = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float()
+        images.append((pixels / 255 - mean) / std)
     with torch.no_grad():
         out = clip.visual.forward_intermediates(
-            torch.cat(images), indices=[layer], output_fmt="NLC", output_extra_tokens=True, intermediates_only=True
+            torch.stack(images), indices=[layer], output_fmt="NLC", output_extra_tokens=True, intermediates_only=True
         )
     return torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1).numpy()
 
@@ -308,9 +309,9 @@ def test_verify_all_videos_lists_copies_that_are_not_the_extracted_ones(motion_d
     replaced, reencoded = store.sample(0)["video"], store.sample(1)["video"]
     (moved / replaced).write_bytes((moved / store.sample(2)["video"]).read_bytes())
     from dist_cache.synthetic import write_video
-    from dist_cache.video import read_frames
+    from dist_cache.decoders import get_decoder
 
-    frames = read_frames(moved / reencoded, range(store.sample(1)["num_frames"]))
+    frames = get_decoder().read(moved / reencoded, range(store.sample(1)["num_frames"]))
     write_video(moved / reencoded, frames, fps=16)
     bad = run_cli("verify", out, "--video-root", moved, "--all-videos", "--samples", "1")
     assert bad.exit_code == 1

@@ -5,7 +5,7 @@ import pytest
 
 from dist_cache.manifests import load_manifest
 from dist_cache.synthetic import DIRECTIONS, make_motion_dataset, motion_clip, truncate_file, write_video
-from dist_cache.video import probe_video, read_frames
+from dist_cache.decoders import get_decoder
 
 CLASSES = ("left", "right", "up", "down")
 
@@ -23,7 +23,7 @@ def test_files_decode_and_splits_are_balanced(dataset):
     on_disk = sorted(str(p.relative_to(dataset / "videos")) for p in (dataset / "videos").rglob("*.mp4"))
     assert sorted(train.videos + val.videos) == on_disk and len(on_disk) == 16
     for video in val.videos:
-        facts = probe_video(dataset / "videos" / video)
+        facts = get_decoder().probe(dataset / "videos" / video)
         assert (facts.num_frames, facts.fps, facts.width, facts.height) == (32, 16.0, 64, 64)
 
 
@@ -40,7 +40,7 @@ def test_decoded_square_moves_in_the_class_direction(dataset):
     manifest = load_manifest(dataset / "train.csv", video_root=dataset / "videos")
     for video, label in zip(manifest.videos, manifest.labels):
         dx, dy = DIRECTIONS[manifest.class_names[label]]
-        centres = square_centres(read_frames(dataset / "videos" / video, range(32)))
+        centres = square_centres(get_decoder().read(dataset / "videos" / video, range(32)))
         along, across = (centres[:, 0], centres[:, 1]) if dx else (centres[:, 1], centres[:, 0])
         step = np.polyfit(np.arange(32), along, 1)[0]
         assert step * (dx + dy) > 0.8  # at least 0.6 * 52 px over 31 frames, the right way
@@ -72,7 +72,7 @@ def test_write_video_and_truncate_file(tmp_path):
     frames = np.random.default_rng(0).integers(0, 256, size=(6, 32, 64, 3), dtype=np.uint8)
     path = tmp_path / "v.mp4"
     write_video(path, frames, fps=10)
-    assert probe_video(path).num_frames == 6
+    assert get_decoder().probe(path).num_frames == 6
     size = path.stat().st_size
     truncate_file(path, 0.5)
     assert path.stat().st_size == size // 2

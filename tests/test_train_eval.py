@@ -19,12 +19,15 @@ import torch
 
 from dist_cache.backbone import load_backbone, load_recorded_backbone
 from dist_cache.errors import UserError
+from dist_cache.sampling import ViewPlan
 from dist_cache.synthetic import truncate_file
+from dist_cache.transforms import normalize_frames
 from pipelines.checkpoint import load_checkpoint
 from pipelines.data import EpochSampler, StoreClips, VideoUnreadable, make_loader
 from pipelines.evaluate import EvalOptions, evaluate, format_report
-from pipelines.extract import ExtractOptions, extract
+from pipelines.extract import ExtractOptions, extract, render_spec
 from pipelines.plots import read_metrics
+from pipelines.prepare import prepare_video
 from pipelines.train import TrainOptions, train
 from storage import FeatureStore, SampleStatus
 
@@ -110,15 +113,25 @@ def test_round_trip_train_then_eval(stores, run, tmp_path):
     assert "top-1" in format_report(report) and "skipped" not in format_report(report)
 
 
-def test_dataset_frames_are_the_pixels_clip_saw(stores, tiny_checkpoint):
+def test_dataset_frames_are_the_pixels_clip_saw(stores):
     store = FeatureStore.open(stores["train"])
     dataset = StoreClips(store, stores["videos"], gamma=2, layers=list(store.schema.layers))
     item = dataset[3]
-    assert item["frames"].shape == (8, 3, 64, 64) and item["features"].dtype == torch.float16
-    encoder = load_recorded_backbone(store.schema.backbone).spatial_encoder(list(store.schema.layers))
-    tokens, _ = encoder(item["frames"][::2])
-    assert torch.allclose(tokens, item["features"].float(), atol=2e-2, rtol=1e-2)
+    assert item["frames"].shape == (8, 64, 64, 3) and item["frames"].dtype == torch.uint8
+    assert item["features"].dtype == torch.float16
     assert not torch.equal(item["frames"][0], item["frames"][1])  # the dense frames in between are others
+    # Byte for byte what the extraction worker rendered for this view and CLIP saw ...
+    backbone = load_recorded_backbone(store.schema.backbone)
+    opts = ExtractOptions(manifest="", video_root="", out="", frames=4, views=2, split="train")
+    sample = store.sample(3)
+    video, view = int(sample["video_index"]), int(sample["view"])
+    prepared = prepare_video(str(Path(stores["videos"]) / sample["video"]), video, render_spec(opts, backbone))
+    assert prepared.plans[view] == ViewPlan.from_dict(sample)
+    assert torch.equal(item["frames"][::2], torch.from_numpy(prepared.images[4 * view : 4 * view + 4]))
+    # ... whose features are the stored ones, once normalised.
+    encoder = backbone.spatial_encoder(list(store.schema.layers))
+    tokens, _ = encoder(normalize_frames(item["frames"][::2], dataset.mean, dataset.std))
+    assert torch.allclose(tokens, item["features"].float(), atol=2e-2, rtol=1e-2)
 
 
 def test_resume_after_kill_matches_an_uninterrupted_run(stores, tmp_path):

@@ -1,9 +1,12 @@
-"""Decoding videos with decord, and a killable process pool to do it in.
+"""A process pool for decode jobs that can kill a job at its deadline, and closes at once.
 
-decord can hang in native code on corrupt files while holding the GIL (dmlc/decord #373), so a
-thread cannot time it out: `DecodePool` runs decode jobs in worker processes and kills a worker
-that overruns its deadline. Every failure of one video is a `DecodeError`, which the extractor
-records for that video before moving on.
+decord can hang in native code on corrupt files while holding the GIL (dmlc/decord #373), so a thread
+cannot time it out: `DecodePool` runs jobs in worker processes and kills a worker that overruns its deadline.
+Every worker is single-threaded (torch, OpenMP, BLAS, OpenCV): the pool's parallelism is its processes, and a
+library spreading each small job over every core in each of N processes only oversubscribes the machine.
+
+This module imports only the standard library (and the stdlib-only `dist_cache.errors`), so a worker sets
+its thread limits before anything it runs (its preloads, its jobs) imports a library that reads them.
 """
 
 from __future__ import annotations
@@ -14,112 +17,51 @@ import importlib
 import multiprocessing
 import multiprocessing.connection
 import os
-import re
+import sys
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Literal
 
-import decord
-import numpy as np
+from dist_cache.errors import DecodeError
 
-from dist_cache.errors import first_line
-
-# Recorded in every store: frame counts and pixels drift between decoders and FFmpeg builds.
-DECODER = {"name": "decord", "version": decord.__version__}
-
-
-class DecodeError(RuntimeError):
-    """One video cannot be decoded; a one-line message that starts with its path."""
-
-
-@dataclass
-class VideoFacts:
-    num_frames: int
-    fps: float
-    width: int
-    height: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> VideoFacts:
-        return cls(int(d["num_frames"]), float(d["fps"]), int(d["width"]), int(d["height"]))
+# Read once, when each library loads: the worker sets them first thing.
+SINGLE_THREAD_ENV = {
+    "OMP_NUM_THREADS": "1",  # torch's CPU ops (OpenMP), and OpenMP-built BLAS
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",  # numpy's BLAS
+    "VECLIB_MAXIMUM_THREADS": "1",  # macOS Accelerate
+    "NUMEXPR_NUM_THREADS": "1",
+    "OPENCV_FOR_THREADS_NUM": "1",  # OpenCV's parallel_for, should a job use it
+}
+# Cores `auto_workers` leaves to the process that consumes the decoded frames: one for its main loop
+# (batching, the device copies and kernel launches of extraction) and one for its store writer threads
+# (compression, checksums, file writes). The dispatcher thread of the pool itself sleeps in wait().
+MAIN_PROCESS_CORES = 2
+# How long close() lets idle workers exit on their own before killing them; they need milliseconds.
+CLOSE_GRACE_S = 0.5
 
 
-def _reason(exc: Exception) -> str:
-    """The useful part of a decord error: its first line, without the native timestamp and source location."""
-    return re.sub(r"^(\[[\d:]+\] \S+:\d+: )+", "", first_line(exc, limit=1000))
-
-
-def _open(path: str | os.PathLike) -> decord.VideoReader:
-    if not os.path.isfile(path):
-        raise DecodeError(f"{path}: file not found")
+def usable_cores() -> int:
+    """Cores this process may run on: its CPU affinity (taskset, cpusets), capped by a cgroup v2 CPU quota
+    (a container's --cpus), which os.cpu_count() both ignore."""
     try:
-        return decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=1)
-    except Exception as exc:  # decord raises its own DECORDError (a bare Exception) for every failure
-        raise DecodeError(f"{path}: cannot open as a video ({_reason(exc)})") from exc
-
-
-def _decode_one(path: str | os.PathLike, index: int) -> np.ndarray:
-    """Frame `index` from a fresh reader (a failed seek can leave decord's reader unusable)."""
-    vr = _open(path)
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
     try:
-        return vr.get_batch([index]).asnumpy()[0]
-    except Exception as exc:
-        raise DecodeError(f"{path}: frame {index} of {len(vr)} does not decode ({_reason(exc)})") from exc
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
-def _decodes(path: str | os.PathLike, index: int) -> bool:
-    try:
-        _decode_one(path, index)
-        return True
-    except DecodeError:
-        return False
-
-
-def probe_video(path: str | os.PathLike) -> VideoFacts:
-    """Frame count, fps and size, where the count is the frames that really decode.
-
-    A truncated file can over-report its frames (its index is written first); then the last decodable
-    frame is found by bisection, so the video stays usable up to where it was cut.
-    """
-    vr = _open(path)
-    n, fps = len(vr), float(vr.get_avg_fps())
-    if n == 0:
-        raise DecodeError(f"{path}: no video frames")
-    try:
-        frame = _decode_one(path, n - 1)
-    except DecodeError:
-        frame = _decode_one(path, 0)  # when even the first frame fails, its reason is the error
-        good, bad = 0, n - 1  # invariant: frame `good` decodes, frame `bad` does not
-        while bad - good > 1:
-            mid = (good + bad) // 2
-            good, bad = (mid, bad) if _decodes(path, mid) else (good, mid)
-        n = good + 1
-    return VideoFacts(num_frames=n, fps=fps, height=int(frame.shape[0]), width=int(frame.shape[1]))
-
-
-def read_frames(path: str | os.PathLike, indices: Iterable[int]) -> np.ndarray:
-    """uint8 frames (n, H, W, 3) in the order of `indices` (repeats allowed).
-
-    Indices are clamped to the container's frame count; plan them from `probe_video`'s count, which excludes
-    frames lost to truncation, since asking for those raises DecodeError.
-    """
-    vr = _open(path)
-    n = len(vr)
-    if n == 0:
-        raise DecodeError(f"{path}: no video frames")
-    wanted = np.clip(np.asarray(list(indices), dtype=np.int64), 0, n - 1)
-    # Decode each distinct frame once, in file order (seeks only go forward), then gather.
-    unique, inverse = np.unique(wanted, return_inverse=True)
-    try:
-        batch = vr.get_batch(unique.tolist()).asnumpy()
-    except Exception as exc:
-        raise DecodeError(f"{path}: decoding {len(unique)} frames failed ({_reason(exc)})") from exc
-    return batch[inverse.reshape(-1)]
+def auto_workers() -> int:
+    """`--decode-workers auto`: the usable cores less those the main process needs, at least 1."""
+    return max(1, usable_cores() - MAIN_PROCESS_CORES)
 
 
 class _RemoteTraceback(Exception):
@@ -130,12 +72,19 @@ class _RemoteTraceback(Exception):
 
 
 def _worker_main(conn: multiprocessing.connection.Connection, preload: tuple[str, ...]) -> None:
+    os.environ.update(SINGLE_THREAD_ENV)
     for module in preload:
         importlib.import_module(module)
+    if "torch" in sys.modules:  # imported before this ran (by the parent's main module, re-imported by spawn)
+        sys.modules["torch"].set_num_threads(1)
     while True:
         job = conn.recv()
         if job is None:
-            return
+            # Exit without the interpreter's teardown, which takes torch most of a second and has nothing
+            # to save here (no files open, results sent).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         fn, args = job
         try:
             reply = ("ok", fn(*args))
@@ -148,7 +97,7 @@ def _worker_main(conn: multiprocessing.connection.Connection, preload: tuple[str
 
 
 def _describe(fn: Callable, args: tuple) -> str:
-    """`/x/a.mp4: probe_video` for a decode job (path first, like every DecodeError), else `sleep(60)`."""
+    """`/x/a.mp4: prepare_video` for a decode job (path first, like every DecodeError), else `sleep(60)`."""
     name = getattr(fn, "__name__", "job")
     if args and isinstance(args[0], (str, os.PathLike)):
         return f"{args[0]}: {name}"
@@ -171,23 +120,30 @@ class _Worker:
 
 
 class DecodePool:
-    """Worker processes that run picklable jobs (`probe_video`, `read_frames`, or a module-level function that
-    calls them) with a per-job timeout.
+    """Worker processes that run picklable jobs (a decoder's methods, or a module-level function that calls
+    them) with a per-job timeout.
 
     A job that overruns `timeout` seconds, or whose worker dies, fails with `DecodeError`; the worker is killed
     and replaced, so the pool keeps working. Any number of jobs may be submitted; `workers` of them run at once.
     """
 
-    def __init__(self, workers: int = 2, timeout: float = 60.0, context: str = "spawn", preload: tuple[str, ...] = ()):
-        """`preload`: modules each worker imports as it starts, so that a pool created early has paid for
-        its imports (seconds, for torch) by the time the first job arrives."""
-        if workers < 1 or timeout <= 0:
-            raise ValueError("DecodePool needs workers >= 1 and timeout > 0")
+    def __init__(
+        self,
+        workers: int | Literal["auto"] = 2,
+        timeout: float = 60.0,
+        context: str = "spawn",
+        preload: tuple[str, ...] = (),
+    ):
+        """`workers`: a count, or "auto" (`auto_workers()`). `preload`: modules each worker imports as it starts,
+        so that a pool created early has paid for its imports (seconds, for torch) by the first job."""
+        count = auto_workers() if workers == "auto" else workers
+        if not isinstance(count, int) or count < 1 or timeout <= 0:
+            raise ValueError(f"DecodePool needs workers >= 1 (or 'auto') and timeout > 0, got {workers!r}, {timeout!r}")
         self.timeout = timeout
         # spawn, not fork: the parent may hold CUDA contexts or zarr's asyncio threads, which fork breaks.
         self._ctx = multiprocessing.get_context(context)
         self._preload = tuple(preload)
-        self._workers = [_Worker(self._ctx, self._preload) for _ in range(workers)]
+        self._workers = [_Worker(self._ctx, self._preload) for _ in range(count)]
         self._queue: collections.deque = collections.deque()
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
@@ -195,6 +151,10 @@ class DecodePool:
         self._kill = False
         self._thread = threading.Thread(target=self._run, name="DecodePool", daemon=True)
         self._thread.start()
+
+    @property
+    def workers(self) -> int:
+        return len(self._workers)
 
     def submit(self, fn: Callable, *args: Any) -> concurrent.futures.Future:
         """Queue `fn(*args)`; the future's `.result()` returns its value or raises its exception."""
@@ -227,8 +187,8 @@ class DecodePool:
             yield pending.pop(future), future
 
     def close(self, kill: bool = False) -> None:
-        """Stop the workers; jobs not yet finished are cancelled. `kill` skips letting idle workers exit on
-        their own (they may still be importing their preloads): for giving up on the pool after an error."""
+        """Stop the workers, within about CLOSE_GRACE_S whatever their number; jobs not yet finished are
+        cancelled. `kill` skips letting idle workers exit on their own: for giving up on the pool after an error."""
         with self._lock:
             if self._closed:
                 return
@@ -304,15 +264,24 @@ class DecodePool:
         future.set_exception(error)
 
     def _shutdown(self) -> None:
+        """Tell every worker to stop at once, then wait for them all against one deadline: a worker still
+        importing its preloads, or busy with a job being cancelled, is killed rather than waited for."""
         for w in self._workers:
             if w.job is not None:
                 w.job[0].set_exception(RuntimeError("DecodePool closed before the job finished"))
-                w.kill()
+                w.process.kill()
             elif self._kill:
-                w.kill()
+                w.process.kill()
             else:
-                w.conn.send(None)
-                w.process.join(timeout=5)
-                w.kill()  # a no-op for a worker that has exited
+                try:
+                    w.conn.send(None)
+                except OSError:  # it died already
+                    w.process.kill()
+        deadline = time.monotonic() + CLOSE_GRACE_S
+        for w in self._workers:
+            w.process.join(timeout=max(0.0, deadline - time.monotonic()))
+        for w in self._workers:
+            w.kill()  # a straggler is killed; for a worker that has exited this only reaps it
         while self._queue:
             self._queue.popleft()[0].cancel()
+

@@ -1,0 +1,228 @@
+"""Decode pool vs bare decord readers: clips/s of what an extraction worker does per video (probe, plan,
+decode, render to uint8: `pipelines.prepare.prepare_video` in `DecodePool`) against a bare process pool of
+decord readers that only open each video and decode the same frames, same worker count, same K400-like
+videos (340x256, 25 fps H.264, 10 s; generated here), timed bare / pool / bare in one run.
+
+Also, in this process on one thread (as in a worker): the time per frame of rendering one view before (the
+float path: crop, float32 antialiased resize, flip, grayscale, normalise, as dist-cache 0.1 did in the
+worker) and after (`render_frames`: uint8 throughout; normalising moved to the device), and the median time
+per video of each step: a bare decode, `probe_and_read` (decord and PyAV), the whole `prepare_video`.
+
+    python -m benchmarks.decode_pool [--quick] [--workers N|auto]
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from benchmarks._common import parse, report
+
+FPS, WIDTH, HEIGHT, IMAGE_SIZE, FRAMES = 25, 340, 256, 224, 8
+LUMA = (0.299, 0.587, 0.114)
+MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
+
+
+def k400_like(path: Path, seconds: float, rng: np.random.Generator) -> None:
+    """A textured scene panning behind a moving block, with sensor noise: detail and motion enough that
+    H.264 spends bits on every frame, as on a real clip (a static or flat clip decodes unrealistically fast)."""
+    from dist_cache.synthetic import write_video
+
+    n = int(seconds * FPS)
+    scene = np.kron(rng.integers(0, 256, size=(HEIGHT // 8, (WIDTH + 2 * n) // 8 + 1, 3)), np.ones((8, 8, 1)))
+    frames = np.empty((n, HEIGHT, WIDTH, 3), dtype=np.uint8)
+    for t in range(n):
+        frame = scene[:, 2 * t : 2 * t + WIDTH] + rng.normal(0, 6, size=(HEIGHT, WIDTH, 3))
+        x = int((WIDTH - 64) * (0.5 + 0.5 * np.sin(t / 20)))
+        frame[96:160, x : x + 64] = (220, 60, 60)
+        frames[t] = np.clip(frame, 0, 255)
+    write_video(path, frames, fps=FPS)
+
+
+def bare_read(path: str, indices: list[int]) -> np.ndarray:
+    """What a bare reader does: open (decord indexes the file), count, decode the frames; nothing checked."""
+    import decord
+
+    vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    len(vr)
+    return vr.get_batch(indices).asnumpy()
+
+
+def float_render(frames: np.ndarray, plan, image_size: int) -> torch.Tensor:
+    """dist-cache 0.1's rendering, for comparison: per frame, float32 throughout, normalised on the CPU."""
+    frames = torch.as_tensor(frames)
+    x, y, w, h = plan.crop
+    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
+    luma = torch.tensor(LUMA).view(3, 1, 1)
+    out = torch.empty((frames.shape[0], 3, image_size, image_size))
+    for i, frame in enumerate(frames):
+        img = frame[y : y + h, x : x + w].permute(2, 0, 1).float().unsqueeze(0)
+        img = F.interpolate(img, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)[0]
+        if plan.flip:
+            img = img.flip(-1)
+        if plan.grayscale:
+            img = (img * luma).sum(0, keepdim=True).expand(3, -1, -1)
+        out[i] = (img / 255.0 - mean) / std
+    return out
+
+
+def planned(num_frames: int, video_index: int, spec) -> list[int]:
+    """The frames prepare_video decodes for this video (planned from the facts the generator wrote)."""
+    from dist_cache.sampling import plan_views
+
+    plans = plan_views(num_frames, WIDTH, HEIGHT, frames=spec.frames, views=spec.views, split=spec.split, seed=spec.seed,
+                       video_index=video_index, scale=spec.scale, ratio=spec.ratio, flip_p=spec.flip_p,
+                       grayscale_p=spec.grayscale_p)
+    return sorted({i for p in plans for i in p.sparse_indices})
+
+
+def time_renders(videos: list[Path], spec, reps: int) -> dict:
+    """ms per frame of one view's rendering, float path vs uint8 path, on one thread, on decoded frames."""
+    from dist_cache.decoders import get_decoder
+    from dist_cache.sampling import plan_views
+    from dist_cache.transforms import render_frames
+
+    decoder = get_decoder("decord")
+    cases = []
+    for v, path in enumerate(videos):
+        facts = decoder.probe(path)
+        for plan in plan_views(facts.num_frames, facts.width, facts.height, frames=FRAMES, views=spec.views,
+                               split="train", seed=spec.seed, video_index=v):
+            cases.append((decoder.read(path, plan.sparse_indices), plan))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        timings = {}
+        for name, render in (("float", float_render), ("uint8", render_frames)):
+            for frames, plan in cases:  # warm-up
+                render(frames, plan, IMAGE_SIZE)
+            start = time.perf_counter()
+            for _ in range(reps):
+                for frames, plan in cases:
+                    out = render(frames, plan, IMAGE_SIZE)
+            timings[name] = (time.perf_counter() - start) / (reps * len(cases) * FRAMES)
+            timings[f"{name}_bytes_per_frame"] = out[0].numel() * out.element_size()
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        "float_ms_per_frame": round(1e3 * timings["float"], 3),
+        "uint8_ms_per_frame": round(1e3 * timings["uint8"], 3),
+        "speedup": round(timings["float"] / timings["uint8"], 2),
+        "bytes_per_frame_float32": timings["float_bytes_per_frame"],
+        "bytes_per_frame_uint8": timings["uint8_bytes_per_frame"],
+    }
+
+
+def serial_split(videos: list[Path], num_frames: int, spec, rounds: int) -> dict:
+    """One process, one thread: median seconds per video of the bare decode, of probe_and_read (both
+    backends), and of the whole prepare_video (probe_and_read and rendering), interleaved video by video so
+    that a busy moment of the machine hits them all alike."""
+    from dist_cache.decoders import get_decoder
+    from pipelines.prepare import prepare_video
+
+    def checked(name: str, path: Path, v: int) -> None:
+        get_decoder(name).probe_and_read(path, lambda facts: planned(facts.num_frames, v, spec))
+
+    steps = {
+        "bare_decode": lambda path, v: bare_read(str(path), planned(num_frames, v, spec)),
+        "probe_and_read_decord": lambda path, v: checked("decord", path, v),
+        "probe_and_read_pyav": lambda path, v: checked("pyav", path, v),
+        "prepare_video": lambda path, v: prepare_video(str(path), v, spec),
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for step in steps.values():  # warm-up: imports, first calls
+            step(videos[0], 0)
+        seconds: dict[str, list[float]] = {name: [] for name in steps}
+        for _ in range(rounds):
+            for v, path in enumerate(videos):
+                for name, step in steps.items():
+                    start = time.perf_counter()
+                    step(path, v)
+                    seconds[name].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    median = {f"{name}_s_per_video": round(float(np.median(t)), 4) for name, t in seconds.items()}
+    median["prepare_over_bare"] = round(median["prepare_video_s_per_video"] / median["bare_decode_s_per_video"], 3)
+    return median
+
+
+def run_bare(executor, jobs) -> float:
+    start = time.perf_counter()
+    for future in [executor.submit(bare_read, *job) for job in jobs]:
+        future.result()
+    return time.perf_counter() - start
+
+
+def run_pool(pool, jobs) -> float:
+    from pipelines.prepare import prepare_video
+
+    start = time.perf_counter()
+    for _, future in pool.map_unordered(prepare_video, jobs):
+        future.result()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    args = parse(__doc__.splitlines()[0], extra=lambda p: p.add_argument(
+        "--workers", default="auto", help="processes in each pool (default: auto, as `--decode-workers auto`)"))
+    from dist_cache.decode_pool import DecodePool, auto_workers
+    from pipelines.extract import DECODE_PRELOAD
+    from pipelines.prepare import RenderSpec
+
+    workers = auto_workers() if args.workers == "auto" else int(args.workers)
+    count, seconds = (4, 2.0) if args.quick else (32, 10.0)
+    spec = RenderSpec(frames=FRAMES, views=1, split="train", seed=0, image_size=IMAGE_SIZE, scale=(0.4, 1.0),
+                      ratio=(3 / 4, 4 / 3), flip_p=0.5, grayscale_p=0.2, decoder="decord")
+    tmp = Path(tempfile.mkdtemp(prefix="dist-bench-decode-"))
+    try:
+        rng = np.random.default_rng(0)
+        videos = [tmp / f"{i}.mp4" for i in range(count)]
+        num_frames = int(seconds * FPS)
+        for path in videos:
+            k400_like(path, seconds, rng)
+        bare_jobs = [(str(p), planned(num_frames, v, spec)) for v, p in enumerate(videos)]
+        pool_jobs = [(str(p), v, spec) for v, p in enumerate(videos)]
+        renders = time_renders(videos[:2], spec, reps=2 if args.quick else 5)
+        split = serial_split(videos[: min(count, 8)], num_frames, spec, rounds=1 if args.quick else 3)
+
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as executor, \
+                DecodePool(workers, timeout=600, preload=DECODE_PRELOAD) as pool:
+            # Warm-up: every worker started and has imported what it needs; only then is anything timed.
+            run_bare(executor, bare_jobs[:workers] * 2)
+            run_pool(pool, pool_jobs[:workers] * 2)
+            bare_first = run_bare(executor, bare_jobs)
+            pool_s = run_pool(pool, pool_jobs)
+            bare_second = run_bare(executor, bare_jobs)
+            start = time.perf_counter()
+            pool.close()
+            close_s = time.perf_counter() - start
+        bare_s = (bare_first + bare_second) / 2
+        clips = count * spec.views
+        ratio = round(bare_s / pool_s, 3)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report(
+        parameters={"videos": count, "seconds": seconds, "size": f"{WIDTH}x{HEIGHT}", "fps": FPS, "codec": "H.264 (libx264 veryfast crf 18)",
+                    "workers": workers, "frames": FRAMES, "views": spec.views, "image_size": IMAGE_SIZE,
+                    "split": "train (random crop, flip, grayscale)", "decoder": spec.decoder},
+        results={"pool_clips_per_s": round(clips / pool_s, 3), "bare_clips_per_s": round(clips / bare_s, 3),
+                 "pool_s": round(pool_s, 3), "bare_s": [round(bare_first, 3), round(bare_second, 3)],
+                 "pool_close_s": round(close_s, 3), "render": renders, "serial_one_thread": split},
+        ratio=ratio,
+        goal="decode pool (probe, plan, decode, render) >= 90% of the clips/s of bare decord readers",
+        verdict="met" if ratio >= 0.9 else "missed",
+    )
+
+
+if __name__ == "__main__":
+    main()
