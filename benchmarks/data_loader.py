@@ -34,7 +34,7 @@ def main() -> None:
     n = len(store)
     epochs = 1 if args.quick else 2
     B, workers, gamma = 2, 2, 2
-    ds = StoreClips(store, VIDEO_ROOT, gamma, store.layers, frames=True)
+    ds = StoreClips(store, VIDEO_ROOT, gamma, list(store.schema.layers), frames=True)
 
     # (a) raw sequential read of the feature bytes (every file of the features array)
     files = sorted(f for f in (Path(STORE) / "features").rglob("*") if f.is_file())
@@ -59,7 +59,7 @@ def main() -> None:
     dec_cps = n / (time.perf_counter() - t0)
 
     # the loader
-    sampler = EpochSampler(np.arange(n), store.views_per_video, B, seed=0, train=False)
+    sampler = EpochSampler(np.arange(n), store.schema.views_per_video, B, seed=0, train=False)
     loader = make_loader(ds, sampler, workers=workers, device=device)
     sampler.set_epoch(0)
     t_first = time.perf_counter()
@@ -78,7 +78,7 @@ def main() -> None:
     bottleneck = "decode+render of the dense frames" if dec_cps < raw_cps else "feature read"
     report(
         parameters={"store": STORE, "samples": n, "bytes_per_clip": nbytes // n, "batch": B, "workers": workers,
-                    "gamma": gamma, "dense_frames": gamma * store.num_frames, "epochs_timed": epochs + 1,
+                    "gamma": gamma, "dense_frames": gamma * store.schema.num_frames, "epochs_timed": epochs + 1,
                     "device": str(device)},
         results={"loader_clips_per_s": round(loader_cps, 3), "loader_startup_s": round(startup, 2),
                  "raw_feature_read_clips_per_s": round(raw_cps, 2),

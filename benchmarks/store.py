@@ -8,6 +8,7 @@ Reports bytes per clip on disk, write MB/s (logical fp16 MB, without and with os
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -34,18 +35,16 @@ def main() -> None:
     from storage import FeatureStore, StoreWriter
 
     src = FeatureStore.open(STORE)
-    K = src.views_per_video
-    nvid = 1 if args.quick else src.num_videos
+    K = src.schema.views_per_video
+    nvid = 1 if args.quick else src.schema.num_videos
     videos = [src.videos[v] for v in range(nvid)]
     labels = [int(src.labels[v]) for v in range(nvid)]
     feats = [np.stack([src.features(v * K + k) for k in range(K)]) for v in range(nvid)]  # (K, L, T, N+1, C) fp16
     embeds = [np.stack([src.clip_embeddings(v * K + k) for k in range(K)]) for v in range(nvid)]
-    recs = [src._record(v) for v in range(nvid)]
+    recs = [src.record(v) for v in range(nvid)]
     clips = nvid * K
     logical = sum(f.nbytes for f in feats)  # fp16 bytes
-    base = dict(src.schema)
-    base["num_videos"] = nvid
-    base["class_names"] = list(src.class_names)
+    base = dataclasses.replace(src.schema, num_videos=nvid, videos_sha256=None)
 
     tmp = Path(tempfile.mkdtemp(prefix="dist-bench-store-", dir=os.environ.get("DIST_BENCH_TMP")))
     rows = {}
@@ -54,13 +53,13 @@ def main() -> None:
             for codec in ("none", "zstd", "blosc-zstd", "blosc-lz4"):
                 name = f"{dtype}/{codec}"
                 path = tmp / f"{dtype}-{codec}.zarr"
-                schema = {**base, "dtype": dtype, "codec": codec}
+                schema = dataclasses.replace(base, dtype=dtype, codec=codec)
                 w = StoreWriter.open(str(path), schema=schema, videos=videos, labels=labels,
                                      text_features=np.asarray(src.text_features))
                 t0 = time.perf_counter()
                 for v in range(nvid):
-                    w.write_video(v, facts=recs[v]["facts"], plans=recs[v]["views"], features=feats[v],
-                                  clip_embeds=embeds[v])
+                    w.write_video(v, facts=recs[v].facts, plans=[view.plan() for view in recs[v].views],
+                                  features=feats[v], clip_embeds=embeds[v])
                 t_write = time.perf_counter() - t0
                 os.sync()
                 t_sync = time.perf_counter() - t0

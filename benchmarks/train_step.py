@@ -134,7 +134,7 @@ def main() -> None:
         for name, net, step, feat_layers in (("cached", cached, step_cached, layers), ("online", online, step_online, None)):
             ds = StoreClips(store, VIDEO_ROOT, gamma, feat_layers, frames=True)
             # test-split store: iterate every sample (3 videos x 3 views) in index order, cycling epochs
-            sampler = EpochSampler(usable, store.views_per_video, B, seed=0, train=False)
+            sampler = EpochSampler(usable, store.schema.views_per_video, B, seed=0, train=False)
             loader = make_loader(ds, sampler, workers=workers, device=device)
             times, done, epoch = [], 0, 0
             t0 = None

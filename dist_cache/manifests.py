@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import UserError
+from .paths import resolve_under
 
 FORMATS = ("csv", "kinetics", "ssv2", "mmaction")
 _KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
@@ -107,6 +108,11 @@ def load_manifest(
     if not rows:
         raise ManifestError(f"manifest {path} lists no videos; add rows or pick another file")
     root = Path(video_root) if video_root is not None else None
+    for where, rel, _ in rows:
+        try:
+            resolve_under(root or ".", rel, f"{path.name} {where}")
+        except UserError as err:
+            raise ManifestError(str(err)) from None
     labels = label_map.index([(where, label) for where, _, label in rows])
     return Manifest(videos=[_resolve(root, rel, fmt) for _, rel, _ in rows], labels=labels, class_names=label_map.names)
 

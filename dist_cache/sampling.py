@@ -60,6 +60,17 @@ def dense_indices(plan: ViewPlan, gamma: int, num_frames: int) -> np.ndarray:
     return np.minimum(num_frames - 1, sparse[:, None] + offsets).reshape(-1)
 
 
+def dense_subset(stored_gamma: int, gamma: int, frames: int) -> np.ndarray:
+    """int64 (gamma * T,): positions, in the dense frames stored for `stored_gamma`, of those for `gamma`.
+
+    dense_indices(plan, gamma)[m] == dense_indices(plan, stored_gamma)[dense_subset(stored_gamma, gamma, T)[m]]
+    whenever gamma divides stored_gamma (j / gamma == j * r / (r * gamma) exactly in floating point)."""
+    if gamma < 1 or stored_gamma % gamma:
+        raise ValueError(f"gamma {gamma} does not divide the stored dense gamma {stored_gamma}")
+    step = stored_gamma // gamma
+    return (np.arange(frames)[:, None] * stored_gamma + np.arange(gamma)[None, :] * step).reshape(-1)
+
+
 def _segment_frames(num_frames: int, frames: int, offsets: np.ndarray) -> tuple[tuple[int, ...], float]:
     """Frame floor((k + offset_k) * window) in each of `frames` equal segments; a video shorter than
     `frames` repeats frames, since window < 1 then."""

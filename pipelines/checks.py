@@ -6,7 +6,6 @@ run that trains without error on features from another backbone.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -14,14 +13,12 @@ import numpy as np
 from dist_cache.backbone import resolve_layers
 from dist_cache.errors import UserError
 from dist_cache.model import DiSTConfig
-from storage import FeatureStore
-from storage.records import STATUS_CODES
+from dist_cache.paths import resolve_under
+from storage import FeatureStore, SampleStatus
 from storage.schema import format_value
 
 # What makes two backbones produce the same features (the path the weights were loaded from does not).
 BACKBONE_IDENTITY = ("model", "weights_sha256", "image_size", "patch_size", "width", "embed_dim")
-
-PENDING, DONE, FAILED = STATUS_CODES["pending"], STATUS_CODES["done"], STATUS_CODES["failed"]
 
 
 def open_store(url: str, flag: str, storage_options: dict | None = None) -> FeatureStore:
@@ -37,13 +34,13 @@ def usable_samples(store: FeatureStore, flag: str) -> tuple[np.ndarray, int]:
     A store still being extracted is refused: its sample set would change under a running (or resumed) job.
     """
     status = store.status
-    pending = int((status == PENDING).sum())
-    if pending:
+    counts = store.progress()
+    if counts["pending"]:
         raise UserError(
-            f"{flag} {store.url}: {pending // store.views_per_video} videos are not extracted yet; "
+            f"{flag} {store.url}: {counts['pending']} videos are not extracted yet; "
             "finish the extraction (rerun dist-cache extract with the same flags) first"
         )
-    return np.flatnonzero(status == DONE), int((status == FAILED).sum())
+    return np.flatnonzero(status == SampleStatus.DONE), counts["failed"] * store.schema.views_per_video
 
 
 def check_video_root(store: FeatureStore, usable: np.ndarray, video_root: str, flag: str) -> None:
@@ -55,9 +52,9 @@ def check_video_root(store: FeatureStore, usable: np.ndarray, video_root: str, f
     if not len(usable):
         return
     videos = store.videos
-    root = Path(video_root)
-    wanted = np.unique(np.asarray(usable, dtype=np.int64) // store.views_per_video)
-    missing = [videos[v] for v in wanted if not (root / videos[v]).is_file()]
+    wanted = np.unique(np.asarray(usable, dtype=np.int64) // store.schema.views_per_video)
+    missing = [videos[v] for v in wanted
+               if not resolve_under(video_root, videos[v], f"store {store.url}").is_file()]
     if missing:
         raise UserError(
             f"{flag} {video_root} has no {missing[0]} ({len(missing)} of the {len(wanted)} videos of {store.url} "
@@ -71,18 +68,19 @@ def select_layers(spec: str, store: FeatureStore, online: bool) -> list[int]:
     Cached training can only integrate layers the store holds; online training computes any layer.
     """
     if spec.strip() == "all":
-        return store.layers
-    layers = resolve_layers(spec, int(store.backbone["num_layers"]))
+        return list(store.schema.layers)
+    layers = resolve_layers(spec, int(store.schema.backbone["num_layers"]))
     if not online:
         check_layers(store, layers, "--cache")
     return layers
 
 
 def check_layers(store: FeatureStore, layers: Sequence[int], flag: str) -> None:
-    missing = [layer for layer in layers if layer not in store.layers]
+    have = list(store.schema.layers)
+    missing = [layer for layer in layers if layer not in have]
     if missing:
         raise UserError(
-            f"{flag} {store.url} holds layers {format_value(store.layers)}, but the model integrates "
+            f"{flag} {store.url} holds layers {format_value(have)}, but the model integrates "
             f"{format_value(list(layers))} (missing {format_value(missing)}); pass --layers within the store's, "
             "or extract a store with those layers"
         )
@@ -91,7 +89,7 @@ def check_layers(store: FeatureStore, layers: Sequence[int], flag: str) -> None:
 def check_backbone(store: FeatureStore, recorded: dict[str, Any], flag: str, against: str) -> None:
     """The store's features must come from the same CLIP (same weights, geometry) as `recorded`."""
     for key in BACKBONE_IDENTITY:
-        mine, theirs = store.backbone.get(key), recorded.get(key)
+        mine, theirs = store.schema.backbone.get(key), recorded.get(key)
         if mine != theirs:
             raise UserError(
                 f"{flag} {store.url} was extracted with backbone {key} {format_value(mine)}, but {against} "
@@ -101,14 +99,14 @@ def check_backbone(store: FeatureStore, recorded: dict[str, Any], flag: str, aga
 
 def check_store_fits(store: FeatureStore, config: DiSTConfig, flag: str, *, online: bool) -> None:
     """Frames and resolution shape the branch's parameters; layers must be readable unless run online."""
-    if store.num_frames != config.num_frames:
+    if store.schema.num_frames != config.num_frames:
         raise UserError(
-            f"{flag} {store.url} has {store.num_frames} frames per view, the model takes {config.num_frames} "
+            f"{flag} {store.url} has {store.schema.num_frames} frames per view, the model takes {config.num_frames} "
             "(its parameters depend on T); use a store extracted with the same --frames"
         )
-    if int(store.backbone["image_size"]) != config.image_size:
+    if store.schema.image_size != config.image_size:
         raise UserError(
-            f"{flag} {store.url} was rendered at {store.backbone['image_size']} px, the model takes "
+            f"{flag} {store.url} was rendered at {store.schema.image_size} px, the model takes "
             f"{config.image_size} px; use a store of the same backbone"
         )
     if not online:

@@ -8,22 +8,15 @@ destination made with other options is refused by the compat check before anythi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from dist_cache.errors import UserError
-from storage import FeatureStore, StoreWriter, records
-from storage.records import STATUS_CODES
+from storage import FORMAT_VERSION, FeatureStore, SampleStatus, StoreSchema, StoreWriter
 from storage.schema import format_value
-
-# Provenance fields of FeatureStore.sample() that make up a record's facts and view plans. The optional
-# facts (the file's identity, which `verify --all-videos` checks) are copied when the source knows them.
-FACT_KEYS = ("num_frames", "fps", "width", "height")
-OPTIONAL_FACT_KEYS = ("size_bytes", "sha256")
-PLAN_KEYS = ("sparse_indices", "window", "crop", "flip", "grayscale")
-PENDING, FAILED = STATUS_CODES["pending"], STATUS_CODES[records.FAILED]
 
 
 @dataclass
@@ -62,20 +55,10 @@ def parse_layers(text: str | None, available: list[int]) -> list[int]:
     return wanted
 
 
-def record_facts(sample: dict[str, Any]) -> dict[str, Any] | None:
-    """The facts a source sample carries, all of them (None if the source never decoded the video)."""
-    if sample["num_frames"] is None:
-        return None
-    facts = {k: sample[k] for k in FACT_KEYS}
-    facts.update({k: sample[k] for k in OPTIONAL_FACT_KEYS if sample.get(k) is not None})
-    return facts
-
-
-def target_schema(source: FeatureStore, layers: list[int], dtype: str | None) -> dict[str, Any]:
-    schema = {k: v for k, v in source.schema.items() if k not in ("compat", "videos_sha256")}
-    schema["layers"] = layers
-    schema["dtype"] = dtype or source.dtype
-    return schema
+def target_schema(source: FeatureStore, layers: list[int], dtype: str | None) -> StoreSchema:
+    """The source's schema with the kept layers and dtype, in the current format (copy upgrades format 1)."""
+    return dataclasses.replace(source.schema, format_version=FORMAT_VERSION, legacy=None, layers=tuple(layers),
+                               dtype=dtype or source.schema.dtype, videos_sha256=None)
 
 
 def copy_store(src: str, dst: str, *, layers: str | None = None, dtype: str | None = None,
@@ -84,28 +67,27 @@ def copy_store(src: str, dst: str, *, layers: str | None = None, dtype: str | No
     from tqdm import tqdm
 
     source = FeatureStore.open(src, storage_options=src_options)
-    kept = parse_layers(layers, source.layers)
+    kept = parse_layers(layers, list(source.schema.layers))
     writer = StoreWriter.open(dst, target_schema(source, kept, dtype), source.videos, source.labels.tolist(),
                               source.text_features, storage_options=dst_options)
-    K = source.views_per_video
-    per_video = source.status[::K]
+    K = source.schema.views_per_video
     todo = writer.pending()
     copied = failed = pending = 0
     for v in tqdm(todo, desc=f"copy -> {dst}", unit="video", disable=not progress):
-        samples = [source.sample(v * K + k) for k in range(K)]
-        facts = record_facts(samples[0])
-        if per_video[v] == FAILED:
-            failed += writer.write_failure(v, samples[0]["error"] or "failed in the source store", facts)
-            continue
-        if per_video[v] == PENDING:
+        record = source.record(v)
+        if record is None:
             pending += 1  # not extracted yet in the source: a later copy picks it up
             continue
-        plans = [{k: (np.asarray(s[k]).tolist() if k == "sparse_indices" else s[k]) for k in PLAN_KEYS} for s in samples]
+        if record.status == SampleStatus.FAILED:
+            failed += writer.write_failure(v, record.error or "failed in the source store", record.facts)
+            continue
         # float32, so an int8 source is dequantised once, without fp16 rounding, before any requantising.
         features = np.stack([source.features(v * K + k, kept, dtype=np.float32) for k in range(K)])
         clip = np.stack([source.clip_embeddings(v * K + k) for k in range(K)])
-        writer.write_video(v, facts, plans, features, clip)
+        frames = np.stack([source.frames(v * K + k) for k in range(K)]) if source.has_frames else None
+        writer.write_video(v, record.facts, [view.plan() for view in record.views], features, clip, frames=frames,
+                           labels=[view.label for view in record.views])
         copied += 1
     summary = writer.finalize()
-    return CopySummary(copied=copied, skipped=source.num_videos - len(todo), failed=failed,
+    return CopySummary(copied=copied, skipped=source.schema.num_videos - len(todo), failed=failed,
                        pending_in_source=pending, complete=bool(summary["complete"]))

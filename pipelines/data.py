@@ -65,10 +65,9 @@ class StoreClips(Dataset):
         self.layers = None if layers is None else list(layers)
         self.frames = frames
         self.decoder = decoder
-        pre = store.schema["preprocess"]
-        self.image_size = int(pre["image_size"])
-        self.mean = tuple(pre["mean"])
-        self.std = tuple(pre["std"])
+        self.image_size = store.schema.image_size
+        self.mean = tuple(store.schema.backbone["mean"])
+        self.std = tuple(store.schema.backbone["std"])
 
     def __len__(self) -> int:
         return len(self.store)

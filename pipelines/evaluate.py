@@ -57,7 +57,7 @@ def eval_loader(
     dataset = StoreClips(
         store, video_root, config.gamma, None if online else config.layers, frames=online or config.temporal
     )
-    sampler = EpochSampler(usable, store.views_per_video, batch_size, train=False)
+    sampler = EpochSampler(usable, store.schema.views_per_video, batch_size, train=False)
     return make_loader(dataset, sampler, workers=workers, device=device)
 
 
@@ -122,29 +122,29 @@ def zero_shot_labels(store: FeatureStore, classes_file: str) -> tuple[list[str],
     """The new class list, and the store's labels mapped into it by class name."""
     names = load_class_names(classes_file)
     position = {name: i for i, name in enumerate(names)}
-    missing = [name for name in store.class_names if name not in position]
+    missing = [name for name in list(store.schema.class_names) if name not in position]
     if missing:
         raise UserError(
             f"--classes {classes_file} lacks {len(missing)} of the store's classes (first: {missing[0]!r}); "
             "every class of the evaluated store must be named in the list"
         )
-    mapping = np.array([position[name] for name in store.class_names], dtype=np.int64)
+    mapping = np.array([position[name] for name in list(store.schema.class_names)], dtype=np.int64)
     return names, mapping[np.asarray(store.labels, dtype=np.int64)]
 
 
 def text_embeddings(store: FeatureStore, names: list[str], pretrained: str | None, device: torch.device) -> np.ndarray:
     """Embed new class names with the store's own text tower and prompt templates."""
     try:
-        backbone = load_recorded_backbone(store.backbone, pretrained, device=device)
+        backbone = load_recorded_backbone(store.schema.backbone, pretrained, device=device)
     except UserError:
         raise
     except Exception as err:  # e.g. an open_clip tag whose weights cannot be downloaded here
         first = first_line(err, 160)
         raise UserError(
-            f"cannot load the backbone's weights ({store.backbone['pretrained']}) for the text tower: {first}; "
+            f"cannot load the backbone's weights ({store.schema.backbone['pretrained']}) for the text tower: {first}; "
             "pass --pretrained PATH to a local copy"
         ) from None
-    return backbone.encode_text(names, list(store.schema["text"]["templates"]))
+    return backbone.encode_text(names, list(store.schema.text["templates"]))
 
 
 def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
@@ -163,15 +163,15 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
         class_names, labels = zero_shot_labels(store, opts.classes)
         text = text_embeddings(store, class_names, opts.pretrained, device)
     else:
-        class_names, labels, text = store.class_names, np.asarray(store.labels), store.text_features
+        class_names, labels, text = list(store.schema.class_names), np.asarray(store.labels), store.text_features
 
     net = build_network(
-        config, online=opts.online, backbone_record=store.backbone, pretrained=opts.pretrained, device=device, seed=0
+        config, online=opts.online, backbone_record=store.schema.backbone, pretrained=opts.pretrained, device=device, seed=0
     )
     branch_of(net).load_state_dict(ckpt["model"])
     loader = eval_loader(net, store, usable, video_root=opts.video_root, batch_size=opts.batch_size,
                          workers=opts.workers, device=device)
-    scores, views = score_videos(net, loader, torch.as_tensor(text, device=device), store.num_videos,
+    scores, views = score_videos(net, loader, torch.as_tensor(text, device=device), store.schema.num_videos,
                                  device=device, progress=progress)
     report = {
         "checkpoint": str(opts.checkpoint),
@@ -179,9 +179,9 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
         "store_fingerprint": store.fingerprint,
         "classes": opts.classes or "store",
         "online": opts.online,
-        "views_per_video": store.views_per_video,
+        "views_per_video": store.schema.views_per_video,
         "skipped_failed_samples": failed,
-        "skipped_failed_videos": failed // store.views_per_video,
+        "skipped_failed_videos": failed // store.schema.views_per_video,
         **summarize(scores, views, labels, class_names),
     }
     confusion = opts.confusion or (str(Path(opts.json).with_suffix(".confusion.png")) if opts.json else None)

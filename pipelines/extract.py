@@ -28,7 +28,7 @@ from dist_cache.errors import UserError
 from dist_cache.manifests import Manifest, load_manifest
 from dist_cache.transforms import PREPROCESS, normalize_frames
 from pipelines.prepare import PreparedVideo, RenderSpec, prepare_video
-from storage import StoreWriter
+from storage import StoreSchema, StoreWriter
 from storage.schema import FORMAT_VERSION
 
 FORMAT_SPLITS = ("train", "test")
@@ -100,11 +100,14 @@ def check_options(opts: ExtractOptions) -> None:
         raise UserError(f"--video-root {opts.video_root}: no such directory")
 
 
-def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], manifest: Manifest) -> dict:
-    """Everything a stranger needs to reuse or reproduce the features, as JSON."""
-    return {
+def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], manifest: Manifest) -> StoreSchema:
+    """Everything a stranger needs to reuse or reproduce the features."""
+    described = backbone.describe()
+    # The activation CLIP ran with: open_clip's configs say "quick_gelu" when the weights need it.
+    described.setdefault("activation", "quick_gelu" if described["model_config"].get("quick_gelu") else "gelu")
+    return StoreSchema.from_json({
         "format_version": FORMAT_VERSION,
-        "backbone": backbone.describe(),
+        "backbone": described,
         "preprocess": {**PREPROCESS, "decoder": get_decoder(opts.decoder).info(), "image_size": backbone.image_size,
                        "mean": list(backbone.mean), "std": list(backbone.std),
                        # Part of the compat schema, so a resume never mixes hashed and unhashed records.
@@ -115,9 +118,9 @@ def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], ma
         "split": opts.split,
         "dtype": opts.dtype,
         "codec": opts.codec,
+        "precision": "fp32",  # CLIP runs in fp32 (see SpatialEncoder)
         "tokens": backbone.num_tokens,
         "width": backbone.width,
-        "embed_dim": backbone.embed_dim,
         "sampling": {
             "policy": "tsn-segments" if opts.split == "train" else "uniform-clips",
             "seed": opts.seed,
@@ -128,11 +131,13 @@ def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], ma
             "rng": "numpy default_rng([seed, video_index])",
             "dense_rule": "dense[g*k+j] = min(num_frames-1, sparse[k] + floor(j*gap_k/g)), j < g, "
                           "gap_k = sparse[k+1] - sparse[k], the last slot's gap = window",
+            "flip_label_map": None,  # no label swaps on flip
         },
+        "dense_frames": None,  # no dense frames stored
         "num_videos": len(manifest.videos),
         "class_names": manifest.class_names,
         "text": {"templates": list(opts.templates), "source": "backbone text tower, mean of L2-normalised templates"},
-    }
+    })
 
 
 def render_spec(opts: ExtractOptions, backbone: Backbone) -> RenderSpec:

@@ -2,27 +2,29 @@
 
 from __future__ import annotations
 
-from storage import FeatureStore
+from storage import FeatureStore, SampleStatus
 
 
 def store_info(url: str, storage_options: dict | None = None) -> dict:
     store = FeatureStore.open(url, storage_options=storage_options)
-    status = store.status
+    schema = store.schema
+    K = schema.views_per_video
+    per_video = store.status[::K]
     failed = []
-    for i in sorted(set(int(i) // store.views_per_video for i in (status == 2).nonzero()[0])):
-        sample = store.sample(i * store.views_per_video)
-        failed.append({"video": sample["video"], "error": sample["error"]})
+    for v in map(int, (per_video == SampleStatus.FAILED).nonzero()[0]):
+        record = store.record(v)
+        failed.append({"video": store.video(v), "error": record.error if record else None})
+    counts = store.progress()
     return {
         "store": url,
         "complete": store.complete,
         "fingerprint": store.fingerprint,
-        "videos": store.num_videos,
+        "videos": schema.num_videos,
         "samples": len(store),
-        "done": int((status == 1).sum()),
-        "failed": int((status == 2).sum()),
-        "pending": int((status == 0).sum()),
+        **{name: count * K for name, count in counts.items()},
         "failed_videos": failed,
-        "schema": store.schema,
+        "limitations": store.limitations(),
+        "schema": schema.to_json(),
     }
 
 
@@ -37,10 +39,11 @@ def format_info(info: dict, show_failed: bool = False) -> str:
         f"  features   layers {layers[0]}..{layers[-1]} ({len(layers)}) x {schema['num_frames']} frames x "
         f"{schema['tokens']} tokens x {schema['width']} ch, {schema['dtype']}, codec {schema['codec']}",
         f"  sampling   split {schema['split']}, {schema['views_per_video']} view(s)/video, "
-        f"{schema['sampling']['policy']}, seed {schema['sampling']['seed']}, image {backbone['image_size']} px",
+        f"{schema['sampling'].get('policy', 'unrecorded policy')}, seed {schema['sampling']['seed']}, image {backbone['image_size']} px",
         f"  classes    {len(schema['class_names'])}, text templates {schema['text']['templates']}",
         f"  fingerprint {info['fingerprint'][:16]}",
     ]
+    lines += [f"  note: {note}" for note in info["limitations"]]
     if show_failed:
         lines += [f"  failed: {f['video']}: {f['error']}" for f in info["failed_videos"]]
     elif info["failed_videos"]:

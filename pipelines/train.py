@@ -242,7 +242,7 @@ def preflight(opts: TrainOptions, world: int = 1) -> _Checked:
     if not len(usable):
         raise UserError(f"--cache {store.url}: no sample has features (all {failed} failed at extraction)")
     layers = select_layers(opts.layers, store, opts.online)
-    config = DiSTConfig.from_backbone(store.backbone, store.num_frames, layers, **opts.model_switches())
+    config = DiSTConfig.from_backbone(store.schema.backbone, store.schema.num_frames, layers, **opts.model_switches())
     check_store_fits(store, config, "--cache", online=opts.online)
     frames = opts.online or config.temporal
     if frames:
@@ -250,7 +250,7 @@ def preflight(opts: TrainOptions, world: int = 1) -> _Checked:
     val_store = val_usable = None
     if opts.val_cache:
         val_store = open_store(opts.val_cache, "--val-cache", opts.storage_options)
-        check_backbone(val_store, store.backbone, "--val-cache", f"--cache {store.url}")
+        check_backbone(val_store, store.schema.backbone, "--val-cache", f"--cache {store.url}")
         check_store_fits(val_store, config, "--val-cache", online=opts.online)
         val_usable, _ = usable_samples(val_store, "--val-cache")
         if frames:
@@ -270,7 +270,7 @@ def _train(opts: TrainOptions, progress: bool, ranks: Ranks) -> TrainResult:
     frames, val_store, val_usable, ckpt = checked.frames, checked.val_store, checked.val_usable, checked.ckpt
 
     # Rank r's batch b is every world-th sample of the global batch b, so the ranks' batches partition it.
-    sampler = EpochSampler(usable, store.views_per_video, opts.batch_size // ranks.world, seed=opts.seed, train=True,
+    sampler = EpochSampler(usable, store.schema.views_per_video, opts.batch_size // ranks.world, seed=opts.seed, train=True,
                            rank=ranks.rank, world_size=ranks.world)
     steps_per_epoch = sampler.batches_per_epoch
     if steps_per_epoch == 0:
@@ -279,7 +279,7 @@ def _train(opts: TrainOptions, progress: bool, ranks: Ranks) -> TrainResult:
     warmup = round(opts.warmup_epochs * steps_per_epoch)
 
     net = build_network(
-        config, online=opts.online, backbone_record=store.backbone, pretrained=opts.pretrained, device=device, seed=opts.seed
+        config, online=opts.online, backbone_record=store.schema.backbone, pretrained=opts.pretrained, device=device, seed=opts.seed
     )
     branch = branch_of(net)
     optimizer = torch.optim.AdamW(param_groups(branch, opts.weight_decay), lr=opts.lr, betas=BETAS, eps=EPS)
@@ -316,8 +316,8 @@ def _train(opts: TrainOptions, progress: bool, ranks: Ranks) -> TrainResult:
             "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch,
             "steps_per_epoch": steps_per_epoch, "best_top1": best_top1, "epoch_loss": list(epoch_loss),
             "dist_config": config.to_dict(), "train_config": opts.recorded(),
-            "store": {"fingerprint": store.fingerprint, "url": store.url, "backbone": store.backbone,
-                      "class_names": store.class_names},
+            "store": {"fingerprint": store.fingerprint, "url": store.url, "backbone": store.schema.backbone,
+                      "class_names": list(store.schema.class_names)},
         }
 
     net.train()
@@ -386,8 +386,8 @@ def _train(opts: TrainOptions, progress: bool, ranks: Ranks) -> TrainResult:
             record = {"kind": "epoch", "epoch": epoch, "step": step, "train_loss": epoch_loss[0] / max(epoch_loss[1], 1)}
             epoch_loss = [0.0, 0]
             if val_store is not None and (epoch % opts.eval_every == 0 or epoch == opts.epochs):
-                scores, views = score_videos(net, val_loader, val_text, val_store.num_videos, device=device, progress=False)
-                val = summarize(scores, views, val_store.labels, val_store.class_names)
+                scores, views = score_videos(net, val_loader, val_text, val_store.schema.num_videos, device=device, progress=False)
+                val = summarize(scores, views, val_store.labels, list(val_store.schema.class_names))
                 record.update(val_top1=val["top1"], val_top5=val["top5"], val_mean_class_accuracy=val["mean_class_accuracy"])
                 if best_top1 is None or val["top1"] > best_top1:
                     best_top1 = val["top1"]

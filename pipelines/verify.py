@@ -41,10 +41,11 @@ class VerifyReport:
 
 def _replanned(store: FeatureStore, sample: dict) -> ViewPlan:
     """The plan the recorded sampling parameters give for this sample's video."""
-    sampling, schema = store.schema["sampling"], store.schema
+    schema = store.schema
+    sampling = schema.sampling
     plans = plan_views(
         int(sample["num_frames"]), int(sample["width"]), int(sample["height"]),
-        frames=schema["num_frames"], views=schema["views_per_video"], split=schema["split"], seed=sampling["seed"],
+        frames=schema.num_frames, views=schema.views_per_video, split=schema.split, seed=sampling["seed"],
         video_index=int(sample["video_index"]), scale=tuple(sampling["scale"]), ratio=tuple(sampling["ratio"]),
         flip_p=sampling["flip_p"], grayscale_p=sampling["grayscale_p"],
     )
@@ -86,8 +87,8 @@ def verify_store(
     """`decoder`: the `dist_cache.decoders` backend that reads the videos (the one the store was extracted with)."""
     store = FeatureStore.open(url, storage_options=storage_options)
     report = VerifyReport(store=url)
-    status = store.status
-    pending, failed = int((status == 0).sum()), int((status == 2).sum())
+    counts = {name: n * store.schema.views_per_video for name, n in store.progress().items()}
+    pending, failed = counts["pending"], counts["failed"]
     if pending:
         report.problems.append(f"{pending} of {len(store)} samples are not extracted yet: rerun the same extract command")
     elif not store.complete:
@@ -110,7 +111,7 @@ def verify_store(
         return report
     if all_videos:
         # One sample per extracted video carries its facts: compare every file on this machine with them.
-        first_views = done[done % store.views_per_video == 0]
+        first_views = done[done % store.schema.views_per_video == 0]
         for i in first_views:
             sample = store.sample(int(i))
             why = video_mismatch(sample, Path(video_root) / sample["video"], decoder)
@@ -120,12 +121,12 @@ def verify_store(
         if report.mismatched_videos:
             report.problems.append(f"{len(report.mismatched_videos)} video(s) under --video-root are not the ones extracted")
     try:
-        backbone = load_recorded_backbone(store.backbone, pretrained=pretrained)
+        backbone = load_recorded_backbone(store.schema.backbone, pretrained=pretrained)
     except UserError as err:
         report.problems.append(f"cannot rebuild the recorded backbone: {err}")
         return report
-    encoder = backbone.spatial_encoder(store.layers)
-    tolerance = TOLERANCE[store.schema["dtype"]]
+    encoder = backbone.spatial_encoder(list(store.schema.layers))
+    tolerance = TOLERANCE[store.schema.dtype]
     chosen = np.random.default_rng(seed).choice(done, size=min(samples, len(done)), replace=False)
     for i in sorted(int(i) for i in chosen):
         sample = store.sample(i)

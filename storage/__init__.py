@@ -3,13 +3,15 @@
     from storage import FeatureStore, StoreWriter
 """
 
-from storage.errors import SampleNotDoneError, StoreMismatchError, StoreNotFoundError
+from storage.errors import (SampleNotDoneError, StoreDamagedError, StoreMismatchError, StoreNotFoundError,
+                            StoreWriteError)
 from storage.quantize import dequantize_int8, quantize_int8
-from storage.reader import FeatureStore
-from storage.schema import FORMAT_VERSION, compat_of, validate_schema
+from storage.reader import FeatureStore, RawSample
+from storage.schema import FORMAT_VERSION, SampleStatus, StoreSchema
 from storage.writer import StoreWriter
 
 __all__ = [
-    "FORMAT_VERSION", "FeatureStore", "SampleNotDoneError", "StoreMismatchError", "StoreNotFoundError",
-    "StoreWriter", "compat_of", "dequantize_int8", "quantize_int8", "validate_schema",
+    "FORMAT_VERSION", "FeatureStore", "RawSample", "SampleNotDoneError", "SampleStatus", "StoreDamagedError",
+    "StoreMismatchError", "StoreNotFoundError", "StoreSchema", "StoreWriteError", "StoreWriter",
+    "dequantize_int8", "quantize_int8",
 ]

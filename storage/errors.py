@@ -1,10 +1,17 @@
 """Errors raised by the feature store.
 
-User-fixable problems (wrong path, a store made with other flags) are `UserError`s, which the CLI
-prints as one line. Asking for a sample that was never extracted is a caller bug, not a user error.
+User-fixable problems (wrong path, a store made with other flags, a damaged file, a full disk) are
+`UserError`s, which the CLI prints as one line. Asking for a sample that was never extracted is a caller
+bug, not a user error.
 """
 
+import errno
+
 from dist_cache.errors import UserError
+
+# The fix for a damaged video, named in every damage message. `extract --repair` re-extracts the videos
+# whose data fails its integrity check (storage/README.md, "Damage detection").
+REPAIR_HINT = "rerun the extract command with --repair"
 
 
 class StoreMismatchError(UserError):
@@ -15,5 +22,33 @@ class StoreNotFoundError(UserError):
     """No dist-cache store at the given location (or something else is there)."""
 
 
+class StoreDamagedError(UserError):
+    """Stored bytes are missing or fail their checksum; never returned as data."""
+
+
+class StoreWriteError(UserError):
+    """Writing the store failed (disk full, read-only, I/O error, remote 5xx); the store stays resumable."""
+
+
 class SampleNotDoneError(LookupError):
     """A sample's video has no "done" record, so its zarr chunks hold zeros or stale bytes, not features."""
+
+
+def write_error(store: str, err: OSError) -> StoreWriteError:
+    """One line for an OSError while writing a store: what happened and what to do (then rerun, which
+    resumes: nothing recorded is lost)."""
+    code = err.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return StoreWriteError(f"disk full writing {store}: free space and rerun")
+    if code == errno.EROFS:
+        return StoreWriteError(f"{store} is on a read-only file system: make it writable or use another --out, "
+                               f"then rerun")
+    if code == errno.EFBIG:
+        return StoreWriteError(f"file too large writing {store} (a file-size limit, ulimit -f, or the file "
+                               f"system's): raise the limit and rerun")
+    if code in (errno.EACCES, errno.EPERM):
+        return StoreWriteError(f"permission denied writing {store}: fix the permissions or use another --out, "
+                               f"then rerun")
+    text = str(err).strip()
+    reason = err.strerror or (text.splitlines()[0] if text else type(err).__name__)
+    return StoreWriteError(f"cannot write store {store}: {reason}; check the storage and rerun")

@@ -1,7 +1,8 @@
-"""Array names, shapes, chunking and codecs of format_version 1 (the table in storage/README.md).
+"""Array names, shapes, chunking and codecs of format_version 2 (the table in storage/README.md).
 
 Everything here is a pure function of the schema, so every writer (and every concurrent finalizer)
-creates byte-identical metadata, and creating an array that already exists can be checked for equality.
+creates byte-identical metadata, creating an array that already exists can be checked for equality, and
+a reader can check that a stored array is exactly what its schema says before sizing anything from it.
 """
 
 from __future__ import annotations
@@ -11,26 +12,26 @@ from typing import Any, Callable
 
 import zarr
 from zarr.abc.store import Store
-from zarr.codecs import BloscCodec, ZstdCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.errors import ContainsArrayError, ContainsGroupError
 from zarr.storage import MemoryStore
 
-# Feature dtypes by schema name. int8 stores per-token absmax scales beside the codes.
-DTYPES: dict[str, str] = {"fp16": "float16", "int8": "int8"}
+from storage.schema import DTYPES, StoreSchema
 
-# Compressors by schema name. fp16 activations compress < 10 % losslessly (measurements.md section 4),
-# so "none" is the default and the fastest to read; the others exist for int8 codes and for users
-# who pay for bytes more than for CPU.
-CODECS: dict[str, Callable[[], Any]] = {
-    "none": lambda: None,
-    "zstd": lambda: ZstdCodec(level=3),
-    "blosc-zstd": lambda: BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle"),
-    "blosc-lz4": lambda: BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
+# Compressors by schema name. fp16 activations compress < 10 % losslessly (docs/DESIGN.md, storage), so
+# "none" is the default and the fastest to write and read; the others exist for int8 codes, frames and for
+# users who pay for bytes more than for CPU. storage/shards.py encodes the same bytes (proven by a test).
+CODECS: dict[str, Callable[[], list[Any]]] = {
+    "none": lambda: [],
+    "zstd": lambda: [ZstdCodec(level=3)],
+    "blosc-zstd": lambda: [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")],
+    "blosc-lz4": lambda: [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")],
 }
 
 FEATURES = "features"
 SCALES = "feature_scales"
 CLIP = "clip_embeddings"
+FRAMES = "frames"
 TEXT = "text_embeddings"
 VIDEO_PATH = "videos/path"
 VIDEO_LABEL = "videos/label"
@@ -69,10 +70,12 @@ class ArraySpec:
     def create_kwargs(self) -> dict[str, Any]:
         return dict(
             name=self.name, shape=self.shape, dtype=self.dtype, chunks=self.chunks, shards=self.shards,
-            compressors=CODECS[self.codec](), fill_value=self.fill_value,
+            # crc32c last: every chunk (inner chunk of a shard, or table chunk) carries its checksum, and
+            # zarr checks it on every read. A shard's index has its own (zarr's default index codecs).
+            compressors=[*CODECS[self.codec](), Crc32cCodec()], fill_value=self.fill_value,
             chunk_key_encoding=CHUNK_KEY_ENCODING,
             # Store every chunk even when it equals the fill value, so "a done video has its shard
-            # on disk" holds and a verify pass can count files.
+            # on disk" holds and a missing chunk always means damage.
             config={"write_empty_chunks": True},
         )
 
@@ -81,36 +84,44 @@ def _rows(n: int) -> int:
     return max(1, min(n, TABLE_ROWS))
 
 
-def data_arrays(schema: dict[str, Any]) -> list[ArraySpec]:
+def data_arrays(schema: StoreSchema, videos_per_shard: int = 1) -> list[ArraySpec]:
     """Arrays created with the store (written per video, or once at creation)."""
-    V, K, T = schema["num_videos"], schema["views_per_video"], schema["num_frames"]
-    L, N1, C = len(schema["layers"]), schema["tokens"], schema["width"]
-    E = schema["backbone"]["embed_dim"]
-    S, codec = V * K, schema["codec"]
+    V, K, T = schema.num_videos, schema.views_per_video, schema.num_frames
+    L, N1, C, E = len(schema.layers), schema.tokens, schema.width, schema.embed_dim
+    S, codec, P = V * K, schema.codec, K * videos_per_shard
     specs = [
         # One inner chunk per (sample, layer): reading a layer subset reads only those bytes.
         # One shard per video: its writer owns it and writes it whole (zarr cannot write part of a shard safely).
-        ArraySpec(FEATURES, (S, L, T, N1, C), DTYPES[schema["dtype"]], (1, 1, T, N1, C), (K, L, T, N1, C), codec),
-        ArraySpec(CLIP, (S, T, E), "float16", (K, T, E), None, codec),
-        ArraySpec(TEXT, (len(schema["class_names"]), E), "float32", (len(schema["class_names"]), E)),
+        ArraySpec(FEATURES, (S, L, T, N1, C), DTYPES[schema.dtype], (1, 1, T, N1, C), (P, L, T, N1, C), codec),
+        ArraySpec(CLIP, (S, T, E), "float16", (1, T, E), (P, T, E), codec),
+        ArraySpec(TEXT, (schema.num_classes, E), "float32", (schema.num_classes, E)),
         ArraySpec(VIDEO_PATH, (V,), str, (_rows(V),), None, "zstd", ""),
         ArraySpec(VIDEO_LABEL, (V,), "int32", (_rows(V),)),
     ]
-    if schema["dtype"] == "int8":
-        specs.insert(1, ArraySpec(SCALES, (S, L, T, N1), "float16", (1, 1, T, N1), (K, L, T, N1), codec))
+    if schema.dtype == "int8":
+        specs.insert(1, ArraySpec(SCALES, (S, L, T, N1), "float16", (1, 1, T, N1), (P, L, T, N1), codec))
+    if schema.dense_gamma is not None:
+        R, GT = schema.image_size, schema.dense_gamma * T
+        specs.append(ArraySpec(FRAMES, (S, GT, R, R, 3), "uint8", (1, GT, R, R, 3), (P, GT, R, R, 3), codec))
     return specs
 
 
+def sharded_arrays(schema: StoreSchema, videos_per_shard: int = 1) -> list[ArraySpec]:
+    """The per-video data arrays, in the order a video's shards are written (its record comes after)."""
+    return [s for s in data_arrays(schema, videos_per_shard) if s.shards is not None]
+
+
 # Arrays finalize gathers from the records: name -> (dtype, per-row shape, fill).
-SAMPLE_TABLES: dict[str, tuple[Any, tuple[int, ...], Any]] = {
+SAMPLE_TABLES: dict[str, tuple[Any, tuple[int | str, ...], Any]] = {
     "samples/status": ("uint8", (), 0),
+    "samples/label": ("int32", (), -1),
     "samples/sparse_indices": ("int32", ("T",), -1),
     "samples/window": ("float32", (), float("nan")),
     "samples/crop": ("int32", (4,), -1),
     "samples/flip": ("bool", (), False),
     "samples/grayscale": ("bool", (), False),
 }
-VIDEO_TABLES: dict[str, tuple[Any, tuple[int, ...], Any]] = {
+VIDEO_TABLES: dict[str, tuple[Any, tuple[int | str, ...], Any]] = {
     "videos/status": ("uint8", (), 0),
     "videos/error": (str, (), ""),
     "videos/num_frames": ("int32", (), -1),
@@ -121,23 +132,31 @@ VIDEO_TABLES: dict[str, tuple[Any, tuple[int, ...], Any]] = {
     "videos/size_bytes": ("int64", (), -1),
     "videos/sha256": (str, (), ""),
 }
-# Tables added after format_version 1 was first released: finalize always writes them, but a store
-# finalized by an older dist-cache lacks them, so readers treat a missing one as all-fill ("unknown").
-OPTIONAL_TABLES = frozenset({"videos/size_bytes", "videos/sha256"})
+# Tables a format-1 store may lack: videos/size_bytes and videos/sha256 joined format 1 late, and
+# samples/label is new in format 2. Readers treat a missing one as all fill ("unknown").
+OPTIONAL_TABLES = frozenset({"videos/size_bytes", "videos/sha256", "samples/label"})
 
 
-def table_arrays(schema: dict[str, Any]) -> list[ArraySpec]:
-    V, K, T = schema["num_videos"], schema["views_per_video"], schema["num_frames"]
+def table_arrays(schema: StoreSchema) -> list[ArraySpec]:
+    V, K, T = schema.num_videos, schema.views_per_video, schema.num_frames
     specs = []
     for tables, rows in ((SAMPLE_TABLES, V * K), (VIDEO_TABLES, V)):
         for name, (dtype, row_shape, fill) in tables.items():
-            row = tuple(T if d == "T" else d for d in row_shape)
+            row = tuple(T if d == "T" else int(d) for d in row_shape)
             specs.append(ArraySpec(name, (rows, *row), dtype, (_rows(rows), *row), None, "zstd", fill))
     return specs
 
 
-def _expected_metadata(spec: ArraySpec) -> dict[str, Any]:
-    return zarr.create_array(MemoryStore(), **spec.create_kwargs()).metadata.to_dict()
+def expected_metadata(spec: ArraySpec) -> dict[str, Any]:
+    meta = zarr.create_array(MemoryStore(), **spec.create_kwargs()).metadata.to_dict()
+    meta.pop("attributes", None)
+    return meta
+
+
+def matches(found: dict[str, Any], spec: ArraySpec) -> bool:
+    """Whether stored array metadata is exactly what `spec` creates (attributes aside)."""
+    found = {k: v for k, v in found.items() if k != "attributes"}
+    return found == expected_metadata(spec)
 
 
 def create_or_open(store: Store, spec: ArraySpec) -> zarr.Array:
@@ -151,10 +170,7 @@ def create_or_open(store: Store, spec: ArraySpec) -> zarr.Array:
     except (ContainsArrayError, ContainsGroupError, FileExistsError):
         pass
     existing = open_array(store, spec.name, mode="r+")
-    found, wanted = existing.metadata.to_dict(), _expected_metadata(spec)
-    found.pop("attributes", None)
-    wanted.pop("attributes", None)
-    if found != wanted:
+    if not matches(existing.metadata.to_dict(), spec):
         raise ValueError(f"array {spec.name} exists with a different layout")
     return existing
 

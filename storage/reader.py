@@ -4,92 +4,78 @@ A complete store is read from its finalized tables and consolidated metadata (a 
 open remotely). An incomplete one is read from the per-video records, so `info` can show progress and
 nothing is ever returned for a sample whose record is not "done": zarr returns zeros for shards that
 were never written, so the record, not the array, is the truth.
+
+Format 2 data is read here, not through zarr: a sample's requested layers are one contiguous byte range
+of its shard (storage/shards.py), fetched in one request after the shard's index (cached), every chunk's
+crc32c checked. Anything missing or damaged raises StoreDamagedError; it is never returned as data.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
-import zarr
 from zarr.abc.store import Store
 
-from storage import layout, records
-from storage.errors import SampleNotDoneError, StoreNotFoundError
+from dist_cache.sampling import dense_subset
+from storage import layout, records, shards
+from storage.errors import REPAIR_HINT, SampleNotDoneError, StoreDamagedError
+from storage.location import configure_zarr
+from storage.opened import OpenedStore
 from storage.quantize import dequantize_int8
-from storage.remote import Location, ZarrStoreLocation, configure_zarr, open_location
-from storage.schema import ATTR_KEY, FORMAT_VERSION, SchemaFacts, format_value
+from storage.records import RecordError, VideoRecord
+from storage.remote import ZarrStoreLocation, open_location
+from storage.schema import DTYPES, SampleStatus, StoreSchema, status_counts
 
 
-class _Opened:
-    """Everything a process needs to read; rebuilt after unpickling instead of being pickled."""
-
-    def __init__(self, loc: Location) -> None:
-        self.loc = loc
-        zstore = loc.zarr_store(read_only=True)
-        try:
-            # Uses consolidated metadata when the root has it (a complete store): the arrays below then
-            # open without further requests.
-            group = zarr.open_group(zstore, mode="r", zarr_format=3)
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
-            raise StoreNotFoundError(f"no dist-cache store at {loc.url}") from None
-        attrs = group.attrs.asdict()
-        if ATTR_KEY not in attrs:
-            raise StoreNotFoundError(f"{loc.url} is a zarr group but not a dist-cache store (or its creation "
-                                     f"was interrupted: rerun the extraction)")
-        self.schema: dict[str, Any] = attrs[ATTR_KEY]
-        if self.schema.get("format_version") != FORMAT_VERSION:
-            raise StoreNotFoundError(f"store {loc.url} has format_version {self.schema.get('format_version')}, "
-                                     f"this dist-cache reads {FORMAT_VERSION}: upgrade dist-cache")
-        self.complete = bool(attrs.get("complete"))
-        if not self.complete and group.metadata.consolidated_metadata is not None:
-            # Left from an earlier finalize, then written to again: do not trust it.
-            group = zarr.open_group(zstore, mode="r", zarr_format=3, use_consolidated=False)
-        self.consolidated = group.metadata.consolidated_metadata is not None
-        self.summary = attrs.get("summary")
-        self.group = group
-        self.arrays: dict[str, Any] = {}
-        self.tables: dict[str, np.ndarray] | None = None
-        self.done_records: dict[int, dict[str, Any]] = {}  # "done" never reverts, so it is cached
-
-    def array(self, name: str) -> Any:
-        if name not in self.arrays:
-            self.arrays[name] = self.group[name]
-        return self.arrays[name]
-
-    def table(self, name: str) -> np.ndarray:
-        """A whole small array, read once. In a complete store the first call reads every table at once:
-        a few MB even for Kinetics, and a handful of requests."""
-        if self.tables is None:
-            self.tables = {}
-            if self.complete:
-                names = list(layout.SAMPLE_TABLES) + list(layout.VIDEO_TABLES) + [layout.VIDEO_PATH,
-                                                                                  layout.VIDEO_LABEL]
-                self.tables = {n: self._read_table(n) for n in names}
-        if name not in self.tables:
-            self.tables[name] = self._read_table(name)
-        return self.tables[name]
-
-    def _read_table(self, name: str) -> np.ndarray:
-        try:
-            return self.array(name)[...]
-        except KeyError:
-            if name not in layout.OPTIONAL_TABLES:
-                raise
-        # A store finalized before this table existed: every row is "unknown".
-        dtype, _row, fill = layout.VIDEO_TABLES[name]
-        return np.full((self.schema["num_videos"],), fill, dtype=object if dtype is str else dtype)
+class StoreDamageWarning(UserWarning):
+    """Records that do not decode: their videos count as pending until extract redoes them."""
 
 
-class FeatureStore(SchemaFacts):
+@dataclasses.dataclass
+class RawSample:
+    """A sample's stored values: fp16 features, or int8 codes plus fp16 per-token scales."""
+
+    features: np.ndarray  # (L', T, N+1, C) float16 or int8
+    scales: np.ndarray | None = None  # (L', T, N+1) float16, int8 stores only
+
+    @classmethod
+    def empty(cls, schema: StoreSchema, num_layers: int) -> RawSample:
+        shape = (num_layers, schema.num_frames, schema.tokens, schema.width)
+        scales = np.empty(shape[:-1], np.float16) if schema.dtype == "int8" else None
+        return cls(np.empty(shape, DTYPES[schema.dtype]), scales)
+
+    def check(self, schema: StoreSchema, num_layers: int) -> None:
+        """Caller-provided buffers must be exactly what the read fills, C-contiguous (e.g. pinned memory views)."""
+        shape = (num_layers, schema.num_frames, schema.tokens, schema.width)
+        wanted = [("features", self.features, np.dtype(DTYPES[schema.dtype]), shape)]
+        if schema.dtype == "int8":
+            wanted.append(("scales", self.scales, np.dtype(np.float16), shape[:-1]))
+        for name, arr, dtype, shp in wanted:
+            if arr is None or arr.shape != shp or arr.dtype != dtype or not arr.flags.c_contiguous \
+                    or not arr.flags.writeable:
+                got = None if arr is None else (arr.shape, str(arr.dtype))
+                raise ValueError(f"out.{name} must be a writable C-contiguous {dtype} array of shape {shp}, got {got}")
+
+    def dequantized(self, dtype: Any = np.float16) -> np.ndarray:
+        if self.scales is None:
+            return self.features.astype(dtype, copy=False)
+        if np.dtype(dtype) == np.float32:
+            return self.features.astype(np.float32) * self.scales.astype(np.float32)[..., None]
+        return dequantize_int8(self.features, self.scales)
+
+
+class FeatureStore:
     """Read-only view of a store. Pickles as (url, storage_options) and reopens lazily in each process,
     which is what spawn DataLoader workers need (never fork after zarr has done I/O)."""
 
     def __init__(self, url: str | os.PathLike | Store, storage_options: dict[str, Any] | None = None) -> None:
         self._url = url if isinstance(url, Store) else os.fspath(url)
         self._options = dict(storage_options) if storage_options else None
-        self._opened: _Opened | None = None
+        self._opened: OpenedStore | None = None
 
     @classmethod
     def open(cls, url: str | os.PathLike | Store, storage_options: dict[str, Any] | None = None) -> FeatureStore:
@@ -104,12 +90,12 @@ class FeatureStore(SchemaFacts):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["url"], state["storage_options"])  # type: ignore[misc]
 
-    def _state(self) -> _Opened:
+    def _state(self) -> OpenedStore:
         if self._opened is None:
             configure_zarr()
             loc = ZarrStoreLocation(self._url) if isinstance(self._url, Store) \
                 else open_location(self._url, self._options)
-            self._opened = _Opened(loc)
+            self._opened = OpenedStore(loc)
         return self._opened
 
     def refresh(self) -> None:
@@ -123,10 +109,10 @@ class FeatureStore(SchemaFacts):
     # ---------------------------------------------------------------- description
     @property
     def url(self) -> str:
-        return self._state().loc.url
+        return self._state().url
 
     @property
-    def schema(self) -> dict[str, Any]:
+    def schema(self) -> StoreSchema:
         return self._state().schema
 
     @property
@@ -138,191 +124,268 @@ class FeatureStore(SchemaFacts):
         return self._state().consolidated
 
     @property
-    def layers(self) -> list[int]:
-        return list(self.schema["layers"])
+    def fingerprint(self) -> str:
+        return self.schema.fingerprint
 
     @property
-    def num_frames(self) -> int:
-        return self.schema["num_frames"]
+    def checksummed(self) -> bool:
+        """Whether every chunk carries a crc32c (format 2); format-1 integrity is unchecked."""
+        return self.schema.format_version >= 2
 
     @property
-    def tokens(self) -> int:
-        return self.schema["tokens"]
+    def has_frames(self) -> bool:
+        return self.schema.dense_gamma is not None
 
     @property
-    def width(self) -> int:
-        return self.schema["width"]
+    def dense_gamma(self) -> int | None:
+        return self.schema.dense_gamma
 
-    @property
-    def dtype(self) -> str:
-        return self.schema["dtype"]
-
-    @property
-    def backbone(self) -> dict[str, Any]:
-        return self.schema["backbone"]
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.schema["class_names"])
+    def limitations(self) -> list[str]:
+        """What this store lacks compared with a current one, one line each (for `info`)."""
+        if self.schema.format_version >= 2:
+            return []
+        out = ["format 1 (dist-cache 0.1): no checksums, so damaged data is not detected (integrity unchecked)",
+               "format 1: no dense frames and no per-view labels (every view has its video's label)"]
+        bb = self.schema.backbone
+        if str(bb["pretrained"]).lower() == "openai" and bb["activation"] != "quick_gelu":
+            out.append(f"format 1: backbone {bb['model']} with OpenAI weights ran without QuickGELU, which those "
+                       f"weights were trained with: its features are not CLIP's; re-extract with this dist-cache")
+        return out
 
     @property
     def text_features(self) -> np.ndarray:
-        return np.asarray(self._state().array(layout.TEXT)[...], dtype=np.float32)
+        return np.asarray(self._state().table(layout.TEXT), dtype=np.float32)
 
     @property
     def videos(self) -> list[str]:
-        return [str(p) for p in self._videos()]
+        """Video paths, relative to the video root (checked: none is absolute or leaves the root)."""
+        return [str(p) for p in self._state().table(layout.VIDEO_PATH)]
+
+    def video(self, v: int) -> str:
+        return str(self._state().table(layout.VIDEO_PATH)[v])
 
     @property
     def labels(self) -> np.ndarray:
-        return self._labels()
+        """(V,) int32: each video's label (checked to be a class index)."""
+        return np.asarray(self._state().table(layout.VIDEO_LABEL))
 
     def __len__(self) -> int:
-        return self.num_videos * self.views_per_video
-
-    def _videos(self) -> np.ndarray:
-        return self._state().table(layout.VIDEO_PATH)
-
-    def _labels(self) -> np.ndarray:
-        return np.asarray(self._state().table(layout.VIDEO_LABEL))
+        return self.schema.num_samples
 
     # ---------------------------------------------------------------- status
     def _check_index(self, i: int) -> tuple[int, int]:
         if isinstance(i, (bool, np.bool_)) or not isinstance(i, (int, np.integer)) or not 0 <= i < len(self):
             raise IndexError(f"sample index {i!r} out of range [0, {len(self)})")
-        return divmod(int(i), self.views_per_video)
+        return divmod(int(i), self.schema.views_per_video)
 
-    def _record(self, v: int) -> dict[str, Any] | None:
+    def _decode_record(self, v: int, data: bytes | None) -> VideoRecord | None:
         st = self._state()
-        if v in st.done_records:
-            return st.done_records[v]
-        data = st.loc.read(layout.record_key(v))
-        rec = None if data is None else records.decode(data, v)
-        if rec is not None and rec["status"] == records.DONE:
+        if data is None:
+            return None
+        try:
+            rec = VideoRecord.decode(data, v, self.schema)
+        except RecordError as err:
+            if v not in st.bad_records:
+                warnings.warn(f"store {st.url}: record {layout.record_key(v)} is unreadable ({err}); video {v} "
+                              f"counts as pending until extract redoes it", StoreDamageWarning, stacklevel=3)
+            st.bad_records[v] = str(err)
+            return None
+        if rec.status == SampleStatus.DONE:
+            rec = self._with_labels(rec)
             st.done_records[v] = rec
         return rec
 
-    def _video_status(self, v: int) -> tuple[str, str | None]:
+    def _with_labels(self, rec: VideoRecord) -> VideoRecord:
+        """Format-1 records have no per-view label: each view has its video's."""
+        if all(view.label is not None for view in rec.views):
+            return rec
+        label = int(self.labels[rec.video_index])
+        return dataclasses.replace(rec, views=tuple(dataclasses.replace(view, label=label) for view in rec.views))
+
+    def record(self, v: int) -> VideoRecord | None:
+        """Video v's record (facts, per-view plans and labels, or the failure), None while it is pending."""
+        st = self._state()
+        if not 0 <= v < self.schema.num_videos:
+            raise IndexError(f"video index {v} out of range [0, {self.schema.num_videos})")
+        if v in st.done_records:
+            return st.done_records[v]
+        if st.complete:
+            rec = records.from_tables(st.table, v, self.schema.views_per_video)
+            return None if rec is None else self._with_labels(rec)
+        return self._decode_record(v, st.loc.read(layout.record_key(v)))
+
+    def _video_statuses(self) -> np.ndarray:
         st = self._state()
         if st.complete:
-            code = int(st.table("videos/status")[v])
-            return records.STATUS_NAMES[code], (str(st.table("videos/error")[v]) or None)
-        rec = self._record(v)
-        return (rec["status"], rec["error"]) if rec else ("pending", None)
+            per_sample = np.asarray(st.table("samples/status"), dtype=np.uint8)
+            return per_sample[:: self.schema.views_per_video]
+        V = self.schema.num_videos
+        names = st.loc.list_names(layout.RECORDS)
+        indices = sorted(v for v in map(layout.record_index, names) if v is not None and v < V)
+        per_video = np.zeros(V, dtype=np.uint8)
+        raw = st.loc.read_many([layout.record_key(v) for v in indices if v not in st.done_records])
+        for v in indices:
+            rec = st.done_records.get(v) or self._decode_record(v, raw.get(layout.record_key(v)))
+            if rec is not None:
+                per_video[v] = rec.status
+        return per_video
 
     @property
     def status(self) -> np.ndarray:
-        """(S,) uint8: 0 pending, 1 done, 2 failed. Incomplete stores read every record (fine locally)."""
-        st = self._state()
-        if st.complete:
-            return np.asarray(st.table("samples/status"), dtype=np.uint8)
-        names = st.loc.list_names(layout.RECORDS)
-        indices = sorted(v for v in map(layout.record_index, names) if v is not None and v < self.num_videos)
-        per_video = np.zeros(self.num_videos, dtype=np.uint8)
-        todo = [v for v in indices if v not in st.done_records]
-        raw = st.loc.read_many([layout.record_key(v) for v in todo])
-        for v in indices:
-            rec = st.done_records.get(v)
-            if rec is None and raw.get(layout.record_key(v)) is not None:
-                rec = records.decode(raw[layout.record_key(v)], v)
-                if rec["status"] == records.DONE:
-                    st.done_records[v] = rec
-            if rec is not None:
-                per_video[v] = records.STATUS_CODES[rec["status"]]
-        return np.repeat(per_video, self.views_per_video)
+        """(S,) uint8 SampleStatus codes. Incomplete stores read every record (fine locally)."""
+        return np.repeat(self._video_statuses(), self.schema.views_per_video)
 
     def done_indices(self) -> np.ndarray:
-        return np.flatnonzero(self.status == records.STATUS_CODES[records.DONE])
+        return np.flatnonzero(self.status == SampleStatus.DONE)
 
     def progress(self) -> dict[str, int]:
         """Videos done / failed / pending (for `info` on a running extraction)."""
-        per_video = self.status[:: self.views_per_video] if len(self) else np.zeros(0, np.uint8)
-        counts = {name: int((per_video == code).sum()) for name, code in records.STATUS_CODES.items()}
-        return {"done": counts["done"], "failed": counts["failed"], "pending": counts["pending"]}
+        return status_counts(self._video_statuses())
 
     # ---------------------------------------------------------------- samples
     def sample(self, i: int) -> dict[str, Any]:
-        """Provenance of sample i: its video, label, view plan (frames, crop, flip, grayscale), status."""
+        """Provenance of sample i: its video, label, view plan (frames, crop, flip, grayscale), status, facts."""
         v, k = self._check_index(i)
-        label = int(self._labels()[v])
-        out: dict[str, Any] = {"video": str(self._videos()[v]), "video_index": v, "label": label,
-                               "label_name": self.schema["class_names"][label], "view": k}
-        st = self._state()
-        if not st.complete:
-            out.update(records.sample_fields(self._record(v), k))
-            return out
-        t = st.table
-        done = int(t("samples/status")[i]) == records.STATUS_CODES[records.DONE]
-        has_facts = int(t("videos/num_frames")[v]) >= 0
-        status, error = self._video_status(v)
-        out.update({
-            "status": status, "error": error,
-            "sparse_indices": np.asarray(t("samples/sparse_indices")[i], dtype=np.int64) if done else None,
-            "window": float(t("samples/window")[i]) if done else None,
-            "crop": tuple(int(x) for x in t("samples/crop")[i]) if done else None,
-            "flip": bool(t("samples/flip")[i]) if done else None,
-            "grayscale": bool(t("samples/grayscale")[i]) if done else None,
-            "num_frames": int(t("videos/num_frames")[v]) if has_facts else None,
-            "fps": float(t("videos/fps")[v]) if has_facts else None,
-            "width": int(t("videos/width")[v]) if has_facts else None,
-            "height": int(t("videos/height")[v]) if has_facts else None,
-            "size_bytes": size if (size := int(t("videos/size_bytes")[v])) >= 0 else None,
-            "sha256": str(t("videos/sha256")[v]) or None,
-        })
-        return out
+        fields = records.sample_dict(self.record(v), k, int(self.labels[v]))
+        return {"video": self.video(v), "video_index": v, "view": k,
+                "label_name": self.schema.class_names[fields["label"]], **fields}
+
+    def label(self, i: int) -> int:
+        """Sample i's label: its view's (an SSv2 flip may swap it), else its video's."""
+        v, k = self._check_index(i)
+        rec = self.record(v)
+        if rec is not None and rec.status == SampleStatus.DONE:
+            return int(rec.views[k].label)  # type: ignore[arg-type]
+        return int(self.labels[v])
 
     def _require_done(self, i: int) -> tuple[int, int]:
         v, k = self._check_index(i)
-        status, error = self._video_status(v)
-        if status != records.DONE:
-            why = f": {error.splitlines()[-1] if error else ''}" if status == records.FAILED else ""
+        rec = self.record(v)
+        if rec is None or rec.status != SampleStatus.DONE:
+            status = rec.status.label if rec else "pending"
+            why = f": {rec.error.splitlines()[-1] if rec.error else ''}" if rec else ""
             raise SampleNotDoneError(
-                f"sample {i} (video {v}, {str(self._videos()[v])!r}) is {status}{why}; "
+                f"sample {i} (video {v}, {self.video(v)!r}) is {status}{why}; "
                 f"its features were never written (use store.done_indices())")
         return v, k
 
-    def _layer_positions(self, layers: Sequence[int] | int | None) -> list[int] | None:
-        if layers is None:
-            return None
-        wanted = [layers] if isinstance(layers, (int, np.integer)) else [int(x) for x in layers]
-        have = {layer: pos for pos, layer in enumerate(self.schema["layers"])}
-        missing = [x for x in wanted if x not in have]
-        if missing or not wanted:
-            raise ValueError(f"layers {missing or wanted} are not in this store; available layers: "
-                             f"{format_value(self.layers)}")
-        return [have[x] for x in wanted]
+    def _damage(self, v: int, array: str, err: shards.ShardDamage) -> StoreDamagedError:
+        return StoreDamagedError(f"store {self.url}: video {v} ({self.video(v)}) is damaged: {array}: {err}; "
+                                 f"{REPAIR_HINT}")
+
+    def _read(self, name: str, v: int, k: int, first: int, out: np.ndarray) -> None:
+        st = self._state()
+        st.array(name)  # checks its layout, learns its shard format
+        try:
+            st.read_chunks(name, v, k, first, out)
+        except shards.ShardDamage as err:
+            raise self._damage(v, name, err) from None
+
+    def read_sample(self, i: int, layers: Sequence[int] | int | None = None, *,
+                    out: RawSample | None = None) -> RawSample:
+        """Sample i's stored values for `layers` (backbone block indices, in that order; None: all):
+        fp16 features, or int8 codes plus fp16 scales, exactly as stored.
+
+        Each maximal run of consecutive stored layers is one ranged read (the whole sample is one), straight
+        into `out` when given (e.g. views of pinned memory: no extra copy). Raises StoreDamagedError for
+        missing or corrupt bytes, SampleNotDoneError for a sample without features."""
+        v, k = self._require_done(i)
+        pos = self.schema.layer_positions(layers)
+        if out is None:
+            out = RawSample.empty(self.schema, len(pos))
+        else:
+            out.check(self.schema, len(pos))
+        at = 0
+        for a, b in _runs(pos):
+            rows = slice(at, at + b - a)
+            if self.checksummed:
+                self._read(layout.FEATURES, v, k, a, out.features[rows])
+                if out.scales is not None:
+                    self._read(layout.SCALES, v, k, a, out.scales[rows])
+            else:  # format 1: through zarr (slices: oindex on a sharded array is ~40x slower)
+                st = self._state()
+                out.features[rows] = st.array(layout.FEATURES)[int(i), a:b]
+                if out.scales is not None:
+                    out.scales[rows] = st.array(layout.SCALES)[int(i), a:b]
+            at += b - a
+        return out
 
     def features(self, i: int, layers: Sequence[int] | int | None = None, dtype: Any = np.float16) -> np.ndarray:
         """(L', T, N+1, C) token features of sample i, float16 (dequantised for int8 stores).
 
-        `layers` are backbone block indices (see .layers), in the order wanted; only their inner chunks
-        are read. dtype=np.float32 skips the float16 rounding of int8 stores (and numpy's slow fp16 cast)."""
-        self._require_done(i)
+        dtype=np.float32 skips the float16 rounding of int8 stores (and numpy's slow fp16 cast)."""
         dtype = np.dtype(dtype)
         if dtype not in (np.float16, np.float32):
             raise ValueError("dtype must be float16 or float32")
-        pos = self._layer_positions(layers)
-        st = self._state()
-        runs = _runs(list(range(len(self.schema["layers"]))) if pos is None else pos)
-
-        def read(name: str) -> np.ndarray:
-            # Slices, not zarr's orthogonal indexing: oindex on a sharded array is ~40x slower here
-            # (65 ms vs 1.6 ms for one ViT-B layer), and a slice reads exactly its inner chunks.
-            arr = st.array(name)
-            parts = [np.asarray(arr[int(i), a:b]) for a, b in runs]
-            return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-        if self.schema["dtype"] == "int8":
-            codes, scales = read(layout.FEATURES), read(layout.SCALES)
-            if dtype == np.float32:
-                return codes.astype(np.float32) * scales.astype(np.float32)[..., None]
-            return dequantize_int8(codes, scales)
-        return read(layout.FEATURES).astype(dtype, copy=False)
+        return self.read_sample(i, layers).dequantized(dtype)
 
     def clip_embeddings(self, i: int) -> np.ndarray:
         """(T, E) float16: CLIP's own final per-frame image embedding for sample i."""
-        self._require_done(i)
-        return np.asarray(self._state().array(layout.CLIP)[int(i)])
+        v, k = self._require_done(i)
+        if not self.checksummed:
+            return np.asarray(self._state().array(layout.CLIP)[int(i)])
+        out = np.empty((self.schema.num_frames, self.schema.embed_dim), np.float16)
+        self._read(layout.CLIP, v, k, 0, out)
+        return out
+
+    def frames(self, i: int, gamma: int | None = None, *, out: np.ndarray | None = None) -> np.ndarray:
+        """uint8 (gamma*T, R, R, 3): sample i's rendered dense frames (gamma None: the stored G); for gamma < G
+        the subset `dense_subset(G, gamma, T)`, which is what dense_indices gives for gamma."""
+        G = self.schema.dense_gamma
+        if G is None:
+            raise ValueError(f"store {self.url} holds no dense frames (extract it with --dense-frames)")
+        gamma = G if gamma is None else int(gamma)
+        v, k = self._require_done(i)
+        T, R = self.schema.num_frames, self.schema.image_size
+        subset = None if gamma == G else dense_subset(G, gamma, T)
+        shape = (gamma * T, R, R, 3)
+        if out is not None and (out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous):
+            raise ValueError(f"out must be a C-contiguous uint8 array of shape {shape}")
+        full = out if subset is None and out is not None else np.empty((G * T, R, R, 3), np.uint8)
+        self._read(layout.FRAMES, v, k, 0, full)
+        if subset is None:
+            return full
+        return np.take(full, subset, axis=0, out=out)
+
+    # ---------------------------------------------------------------- integrity
+    def check_video(self, v: int, deep: bool = False) -> list[str]:
+        """Findings about video v's stored bytes, one line each; [] when it is intact (or not done).
+
+        Shallow: its record decodes; every array's shard exists, its index passes its checksum, and every inner
+        chunk of its samples is listed. deep=True also reads every chunk and checks its crc32c."""
+        st = self._state()
+        rec = self.record(v)
+        findings = [f"{layout.record_key(v)} is unreadable ({st.bad_records[v]}): video {v} counts as pending"] \
+            if v in st.bad_records else []
+        if rec is None or rec.status != SampleStatus.DONE:
+            return findings
+        K = self.schema.views_per_video
+        for spec in layout.sharded_arrays(self.schema):
+            if not self.checksummed:
+                key = f"{spec.name}/c.{v}" + ".0" * (len(spec.shape) - 1)
+                if st.loc.read_range(key, 0, 1) is None:
+                    findings.append(f"{spec.name}: its shard {key} is missing")
+                continue
+            st.array(spec.name)
+            fmt = st.formats[spec.name]
+            scratch = np.empty((fmt.chunks_per_sample, *fmt.chunk_shape[1:]), fmt.dtype) if deep else None
+            try:
+                for k in range(K):
+                    if scratch is not None:
+                        st.read_chunks(spec.name, v, k, 0, scratch, cached=False)
+                    else:
+                        self._check_listed(fmt, v, k)
+            except shards.ShardDamage as err:
+                findings.append(f"{spec.name}: {err}")
+        return findings
+
+    def _check_listed(self, fmt: shards.ShardFormat, v: int, k: int) -> None:
+        per_shard = fmt.samples_per_shard // self.schema.views_per_video
+        index = self._state().shard_index(fmt, fmt.shard_key(v // per_shard), cached=False)
+        start = ((v % per_shard) * self.schema.views_per_video + k) * fmt.chunks_per_sample
+        missing = shards.missing_chunks(index, start, start + fmt.chunks_per_sample)
+        if missing:
+            raise shards.ShardDamage(f"its inner chunk {missing[0]} is missing from the shard index")
 
 
 def _runs(positions: list[int]) -> list[tuple[int, int]]:

@@ -1,48 +1,81 @@
 """StoreWriter: create or resume a feature store, write whole videos, finalize.
 
-Safety comes from three rules, not from locks (zarr v3 has none):
-  1. each video's data is one shard per array, written whole by one `write_video` call;
-  2. the video's record is written after its shards, atomically, and is the only proof of completion;
-  3. everything derived (metadata, records, finalize's tables) is a pure function of the inputs, so
-     concurrent or repeated writers of the same video, or concurrent finalizers, write identical bytes.
+Safety comes from four rules, not from locks (zarr v3 has none):
+  1. the root zarr.json, carrying the schema, is published create-if-absent before anything else, so of
+     several writers racing to create a store exactly one schema wins and the others compare against it;
+  2. each video's data is one shard per array, written whole (temp file + rename) by one `write_video`;
+  3. the video's record is written after its shards, atomically, and is the only proof of completion;
+  4. everything derived (metadata, shards, records, finalize's tables) is a pure function of the inputs,
+     so concurrent or repeated writers of the same video, or concurrent finalizers, write identical bytes.
+Any OSError while writing becomes a one-line StoreWriteError; the store stays resumable.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
+import dataclasses
 import warnings
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import zarr
 from zarr.errors import ZarrUserWarning
 
 from dist_cache.errors import UserError
-from storage import layout, records
-from storage.errors import StoreMismatchError
+from storage import layout
+from storage.errors import StoreMismatchError, write_error
+from storage.location import Location, configure_zarr
 from storage.quantize import quantize_int8
-from storage.remote import Location, configure_zarr, open_location
-from storage.schema import ATTR_KEY, SchemaFacts, check_compatible, compat_of, format_value, \
-    validate_schema, videos_sha256
+from storage.records import RecordError, VideoRecord, gather, summarize
+from storage.remote import open_location
+from storage.root import ROOT_KEY, group_json, read_attrs, stored_schema
+from storage.schema import ATTR_KEY, FORMAT_VERSION, SampleStatus, StoreSchema, format_value
+from storage.shards import ShardFormat
 
 # A `*.partial` younger than this may belong to a writer that is still running (its rename is
 # milliseconds away), so only older ones are treated as left behind by a killed process.
 DEFAULT_STALE_PARTIAL_S = 600.0
 
 # Top-level names a dist-cache store may hold; anything else means the location is someone else's.
-_OWN_NAMES = {"zarr.json", "features", "feature_scales", "clip_embeddings", "text_embeddings", "videos",
+_OWN_NAMES = {"zarr.json", "features", "feature_scales", "clip_embeddings", "frames", "text_embeddings", "videos",
               "samples", "records"}
 
+# fp16 bit patterns: exponent all ones is inf or NaN. Checked on the integer bits in cache-sized blocks,
+# ~10x faster than np.isfinite, which emulates float16 arithmetic.
+_FP16_EXPONENT = np.uint16(0x7C00)
+_CHECK_BLOCK = 1 << 17
 
-def read_root_attrs(loc: Location) -> dict[str, Any] | None:
-    """Root group attributes read straight from zarr.json (one GET), or None if there is no root node."""
-    data = loc.read("zarr.json")
-    if data is None:
-        return None
-    meta = json.loads(data)
-    if meta.get("node_type") != "group":
-        return {"__not_a_group__": True}
-    return meta.get("attributes") or {}
+
+def _fp16_finite(bits: np.ndarray, scratch: np.ndarray) -> bool:
+    """Whether a 1-D uint16 view of fp16 values holds no inf or NaN."""
+    for start in range(0, bits.size, _CHECK_BLOCK):
+        block = bits[start:start + _CHECK_BLOCK]
+        out = scratch[:block.size]
+        np.bitwise_and(block, _FP16_EXPONENT, out=out)
+        if out.max() == _FP16_EXPONENT:
+            return False
+    return True
+
+
+def _checked_fp16(chunks: Iterable[np.ndarray], what: str) -> Iterator[np.ndarray]:
+    """Pass fp16 chunks (uint8 views) through, raising ValueError at the first that holds inf or NaN: the
+    check of a chunk runs while the previous one is written."""
+    scratch = np.empty(_CHECK_BLOCK, np.uint16)
+    for chunk in chunks:
+        if not _fp16_finite(chunk.view(np.uint16), scratch):
+            raise ValueError(f"{what} contain NaN or inf in fp16")
+        yield chunk
+
+
+def _require_finite(values: np.ndarray, what: str) -> None:
+    """ValueError if `values` hold inf or NaN: fp16 by its bits, wider floats with np.isfinite (fast for them)."""
+    if values.dtype == np.float16:
+        bits = np.ascontiguousarray(values).reshape(-1).view(np.uint16)
+        finite = _fp16_finite(bits, np.empty(min(_CHECK_BLOCK, bits.size), np.uint16))
+    else:
+        finite = bool(np.isfinite(values).all())
+    if not finite:
+        raise ValueError(f"{what} contain NaN or inf in {values.dtype}")
 
 
 def consolidate(store: zarr.abc.store.Store) -> None:
@@ -55,85 +88,100 @@ def consolidate(store: zarr.abc.store.Store) -> None:
         zarr.consolidate_metadata(store, zarr_format=3)
 
 
-class StoreWriter(SchemaFacts):
+class StoreWriter:
     """Writes one store. Cheap to pickle (location + schema) so dask tasks can carry it."""
 
-    def __init__(self, loc: Location, schema: dict[str, Any], stale_partial_s: float) -> None:
+    def __init__(self, loc: Location, schema: StoreSchema, stale_partial_s: float) -> None:
         self._loc = loc
         self.schema = schema
         self.stale_partial_s = stale_partial_s
         self.removed_partials: list[str] = []
         self._zstore: zarr.abc.store.Store | None = None
-        self._arrays: dict[str, zarr.Array] = {}
         self._checked_complete = False
+        self._video_labels: np.ndarray | None = None
 
     # ---------------------------------------------------------------- opening
     @classmethod
-    def open(cls, url: str, schema: dict[str, Any], videos: Sequence[str], labels: Sequence[int],
-             text_features: np.ndarray, *, class_names: Sequence[str] | None = None,
-             storage_options: dict[str, Any] | None = None,
+    def open(cls, url: str, schema: StoreSchema | Mapping[str, Any], videos: Sequence[str], labels: Sequence[int],
+             text_features: np.ndarray, *, storage_options: dict[str, Any] | None = None,
              stale_partial_s: float = DEFAULT_STALE_PARTIAL_S) -> StoreWriter:
         """Create the store at `url`, or reopen it to resume if it was made with the same compat schema,
-        videos and labels. A mismatch raises StoreMismatchError and an unwritable location UserError,
-        both before anything is written."""
+        videos and labels. A mismatch raises StoreMismatchError and an unwritable location a UserError,
+        both before any data is written."""
         configure_zarr()
         loc = open_location(url, storage_options)
-        schema = dict(schema)
-        if class_names is not None:
-            if "class_names" in schema and list(schema["class_names"]) != list(class_names):
-                raise ValueError("class_names given twice with different values")
-            schema["class_names"] = list(class_names)
-        schema = validate_schema(schema)
+        if not isinstance(schema, StoreSchema):
+            schema = StoreSchema.from_json(schema)
+        if schema.format_version != FORMAT_VERSION:
+            raise ValueError(f"this dist-cache writes format_version {FORMAT_VERSION}, not {schema.format_version}")
         videos = [str(p) for p in videos]
         labels = [int(x) for x in labels]
-        num_classes = len(schema["class_names"])
-        if not len(videos) == len(labels) == schema["num_videos"]:
-            raise ValueError(f"{len(videos)} videos, {len(labels)} labels, schema num_videos={schema['num_videos']}")
-        if labels and not (0 <= min(labels) and max(labels) < num_classes):
-            raise ValueError(f"labels must lie in [0, {num_classes})")
+        C = schema.num_classes
+        if not len(videos) == len(labels) == schema.num_videos:
+            raise ValueError(f"{len(videos)} videos, {len(labels)} labels, schema num_videos={schema.num_videos}")
+        if labels and not (0 <= min(labels) and max(labels) < C):
+            raise ValueError(f"labels must lie in [0, {C})")
         text = np.asarray(text_features, dtype=np.float32)
-        if text.shape != (num_classes, schema["backbone"]["embed_dim"]) or not np.isfinite(text).all():
-            raise ValueError(f"text_features must be finite, shape ({num_classes}, embed_dim), got {text.shape}")
-        schema["compat"] = compat_of(schema)
-        schema["videos_sha256"] = videos_sha256(videos, labels)
+        if text.shape != (C, schema.embed_dim) or not np.isfinite(text).all():
+            raise ValueError(f"text_features must be finite, shape ({C}, embed_dim), got {text.shape}")
+        schema = schema.with_manifest(videos, labels)
 
-        attrs = read_root_attrs(loc)
-        if attrs is not None and ATTR_KEY in attrs:
-            stored = attrs[ATTR_KEY]
-            check_compatible(loc.url, stored, schema)
-            if stored.get("videos_sha256") != schema["videos_sha256"]:
-                raise StoreMismatchError(_video_difference(loc, videos, labels))
-            # Keep the first run's informational fields (software versions...) rather than rewriting them.
-            writer = cls(loc, stored, stale_partial_s)
-        else:
-            _check_creatable(loc, attrs)
-            writer = cls(loc, schema, stale_partial_s)
-            writer._create(videos, labels, text)
-        writer.removed_partials = loc.remove_partials(stale_partial_s)
+        with _writing(loc.url):
+            attrs = read_attrs(loc)
+            if attrs is None:
+                _check_creatable(loc)
+                loc.prepare_for_writing()
+                initial = {ATTR_KEY: schema.to_json(), "created": False, "complete": False, "summary": None}
+                if not loc.create_exclusive(ROOT_KEY, group_json(initial)):
+                    attrs = read_attrs(loc)  # another writer published its root first: compare with it
+            if attrs is None:
+                writer, created = cls(loc, schema, stale_partial_s), False
+            else:
+                if ATTR_KEY not in attrs:
+                    raise UserError(f"cannot create store {loc.url}: a zarr group that is not a dist-cache store "
+                                    f"is there; use another --out")
+                stored = stored_schema(attrs, loc.url)
+                stored.check_compatible(schema, loc.url)
+                if stored.videos_sha256 != schema.videos_sha256:
+                    raise StoreMismatchError(_video_difference(loc, videos, labels))
+                # Keep the first run's informational fields (software versions...) rather than rewriting them.
+                writer, created = cls(loc, stored, stale_partial_s), bool(attrs.get("created"))
+            if not created:
+                writer._create(videos, labels, text)
+            writer._confirm_schema()
+            writer.removed_partials = loc.remove_partials(stale_partial_s)
         return writer
 
     def _create(self, videos: list[str], labels: list[int], text: np.ndarray) -> None:
         """Idempotent: a concurrent creator or a rerun after a crash here writes the same bytes.
-        The root attributes go last and mark the store as created."""
-        self._loc.prepare_for_writing()
+        Marks the root "created" last."""
         store = self._store()
-        try:
-            for spec in layout.data_arrays(self.schema):
-                try:
-                    arr = layout.create_or_open(store, spec)
-                except ValueError:
-                    raise StoreMismatchError(
-                        f"store {self._loc.url} was partly created with a different layout ({spec.name}): "
-                        f"remove it or use another --out") from None
-                self._arrays[spec.name] = arr
-            if videos:
-                self._arrays[layout.VIDEO_PATH][:] = np.array(videos, dtype=str)
-                self._arrays[layout.VIDEO_LABEL][:] = np.array(labels, dtype=np.int32)
-            self._arrays[layout.TEXT][:] = text
-            group = zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=False)
-            group.update_attributes({ATTR_KEY: self.schema, "complete": False, "summary": None})
-        except OSError as exc:
-            raise UserError(f"cannot write store {self._loc.url}: {exc.strerror or exc}") from None
+        arrays = {}
+        for spec in layout.data_arrays(self.schema):
+            try:
+                arrays[spec.name] = layout.create_or_open(store, spec)
+            except ValueError:
+                raise StoreMismatchError(
+                    f"store {self._loc.url} was partly created with a different layout ({spec.name}): "
+                    f"remove it or use another --out") from None
+        if videos:
+            arrays[layout.VIDEO_PATH][:] = np.array(videos, dtype=str)
+            arrays[layout.VIDEO_LABEL][:] = np.array(labels, dtype=np.int32)
+        arrays[layout.TEXT][:] = text
+        self._root_group().update_attributes({"created": True})
+
+    def _confirm_schema(self) -> None:
+        """The store's schema is still this writer's: a concurrent creator on a backend without atomic
+        create-if-absent may have replaced the root. Called after opening and before finalizing."""
+        attrs = read_attrs(self._loc) or {}
+        if ATTR_KEY not in attrs:
+            raise StoreMismatchError(f"store {self._loc.url} lost its root attributes while being written: "
+                                     f"use another --out")
+        stored = stored_schema(attrs, self._loc.url)
+        if stored.fingerprint != self.schema.fingerprint:
+            stored.check_compatible(self.schema, self._loc.url)
+            raise StoreMismatchError(f"store {self._loc.url} was made by another run with another manifest: "
+                                     f"use another --out or the same flags")
 
     # ---------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
@@ -147,95 +195,141 @@ class StoreWriter(SchemaFacts):
     def url(self) -> str:
         return self._loc.url
 
+    @property
+    def fingerprint(self) -> str:
+        return self.schema.fingerprint
+
     def _store(self) -> zarr.abc.store.Store:
         if self._zstore is None:
             configure_zarr()
             self._zstore = self._loc.zarr_store(read_only=False)
         return self._zstore
 
-    def _array(self, name: str) -> zarr.Array:
-        if name not in self._arrays:
-            self._arrays[name] = layout.open_array(self._store(), name, mode="r+")
-        return self._arrays[name]
+    def _root_group(self) -> zarr.Group:
+        return zarr.open_group(self._store(), mode="r+", zarr_format=3, use_consolidated=False)
+
+    def _labels(self) -> np.ndarray:
+        if self._video_labels is None:
+            self._video_labels = np.asarray(layout.open_array(self._store(), layout.VIDEO_LABEL)[...])
+        return self._video_labels
 
     # ---------------------------------------------------------------- records
-    def _records(self) -> dict[int, dict[str, Any]]:
-        """All records, from one listing plus one read per record (batched for remote stores)."""
-        V = self.num_videos
+    def _records(self) -> dict[int, VideoRecord]:
+        """Every record that decodes, from one listing plus one read per record (batched for remote
+        stores). A record that does not decode is left out: its video is pending, and a rerun redoes it."""
+        V = self.schema.num_videos
         indices = sorted(v for v in map(layout.record_index, self._loc.list_names(layout.RECORDS))
                          if v is not None and v < V)
         raw = self._loc.read_many([layout.record_key(v) for v in indices])
-        return {v: records.decode(raw[layout.record_key(v)], v) for v in indices
-                if raw[layout.record_key(v)] is not None}
+        out = {}
+        for v in indices:
+            data = raw[layout.record_key(v)]
+            if data is None:
+                continue
+            try:
+                out[v] = VideoRecord.decode(data, v, self.schema)
+            except RecordError:
+                pass  # FeatureStore.check_video and `verify` report it; here it is simply not done
+        return out
 
     def pending(self, retry_failed: bool = False) -> list[int]:
-        """Video indices without a record (plus failed ones with retry_failed), ascending."""
-        names = self._loc.list_names(layout.RECORDS)
-        have = {v for v in map(layout.record_index, names) if v is not None}
-        if retry_failed:
-            have = {v for v, r in self._records().items() if r["status"] == records.DONE}
-        return [v for v in range(self.num_videos) if v not in have]
+        """Video indices without a (readable) record, plus failed ones with retry_failed, ascending."""
+        keep = (SampleStatus.DONE,) if retry_failed else (SampleStatus.DONE, SampleStatus.FAILED)
+        have = {v for v, r in self._records().items() if r.status in keep}
+        return [v for v in range(self.schema.num_videos) if v not in have]
 
     def _before_write(self, v: int) -> None:
-        if not 0 <= v < self.num_videos:
-            raise IndexError(f"video index {v} out of range [0, {self.num_videos})")
+        if not 0 <= v < self.schema.num_videos:
+            raise IndexError(f"video index {v} out of range [0, {self.schema.num_videos})")
         if self._checked_complete:
             return
         # Writing into a finalized store (retrying failures) makes its tables and consolidated
         # metadata stale: drop "complete" first so no reader trusts them; finalize() restores it.
-        attrs = read_root_attrs(self._loc) or {}
+        attrs = read_attrs(self._loc) or {}
         if attrs.get("complete"):
-            group = zarr.open_group(self._store(), mode="r+", zarr_format=3, use_consolidated=False)
-            group.update_attributes({"complete": False, "summary": None})
+            self._root_group().update_attributes({"complete": False, "summary": None})
         self._checked_complete = True
 
     # ---------------------------------------------------------------- writing
-    def write_video(self, v: int, facts: Any, plans: Sequence[Any], features: np.ndarray,
-                    clip_embeds: np.ndarray) -> int:
-        """Write video v's K views (shards first, then the record). Returns the bytes of array data written."""
+    def write_video(self, v: int, facts: Any, plans: Sequence[Any], features: np.ndarray, clip_embeds: np.ndarray,
+                    *, frames: np.ndarray | None = None, labels: Sequence[int] | None = None) -> int:
+        """Write video v's K views: every array's shard, then the record. Returns the shard bytes written.
+
+        features (K, L, T, N+1, C) (fp16 is stored as is; other floats are cast or, for int8 stores,
+        quantised), clip_embeds (K, T, E), frames (K, G*T, R, R, 3) uint8 exactly when the store holds dense
+        frames, labels: K per-view class indices (default: the video's label for every view)."""
         s = self.schema
-        K, T, E = s["views_per_video"], s["num_frames"], s["backbone"]["embed_dim"]
-        want = (K, len(s["layers"]), T, s["tokens"], s["width"])
+        K, T, E = s.views_per_video, s.num_frames, s.embed_dim
+        features, clip_embeds = np.asarray(features), np.asarray(clip_embeds)
+        want = (K, len(s.layers), T, s.tokens, s.width)
         if features.shape != want:
             raise ValueError(f"video {v}: features have shape {features.shape}, the store expects {want}")
         if clip_embeds.shape != (K, T, E):
             raise ValueError(f"video {v}: clip_embeds have shape {clip_embeds.shape}, the store expects {(K, T, E)}")
+        self._check_frames(v, frames)
+        if labels is None:
+            labels = [int(self._labels()[v])] * K
         # Validate the record before touching any shard, so a bad plan cannot leave orphan shards.
-        record = records.done_record(v, facts, list(plans), K, T, nbytes=0)
+        try:
+            record = VideoRecord.done(s, v, facts, list(plans), list(labels))
+        except RecordError as err:
+            raise ValueError(f"video {v}: {err}") from None
+        with np.errstate(over="ignore"):  # overflow shows up as inf, reported just below
+            clip16 = clip_embeds.astype(np.float16, copy=False)
+        _require_finite(clip16, f"video {v}: clip_embeds")
         self._before_write(v)
-        rows = slice(v * K, (v + 1) * K)
-        with np.errstate(over="ignore"):
-            clip16 = np.asarray(clip_embeds).astype(np.float16)
-        if s["dtype"] == "int8":
-            if not np.isfinite(features).all():
-                raise ValueError(f"video {v}: features contain NaN or inf")
+
+        nbytes = 0
+        with _writing(self._loc.url):
+            for fmt, chunks in self._shard_chunks(v, features, clip16, frames):
+                nbytes += self._loc.write_parts(fmt.shard_key(v), fmt.encode(chunks))
+            self._loc.write_atomic(layout.record_key(v), dataclasses.replace(record, nbytes=nbytes).encode())
+        return nbytes
+
+    def _check_frames(self, v: int, frames: np.ndarray | None) -> None:
+        s = self.schema
+        if s.dense_gamma is None:
+            if frames is not None:
+                raise ValueError(f"video {v}: frames given, but the store holds no dense frames (dense_frames null)")
+            return
+        want = (s.views_per_video, s.dense_gamma * s.num_frames, s.image_size, s.image_size, 3)
+        if frames is None or frames.shape != want or frames.dtype != np.uint8:
+            got = None if frames is None else (frames.shape, str(frames.dtype))
+            raise ValueError(f"video {v}: the store holds dense frames: frames must be uint8 {want}, got {got}")
+
+    def _shard_chunks(self, v: int, features: np.ndarray, clip16: np.ndarray, frames: np.ndarray | None
+                      ) -> Iterator[tuple[ShardFormat, Iterable[np.ndarray]]]:
+        """Each array's shard format and its inner chunks for video v, in write order. fp16 features are
+        checked for inf/NaN chunk by chunk while they stream to disk; a bad one aborts that shard's write."""
+        specs = {spec.name: ShardFormat.of(spec) for spec in layout.sharded_arrays(self.schema)}
+        what = f"video {v}: features"
+        if self.schema.dtype == "int8":
+            _require_finite(features, what)
             codes, scales = quantize_int8(features)
-            blocks = {layout.FEATURES: codes, layout.SCALES: scales}
+            yield specs[layout.FEATURES], specs[layout.FEATURES].raw_chunks(codes)
+            yield specs[layout.SCALES], specs[layout.SCALES].raw_chunks(scales)
         else:
-            with np.errstate(over="ignore"):  # overflow is reported just below, as a ValueError
-                feats16 = np.asarray(features).astype(np.float16, copy=False)
-            # Overflow to inf (|x| > 65504) or NaN from upstream would be stored silently otherwise.
-            if not np.isfinite(feats16).all():
-                raise ValueError(f"video {v}: features contain NaN or inf in fp16")
-            blocks = {layout.FEATURES: feats16}
-        if not np.isfinite(clip16).all():
-            raise ValueError(f"video {v}: clip_embeds contain NaN or inf in fp16")
-        blocks[layout.CLIP] = clip16
-        for name, block in blocks.items():
-            self._array(name)[rows] = block  # exactly one whole shard (or chunk) per array
-        record["bytes"] = sum(int(b.nbytes) for b in blocks.values())
-        self._loc.write_atomic(layout.record_key(v), records.encode(record))
-        return record["bytes"]
+            with np.errstate(over="ignore"):
+                feats16 = features.astype(np.float16, copy=False)
+            yield specs[layout.FEATURES], _checked_fp16(specs[layout.FEATURES].raw_chunks(feats16), what)
+        yield specs[layout.CLIP], specs[layout.CLIP].raw_chunks(clip16)
+        if frames is not None:
+            yield specs[layout.FRAMES], specs[layout.FRAMES].raw_chunks(frames)
 
     def write_failure(self, v: int, error: str, facts: Any | None = None) -> bool:
         """Record that video v failed and why. A "done" record is never replaced by a failure (an
         overlapping writer may have succeeded); returns False in that case."""
-        record = records.failed_record(v, error, facts)
+        record = VideoRecord.failed(v, error, facts)
         self._before_write(v)
-        existing = self._loc.read(layout.record_key(v))
-        if existing is not None and records.decode(existing, v)["status"] == records.DONE:
-            return False
-        self._loc.write_atomic(layout.record_key(v), records.encode(record))
+        with _writing(self._loc.url):
+            existing = self._loc.read(layout.record_key(v))
+            if existing is not None:
+                try:
+                    if VideoRecord.decode(existing, v, self.schema).status == SampleStatus.DONE:
+                        return False
+                except RecordError:
+                    pass  # unreadable: replaced by this one
+            self._loc.write_atomic(layout.record_key(v), record.encode())
         return True
 
     # ---------------------------------------------------------------- finalize
@@ -244,32 +338,36 @@ class StoreWriter(SchemaFacts):
 
         Any writer may call it, any number of times; concurrent finalizers write identical bytes.
         Returns the summary: done, failed, pending (videos), bytes, complete."""
-        s = self.schema
-        recs = self._records()
-        summary = records.summarize(recs, self.num_videos)
-        if summary["pending"]:
-            return {**summary, "complete": False}
-        tables = records.gather(recs, self.num_videos, s["views_per_video"], s["num_frames"])
-        store = self._store()
-        for spec in layout.table_arrays(s):
-            arr = layout.create_or_open(store, spec)
-            if arr.size:
-                arr[...] = tables[spec.name]
-        group = zarr.open_group(store, mode="r+", zarr_format=3, use_consolidated=False)
-        group.update_attributes({"complete": True, "summary": summary})
-        consolidate(store)
-        self.removed_partials += self._loc.remove_partials(self.stale_partial_s)
+        with _writing(self._loc.url):
+            self._confirm_schema()
+            recs = self._records()
+            summary = summarize(recs, self.schema.num_videos)
+            if summary["pending"]:
+                return {**summary, "complete": False}
+            tables = gather(recs, self.schema)
+            store = self._store()
+            for spec in layout.table_arrays(self.schema):
+                arr = layout.create_or_open(store, spec)
+                if arr.size:
+                    arr[...] = tables[spec.name]
+            self._root_group().update_attributes({"complete": True, "summary": summary})
+            consolidate(store)
+            self.removed_partials += self._loc.remove_partials(self.stale_partial_s)
         self._checked_complete = False  # a later write must un-complete again
         return {**summary, "complete": True}
 
 
-def _check_creatable(loc: Location, attrs: dict[str, Any] | None) -> None:
-    """Refuse to create a store on top of something that is not (the start of) a dist-cache store."""
-    # None: nothing there yet; {}: the bare root group a crashed creation leaves (zarr writes parent
-    # groups before the arrays, and our attributes come last).
-    if attrs:
-        raise UserError(f"cannot create store {loc.url}: a zarr node that is not a dist-cache store is there; "
-                        f"use another --out")
+@contextlib.contextmanager
+def _writing(url: str) -> Iterator[None]:
+    """Any OSError of the storage (disk full, read-only, I/O error, a remote's 5xx) as one line."""
+    try:
+        yield
+    except OSError as err:
+        raise write_error(url, err) from None
+
+
+def _check_creatable(loc: Location) -> None:
+    """Refuse to create a store on top of something that is not a dist-cache store."""
     if loc.exists():
         foreign = sorted(n for n in loc.list_names("") if n not in _OWN_NAMES and not n.endswith(".partial"))
         if foreign:

@@ -14,7 +14,7 @@ from distributed import Client, LocalCluster, WorkerPlugin
 
 from pipelines.extract import ExtractOptions, extract
 from pipelines.extract_dask import TASK_PREFIX, extract_on_cluster
-from storage import FeatureStore
+from storage import FeatureStore, SampleStatus
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -43,7 +43,7 @@ def reference(tmp_path_factory, motion_dataset, tiny_checkpoint) -> FeatureStore
 def assert_same_store(store: FeatureStore, reference: FeatureStore) -> None:
     assert store.complete and reference.complete
     np.testing.assert_array_equal(store.status, reference.status)
-    assert (store.status == 1).all()
+    assert (store.status == SampleStatus.DONE).all()
     for i in range(len(reference)):
         np.testing.assert_array_equal(store.features(i), reference.features(i))
         np.testing.assert_array_equal(store.clip_embeddings(i), reference.clip_embeddings(i))

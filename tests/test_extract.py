@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from PIL import Image, ImageOps
 
 import cli
-from storage import FeatureStore
+from storage import FeatureStore, SampleStatus
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -81,7 +81,7 @@ def independent_tokens(video: Path, sample: dict, ckpt: Path, layer: int) -> np.
 
 def test_stored_tokens_equal_an_independent_open_clip_forward(train_store, motion_dataset, tiny_checkpoint):
     store = FeatureStore.open(train_store)
-    assert store.complete and store.layers == [0, 1] and store.num_frames == 4 and store.views_per_video == 2
+    assert store.complete and list(store.schema.layers) == [0, 1] and store.schema.num_frames == 4 and store.schema.views_per_video == 2
     flips = {bool(store.sample(i)["flip"]) for i in range(len(store))}
     assert flips == {True, False}, "the fixture should cover flipped and unflipped views"
     for i in (0, 3, len(store) - 1):
@@ -95,13 +95,13 @@ def test_stored_tokens_equal_an_independent_open_clip_forward(train_store, motio
 
 def test_store_records_what_reuse_needs(train_store, motion_dataset, tiny_checkpoint):
     store = FeatureStore.open(train_store)
-    backbone = store.backbone
+    backbone = store.schema.backbone
     assert backbone["model"] == "dist-tiny" and backbone["image_size"] == 64 and backbone["patch_size"] == 16
     from dist_cache.backbone import load_backbone
 
     assert backbone["weights_sha256"] == load_backbone("dist-tiny", str(tiny_checkpoint)).weights_sha256
-    assert store.schema["sampling"]["seed"] == 3 and store.schema["preprocess"]["decoder"]["name"] == "decord"
-    assert store.class_names == ["down", "left", "right", "up"]
+    assert store.schema.sampling["seed"] == 3 and store.schema.preprocess["decoder"]["name"] == "decord"
+    assert list(store.schema.class_names) == ["down", "left", "right", "up"]
     assert store.text_features.shape == (4, 64)
     np.testing.assert_allclose(np.linalg.norm(store.text_features, axis=1), 1.0, rtol=1e-5)
     sample = store.sample(1)
@@ -113,7 +113,7 @@ def test_rerun_with_same_seed_is_identical_and_skips_everything(train_store, mot
     before = tree_digest(train_store)
     result = run_cli(*extract_args(motion_dataset, train_store, tiny_checkpoint, "--views", "2", "--seed", "3"))
     assert result.exit_code == 0, result.output
-    videos = FeatureStore.open(train_store).num_videos
+    videos = FeatureStore.open(train_store).schema.num_videos
     assert "stored 0 videos" in result.output and f"skipped {videos}" in result.output
     assert tree_digest(train_store) == before
     again = tmp_path / "again.zarr"
@@ -199,7 +199,7 @@ def test_broken_videos_are_recorded_as_failed_and_extraction_goes_on(motion_data
     assert retried.exit_code == 0, retried.output
     assert "stored 3 videos, skipped 2" in retried.output
     repaired = FeatureStore.open(out)
-    assert repaired.complete and (repaired.status == 1).all()
+    assert repaired.complete and (repaired.status == SampleStatus.DONE).all()
     np.testing.assert_array_equal(repaired.features(0), store.features(0))  # done videos were left alone
 
 
@@ -233,8 +233,8 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(motion_dataset, tiny_chec
 
     if list(records.rglob("*.partial*")):
         schema = FeatureStore.open(records).schema
-        StoreWriter.open(str(records), schema=schema, videos=[a.sample(i * a.views_per_video)["video"] for i in range(a.num_videos)],
-                         labels=[a.sample(i * a.views_per_video)["label"] for i in range(a.num_videos)],
+        StoreWriter.open(str(records), schema=schema, videos=[a.sample(i * a.schema.views_per_video)["video"] for i in range(a.schema.num_videos)],
+                         labels=[a.sample(i * a.schema.views_per_video)["label"] for i in range(a.schema.num_videos)],
                          text_features=a.text_features, stale_partial_s=0)
     assert not list(records.rglob("*.partial*"))
 
@@ -304,7 +304,7 @@ def test_verify_all_videos_lists_copies_that_are_not_the_extracted_ones(motion_d
     shutil.copytree(motion_dataset / "videos", moved)
     ok = run_cli("verify", out, "--video-root", moved, "--all-videos", "--samples", "1")
     assert ok.exit_code == 0, ok.output
-    assert f"checked {store.num_videos} videos" in ok.output
+    assert f"checked {store.schema.num_videos} videos" in ok.output
 
     replaced, reencoded = store.sample(0)["video"], store.sample(1)["video"]
     (moved / replaced).write_bytes((moved / store.sample(2)["video"]).read_bytes())
@@ -332,5 +332,5 @@ def test_a_video_that_fails_after_decoding_is_recorded_and_the_run_goes_on(motio
     result = run_cli(*extract_args(motion_dataset, out, overflowing))
     assert result.exit_code == 0, result.output
     store = FeatureStore.open(out)
-    assert store.complete and (store.status == 2).all()
+    assert store.complete and (store.status == SampleStatus.FAILED).all()
     assert "ValueError" in store.sample(0)["error"]

@@ -204,3 +204,21 @@ def test_mmaction_errors(tmp_path):
     fails(r"line 2: label index 5 is out of range", load_manifest,
           write(tmp_path / "oor.txt", "x.mp4 1\ny.mp4 5\n"), classes=classes)
     fails("lists no videos", load_manifest, write(tmp_path / "blank.txt", "\n \n"), classes=classes)
+
+
+# ---- paths ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/abs/video.mp4", "../up.mp4", "a/../../up.mp4", "C:/x.mp4", "..\\up.mp4"])
+def test_paths_outside_the_video_root_are_refused(tmp_path, path):
+    manifest = write(tmp_path / "m.csv", f"path,label\nok/a.mp4,x\n{path},y\n")
+    message = fails("m.csv line 3: video path .* is not a relative path inside the video root", load_manifest, manifest)
+    assert "no leading '/', no '..'" in message
+
+
+def test_resolve_under_keeps_paths_inside_the_root(tmp_path):
+    from dist_cache.paths import resolve_under
+
+    assert resolve_under(tmp_path, "a/./b/../c.mp4", "here") == tmp_path / "a/c.mp4"
+    with pytest.raises(UserError, match="here: video path '' is not"):
+        resolve_under(tmp_path, "", "here")

@@ -64,4 +64,17 @@ def test_cli_extract_to_s3_then_info(s3, motion_dataset, tiny_checkpoint):
         "--decode-workers", "1", "--device", "cpu")
     assert "complete" in run("info", url).lower()
     store = FeatureStore.open(url)  # credentials and endpoint from the environment
-    assert store.complete and store.features(int(store.done_indices()[0])).shape[0] == len(store.layers)
+    assert store.complete and store.features(int(store.done_indices()[0])).shape[0] == len(store.schema.layers)
+
+
+def test_store_creation_is_a_conditional_put(s3):
+    """S3 applies If-None-Match: * atomically, so of racing creators exactly one publishes its root."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from storage.remote import FsspecLocation
+
+    loc = FsspecLocation(f"s3://{s3['bucket']}/race.zarr", s3["options"])
+    with ThreadPoolExecutor(4) as pool:
+        won = list(pool.map(lambda n: loc.create_exclusive("zarr.json", b"%d" % n), range(4)))
+    assert won.count(True) == 1
+    assert loc.read("zarr.json") == b"%d" % won.index(True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dist_cache.sampling import ViewPlan, dense_indices, plan_views
+from dist_cache.sampling import ViewPlan, dense_indices, dense_subset, plan_views
 from dist_cache.transforms import PREPROCESS, normalize_frames, render_frames
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -103,6 +103,9 @@ def test_dense_frames_align_with_sparse_and_nest(num_frames):
                 if previous is not None:
                     assert np.array_equal(dense[::2], previous)  # gamma's frames are every other of 2 gamma's
                 previous = dense
+                for stored in (gamma, 2 * gamma, 4 * gamma):  # a store keeps G's frames; gamma's are a subset
+                    subset = dense_subset(stored, gamma, 8)
+                    assert np.array_equal(dense_indices(plan, stored, num_frames)[subset], dense)
 
 
 def test_dense_frames_spread_over_the_slot():
@@ -242,3 +245,9 @@ def test_preprocess_description_is_json_safe():
     assert json.loads(json.dumps(PREPROCESS)) == PREPROCESS
     assert PREPROCESS["resize"] == "bilinear" and PREPROCESS["antialias"] is True
     assert PREPROCESS["resize_dtype"].startswith("uint8")
+
+
+def test_dense_subset_needs_a_divisor():
+    assert dense_subset(4, 2, 2).tolist() == [0, 2, 4, 6]
+    with pytest.raises(ValueError, match="does not divide"):
+        dense_subset(4, 3, 2)

@@ -5,12 +5,11 @@ Real zarr stores in tmp_path with tiny shapes (L=2, T=4, N+1=17, C=64); no mocks
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import pickle
-import shutil
 import uuid
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from storage.testing import make_schema, manifest, open_writer, read_in_child, v
 
 
 def expected_fp16(schema, i):
-    v, k = divmod(i, schema["views_per_video"])
+    v, k = divmod(i, schema.views_per_video)
     return video_data(schema, v)[2][k].astype(np.float16)
 
 
@@ -55,8 +54,8 @@ def test_fp16_round_trip_exact(tmp_path):
     schema = make_schema(num_videos=4, views=2)
     write_videos(str(tmp_path / "s.zarr"), schema, range(4))
     store = FeatureStore.open(tmp_path / "s.zarr")
-    assert len(store) == 8 and store.num_videos == 4 and store.views_per_video == 2
-    assert store.layers == [0, 1] and store.num_frames == 4 and store.backbone["model"] == "dist-tiny"
+    assert len(store) == 8 and store.schema.num_videos == 4 and store.schema.views_per_video == 2
+    assert store.schema.layers == (0, 1) and store.schema.num_frames == 4 and store.schema.backbone["model"] == "dist-tiny"
     for i in range(8):
         got = store.features(i)
         assert got.dtype == np.float16 and got.shape == (2, 4, 17, 64)
@@ -110,11 +109,14 @@ def test_layer_subset_reads_only_those_chunks(tmp_path):
     store.features(3, layers=[11])  # warm: status tables, metadata
     counting.reads.clear()
     one = store.features(3, layers=[11])
-    chunk_bytes = 4 * 17 * 64 * 2
+    chunk_bytes = 4 * 17 * 64 * 2 + 4  # values and their crc32c
     shard_reads = [(k, n) for k, n in counting.reads if k.startswith("features/c.")]
     data = [n for _, n in shard_reads if n == chunk_bytes]
     assert len(data) == 1, shard_reads  # one inner chunk, not the shard
     assert sum(n for _, n in shard_reads) < 2 * chunk_bytes  # plus the small shard index
+    counting.reads.clear()
+    store.features(3, layers=[7, 11])  # adjacent layers: still one ranged read
+    assert [n for k, n in counting.reads if k.startswith("features/c.")] == [2 * chunk_bytes]
     np.testing.assert_array_equal(one, full[2:3])
     np.testing.assert_array_equal(store.features(3, layers=[11, 3]), full[[2, 0]])
     np.testing.assert_array_equal(store.features(3, layers=7), full[1:2])
@@ -138,11 +140,11 @@ def test_one_shard_file_per_video(tmp_path):
         assert [int(f.split(".")[1]) for f in files] == [0, 2], files
         assert all(set(f.split(".")[2:]) == {"0"} for f in files)
         meta = json.loads((root / array / "zarr.json").read_text())
-        if array != "clip_embeddings":
-            shard = meta["codecs"][0]
-            assert meta["chunk_grid"]["configuration"]["chunk_shape"][0] == 3  # K views per shard
-            assert shard["name"] == "sharding_indexed"
-            assert shard["configuration"]["chunk_shape"][:2] == [1, 1]  # one (sample, layer) per inner chunk
+        shard = meta["codecs"][0]
+        assert meta["chunk_grid"]["configuration"]["chunk_shape"][0] == 3  # K views per shard
+        assert shard["name"] == "sharding_indexed"
+        assert shard["configuration"]["chunk_shape"][0] == 1  # one sample per inner chunk
+        assert shard["configuration"]["chunk_shape"][1] == (1 if array != "clip_embeddings" else 4)  # and layer
     assert sorted(p.name for p in (root / "records").iterdir()) == ["000000000.json", "000000002.json",
                                                                     "000000003.json"]
     failed = json.loads((root / "records" / "000000003.json").read_text())
@@ -154,7 +156,7 @@ def test_codec_option_compresses_and_round_trips(tmp_path):
     write_videos(str(tmp_path / "z.zarr"), schema, range(2))
     meta = json.loads((tmp_path / "z.zarr" / "features" / "zarr.json").read_text())
     inner = [c["name"] for c in meta["codecs"][0]["configuration"]["codecs"]]
-    assert inner == ["bytes", "zstd"]
+    assert inner == ["bytes", "zstd", "crc32c"]
     store = FeatureStore.open(tmp_path / "z.zarr")
     np.testing.assert_array_equal(store.features(1), dequantize_int8(*quantize_int8(video_data(schema, 1)[2][0])))
 
@@ -207,10 +209,18 @@ def test_bad_inputs_write_nothing(tmp_path):
     bad[0, 0, 0, 0, 0] = 1e6  # overflows fp16
     with pytest.raises(ValueError, match="NaN or inf"):
         w.write_video(0, facts, plans, bad, clip)
+    bad_clip = clip.copy()
+    bad_clip[1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match="clip_embeds contain NaN or inf"):
+        w.write_video(0, facts, plans, feats.astype(np.float16), bad_clip)
     with pytest.raises(TypeError):
         w.write_failure(0, {"num_frames": 1})  # (v, error, facts): error text comes second
     assert w.pending() == [0, 1]
     assert not (tmp_path / "s.zarr" / "features" / "c.0.0.0.0.0").exists()
+    q = open_writer(str(tmp_path / "q.zarr"), make_schema(num_videos=1, views=2, dtype="int8"))
+    with pytest.raises(ValueError, match="features contain NaN or inf in float16"):
+        q.write_video(0, facts, plans, np.where(feats > 4, np.inf, feats).astype(np.float16), clip)
+    assert q.pending() == [0] and not list((tmp_path / "q.zarr" / "features").glob("c.*"))
 
 
 # ------------------------------------------------------------------ finalize
@@ -226,8 +236,8 @@ def test_finalize_consolidates_and_keeps_sample_fields(tmp_path):
     expected = [before.sample(i) for i in range(8)]
     write_videos(str(root), schema, [4])
     summary = w.finalize()
-    per_video = 2 * (2 * 4 * 17 * 64 + 4 * 32) * 2
-    assert summary == {"done": 4, "failed": 1, "pending": 0, "bytes": 4 * per_video, "complete": True}
+    shard_bytes = sum(p.stat().st_size for a in ("features", "clip_embeddings") for p in (root / a).glob("c.*"))
+    assert summary == {"done": 4, "failed": 1, "pending": 0, "bytes": shard_bytes, "complete": True}
     assert w.finalize() == summary  # idempotent
 
     # A remote-style reader: consolidated metadata must be there, and opening must be a few requests.
@@ -257,41 +267,6 @@ def test_finalize_consolidates_and_keeps_sample_fields(tmp_path):
         store.features(5)
 
 
-def test_store_finalized_before_size_and_sha256_tables_still_reads(tmp_path):
-    """videos/size_bytes and videos/sha256 joined format_version 1 later: a store finalized without them
-    must still open, report status and serve samples and features, with those two facts unknown."""
-    root = tmp_path / "old.zarr"
-    schema = make_schema(num_videos=3, views=2)
-    w = open_writer(str(root), schema)
-    for v in (0, 1):
-        facts, plans, feats, clip = video_data(schema, v)
-        w.write_video(v, {**facts, "size_bytes": 1000 + v, "sha256": f"{v:064x}"}, plans, feats, clip)
-    w.write_failure(2, "DecodeError: video 2 is truncated")
-    assert w.finalize()["complete"]
-    assert FeatureStore.open(root).sample(2)["size_bytes"] == 1001  # written by this version
-    # Mimic a store from before those tables: remove them, then re-consolidate the metadata.
-    for name in ("size_bytes", "sha256"):
-        shutil.rmtree(root / "videos" / name)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        zarr.consolidate_metadata(LocalStore(root), zarr_format=3)
-    meta = zarr.open_group(root, mode="r", use_consolidated=True).metadata.consolidated_metadata
-    assert "videos/size_bytes" not in meta.flattened_metadata and "videos/num_frames" in meta.flattened_metadata
-
-    store = FeatureStore.open(root)
-    assert store.complete and store.consolidated
-    assert store.status.tolist() == [1, 1, 1, 1, 2, 2]
-    assert store.progress() == {"done": 2, "failed": 1, "pending": 0}
-    for i in range(6):
-        sample = store.sample(i)
-        assert sample["size_bytes"] is None and sample["sha256"] is None
-    assert store.sample(2)["num_frames"] == 31 and store.sample(2)["status"] == "done"
-    assert store.sample(4)["status"] == "failed"
-    np.testing.assert_array_equal(store.features(1), expected_fp16(schema, 1))
-    with pytest.raises(SampleNotDoneError):
-        store.features(4)
-
-
 def test_retry_failed_reopens_and_refinalizes(tmp_path):
     root = str(tmp_path / "s.zarr")
     schema = make_schema(num_videos=3, views=1)
@@ -313,7 +288,7 @@ def test_fingerprint_stable_and_sensitive(tmp_path):
     assert len(fp) == 64 and fp == w.fingerprint == FeatureStore.open(tmp_path / "a.zarr").fingerprint
     other = write_videos(str(tmp_path / "b.zarr"), make_schema(num_videos=2, views=1, seed=1), [])
     assert other.fingerprint != fp
-    informational = dict(schema, software={"note": "newer"})
+    informational = dataclasses.replace(schema, extra={"software": {"note": "newer"}})
     assert open_writer(str(tmp_path / "c.zarr"), informational).fingerprint == fp
 
 
@@ -334,10 +309,12 @@ def test_open_errors_are_one_line_user_errors(tmp_path):
     with pytest.raises(UserError, match="not a dist-cache store"):
         open_writer(str(foreign), make_schema())
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    rows = manifest(make_schema())
     with pytest.raises(ValueError, match="missing fields"):
-        open_writer(str(tmp_path / "x.zarr"), {k: v for k, v in make_schema().items() if k != "layers"})
+        StoreWriter.open(str(tmp_path / "x.zarr"), {k: v for k, v in make_schema().to_json().items() if k != "layers"},
+                         *rows)
     with pytest.raises(ValueError, match="layers must lie"):
-        open_writer(str(tmp_path / "x.zarr"), dict(make_schema(), layers=[0, 99]))
+        StoreWriter.open(str(tmp_path / "x.zarr"), dict(make_schema().to_json(), layers=[0, 99]), *rows)
     assert not (tmp_path / "x.zarr").exists()
 
 
@@ -383,8 +360,9 @@ def test_writer_reopen_uses_stored_schema(tmp_path):
     schema = make_schema(num_videos=2, views=1)
     videos, labels, text = manifest(schema)
     StoreWriter.open(str(tmp_path / "s.zarr"), schema, videos, labels, text)
-    again = StoreWriter.open(str(tmp_path / "s.zarr"), dict(schema, software={"note": "v2"}), videos, labels, text)
-    assert again.schema["software"] == {"note": "informational, not compat"}
+    again = StoreWriter.open(str(tmp_path / "s.zarr"), dataclasses.replace(schema, extra={"software": {"note": "v2"}}),
+                             videos, labels, text)
+    assert again.schema.extra["software"] == {"note": "informational, not compat"}
     assert pickle.loads(pickle.dumps(again)).pending() == [0, 1]
     assert Path(tmp_path / "s.zarr" / "zarr.json").exists()
 
@@ -399,8 +377,9 @@ def test_many_records_are_gathered_in_order(tmp_path):
     assert partial.status.tolist() == expect
     assert w.finalize()["pending"] == 5
     write_videos(str(tmp_path / "s.zarr"), schema, range(85, 90), fail=fail)
-    assert w.finalize() == {"done": 90 - len(fail), "failed": len(fail), "pending": 0,
-                            "bytes": (90 - len(fail)) * (2 * 2 * 17 * 64 + 2 * 32) * 2, "complete": True}
+    shard_bytes = sum(p.stat().st_size for a in ("features", "clip_embeddings") for p in (tmp_path / "s.zarr" / a).glob("c.*"))
+    assert w.finalize() == {"done": 90 - len(fail), "failed": len(fail), "pending": 0, "bytes": shard_bytes,
+                            "complete": True}
     store = FeatureStore.open(tmp_path / "s.zarr")
     assert store.status.tolist() == [2 if v in fail else 1 for v in range(90)]
     assert [store.sample(v)["num_frames"] for v in (1, 89)] == [31, 119]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage import FeatureStore, SampleNotDoneError, StoreMismatchError, StoreWriter
+from storage import FeatureStore, SampleNotDoneError, StoreMismatchError, StoreNotFoundError, StoreWriter
 from storage.testing import make_schema, manifest, open_writer, video_data, write_videos
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 def spawn_writer(url: str, schema: dict, indices: list[int], **kw) -> subprocess.Popen:
     url = str(Path(url).resolve()) if "://" not in url else url  # the child runs in the repo root
-    args = json.dumps({"schema": schema, "indices": list(indices), **kw})
+    args = json.dumps({"schema": schema.to_json(), "indices": list(indices), **kw})
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.Popen([sys.executable, "-m", "storage.testing", url, args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -94,10 +95,12 @@ def test_crashed_creation_is_completed_on_rerun(tmp_path):
     root = tmp_path / "s.zarr"
     schema = make_schema(num_videos=3, views=1)
     write_videos(str(root), schema, [])
-    # Simulate a creator killed before its last step: arrays exist, root attributes do not.
+    # Simulate a creator killed after publishing the root, before its arrays and tables were all there.
     meta = json.loads((root / "zarr.json").read_text())
-    (root / "zarr.json").write_text(json.dumps({**meta, "attributes": {}}))
-    with pytest.raises(Exception, match="not a dist-cache store|interrupted"):
+    (root / "zarr.json").write_text(json.dumps({**meta, "attributes": {**meta["attributes"], "created": False}}))
+    shutil.rmtree(root / "features")
+    shutil.rmtree(root / "text_embeddings")
+    with pytest.raises(StoreNotFoundError, match="interrupted"):
         FeatureStore.open(root)
     w = write_videos(str(root), schema, range(3), finalize=True)
     assert w.finalize()["complete"] and FeatureStore.open(root).done_indices().tolist() == [0, 1, 2]
@@ -175,3 +178,36 @@ def test_concurrent_overlapping_writers_equal_single_writer(tmp_path):
     store = FeatureStore.open(root)
     assert store.complete and store.progress() == {"done": 23, "failed": 1, "pending": 0}
     assert tree_bytes(root) == tree_bytes(ref)
+
+
+def test_racing_creators_with_other_flags_one_wins_and_the_data_is_its(tmp_path):
+    """Two writers on a fresh store at the same moment, seed 0 and seed 1: the root is published
+    create-if-absent, so exactly one schema wins; the other writer stops with the mismatch error, and every
+    stored feature is the winner's."""
+    for attempt in range(2):
+        root = tmp_path / f"race{attempt}.zarr"
+        start_at = time.time() + 1.5  # after both interpreters have imported zarr
+        schemas = [make_schema(num_videos=6, views=1, seed=seed) for seed in (0, 1)]
+        procs = [spawn_writer(str(root), s, range(6), start_at=start_at, finalize=True) for s in schemas]
+        results = [(proc.wait(timeout=60), proc.communicate()[1].decode()) for proc in procs]
+        winners = [seed for seed, (rc, _) in enumerate(results) if rc == 0]
+        assert len(winners) == 1, results
+        loser_err = results[1 - winners[0]][1]
+        assert "StoreMismatchError" in loser_err and "sampling.seed" in loser_err
+        store = FeatureStore.open(root)
+        assert store.complete and store.schema.sampling["seed"] == winners[0]
+        for v in range(6):
+            expected = video_data(schemas[winners[0]], v)[2][0].astype(np.float16)
+            np.testing.assert_array_equal(store.features(v), expected)
+
+
+def test_local_create_exclusive_has_one_winner(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from storage.local import LocalLocation
+
+    loc = LocalLocation(tmp_path / "s.zarr")
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda n: loc.create_exclusive("zarr.json", b"%d" % n), range(32)))
+    assert won.count(True) == 1 and loc.read("zarr.json") == b"%d" % won.index(True)
+    assert [p.name for p in (tmp_path / "s.zarr").iterdir()] == ["zarr.json"]  # no temp file left

@@ -29,7 +29,7 @@ from pipelines.extract import ExtractOptions, extract, render_spec
 from pipelines.plots import read_metrics
 from pipelines.prepare import prepare_video
 from pipelines.train import TrainOptions, train
-from storage import FeatureStore
+from storage import FeatureStore, SampleStatus
 
 # A small branch and batch, so every run takes seconds on two CPU cores.
 SMALL = dict(alpha_dim=32, beta_dim=16, pool_blocks=1, batch_size=4, workers=0, warmup_epochs=1, log_every=1)
@@ -107,7 +107,7 @@ def test_round_trip_train_then_eval(stores, run, tmp_path):
     assert report["videos"] == 4 and report["views"] == 12 and report["views_per_video"] == 3
     assert report["top1"] == pytest.approx(run.best_top1)  # the same scoring as validation in training
     assert 0 <= report["top1"] <= report["top5"] <= 1
-    assert sorted(report["per_class_accuracy"]) == sorted(FeatureStore.open(stores["val"]).class_names)
+    assert sorted(report["per_class_accuracy"]) == sorted(FeatureStore.open(stores["val"]).schema.class_names)
     assert np.array(report["confusion_matrix"]).sum() == 4
     assert Path(report["confusion_png"]).read_bytes()[:4] == b"\x89PNG"
     assert "top-1" in format_report(report) and "skipped" not in format_report(report)
@@ -115,13 +115,13 @@ def test_round_trip_train_then_eval(stores, run, tmp_path):
 
 def test_dataset_frames_are_the_pixels_clip_saw(stores):
     store = FeatureStore.open(stores["train"])
-    dataset = StoreClips(store, stores["videos"], gamma=2, layers=store.layers)
+    dataset = StoreClips(store, stores["videos"], gamma=2, layers=list(store.schema.layers))
     item = dataset[3]
     assert item["frames"].shape == (8, 64, 64, 3) and item["frames"].dtype == torch.uint8
     assert item["features"].dtype == torch.float16
     assert not torch.equal(item["frames"][0], item["frames"][1])  # the dense frames in between are others
     # Byte for byte what the extraction worker rendered for this view and CLIP saw ...
-    backbone = load_recorded_backbone(store.backbone)
+    backbone = load_recorded_backbone(store.schema.backbone)
     opts = ExtractOptions(manifest="", video_root="", out="", frames=4, views=2, split="train")
     sample = store.sample(3)
     video, view = int(sample["video_index"]), int(sample["view"])
@@ -129,7 +129,7 @@ def test_dataset_frames_are_the_pixels_clip_saw(stores):
     assert prepared.plans[view] == ViewPlan.from_dict(sample)
     assert torch.equal(item["frames"][::2], torch.from_numpy(prepared.images[4 * view : 4 * view + 4]))
     # ... whose features are the stored ones, once normalised.
-    encoder = backbone.spatial_encoder(store.layers)
+    encoder = backbone.spatial_encoder(list(store.schema.layers))
     tokens, _ = encoder(normalize_frames(item["frames"][::2], dataset.mean, dataset.std))
     assert torch.allclose(tokens, item["features"].float(), atol=2e-2, rtol=1e-2)
 
@@ -225,8 +225,8 @@ def test_store_and_run_mismatches_fail_before_training(stores, run, tmp_path):
     partial = tmp_path / "partial"
     shutil.copytree(stores["videos"], partial)
     store = FeatureStore.open(stores["train"])
-    usable = np.flatnonzero(store.status == 1)
-    gone = store.videos[int(usable[-1]) // store.views_per_video]  # every video is looked for, not the first only
+    usable = np.flatnonzero(store.status == SampleStatus.DONE)
+    gone = store.videos[int(usable[-1]) // store.schema.views_per_video]  # every video is looked for, not the first only
     (partial / gone).unlink()
     with pytest.raises(UserError, match=f"--video-root .* has no {gone} \\(1 of the \\d+ videos"):
         train(TrainOptions(cache=stores["train"], video_root=str(partial), out=out, **SMALL), progress=False)
@@ -269,25 +269,25 @@ def test_zero_shot_eval_on_another_label_set(stores, run, tmp_path):
                                 workers=0), progress=False)
     # The store's own names, in its order: the text tower must reproduce the stored class embeddings.
     same = tmp_path / "same.txt"
-    same.write_text("\n".join(val.class_names) + "\n")
+    same.write_text("\n".join(val.schema.class_names) + "\n")
     again = evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["val"], video_root=stores["videos"],
                                  classes=str(same), workers=0), progress=False)
     assert again["confusion_matrix"] == base["confusion_matrix"] and again["top1"] == base["top1"]
 
     # Another label set: extra classes, another order; labels are mapped by name.
-    names = ["spin", *reversed(val.class_names), "jump"]
+    names = ["spin", *reversed(val.schema.class_names), "jump"]
     other = tmp_path / "other.txt"
     other.write_text("\n".join(names) + "\n")
     report = evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["val"], video_root=stores["videos"],
                                   classes=str(other), workers=0), progress=False)
     assert report["class_names"] == names and report["classes"] == str(other)
-    assert report["per_class_videos"] == {"spin": 0, "jump": 0, **{n: 1 for n in val.class_names}}
+    assert report["per_class_videos"] == {"spin": 0, "jump": 0, **{n: 1 for n in val.schema.class_names}}
     assert report["per_class_accuracy"]["spin"] is None
     assert report["top5_k"] == 5
 
     missing = tmp_path / "missing.txt"
-    missing.write_text("\n".join(val.class_names[1:]) + "\n")
-    with pytest.raises(UserError, match=f"lacks 1 of the store's classes.*{val.class_names[0]}"):
+    missing.write_text("\n".join(val.schema.class_names[1:]) + "\n")
+    with pytest.raises(UserError, match=f"lacks 1 of the store's classes.*{val.schema.class_names[0]}"):
         evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["val"], video_root=stores["videos"],
                              classes=str(missing), workers=0), progress=False)
     # The text tower's weights must be those the store was extracted with.
@@ -301,10 +301,10 @@ def test_a_video_that_stops_decoding_mid_run_is_named(stores, tmp_path):
     root = tmp_path / "videos"
     shutil.copytree(stores["videos"], root)
     store = FeatureStore.open(stores["train"])
-    usable = np.flatnonzero(store.status == 1)
-    broken = store.videos[int(usable[0]) // store.views_per_video]
+    usable = np.flatnonzero(store.status == SampleStatus.DONE)
+    broken = store.videos[int(usable[0]) // store.schema.views_per_video]
     (root / broken).write_bytes(b"not a video any more")
-    loader = make_loader(StoreClips(store, root, 2, None), EpochSampler(usable, store.views_per_video, 2, train=False),
+    loader = make_loader(StoreClips(store, root, 2, None), EpochSampler(usable, store.schema.views_per_video, 2, train=False),
                          workers=1, device=torch.device("cpu"))
     with pytest.raises(VideoUnreadable) as err:
         next(iter(loader))

@@ -1,0 +1,209 @@
+"""One opened store: its checked schema, arrays checked against it before any read, small tables read once
+and checked, shard indexes cached, and the ranged reads of inner chunks with their checksums.
+
+Rebuilt in each process (FeatureStore pickles as its URL); the reader's public API is storage/reader.py.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Any
+
+import numpy as np
+import zarr
+
+from dist_cache.errors import first_line
+from dist_cache.paths import resolve_under
+from storage import layout, shards
+from storage.errors import StoreDamagedError, StoreNotFoundError
+from storage.location import Location
+from storage.records import VideoRecord
+from storage.root import read_attrs, stored_schema
+from storage.schema import ATTR_KEY, SampleStatus
+
+# Tables whose values index something: name -> lowest valid value (the highest is the class count or
+# the number of statuses); checked when read, so a hostile store fails in one line, not deep inside.
+_TABLE_RANGES = {layout.VIDEO_LABEL: 0, "samples/label": -1, "samples/status": 0, "videos/status": 0}
+
+# Shard indexes kept per open store (about 16 bytes per inner chunk each): a few MB at most.
+INDEX_CACHE_SIZE = 16384
+
+
+class OpenedStore:
+    """Everything a process needs to read; rebuilt after unpickling instead of being pickled."""
+
+    def __init__(self, loc: Location) -> None:
+        self.loc = loc
+        url = loc.url
+        attrs = read_attrs(loc)
+        if attrs is None:
+            raise StoreNotFoundError(f"no dist-cache store at {url}")
+        if ATTR_KEY not in attrs:
+            raise StoreNotFoundError(f"{url} is a zarr group but not a dist-cache store (or its creation "
+                                     f"was interrupted: rerun the extraction)")
+        self.schema = stored_schema(attrs, url)
+        if self.schema.format_version >= 2 and not attrs.get("created"):
+            raise StoreNotFoundError(f"store {url} is still being created (or its creation was interrupted: "
+                                     f"rerun the extraction)")
+        self.complete = bool(attrs.get("complete"))
+        zstore = loc.zarr_store(read_only=True)
+        try:
+            group = zarr.open_group(zstore, mode="r", zarr_format=3)
+            if not self.complete and group.metadata.consolidated_metadata is not None:
+                # Left from an earlier finalize, then written to again: do not trust it.
+                group = zarr.open_group(zstore, mode="r", zarr_format=3, use_consolidated=False)
+        except (ValueError, TypeError, KeyError) as err:
+            raise StoreDamagedError(f"store {url}: its root metadata does not parse ({first_line(err)}); "
+                                    f"re-create the store") from None
+        self.consolidated = group.metadata.consolidated_metadata is not None
+        self.group = group
+        self.arrays: dict[str, Any] = {}
+        self.formats: dict[str, shards.ShardFormat] = {}
+        self.tables: dict[str, np.ndarray] = {}
+        self.done_records: dict[int, VideoRecord] = {}  # "done" never reverts, so it is cached
+        self.bad_records: dict[int, str] = {}
+        self.indexes: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self.lock = threading.Lock()  # loader threads share one store
+
+    @property
+    def url(self) -> str:
+        return self.loc.url
+
+    def damaged(self, what: str) -> StoreDamagedError:
+        return StoreDamagedError(f"store {self.url}: {what}; the store is damaged or was not made by dist-cache: "
+                                 f"re-create it")
+
+    # ---------------------------------------------------------------- arrays
+    def array(self, name: str) -> Any:
+        """An array, after checking its metadata is exactly what the schema implies (before any read)."""
+        if name in self.arrays:
+            return self.arrays[name]
+        try:
+            arr = self.group[name]
+        except KeyError:
+            raise StoreDamagedError(f"store {self.url} has no {name} array (its creation was interrupted or it was "
+                                    f"deleted); re-create the store") from None
+        except (ValueError, TypeError) as err:
+            raise self.damaged(f"the metadata of {name} does not parse ({first_line(err)})") from None
+        if self.schema.format_version == 1:
+            self._check_v1_shape(name, arr)
+        else:
+            spec = self._spec(name, arr.metadata.to_dict())
+            if not layout.matches(arr.metadata.to_dict(), spec):
+                raise self.damaged(f"array {name} (shape {list(arr.shape)}) does not have the layout its schema "
+                                   f"gives (shape {list(spec.shape)})")
+            if spec.shards is not None:
+                self.formats[name] = shards.ShardFormat.of(spec)
+        self.arrays[name] = arr
+        return arr
+
+    def _spec(self, name: str, meta: dict[str, Any]) -> layout.ArraySpec:
+        K = self.schema.views_per_video
+        per_shard = 1
+        if name in (layout.FEATURES, layout.SCALES, layout.CLIP, layout.FRAMES):
+            grid = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape") or [0]
+            if not isinstance(grid[0], int) or grid[0] < K or grid[0] % K:
+                raise self.damaged(f"array {name} has shards of {grid[0]!r} samples, not whole videos of {K}")
+            per_shard = grid[0] // K
+        specs = {s.name: s for s in layout.data_arrays(self.schema, per_shard) + layout.table_arrays(self.schema)}
+        if name not in specs:
+            raise self.damaged(f"array {name} is not part of this store's layout")
+        return specs[name]
+
+    def _check_v1_shape(self, name: str, arr: Any) -> None:
+        s = self.schema
+        expected = {layout.FEATURES: (s.num_samples, len(s.layers), s.num_frames, s.tokens, s.width),
+                    layout.SCALES: (s.num_samples, len(s.layers), s.num_frames, s.tokens),
+                    layout.CLIP: (s.num_samples, s.num_frames, s.embed_dim),
+                    layout.TEXT: (s.num_classes, s.embed_dim)}
+        rows = {**{n: s.num_samples for n in layout.SAMPLE_TABLES}, **{n: s.num_videos for n in layout.VIDEO_TABLES},
+                layout.VIDEO_PATH: s.num_videos, layout.VIDEO_LABEL: s.num_videos}
+        want = expected.get(name)
+        ok = tuple(arr.shape) == want if want else (name in rows and arr.shape[:1] == (rows[name],))
+        if not ok:
+            raise self.damaged(f"array {name} has shape {list(arr.shape)}, which its schema does not give")
+
+    def table(self, name: str) -> np.ndarray:
+        """A whole small array, read once (a few MB even for Kinetics, a handful of requests), its values
+        checked where a bad one would index out of range."""
+        if name in self.tables:
+            return self.tables[name]
+        if self.schema.format_version == 1 and name in layout.OPTIONAL_TABLES and name not in self.group:
+            # A format-1 store without this table: every row is "unknown".
+            dtype, _row, fill = {**layout.SAMPLE_TABLES, **layout.VIDEO_TABLES}[name]
+            rows = self.schema.num_samples if name in layout.SAMPLE_TABLES else self.schema.num_videos
+            values = np.full((rows,), fill, dtype=object if dtype is str else dtype)
+        else:
+            try:
+                values = self.array(name)[...]
+            except ValueError as err:  # zarr's crc32c codec: a table chunk fails its checksum
+                raise self.damaged(f"table {name} does not decode ({first_line(err)})") from None
+        low = _TABLE_RANGES.get(name)
+        if low is not None:
+            high = self.schema.num_classes if "label" in name else len(SampleStatus)
+            bad = np.flatnonzero((values < low) | (values >= high))
+            if len(bad):
+                raise self.damaged(f"{name} row {int(bad[0])} is {values[bad[0]]}, outside [{low}, {high})")
+        if name == layout.VIDEO_PATH:
+            for v, path in enumerate(values):
+                path = str(path)
+                # resolve_under is the authority; the cheap test only spares it 240k clean paths
+                if not path or path[0] in "/\\" or ".." in path or "\x00" in path or path[1:2] == ":":
+                    resolve_under(".", path, f"store {self.url} videos/path row {v}")
+        self.tables[name] = values
+        return values
+
+    def shard_index(self, fmt: shards.ShardFormat, key: str, cached: bool = True) -> np.ndarray:
+        with self.lock:
+            if cached and key in self.indexes:
+                self.indexes.move_to_end(key)
+                return self.indexes[key]
+        index = fmt.decode_index(self.loc.read_suffix(key, fmt.index_nbytes))
+        if cached:
+            with self.lock:
+                self.indexes[key] = index
+                while len(self.indexes) > INDEX_CACHE_SIZE:
+                    self.indexes.popitem(last=False)
+        return index
+
+    def read_chunks(self, name: str, v: int, k: int, first: int, out: np.ndarray, cached: bool = True) -> None:
+        """Fill `out` (C-contiguous, whole chunks) with inner chunks first.. of sample (v, k): ONE ranged read
+        when they are back to back and uncompressed (straight into `out`), every checksum verified."""
+        fmt = self.formats[name]
+        K = self.schema.views_per_video
+        per_shard = fmt.samples_per_shard // K
+        key = fmt.shard_key(v // per_shard)
+        index = self.shard_index(fmt, key, cached)
+        n = fmt.chunk_nbytes
+        flat = out.reshape(-1).view(np.uint8)
+        count = flat.size // n
+        start = ((v % per_shard) * K + k) * fmt.chunks_per_sample + first
+        stop = start + count
+        missing = shards.missing_chunks(index, start, stop)
+        if missing:
+            raise shards.ShardDamage(f"its inner chunk {missing[0]} is missing from the shard index")
+        rows = index[start:stop]
+        if not fmt.compressed and shards.is_contiguous(index, start, stop):
+            crcs = np.empty((count, shards.CRC_BYTES), np.uint8)
+            buffers = [b for j in range(count) for b in (flat[j * n:(j + 1) * n], crcs[j])]
+            got = self.loc.read_into(key, int(rows[0, 0]), buffers)
+            if got is None:
+                raise shards.ShardDamage("its shard file is missing")
+            if got < count * (n + shards.CRC_BYTES):
+                raise shards.ShardDamage("its shard file is shorter than its index says (truncated)")
+            for j in range(count):
+                fmt.verify(flat[j * n:(j + 1) * n], crcs[j], f"inner chunk {start + j}")
+            return
+        if shards.is_contiguous(index, start, stop):
+            data = self.loc.read_range(key, int(rows[0, 0]), int(rows[-1, 0] + rows[-1, 1]))
+            pieces, at = [], 0
+            for length in rows[:, 1]:
+                pieces.append(None if data is None else data[at:at + int(length)])
+                at += int(length)
+        else:  # written by another tool (zarr writes Morton order): one read per chunk
+            pieces = [self.loc.read_range(key, int(o), int(o + length)) for o, length in rows]
+        for j, piece in enumerate(pieces):
+            if piece is None or len(piece) != int(rows[j, 1]):
+                raise shards.ShardDamage("its shard file is shorter than its index says (truncated)")
+            fmt.decode_into(np.frombuffer(piece, np.uint8), flat[j * n:(j + 1) * n], f"inner chunk {start + j}")
