@@ -50,11 +50,35 @@ def record_key(video_index: int) -> str:
 
 
 def record_index(name: str) -> int | None:
-    """Video index of a records/ entry name, or None for anything else (temp files, strays)."""
+    """Video index of a records/ entry name, or None for anything else (temp files, strays, group records)."""
     stem, dot, ext = name.partition(".")
     if dot and ext == "json" and len(stem) == 9 and stem.isdigit():
         return int(stem)
     return None
+
+
+# A packed copy (`copy --videos-per-shard P`) holds P videos per shard and records them one group at a time:
+# records/group-{g:09d}.json, written after the group's shards, holds the records of videos g*P .. g*P+P-1.
+GROUP_RECORD_PREFIX = "group-"
+
+
+def group_record_key(group: int) -> str:
+    return f"{RECORDS}/{GROUP_RECORD_PREFIX}{group:09d}.json"
+
+
+def group_record_index(name: str) -> int | None:
+    """Group index of a records/ entry name of a packed store's group record, or None."""
+    return record_index(name[len(GROUP_RECORD_PREFIX):]) if name.startswith(GROUP_RECORD_PREFIX) else None
+
+
+def videos_per_shard(meta: dict[str, Any], views_per_video: int) -> int | None:
+    """P of a sharded data array from its metadata (its shards hold K*P samples), None if that is not a whole
+    number of videos."""
+    grid = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape") or [0]
+    rows = grid[0]
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < views_per_video or rows % views_per_video:
+        return None
+    return rows // views_per_video
 
 
 @dataclass(frozen=True)
