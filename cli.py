@@ -2,6 +2,10 @@
 
 Every error a user can fix is a `UserError`; it prints as one line and exits 2, never a traceback.
 Heavy imports (torch, open_clip, zarr) happen inside the commands so `--help` stays instant.
+
+Commands are listed in workflow order, each with a one-line summary and its help ending with an example.
+`--config FILE` (TOML or YAML) supplies any option of extract, train and eval through click's default map,
+so options given on the command line win; `--storage-options JSON` passes fsspec options for store URLs.
 """
 
 from __future__ import annotations
@@ -9,8 +13,15 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from typing import Any, Callable
 
 import click
+from click.core import ParameterSource
+
+# The order `dist-cache --help` lists the commands in: the order they are used in.
+COMMAND_ORDER = ("extract", "info", "verify", "train", "eval", "copy", "profile", "demo")
+# Options `train` does not record in the run's config.toml: how to run this time, or secret.
+NOT_RECORDED = frozenset({"config", "resume", "storage_options"})
 
 
 class CommandError(click.ClickException):
@@ -49,16 +60,209 @@ def _area_range(ctx, param, text: str) -> tuple[float, float]:
     return low, high
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class Command(click.Command):
+    """A command whose summary in `dist-cache --help` is its help's first line, whole (click cuts it at ~45
+    characters)."""
+
+    def get_short_help_str(self, limit: int = 45) -> str:
+        return self.short_help or (self.help or "").strip().splitlines()[0]
+
+
+class Workflow(click.Group):
+    """The command group: commands listed in workflow order, not alphabetically."""
+
+    command_class = Command
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(self.commands, key=lambda name: (COMMAND_ORDER.index(name) if name in COMMAND_ORDER
+                                                       else len(COMMAND_ORDER), name))
+
+
+def example(text: str) -> dict[str, str]:
+    """A command's epilog: its example, kept on its own lines (\b stops click from rewrapping it)."""
+    return {"epilog": f"\b\nExample:\n  {text}"}
+
+
+# ---------------------------------------------------------------- --storage-options
+def _json_object(ctx: click.Context, param: click.Parameter, text: str | None) -> dict[str, Any]:
+    """`--storage-options`: a JSON object, or @FILE holding one (keeps credentials out of shell history)."""
+    if text is None:
+        return {}
+    source = text
+    if text.startswith("@"):
+        try:
+            with open(text[1:], encoding="utf-8") as f:
+                source = f.read()
+        except OSError as err:
+            raise click.BadParameter(f"cannot read {text[1:]}: {err.strerror or err}") from None
+    try:
+        value = json.loads(source)
+    except ValueError as err:
+        raise click.BadParameter(f"not JSON ({err}); e.g. '{{\"anon\": true}}' or @options.json") from None
+    if not isinstance(value, dict):
+        raise click.BadParameter("must be a JSON object, e.g. '{\"anon\": true}'")
+    return value
+
+
+STORAGE_OPTIONS_HELP = ("fsspec options for store URLs, as JSON or @FILE: e.g. '{\"anon\": true}' (public S3), "
+                        "'{\"key\": \"...\", \"secret\": \"...\", \"client_kwargs\": {\"endpoint_url\": \"...\"}}' (S3-compatible "
+                        "servers), '{\"headers\": {\"Authorization\": \"...\"}}' (HTTP). Local paths need none.")
+
+
+def storage_options_option(help: str = STORAGE_OPTIONS_HELP, name: str = "--storage-options") -> Callable:
+    return click.option(name, default=None, metavar="JSON", callback=_json_object, help=help)
+
+
+def check_storage_options(options: dict[str, Any], *urls: str | None, flag: str = "--storage-options") -> None:
+    """Options given for stores that are all local paths would be ignored: say so instead."""
+    from storage.location import is_local
+
+    if options and all(url is None or is_local(url) for url in urls):
+        raise click.UsageError(f"{flag} applies to store URLs (s3://, https://...), and every store here is a local path")
+
+
+# ---------------------------------------------------------------- --config
+def _load_config(ctx: click.Context, param: click.Parameter, path: str | None) -> None:
+    """`--config FILE`: its values become this command's defaults (click's default map), so options given on
+    the command line win. Keys are option names, with dashes or underscores."""
+    if path is None:
+        return
+    from dist_cache.errors import UserError
+    from pipelines.config_file import read_config
+
+    try:
+        values = read_config(path)
+    except UserError as err:
+        raise click.BadParameter(str(err).removeprefix(f"--config {path}: ")) from None
+    ctx.default_map = {**(ctx.default_map or {}), **config_defaults(ctx.command, values, path)}
+
+
+def _config_keys(command: click.Command) -> dict[str, tuple[click.Option, str | None]]:
+    """Every key a config file may use for this command: each option's spellings without dashes (the flag
+    spelling of a switch, e.g. no-temporal, included) and its parameter name."""
+    keys: dict[str, tuple[click.Option, str | None]] = {}
+    for p in command.params:
+        if isinstance(p, click.Option) and p.name != "config" and p.name is not None:
+            for opt in [*p.opts, *p.secondary_opts]:
+                if opt.startswith("--"):
+                    keys[opt[2:]] = (p, opt)
+            keys.setdefault(p.name.replace("_", "-"), (p, None))
+    return keys
+
+
+def config_defaults(command: click.Command, values: dict[str, Any], path: str) -> dict[str, Any]:
+    """A config file's values as click's default map: parameter name -> the value as the command line would
+    give it (text, or a flag's value), so click converts and checks it like a typed option."""
+    keys = _config_keys(command)
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        found = keys.get(key.replace("_", "-"))
+        if found is None:
+            raise click.BadParameter(f"{path}: unknown key {key!r}, not an option of `dist-cache {command.name}` "
+                                     f"(see its --help)", param_hint="--config")
+        p, opt = found
+        out[p.name] = _as_option_value(p, opt, value, key, path)
+    return out
+
+
+def _as_option_value(p: click.Option, opt: str | None, value: Any, key: str, path: str) -> Any:
+    def bad(want: str) -> click.BadParameter:
+        return click.BadParameter(f"{path}: {key} must be {want}, not {value!r}", param_hint="--config")
+
+    if p.is_flag:
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        if opt is None:
+            return value  # the parameter itself, e.g. temporal = false
+        if opt in p.secondary_opts:
+            return not value
+        return p.flag_value if value else p.default
+    if isinstance(value, dict):
+        return json.dumps(value)  # e.g. a storage-options table
+    if p.multiple:
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(v, (dict, list)) for v in items):
+            raise bad("a list of values")
+        return [str(v) for v in items]
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)  # e.g. layers = [9, 10, 11]
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def config_option(fn: Callable) -> Callable:
+    return click.option("--config", type=click.Path(exists=True, dir_okay=False), is_eager=True, expose_value=False,
+                        callback=_load_config, metavar="FILE",
+                        help="TOML or YAML file supplying any option of this command (keys: option names, with "
+                             "dashes or underscores); options on the command line win.")(fn)
+
+
+def resolved_config(ctx: click.Context, resolved: dict[str, Any] | None = None) -> dict[str, Any]:
+    """This invocation's options as a config file holds them (option name -> value), every default resolved:
+    reading it back with --config repeats the invocation. `resolved` replaces parameters whose effective value
+    is computed from others (e.g. switches a recipe set). Never the secret or one-off options (NOT_RECORDED)."""
+    out: dict[str, Any] = {}
+    for p in ctx.command.params:
+        if not isinstance(p, click.Option) or p.hidden or p.name in NOT_RECORDED or p.name is None:
+            continue
+        value = (resolved or {}).get(p.name, ctx.params.get(p.name))
+        if value is None:
+            continue
+        key = p.opts[0].lstrip("-")
+        if p.is_flag:
+            value = value == p.flag_value  # the flag as given, e.g. no-temporal = true
+        elif isinstance(value, tuple):
+            value = list(value) if p.multiple else ",".join(map(str, value))
+        out[key] = value
+    return out
+
+
+def record_run_config(ctx: click.Context, opts: Any, resolved: dict[str, Any] | None = None) -> None:
+    """train: the run's resolved options in RUN/config.toml, written when the run starts (kept by --resume), so
+    `dist-cache train --config RUN/config.toml --out NEW` repeats the run."""
+    from pathlib import Path
+
+    from pipelines.config_file import write_toml
+
+    path = Path(opts.out) / "config.toml"
+    if opts.resume and path.exists():
+        return
+    write_toml(path, resolved_config(ctx, resolved),
+               header="dist-cache train: this run's options, every default resolved (not --storage-options).\n"
+                      "Repeat the run with: dist-cache train --config config.toml --out NEW_RUN")
+
+
+def renamed_option(old: str, new: str, type: Any = None) -> Callable:
+    """The old spelling `old` of option `new` (its parameter name), kept working but hidden from --help."""
+    return click.option(old, f"{new}_old_spelling", default=None, hidden=True, type=type,
+                        help=f"Old spelling of --{new.replace('_', '-')}.")
+
+
+def merge_renamed(kw: dict[str, Any], new: str) -> None:
+    """Fold the old spelling's value (renamed_option) into the new parameter; both given is a usage error."""
+    old = kw.pop(f"{new}_old_spelling")
+    if old is None:
+        return
+    ctx = click.get_current_context()
+    if ctx.get_parameter_source(new) not in (ParameterSource.DEFAULT, None):
+        raise click.UsageError(f"--{new.replace('_', '-')} and its old spelling were both given; keep one")
+    kw[new] = old
+
+
+@click.group(cls=Workflow, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="dist-cache")
 def main() -> None:
-    """DiST on cached CLIP features: extract once, train the temporal branch many times."""
+    """DiST on cached CLIP features: extract once, train the temporal branch many times.
+
+    The commands are listed in the order they are used; each one's --help ends with an example.
+    """
 
 
-@main.command()
+@main.command(**example("dist-cache extract --manifest train.csv --video-root /data/k400 --out k400-train.zarr --views 2"))
+@config_option
 @click.option("--manifest", required=True, type=click.Path(), help="Video list: CSV path,label; Kinetics CSV; SSv2 JSON; or mmaction list.")
 @click.option("--video-root", required=True, type=click.Path(), help="Directory the manifest's paths are relative to.")
 @click.option("--out", required=True, help="Store to create or resume: a path or an fsspec URL (s3://...).")
+@storage_options_option()
 @click.option("--model", default="ViT-B-16", show_default=True, help="open_clip model name, dist-tiny, or a model-config JSON path.")
 @click.option("--pretrained", default="openai", show_default=True, help="open_clip tag, local checkpoint path, or none.")
 @click.option("--allow-random-weights", is_flag=True, help="Permit --pretrained none (features then mean nothing).")
@@ -68,11 +272,13 @@ def main() -> None:
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
               help="train: TSN + random resized crop + flip; test: uniform clips + centre crop.")
 @click.option("--seed", default=0, show_default=True, help="Seed for frame sampling and crops.")
-@click.option("--dtype", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True,
+              help="Stored feature type: fp16, or int8 per-token absmax with fp16 scales (2x smaller, ~0.8 % error).")
 @click.option("--codec", type=click.Choice(["none", "zstd", "blosc-zstd", "blosc-lz4"]), default="none", show_default=True,
               help="Lossless codec; fp16 activations compress by under 10%.")
 @click.option("--classes", type=click.Path(), default=None, help="Class names file (txt, one per line, or JSON).")
-@click.option("--manifest-format", type=click.Choice(["auto", "csv", "kinetics", "ssv2", "mmaction"]), default="auto", show_default=True)
+@click.option("--manifest-format", type=click.Choice(["auto", "csv", "kinetics", "ssv2", "mmaction"]), default="auto", show_default=True,
+              help="The manifest's format; auto tells them apart by extension and header.")
 @click.option("--template", "templates", multiple=True, default=("{}",), show_default=True,
               help="Prompt template(s) for the class-name text embeddings; {} is the class name.")
 @click.option("--flip-p", default=0.5, type=click.FloatRange(0, 1), show_default=True, help="Train flip probability (use 0 for SSv2: left/right labels).")
@@ -85,14 +291,18 @@ def main() -> None:
 @click.option("--hash-videos", is_flag=True, help="Record each video file's sha256, so verify can tell a replaced copy.")
 @click.option("--retry-failed", is_flag=True, help="Extract the videos recorded as failed again (after fixing or replacing them).")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
-@click.option("--workers", type=int, default=None, help="Spread videos over a local dask cluster of N worker processes.")
+@click.option("--dask-workers", type=click.IntRange(min=1), default=None,
+              help="Spread videos over a local dask cluster of N worker processes (each loads CLIP once).")
+@renamed_option("--workers", "dask_workers", click.IntRange(min=1))
 @click.option("--scheduler", default=None, help="Spread videos over the dask cluster at this address (tcp://host:8786).")
 @user_errors
 def extract(**kw) -> None:
     """Run the frozen CLIP over every video once; store each layer's tokens in a zarr store."""
     from pipelines.extract import ExtractOptions, extract as run_extract
 
-    strict, workers, scheduler = kw.pop("strict"), kw.pop("workers"), kw.pop("scheduler")
+    merge_renamed(kw, "dask_workers")
+    check_storage_options(kw["storage_options"], kw["out"])
+    strict, workers, scheduler = kw.pop("strict"), kw.pop("dask_workers"), kw.pop("scheduler")
     kw["templates"] = tuple(kw["templates"])
     if workers is None and scheduler is None:
         summary = run_extract(ExtractOptions(**kw))
@@ -116,33 +326,38 @@ def extract(**kw) -> None:
             sys.exit(1)
 
 
-@main.command()
+@main.command(**example("dist-cache info k400-train.zarr --failed"))
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print the full schema and counts as JSON.")
 @click.option("--failed", is_flag=True, help="List failed videos with their errors.")
+@storage_options_option()
 @user_errors
-def info(store: str, as_json: bool, failed: bool) -> None:
-    """Summarise a store: backbone, layers, sampling, progress, size."""
+def info(store: str, as_json: bool, failed: bool, storage_options: dict) -> None:
+    """Summarise a store: backbone, layers, frames, sampling, progress, objects and size."""
     from pipelines.info import format_info, store_info
 
-    summary = store_info(store)
+    check_storage_options(storage_options, store)
+    summary = store_info(store, storage_options)
     click.echo(json.dumps(summary, indent=2) if as_json else format_info(summary, show_failed=failed))
 
 
-@main.command()
+@main.command(**example("dist-cache verify k400-val.zarr --video-root /data/k400 --samples 5"))
 @click.argument("store")
+@click.option("--deep", is_flag=True, help="Read every byte and check every chunk's checksum (default: every shard's index).")
 @click.option("--video-root", type=click.Path(), default=None, help="Where the videos are; without it, features are not recomputed.")
 @click.option("--samples", default=3, type=click.IntRange(min=1), show_default=True, help="Random samples to recompute from the videos.")
 @click.option("--pretrained", default=None, help="Checkpoint path, if the store's recorded one is elsewhere on this machine.")
 @click.option("--seed", default=0, show_default=True, help="Seed for choosing the samples.")
 @click.option("--all-videos", is_flag=True, help="Check every video under --video-root against the recorded facts (and sha256 if recorded).")
+@click.option("--device", default="auto", show_default=True, help="Where to recompute: auto, cpu, cuda, cuda:1 ...")
+@storage_options_option()
 @user_errors
-def verify(store: str, video_root: str | None, samples: int, pretrained: str | None, seed: int, all_videos: bool) -> None:
-    """Check schema and completeness, the videos on this machine, and recompute random samples from them."""
+def verify(store: str, storage_options: dict, **kw) -> None:
+    """Check a store is whole: completeness, every sample's integrity, the videos, recomputed samples."""
     from pipelines.verify import format_report, verify_store
 
-    report = verify_store(store, video_root=video_root, samples=samples, pretrained=pretrained, seed=seed,
-                          all_videos=all_videos)
+    check_storage_options(storage_options, store)
+    report = verify_store(store, storage_options=storage_options, progress=True, **kw)
     click.echo(format_report(report))
     if not report.ok:
         sys.exit(1)
@@ -171,62 +386,76 @@ def model_options(fn):
     return fn
 
 
-@main.command()
+@main.command(**example("dist-cache train --cache k400-train.zarr --val-cache k400-val.zarr --video-root /data/k400 --out runs/b16"))
+@config_option
 @click.option("--cache", required=True, help="Training store (path or fsspec URL).")
 @click.option("--video-root", required=True, type=click.Path(), help="Where the store's videos are (dense frames are decoded from them).")
 @click.option("--out", required=True, type=click.Path(), help="Run directory: checkpoints, metrics.jsonl, curves.")
 @click.option("--val-cache", default=None, help="Validation store; best.pt is chosen by its top-1.")
 @click.option("--val-video-root", default=None, type=click.Path(), help="Video root of the validation store (default: --video-root).")
+@storage_options_option()
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--online", is_flag=True, help="Run the frozen CLIP live on the sparse frames instead of reading cached features.")
 @click.option("--pretrained", default=None, help="Local copy of the store's CLIP weights (needed by --online if not at the recorded path).")
 @click.option("--layers", default="all", show_default=True, help="CLIP layers to integrate: all (the store's), last:N, or a comma list.")
 @model_options
-@click.option("--epochs", default=30, type=click.IntRange(min=1), show_default=True)
-@click.option("--batch-size", default=32, type=click.IntRange(min=1), show_default=True)
+@click.option("--epochs", default=30, type=click.IntRange(min=1), show_default=True, help="Passes over the training store.")
+@click.option("--batch-size", default=32, type=click.IntRange(min=1), show_default=True,
+              help="Global batch: clips per optimiser step, split among the --nproc processes.")
 @click.option("--lr", default=3.2e-4, type=click.FloatRange(min=0, min_open=True), show_default=True, help="Peak learning rate.")
 @click.option("--warmup-epochs", default=5.0, type=click.FloatRange(min=0), show_default=True)
 @click.option("--weight-decay", default=1e-4, type=click.FloatRange(min=0), show_default=True)
 @click.option("--label-smoothing", default=0.1, type=click.FloatRange(0, 1, max_open=True), show_default=True)
 @click.option("--clip-grad", default=1.0, type=click.FloatRange(min=0), show_default=True, help="Max gradient norm; 0 disables.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the initial weights and of every epoch's view choice and order.")
 @click.option("--workers", default=4, type=click.IntRange(min=0), show_default=True, help="DataLoader worker processes.")
-@click.option("--device", default="auto", show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--save-every", default=500, type=click.IntRange(min=1), show_default=True, help="Steps between last.pt writes.")
+@click.option("--log-every", default=10, type=click.IntRange(min=1), show_default=True, help="Steps between lines of metrics.jsonl.")
+@click.option("--eval-every", default=1, type=click.IntRange(min=1), show_default=True,
+              help="Epochs between validations on --val-cache (the last epoch is always validated).")
+@click.option("--eval-batch-size", default=None, type=click.IntRange(min=1), help="Validation batch size (default: --batch-size).")
 @click.option("--nproc", default=1, type=click.IntRange(min=1), show_default=True, help="Data-parallel processes on this machine (--batch-size is split among them).")
 @user_errors
 def train(nproc: int, **kw) -> None:
     """Train DiST's temporal encoder and integration branch from a feature store."""
-    from pipelines.train import TrainOptions, train as run_train
+    from pipelines.train import TrainOptions, preflight, train as run_train
     from pipelines.train_ddp import launch
 
-    result = run_train(TrainOptions(**kw)) if nproc == 1 else launch(TrainOptions(**kw), nproc)
+    check_storage_options(kw["storage_options"], kw["cache"], kw["val_cache"])
+    opts = TrainOptions(**kw)
+    preflight(opts, nproc)  # a bad flag or store fails here, before the run directory is touched
+    record_run_config(click.get_current_context(), opts)
+    result = run_train(opts) if nproc == 1 else launch(opts, nproc)
     best = f", best val top-1 {result.best_top1:.2%}" if result.best_top1 is not None else ""
     click.echo(f"trained {result.steps} steps over {result.epochs} epochs{best}; checkpoints in {result.out}")
     if result.skipped_failed_samples:
         click.echo(f"skipped {result.skipped_failed_samples} failed samples of the store", err=True)
 
 
-@main.command(name="eval")
+@main.command(name="eval", **example("dist-cache eval --checkpoint runs/b16/best.pt --cache k400-val.zarr --video-root /data/k400 --json report.json"))
+@config_option
 @click.option("--checkpoint", required=True, type=click.Path(), help="A checkpoint written by train (best.pt or last.pt).")
 @click.option("--cache", required=True, help="Evaluation store (test split: 3 clips x 1 crop by default).")
-@click.option("--video-root", required=True, type=click.Path())
+@storage_options_option()
+@click.option("--video-root", required=True, type=click.Path(), help="Where the store's videos are (dense frames are decoded from them).")
 @click.option("--classes", default=None, type=click.Path(), help="Zero-shot: class names file of a new label set.")
 @click.option("--pretrained", default=None, help="Local copy of the store's CLIP weights (for --classes and --online).")
 @click.option("--json", "json_path", default=None, type=click.Path(), help="Write the full report (and a confusion PNG beside it).")
 @click.option("--online", is_flag=True, help="Run the frozen CLIP live instead of reading cached features.")
-@click.option("--batch-size", default=16, type=click.IntRange(min=1), show_default=True)
-@click.option("--workers", default=2, type=click.IntRange(min=0), show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", default=16, type=click.IntRange(min=1), show_default=True, help="Clips per forward pass.")
+@click.option("--workers", default=2, type=click.IntRange(min=0), show_default=True, help="DataLoader worker processes.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @user_errors
 def evaluate(json_path: str | None, **kw) -> None:
     """Score a checkpoint: multi-view top-1/top-5, per-class accuracy, zero-shot with --classes."""
     from pipelines.evaluate import EvalOptions, evaluate as run_eval, format_report
 
+    check_storage_options(kw["storage_options"], kw["cache"])
     click.echo(format_report(run_eval(EvalOptions(json=json_path, **kw))))
 
 
-@main.command()
+@main.command(**example("dist-cache profile --model ViT-B-16 --frames 8 --gamma 4"))
 @click.option("--model", default="ViT-B-16", show_default=True, help="open_clip model name or dist-tiny (random weights; only shapes matter).")
 @click.option("--frames", default=8, type=click.IntRange(min=1), show_default=True, help="Sparse (CLIP) frames per view.")
 @model_options
@@ -240,11 +469,12 @@ def profile(model: str, frames: int, gamma: int, alpha_dim: int, beta_dim: int, 
     click.echo(json.dumps(result, indent=2) if as_json else format_profile(result))
 
 
-@main.command()
+@main.command(**example("dist-cache demo --workdir /tmp/dist-demo --epochs 10"))
 @click.option("--workdir", default="demo-run", show_default=True, type=click.Path(), help="Where data, stores and the run go.")
-@click.option("--videos-per-class", default=48, type=click.IntRange(min=2), show_default=True)
-@click.option("--epochs", default=30, type=click.IntRange(min=1), show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--videos-per-class", default=48, type=click.IntRange(min=2), show_default=True,
+              help="Generated clips per class (4 classes); fewer run faster and learn less.")
+@click.option("--epochs", default=30, type=click.IntRange(min=1), show_default=True, help="Training epochs.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the generated videos, the extraction and the training.")
 @user_errors
 def demo(workdir: str, videos_per_class: int, epochs: int, seed: int) -> None:
     """Generate motion-defined videos, extract with a tiny CLIP, train, evaluate: all on this CPU."""
@@ -253,25 +483,42 @@ def demo(workdir: str, videos_per_class: int, epochs: int, seed: int) -> None:
     run_demo(DemoOptions(workdir=workdir, videos_per_class=videos_per_class, epochs=epochs, seed=seed), say=click.echo)
 
 
-@main.command()
+@main.command(**example("dist-cache copy https://host/k400-train.zarr k400-train.zarr --layers last:4 --dtype int8"))
 @click.argument("src")
 @click.argument("dst")
 @click.option("--layers", default="all", show_default=True, help="Layers to keep: all, last:N, or a comma list of block indices.")
 @click.option("--dtype", type=click.Choice(["fp16", "int8"]), default=None, help="Store features as this (default: the source's).")
+@click.option("--frames", type=click.Choice(["keep", "drop"]), default="keep", show_default=True,
+              help="Keep the source's dense frames, or drop them (training then decodes them from the videos).")
+@click.option("--videos-per-shard", default=1, type=click.IntRange(min=1), show_default=True,
+              help="Pack N videos into each shard (and one record per N): ~3/N objects per video, read-only. "
+                   "Written to an object store, a shard is one upload held in memory.")
+@storage_options_option(help="fsspec options for SRC and DST where they are URLs, as JSON or @FILE (see "
+                             "--src-storage-options, --dst-storage-options to give each its own).")
+@storage_options_option(help="fsspec options for SRC alone (JSON or @FILE).", name="--src-storage-options")
+@storage_options_option(help="fsspec options for DST alone (JSON or @FILE).", name="--dst-storage-options")
 @user_errors
-def copy(src: str, dst: str, layers: str, dtype: str | None) -> None:
-    """Copy a store (path or URL) to DST, optionally a layer subset or int8; a rerun resumes."""
+def copy(src: str, dst: str, storage_options: dict, src_storage_options: dict, dst_storage_options: dict,
+         **kw) -> None:
+    """Copy a store to DST: a layer subset, int8, without frames, or packed; a rerun resumes."""
     from pipelines.copy import copy_store
+    from storage.location import is_local
 
-    s = copy_store(src, dst, layers=layers, dtype=dtype)
+    check_storage_options(storage_options, src, dst)
+    check_storage_options(src_storage_options, src, flag="--src-storage-options")
+    check_storage_options(dst_storage_options, dst, flag="--dst-storage-options")
+    src_options = src_storage_options or ({} if is_local(src) else storage_options)
+    dst_options = dst_storage_options or ({} if is_local(dst) else storage_options)
+    s = copy_store(src, dst, src_options=src_options, dst_options=dst_options, **kw)
+    held = f", {s.held_back} more wait for them to fill their shards" if s.held_back else ""
     click.echo(f"copied {s.copied} videos, skipped {s.skipped} (already there), failed {s.failed} -> {dst}"
-               + ("" if s.complete else f" (incomplete: {s.pending_in_source} not extracted in the source yet)"))
+               + ("" if s.complete else f" (incomplete: {s.pending_in_source} not extracted in the source yet{held})"))
 
 
 def run() -> None:
     """The `dist-cache` console script: `main`, with bad flags reported like every other user error, in one line."""
     try:
-        code = main(standalone_mode=False)
+        code = main(standalone_mode=False, prog_name="dist-cache")
     except click.UsageError as err:
         where = err.ctx.command_path if err.ctx else "dist-cache"
         click.echo(f"error: {err.format_message()} (see {where} --help)", err=True)
