@@ -204,13 +204,9 @@ def _check_all_videos(store: FeatureStore, report: VerifyReport, done: np.ndarra
 
 def _recompute(store: FeatureStore, report: VerifyReport, done: np.ndarray, video_root: str, samples: int,
                pretrained: str | None, seed: int, decoder: str, device: str) -> None:
-    import torch
-
     from dist_cache.backbone import load_recorded_backbone
     from dist_cache.decoders import get_decoder
     from dist_cache.devices import resolve_device
-    from dist_cache.sampling import ViewPlan, dense_indices
-    from dist_cache.transforms import normalize_frames, render_frames
 
     torch_device = resolve_device(device)
     try:
@@ -219,7 +215,7 @@ def _recompute(store: FeatureStore, report: VerifyReport, done: np.ndarray, vide
     except UserError as err:
         report.problems.append(f"cannot recompute features: {err}")
         return
-    encoder = backbone.spatial_encoder(list(store.schema.layers))
+    recompute = Recompute(backbone, backbone.spatial_encoder(list(store.schema.layers)), reader, torch_device)
     tolerance = TOLERANCE[store.schema.dtype] + PRECISION_ERROR[store.schema.precision]
     if store.schema.precision != "fp32":
         report.notes.append(f"CLIP ran in {store.schema.precision} for this store: the tolerance is widened by "
@@ -233,26 +229,50 @@ def _recompute(store: FeatureStore, report: VerifyReport, done: np.ndarray, vide
         if why:
             report.problems.append(f"sample {i} not recomputed: {why}")
             continue
-        plan = ViewPlan.from_dict(sample)
-        replanned = _replanned(store, sample)
-        if replanned is None:
-            report.notes.append("the store does not record its sampling parameters: plans were not re-derived")
-        elif replanned != plan:
-            report.problems.append(f"sample {i}: the recorded plan is not what the recorded seed gives")
-        frames = render_frames(reader.read(path, plan.sparse_indices), plan, backbone.image_size)
-        with torch.inference_mode():
-            tokens, _ = encoder(normalize_frames(frames.to(torch_device), backbone.mean, backbone.std))
-        error = _relative_error(store.features(i).astype(np.float32), tokens.float().cpu().numpy())
-        report.checked_samples.append({"sample": i, "video": sample["video"], "relative_error": error})
-        if not error <= tolerance:
-            report.problems.append(f"sample {i} ({sample['video']}): stored features differ from a recompute by {error:.2%}")
-        if store.has_frames:
-            G = store.dense_gamma
-            dense = render_frames(reader.read(path, dense_indices(plan, G, int(sample["num_frames"]))), plan,
-                                  backbone.image_size)
-            if not np.array_equal(store.frames(i), dense.numpy()):
-                report.problems.append(f"sample {i} ({sample['video']}): the stored dense frames differ from the "
-                                       f"video's, rendered again")
+        try:
+            _recompute_sample(store, report, i, sample, path, recompute, tolerance)
+        except StoreDamagedError as err:  # bytes a shallow check cannot see (a flipped data byte)
+            report.problems.append(str(err))
+
+
+@dataclass
+class Recompute:
+    """The recorded backbone, rebuilt, and the decoder that reads the videos."""
+
+    backbone: Any
+    encoder: Any
+    reader: Any
+    device: Any
+
+
+def _recompute_sample(store: FeatureStore, report: VerifyReport, i: int, sample: dict, path: Path, run: Recompute,
+                      tolerance: float) -> None:
+    """Sample i again from its video: its plan from the recorded seed, its features within `tolerance`, and its
+    stored dense frames byte for byte."""
+    import torch
+
+    from dist_cache.sampling import ViewPlan, dense_indices
+    from dist_cache.transforms import normalize_frames, render_frames
+
+    plan = ViewPlan.from_dict(sample)
+    replanned = _replanned(store, sample)
+    if replanned is None:
+        report.notes.append("the store does not record its sampling parameters: plans were not re-derived")
+    elif replanned != plan:
+        report.problems.append(f"sample {i}: the recorded plan is not what the recorded seed gives")
+    size = run.backbone.image_size
+    frames = render_frames(run.reader.read(path, plan.sparse_indices), plan, size)
+    with torch.inference_mode():
+        tokens, _ = run.encoder(normalize_frames(frames.to(run.device), run.backbone.mean, run.backbone.std))
+    error = _relative_error(store.features(i).astype(np.float32), tokens.float().cpu().numpy())
+    report.checked_samples.append({"sample": i, "video": sample["video"], "relative_error": error})
+    if not error <= tolerance:
+        report.problems.append(f"sample {i} ({sample['video']}): stored features differ from a recompute by {error:.2%}")
+    if store.has_frames:
+        indices = dense_indices(plan, store.dense_gamma, int(sample["num_frames"]))
+        if not np.array_equal(store.frames(i), render_frames(run.reader.read(path, indices), plan, size).numpy()):
+            report.problems.append(f"sample {i} ({sample['video']}): the stored dense frames differ from the "
+                                   f"video's frames, rendered again")
 
 
 def format_report(report: VerifyReport) -> str:

@@ -3,7 +3,9 @@ which picks the Location for a path or URL."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import weakref
 from typing import Any
 
 from zarr.abc.store import RangeByteRequest, Store, SuffixByteRequest
@@ -12,6 +14,27 @@ from zarr.storage import FsspecStore
 from storage.http import RangeCheckedHTTPFileSystem, is_http, read_only_error
 from storage.local import LocalLocation
 from storage.location import Location, StoreUsage, is_local
+
+# The asynchronous filesystems zarr reads and writes through. fsspec closes the sessions of synchronous instances
+# only; s3fs's asynchronous ones would be left open ("Unclosed client session" at exit). (HTTP's are closed by
+# storage/http.py's filesystem itself.)
+_ZARR_FILESYSTEMS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_zarr_sessions() -> None:
+    """Close them on zarr's event loop, as s3fs closes its own synchronous clients. Registered after zarr's own exit
+    handler (this module imports zarr), so it runs while zarr's loop still does."""
+    from zarr.core.sync import sync
+
+    for fs in list(_ZARR_FILESYSTEMS):
+        client = getattr(fs, "_s3creator", None)  # s3fs: its client's context, entered on zarr's loop
+        if client is None:
+            continue
+        try:
+            sync(client.__aexit__(None, None, None), timeout=1.0)
+        except Exception:  # noqa: BLE001 - at exit, a loop or server already gone leaves nothing to close
+            pass
 
 
 class FsspecLocation(Location):
@@ -34,7 +57,9 @@ class FsspecLocation(Location):
 
     def zarr_store(self, read_only: bool) -> Store:
         if self.writable:
-            return FsspecStore.from_url(self.url, storage_options=self.storage_options or None, read_only=read_only)
+            store = FsspecStore.from_url(self.url, storage_options=self.storage_options or None, read_only=read_only)
+            _ZARR_FILESYSTEMS.add(store.fs)
+            return store
         if not read_only:
             raise read_only_error(self.url)
         fs = RangeCheckedHTTPFileSystem(asynchronous=True, **self.storage_options)
@@ -121,9 +146,9 @@ class FsspecLocation(Location):
 
 
 def open_location(url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> Location:
+    """The Location of a path or URL. `storage_options` are fsspec's, for URLs; a local path needs none, so they
+    are not used for one (a run may read a local store and a remote one with the same options)."""
     if is_local(url):
-        if storage_options:
-            raise ValueError("storage_options apply to fsspec URLs only, not to local paths")
         return LocalLocation(url)
     return FsspecLocation(os.fspath(url), storage_options)
 
