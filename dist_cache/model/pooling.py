@@ -48,11 +48,11 @@ class AdaPooling(nn.Module):
 
     def __init__(self, config: DiSTConfig):
         super().__init__()
-        dim, heads = config.alpha_dim, config.pool_num_heads
+        dim, heads = config.switches.alpha_dim, config.pool_num_heads
         self.frame_query = new_token(1, 1, dim)   # reference: aggregated_spatial_cls_token
         self.video_query = new_token(1, 1, dim)   # reference: aggregated_cls_token
         self.temporal_pos = new_token(1, config.num_frames, dim)
-        self.blocks = nn.ModuleList(AdaPoolBlock(dim, heads) for _ in range(config.pool_blocks))
+        self.blocks = nn.ModuleList(AdaPoolBlock(dim, heads) for _ in range(config.switches.pool_blocks))
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         b, t, n, c = f.shape
@@ -79,9 +79,10 @@ class VideoHead(nn.Module):
     def __init__(self, config: DiSTConfig, with_pool: bool):
         super().__init__()
         self.pool = AdaPooling(config) if with_pool else None
-        self.cls_proj = nn.Linear(config.width, config.alpha_dim)
-        self.ln_post = nn.LayerNorm(config.alpha_dim)
-        self.proj = nn.Parameter(torch.randn(config.alpha_dim, config.embed_dim) * config.alpha_dim**-0.5)
+        alpha = config.switches.alpha_dim
+        self.cls_proj = nn.Linear(config.width, alpha)
+        self.ln_post = nn.LayerNorm(alpha)
+        self.proj = nn.Parameter(torch.randn(alpha, config.embed_dim) * alpha**-0.5)
 
     def forward(self, f: torch.Tensor | None, clip_cls: torch.Tensor) -> torch.Tensor:
         """f (B, T, N+1, αC) or None; clip_cls (B, T, C) -> (B, E)."""
