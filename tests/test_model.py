@@ -185,6 +185,21 @@ def test_any_float_dtype_is_cast_to_the_module_dtype(backbone):
         assert out.dtype == torch.float32
 
 
+def test_embedding_and_logits_are_fp32_under_autocast(backbone):
+    # In bf16 a cosine keeps 8 significant bits: at scale 100 the logits would move by up to 0.4. The head's last
+    # normalisation and projection, and the logits, run in fp32 whatever autocast surrounds them.
+    config = make_config(backbone)
+    dist = DiST(config)
+    frames = random_frames(config)
+    features = sparse_features(backbone, config, frames)
+    text = torch.randn(5, backbone.embed_dim)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        emb = dist(features, frames)
+        logits = dist.logits(emb.to(torch.bfloat16), text)
+    assert emb.dtype == logits.dtype == torch.float32
+    torch.testing.assert_close(logits, dist.logits(emb.to(torch.bfloat16).float(), text), rtol=0, atol=0)
+
+
 def test_bad_inputs_are_refused(backbone):
     config = make_config(backbone)
     dist = DiST(config)

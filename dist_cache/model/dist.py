@@ -130,11 +130,18 @@ class DiST(nn.Module):
         return self.head(f, features[-1, :, :, 0].to(self.dtype))
 
     def logits(self, video_emb: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        """logit_scale * cosine(video, text): (B, E) x (K, E) -> (B, K). The scale is fixed (CLIP's 100)."""
-        v = video_emb / video_emb.norm(dim=-1, keepdim=True)
-        t = text_features.to(v.dtype)
-        t = t / t.norm(dim=-1, keepdim=True)
-        return self.config.switches.logit_scale * v @ t.t()
+        """logit_scale * cosine(video, text): (B, E) x (K, E) -> (B, K), fp32. The scale is fixed (CLIP's 100).
+
+        Always in fp32, outside any autocast: in bf16 a cosine has 8 significant bits, so at scale 100 the
+        logits would be rounded to steps of 0.06-0.5 and the gaps between classes, which are what the loss
+        learns from, lost in that rounding (docs/MODEL.md, "Precision").
+        """
+        with without_autocast(video_emb.device.type):
+            v = video_emb.float()
+            v = v / v.norm(dim=-1, keepdim=True)
+            t = text_features.to(device=v.device, dtype=torch.float32)
+            t = t / t.norm(dim=-1, keepdim=True)
+            return self.config.switches.logit_scale * v @ t.t()
 
 
 def check_branch_state(config: DiSTConfig, state: object, what: str = "checkpoint") -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dist_cache.model.common import mlp, new_token
+from dist_cache.model.common import mlp, new_token, without_autocast
 from dist_cache.model.config import DiSTConfig
 
 
@@ -85,8 +85,13 @@ class VideoHead(nn.Module):
         self.proj = nn.Parameter(torch.randn(alpha, config.embed_dim) * alpha**-0.5)
 
     def forward(self, f: torch.Tensor | None, clip_cls: torch.Tensor) -> torch.Tensor:
-        """f (B, T, N+1, αC) or None; clip_cls (B, T, C) -> (B, E)."""
+        """f (B, T, N+1, αC) or None; clip_cls (B, T, C) -> (B, E), fp32.
+
+        The last normalisation and the projection run in fp32 outside any autocast: the embedding's direction is
+        all the cosine logits see, and (B, αC) x (αC, E) costs nothing next to the branch.
+        """
         x = self.cls_proj(clip_cls.mean(dim=1))
         if self.pool is not None:
             x = x + self.pool(f)
-        return self.ln_post(x) @ self.proj.to(x.dtype)
+        with without_autocast(x.device.type):
+            return self.ln_post(x.float()) @ self.proj.float()
