@@ -6,11 +6,17 @@ Heavy imports (torch, open_clip, zarr) happen inside the commands so `--help` st
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
 
 import click
+from click.core import ParameterSource
+
+# Configuration only (no torch): the flags are generated from it and --help stays instant.
+from dist_cache.model.switches import SWITCH_NAMES, DiSTSwitches
+from dist_cache.recipes import RECIPES
 
 
 class CommandError(click.ClickException):
@@ -148,27 +154,30 @@ def verify(store: str, video_root: str | None, samples: int, pretrained: str | N
         sys.exit(1)
 
 
-def model_options(fn):
-    """DiST architecture flags (the paper's ablation switches), shared by train and profile."""
-    options = [
-        click.option("--gamma", type=click.Choice(["1", "2", "4", "8"]), default="2", show_default=True,
-                     callback=lambda ctx, param, v: int(v), help="Dense frames per sparse frame for the temporal encoder."),
-        click.option("--alpha-dim", default=384, type=click.IntRange(min=1), show_default=True, help="Integration branch width (alpha*C)."),
-        click.option("--beta-dim", default=96, type=click.IntRange(min=1), show_default=True, help="Temporal encoder width (beta*C)."),
-        click.option("--t-block", type=click.Choice(["r2plus1d", "c3d", "joint"]), default="r2plus1d", show_default=True),
-        click.option("--psi", type=click.Choice(["dconv", "avg", "max"]), default="dconv", show_default=True,
-                     help="Temporal -> integration downsampling (Tab. 2a)."),
-        click.option("--phi", type=click.Choice(["nearest", "trilinear", "deconv"]), default="nearest", show_default=True,
-                     help="Integration -> temporal upsampling (Tab. 2b)."),
-        click.option("--no-temporal", "temporal", flag_value=False, default=True, help="Drop the temporal encoder (Tab. 1a)."),
-        click.option("--no-integration", "integration", flag_value=False, default=True, help="Drop the integration branch (Tab. 1a)."),
-        click.option("--no-integ-to-temp", "integ_to_temp", flag_value=False, default=True, help="Drop Phi (Tab. 1b)."),
-        click.option("--no-temp-to-integ", "temp_to_integ", flag_value=False, default=True, help="Drop Psi (Tab. 1b)."),
-        click.option("--pool-blocks", default=2, type=click.IntRange(min=1), show_default=True, help="AdaPooling blocks (reference: 2 for SSv2, 4 for K400)."),
-    ]
-    for option in reversed(options):
+def switch_options(fn):
+    """The DiST switches as flags (the paper's ablations), generated from DiSTSwitches' fields: shared by train and
+    profile. A boolean switch is on by default and becomes `--no-NAME`."""
+    for f in reversed(dataclasses.fields(DiSTSwitches)):
+        meta = f.metadata
+        if not meta["cli"]:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            option = click.option(f"--no-{flag[2:]}", f.name, flag_value=False, default=True, help=meta["help"])
+        elif meta["choices"] is not None:
+            kind = type(f.default)
+            option = click.option(flag, type=click.Choice([str(c) for c in meta["choices"]]), default=str(f.default),
+                                  show_default=True, callback=lambda ctx, param, v, kind=kind: kind(v), help=meta["help"])
+        else:
+            option = click.option(flag, type=click.IntRange(meta["min"], meta["max"]), default=f.default,
+                                  show_default=True, help=meta["help"])
         fn = option(fn)
     return fn
+
+
+def _switch_values(kw: dict) -> dict:
+    """Take the switch flags out of a command's keyword arguments."""
+    return {name: kw.pop(name) for name in SWITCH_NAMES if name in kw}
 
 
 @main.command()
@@ -181,7 +190,10 @@ def model_options(fn):
 @click.option("--online", is_flag=True, help="Run the frozen CLIP live on the sparse frames instead of reading cached features.")
 @click.option("--pretrained", default=None, help="Local copy of the store's CLIP weights (needed by --online if not at the recorded path).")
 @click.option("--layers", default="all", show_default=True, help="CLIP layers to integrate: all (the store's), last:N, or a comma list.")
-@model_options
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default=None,
+              help="Start from the reference's settings for this dataset (k400: 4 AdaPooling blocks; ssv2: 2); "
+                   "flags given explicitly override it. Default: none, i.e. the defaults below (the SSv2 head).")
+@switch_options
 @click.option("--epochs", default=30, type=click.IntRange(min=1), show_default=True)
 @click.option("--batch-size", default=32, type=click.IntRange(min=1), show_default=True)
 @click.option("--lr", default=3.2e-4, type=click.FloatRange(min=0, min_open=True), show_default=True, help="Peak learning rate.")
@@ -195,12 +207,19 @@ def model_options(fn):
 @click.option("--save-every", default=500, type=click.IntRange(min=1), show_default=True, help="Steps between last.pt writes.")
 @click.option("--nproc", default=1, type=click.IntRange(min=1), show_default=True, help="Data-parallel processes on this machine (--batch-size is split among them).")
 @user_errors
-def train(nproc: int, **kw) -> None:
+def train(nproc: int, recipe: str | None, **kw) -> None:
     """Train DiST's temporal encoder and integration branch from a feature store."""
-    from pipelines.train import TrainOptions, train as run_train
+    from dist_cache.recipes import effective_switches
+    from pipelines.train import TrainOptions, preflight, train as run_train
     from pipelines.train_ddp import launch
 
-    result = run_train(TrainOptions(**kw)) if nproc == 1 else launch(TrainOptions(**kw), nproc)
+    ctx = click.get_current_context()
+    typed = {k: v for k, v in _switch_values(kw).items() if ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
+    switches, line = effective_switches(recipe, typed)
+    opts = TrainOptions(switches=switches, recipe=recipe, **kw)
+    preflight(opts, nproc)  # a bad flag or store is the only line printed
+    click.echo(line)
+    result = run_train(opts) if nproc == 1 else launch(opts, nproc)
     best = f", best val top-1 {result.best_top1:.2%}" if result.best_top1 is not None else ""
     click.echo(f"trained {result.steps} steps over {result.epochs} epochs{best}; checkpoints in {result.out}")
     if result.skipped_failed_samples:
@@ -229,14 +248,14 @@ def evaluate(json_path: str | None, **kw) -> None:
 @main.command()
 @click.option("--model", default="ViT-B-16", show_default=True, help="open_clip model name or dist-tiny (random weights; only shapes matter).")
 @click.option("--frames", default=8, type=click.IntRange(min=1), show_default=True, help="Sparse (CLIP) frames per view.")
-@model_options
+@switch_options
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 @user_errors
-def profile(model: str, frames: int, gamma: int, alpha_dim: int, beta_dim: int, as_json: bool, **switches) -> None:
+def profile(model: str, frames: int, as_json: bool, **switches) -> None:
     """Parameters and GFLOPs (1 multiply-add = 1 FLOP) of one view's DiST forward, split by part."""
     from dist_cache.flops import format_profile, profile_dist
 
-    result = profile_dist(model, frames=frames, gamma=gamma, alpha_dim=alpha_dim, beta_dim=beta_dim, **switches)
+    result = profile_dist(model, frames=frames, switches=DiSTSwitches(**_switch_values(switches)))
     click.echo(json.dumps(result, indent=2) if as_json else format_profile(result))
 
 
