@@ -10,6 +10,7 @@ so options given on the command line win; `--storage-options JSON` passes fsspec
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -17,6 +18,10 @@ from typing import Any, Callable
 
 import click
 from click.core import ParameterSource
+
+# Configuration only (no torch): the flags are generated from it and --help stays instant.
+from dist_cache.model.switches import SWITCH_NAMES, DiSTSwitches
+from dist_cache.recipes import RECIPES
 
 # The order `dist-cache --help` lists the commands in: the order they are used in.
 COMMAND_ORDER = ("extract", "info", "verify", "train", "eval", "copy", "profile", "demo")
@@ -363,27 +368,30 @@ def verify(store: str, storage_options: dict, **kw) -> None:
         sys.exit(1)
 
 
-def model_options(fn):
-    """DiST architecture flags (the paper's ablation switches), shared by train and profile."""
-    options = [
-        click.option("--gamma", type=click.Choice(["1", "2", "4", "8"]), default="2", show_default=True,
-                     callback=lambda ctx, param, v: int(v), help="Dense frames per sparse frame for the temporal encoder."),
-        click.option("--alpha-dim", default=384, type=click.IntRange(min=1), show_default=True, help="Integration branch width (alpha*C)."),
-        click.option("--beta-dim", default=96, type=click.IntRange(min=1), show_default=True, help="Temporal encoder width (beta*C)."),
-        click.option("--t-block", type=click.Choice(["r2plus1d", "c3d", "joint"]), default="r2plus1d", show_default=True),
-        click.option("--psi", type=click.Choice(["dconv", "avg", "max"]), default="dconv", show_default=True,
-                     help="Temporal -> integration downsampling (Tab. 2a)."),
-        click.option("--phi", type=click.Choice(["nearest", "trilinear", "deconv"]), default="nearest", show_default=True,
-                     help="Integration -> temporal upsampling (Tab. 2b)."),
-        click.option("--no-temporal", "temporal", flag_value=False, default=True, help="Drop the temporal encoder (Tab. 1a)."),
-        click.option("--no-integration", "integration", flag_value=False, default=True, help="Drop the integration branch (Tab. 1a)."),
-        click.option("--no-integ-to-temp", "integ_to_temp", flag_value=False, default=True, help="Drop Phi (Tab. 1b)."),
-        click.option("--no-temp-to-integ", "temp_to_integ", flag_value=False, default=True, help="Drop Psi (Tab. 1b)."),
-        click.option("--pool-blocks", default=2, type=click.IntRange(min=1), show_default=True, help="AdaPooling blocks (reference: 2 for SSv2, 4 for K400)."),
-    ]
-    for option in reversed(options):
+def switch_options(fn):
+    """The DiST switches as flags (the paper's ablations), generated from DiSTSwitches' fields: shared by train and
+    profile. A boolean switch is on by default and becomes `--no-NAME`."""
+    for f in reversed(dataclasses.fields(DiSTSwitches)):
+        meta = f.metadata
+        if not meta["cli"]:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            option = click.option(f"--no-{flag[2:]}", f.name, flag_value=False, default=True, help=meta["help"])
+        elif meta["choices"] is not None:
+            kind = type(f.default)
+            option = click.option(flag, type=click.Choice([str(c) for c in meta["choices"]]), default=str(f.default),
+                                  show_default=True, callback=lambda ctx, param, v, kind=kind: kind(v), help=meta["help"])
+        else:
+            option = click.option(flag, type=click.IntRange(meta["min"], meta["max"]), default=f.default,
+                                  show_default=True, help=meta["help"])
         fn = option(fn)
     return fn
+
+
+def _switch_values(kw: dict) -> dict:
+    """Take the switch flags out of a command's keyword arguments."""
+    return {name: kw.pop(name) for name in SWITCH_NAMES if name in kw}
 
 
 @main.command(**example("dist-cache train --cache k400-train.zarr --val-cache k400-val.zarr --video-root /data/k400 --out runs/b16"))
@@ -398,14 +406,20 @@ def model_options(fn):
 @click.option("--online", is_flag=True, help="Run the frozen CLIP live on the sparse frames instead of reading cached features.")
 @click.option("--pretrained", default=None, help="Local copy of the store's CLIP weights (needed by --online if not at the recorded path).")
 @click.option("--layers", default="all", show_default=True, help="CLIP layers to integrate: all (the store's), last:N, or a comma list.")
-@model_options
+@click.option("--recipe", type=click.Choice(list(RECIPES)), default=None,
+              help="Start from the reference's settings for this dataset (k400: 4 AdaPooling blocks; ssv2: 2); "
+                   "flags given explicitly override it. Default: none, i.e. the defaults below (the SSv2 head).")
+@switch_options
 @click.option("--epochs", default=30, type=click.IntRange(min=1), show_default=True, help="Passes over the training store.")
 @click.option("--batch-size", default=32, type=click.IntRange(min=1), show_default=True,
               help="Global batch: clips per optimiser step, split among the --nproc processes.")
 @click.option("--lr", default=3.2e-4, type=click.FloatRange(min=0, min_open=True), show_default=True, help="Peak learning rate.")
-@click.option("--warmup-epochs", default=5.0, type=click.FloatRange(min=0), show_default=True)
-@click.option("--weight-decay", default=1e-4, type=click.FloatRange(min=0), show_default=True)
-@click.option("--label-smoothing", default=0.1, type=click.FloatRange(0, 1, max_open=True), show_default=True)
+@click.option("--warmup-epochs", default=5.0, type=click.FloatRange(min=0), show_default=True,
+              help="Epochs of linear warm-up to --lr (then a cosine to 0).")
+@click.option("--weight-decay", default=1e-4, type=click.FloatRange(min=0), show_default=True,
+              help="AdamW weight decay, on weight matrices only.")
+@click.option("--label-smoothing", default=0.1, type=click.FloatRange(0, 1, max_open=True), show_default=True,
+              help="Label smoothing of the cross-entropy.")
 @click.option("--clip-grad", default=1.0, type=click.FloatRange(min=0), show_default=True, help="Max gradient norm; 0 disables.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the initial weights and of every epoch's view choice and order.")
 @click.option("--workers", default=4, type=click.IntRange(min=0), show_default=True, help="DataLoader worker processes.")
@@ -417,15 +431,20 @@ def model_options(fn):
 @click.option("--eval-batch-size", default=None, type=click.IntRange(min=1), help="Validation batch size (default: --batch-size).")
 @click.option("--nproc", default=1, type=click.IntRange(min=1), show_default=True, help="Data-parallel processes on this machine (--batch-size is split among them).")
 @user_errors
-def train(nproc: int, **kw) -> None:
+def train(nproc: int, recipe: str | None, **kw) -> None:
     """Train DiST's temporal encoder and integration branch from a feature store."""
+    from dist_cache.recipes import effective_switches
     from pipelines.train import TrainOptions, preflight, train as run_train
     from pipelines.train_ddp import launch
 
     check_storage_options(kw["storage_options"], kw["cache"], kw["val_cache"])
-    opts = TrainOptions(**kw)
-    preflight(opts, nproc)  # a bad flag or store fails here, before the run directory is touched
-    record_run_config(click.get_current_context(), opts)
+    ctx = click.get_current_context()
+    typed = {k: v for k, v in _switch_values(kw).items() if ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
+    switches, line = effective_switches(recipe, typed)
+    opts = TrainOptions(switches=switches, recipe=recipe, **kw)
+    preflight(opts, nproc)  # a bad flag or store is the only line printed
+    record_run_config(ctx, opts, dataclasses.asdict(switches))
+    click.echo(line)
     result = run_train(opts) if nproc == 1 else launch(opts, nproc)
     best = f", best val top-1 {result.best_top1:.2%}" if result.best_top1 is not None else ""
     click.echo(f"trained {result.steps} steps over {result.epochs} epochs{best}; checkpoints in {result.out}")
@@ -458,14 +477,14 @@ def evaluate(json_path: str | None, **kw) -> None:
 @main.command(**example("dist-cache profile --model ViT-B-16 --frames 8 --gamma 4"))
 @click.option("--model", default="ViT-B-16", show_default=True, help="open_clip model name or dist-tiny (random weights; only shapes matter).")
 @click.option("--frames", default=8, type=click.IntRange(min=1), show_default=True, help="Sparse (CLIP) frames per view.")
-@model_options
+@switch_options
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 @user_errors
-def profile(model: str, frames: int, gamma: int, alpha_dim: int, beta_dim: int, as_json: bool, **switches) -> None:
+def profile(model: str, frames: int, as_json: bool, **switches) -> None:
     """Parameters and GFLOPs (1 multiply-add = 1 FLOP) of one view's DiST forward, split by part."""
     from dist_cache.flops import format_profile, profile_dist
 
-    result = profile_dist(model, frames=frames, gamma=gamma, alpha_dim=alpha_dim, beta_dim=beta_dim, **switches)
+    result = profile_dist(model, frames=frames, switches=DiSTSwitches(**_switch_values(switches)))
     click.echo(json.dumps(result, indent=2) if as_json else format_profile(result))
 
 

@@ -33,12 +33,12 @@ from _common import report, sync  # noqa: E402
 def measure(device: torch.device, reps: int) -> tuple[float, float]:
     """Seconds per clip of the ViT-B/16 CLIP forward (8 frames) and of the cached branch step (batch 2)."""
     from dist_cache.backbone import load_backbone
-    from dist_cache.model import DiST, DiSTConfig
+    from dist_cache.model import DiST, DiSTConfig, DiSTSwitches
 
     bb = load_backbone("ViT-B-16", "none", allow_random_weights=True, device=device)
     enc = bb.spatial_encoder(list(range(12))).to(device)
     cfg = DiSTConfig(width=768, patch_size=16, image_size=224, num_frames=8, embed_dim=bb.embed_dim,
-                     layers=list(range(12)), gamma=2)
+                     layers=list(range(12)), switches=DiSTSwitches(gamma=2))
     net = DiST(cfg).to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
     frames = torch.randn(2, 16, 3, 224, 224, device=device)

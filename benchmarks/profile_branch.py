@@ -18,9 +18,10 @@ from _common import parse, report  # noqa: E402
 
 def main() -> None:
     args = parse(__doc__.splitlines()[0])
-    from dist_cache.model import DiST, DiSTConfig
+    from dist_cache.model import DiST, DiSTConfig, DiSTSwitches
     device = torch.device(args.device)
-    cfg = DiSTConfig(width=768, patch_size=16, image_size=224, num_frames=8, embed_dim=512, layers=list(range(12)), gamma=2)
+    cfg = DiSTConfig(width=768, patch_size=16, image_size=224, num_frames=8, embed_dim=512, layers=list(range(12)),
+                     switches=DiSTSwitches(gamma=2))
     net = DiST(cfg).to(device).train()
     feats = torch.randn(12, 2, 8, 197, 768, device=device).half()
     frames = torch.randn(2, 16, 3, 224, 224, device=device)

@@ -58,7 +58,7 @@ def main() -> None:
     device = torch.device(args.device)
     from dist_cache.backbone import load_backbone
     from dist_cache.flops import profile_dist
-    from dist_cache.model import DiST, DiSTConfig, OnlineDiST
+    from dist_cache.model import DiST, DiSTConfig, DiSTSwitches, OnlineDiST
     from dist_cache.transforms import normalize_frames
 
     B, T, gamma = 2, 8, 2
@@ -76,7 +76,8 @@ def main() -> None:
     backbone = load_backbone("ViT-B-16", WEIGHTS if have_store else "none", allow_random_weights=True, device=device)
     layers = list(range(backbone.num_layers))
     config = DiSTConfig(width=backbone.width, patch_size=backbone.patch_size, image_size=backbone.image_size,
-                        num_frames=T, embed_dim=backbone.embed_dim, layers=layers, gamma=gamma)
+                        num_frames=T, embed_dim=backbone.embed_dim, layers=layers,
+                        switches=DiSTSwitches(gamma=gamma))
     torch.manual_seed(0)
     cached = DiST(config).to(device).train()
     torch.manual_seed(0)

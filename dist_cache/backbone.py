@@ -3,28 +3,46 @@ running its visual tower to the per-layer token features DiST consumes.
 
 A "layer" l is the output of block l of the visual transformer (0-based), taken after both residual
 adds and before `ln_post`, shaped (N+1, C) per frame with the cls token first and the patches in
-row-major order. This is what the reference implementation records (dist-reference.md §1).
+row-major order. This is what the reference implementation records (docs/MODEL.md, "Structure").
+
+Loading builds the network on the meta device (no memory, no random initialisation), checks its size,
+then assigns the checkpoint's tensors to it, so start-up costs one read of the weights and one hash.
+The activation follows what the weights were trained with: OpenAI's CLIPs (and a few others) used
+QuickGELU, which open_clip's plain configs (e.g. ViT-B-16) replace by GELU; the tag's pretrained config or a
+TorchScript checkpoint's own modules say which, and the store records it ("activation").
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import logging
 import re
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from dist_cache.errors import UserError, first_line
+from dist_cache.logs import without_log_message
+from dist_cache.weights import Weights, read_weights, tag_weights_file
 
 BUNDLED_CONFIGS = Path(__file__).parent / "configs"
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+ACTIVATIONS = ("quick_gelu", "gelu")
+PRECISIONS = ("fp32", "fp16", "bf16")
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# open_clip 3.3's largest configuration is EVA02-E-14-plus with 5.04 B parameters (ViT-e-14: 4.58 B). A recorded
+# config beyond this bound is refused before its network is built: a store from a stranger cannot make us
+# allocate 100 GB.
+MAX_BACKBONE_PARAMS = 6_000_000_000
+# What open_clip logs when create_model gets no weights; expected while building on the meta device, where the
+# weights are assigned right after.
+_NO_WEIGHTS_LOGGED = "No pretrained weights loaded for model"
 
 
 def _open_clip():
@@ -53,6 +71,8 @@ class Backbone:
     num_layers: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    activation: str
+    precision: str
     tokenizer: object = field(repr=False)
 
     @property
@@ -75,12 +95,14 @@ class Backbone:
             "num_layers": self.num_layers,
             "mean": list(self.mean),
             "std": list(self.std),
+            "activation": self.activation,
             "open_clip_version": _open_clip().__version__,
         }
 
     @torch.no_grad()
     def encode_text(self, class_names: list[str], templates: list[str]) -> np.ndarray:
-        """L2-normalised class embeddings (K, E): each template's embedding, averaged, renormalised."""
+        """L2-normalised class embeddings (K, E): each template's embedding, averaged, renormalised.
+        The text tower always runs in fp32: K class names cost nothing, and the embeddings are the targets."""
         device = next(self.model.parameters()).device
         per_template = []
         for template in templates:
@@ -91,7 +113,7 @@ class Backbone:
         return (mean / mean.norm(dim=-1, keepdim=True)).cpu().numpy().astype(np.float32)
 
     def spatial_encoder(self, layers: list[int]) -> "SpatialEncoder":
-        return SpatialEncoder(self.model.visual, layers)
+        return SpatialEncoder(self.model.visual, layers, self.precision)
 
 
 def resolve_layers(spec: str, num_layers: int) -> list[int]:
@@ -118,12 +140,14 @@ def weights_sha256(module: nn.Module) -> str:
 
     Hashing the tensors rather than the checkpoint file means a TorchScript, a state_dict and a
     safetensors copy of the same weights share one fingerprint, and random weights get one too.
+    The bytes are handed to hashlib as views (no copy); hashlib releases the GIL while it hashes them.
     """
     digest = hashlib.sha256()
     for name, tensor in module.state_dict().items():
         t = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():
+            digest.update(memoryview(t.view(torch.uint8).numpy()))
     return digest.hexdigest()
 
 
@@ -147,16 +171,98 @@ def _is_path(pretrained: str) -> bool:
     return "/" in pretrained or pretrained.endswith(_CHECKPOINT_SUFFIXES)
 
 
+def check_precision(precision: str, device: str | torch.device) -> None:
+    """fp32 everywhere; fp16 and bf16 under CUDA autocast; on the CPU bf16 only (CPU autocast's dtype)."""
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
+    kind = torch.device(device).type
+    if kind == "cpu" and precision == "fp16":
+        raise UserError("--precision fp16 needs a CUDA device; on the CPU use --precision bf16 or fp32")
+    if kind == "cuda" and precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise UserError("--precision bf16: this GPU has no bf16; use --precision fp16 or fp32")
+
+
+def _build_on_meta(open_clip, name: str, quick_gelu: bool, preprocess: dict[str, Any]) -> nn.Module:
+    """The network's modules with shapes only: no memory, no random initialisation, nothing logged about the
+    missing weights (they are assigned next). Refuses a network too large to be any real CLIP."""
+    try:
+        with without_log_message(_NO_WEIGHTS_LOGGED), torch.device("meta"):
+            clip = open_clip.create_model(name, pretrained=None, device="meta", force_quick_gelu=quick_gelu,
+                                          force_preprocess_cfg=preprocess)
+    except Exception as err:  # open_clip fails in many ways on a config it cannot build
+        raise UserError(f"--model {name}: open_clip cannot build this config ({first_line(err, 120)})") from None
+    count = sum(p.numel() for p in clip.parameters())
+    if count > MAX_BACKBONE_PARAMS:
+        raise UserError(
+            f"--model {name}: {count / 1e9:.1f} B parameters, more than any open_clip CLIP "
+            f"({MAX_BACKBONE_PARAMS / 1e9:.0f} B at most); check the model config"
+        )
+    if not isinstance(clip.visual, open_clip.transformer.VisionTransformer):
+        raise UserError(f"--model {name}: dist-cache needs a ViT visual tower (open_clip VisionTransformer), "
+                        f"not {type(clip.visual).__name__}; pick a ViT model")
+    return clip
+
+
+def _assign_weights(clip: nn.Module, weights: Weights, name: str, pretrained: str) -> None:
+    """Load a checkpoint's tensors into the meta-built network by assignment, as fp32 CPU tensors.
+
+    A TorchScript module also carries tensors that are no weights (OpenAI's: attention masks, sizes): only
+    the names the network has are taken from it. Every weight must be present with its exact shape.
+    """
+    expected = clip.state_dict()
+    state = weights.state_dict
+    if weights.torchscript:
+        state = {k: v for k, v in state.items() if k in expected}
+    # Some checkpoints store logit_scale as a 0-d tensor, others as a 1-element vector.
+    if "logit_scale" in state and "logit_scale" in expected:
+        state["logit_scale"] = state["logit_scale"].reshape(expected["logit_scale"].shape)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        what = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected else
+                f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, not {tuple(expected[wrong[0]].shape)}")
+        count = len(missing) + len(unexpected) + len(wrong)
+        raise UserError(f"--pretrained {pretrained}: weights do not fit {name} ({what}; {count} such keys); check --model")
+    # The checkpoint's own tensors become the parameters (no copy), cast to fp32 where stored otherwise (OpenAI: fp16).
+    tensors = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    clip.load_state_dict(tensors, strict=True, assign=True)
+    # Non-persistent buffers are not in a checkpoint and stay on the meta device. In open_clip's ViT CLIPs those
+    # are the text towers' causal attention masks (-inf above the diagonal), rebuilt here.
+    for module in clip.modules():
+        for buffer in list(module._non_persistent_buffers_set):
+            tensor = getattr(module, buffer)
+            if not tensor.is_meta:
+                continue
+            if buffer != "attn_mask" or tensor.dim() != 2 or tensor.shape[0] != tensor.shape[1]:
+                raise RuntimeError(f"open_clip {name}: cannot rebuild the non-persistent buffer {buffer} of {type(module).__name__}")
+            setattr(module, buffer, torch.full(tuple(tensor.shape), float("-inf")).triu_(1))
+
+
 def load_backbone(
-    model: str, pretrained: str, *, allow_random_weights: bool = False, device: str | torch.device = "cpu"
+    model: str,
+    pretrained: str,
+    *,
+    allow_random_weights: bool = False,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    activation: str | None = None,
 ) -> Backbone:
     """Build the open_clip model, load its weights and freeze it.
 
     `pretrained` is an open_clip tag (e.g. `openai`), a local checkpoint path, or `none`. Random
     weights make features worthless to share, so `none` needs `allow_random_weights`.
+    `precision` is how the spatial encoder runs (fp32, or fp16/bf16 under autocast; the weights stay fp32).
+    `activation` forces "quick_gelu" or "gelu" (rebuilding a recorded backbone); by default it is QuickGELU
+    whenever the model config, the tag's pretrained config or a TorchScript checkpoint says so.
     """
     open_clip = _open_clip()
     name = _model_name(model, open_clip)
+    check_precision(precision, device)
+    if activation not in (None, *ACTIVATIONS):
+        raise UserError(f"activation {activation!r} is unknown; the store is damaged")
+    config = open_clip.get_model_config(name)
+    tag_cfg: dict[str, Any] = {}
     if pretrained.lower() == "none":
         if not allow_random_weights:
             raise UserError(
@@ -176,73 +282,126 @@ def load_backbone(
                 "pass a tag, a checkpoint path, or none"
             )
         source = pretrained
+        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
-        try:
-            clip = open_clip.create_model(name, pretrained=source, device=device, require_pretrained=source is not None)
-        except (RuntimeError, AssertionError, KeyError, ValueError) as err:
-            # open_clip reports a checkpoint that does not fit the architecture in several ways.
-            if source is not None and Path(source).is_file():
-                first = first_line(err)
-                raise UserError(f"--pretrained {pretrained}: weights do not fit {name} ({first}); check --model") from None
-            raise
+    said_quick = bool(config.get("quick_gelu")) or bool(tag_cfg.get("quick_gelu"))
+    quick = said_quick if activation is None else activation == "quick_gelu"
+    preprocess = open_clip.transform.merge_preprocess_dict({}, tag_cfg)
+    clip = _build_on_meta(open_clip, name, quick, preprocess)
+    if source is None:
+        # Random weights need open_clip's own initialisation: build for real (the meta build bounded its size).
+        clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick)
+    else:
+        weights = read_weights(source if _is_path(pretrained) else tag_weights_file(tag_cfg))
+        if activation is None and weights.activation == "quick_gelu" and not quick:
+            quick = True
+            clip = _build_on_meta(open_clip, name, quick, preprocess)
+        _assign_weights(clip, weights, name, pretrained)
     clip.eval().requires_grad_(False)
+    digest = weights_sha256(clip)
+    clip.to(device)
 
     visual = clip.visual
-    config = open_clip.get_model_config(name)
-    preprocess = open_clip.get_model_preprocess_cfg(clip)
+    processing = open_clip.get_model_preprocess_cfg(clip)
     return Backbone(
         model=clip,
         name=name,
         model_config=config,
         pretrained="none" if source is None else (Path(source).name if _is_path(pretrained) else source),
         pretrained_source="none" if source is None else source,
-        weights_sha256=weights_sha256(clip),
+        weights_sha256=digest,
         image_size=int(visual.image_size[0]),
         patch_size=int(visual.patch_size[0]),
         width=int(visual.conv1.out_channels),
         embed_dim=int(config["embed_dim"]),
         num_layers=len(visual.transformer.resblocks),
-        mean=tuple(float(m) for m in preprocess["mean"]),
-        std=tuple(float(s) for s in preprocess["std"]),
+        mean=tuple(float(m) for m in processing["mean"]),
+        std=tuple(float(s) for s in processing["std"]),
+        activation="quick_gelu" if quick else "gelu",
+        precision=precision,
         tokenizer=open_clip.get_tokenizer(name),
     )
 
 
 class SpatialEncoder(nn.Module):
-    """CLIP's frozen visual tower, returning the selected layers' tokens and its own image embedding."""
+    """CLIP's frozen visual tower, returning the selected layers' tokens and its own image embedding.
 
-    def __init__(self, visual: nn.Module, layers: list[int]):
+    `precision` fp16/bf16 runs the tower under autocast (CUDA; bf16 also on the CPU), fp32 without; the
+    outputs come back in that dtype and the caller casts them where it stores them.
+    """
+
+    def __init__(self, visual: nn.Module, layers: list[int], precision: str = "fp32"):
         super().__init__()
+        if precision not in PRECISIONS:
+            raise UserError(f"--precision {precision!r} is unknown; use one of {', '.join(PRECISIONS)}")
         self.visual = visual.eval().requires_grad_(False)
         self.layers = list(layers)
+        self.precision = precision
 
     def train(self, mode: bool = True) -> "SpatialEncoder":
         # The spatial encoder is frozen in eval mode whatever the surrounding module does.
         return super().train(False)
 
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32" or device.type == "meta":
+            return contextlib.nullcontext()
+        check_precision(self.precision, device)
+        return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[self.precision])
+
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (N, 3, S, S), normalised -> tokens (L, N, N+1, C) and embeddings (N, E)."""
-        out = self.visual.forward_intermediates(
-            images, indices=self.layers, output_fmt="NLC", output_extra_tokens=True
-        )
+        with self._autocast(images.device):
+            out = self.visual.forward_intermediates(
+                images, indices=self.layers, output_fmt="NLC", output_extra_tokens=True
+            )
+        dtype = AUTOCAST_DTYPES.get(self.precision, torch.float32) if images.device.type != "meta" else images.dtype
         tokens = torch.stack(
-            [torch.cat([cls, patches], dim=1) for cls, patches in zip(out["image_intermediates_prefix"], out["image_intermediates"])]
+            [torch.cat([cls, patches], dim=1).to(dtype)
+             for cls, patches in zip(out["image_intermediates_prefix"], out["image_intermediates"])]
         )
-        return tokens, out["image_features"]
+        return tokens, out["image_features"].to(dtype)
 
 
-def load_recorded_backbone(recorded: dict, pretrained: str | None = None, device: str | torch.device = "cpu") -> Backbone:
-    """Rebuild the backbone a store records, and prove it is the same by its weights' hash.
+def recorded_activation(record: dict) -> str:
+    """The activation a store's backbone was built with. Records written before dist-cache 0.2 (store format 1)
+    have none: those builds used the model config's activation alone (open_clip >= 3 ignores the tag's)."""
+    activation = record.get("activation")
+    if activation is None:
+        config = record.get("model_config")
+        return "quick_gelu" if isinstance(config, dict) and config.get("quick_gelu") else "gelu"
+    return activation
+
+
+def activation_mismatch(record: dict) -> str | None:
+    """A one-line warning when a store's backbone ran with another activation than its weights were trained
+    with (a format-1 store extracted from an OpenAI tag with GELU); None when it did not."""
+    open_clip = _open_clip()
+    name, tag = str(record.get("model", "")), str(record.get("pretrained", ""))
+    trained_quick = bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu")) if name in open_clip.list_models() else False
+    if not trained_quick or recorded_activation(record) == "quick_gelu":
+        return None
+    return (f"the features were computed with GELU, but the {tag} weights of {name} were trained with QuickGELU: "
+            "they are not CLIP's features; re-extract the store with this dist-cache")
+
+
+def load_recorded_backbone(
+    recorded: dict,
+    pretrained: str | None = None,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+) -> Backbone:
+    """Rebuild the backbone a store records, with its activation, and prove it is the same by its weights' hash.
 
     `pretrained` overrides the recorded source (a store made from a local checkpoint records only
-    where it was; another machine passes its own copy).
+    where it was; another machine passes its own copy). The record comes from a store, i.e. from a stranger:
+    its model config is bounded in size before anything is built.
     """
     open_clip = _open_clip()
     name = recorded["model"]
+    activation = recorded_activation(recorded)
+    if activation not in ACTIVATIONS:
+        raise UserError(f"the store's backbone activation {str(activation)[:40]!r} is unknown; the store is damaged")
     if name not in open_clip.list_models():
         # A store made from a config JSON carries the config itself: register it under its name. The
         # name comes from a store, i.e. from a stranger: it must be a plain file name, never a path.
@@ -251,6 +410,11 @@ def load_recorded_backbone(recorded: dict, pretrained: str | None = None, device
         with tempfile.TemporaryDirectory(prefix="dist-cache-config-") as config_dir:
             (Path(config_dir) / f"{name}.json").write_text(json.dumps(recorded["model_config"]))
             open_clip.add_model_config(config_dir)
+        try:
+            _build_on_meta(open_clip, name, activation == "quick_gelu", {})
+        except UserError as err:
+            raise UserError(f"the store's backbone: {str(err).removeprefix('--')}; the store is damaged or "
+                            "was not written by dist-cache") from None
     source = pretrained or recorded.get("pretrained_source") or recorded["pretrained"]
     if source == "none":
         raise UserError(
@@ -263,7 +427,7 @@ def load_recorded_backbone(recorded: dict, pretrained: str | None = None, device
         raise UserError(
             f"the store's weights came from {source}, which is not on this machine; pass --pretrained PATH to your copy"
         )
-    backbone = load_backbone(name, source, device=device)
+    backbone = load_backbone(name, source, device=device, precision=precision, activation=activation)
     if backbone.weights_sha256 != recorded["weights_sha256"]:
         raise UserError(
             f"--pretrained {source}: weights hash {backbone.weights_sha256[:12]} differs from the store's "

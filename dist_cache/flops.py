@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
-import warnings
 from typing import Any, Iterator
 
 import torch
@@ -27,8 +25,9 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from dist_cache.model import DiST, DiSTConfig, OnlineDiST
-from dist_cache.model.config import ConfigError
+from dist_cache.logs import without_log_message
+from dist_cache.model import DiST, DiSTConfig, DiSTSwitches, OnlineDiST
+from dist_cache.model.switches import ConfigError
 
 # Paper GFLOPs (ViT-B/16, 8 sparse frames, one view; Table 1). Key: (gamma, alpha_dim, beta_dim, t_block).
 PAPER_TABLE1_GFLOPS: dict[tuple[int, int, int, str], tuple[str, float]] = {
@@ -43,6 +42,7 @@ PAPER_TABLE1_GFLOPS: dict[tuple[int, int, int, str], tuple[str, float]] = {
     (2, 384, 128, "r2plus1d"): ("Tab. 1f beta 128", 167.4),
     (2, 384, 192, "r2plus1d"): ("Tab. 1f beta 192", 178.7),
     (2, 384, 96, "c3d"): ("Tab. 1c C3D", 168.2),
+    (2, 384, 96, "tada"): ("Tab. 1c TAdaConv", 162.0),
     (2, 384, 96, "joint"): ("Tab. 1c joint transformer", 165.0),
 }
 # Only Table 1's model, frame count and the reference's interaction/pooling defaults have a paper value.
@@ -76,19 +76,12 @@ def _meta_visual(model_name: str) -> tuple[nn.Module, int]:
 
     Cached: a meta module holds no data and profiling never changes it, so a table of settings builds it once.
     """
-    from dist_cache.backbone import _model_name, _open_clip
+    from dist_cache.backbone import _NO_WEIGHTS_LOGGED, _model_name, _open_clip
 
     open_clip = _open_clip()
     name = _model_name(model_name, open_clip)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(max(level, logging.ERROR))  # "No pretrained weights loaded": expected here
-        try:
-            clip = open_clip.create_model(name, pretrained=None, device="meta")
-        finally:
-            root.setLevel(level)
+    with without_log_message(_NO_WEIGHTS_LOGGED):  # expected: only shapes are wanted here
+        clip = open_clip.create_model(name, pretrained=None, device="meta")
     return clip.visual.eval().requires_grad_(False), int(open_clip.get_model_config(name)["embed_dim"])
 
 
@@ -127,32 +120,28 @@ def paper_gflops(model_name: str, frames: int, config: DiSTConfig) -> tuple[str,
     """The paper's Table 1 value for this setting, if it has one (ViT-B/16, 8 frames, all layers)."""
     if model_name != "ViT-B-16" or frames != 8 or config.layers != list(range(12)):
         return None
-    if any(getattr(config, key) != value for key, value in _PAPER_DEFAULTS.items()):
+    s = config.switches
+    if any(getattr(s, key) != value for key, value in _PAPER_DEFAULTS.items()):
         return None
-    return PAPER_TABLE1_GFLOPS.get((config.gamma, config.alpha_dim, config.beta_dim, config.t_block))
+    return PAPER_TABLE1_GFLOPS.get((s.gamma, s.alpha_dim, s.beta_dim, s.t_block))
 
 
 def profile_dist(
-    model_name: str = "ViT-B-16", frames: int = 8, gamma: int = 2, alpha_dim: int = 384, beta_dim: int = 96,
-    **switches: Any,
+    model_name: str = "ViT-B-16", frames: int = 8, switches: DiSTSwitches | None = None,
+    layers: list[int] | None = None, **overrides: Any,
 ) -> dict[str, Any]:
     """Count one view's forward (CLIP visual on T sparse frames + DiST + head) and the parameters.
 
-    `switches` are any other `DiSTConfig` fields (layers, t_block, psi, phi, temporal, integration,
-    integ_to_temp, temp_to_integ, pool_blocks, ...). `layers` defaults to every block, as in the reference.
+    `switches` (default: the reference's) with `overrides` applied (any DiSTSwitches field: gamma, alpha_dim,
+    t_block, ...). `layers` defaults to every block, as in the reference.
     Returns a JSON-safe dict; `format_profile` renders it.
     """
     visual, embed_dim = _meta_visual(model_name)
     num_layers = len(visual.transformer.resblocks)
-    known = {"layers", "t_block", "psi", "phi", "temporal", "integration", "integ_to_temp", "temp_to_integ",
-             "pool_blocks", "pool_heads", "stem_t_kernel"}
-    unknown = sorted(set(switches) - known)
-    if unknown:
-        raise ConfigError(f"profile_dist: unknown settings {unknown}; use DiSTConfig fields among {sorted(known)}")
     config = DiSTConfig(
         width=int(visual.conv1.out_channels), patch_size=int(visual.patch_size[0]), image_size=int(visual.image_size[0]),
-        num_frames=frames, embed_dim=embed_dim, layers=list(switches.pop("layers", range(num_layers))),
-        gamma=gamma, alpha_dim=alpha_dim, beta_dim=beta_dim, **switches,
+        num_frames=frames, embed_dim=embed_dim, layers=list(range(num_layers)) if layers is None else list(layers),
+        switches=(switches or DiSTSwitches()).replace(**overrides),
     )
     if config.layers[-1] >= num_layers or config.layers[0] < 0:
         raise ConfigError(f"profile_dist: layers must lie in 0..{num_layers - 1} for {model_name}")
@@ -178,7 +167,7 @@ def profile_dist(
     if sum(macs.values()) != total:
         raise RuntimeError(f"FLOP parts {macs} do not add up to the total {total}; module names changed?")
     # Without a temporal encoder there are no dense frames, so the reference convention adds nothing.
-    extra = (config.gamma - 1) * config.num_frames * patch_embed if config.temporal else 0
+    extra = (config.switches.gamma - 1) * config.num_frames * patch_embed if config.switches.temporal else 0
 
     params = {
         "clip_visual_frozen": _numel([visual]),
@@ -193,10 +182,10 @@ def profile_dist(
     result: dict[str, Any] = {
         "model": model_name,
         "frames": config.num_frames,
-        "gamma": config.gamma,
+        "gamma": config.switches.gamma,
         "dense_frames": config.dense_frames,
-        "alpha_dim": config.alpha_dim,
-        "beta_dim": config.beta_dim,
+        "alpha_dim": config.switches.alpha_dim,
+        "beta_dim": config.switches.beta_dim,
         "config": config.to_dict(),
         "convention": "one view; 1 multiply-add = 1 FLOP; CLIP visual + DiST branch + head; text tower excluded",
         "gflops": total / 1e9,
@@ -215,7 +204,7 @@ def profile_dist(
 
 def format_profile(result: dict[str, Any]) -> str:
     """Human-readable table of a `profile_dist` result (GFLOPs and M params; MFLOPs and K for tiny models)."""
-    cfg = result["config"]
+    cfg = result["config"]["switches"]
     params = result["params"]
     big = result["gflops"] >= 1
     flop_unit, flop_scale = ("GFLOPs", 1.0) if big else ("MFLOPs", 1e3)
@@ -231,7 +220,7 @@ def format_profile(result: dict[str, Any]) -> str:
     lines = [
         f"DiST profile: {result['model']}, {result['frames']} CLIP frames + {result['dense_frames']} dense frames "
         f"(gamma {result['gamma']}), alpha dim {result['alpha_dim']}, beta dim {result['beta_dim']}, "
-        f"{len(cfg['layers'])} layers",
+        f"{len(result['config']['layers'])} layers",
         f"  T-Block {cfg['t_block']}, Psi {cfg['psi']}, Phi {cfg['phi']}, {cfg['pool_blocks']} AdaPooling blocks"
         + (f", off: {', '.join(switches)}" if switches else ""),
         f"  {result['convention']}",

@@ -27,17 +27,19 @@ def build_network(
     pretrained: str | None,
     device: torch.device,
     seed: int,
+    precision: str = "fp32",
 ) -> Network:
     """A DiST initialised from `seed`, wrapped with the store's frozen CLIP when `online`.
 
-    The backbone is loaded first: building open_clip models draws from the global RNG, and the branch's
-    initial weights must not depend on whether it runs cached or online.
+    `precision` is how the online CLIP runs: pass the one extraction used, so the live features are those the
+    cache holds. The backbone is loaded first and the seed set after it, so the branch's initial weights do
+    not depend on whether it runs cached or online.
     """
     encoder = None
     if online:
         # Rebuilt from the store's record and checked against its weight hash, so the live features
         # are those the cache would hold.
-        backbone = load_recorded_backbone(backbone_record, pretrained, device=device)
+        backbone = load_recorded_backbone(backbone_record, pretrained, device=device, precision=precision)
         encoder = backbone.spatial_encoder(config.layers)
     torch.manual_seed(seed)
     dist = DiST(config)

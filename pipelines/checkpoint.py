@@ -3,7 +3,8 @@
 A checkpoint is a plain dict of tensors and JSON-like values, so it loads with
 `torch.load(weights_only=True)` (no pickled code runs). It names the store it was trained on
 (fingerprint, backbone record, class names), so evaluation and resumption can refuse a store made
-with another backbone before computing anything.
+with another backbone before computing anything. A checkpoint may come from someone else: its structure,
+its DiST config and the shapes of its weights are checked, as one-line errors, before anything is built.
 """
 
 from __future__ import annotations
@@ -15,10 +16,21 @@ from typing import Any
 import torch
 
 from dist_cache.errors import UserError, first_line
+from dist_cache.model import ConfigError, DiSTConfig
+from dist_cache.model.dist import check_branch_state
 from pipelines.files import replace_atomically
 
 FORMAT = "dist-cache-checkpoint"
-VERSION = 1
+# 2: the DiST config holds its switches under "switches" (dist-cache 0.2); 1 (0.1) had them flat. Both load.
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# What every checkpoint holds, with the type each reader relies on.
+FIELDS: dict[str, type | tuple[type, ...]] = {
+    "model": dict, "optimizer": dict, "scheduler": dict, "scaler": dict, "step": int, "epoch": int,
+    "steps_per_epoch": int, "best_top1": (float, type(None)), "epoch_loss": list, "dist_config": dict,
+    "train_config": dict, "store": dict,
+}
+STORE_FIELDS: dict[str, type] = {"fingerprint": str, "backbone": dict, "class_names": list}
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
@@ -28,7 +40,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint written by `save_checkpoint`, with no code execution."""
+    """Load a checkpoint written by `save_checkpoint`, with no code execution, and check what it holds."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path}: no such file; pass a best.pt or last.pt written by dist-cache train")
@@ -39,6 +51,23 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"checkpoint {path}: cannot be read ({first})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UserError(f"checkpoint {path}: not a dist-cache checkpoint; pass a file written by dist-cache train")
-    if data.get("version") != VERSION:
-        raise UserError(f"checkpoint {path}: version {data.get('version')} is not supported (this dist-cache reads {VERSION})")
+    if data.get("version") not in READABLE_VERSIONS:
+        raise UserError(f"checkpoint {path}: version {str(data.get('version'))[:20]} is not supported "
+                        f"(this dist-cache reads {', '.join(map(str, READABLE_VERSIONS))})")
+    _check_fields(data, FIELDS, f"checkpoint {path}")
+    _check_fields(data["store"], STORE_FIELDS, f"checkpoint {path}: store")
+    try:
+        config = DiSTConfig.from_dict(data["dist_config"])
+    except ConfigError as err:
+        raise UserError(f"checkpoint {path}: {err}") from None
+    check_branch_state(config, data["model"], f"checkpoint {path}")
     return data
+
+
+def _check_fields(data: dict[str, Any], fields: dict[str, Any], what: str) -> None:
+    for key, kind in fields.items():
+        if key not in data:
+            raise UserError(f"{what} lacks {key!r}; the file is damaged or was not written by dist-cache train")
+        value = data[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise UserError(f"{what}: {key!r} is a {type(value).__name__}; the file is damaged")

@@ -54,9 +54,9 @@ def eval_loader(
     """Every usable view of the store, in index order; reusable across validations (its workers persist)."""
     config = branch_of(net).config
     online = isinstance(net, OnlineDiST)
-    dataset = StoreClips(
-        store, video_root, config.gamma, None if online else config.layers, frames=online or config.temporal
-    )
+    switches = config.switches
+    dataset = StoreClips(store, video_root, switches.gamma, None if online else config.layers,
+                         frames=online or switches.temporal)
     sampler = EpochSampler(usable, store.schema.views_per_video, batch_size, train=False)
     return make_loader(dataset, sampler, workers=workers, device=device)
 
@@ -156,7 +156,7 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
     check_backbone(store, ckpt["store"]["backbone"], "--cache", f"checkpoint {opts.checkpoint}")
     check_store_fits(store, config, "--cache", online=opts.online)
     usable, failed = usable_samples(store, "--cache")
-    if opts.online or config.temporal:
+    if opts.online or config.switches.temporal:
         check_video_root(store, usable, opts.video_root, "--video-root")
 
     if opts.classes:

@@ -53,9 +53,26 @@ def store_info(url: str, storage_options: dict | None = None) -> dict[str, Any]:
         "dense_frames": None if G is None else {"gamma": G, "gammas": dense_gammas(G)},
         "videos_per_shard": store.videos_per_shard,
         **usage(store, url, storage_options),
-        "limitations": store.limitations(),
+        "limitations": limitations(store),
         "schema": schema.to_json(),
     }
+
+
+def limitations(store: FeatureStore) -> list[str]:
+    """What the store lacks (format 1), and the warning for a backbone run with GELU where its weights were trained
+    with QuickGELU (format-1 stores, and format-2 stores written before dist-cache built the activation from the
+    weights; `dist_cache.backbone.activation_mismatch` knows which tags). open_clip is only imported for those."""
+    out = store.limitations()
+    backbone = store.schema.backbone
+    pretrained = str(backbone["pretrained"])
+    if backbone["activation"] == "gelu" and pretrained != "none" and not any("QuickGELU" in line for line in out) \
+            and "/" not in pretrained and "." not in pretrained:  # a tag, not a checkpoint file
+        from dist_cache.backbone import activation_mismatch
+
+        warning = activation_mismatch(backbone)
+        if warning:
+            out.append(f"backbone: {warning}")
+    return out
 
 
 def usage(store: FeatureStore, url: str, storage_options: dict | None) -> dict[str, Any]:

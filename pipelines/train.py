@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from dist_cache.devices import resolve_device
 from dist_cache.errors import UserError
-from dist_cache.model import DiSTConfig
+from dist_cache.model import DiSTConfig, DiSTSwitches
 from pipelines.branch import amp_dtype, autocast, branch_of, build_network, embed
 from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.checks import (
@@ -59,17 +59,8 @@ class TrainOptions:
     pretrained: str | None = None  # local copy of the store's backbone weights (online only)
     # model (DiSTConfig; shapes come from the store's backbone)
     layers: str = "all"  # all (the store's), last:N, or a comma list of CLIP block indices
-    gamma: int = 2
-    alpha_dim: int = 384
-    beta_dim: int = 96
-    t_block: str = "r2plus1d"
-    psi: str = "dconv"
-    phi: str = "nearest"
-    temporal: bool = True
-    integration: bool = True
-    integ_to_temp: bool = True
-    temp_to_integ: bool = True
-    pool_blocks: int = 2
+    switches: DiSTSwitches = field(default_factory=DiSTSwitches)
+    recipe: str | None = None  # the preset `switches` started from (dist_cache.recipes), recorded with the run
     # optimisation
     epochs: int = 30
     batch_size: int = 32
@@ -88,12 +79,6 @@ class TrainOptions:
     eval_every: int = 1  # epochs between validations (the last epoch is always validated)
     eval_batch_size: int | None = None
     storage_options: dict = field(default_factory=dict)
-
-    def model_switches(self) -> dict[str, Any]:
-        """The run's DiSTConfig settings: every option named like a config field. `layers` is not one: here
-        it is a spec the store resolves to block indices."""
-        names = {f.name for f in dataclasses.fields(DiSTConfig)} - {"layers"}
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name in names}
 
     def recorded(self) -> dict[str, Any]:
         """The options as stored in checkpoints: storage_options may hold credentials, so never."""
@@ -193,13 +178,23 @@ def _check_resume(ckpt: dict[str, Any], opts: TrainOptions, store_fingerprint: s
             f"--cache {cache} is not the store this run was trained on (fingerprint {store_fingerprint[:12]}, "
             f"the checkpoint's {ckpt['store']['fingerprint'][:12]}); resume with the same --cache"
         )
-    recorded, now = ckpt["train_config"], opts.recorded()
+    recorded, now = _comparable(ckpt["train_config"]), _comparable(opts.recorded())
     for key in sorted(now):
         if key not in RUNTIME_OPTIONS and recorded.get(key) != now[key]:
             raise UserError(
                 f"--resume: this run was started with {key}={recorded.get(key)!r}, not {now[key]!r}; "
                 "resume with the original flags, or start a new --out"
             )
+
+
+def _comparable(train_config: dict[str, Any]) -> dict[str, Any]:
+    """A recorded train_config with its switches beside the other options, one key each, so a resume names the
+    one that differs. dist-cache 0.1 recorded them that way already, without the library-only switches and the
+    recipe: those were the defaults."""
+    flat = {**DiSTSwitches().to_dict(), "recipe": None}
+    flat.update({k: v for k, v in train_config.items() if k != "switches"})
+    flat.update(train_config.get("switches", {}))
+    return flat
 
 
 def train(opts: TrainOptions, progress: bool = True) -> TrainResult:
@@ -242,9 +237,9 @@ def preflight(opts: TrainOptions, world: int = 1) -> _Checked:
     if not len(usable):
         raise UserError(f"--cache {store.url}: no sample has features (all {failed} failed at extraction)")
     layers = select_layers(opts.layers, store, opts.online)
-    config = DiSTConfig.from_backbone(store.schema.backbone, store.schema.num_frames, layers, **opts.model_switches())
+    config = DiSTConfig.from_backbone(store.schema.backbone, store.schema.num_frames, layers, switches=opts.switches)
     check_store_fits(store, config, "--cache", online=opts.online)
-    frames = opts.online or config.temporal
+    frames = opts.online or config.switches.temporal
     if frames:
         check_video_root(store, usable, opts.video_root, "--video-root")
     val_store = val_usable = None
@@ -297,7 +292,7 @@ def _train(opts: TrainOptions, progress: bool, ranks: Ranks) -> TrainResult:
         step, best_top1, epoch_loss = ckpt["step"], ckpt["best_top1"], list(ckpt["epoch_loss"])
 
     text = torch.as_tensor(store.text_features, device=device)
-    dataset = StoreClips(store, opts.video_root, config.gamma, None if opts.online else layers, frames=frames)
+    dataset = StoreClips(store, opts.video_root, config.switches.gamma, None if opts.online else layers, frames=frames)
     loader = make_loader(dataset, sampler, workers=opts.workers, device=device)
     if val_store is not None and ranks.main:
         val_loader = eval_loader(net, val_store, val_usable, video_root=opts.val_video_root or opts.video_root,

@@ -27,6 +27,28 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def openai_hub_cache(tmp_path_factory) -> Path:
+    """An HF_HOME whose hub cache holds the `openai` tag of ViT-B-32 (the smallest architecture with OpenAI weights)
+    as open_clip downloads it: open_clip_model.safetensors under the tag's hub id, at a snapshot that refs/main
+    names. The weights are random (seeded), stored in fp16 like OpenAI's; the network they belong to is the
+    QuickGELU one, so features tell which activation ran them."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    home = tmp_path_factory.mktemp("hf-home")
+    repo = home / "hub" / "models--timm--vit_base_patch32_clip_224.openai"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    torch.manual_seed(0)
+    clip = open_clip.create_model("ViT-B-32-quickgelu")
+    save_file({k: v.half().contiguous() for k, v in clip.state_dict().items()},
+              repo / "snapshots" / revision / "open_clip_model.safetensors")
+    return home
+
+
+@pytest.fixture(scope="session")
 def motion_dataset(tmp_path_factory) -> Path:
     """Generated motion-defined classes: root/videos/<class>/<i>.mp4 with root/train.csv and root/val.csv."""
     from dist_cache.synthetic import make_motion_dataset

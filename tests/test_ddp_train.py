@@ -12,14 +12,16 @@ from dist_cache.errors import UserError
 from pipelines.checkpoint import load_checkpoint
 from pipelines.extract import ExtractOptions, extract
 from pipelines.plots import read_metrics
+from dist_cache.model import DiSTSwitches
 from pipelines.train import TrainOptions, train
 from pipelines.train_ddp import launch
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 # Feature-only (no temporal encoder: no video decoding), small, and with every step a full global batch.
-SMALL = dict(alpha_dim=32, beta_dim=16, pool_blocks=1, batch_size=4, workers=0, warmup_epochs=1, log_every=1,
-             temporal=False, temp_to_integ=False, integ_to_temp=False, epochs=2, device="cpu")
+SMALL = dict(switches=DiSTSwitches(alpha_dim=32, beta_dim=16, pool_blocks=1, temporal=False, temp_to_integ=False,
+                               integ_to_temp=False),
+             batch_size=4, workers=0, warmup_epochs=1, log_every=1, epochs=2, device="cpu")
 
 
 @pytest.fixture(scope="module")

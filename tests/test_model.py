@@ -5,6 +5,7 @@ All tests use the real open_clip tiny model (`dist-tiny`: 64 px, patch 16, width
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 
@@ -12,10 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_cache.backbone import load_backbone
+from dist_cache.backbone import SpatialEncoder, load_backbone
 from dist_cache.errors import UserError
 from dist_cache.model import ConfigError, DiST, DiSTConfig, OnlineDiST
 from dist_cache.model.interaction import Phi, Psi
+from dist_cache.model.switches import PHI_MODES, PSI_MODES, T_BLOCKS
 
 T = 4
 B = 2
@@ -45,7 +47,7 @@ def random_frames(config: DiSTConfig, batch: int = B, seed: int = 1) -> torch.Te
 def sparse_features(backbone, config: DiSTConfig, frames: torch.Tensor) -> torch.Tensor:
     """What the cache stores: CLIP tokens of the dense frames 0, γ, 2γ, ... as (L, B, T, N+1, C)."""
     encoder = backbone.spatial_encoder(config.layers)
-    sparse = frames[:, :: config.gamma]
+    sparse = frames[:, :: config.switches.gamma]
     tokens, _ = encoder(sparse.reshape(-1, *sparse.shape[2:]))
     return tokens.reshape(tokens.shape[0], frames.shape[0], config.num_frames, *tokens.shape[2:])
 
@@ -62,9 +64,10 @@ def test_config_json_roundtrip(backbone):
 
 def test_config_defaults_are_the_reference_ssv2_ones(backbone):
     config = DiSTConfig.from_backbone(backbone.describe(), num_frames=8)
-    assert (config.gamma, config.alpha_dim, config.beta_dim, config.pool_blocks, config.stem_t_kernel) == (2, 384, 96, 2, 5)
-    assert (config.t_block, config.psi, config.phi) == ("r2plus1d", "dconv", "nearest")
-    assert config.logit_scale == 100.0 and config.pool_num_heads == 6
+    s = config.switches
+    assert (s.gamma, s.alpha_dim, s.beta_dim, s.pool_blocks, s.stem_t_kernel) == (2, 384, 96, 2, 5)
+    assert (s.t_block, s.psi, s.phi) == ("r2plus1d", "dconv", "nearest")
+    assert s.logit_scale == 100.0 and config.pool_num_heads == 6
 
 
 @pytest.mark.parametrize("alpha, heads", [(32, 1), (96, 1), (192, 3), (384, 6), (768, 12), (200, 2), (320, 5)])
@@ -76,7 +79,8 @@ def test_pool_heads_default_divides_alpha(backbone, alpha, heads):
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"gamma": 0}, {"t_block": "tada"}, {"psi": "conv"}, {"phi": "bicubic"}, {"pool_heads": 5},
+    [{"gamma": 0}, {"gamma": True}, {"gamma": "2"}, {"alpha_dim": 10_000_000}, {"beta_dim": 2.5},
+     {"t_block": "tadaconv"}, {"psi": "conv"}, {"phi": "bicubic"}, {"pool_heads": 5}, {"temporal": 1},
      {"stem_t_kernel": 4}, {"pool_blocks": 0}, {"layers": []}],
 )
 def test_config_rejects_bad_settings(backbone, overrides):
@@ -90,6 +94,36 @@ def test_from_dict_rejects_unknown_keys(backbone):
     data = make_config(backbone).to_dict() | {"drop_path": 0.1}
     with pytest.raises(ConfigError, match="drop_path"):
         DiSTConfig.from_dict(data)
+    nested = make_config(backbone).to_dict()
+    nested["switches"]["drop_path"] = 0.1
+    with pytest.raises(ConfigError, match="drop_path"):
+        DiSTConfig.from_dict(nested)
+
+
+def test_from_dict_reads_the_flat_configs_of_dist_cache_0_1(backbone):
+    config = make_config(backbone, gamma=4, t_block="c3d", pool_blocks=3)
+    flat = {k: v for k, v in config.to_dict().items() if k != "switches"} | config.switches.to_dict()
+    assert DiSTConfig.from_dict(flat) == config
+    # 0.1 had no later switches: a record without them takes the defaults.
+    del flat["t_block"]
+    assert DiSTConfig.from_dict(flat).switches.t_block == "r2plus1d"
+
+
+@pytest.mark.parametrize("damage", [
+    lambda d: d.pop("width"),
+    lambda d: d.update(width="64"),
+    lambda d: d.update(layers=[0, -1]),
+    lambda d: d.update(layers="all"),
+    lambda d: d.update(num_frames=10**9),
+    lambda d: d["switches"].update(alpha_dim=10_000_000),
+    lambda d: d.update(switches=[1, 2]),
+])
+def test_from_dict_refuses_a_damaged_record_in_one_line(backbone, damage):
+    data = make_config(backbone).to_dict()
+    damage(data)
+    with pytest.raises(ConfigError) as info:
+        DiSTConfig.from_dict(data)
+    assert "\n" not in str(info.value)
 
 
 # ---- shapes -------------------------------------------------------------------------------------------
@@ -102,7 +136,7 @@ def test_forward_shape_every_gamma(backbone, gamma):
     assert out.shape == (B, backbone.embed_dim) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("t_block, psi, phi", list(itertools.product(("r2plus1d", "c3d", "joint"), ("dconv", "avg", "max"), ("nearest", "trilinear", "deconv"))))
+@pytest.mark.parametrize("t_block, psi, phi", list(itertools.product(T_BLOCKS, PSI_MODES, PHI_MODES)))
 def test_forward_shape_every_block_option(backbone, t_block, psi, phi):
     model = make_online(backbone, t_block=t_block, psi=psi, phi=phi, gamma=2)
     out = model(random_frames(model.dist.config))
@@ -119,18 +153,18 @@ def test_forward_shape_every_switch(backbone, values):
     dist = DiST(config)
     frames = random_frames(config)
     features = sparse_features(backbone, config, frames)
-    out = dist(features, frames if config.temporal else None)
+    out = dist(features, frames if config.switches.temporal else None)
     assert out.shape == (B, backbone.embed_dim) and torch.isfinite(out).all()
     # Modules built follow the documented switch semantics.
     L = config.num_layers
-    assert (dist.temporal is None) == (not config.temporal)
-    assert (dist.integration is None) == (not config.integration)
-    both = config.temporal and config.integration
-    expected_psi = set(map(str, range(L))) if both and config.temp_to_integ else ({str(L - 1)} if config.temporal else set())
-    expected_phi = set(map(str, range(L - 1))) if both and config.integ_to_temp else set()
+    assert (dist.temporal is None) == (not config.switches.temporal)
+    assert (dist.integration is None) == (not config.switches.integration)
+    both = config.switches.temporal and config.switches.integration
+    expected_psi = set(map(str, range(L))) if both and config.switches.temp_to_integ else ({str(L - 1)} if config.switches.temporal else set())
+    expected_phi = set(map(str, range(L - 1))) if both and config.switches.integ_to_temp else set()
     assert set(dist.psi.keys()) == expected_psi
     assert set(dist.phi.keys()) == expected_phi  # never a Φ for the last layer (its output is discarded)
-    assert (dist.head.pool is None) == (not config.temporal and not config.integration)
+    assert (dist.head.pool is None) == (not config.switches.temporal and not config.switches.integration)
 
 
 def test_spatial_only_ignores_frames_and_needs_none(backbone):
@@ -149,6 +183,21 @@ def test_any_float_dtype_is_cast_to_the_module_dtype(backbone):
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
         out = dist(features.to(dtype), frames.to(dtype))
         assert out.dtype == torch.float32
+
+
+def test_embedding_and_logits_are_fp32_under_autocast(backbone):
+    # In bf16 a cosine keeps 8 significant bits: at scale 100 the logits would move by up to 0.4. The head's last
+    # normalisation and projection, and the logits, run in fp32 whatever autocast surrounds them.
+    config = make_config(backbone)
+    dist = DiST(config)
+    frames = random_frames(config)
+    features = sparse_features(backbone, config, frames)
+    text = torch.randn(5, backbone.embed_dim)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        emb = dist(features, frames)
+        logits = dist.logits(emb.to(torch.bfloat16), text)
+    assert emb.dtype == logits.dtype == torch.float32
+    torch.testing.assert_close(logits, dist.logits(emb.to(torch.bfloat16).float(), text), rtol=0, atol=0)
 
 
 def test_bad_inputs_are_refused(backbone):
@@ -179,6 +228,7 @@ GRAD_CASES = [
     {"gamma": 1},
     {"gamma": 4, "t_block": "c3d", "psi": "avg", "phi": "trilinear"},
     {"t_block": "joint", "psi": "max", "phi": "deconv"},
+    {"t_block": "tada", "gamma": 4},
     {"temporal": False},
     {"integration": False},
     {"temporal": False, "integration": False},
@@ -231,6 +281,22 @@ def test_online_clip_ignores_the_training_autocast(backbone):
         mixed = model.features(frames)
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, reference, rtol=0, atol=0)
+
+
+def test_online_clip_runs_in_the_encoders_precision(backbone):
+    # A store extracted in bf16 holds bf16 CLIP tokens: the online path computes the same ones, whatever
+    # autocast the training step runs the branch under.
+    config = make_config(backbone)
+    encoder = SpatialEncoder(backbone.model.visual, config.layers, "bf16")
+    model = OnlineDiST(encoder, DiST(config)).eval()
+    frames = random_frames(config)
+    sparse = frames[:, :: config.switches.gamma]
+    expected, _ = encoder(sparse.reshape(-1, *sparse.shape[2:]))
+    for outer in (contextlib.nullcontext(), torch.autocast("cpu", dtype=torch.bfloat16)):
+        with outer:
+            features = model.features(frames)
+        assert features.dtype == torch.bfloat16
+        torch.testing.assert_close(features, expected.reshape(features.shape), rtol=0, atol=0)
 
 
 def test_online_clip_sees_exactly_the_sparse_frames(backbone):
@@ -299,9 +365,9 @@ def test_psi_reads_exactly_its_dense_window(backbone, mode, gamma):
     config = make_config(backbone, gamma=gamma, psi=mode)
     psi = Psi(config)
     h, w = config.grid
-    z = torch.randn(1, config.beta_dim, config.dense_frames, h, w)
+    z = torch.randn(1, config.switches.beta_dim, config.dense_frames, h, w)
     base = psi(z)
-    assert base.shape == (1, T, config.num_tokens, config.alpha_dim)
+    assert base.shape == (1, T, config.num_tokens, config.switches.alpha_dim)
     k, j = 2, gamma - 1
     bumped = z.clone()
     bumped[:, :, gamma * k + j, 1, 2] += 5.0
@@ -314,9 +380,9 @@ def test_psi_reads_exactly_its_dense_window(backbone, mode, gamma):
 def test_nearest_phi_writes_onto_the_window_psi_reads(backbone, gamma):
     config = make_config(backbone, gamma=gamma, phi="nearest")
     phi = Phi(config)
-    m = torch.randn(1, T, config.num_tokens, config.alpha_dim)
+    m = torch.randn(1, T, config.num_tokens, config.switches.alpha_dim)
     out = phi(m)
-    assert out.shape == (1, config.beta_dim, config.dense_frames, *config.grid)
+    assert out.shape == (1, config.switches.beta_dim, config.dense_frames, *config.grid)
     for k in range(T):
         for j in range(gamma):
             torch.testing.assert_close(out[:, :, gamma * k + j], out[:, :, gamma * k])
@@ -326,3 +392,48 @@ def test_nearest_phi_writes_onto_the_window_psi_reads(backbone, gamma):
     bumped[:, 1, 5] += 10.0
     changed_frames = ((phi(bumped) - out).abs().amax(dim=(0, 1, 3, 4)) > 0).nonzero().flatten().tolist()
     assert changed_frames == list(range(gamma, 2 * gamma))
+
+
+# ---- TAdaConv T-Block -------------------------------------------------------------------------------------
+
+def test_tada_block_convolves_each_frame_with_its_calibrated_kernel():
+    # TAdaConv's definition: frame t is convolved with W_t = alpha_t * W, alpha_t scaling W's input channels.
+    # The block applies it by scaling the input instead; both must agree exactly (up to float rounding).
+    from dist_cache.model.temporal import TAdaBlock
+
+    torch.manual_seed(0)
+    block = TAdaBlock(8).eval()
+    with torch.no_grad():
+        block.calibration.b.weight.normal_(std=0.5)  # far from alpha = 1, so the calibration matters
+    z = torch.randn(2, 8, 6, 5, 5)
+    x = block.norm(z)
+    alpha = block.calibration(x)  # (B, C, T)
+    assert alpha.shape == (2, 8, 6) and (alpha - 1).abs().max() > 0.1
+    weight, bias = block.conv.weight[:, :, 0], block.conv.bias  # (Cout, Cin, 3, 3)
+    frames = []
+    for t in range(6):
+        per_sample = [F.conv2d(x[b:b + 1, :, t], weight * alpha[b, :, t][None, :, None, None], bias, padding=1)
+                      for b in range(2)]
+        frames.append(torch.cat(per_sample))
+    expected = block.act(z + torch.stack(frames, dim=2))
+    torch.testing.assert_close(block(z), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tada_calibration_reads_temporal_context():
+    # alpha_t comes from frame t's neighbours (two stacked kernel-3 convs over time: frames t-2 .. t+2) and from
+    # the clip-wide descriptor through g.
+    from dist_cache.model.temporal import TemporalCalibration
+
+    torch.manual_seed(0)
+    calibration = TemporalCalibration(8).eval()
+    x = torch.randn(1, 8, 8, 4, 4)
+    bumped = x.clone()
+    bumped[:, :, 3] += 1.0
+
+    def changed_frames() -> list[int]:
+        return ((calibration(bumped) - calibration(x)).abs().amax(dim=1)[0] > 0).nonzero().flatten().tolist()
+
+    assert changed_frames() == list(range(8))
+    with torch.no_grad():
+        calibration.g.weight.zero_()  # without the clip-wide descriptor, only the local window remains
+    assert changed_frames() == [1, 2, 3, 4, 5]

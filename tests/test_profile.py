@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dist_cache.flops import PARTS, format_profile, profile_dist
-from dist_cache.model import ConfigError
+from dist_cache.model import ConfigError, DiSTSwitches
+from dist_cache.recipes import RECIPES
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +44,24 @@ TABLE1 = [
     ({"gamma": 1}, 158.7), ({"gamma": 2}, 163.1), ({"gamma": 4}, 171.6), ({"gamma": 8}, 188.8),
     ({"alpha_dim": 96}, 149.4), ({"alpha_dim": 192}, 152.8), ({"alpha_dim": 384}, 163.1), ({"alpha_dim": 768}, 196.1),
     ({"beta_dim": 64}, 159.7), ({"beta_dim": 96}, 163.1), ({"beta_dim": 128}, 167.4), ({"beta_dim": 192}, 178.7),
+    ({"t_block": "c3d"}, 168.2), ({"t_block": "tada"}, 162.0),
 ]
 
 
 @pytest.mark.parametrize("setting, paper", TABLE1, ids=lambda v: json.dumps(v) if isinstance(v, dict) else str(v))
-def test_table1_def_settings_within_3_percent(setting, paper):
+def test_table1_cdef_settings_within_3_percent(setting, paper):
     r = profile_dist("ViT-B-16", frames=8, **setting)
     assert r["paper_gflops"] == paper
     assert abs(r["gflops_paper_convention"] / paper - 1) < 0.03
     assert r["paper_rel_diff"] == pytest.approx(r["gflops_paper_convention"] / paper - 1)
+
+
+def test_the_k400_recipe_has_the_paper_k400_parameter_count():
+    # Paper Tab. 6: ViT-B/16 DiST on K400 has 112 M parameters, 4 AdaPooling blocks against SSv2's 2 (105 M).
+    k400 = profile_dist("ViT-B-16", frames=8, switches=DiSTSwitches(**RECIPES["k400"].switches))
+    assert k400["params"]["total"] / 1e6 == pytest.approx(112, abs=0.5)
+    ssv2 = profile_dist("ViT-B-16", frames=8, switches=DiSTSwitches(**RECIPES["ssv2"].switches))
+    assert ssv2["params"]["total"] / 1e6 == pytest.approx(105, abs=0.5)
 
 
 def test_switches_change_what_is_counted():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dist_cache.errors import UserError
-from dist_cache.model import DiST, DiSTConfig
+from dist_cache.model import DiST, DiSTConfig, DiSTSwitches
 from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.data import EpochSampler
 from pipelines.plots import read_metrics
@@ -74,7 +74,7 @@ def test_schedule_warms_up_linearly_then_decays_by_cosine_to_zero():
 
 def test_optimizer_groups_hold_every_parameter_and_decay_only_weight_matrices():
     config = DiSTConfig(width=64, patch_size=16, image_size=64, num_frames=4, embed_dim=64, layers=[0, 1],
-                        alpha_dim=32, beta_dim=16)
+                        switches=DiSTSwitches(alpha_dim=32, beta_dim=16))
     model = DiST(config)
     decay, no_decay = param_groups(model, 1e-4)
     assert decay["weight_decay"] == 1e-4 and no_decay["weight_decay"] == 0.0
@@ -89,8 +89,17 @@ def test_optimizer_groups_hold_every_parameter_and_decay_only_weight_matrices():
             "temporal.stem.conv.bias", "head.ln_post.weight"} <= kept
 
 
+def tiny_payload() -> dict:
+    """What train writes, for a small branch."""
+    config = DiSTConfig(width=64, patch_size=16, image_size=64, num_frames=4, embed_dim=64, layers=[0, 1],
+                        switches=DiSTSwitches(alpha_dim=32, beta_dim=16, t_block="tada"))
+    return {"model": DiST(config).state_dict(), "optimizer": {}, "scheduler": {}, "scaler": {}, "step": 3, "epoch": 0,
+            "steps_per_epoch": 8, "best_top1": None, "epoch_loss": [0.0, 0], "dist_config": config.to_dict(),
+            "train_config": {}, "store": {"fingerprint": "f", "backbone": {}, "class_names": ["a", "b"]}}
+
+
 def test_checkpoint_write_is_atomic_and_loads_without_pickled_code(tmp_path):
-    path = save_checkpoint(tmp_path / "last.pt", {"model": {"w": torch.ones(2)}, "step": 3})
+    path = save_checkpoint(tmp_path / "last.pt", tiny_payload())
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
     assert load_checkpoint(path)["step"] == 3
     torch.save({"format": "dist-cache-checkpoint", "version": 1, "obj": np.dtype("float32").type}, tmp_path / "evil.pt")
@@ -101,6 +110,45 @@ def test_checkpoint_write_is_atomic_and_loads_without_pickled_code(tmp_path):
         load_checkpoint(tmp_path / "other.pt")
     with pytest.raises(UserError, match="no such file"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def _damaged(payload: dict, how: str) -> dict:
+    if how == "missing key":
+        del payload["optimizer"]
+    elif how == "wrong type":
+        payload["step"] = "3"
+    elif how == "missing tensor":
+        payload["model"].pop(sorted(payload["model"])[0])
+    elif how == "extra tensor":
+        payload["model"]["extra.weight"] = torch.zeros(2)
+    elif how == "wrong shape":
+        name = next(k for k in payload["model"] if k.endswith("fcs.0.weight"))
+        payload["model"][name] = torch.zeros(5, 5)
+    elif how == "huge alpha_dim":
+        payload["dist_config"]["switches"]["alpha_dim"] = 10_000_000
+    elif how == "unknown config key":
+        payload["dist_config"]["switches"]["drop_path"] = 0.1
+    elif how == "not a dict":
+        payload["dist_config"] = [1, 2]
+    return payload
+
+
+@pytest.mark.parametrize("how", ["missing key", "wrong type", "missing tensor", "extra tensor", "wrong shape",
+                                 "huge alpha_dim", "unknown config key", "not a dict"])
+def test_a_damaged_checkpoint_is_refused_in_one_line(tmp_path, how):
+    path = save_checkpoint(tmp_path / "bad.pt", _damaged(tiny_payload(), how))
+    with pytest.raises(UserError) as info:
+        load_checkpoint(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_a_checkpoint_of_dist_cache_0_1_still_loads(tmp_path):
+    payload = tiny_payload()
+    config = payload["dist_config"]
+    payload["dist_config"] = {k: v for k, v in config.items() if k != "switches"} | config["switches"]  # flat, as 0.1
+    path = tmp_path / "old.pt"
+    torch.save({"format": "dist-cache-checkpoint", "version": 1, **payload}, path)
+    assert DiSTConfig.from_dict(load_checkpoint(path)["dist_config"]) == DiSTConfig.from_dict(config)
 
 
 def test_train_resume_restores_the_scaler_only_from_a_scaled_run():

@@ -19,6 +19,7 @@ import torch
 
 from dist_cache.backbone import load_backbone, load_recorded_backbone
 from dist_cache.errors import UserError
+from dist_cache.model import DiSTSwitches
 from dist_cache.sampling import ViewPlan
 from dist_cache.synthetic import truncate_file
 from dist_cache.transforms import normalize_frames
@@ -32,7 +33,8 @@ from pipelines.train import TrainOptions, train
 from storage import FeatureStore, SampleStatus
 
 # A small branch and batch, so every run takes seconds on two CPU cores.
-SMALL = dict(alpha_dim=32, beta_dim=16, pool_blocks=1, batch_size=4, workers=0, warmup_epochs=1, log_every=1)
+SMALL = dict(switches=DiSTSwitches(alpha_dim=32, beta_dim=16, pool_blocks=1), batch_size=4, workers=0, warmup_epochs=1,
+             log_every=1)
 
 
 def _extract(manifest: Path, video_root: Path, out: Path, checkpoint: Path, *, views: int, split: str,
@@ -78,6 +80,24 @@ def run(stores):
     result = train(TrainOptions(cache=stores["train"], video_root=stores["videos"], out=str(out),
                                 val_cache=stores["val"], epochs=2, **SMALL), progress=False)
     return result
+
+
+def test_train_recipe_from_the_cli_is_printed_and_recorded(stores, tmp_path):
+    from click.testing import CliRunner
+
+    import cli
+
+    out = tmp_path / "k400"
+    args = ["train", "--cache", stores["train"], "--video-root", stores["videos"], "--out", str(out), "--recipe", "k400",
+            "--alpha-dim", "32", "--beta-dim", "16", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+            "--warmup-epochs", "1", "--device", "cpu"]
+    result = CliRunner().invoke(cli.main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == "recipe: k400 (Kinetics-400): pool_blocks 4"
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["train_config"]["recipe"] == "k400"
+    assert ckpt["dist_config"]["switches"]["pool_blocks"] == ckpt["train_config"]["switches"]["pool_blocks"] == 4
+    assert ckpt["dist_config"]["switches"]["alpha_dim"] == 32  # an explicit flag beside the recipe
 
 
 def test_round_trip_train_then_eval(stores, run, tmp_path):
@@ -171,9 +191,12 @@ def test_resume_after_kill_matches_an_uninterrupted_run(stores, tmp_path):
             return real_get(self, index)
 
         train_mod.save_checkpoint, StoreClips.__getitem__ = save, get
-        train_mod.train(train_mod.TrainOptions(**json.loads(sys.argv[1])), progress=False)
+        from dist_cache.model import DiSTSwitches
+        options = json.loads(sys.argv[1])
+        options["switches"] = DiSTSwitches(**options["switches"])
+        train_mod.train(train_mod.TrainOptions(**options), progress=False)
     """))
-    child = subprocess.Popen([sys.executable, str(driver), json.dumps({**common, "out": str(killed)})],
+    child = subprocess.Popen([sys.executable, str(driver), json.dumps({**common, "switches": common["switches"].to_dict(), "out": str(killed)})],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180

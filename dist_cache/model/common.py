@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -43,3 +45,10 @@ def init_reference_weights(module: nn.Module) -> None:
             nn.init.trunc_normal_(sub.weight, std=0.02)
             if sub.bias is not None:
                 nn.init.zeros_(sub.bias)
+
+
+def without_autocast(device_type: str) -> contextlib.AbstractContextManager:
+    """Switch autocast off where it exists; the meta device (FLOP counting) has none to switch off."""
+    if device_type in ("cpu", "cuda"):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()

@@ -20,13 +20,12 @@ implementation does not build that Φ at all: Φ exists for layers 0 .. L-2 only
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
-from dist_cache.model.common import init_reference_weights
+from dist_cache.model.common import init_reference_weights, without_autocast
 from dist_cache.model.config import DiSTConfig
+from dist_cache.model.switches import ConfigError
 from dist_cache.model.integration import IntegrationBranch
 from dist_cache.model.interaction import Phi, Psi
 from dist_cache.model.pooling import VideoHead
@@ -54,20 +53,20 @@ class DiST(nn.Module):
         super().__init__()
         self.config = config
         L = config.num_layers
-        use_temporal, use_integration = config.temporal, config.integration
+        use_temporal, use_integration = config.switches.temporal, config.switches.integration
         self.temporal = TemporalEncoder(config) if use_temporal else None
         self.integration = IntegrationBranch(config) if use_integration else None
 
         # Which layers own a Ψ / Φ (string keys, because ModuleDict needs them).
         both = use_temporal and use_integration
-        self._psi_in_loop = both and config.temp_to_integ
+        self._psi_in_loop = both and config.switches.temp_to_integ
         if self._psi_in_loop:
             psi_layers = range(L)
         elif use_temporal:
             psi_layers = [L - 1]  # the single late fusion of the final temporal features
         else:
             psi_layers = []
-        phi_layers = range(L - 1) if both and config.integ_to_temp else []
+        phi_layers = range(L - 1) if both and config.switches.integ_to_temp else []
         self.psi = nn.ModuleDict({str(i): Psi(config) for i in psi_layers})
         self.phi = nn.ModuleDict({str(i): Phi(config) for i in phi_layers})
 
@@ -131,11 +130,40 @@ class DiST(nn.Module):
         return self.head(f, features[-1, :, :, 0].to(self.dtype))
 
     def logits(self, video_emb: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        """logit_scale * cosine(video, text): (B, E) x (K, E) -> (B, K). The scale is fixed (CLIP's 100)."""
-        v = video_emb / video_emb.norm(dim=-1, keepdim=True)
-        t = text_features.to(v.dtype)
-        t = t / t.norm(dim=-1, keepdim=True)
-        return self.config.logit_scale * v @ t.t()
+        """logit_scale * cosine(video, text): (B, E) x (K, E) -> (B, K), fp32. The scale is fixed (CLIP's 100).
+
+        Always in fp32, outside any autocast: in bf16 a cosine has 8 significant bits, so at scale 100 the
+        logits would be rounded to steps of 0.06-0.5 and the gaps between classes, which are what the loss
+        learns from, lost in that rounding (docs/MODEL.md, "Precision").
+        """
+        with without_autocast(video_emb.device.type):
+            v = video_emb.float()
+            v = v / v.norm(dim=-1, keepdim=True)
+            t = text_features.to(device=v.device, dtype=torch.float32)
+            t = t / t.norm(dim=-1, keepdim=True)
+            return self.config.switches.logit_scale * v @ t.t()
+
+
+def check_branch_state(config: DiSTConfig, state: object, what: str = "checkpoint") -> None:
+    """Refuse, as one line, a state dict that is not exactly the weights of the branch `config` describes.
+
+    Checked against a build on the meta device, before the branch is built for real: a malformed checkpoint
+    (missing or extra tensors, wrong shapes) allocates nothing.
+    """
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ConfigError(f"{what}: the branch weights are not a mapping of names to tensors; the file is damaged")
+    with torch.device("meta"):
+        expected = DiST(config).state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and (state[k].shape != expected[k].shape or
+                                                    state[k].is_floating_point() != expected[k].is_floating_point())]
+    if missing or unexpected or wrong:
+        first = (f"{missing[0]} is missing" if missing else f"{unexpected[0]} is unexpected" if unexpected else
+                 f"{wrong[0]} is {state[wrong[0]].dtype} {tuple(state[wrong[0]].shape)}, not "
+                 f"{expected[wrong[0]].dtype} {tuple(expected[wrong[0]].shape)}")
+        raise ConfigError(f"{what}: the branch weights do not match its DiST config ({first}; "
+                          f"{len(missing) + len(unexpected) + len(wrong)} such tensors); the file is damaged")
 
 
 class OnlineDiST(nn.Module):
@@ -154,12 +182,13 @@ class OnlineDiST(nn.Module):
         self.dist = dist
 
     def features(self, frames: torch.Tensor) -> torch.Tensor:
-        """(B, γT, 3, H, W) -> (L, B, T, N+1, C), CLIP run under no_grad on the sparse frames."""
+        """(B, γT, 3, H, W) -> (L, B, T, N+1, C), CLIP run under no_grad on the sparse frames, in the encoder's
+        precision (its dtype: fp32, or the fp16/bf16 of its autocast); DiST casts each layer where it uses it."""
         b = frames.shape[0]
-        sparse = frames[:, :: self.dist.config.gamma]
-        # Frozen CLIP runs as extraction ran it, in its own precision (fp32): the training step's autocast
-        # would otherwise give online runs other features than the cached ones.
-        with torch.no_grad(), _without_autocast(sparse.device.type):
+        sparse = frames[:, :: self.dist.config.switches.gamma]
+        # Frozen CLIP runs as extraction ran it, in the encoder's own precision: the training step's autocast is
+        # switched off around it, or online runs would get other features than the cached ones.
+        with torch.no_grad(), without_autocast(sparse.device.type):
             tokens, _ = self.encoder(sparse.reshape(-1, *sparse.shape[2:]))
         return tokens.reshape(tokens.shape[0], b, sparse.shape[1], *tokens.shape[2:])
 
@@ -169,9 +198,3 @@ class OnlineDiST(nn.Module):
     def logits(self, video_emb: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         return self.dist.logits(video_emb, text_features)
 
-
-def _without_autocast(device_type: str) -> contextlib.AbstractContextManager:
-    """Switch autocast off where it exists; the meta device (FLOP counting) has none to switch off."""
-    if device_type in ("cpu", "cuda"):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()

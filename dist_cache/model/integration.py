@@ -59,5 +59,5 @@ class IntegrationBranch(nn.Module):
 
     def __init__(self, config: DiSTConfig):
         super().__init__()
-        self.fcs = nn.ModuleList(nn.Linear(config.width, config.alpha_dim) for _ in range(config.num_layers))
-        self.blocks = nn.ModuleList(IBlock(config.alpha_dim) for _ in range(config.num_layers))
+        self.fcs = nn.ModuleList(nn.Linear(config.width, config.switches.alpha_dim) for _ in range(config.num_layers))
+        self.blocks = nn.ModuleList(IBlock(config.switches.alpha_dim) for _ in range(config.num_layers))

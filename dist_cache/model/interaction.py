@@ -24,13 +24,14 @@ class Psi(nn.Module):
 
     def __init__(self, config: DiSTConfig):
         super().__init__()
-        self.mode = config.psi
-        self.gamma = config.gamma
+        s = config.switches
+        self.mode = s.psi
+        self.gamma = s.gamma
         if self.mode == "dconv":
-            self.down = nn.Conv3d(config.beta_dim, config.alpha_dim, kernel_size=(config.gamma, 1, 1), stride=(config.gamma, 1, 1))
+            self.down = nn.Conv3d(s.beta_dim, s.alpha_dim, kernel_size=(s.gamma, 1, 1), stride=(s.gamma, 1, 1))
         else:
-            self.down = nn.Linear(config.beta_dim, config.alpha_dim)
-        self.cls_token = new_token(1, config.num_frames, 1, config.alpha_dim)
+            self.down = nn.Linear(s.beta_dim, s.alpha_dim)
+        self.cls_token = new_token(1, config.num_frames, 1, s.alpha_dim)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if self.mode == "dconv":
@@ -53,12 +54,13 @@ class Phi(nn.Module):
 
     def __init__(self, config: DiSTConfig):
         super().__init__()
-        self.mode = config.phi
-        self.gamma = config.gamma
+        s = config.switches
+        self.mode = s.phi
+        self.gamma = s.gamma
         self.grid = config.grid
-        self.reduce = nn.Linear(config.alpha_dim, config.beta_dim)
+        self.reduce = nn.Linear(s.alpha_dim, s.beta_dim)
         if self.mode == "deconv":
-            self.up = nn.ConvTranspose3d(config.beta_dim, config.beta_dim, kernel_size=(config.gamma, 1, 1), stride=(config.gamma, 1, 1))
+            self.up = nn.ConvTranspose3d(s.beta_dim, s.beta_dim, kernel_size=(s.gamma, 1, 1), stride=(s.gamma, 1, 1))
 
     def forward(self, m: torch.Tensor) -> torch.Tensor:
         b, t = m.shape[:2]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dist_cache.model.common import mlp, new_token
+from dist_cache.model.common import mlp, new_token, without_autocast
 from dist_cache.model.config import DiSTConfig
 
 
@@ -48,11 +48,11 @@ class AdaPooling(nn.Module):
 
     def __init__(self, config: DiSTConfig):
         super().__init__()
-        dim, heads = config.alpha_dim, config.pool_num_heads
+        dim, heads = config.switches.alpha_dim, config.pool_num_heads
         self.frame_query = new_token(1, 1, dim)   # reference: aggregated_spatial_cls_token
         self.video_query = new_token(1, 1, dim)   # reference: aggregated_cls_token
         self.temporal_pos = new_token(1, config.num_frames, dim)
-        self.blocks = nn.ModuleList(AdaPoolBlock(dim, heads) for _ in range(config.pool_blocks))
+        self.blocks = nn.ModuleList(AdaPoolBlock(dim, heads) for _ in range(config.switches.pool_blocks))
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         b, t, n, c = f.shape
@@ -79,13 +79,19 @@ class VideoHead(nn.Module):
     def __init__(self, config: DiSTConfig, with_pool: bool):
         super().__init__()
         self.pool = AdaPooling(config) if with_pool else None
-        self.cls_proj = nn.Linear(config.width, config.alpha_dim)
-        self.ln_post = nn.LayerNorm(config.alpha_dim)
-        self.proj = nn.Parameter(torch.randn(config.alpha_dim, config.embed_dim) * config.alpha_dim**-0.5)
+        alpha = config.switches.alpha_dim
+        self.cls_proj = nn.Linear(config.width, alpha)
+        self.ln_post = nn.LayerNorm(alpha)
+        self.proj = nn.Parameter(torch.randn(alpha, config.embed_dim) * alpha**-0.5)
 
     def forward(self, f: torch.Tensor | None, clip_cls: torch.Tensor) -> torch.Tensor:
-        """f (B, T, N+1, αC) or None; clip_cls (B, T, C) -> (B, E)."""
+        """f (B, T, N+1, αC) or None; clip_cls (B, T, C) -> (B, E), fp32.
+
+        The last normalisation and the projection run in fp32 outside any autocast: the embedding's direction is
+        all the cosine logits see, and (B, αC) x (αC, E) costs nothing next to the branch.
+        """
         x = self.cls_proj(clip_cls.mean(dim=1))
         if self.pool is not None:
             x = x + self.pool(f)
-        return self.ln_post(x) @ self.proj.to(x.dtype)
+        with without_autocast(x.device.type):
+            return self.ln_post(x.float()) @ self.proj.float()

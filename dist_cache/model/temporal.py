@@ -59,6 +59,52 @@ class C3DBlock(nn.Module):
         return self.act(z + self.conv(self.norm(z)))
 
 
+class TemporalCalibration(nn.Module):
+    """TAdaConv's calibration branch (Huang et al., ICLR 2022, "routing function"): per frame and input channel, a
+    factor alpha_t = 1 + b(ReLU(BN(a(x_t + g(x_global))))) generated from temporal context.
+
+    x_t is frame t's spatial average and x_global the whole clip's; g is a pointwise map (C -> C), a and b are
+    convolutions over time (kernel 3; C -> C/4 -> C) with BatchNorm and ReLU between them, as in TAdaConv.
+    """
+
+    def __init__(self, dim: int, ratio: int = 4, kernel: int = 3):
+        super().__init__()
+        hidden = max(1, dim // ratio)
+        self.g = nn.Linear(dim, dim)
+        self.a = nn.Conv1d(dim, hidden, kernel, padding=kernel // 2)
+        self.bn = nn.BatchNorm1d(hidden)
+        self.b = nn.Conv1d(hidden, dim, kernel, padding=kernel // 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, T, H, W) -> alpha (B, C, T)."""
+        frames = x.mean(dim=(3, 4))  # (B, C, T)
+        clip = self.g(frames.mean(dim=2))  # (B, C)
+        return 1 + self.b(torch.relu(self.bn(self.a(frames + clip[:, :, None]))))
+
+
+class TAdaBlock(nn.Module):
+    """Tab. 1c's TAdaConv variant: QuickGELU(z + TAdaConv(1,3,3)(LN(z))), the C3D block's shape with its 3D conv
+    replaced by a temporally adaptive spatial conv.
+
+    TAdaConv convolves frame t with the kernel W_t = alpha_t * W (alpha_t calibrating W's input channels, TAdaConv's
+    default). A per-input-channel factor that is constant over the frame commutes with the convolution, so
+    conv(x_t, alpha_t * W) = conv(alpha_t * x_t, W): the calibrated kernels are applied exactly by scaling the
+    input and running one ordinary Conv(1,3,3) over all frames (tests/test_model.py checks the identity).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = ChannelLayerNorm3d(dim)
+        self.calibration = TemporalCalibration(dim)
+        self.conv = nn.Conv3d(dim, dim, kernel_size=(1, 3, 3), padding=(0, 1, 1))
+        self.act = QuickGELU()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.norm(z)
+        alpha = self.calibration(x)
+        return self.act(z + self.conv(x * alpha[:, :, :, None, None]))
+
+
 class JointAttentionBlock(nn.Module):
     """Tab. 1c's joint space-time transformer: pre-LN MHSA over all γT*h*w tokens, then a pre-LN MLP (4x).
 
@@ -84,11 +130,14 @@ class JointAttentionBlock(nn.Module):
 
 
 def make_t_block(config: DiSTConfig) -> nn.Module:
-    if config.t_block == "r2plus1d":
-        return R2Plus1DBlock(config.beta_dim)
-    if config.t_block == "c3d":
-        return C3DBlock(config.beta_dim)
-    return JointAttentionBlock(config.beta_dim, config.joint_num_heads)
+    kind, dim = config.switches.t_block, config.switches.beta_dim
+    if kind == "r2plus1d":
+        return R2Plus1DBlock(dim)
+    if kind == "c3d":
+        return C3DBlock(dim)
+    if kind == "tada":
+        return TAdaBlock(dim)
+    return JointAttentionBlock(dim, config.joint_num_heads)
 
 
 class TemporalEncoder(nn.Module):
@@ -97,5 +146,5 @@ class TemporalEncoder(nn.Module):
 
     def __init__(self, config: DiSTConfig):
         super().__init__()
-        self.stem = TemporalStem(config.beta_dim, config.patch_size, config.stem_t_kernel)
+        self.stem = TemporalStem(config.switches.beta_dim, config.patch_size, config.switches.stem_t_kernel)
         self.blocks = nn.ModuleList(make_t_block(config) for _ in range(config.num_layers))
