@@ -163,8 +163,8 @@ def config_defaults(command: click.Command, values: dict[str, Any], path: str) -
     for key, value in values.items():
         found = keys.get(key.replace("_", "-"))
         if found is None:
-            raise click.BadParameter(f"{path}: unknown key {key!r}, not an option of `dist-cache {command.name}` "
-                                     f"(see its --help)", param_hint="--config")
+            raise click.BadParameter(f"{path}: unknown key {key!r}, not an option of `dist-cache {command.name}`",
+                                     param_hint="--config")
         p, opt = found
         out[p.name] = _as_option_value(p, opt, value, key, path)
     return out
