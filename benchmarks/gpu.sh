@@ -18,7 +18,8 @@ export PYTHONUNBUFFERED=1
 started=$(date +%s)
 log() { echo "[$(( $(date +%s) - started ))s] $*" | tee -a "$OUT/gpu.log"; }
 
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+# Install the carried wheels only where our packages are missing (the lent machine), not into a working venv.
+if ! python3 -c "import open_clip, decord, zarr, av, crc32c" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || { log "wheel install failed"; exit 1; }
     export PYTHONPATH=/tmp/site:$PWD
@@ -47,6 +48,8 @@ step data 120 python3 -m benchmarks.gpu_data --out "$WORK/data" --model "$MODEL"
 step extract 200 python3 -m benchmarks.gpu_extract --videos "$WORK/data/videos" --manifest "$WORK/data/train.csv" \
     --checkpoint "$WORK/data/$MODEL-random.pt" --model "$MODEL" --store "$WORK/train.zarr" --device "$DEVICE" \
     --out "$OUT/extract.json" $Q
+step store_write 120 env DIST_BENCH_TMP="$WORK" python3 -m benchmarks.store_write $Q
+step decode_pool 120 python3 -m benchmarks.decode_pool $Q
 step train 200 python3 -m benchmarks.gpu_train --store "$WORK/train.zarr" --device "$DEVICE" --out "$OUT/train.json" $Q
 DEMO_ARGS=""; [ "$QUICK" = 1 ] && DEMO_ARGS="--videos-per-class 4 --epochs 2"
 step demo 240 python3 -m cli demo --workdir "$WORK/demo" $DEMO_ARGS  # device auto: the GPU where there is one

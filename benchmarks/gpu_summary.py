@@ -14,7 +14,9 @@ from pathlib import Path
 
 from benchmarks._common import machine
 
-STEPS = ("data", "extract", "train", "demo")
+STEPS = ("data", "extract", "store_write", "decode_pool", "train", "demo")
+# Steps whose whole stdout is one (indented) JSON object, as benchmarks._common.report prints it.
+REPORTING = ("store_write", "decode_pool")
 DEMO_LINE = re.compile(r"val top-1 ([\d.]+)%")
 
 
@@ -40,6 +42,8 @@ def gather(out: Path) -> dict:
         entry: dict = {"exit": int(rc_file.read_text()) if rc_file.exists() else None}
         if name in ("extract", "train"):
             entry["result"] = _json_or_none(out / f"{name}.json")
+        elif name in REPORTING:
+            entry["result"] = _json_or_none(out / f"{name}.out")
         elif name == "data":
             entry["result"] = _last_json_line(out / "data.out")
         else:
