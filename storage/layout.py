@@ -81,6 +81,24 @@ def videos_per_shard(meta: dict[str, Any], views_per_video: int) -> int | None:
     return rows // views_per_video
 
 
+# Each array's dimension names (zarr v3's dimension_names), which xarray needs to open a store. Within a group an
+# axis name means one length: the dense frames (G*T) are not the frames (T).
+DIMENSIONS: dict[str, tuple[str, ...]] = {
+    FEATURES: ("sample", "layer", "frame", "token", "channel"),
+    SCALES: ("sample", "layer", "frame", "token"),
+    CLIP: ("sample", "frame", "embedding"),
+    FRAMES: ("sample", "dense_frame", "height", "width", "rgb"),
+    TEXT: ("class", "embedding"),
+    "samples/sparse_indices": ("sample", "frame"),
+    "samples/crop": ("sample", "xywh"),
+}
+
+
+def dimension_names(name: str) -> tuple[str, ...]:
+    """An array's dimension names: DIMENSIONS, else one per row of the video or sample tables."""
+    return DIMENSIONS.get(name) or (("video",) if name.startswith("videos/") else ("sample",))
+
+
 @dataclass(frozen=True)
 class ArraySpec:
     name: str
@@ -94,6 +112,7 @@ class ArraySpec:
     def create_kwargs(self) -> dict[str, Any]:
         return dict(
             name=self.name, shape=self.shape, dtype=self.dtype, chunks=self.chunks, shards=self.shards,
+            dimension_names=dimension_names(self.name),
             # crc32c last: every chunk (inner chunk of a shard, or table chunk) carries its checksum, and
             # zarr checks it on every read. A shard's index has its own (zarr's default index codecs).
             compressors=[*CODECS[self.codec](), Crc32cCodec()], fill_value=self.fill_value,
@@ -177,10 +196,16 @@ def expected_metadata(spec: ArraySpec) -> dict[str, Any]:
     return meta
 
 
+# Metadata that says nothing about the bytes: arrays written before dimension names were recorded still match.
+_DESCRIPTIVE = ("attributes", "dimension_names")
+
+
 def matches(found: dict[str, Any], spec: ArraySpec) -> bool:
-    """Whether stored array metadata is exactly what `spec` creates (attributes aside)."""
-    found = {k: v for k, v in found.items() if k != "attributes"}
-    return found == expected_metadata(spec)
+    """Whether stored array metadata is exactly what `spec` creates (attributes and dimension names aside)."""
+    def essential(meta: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in meta.items() if k not in _DESCRIPTIVE}
+
+    return essential(found) == essential(expected_metadata(spec))
 
 
 def create_or_open(store: Store, spec: ArraySpec) -> zarr.Array:
