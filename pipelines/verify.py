@@ -29,7 +29,7 @@ from storage.writer import DEFAULT_STALE_PARTIAL_S
 # to ~1 %.
 TOLERANCE = {"fp16": 0.005, "int8": 0.03}
 # Added for each side that ran CLIP in reduced precision (the store's extraction, and this recompute): the
-# token error against fp32 measured on ViT-B/16 (docs/DESIGN.md, "verify").
+# token error against fp32 measured on ViT-B/16 (docs/DESIGN.md, "verify, info, copy").
 PRECISION_ERROR = {"fp32": 0.0, "fp16": 0.0009, "bf16": 0.0072}
 REPAIR_FIX = "dist-cache extract ... --repair (the extraction's flags)"
 
