@@ -15,26 +15,37 @@ from storage.http import RangeCheckedHTTPFileSystem, is_http, read_only_error
 from storage.local import LocalLocation
 from storage.location import Location, StoreUsage, is_local
 
-# The asynchronous filesystems zarr reads and writes through. fsspec closes the sessions of synchronous instances
-# only; s3fs's asynchronous ones would be left open ("Unclosed client session" at exit). (HTTP's are closed by
-# storage/http.py's filesystem itself.)
-_ZARR_FILESYSTEMS: weakref.WeakSet = weakref.WeakSet()
+# Closers of the clients of the asynchronous filesystems zarr reads and writes through. fsspec closes the sessions
+# of synchronous instances only, so s3fs's asynchronous ones were left open ("Unclosed client session"). (HTTP's
+# are closed by storage/http.py's filesystem itself.)
+_CLOSERS: list[weakref.finalize] = []
+
+
+def _close_client_with(fs: Any) -> None:
+    """Close `fs`'s client when `fs` goes, or at exit. The closer holds the instance's attribute dict, not the
+    instance: s3fs creates its client there lazily, on zarr's event loop."""
+    _CLOSERS.append(weakref.finalize(fs, _close_client, fs.__dict__))
+
+
+def _close_client(attributes: dict[str, Any]) -> None:
+    """Exit s3fs's client context on zarr's event loop, as s3fs does for its own synchronous instances."""
+    from zarr.core.sync import sync
+
+    client = attributes.pop("_s3creator", None)
+    if client is None:
+        return
+    try:
+        sync(client.__aexit__(None, None, None), timeout=1.0)
+    except Exception:  # noqa: BLE001 - a loop or a server already gone leaves nothing to close politely
+        pass
 
 
 @atexit.register
-def _close_zarr_sessions() -> None:
-    """Close them on zarr's event loop, as s3fs closes its own synchronous clients. Registered after zarr's own exit
-    handler (this module imports zarr), so it runs while zarr's loop still does."""
-    from zarr.core.sync import sync
-
-    for fs in list(_ZARR_FILESYSTEMS):
-        client = getattr(fs, "_s3creator", None)  # s3fs: its client's context, entered on zarr's loop
-        if client is None:
-            continue
-        try:
-            sync(client.__aexit__(None, None, None), timeout=1.0)
-        except Exception:  # noqa: BLE001 - at exit, a loop or server already gone leaves nothing to close
-            pass
+def _close_clients_at_exit() -> None:
+    """Registered after zarr's own exit handler (this module imports zarr), so it runs while zarr's loop still
+    does; a closer runs once."""
+    for closer in _CLOSERS:
+        closer()
 
 
 class FsspecLocation(Location):
@@ -58,7 +69,8 @@ class FsspecLocation(Location):
     def zarr_store(self, read_only: bool) -> Store:
         if self.writable:
             store = FsspecStore.from_url(self.url, storage_options=self.storage_options or None, read_only=read_only)
-            _ZARR_FILESYSTEMS.add(store.fs)
+            if not any(closer.peek() and closer.peek()[0] is store.fs for closer in _CLOSERS):
+                _close_client_with(store.fs)  # fsspec caches instances: the same one may come back
             return store
         if not read_only:
             raise read_only_error(self.url)

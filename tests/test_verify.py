@@ -44,6 +44,10 @@ def verify(*args: object) -> "click.testing.Result":
     return result
 
 
+def halve(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
 def flip(path: Path, at: int) -> None:
     data = bytearray(path.read_bytes())
     data[at] ^= 0x10
@@ -62,8 +66,7 @@ def test_an_intact_store_verifies(store):
     (lambda s: (s / "features/c.2.0.0.0.0").unlink(), 2, "features: its shard file is missing", False),
     (lambda s: flip(s / "frames/c.3.0.0.0.0", 1000), 3, "frames: inner chunk 0 fails its crc32c checksum", True),
     (lambda s: flip(s / "clip_embeddings/c.4.0.0", -7), 4, "clip_embeddings: its shard index fails its crc32c", False),
-    (lambda s: (s / "feature_scales/c.1.0.0.0").write_bytes((s / "feature_scales/c.1.0.0.0").read_bytes()[:300]), 1,
-     "feature_scales: its shard index fails its crc32c", False),
+    (lambda s: halve(s / "feature_scales/c.1.0.0.0"), 1, "feature_scales: its shard index fails its crc32c", False),
     (lambda s: (s / "features/c.5.0.0.0.0").write_bytes(b""), 5, "features: its shard file is 0 bytes", False),
     (lambda s: (s / "records/000000000.json").write_text('{"video_index": 0, "sta'), 0,
      "records/000000000.json is unreadable (not valid JSON", False),
