@@ -13,6 +13,7 @@ best ratio a CPU-only run can reach. The GPU version of this measurement is `ben
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -99,6 +100,7 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="dist-bench-extract-"))
     results = {}
+    load_before = os.getloadavg()[0]  # other jobs on the machine make every timing here slower
     try:
         vpc = 4 if args.quick else 16
         data = make_motion_dataset(tmp / "data", videos_per_class=vpc, num_frames=32)
@@ -123,7 +125,8 @@ def main() -> None:
         parameters={"device": str(device), "frames": 8, "tiny": f"dist-tiny, {vpc * 4} generated videos x 2 views (train split)",
                     "vit_b16": "ViT-B-16 random weights (local checkpoint), 6 K400-like 4 s clips x 2 rows x 2 views "
                                "= 24 clips (train split), batch_frames 16",
-                    "decode_workers": "auto"},
+                    "decode_workers": "auto",
+                    "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]},
         results=results, ratio=ratios,
         goal="extractor clips/s >= 90% of CLIP-forward-alone clips/s where decoding has its own cores; "
              "first video within 25 s of the command (ViT-B/16, local checkpoint)",

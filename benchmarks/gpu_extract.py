@@ -243,6 +243,7 @@ def main() -> None:
     paths = [str(args.videos / r) for r in rows]
     budget = 60.0 if args.quick else 600.0  # per step
     results: dict[str, Any] = {}
+    load_before = os.getloadavg()[0]  # other jobs on the machine make every rate here lower
     work = Path(tempfile.mkdtemp(prefix="dist-gpu-extract-", dir=args.out.parent if args.out.parent.exists() else None))
     try:
         bounded("decode", budget, lambda: decode_alone(paths, usable_cores(), budget), results)
@@ -284,7 +285,8 @@ def main() -> None:
         "command": " ".join(["python", "-m", "benchmarks.gpu_extract"] + sys.argv[1:]),
         "parameters": {"model": args.model, "device": device, "clips": len(paths), "frames": FRAMES, "views": 1,
                        "batch_frames": batch_frames, "dense_gamma": args.dense_gamma, "quick": args.quick,
-                       "MB_per_clip": None if per_clip is None else round(per_clip, 3)},
+                       "MB_per_clip": None if per_clip is None else round(per_clip, 3),
+                       "load_average_before_after": [round(load_before, 2), round(os.getloadavg()[0], 2)]},
         "results": results,
         "bounds_clips_per_s": {k: None if v is None else round(v, 2) for k, v in bounds.items()},
         "extract_clips_per_s": extract_rate,

@@ -124,13 +124,15 @@ class DeviceForward:
 
     def _finite(self, features: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         """(V,) bool, on the device: the video's values are all finite (and, for int8, every token's scale fits
-        fp16): a video that fails is recorded failed instead of written."""
+        fp16): a video that fails is recorded failed instead of written. Reductions, not an elementwise isfinite:
+        max and min propagate NaN, and on a CPU they cost a fifth of isfinite on fp16."""
         V = features.shape[0]
-        ok = torch.isfinite(features).view(V, -1).all(1) & torch.isfinite(embeds).view(V, -1).all(1)
+        ok = torch.isfinite(embeds).view(V, -1).all(1)
         if self.int8:
-            scales = (features.abs().amax(-1).float() / _QMAX).to(torch.float16)
-            ok &= torch.isfinite(scales).view(V, -1).all(1)
-        return ok
+            scales = (features.abs().amax(-1).float() / _QMAX).to(torch.float16)  # inf or NaN if any value is
+            return ok & torch.isfinite(scales).view(V, -1).all(1)
+        flat = features.view(V, -1)
+        return ok & torch.isfinite(flat.amax(1)) & torch.isfinite(flat.amin(1))
 
     @torch.inference_mode()
     def launch(self, videos: list[PreparedVideo]) -> LaunchedBatch:

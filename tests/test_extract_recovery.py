@@ -16,6 +16,8 @@ from click.testing import CliRunner
 import cli
 from storage import FeatureStore, StoreDamagedError
 
+from test_store_write_errors import remount, small_disk  # noqa: F401  (a fixture: a small tmpfs, root only)
+
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
@@ -50,25 +52,15 @@ def clean(tmp_path_factory, motion_dataset, tiny_checkpoint) -> Path:
     return out
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    mount = tmp_path / "mnt"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
 def test_a_full_disk_stops_the_run_and_the_rerun_finishes_it(small_disk, clean, motion_dataset, tiny_checkpoint):
+    remount(small_disk, "size=1m")
     out = small_disk / "s.zarr"  # ~470 kB per video with its dense frames: the disk fills up part way
     full = run(*args(motion_dataset, out, tiny_checkpoint, "--dense-frames"))
     assert full.exit_code == 2
     assert error_line(full.output) == f"error: disk full writing {out}: free space and rerun"
     progress = FeatureStore.open(out).progress()
     assert progress["failed"] == 0 and 0 < progress["pending"] < 8  # a write error is no video's failure
-    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
+    remount(small_disk, "size=8m")
     rerun = run(*args(motion_dataset, out, tiny_checkpoint, "--dense-frames"))
     assert rerun.exit_code == 0, rerun.output
     assert tree_digest(out) == tree_digest(clean)
