@@ -82,9 +82,9 @@ def startup(data: Path, checkpoint: Path, device: torch.device, tmp: Path) -> di
     start = time.perf_counter()
     load_backbone("ViT-B-16", str(checkpoint), device=device)
     load_s = time.perf_counter() - start
-    argv = ["--manifest", str(data / "train.csv"), "--video-root", str(data / "videos"), "--out", str(tmp / "startup.zarr"),
-            "--model", "ViT-B-16", "--pretrained", str(checkpoint), "--frames", "8", "--views", "1",
-            "--batch-frames", "8", "--device", str(device)]
+    argv = ["--manifest", str(data / "train.csv"), "--video-root", str(data / "videos"),
+            "--out", str(tmp / "startup.zarr"), "--model", "ViT-B-16", "--pretrained", str(checkpoint),
+            "--frames", "8", "--views", "1", "--batch-frames", "8", "--device", str(device)]
     timed = timed_cli_extract(argv, tmp / "startup.zarr", timeout=600, videos_per_batch=1)
     return {"first_video_s": timed["first_video_s"], "wall_s": timed["wall_s"], "videos": timed["videos"],
             "returncode": timed["returncode"], "load_backbone_s_in_this_process": round(load_s, 2),
@@ -122,7 +122,8 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     ratios = {k: v["ratio"] for k, v in results.items() if "ratio" in v}
     report(
-        parameters={"device": str(device), "frames": 8, "tiny": f"dist-tiny, {vpc * 4} generated videos x 2 views (train split)",
+        parameters={"device": str(device), "frames": 8,
+                    "tiny": f"dist-tiny, {vpc * 4} generated videos x 2 views (train split)",
                     "vit_b16": "ViT-B-16 random weights (local checkpoint), 6 K400-like 4 s clips x 2 rows x 2 views "
                                "= 24 clips (train split), batch_frames 16",
                     "decode_workers": "auto",

@@ -15,7 +15,8 @@ def test_gpu_extract_quick_reports_its_bounds_and_ratio(motion_dataset, tiny_che
     report = tmp_path / "report.json"
     done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_extract", "--videos", str(motion_dataset / "videos"),
                            "--manifest", str(motion_dataset / "train.csv"), "--checkpoint", str(tiny_checkpoint),
-                           "--model", "dist-tiny", "--device", "cpu", "--batch-frames", "16", "--out", str(report),
+                           "--model", "dist-tiny", "--device", "cpu", "--out", str(report),
+                           "--store", str(tmp_path / "s.zarr"),
                            "--quick"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(report.read_text())
@@ -28,3 +29,7 @@ def test_gpu_extract_quick_reports_its_bounds_and_ratio(motion_dataset, tiny_che
     assert bounds["write"] == pytest.approx(steps["write"]["MBps"] / result["parameters"]["MB_per_clip"], rel=0.01)
     assert result["ratio"] == pytest.approx(result["extract_clips_per_s"] / min(bounds.values()), rel=0.01)
     assert steps["extract"]["stored_MB_per_clip"] == pytest.approx(result["parameters"]["MB_per_clip"], rel=0.05)
+    from storage import FeatureStore
+
+    store = FeatureStore.open(tmp_path / "s.zarr")  # kept for the training benchmark
+    assert store.complete and store.has_frames and len(store) == 8
