@@ -84,28 +84,48 @@ def main() -> None:
 @click.option("--allow-random-weights", is_flag=True, help="Permit --pretrained none (features then mean nothing).")
 @click.option("--layers", default="all", show_default=True, help="all, last:N, or comma list of 0-based block indices.")
 @click.option("--frames", default=8, type=click.IntRange(min=1), show_default=True, help="Sparse (CLIP) frames per view, T.")
-@click.option("--views", default=1, type=click.IntRange(min=1), show_default=True, help="Views cached per video (train: augmented; test: temporal clips).")
+@click.option("--views", default=None, type=click.IntRange(min=1),
+              help="Views cached per video (train: augmented; test: temporal clips). Default: 1 for train, 3 for test.")
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
               help="train: TSN + random resized crop + flip; test: uniform clips + centre crop.")
-@click.option("--seed", default=0, show_default=True, help="Seed for frame sampling and crops.")
+@click.option("--seed", default=0, type=click.IntRange(0, 2**63 - 1), show_default=True, help="Seed for frame sampling and crops.")
 @click.option("--dtype", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True,
               help="Stored feature type: fp16, or int8 per-token absmax with fp16 scales (2x smaller, ~0.8 % error).")
+@click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
+              help="How CLIP runs: fp16/bf16 autocast or fp32. Default: fp16 on CUDA, fp32 on the CPU.")
 @click.option("--codec", type=click.Choice(["none", "zstd", "blosc-zstd", "blosc-lz4"]), default="none", show_default=True,
               help="Lossless codec; fp16 activations compress by under 10%.")
 @click.option("--classes", type=click.Path(), default=None, help="Class names file (txt, one per line, or JSON).")
 @click.option("--manifest-format", type=click.Choice(["auto", "csv", "kinetics", "ssv2", "mmaction"]), default="auto", show_default=True,
               help="The manifest's format; auto tells them apart by extension and header.")
 @click.option("--template", "templates", multiple=True, default=("{}",), show_default=True,
-              help="Prompt template(s) for the class-name text embeddings; {} is the class name.")
-@click.option("--flip-p", default=0.5, type=click.FloatRange(0, 1), show_default=True, help="Train flip probability (use 0 for SSv2: left/right labels).")
+              help="Prompt template(s) for the class-name text embeddings; exactly one {} is the class name.")
+@click.option("--flip-p", default=0.5, type=click.FloatRange(0, 1), show_default=True,
+              help="Train flip probability (SSv2: keep it with --flip-label-map, or use 0).")
+@click.option("--flip-label-map", type=click.Path(), default=None,
+              help='JSON list of class-name pairs a horizontal flip swaps, e.g. [["left", "right"]]: a flipped '
+                   "train view of a class in a pair is labelled with its partner (SSv2).")
 @click.option("--grayscale-p", default=0.2, type=click.FloatRange(0, 1), show_default=True, help="Train grayscale probability.")
 @click.option("--scale", default="0.4,1.0", show_default=True, callback=_area_range, help="Random resized crop area range.")
+@click.option("--dense-frames", is_flag=True,
+              help="Also store each view's dense frames (uint8, rendered as training renders them), so training "
+                   "decodes no video.")
+@click.option("--dense-gamma", default="2", type=click.Choice(["1", "2", "4", "8"]), show_default=True,
+              callback=lambda ctx, param, v: int(v),
+              help="Dense frames per sparse frame stored with --dense-frames: the largest gamma you will train with.")
 @click.option("--batch-frames", default=64, type=click.IntRange(min=1), show_default=True, help="Frames per CLIP forward pass.")
-@click.option("--decode-workers", default=2, type=click.IntRange(min=1), show_default=True, help="Decode processes.")
+@click.option("--decode-workers", default="auto", show_default=True,
+              help="Decode processes: a count, or auto (the usable cores less 2 for this process).")
+@click.option("--decoder", type=click.Choice(["decord", "pyav"]), default=None,
+              help="Video decoder (recorded in the store). Default: decord where installed, else pyav.")
 @click.option("--decode-timeout", default=120.0, type=click.FloatRange(min=0, min_open=True), show_default=True, help="Seconds before a video's decode is killed and recorded as failed.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--hash-videos", is_flag=True, help="Record each video file's sha256, so verify can tell a replaced copy.")
 @click.option("--retry-failed", is_flag=True, help="Extract the videos recorded as failed again (after fixing or replacing them).")
+@click.option("--repair", is_flag=True,
+              help="Re-extract the done videos whose stored shards are missing or fail their checksums (the shard "
+                   "indexes: a few small reads per video), then finalise.")
+@click.option("--deep", is_flag=True, help="With --repair: read every stored chunk and check its crc32c (reads the whole store).")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
 @click.option("--dask-workers", type=click.IntRange(min=1), default=None,
               help="Spread videos over a local dask cluster of N worker processes (each loads CLIP once).")
@@ -114,21 +134,30 @@ def main() -> None:
 @user_errors
 def extract(**kw) -> None:
     """Run the frozen CLIP over every video once; store each layer's tokens in a zarr store."""
+    from dist_cache.manifests import load_flip_label_map
     from pipelines.extract import ExtractOptions, extract as run_extract
 
     merge_renamed(kw, "dask_workers")
     check_storage_options(kw["storage_options"], kw["out"])
     strict, workers, scheduler = kw.pop("strict"), kw.pop("dask_workers"), kw.pop("scheduler")
     kw["templates"] = tuple(kw["templates"])
+    kw["decode_workers"] = int(kw["decode_workers"]) if kw["decode_workers"].isdigit() else kw["decode_workers"]
+    if kw["flip_label_map"] is not None:
+        kw["flip_label_map"] = load_flip_label_map(kw["flip_label_map"])
     if workers is None and scheduler is None:
         summary = run_extract(ExtractOptions(**kw))
     else:
         from pipelines.extract_dask import extract_distributed
 
         summary = extract_distributed(ExtractOptions(**kw), workers=workers, scheduler=scheduler)
+    for damage in summary.damaged[:5]:
+        click.echo(f"repaired {damage.describe()}", err=True)
+    if len(summary.damaged) > 5:
+        click.echo(f"repaired {len(summary.damaged) - 5} more damaged videos", err=True)
     click.echo(
         f"stored {summary.stored} videos, skipped {summary.skipped} (already done), failed {summary.failed}, "
         f"wrote {summary.bytes_written / 1e6:.1f} MB in {summary.seconds:.1f} s -> {kw['out']}"
+        + (f" ({len(summary.damaged)} damaged, redone)" if kw["repair"] else "")
         + ("" if summary.complete else " (incomplete)")
     )
     if summary.store_failed:
