@@ -14,7 +14,7 @@ from dist_cache.model import DiST, DiSTConfig, DiSTSwitches
 from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.data import EpochSampler
 from pipelines.plots import read_metrics
-from pipelines.train import lr_at, param_groups, restore_scaler
+from pipelines.optim import lr_at, param_groups, restore_scaler
 
 # 7 videos x 3 views; video 2 failed at extraction (no usable view), video 5 has only views 0 and 2.
 USABLE = np.array([i for i in range(21) if i // 3 != 2 and i != 16])
