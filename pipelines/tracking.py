@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -95,7 +96,7 @@ def _wandb(out: Path, config: dict[str, Any]) -> Any:
                         "pip install 'dist-cache[wandb]'") from None
     # One W&B run per run directory: --resume continues it under the id its first start chose.
     id_file = out / WANDB_ID_FILE
-    run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     try:
         return wandb.init(project=os.environ.get("WANDB_PROJECT", "dist-cache"), dir=str(out), id=run_id, resume="allow", name=out.name,
