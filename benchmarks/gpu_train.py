@@ -94,12 +94,13 @@ def main() -> None:
     from pipelines.step import StepModel, train_step
     from storage import FeatureStore, SampleStatus
 
-    budget, warmup = (2.0, 1) if args.quick else (30.0, 3)
+    budget, warmup = (2.0, 1) if args.quick else (20.0, 3)
     device = torch.device(args.device)
     store = FeatureStore.open(args.store)
     gamma = 2
     precision = online_precision(store.schema.precision, device)
-    phases = Phases(args.out, limit_s=60 + 4 * (budget + 60), parameters={
+    # Below benchmarks/gpu.sh's limit for this step (200 s), so a hang still leaves the phases measured before it.
+    phases = Phases(args.out, limit_s=30 + 4 * (budget + 15), parameters={
         "store": store.url, "batch": args.batch, "gamma": gamma, "layers": len(store.schema.layers),
         "frames": store.schema.num_frames, "store_dtype": store.schema.dtype, "dense_frames_stored": store.dense_gamma,
         "online_precision": precision, "amp": str(amp_dtype(device)), "device": str(device),
