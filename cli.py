@@ -196,7 +196,7 @@ def _count_or_auto(ctx, param, value):
 def loader_options(fn):
     """How train and eval read their input: reader threads, decode processes (and the old --workers spelling)."""
     for option in reversed([
-        click.option("--read-threads", default=4, type=click.IntRange(min=1), show_default=True,
+        click.option("--read-threads", default=8, type=click.IntRange(min=1), show_default=True,
                      help="Threads reading features and stored frames into the batch buffers."),
         click.option("--decode-workers", default="auto", show_default=True, callback=_count_or_auto,
                      help="Processes decoding dense frames when the store holds none (auto: the cores less 2; "

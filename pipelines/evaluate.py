@@ -41,7 +41,7 @@ class EvalOptions:
     confusion: str | None = None  # PNG; defaults to <json stem>.confusion.png beside --json
     online: bool = False
     batch_size: int = 16
-    read_threads: int = 4
+    read_threads: int = 8
     decode_workers: int | Literal["auto"] = "auto"
     decode_timeout: float = 120.0
     device: str = "auto"

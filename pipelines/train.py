@@ -77,7 +77,7 @@ class TrainOptions:
     clip_grad: float = 1.0  # max global grad norm; 0 disables
     seed: int = 0
     # runtime
-    read_threads: int = 4  # threads reading the store into the batch buffers
+    read_threads: int = 8  # threads reading the store into the batch buffers (reads release the GIL)
     decode_workers: int | Literal["auto"] = "auto"  # processes decoding dense frames (0: in the reader threads)
     decode_timeout: float = 120.0  # seconds before a video's decode is killed (and the run stops)
     device: str = "auto"
@@ -323,23 +323,28 @@ def setup(opts: TrainOptions, ranks: Ranks, checked: Checked) -> Run:
     step_model = StepModel(net, model, branch, optimizer, scheduler, scaler,
                            torch.as_tensor(store.text_features, device=device), tuple(backbone["mean"]),
                            tuple(backbone["std"]), amp, opts.label_smoothing, opts.clip_grad)
-    frames = None
-    if checked.frames:
-        frames = frame_source(store, config.switches.gamma, opts.video_root, decode_workers=opts.decode_workers,
-                              decode_timeout=opts.decode_timeout)
-    loader = BatchLoader(store, sampler, layers=None if opts.online else checked.layers, frames=frames, device=device,
-                         read_threads=opts.read_threads)
-    validation = tracker = None
-    if checked.val_store is not None and ranks.main:
-        validation = Validation.open(net, checked.val_store, checked.val_usable,
-                                     video_root=opts.val_video_root or opts.video_root,
-                                     batch_size=opts.eval_batch_size or opts.batch_size, read_threads=opts.read_threads,
-                                     decode_workers=opts.decode_workers, decode_timeout=opts.decode_timeout,
-                                     device=device)
-    if ranks.main:
-        Path(opts.out).mkdir(parents=True, exist_ok=True)
-        tracker = Tracker(Path(opts.out), opts.report_to, resume_step=step if ckpt is not None else None,
-                          config=opts.recorded())
+    with contextlib.ExitStack() as opened:  # what is opened here is closed again if a later part fails
+        frames = None
+        if checked.frames:
+            frames = frame_source(store, config.switches.gamma, opts.video_root, decode_workers=opts.decode_workers,
+                                  decode_timeout=opts.decode_timeout)
+            opened.callback(frames.close)
+        loader = BatchLoader(store, sampler, layers=None if opts.online else checked.layers, frames=frames,
+                             device=device, read_threads=opts.read_threads)
+        opened.callback(loader.close)
+        validation = tracker = None
+        if checked.val_store is not None and ranks.main:
+            validation = Validation.open(net, checked.val_store, checked.val_usable,
+                                         video_root=opts.val_video_root or opts.video_root,
+                                         batch_size=opts.eval_batch_size or opts.batch_size,
+                                         read_threads=opts.read_threads, decode_workers=opts.decode_workers,
+                                         decode_timeout=opts.decode_timeout, device=device)
+            opened.callback(validation.close)
+        if ranks.main:
+            Path(opts.out).mkdir(parents=True, exist_ok=True)
+            tracker = Tracker(Path(opts.out), opts.report_to, resume_step=step if ckpt is not None else None,
+                              config=opts.recorded())
+        opened.pop_all()  # set up: the Run closes them from now on
     return Run(opts, ranks, store, config, step_model, sampler, loader, validation, tracker, meter, checked.frames,
                step, best_top1)
 
