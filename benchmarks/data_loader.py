@@ -59,7 +59,7 @@ def build_store(workdir: Path, videos: int, views: int, seconds: float, gamma: i
         if not (root / name).exists():
             k400_like(root / name, seconds, np.random.default_rng(i))
     schema = b16_schema(videos, views, gamma)
-    url = str(workdir / ("b16-frames.zarr" if gamma else "b16.zarr"))
+    url = str(workdir / f"b16-{videos}x{views}-{seconds:g}s-gamma{gamma or 0}.zarr")
     text = np.random.default_rng(0).standard_normal((schema.num_classes, schema.embed_dim)).astype(np.float32)
     writer = StoreWriter.open(url, schema, names, [i % schema.num_classes for i in range(videos)], text)
     rng = np.random.default_rng(1)
