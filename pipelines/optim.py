@@ -57,9 +57,13 @@ def make_optimizer(branch: nn.Module, *, lr: float, weight_decay: float, total: 
     return optimizer, scheduler
 
 
-def make_scaler(amp: torch.dtype | None) -> torch.amp.GradScaler:
+def loss_scaling(amp: torch.dtype | None) -> bool:
     """Loss scaling for fp16 autocast only: bf16 has fp32's range, and fp32 needs none."""
-    return torch.amp.GradScaler("cuda", enabled=amp == torch.float16)
+    return amp == torch.float16
+
+
+def make_scaler(amp: torch.dtype | None) -> torch.amp.GradScaler:
+    return torch.amp.GradScaler("cuda", enabled=loss_scaling(amp))
 
 
 def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
