@@ -83,7 +83,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--video-root", default=None)
     p.add_argument("--pretrained", default=None)
-    p.add_argument("--read-threads", type=int, default=8)
+    p.add_argument("--read-threads", type=int, default=12)  # 16 cores: the rest for the main loop and decoding
     args = p.parse_args()
 
     from dist_cache.model import DiSTConfig, DiSTSwitches
@@ -178,4 +178,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from dist_cache.errors import UserError
+
+    try:
+        main()
+    except UserError as err:  # e.g. a store without dense frames and no --video-root: one line, not a traceback
+        raise SystemExit(f"error: {err}") from None
