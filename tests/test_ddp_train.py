@@ -70,3 +70,21 @@ def test_a_rank_user_error_reaches_the_parent_as_one(motion_dataset, tmp_path: P
     with pytest.raises(UserError, match="--cache") as err:
         train_ranks(opts, 2)
     assert "\n" not in str(err.value) and str(missing) in str(err.value)
+
+
+def test_torchrun_starts_the_cli_entry_point_on_every_rank(store, tmp_path: Path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "torchrun"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0", "-m", "cli",
+         "train", "--cache", store, "--out", str(out), "--epochs", "2", "--batch-size", "4", "--warmup-epochs", "1",
+         "--device", "cpu", "--no-temporal", "--no-integ-to-temp", "--no-temp-to-integ", "--alpha-dim", "32",
+         "--beta-dim", "16", "--pool-blocks", "1", "--read-threads", "2"],
+        cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained 4 steps over 2 epochs") == 1  # rank 0 alone reports
+    assert load_checkpoint(out / "last.pt")["step"] == 4
+    assert '"pid"' in (out / "train.lock").read_text()  # rank 0 held the run directory
