@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .errors import UserError
+from .errors import UserError, first_line
 from .paths import resolve_under
 
 FORMATS = ("csv", "kinetics", "ssv2", "mmaction")
@@ -267,3 +267,44 @@ def _resolve(root: Path | None, rel: str, fmt: str) -> str:
             if (root / candidate).exists():
                 return candidate
     return rel
+
+
+def load_flip_label_map(path: str | os.PathLike) -> tuple[tuple[str, str], ...]:
+    """`extract --flip-label-map FILE`: the pairs of class names a horizontal flip swaps (SSv2's "left to right"
+    and "right to left"), as a JSON list of two-name lists, e.g. [["Pushing something from left to right",
+    "Pushing something from right to left"]]. Returned canonical (each pair and the list sorted), since the
+    relation is symmetric and the store compares it with a rerun's."""
+    path = Path(path)
+    flag = f"--flip-label-map {path}"
+    if not path.is_file():
+        raise ManifestError(f"{flag}: no such file; pass a JSON list of [class, class] pairs")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{flag} is not a JSON file ({first_line(exc, 80)}); write a JSON list of "
+                            f"[class, class] pairs") from None
+    if not isinstance(data, list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(n, str) and n.strip() for n in p) for p in data):
+        raise ManifestError(f"{flag}: expected a JSON list of [class, class] pairs of class names, "
+                            f'e.g. [["left", "right"]]; fix the file')
+    pairs = sorted(tuple(sorted(n.strip() for n in p)) for p in data)
+    named = [n for p in pairs for n in p]
+    twice = sorted({n for n in named if named.count(n) > 1})
+    if twice:
+        raise ManifestError(f"{flag}: class {twice[0]!r} appears in more than one place; each class swaps with "
+                            f"one partner at most")
+    return tuple(pairs)  # type: ignore[return-value]
+
+
+def flip_partners(pairs: Sequence[Sequence[str]], class_names: Sequence[str]) -> dict[int, int]:
+    """Class index -> the index its flipped views are labelled with, for every class in a pair; a UserError
+    naming the first class that the manifest's class list lacks."""
+    lookup = {n: i for i, n in enumerate(class_names)}
+    unknown = [n for p in pairs for n in p if n not in lookup]
+    if unknown:
+        raise ManifestError(f"--flip-label-map names the class {unknown[0]!r}, which is not among the "
+                            f"{len(class_names)} classes of the manifest (or --classes); fix the name in the file")
+    partners: dict[int, int] = {}
+    for a, b in pairs:
+        partners[lookup[a]], partners[lookup[b]] = lookup[b], lookup[a]
+    return partners

@@ -1,41 +1,69 @@
 """Stage one: run the frozen CLIP once over every video's sparse frames and store every layer's tokens.
 
-The work is split so each piece runs where it is cheapest and a failure stays local:
-- decode workers (processes, killable on a hang) probe, plan, decode and render each video;
-- this process batches rendered frames through CLIP's visual tower;
-- a writer thread stores each finished video (its shard, then its completion record), overlapped
-  with the next forward pass.
-A rerun skips every video that has a record, so kill -9 at any point loses only unrecorded work.
+Each stage has its own flow, so the slowest one sets the pace and the others keep up:
+- decode workers (processes, killable on a hang) probe, plan, decode and render each video, running ahead of
+  the forward by a bounded number of videos;
+- this process's main thread batches rendered videos and enqueues each batch's forward, cast and copy to
+  pinned host memory as soon as the batch is full (`pipelines.extract_device`), without waiting for the device;
+- writer threads store each video (its shards, then its completion record) straight from those host
+  buffers, which return to a bounded ring when the batch's last video is written.
+A rerun skips every video that has a record, so kill -9 at any point loses only unrecorded work. A video that
+does not decode, or whose activations are not finite, is recorded as failed and the run goes on; a store
+that cannot be written (disk full, read-only, I/O error) stops the run with one line, resumable.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
+import math
+import string
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
-import numpy as np
 import torch
 
 from dist_cache.backbone import Backbone, load_backbone, resolve_layers
 from dist_cache.decode_pool import DecodePool
-from dist_cache.decoders import DecodeError, get_decoder
+from dist_cache.decoders import DECODERS, DecodeError, get_decoder
 from dist_cache.devices import resolve_device
-from dist_cache.errors import UserError
-from dist_cache.manifests import Manifest, load_manifest
-from dist_cache.transforms import PREPROCESS, normalize_frames
+from dist_cache.errors import UserError, first_line
+from dist_cache.manifests import Manifest, flip_partners, load_manifest
+from dist_cache.transforms import PREPROCESS
+from pipelines.extract_device import DeviceForward, LaunchedBatch
 from pipelines.prepare import PreparedVideo, RenderSpec, prepare_video
-from storage import StoreSchema, StoreWriter
+from pipelines.repair import Damage, damaged_videos
+from storage import StoreSchema, StoreWriteError, StoreWriter
 from storage.schema import FORMAT_VERSION
 
 FORMAT_SPLITS = ("train", "test")
-# Each video owns its shards, so writers never contend; two overlap one slow write with the next.
-WRITER_THREADS = 2
-DECODE_PRELOAD = ("pipelines.prepare",)
 DTYPES = ("fp16", "int8")
+PRECISIONS = ("fp16", "bf16", "fp32")
+DENSE_GAMMAS = (1, 2, 4, 8)
+# Views per video when --views is not given: one augmented view to train on; 3 temporal clips x 1 crop to test
+# (the reference's evaluation protocol, what `eval` expects).
+DEFAULT_VIEWS = {"train": 1, "test": 3}
+# Each video owns its shards, so writers never contend. Several keep the disk busy: each one checks and
+# checksums a chunk while its I/O thread writes the previous one.
+WRITER_THREADS = 4
+DECODE_PRELOAD = ("pipelines.prepare",)
+# If this many videos fail to decode before any is stored, the input is wrong (a wrong --video-root, a garbage
+# manifest): stop before recording hundreds of thousands of failures.
+FIRST_FAILURES_LIMIT = 100
+MAX_SEED = 2**63 - 1
+
+
+def default_decoder() -> str:
+    """decord where it is installed (it is the faster), else PyAV."""
+    try:
+        get_decoder("decord")
+    except UserError:
+        return "pyav"
+    return "decord"
 
 
 @dataclass
@@ -48,7 +76,7 @@ class ExtractOptions:
     allow_random_weights: bool = False
     layers: str = "all"
     frames: int = 8
-    views: int = 1
+    views: int | None = None  # None: DEFAULT_VIEWS[split]
     split: str = "train"
     seed: int = 0
     dtype: str = "fp16"
@@ -60,14 +88,27 @@ class ExtractOptions:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5
     grayscale_p: float = 0.2
+    # Class-name pairs a horizontal flip swaps (dist_cache.manifests.load_flip_label_map); train split only.
+    flip_label_map: tuple[tuple[str, str], ...] | None = None
+    dense_frames: bool = False  # also store each view's dense frames, rendered, for the largest gamma trained
+    dense_gamma: int = 2
     batch_frames: int = 64
-    decode_workers: int = 2
+    decode_workers: int | str = "auto"  # a count, or "auto" (dist_cache.decode_pool.auto_workers)
     decode_timeout: float = 120.0
-    decoder: str = "decord"  # a dist_cache.decoders name
+    decoder: str | None = None  # a dist_cache.decoders name; None: default_decoder()
+    precision: str | None = None  # how CLIP runs; None: fp16 on CUDA, fp32 elsewhere
     device: str = "auto"
     hash_videos: bool = False  # record each file's sha256 so verify can tell a replaced copy
     retry_failed: bool = False  # extract videos recorded as failed again (e.g. after fixing the files)
+    repair: bool = False  # re-extract done videos whose stored bytes fail the integrity check
+    deep: bool = False  # with repair: read every chunk and check its crc32c, not only the shard indexes
     storage_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.views is None:
+            self.views = DEFAULT_VIEWS.get(self.split, 1)
+        if self.decoder is None:
+            self.decoder = default_decoder()
 
 
 @dataclass
@@ -80,6 +121,7 @@ class ExtractSummary:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (video, error), this run
     complete: bool = False
     store_failed: int = 0  # failed videos in the whole store, earlier runs included
+    damaged: list[Damage] = field(default_factory=list)  # done videos found damaged (--repair), redone by this run
 
     def merge(self, other: "ExtractSummary") -> None:
         self.stored += other.stored
@@ -88,23 +130,63 @@ class ExtractSummary:
         self.failures.extend(other.failures)
 
 
+def check_template(template: str) -> None:
+    """A prompt template holds exactly one `{}`, where the class name goes; anything else would give every class
+    the same text (no `{}`) or fail on formatting (`{x}`)."""
+    try:
+        fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError:
+        fields = []
+    if fields != [("", "", None)]:
+        raise UserError(f"--template {template!r}: a template needs exactly one {{}} where the class name goes "
+                        f"(write {{{{ and }}}} for literal braces), e.g. 'a video of {{}}.'")
+
+
 def check_options(opts: ExtractOptions) -> None:
     """Reject bad flag values before anything is loaded or written."""
     if opts.split not in FORMAT_SPLITS:
         raise UserError(f"--split {opts.split}: must be one of {', '.join(FORMAT_SPLITS)}")
     if opts.dtype not in DTYPES:
         raise UserError(f"--dtype {opts.dtype}: must be one of {', '.join(DTYPES)}")
-    if opts.frames < 1 or opts.views < 1:
-        raise UserError("--frames and --views must be at least 1")
+    if opts.frames < 1 or opts.views < 1 or opts.batch_frames < 1:
+        raise UserError("--frames, --views and --batch-frames must be at least 1")
+    if not (isinstance(opts.seed, int) and 0 <= opts.seed <= MAX_SEED):
+        raise UserError(f"--seed {opts.seed}: must be an integer in [0, 2^63)")
+    if opts.precision is not None and opts.precision not in PRECISIONS:
+        raise UserError(f"--precision {opts.precision}: must be one of {', '.join(PRECISIONS)}")
+    if opts.decoder not in DECODERS:
+        raise UserError(f"--decoder {opts.decoder}: must be one of {', '.join(DECODERS)}")
+    if opts.dense_gamma not in DENSE_GAMMAS:
+        raise UserError(f"--dense-gamma {opts.dense_gamma}: must be one of {', '.join(map(str, DENSE_GAMMAS))}")
+    if opts.decode_workers != "auto" and not (isinstance(opts.decode_workers, int) and opts.decode_workers >= 1):
+        raise UserError(f"--decode-workers {opts.decode_workers}: must be auto or at least 1")
+    if opts.deep and not opts.repair:
+        raise UserError("--deep is a depth of --repair's check: add --repair")
+    if not opts.templates:
+        raise UserError("--template: give at least one template, e.g. '{}'")
+    for template in opts.templates:
+        check_template(template)
     if not Path(opts.video_root).is_dir():
         raise UserError(f"--video-root {opts.video_root}: no such directory")
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> str:
+    """--precision's default: fp16 autocast on CUDA (the GPU's fast path), fp32 elsewhere."""
+    if precision is not None:
+        return precision
+    return "fp16" if device.type == "cuda" else "fp32"
+
+
+def flips_apply(opts: ExtractOptions) -> bool:
+    """Only training views are flipped (test views are centre crops, never mirrored)."""
+    return opts.split == "train"
 
 
 def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], manifest: Manifest) -> StoreSchema:
     """Everything a stranger needs to reuse or reproduce the features."""
     described = backbone.describe()
-    # The activation CLIP ran with: open_clip's configs say "quick_gelu" when the weights need it.
-    described.setdefault("activation", "quick_gelu" if described["model_config"].get("quick_gelu") else "gelu")
+    train = flips_apply(opts)
     return StoreSchema.from_json({
         "format_version": FORMAT_VERSION,
         "backbone": described,
@@ -118,22 +200,22 @@ def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], ma
         "split": opts.split,
         "dtype": opts.dtype,
         "codec": opts.codec,
-        "precision": "fp32",  # CLIP runs in fp32 (see SpatialEncoder)
+        "precision": opts.precision,
         "tokens": backbone.num_tokens,
         "width": backbone.width,
         "sampling": {
-            "policy": "tsn-segments" if opts.split == "train" else "uniform-clips",
+            "policy": "tsn-segments" if train else "uniform-clips",
             "seed": opts.seed,
             "scale": list(opts.scale),
             "ratio": list(opts.ratio),
-            "flip_p": opts.flip_p if opts.split == "train" else 0.0,
-            "grayscale_p": opts.grayscale_p if opts.split == "train" else 0.0,
+            "flip_p": opts.flip_p if train else 0.0,
+            "grayscale_p": opts.grayscale_p if train else 0.0,
             "rng": "numpy default_rng([seed, video_index])",
             "dense_rule": "dense[g*k+j] = min(num_frames-1, sparse[k] + floor(j*gap_k/g)), j < g, "
                           "gap_k = sparse[k+1] - sparse[k], the last slot's gap = window",
-            "flip_label_map": None,  # no label swaps on flip
+            "flip_label_map": [list(p) for p in opts.flip_label_map] if opts.flip_label_map and train else None,
         },
-        "dense_frames": None,  # no dense frames stored
+        "dense_frames": {"gamma": opts.dense_gamma} if opts.dense_frames else None,
         "num_videos": len(manifest.videos),
         "class_names": manifest.class_names,
         "text": {"templates": list(opts.templates), "source": "backbone text tower, mean of L2-normalised templates"},
@@ -141,12 +223,83 @@ def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], ma
 
 
 def render_spec(opts: ExtractOptions, backbone: Backbone) -> RenderSpec:
+    train = flips_apply(opts)
     return RenderSpec(
         frames=opts.frames, views=opts.views, split=opts.split, seed=opts.seed, image_size=backbone.image_size,
         scale=tuple(opts.scale), ratio=tuple(opts.ratio), decoder=opts.decoder,
-        flip_p=opts.flip_p if opts.split == "train" else 0.0,
-        grayscale_p=opts.grayscale_p if opts.split == "train" else 0.0,
+        flip_p=opts.flip_p if train else 0.0,
+        grayscale_p=opts.grayscale_p if train else 0.0,
+        dense_gamma=opts.dense_gamma if opts.dense_frames else None,
     )
+
+
+class _RunState:
+    """What one `Extractor.run` shares between its main thread and its writer threads: the summary, the
+    progress callback, the failures held back until the first video is stored, and the error that stops it."""
+
+    def __init__(self, extractor: "Extractor", on_progress: Callable[[ExtractSummary], None]):
+        self.extractor = extractor
+        self.summary = ExtractSummary()
+        self.on_progress = on_progress
+        self.lock = threading.Lock()
+        self.held: list[tuple[int, str]] = []  # decode failures not yet recorded: nothing is stored yet
+        self.error: BaseException | None = None
+
+    def stop(self, error: BaseException) -> None:
+        with self.lock:
+            self.error = self.error or error
+
+    @property
+    def stopped(self) -> bool:
+        return self.error is not None
+
+    def raise_if_stopped(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _record(self, video_index: int, message: str) -> None:
+        """Write a failure record (lock held)."""
+        self.extractor.writer.write_failure(video_index, message)
+        self.summary.failed += 1
+        self.summary.failures.append((self.extractor.manifest.videos[video_index], message))
+        self.on_progress(self.summary)
+
+    def decode_failed(self, video_index: int, err: BaseException) -> None:
+        """A video that did not decode. Until one video is stored, failures are held back: if the first
+        FIRST_FAILURES_LIMIT all fail, the input is wrong, and the store is left without their records."""
+        message = str(err) if isinstance(err, DecodeError) else f"{type(err).__name__}: {first_line(err, 400)}"
+        with self.lock:
+            if self.summary.stored:
+                self._record(video_index, message)
+                return
+            self.held.append((video_index, message))
+            if len(self.held) >= FIRST_FAILURES_LIMIT:
+                self.error = self.error or UserError(
+                    f"the first {len(self.held)} videos all failed to decode (first error: "
+                    f"{self.held[0][1].splitlines()[0][:300]}): check --video-root and --manifest")
+
+    def write_failed(self, video_index: int, message: str) -> None:
+        with self.lock:
+            self._record(video_index, message)
+
+    def stored(self, nbytes: int) -> None:
+        with self.lock:
+            self.summary.stored += 1
+            self.summary.bytes_written += nbytes
+            self._release_held()
+            self.on_progress(self.summary)
+
+    def _release_held(self) -> None:
+        held, self.held = self.held, []
+        for video_index, message in held:
+            self._record(video_index, message)
+
+    def finish(self) -> ExtractSummary:
+        """Record the failures still held (a run that stored nothing, under the limit), or raise what stopped it."""
+        self.raise_if_stopped()
+        with self.lock:
+            self._release_held()
+        return self.summary
 
 
 @dataclass
@@ -159,6 +312,8 @@ class Extractor:
     manifest: Manifest
     writer: StoreWriter
     device: torch.device
+    # Class index -> the label of its flipped views (--flip-label-map); empty: labels never change.
+    flip_partners: dict[int, int] = field(default_factory=dict)
     # Kept for the extractor's life: a dask worker runs many chunks, and each new pool would spawn
     # (and import torch in) fresh decode processes.
     decode_pool: DecodePool | None = field(default=None, repr=False)
@@ -167,14 +322,18 @@ class Extractor:
     def open(cls, opts: ExtractOptions, *, decode: bool = True) -> "Extractor":
         """Validate everything, then create or reopen the store. Every user error happens before a write.
 
-        `decode=False` for a process that only creates the store (a dask client): no decode workers."""
+        `decode=False` for a process that only creates the store (a dask client): no decode workers, and CLIP's
+        visual tower is never run there (so its precision need not suit this process's device)."""
         check_options(opts)
         manifest = load_manifest(opts.manifest, video_root=opts.video_root, classes=opts.classes, fmt=opts.manifest_format)
+        partners = flip_partners(opts.flip_label_map, manifest.class_names) if opts.flip_label_map else {}
         # Decode workers spend seconds importing torch: start them now, so that happens while CLIP loads.
         pool = DecodePool(opts.decode_workers, opts.decode_timeout, preload=DECODE_PRELOAD) if decode else None
         try:
             device = resolve_device(opts.device)
-            backbone = load_backbone(opts.model, opts.pretrained, allow_random_weights=opts.allow_random_weights, device=device)
+            opts = dataclasses.replace(opts, precision=resolve_precision(opts.precision, device))
+            backbone = load_backbone(opts.model, opts.pretrained, allow_random_weights=opts.allow_random_weights,
+                                     device=device, precision=opts.precision if decode else "fp32")
             layers = resolve_layers(opts.layers, backbone.num_layers)
             schema = build_schema(opts, backbone, layers, manifest)
             writer = StoreWriter.open(
@@ -189,113 +348,165 @@ class Extractor:
             if pool is not None:
                 pool.close(kill=True)
             raise
-        return cls(opts, backbone, layers, manifest, writer, device, pool)
+        return cls(opts, backbone, layers, manifest, writer, device, partners if flips_apply(opts) else {}, pool)
+
+    @property
+    def videos_per_batch(self) -> int:
+        """Videos per forward pass: at least --batch-frames frames, whole videos."""
+        return max(1, math.ceil(self.opts.batch_frames / (self.opts.views * self.opts.frames)))
 
     @functools.cached_property
-    def encoder(self) -> torch.nn.Module:
-        return self.backbone.spatial_encoder(self.layers).to(self.device)
+    def forward(self) -> DeviceForward:
+        schema = self.writer.schema
+        int8 = self.opts.dtype == "int8"
+        fp16_values = self.opts.dtype == "fp16" or self.opts.precision == "fp16"
+        return DeviceForward(
+            self.backbone.spatial_encoder(self.layers).to(self.device), self.device, self.backbone.mean,
+            self.backbone.std, videos_per_batch=self.videos_per_batch, views=self.opts.views, frames=self.opts.frames,
+            tokens=schema.tokens, width=schema.width, embed_dim=schema.embed_dim,
+            transfer_dtype=torch.float16 if fp16_values else torch.float32, int8=int8)
 
     def close(self) -> None:
         if self.decode_pool is not None:
             self.decode_pool.close()
             self.decode_pool = None
 
-    def run(self, video_indices: Iterable[int], on_progress: Callable[[int], None] = lambda n: None) -> ExtractSummary:
-        """Extract the given videos. `on_progress(clips)` is called as each video is stored or fails."""
-        summary = ExtractSummary()
+    def to_extract(self, progress: bool = False) -> tuple[list[int], list[Damage]]:
+        """The videos this run extracts, ascending: those without a record (and failed ones with --retry-failed),
+        plus, with --repair, done ones whose stored bytes fail the integrity check (also returned)."""
+        from tqdm import tqdm
+
+        pending = self.writer.pending(retry_failed=self.opts.retry_failed)
+        if not self.opts.repair:
+            return pending, []
+        todo = set(pending)
+        done = [v for v in range(len(self.manifest.videos)) if v not in todo]
+        with tqdm(total=len(done), unit="video", desc="check", disable=not progress, dynamic_ncols=True,
+                  leave=False) as bar:
+            damaged = damaged_videos(self.writer.url, done, deep=self.opts.deep,
+                                     storage_options=self.opts.storage_options or None,
+                                     on_checked=lambda: bar.update(1))
+        return sorted(todo | {d.video_index for d in damaged}), damaged
+
+    def run(self, video_indices: Iterable[int],
+            on_progress: Callable[[ExtractSummary], None] = lambda summary: None) -> ExtractSummary:
+        """Extract the given videos. `on_progress(summary)` is called as each video is stored or recorded failed
+        (from a writer thread). A store write error, or FIRST_FAILURES_LIMIT decode failures before the first
+        stored video, stops the run: raised once the writes in flight have ended."""
+        state = _RunState(self, on_progress)
         spec = render_spec(self.opts, self.backbone)
         root = Path(self.opts.video_root)
         jobs = [(str(root / self.manifest.videos[v]), v, spec, self.opts.hash_videos) for v in video_indices]
-        per_video = self.opts.views * self.opts.frames
+        if self.decode_pool is None:
+            self.decode_pool = DecodePool(self.opts.decode_workers, self.opts.decode_timeout, preload=DECODE_PRELOAD)
+        # Decoded videos waiting for the forward: a full batch, plus what the workers finish meanwhile.
+        ahead = self.videos_per_batch + 2 * self.decode_pool.workers
         batch: list[PreparedVideo] = []
-        writes: list[concurrent.futures.Future] = []
-
-        def flush() -> None:
-            if batch:
-                writes.append(write_pool.submit(self._store_batch, self._forward(batch), list(batch)))
-                batch.clear()
-            # Bounded in-flight batches keep memory flat while writing overlaps compute.
-            while len(writes) > 2 * WRITER_THREADS:
-                self._collect(writes.pop(0), summary, on_progress)
-
-        with concurrent.futures.ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="store-writer") as write_pool:
-            if self.decode_pool is None:
-                self.decode_pool = DecodePool(self.opts.decode_workers, self.opts.decode_timeout, preload=DECODE_PRELOAD)
-            for position, future in self.decode_pool.map_unordered(prepare_video, jobs):
+        write_pool = concurrent.futures.ThreadPoolExecutor(WRITER_THREADS, thread_name_prefix="store-writer")
+        try:
+            for position, future in self.decode_pool.map_unordered(prepare_video, jobs, in_flight=ahead):
+                state.raise_if_stopped()
                 try:
                     batch.append(future.result())
                 except Exception as err:  # any one video's failure is recorded, never the end of the run
-                    self._record_failure(jobs[position][1], err, summary, on_progress)
+                    state.decode_failed(jobs[position][1], err)
                     continue
-                if len(batch) * per_video >= self.opts.batch_frames:
-                    flush()
-            flush()
-            for pending_write in writes:
-                self._collect(pending_write, summary, on_progress)
-        return summary
+                if len(batch) >= self.videos_per_batch:
+                    self._launch(batch, write_pool, state)
+                    batch = []
+            if batch:
+                self._launch(batch, write_pool, state)
+        except BaseException as err:
+            state.stop(err)
+            raise
+        finally:
+            # After an error, writes not yet started are dropped (each returns its ring slot as it is cancelled).
+            write_pool.shutdown(wait=True, cancel_futures=state.stopped)
+        return state.finish()
 
-    @torch.inference_mode()
-    def _forward(self, batch: list[PreparedVideo]) -> tuple[np.ndarray, np.ndarray]:
-        """CLIP on a batch of videos -> features (V, K, L, T, N+1, C) and embeddings (V, K, T, E), ready to store.
+    def _launch(self, batch: list[PreparedVideo], write_pool: concurrent.futures.Executor, state: _RunState) -> None:
+        """Enqueue the batch on the device and one write per video; the batch's host buffers go back to the
+        ring when its last write ends (done, failed or cancelled)."""
+        launched = self.forward.launch(batch)
+        remaining = [len(batch)]
+        lock = threading.Lock()
 
-        The layout change and the cast to the stored precision happen on the device: on a GPU the host
-        side would otherwise spend longer converting than the forward pass takes.
-        """
-        images = torch.from_numpy(np.concatenate([p.images for p in batch])).to(self.device)  # uint8
-        images = normalize_frames(images, self.backbone.mean, self.backbone.std)
-        tokens, embeds = self.encoder(images)  # (L, V*K*T, N+1, C), (V*K*T, E)
-        V, K, T = len(batch), self.opts.views, self.opts.frames
-        store_dtype = torch.float16 if self.opts.dtype == "fp16" else torch.float32  # int8 quantises from fp32
-        features = tokens.reshape(len(self.layers), V, K, T, *tokens.shape[2:]).permute(1, 2, 0, 3, 4, 5)
-        features = features.to(store_dtype).contiguous().cpu().numpy()
-        return features, embeds.reshape(V, K, T, -1).to(torch.float16).cpu().numpy()
+        def written(_: concurrent.futures.Future) -> None:
+            with lock:
+                remaining[0] -= 1
+                last = remaining[0] == 0
+            if last:
+                self.forward.ring.release(launched.buffers)
 
-    def _store_batch(self, outputs: tuple[np.ndarray, np.ndarray], batch: list[PreparedVideo]) -> list[tuple[int, int | Exception]]:
-        """Store each video of a batch; returns (video index, bytes written or the error that stopped it)."""
-        features, embeds = outputs
-        results: list[tuple[int, int | Exception]] = []
-        for n, prepared in enumerate(batch):
-            try:
-                nbytes = self.writer.write_video(
-                    prepared.video_index,
-                    facts={**prepared.facts.to_dict(), **prepared.file_facts},
-                    plans=[p.to_dict() for p in prepared.plans],
-                    features=features[n],
-                    clip_embeds=embeds[n],
-                )
-                results.append((prepared.video_index, nbytes))
-            except Exception as err:  # e.g. non-finite activations: that video fails, the rest go on
-                results.append((prepared.video_index, err))
-        return results
+        for n in range(len(batch)):
+            write_pool.submit(self._store, launched, n, state).add_done_callback(written)
 
-    def _record_failure(self, video_index: int, err: Exception, summary: ExtractSummary, on_progress) -> None:
-        message = str(err) if isinstance(err, DecodeError) else f"{type(err).__name__}: {err}"
-        self.writer.write_failure(video_index, message)
-        summary.failed += 1
-        summary.failures.append((self.manifest.videos[video_index], message))
-        on_progress(self.opts.views)
+    def _labels(self, prepared: PreparedVideo) -> list[int]:
+        """Each view's label: the video's, or its flip partner's for a flipped view of a class in a pair."""
+        label = self.manifest.labels[prepared.video_index]
+        return [self.flip_partners.get(label, label) if plan.flip else label for plan in prepared.plans]
 
-    def _collect(self, future: concurrent.futures.Future, summary: ExtractSummary, on_progress) -> None:
-        for video_index, outcome in future.result():
-            if isinstance(outcome, Exception):
-                self._record_failure(video_index, outcome, summary, on_progress)
-                continue
-            summary.stored += 1
-            summary.bytes_written += outcome
-            on_progress(self.opts.views)
+    def _store(self, launched: LaunchedBatch, n: int, state: _RunState) -> None:
+        """Writer thread: store video n of a launched batch, or record it failed if its activations are not finite."""
+        if state.stopped:
+            return
+        prepared = launched.videos[n]
+        try:
+            launched.wait()
+            if not launched.finite(n):
+                state.write_failed(prepared.video_index,
+                                   f"CLIP's activations are not finite (NaN or inf) in {self.opts.dtype} at "
+                                   f"--precision {self.opts.precision}; the video is recorded failed")
+                return
+            nbytes = self.writer.write_video(
+                prepared.video_index,
+                facts={**prepared.facts.to_dict(), **prepared.file_facts},
+                plans=[p.to_dict() for p in prepared.plans],
+                features=launched.features(n),
+                clip_embeds=launched.embeds(n),
+                frames=prepared.frames,
+                labels=self._labels(prepared),
+            )
+        except BaseException as err:  # a StoreWriteError (disk full...) or a bug: either ends the run
+            state.stop(err)
+            return
+        state.stored(nbytes)
+
+
+class _Bar:
+    """The extraction progress bar: videos done; clips/s and MB/s (shard bytes) of this run in the postfix."""
+
+    def __init__(self, total: int, views: int, enabled: bool):
+        from tqdm import tqdm
+
+        self.views = views
+        self.bar = tqdm(total=total, unit="video", desc="extract", disable=not enabled, dynamic_ncols=True)
+        self.started = time.monotonic()
+
+    def update(self, summary: ExtractSummary) -> None:
+        seconds = max(time.monotonic() - self.started, 1e-9)
+        self.bar.set_postfix({"stored": summary.stored, "failed": summary.failed,
+                              "clips/s": f"{summary.stored * self.views / seconds:.1f}",
+                              "MB/s": f"{summary.bytes_written / 1e6 / seconds:.0f}"}, refresh=False)
+        self.bar.update(summary.stored + summary.failed - self.bar.n)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def extract(opts: ExtractOptions, progress: bool = True) -> ExtractSummary:
-    """Single-process extraction of every pending video, then finalisation of the store."""
-    from tqdm import tqdm
-
+    """Single-process extraction of every pending video (and, with --repair, every damaged one), then
+    finalisation of the store."""
     started = time.monotonic()
     extractor = Extractor.open(opts)
-    pending = extractor.writer.pending(retry_failed=opts.retry_failed)
-    summary = ExtractSummary(skipped=len(extractor.manifest.videos) - len(pending))
     try:
-        with tqdm(total=len(pending) * opts.views, unit="clip", desc="extract", disable=not progress, dynamic_ncols=True) as bar:
-            summary.merge(extractor.run(pending, on_progress=bar.update))
+        todo, damaged = extractor.to_extract(progress)
+        summary = ExtractSummary(skipped=len(extractor.manifest.videos) - len(todo), damaged=damaged)
+        bar = _Bar(len(todo), extractor.opts.views, progress)
+        try:
+            summary.merge(extractor.run(todo, on_progress=bar.update))
+        finally:
+            bar.close()
     finally:
         extractor.close()
     final = extractor.writer.finalize()

@@ -96,39 +96,62 @@ def _task_resources(client) -> dict[str, int] | None:
     return {"GPU": 1} if any(w.get("resources", {}).get("GPU") for w in workers) else None
 
 
+def _worker_device_type(device: str) -> str:
+    """Runs on a worker: the kind of device `--device` gives there."""
+    from dist_cache.devices import resolve_device
+
+    return resolve_device(device).type
+
+
+def cluster_precision(client, opts: "ExtractOptions") -> str:
+    """--precision for the whole cluster (the store records one): as given, else fp16 when every worker's device
+    is a GPU and fp32 otherwise. Asked of the workers, since the client may have no GPU while they do."""
+    if opts.precision is not None:
+        return opts.precision
+    kinds = set(client.run(_worker_device_type, opts.device).values())
+    return "fp16" if kinds == {"cuda"} else "fp32"
+
+
 def extract_on_cluster(opts: "ExtractOptions", client, *, chunk_videos: int = DEFAULT_CHUNK_VIDEOS,
                        progress: bool = True) -> "ExtractSummary":
-    """Extract every pending video on the cluster behind `client`, then finalize the store once."""
+    """Extract every pending (and, with --repair, damaged) video on the cluster behind `client`, then finalize the
+    store once."""
     from distributed import as_completed
     from tqdm import tqdm
 
-    from pipelines.extract import ExtractSummary, Extractor
+    from pipelines.extract import FIRST_FAILURES_LIMIT, ExtractSummary, Extractor
 
     if chunk_videos < 1:
         raise ValueError("chunk_videos must be at least 1")
     started = time.monotonic()
+    opts = dataclasses.replace(opts, precision=cluster_precision(client, opts))
     # Opening here creates the store and raises every user error before a task runs; workers only reopen it.
     extractor = Extractor.open(opts, decode=False)
     writer = extractor.writer
-    pending = writer.pending(retry_failed=opts.retry_failed)
-    summary = ExtractSummary(skipped=len(extractor.manifest.videos) - len(pending))
+    todo, damaged = extractor.to_extract(progress)
+    summary = ExtractSummary(skipped=len(extractor.manifest.videos) - len(todo), damaged=damaged)
     del extractor  # the client needs only the writer from here on, not the model
 
-    options = dataclasses.asdict(opts)
+    # Workers redo no integrity check: they extract exactly the chunks given.
+    options = dataclasses.asdict(dataclasses.replace(opts, repair=False, deep=False))
     run_key = json.dumps({"run": uuid.uuid4().hex, "opts": options}, sort_keys=True, default=str)
     resources = _task_resources(client)
-    chunks = [pending[i : i + chunk_videos] for i in range(0, len(pending), chunk_videos)]
+    chunks = [todo[i : i + chunk_videos] for i in range(0, len(todo), chunk_videos)]
     futures = {
         client.submit(_extract_chunk, run_key, options, chunk, key=f"{TASK_PREFIX}-{n}-{uuid.uuid4().hex}",
                       retries=2, resources=resources, pure=False): len(chunk)
         for n, chunk in enumerate(chunks)
     }
-    with tqdm(total=len(pending) * opts.views, unit="clip", desc="extract", disable=not progress,
-              dynamic_ncols=True) as bar:
+    with tqdm(total=len(todo), unit="video", desc="extract", disable=not progress, dynamic_ncols=True) as bar:
         for future in as_completed(futures):
             summary.merge(future.result())
-            bar.update(futures[future] * opts.views)
+            bar.update(futures[future])
             future.release()
+            if not summary.stored and summary.failed >= FIRST_FAILURES_LIMIT:
+                client.cancel(list(futures))
+                raise UserError(f"the first {summary.failed} videos all failed to decode (first error: "
+                                f"{summary.failures[0][1].splitlines()[0][:300]}): check --video-root and --manifest, "
+                                f"then rerun with --retry-failed (their failures are recorded)")
     final = writer.finalize()
     summary.complete = bool(final["complete"])
     summary.store_failed = int(final["failed"])
@@ -139,8 +162,12 @@ def extract_on_cluster(opts: "ExtractOptions", client, *, chunk_videos: int = DE
 def extract_distributed(opts: "ExtractOptions", *, workers: int | None, scheduler: str | None,
                         chunk_videos: int = DEFAULT_CHUNK_VIDEOS, progress: bool = True) -> "ExtractSummary":
     """`dist-cache extract --workers N | --scheduler ADDRESS`."""
+    from dist_cache.decode_pool import auto_workers
     from pipelines.extract import check_options
 
     check_options(opts)  # fail on a bad flag before starting or joining a cluster
+    if workers is not None and opts.decode_workers == "auto":
+        # N local workers share this machine's cores: split auto's decode processes among them.
+        opts = dataclasses.replace(opts, decode_workers=max(1, auto_workers() // max(1, workers)))
     with connect(workers, scheduler) as client:
         return extract_on_cluster(opts, client, chunk_videos=chunk_videos, progress=progress)

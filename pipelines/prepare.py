@@ -4,6 +4,10 @@ This runs in decode worker processes (see `dist_cache.decode_pool.DecodePool`), 
 a corrupt file can be killed without taking the extractor with it, and decoding overlaps the forward
 pass. Everything here is a plain function of its arguments, so the result never depends on which
 worker ran it.
+
+With dense frames (`extract --dense-frames`), each view's gamma*T dense frames are rendered once and CLIP's
+input is their every gamma-th frame: `dense_indices(plan, G)[::G]` are the sparse indices and rendering is per
+frame, so those bytes are exactly the sparse frames' (docs/DESIGN.md, "transforms.py").
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dist_cache.decoders import VideoFacts, get_decoder
-from dist_cache.sampling import ViewPlan, plan_views
+from dist_cache.sampling import ViewPlan, dense_indices, plan_views
 from dist_cache.transforms import render_frames
 
 
@@ -33,6 +37,7 @@ class RenderSpec:
     flip_p: float
     grayscale_p: float
     decoder: str = "decord"  # a `dist_cache.decoders` name: the store records it
+    dense_gamma: int | None = None  # G: also render each view's G*T dense frames (the store keeps them)
 
 
 @dataclass
@@ -41,7 +46,21 @@ class PreparedVideo:
     facts: VideoFacts
     file_facts: dict  # size_bytes, and sha256 when asked: lets verify spot a moved or replaced file
     plans: list[ViewPlan]
-    images: np.ndarray  # (K*T, R, R, 3) uint8, views in order, frames in order: normalise on the device
+    # (K, G*T, R, R, 3) uint8, views in order, frames in order; G = the dense gamma, 1 without dense frames.
+    rendered: np.ndarray
+    gamma: int = 1
+    dense: bool = False  # whether `rendered` holds dense frames to store
+
+    @property
+    def images(self) -> np.ndarray:
+        """CLIP's input, (K*T, R, R, 3) uint8: every G-th rendered frame of each view (normalise on the device)."""
+        sparse = self.rendered[:, :: self.gamma]
+        return sparse.reshape(-1, *sparse.shape[2:])
+
+    @property
+    def frames(self) -> np.ndarray | None:
+        """The dense frames to store, (K, G*T, R, R, 3) uint8, or None when the store keeps none."""
+        return self.rendered if self.dense else None
 
 
 def file_sha256(path: str) -> str:
@@ -60,6 +79,8 @@ def file_facts(path: str, with_hash: bool) -> dict:
 
 
 def prepare_video(path: str, video_index: int, spec: RenderSpec, hash_video: bool = False) -> PreparedVideo:
+    gamma = spec.dense_gamma or 1
+
     def plan(facts: VideoFacts) -> list[ViewPlan]:
         return plan_views(
             facts.num_frames,
@@ -76,14 +97,20 @@ def prepare_video(path: str, video_index: int, spec: RenderSpec, hash_video: boo
             grayscale_p=spec.grayscale_p,
         )
 
-    def frames_of(plans: list[ViewPlan]) -> list[int]:
-        # The union of every view's frames, decoded once: views of one video often share frames.
-        return sorted({i for p in plans for i in p.sparse_indices})
+    def wanted(plans: list[ViewPlan], num_frames: int) -> list[np.ndarray]:
+        # Per view, the frames to render (dense_indices for G = 1 are the sparse indices).
+        return [dense_indices(p, gamma, num_frames) for p in plans]
 
-    facts, decoded = get_decoder(spec.decoder).probe_and_read(path, lambda facts: frames_of(plan(facts)))
+    def frames_of(facts: VideoFacts) -> list[int]:
+        # The union of every view's frames, decoded once: views of one video often share frames.
+        return sorted({int(i) for indices in wanted(plan(facts), facts.num_frames) for i in indices})
+
+    facts, decoded = get_decoder(spec.decoder).probe_and_read(path, frames_of)
     plans = plan(facts)
-    row = {frame: r for r, frame in enumerate(frames_of(plans))}
-    images = np.concatenate(
-        [render_frames(decoded[[row[i] for i in p.sparse_indices]], p, spec.image_size).numpy() for p in plans]
-    )
-    return PreparedVideo(video_index, facts, file_facts(path, hash_video), plans, images)
+    row = {frame: r for r, frame in enumerate(frames_of(facts))}
+    rendered = np.stack([
+        render_frames(decoded[[row[int(i)] for i in indices]], p, spec.image_size).numpy()
+        for p, indices in zip(plans, wanted(plans, facts.num_frames))
+    ])
+    return PreparedVideo(video_index, facts, file_facts(path, hash_video), plans, rendered, gamma,
+                         dense=spec.dense_gamma is not None)

@@ -1,29 +1,37 @@
-"""`dist-cache verify`: prove a store is complete and that its features are what its record says.
+"""`dist-cache verify`: prove a store is whole and that its features are what its record says.
 
-Beyond "the file opens", it checks each claim a store makes: every video is accounted for, no write
-was left half-done, the recorded sampling plan is what the recorded seed gives, the videos on this
-machine are the ones that were extracted, and a random subset of samples recomputed from the videos
-with the recorded weights and preprocessing matches what is stored.
+Beyond "the file opens", it checks each claim a store makes:
+- every video is accounted for and no write was left half-done (stray `*.partial` files are listed);
+- every stored sample is intact: its record decodes, every array's shard exists and its index passes its
+  checksum (FeatureStore.check_videos; `deep` also reads every chunk and checks its crc32c), CLIP embeddings
+  and frames included. Damage is reported as findings naming the video and the fix, never as a traceback;
+- with --video-root, the videos on this machine are the ones that were extracted, the recorded plans are
+  what the recorded seed gives, and a random subset of samples recomputed from the videos with the recorded
+  weights, activation and precision matches what is stored (and the stored dense frames match, byte for byte).
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 
-from dist_cache.backbone import load_recorded_backbone
-from dist_cache.decoders import get_decoder
 from dist_cache.errors import DecodeError, UserError
-from dist_cache.sampling import ViewPlan, plan_views
-from dist_cache.transforms import normalize_frames, render_frames
-from pipelines.prepare import file_sha256
-from storage import FeatureStore
+from storage import FeatureStore, StoreDamagedError
+from storage.errors import REPAIR_HINT
+from storage.location import PARTIAL_SUFFIX, is_local
+from storage.writer import DEFAULT_STALE_PARTIAL_S
 
-# fp16 storage rounds to ~1e-3 relative; int8 per-token absmax to ~1 %.
+# Relative L2 error a recompute may differ by: fp16 storage rounds to ~1e-3 relative; int8 per-token absmax
+# to ~1 %.
 TOLERANCE = {"fp16": 0.005, "int8": 0.03}
+# Added for each side that ran CLIP in reduced precision (the store's extraction, and this recompute): the
+# token error against fp32 measured on ViT-B/16 (docs/DESIGN.md, "verify, info, copy").
+PRECISION_ERROR = {"fp32": 0.0, "fp16": 0.0009, "bf16": 0.0072}
+REPAIR_FIX = "dist-cache extract ... --repair (the extraction's flags)"
 
 
 @dataclass
@@ -31,6 +39,7 @@ class VerifyReport:
     store: str
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)  # one line per damaged video: which, and what
     checked_samples: list[dict] = field(default_factory=list)
     mismatched_videos: list[str] = field(default_factory=list)
 
@@ -39,10 +48,15 @@ class VerifyReport:
         return not self.problems
 
 
-def _replanned(store: FeatureStore, sample: dict) -> ViewPlan:
-    """The plan the recorded sampling parameters give for this sample's video."""
+def _replanned(store: FeatureStore, sample: dict) -> Any:
+    """The plan the recorded sampling parameters give for this sample's video, or None when the store does not
+    record them all (a store written through the StoreWriter API need not)."""
+    from dist_cache.sampling import plan_views
+
     schema = store.schema
     sampling = schema.sampling
+    if not all(k in sampling for k in ("scale", "ratio", "flip_p", "grayscale_p")):
+        return None
     plans = plan_views(
         int(sample["num_frames"]), int(sample["width"]), int(sample["height"]),
         frames=schema.num_frames, views=schema.views_per_video, split=schema.split, seed=sampling["seed"],
@@ -54,6 +68,9 @@ def _replanned(store: FeatureStore, sample: dict) -> ViewPlan:
 
 def video_mismatch(sample: dict, path: Path, decoder: str = "decord") -> str | None:
     """Why the file at `path` is not the video this sample was extracted from, or None if it is."""
+    from dist_cache.decoders import get_decoder
+    from pipelines.prepare import file_sha256
+
     try:
         facts = get_decoder(decoder).probe(path)
     except DecodeError as err:
@@ -73,6 +90,12 @@ def _relative_error(stored: np.ndarray, recomputed: np.ndarray) -> float:
     return float(np.linalg.norm(stored - recomputed) / max(np.linalg.norm(recomputed), 1e-12))
 
 
+def _bar(total: int, desc: str, progress: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="video", disable=not progress, dynamic_ncols=True, leave=False)
+
+
 def verify_store(
     url: str,
     *,
@@ -81,12 +104,37 @@ def verify_store(
     pretrained: str | None = None,
     seed: int = 0,
     all_videos: bool = False,
+    deep: bool = False,
     storage_options: dict | None = None,
-    decoder: str = "decord",
+    decoder: str | None = None,
+    device: str = "auto",
+    progress: bool = False,
 ) -> VerifyReport:
-    """`decoder`: the `dist_cache.decoders` backend that reads the videos (the one the store was extracted with)."""
-    store = FeatureStore.open(url, storage_options=storage_options)
+    """`decoder`: the `dist_cache.decoders` backend that reads the videos (default: the one the store records).
+    A store too damaged to open is a report with one problem, not an exception."""
     report = VerifyReport(store=url)
+    try:
+        store = FeatureStore.open(url, storage_options=storage_options)
+        _check_completeness(store, report)
+        _check_integrity(store, report, deep, progress)
+    except StoreDamagedError as err:
+        report.problems.append(str(err))
+        return report
+    _check_partials(url, report)
+    if video_root is None:
+        report.notes.append("no --video-root given: videos and features were not recomputed")
+        return report
+    done = store.done_indices()
+    if not len(done):
+        return report
+    decoder = decoder or store.schema.preprocess["decoder"]["name"]
+    if all_videos:
+        _check_all_videos(store, report, done, video_root, decoder, progress)
+    _recompute(store, report, done, video_root, samples, pretrained, seed, decoder, device)
+    return report
+
+
+def _check_completeness(store: FeatureStore, report: VerifyReport) -> None:
     counts = {name: n * store.schema.views_per_video for name, n in store.progress().items()}
     pending, failed = counts["pending"], counts["failed"]
     if pending:
@@ -95,38 +143,88 @@ def verify_store(
         report.problems.append("every sample is recorded but the store was never finalised: rerun the extract command")
     if failed:
         report.notes.append(f"{failed} samples belong to videos that failed to decode (see `dist-cache info --failed`)")
-    if Path(url).is_dir():
-        stray = sorted(str(p.relative_to(url)) for p in Path(url).rglob("*.partial*"))
-        if stray:
-            # Never part of the data: a killed write's temporary file, or a live writer's. Writers
-            # remove them once they are old enough not to belong to anyone still writing.
-            report.notes.append(f"{len(stray)} temporary *.partial file(s) from an interrupted or running write "
-                                f"(e.g. {stray[0]}); harmless, removed by a later extract once stale")
 
-    done = store.done_indices()
-    if video_root is None:
-        report.notes.append("no --video-root given: videos and features were not recomputed")
-        return report
-    if not len(done):
-        return report
-    if all_videos:
-        # One sample per extracted video carries its facts: compare every file on this machine with them.
-        first_views = done[done % store.schema.views_per_video == 0]
+
+def _check_integrity(store: FeatureStore, report: VerifyReport, deep: bool, progress: bool) -> None:
+    """Every video's findings, as lines naming the video; one problem naming the fix."""
+    if not store.checksummed:
+        report.notes.append("format 1 (dist-cache 0.1): no checksums, so only the presence of each video's shards "
+                            "is checked (integrity unchecked); `dist-cache copy` makes a checksummed copy")
+    V = store.schema.num_videos
+    videos = 0
+    with _bar(V, "verify: integrity" + (" (every byte)" if deep else ""), progress) as bar:
+        for v, findings in store.check_videos(range(V), deep=deep):
+            report.damaged += [f"video {v} ({store.video(v)}): {finding}" for finding in findings]
+            videos += bool(findings)
+            bar.update(1)
+    if not videos:
+        what = "every chunk's crc32c" if deep and store.checksummed else "every shard and its index"
+        report.notes.append(f"integrity: checked {what} of {V} videos" + ("" if deep else " (--deep reads every byte)"))
+        return
+    if store.videos_per_shard > 1:
+        fix = (f"this packed copy is read-only: copy it again from its source (dist-cache copy SRC DST "
+               f"--videos-per-shard {store.videos_per_shard})")
+    else:
+        fix = f"{REPAIR_HINT}: {REPAIR_FIX} re-extracts them"
+    report.problems.append(f"{videos} video(s) damaged; {fix}")
+
+
+def _check_partials(url: str, report: VerifyReport) -> None:
+    """Temp files of interrupted or running writes (local stores only: object-store PUTs leave none)."""
+    if not is_local(url) or not Path(url).is_dir():
+        return
+    stray = sorted(Path(url).rglob(f"*{PARTIAL_SUFFIX}"))
+    if not stray:
+        return
+    now = time.time()
+    stale = [p for p in stray if now - p.stat().st_mtime > DEFAULT_STALE_PARTIAL_S]
+    # Never part of the data: a killed write's temporary file, or a live writer's. Writers remove them once
+    # they are old enough not to belong to anyone still writing.
+    report.notes.append(
+        f"{len(stray)} temporary *{PARTIAL_SUFFIX} file(s) (e.g. {stray[0].relative_to(url)}): {len(stale)} left by "
+        f"interrupted writes, removed by the next extract or copy; {len(stray) - len(stale)} younger than "
+        f"{DEFAULT_STALE_PARTIAL_S:.0f} s, maybe a write in progress; harmless either way")
+
+
+def _check_all_videos(store: FeatureStore, report: VerifyReport, done: np.ndarray, video_root: str, decoder: str,
+                      progress: bool) -> None:
+    """One sample per extracted video carries its facts: compare every file on this machine with them."""
+    first_views = done[done % store.schema.views_per_video == 0]
+    with _bar(len(first_views), "verify: videos", progress) as bar:
         for i in first_views:
             sample = store.sample(int(i))
             why = video_mismatch(sample, Path(video_root) / sample["video"], decoder)
             if why:
                 report.mismatched_videos.append(why)
-        report.notes.append(f"checked {len(first_views)} videos against their recorded facts")
-        if report.mismatched_videos:
-            report.problems.append(f"{len(report.mismatched_videos)} video(s) under --video-root are not the ones extracted")
+            bar.update(1)
+    report.notes.append(f"checked {len(first_views)} videos against their recorded facts")
+    if report.mismatched_videos:
+        report.problems.append(f"{len(report.mismatched_videos)} video(s) under --video-root are not the ones extracted")
+
+
+def _recompute(store: FeatureStore, report: VerifyReport, done: np.ndarray, video_root: str, samples: int,
+               pretrained: str | None, seed: int, decoder: str, device: str) -> None:
+    from dist_cache.backbone import load_recorded_backbone
+    from dist_cache.decoders import get_decoder
+    from dist_cache.devices import resolve_device
+
+    torch_device = resolve_device(device)
+    recorded = store.schema.precision
+    run = recorded if _runs_here(recorded, torch_device) else "fp32"
     try:
-        backbone = load_recorded_backbone(store.schema.backbone, pretrained=pretrained)
+        # The recorded activation and precision; offline (HF_HUB_OFFLINE) an uncached tag fails in one line.
+        backbone = load_recorded_backbone(store.schema.backbone, pretrained=pretrained, device=torch_device,
+                                          precision=run)
+        reader = get_decoder(decoder)
     except UserError as err:
-        report.problems.append(f"cannot rebuild the recorded backbone: {err}")
-        return report
-    encoder = backbone.spatial_encoder(list(store.schema.layers))
-    tolerance = TOLERANCE[store.schema.dtype]
+        report.problems.append(f"cannot recompute features: {err}")
+        return
+    recompute = Recompute(backbone, backbone.spatial_encoder(list(store.schema.layers)), reader, torch_device)
+    tolerance = TOLERANCE[store.schema.dtype] + PRECISION_ERROR[recorded] + PRECISION_ERROR[run]
+    if recorded != "fp32" or run != "fp32":
+        here = "" if run == recorded else f", recomputed in {run} here ({recorded} does not run on {torch_device})"
+        report.notes.append(f"CLIP ran in {recorded} for this store{here}: the tolerance is widened by the known "
+                            f"error of each reduced precision on ViT-B/16 (fp16 0.09 %, bf16 0.72 %) to {tolerance:.2%}")
     chosen = np.random.default_rng(seed).choice(done, size=min(samples, len(done)), replace=False)
     for i in sorted(int(i) for i in chosen):
         sample = store.sample(i)
@@ -135,25 +233,69 @@ def verify_store(
         if why:
             report.problems.append(f"sample {i} not recomputed: {why}")
             continue
-        plan = ViewPlan.from_dict(sample)
-        if _replanned(store, sample) != plan:
-            report.problems.append(f"sample {i}: the recorded plan is not what the recorded seed gives")
-        frames = render_frames(get_decoder(decoder).read(path, plan.sparse_indices), plan, backbone.image_size)
-        with torch.inference_mode():
-            tokens, _ = encoder(normalize_frames(frames, backbone.mean, backbone.std))
-        error = _relative_error(store.features(i).astype(np.float32), tokens.numpy())
-        report.checked_samples.append({"sample": i, "video": sample["video"], "relative_error": error})
-        if not error <= tolerance:
-            report.problems.append(f"sample {i} ({sample['video']}): stored features differ from a recompute by {error:.2%}")
-    return report
+        try:
+            _recompute_sample(store, report, i, sample, path, recompute, tolerance)
+        except StoreDamagedError as err:  # bytes a shallow check cannot see (a flipped data byte)
+            report.problems.append(str(err))
+
+
+def _runs_here(precision: str, device: Any) -> bool:
+    from dist_cache.backbone import check_precision
+
+    try:
+        check_precision(precision, device)
+    except UserError:
+        return False
+    return True
+
+
+@dataclass
+class Recompute:
+    """The recorded backbone, rebuilt, and the decoder that reads the videos."""
+
+    backbone: Any
+    encoder: Any
+    reader: Any
+    device: Any
+
+
+def _recompute_sample(store: FeatureStore, report: VerifyReport, i: int, sample: dict, path: Path, run: Recompute,
+                      tolerance: float) -> None:
+    """Sample i again from its video: its plan from the recorded seed, its features within `tolerance`, and its
+    stored dense frames byte for byte."""
+    import torch
+
+    from dist_cache.sampling import ViewPlan, dense_indices
+    from dist_cache.transforms import normalize_frames, render_frames
+
+    plan = ViewPlan.from_dict(sample)
+    replanned = _replanned(store, sample)
+    if replanned is None:
+        report.notes.append("the store does not record its sampling parameters: plans were not re-derived")
+    elif replanned != plan:
+        report.problems.append(f"sample {i}: the recorded plan is not what the recorded seed gives")
+    size = run.backbone.image_size
+    frames = render_frames(run.reader.read(path, plan.sparse_indices), plan, size)
+    with torch.inference_mode():
+        tokens, _ = run.encoder(normalize_frames(frames.to(run.device), run.backbone.mean, run.backbone.std))
+    error = _relative_error(store.features(i).astype(np.float32), tokens.float().cpu().numpy())
+    report.checked_samples.append({"sample": i, "video": sample["video"], "relative_error": error})
+    if not error <= tolerance:
+        report.problems.append(f"sample {i} ({sample['video']}): stored features differ from a recompute by {error:.2%}")
+    if store.has_frames:
+        indices = dense_indices(plan, store.dense_gamma, int(sample["num_frames"]))
+        if not np.array_equal(store.frames(i), render_frames(run.reader.read(path, indices), plan, size).numpy()):
+            report.problems.append(f"sample {i} ({sample['video']}): the stored dense frames differ from the "
+                                   f"video's frames, rendered again")
 
 
 def format_report(report: VerifyReport) -> str:
     lines = [f"verify {report.store}"]
     for checked in report.checked_samples:
         lines.append(f"  recomputed sample {checked['sample']} ({checked['video']}): relative error {checked['relative_error']:.2e}")
+    lines += [f"  damaged: {d}" for d in report.damaged]
     lines += [f"  mismatch: {m}" for m in report.mismatched_videos]
-    lines += [f"  note: {n}" for n in report.notes]
+    lines += [f"  note: {n}" for n in dict.fromkeys(report.notes)]
     lines += [f"  problem: {p}" for p in report.problems]
     lines.append("ok" if report.ok else f"FAILED: {len(report.problems)} problem(s)")
     return "\n".join(lines)

@@ -50,11 +50,53 @@ def record_key(video_index: int) -> str:
 
 
 def record_index(name: str) -> int | None:
-    """Video index of a records/ entry name, or None for anything else (temp files, strays)."""
+    """Video index of a records/ entry name, or None for anything else (temp files, strays, group records)."""
     stem, dot, ext = name.partition(".")
     if dot and ext == "json" and len(stem) == 9 and stem.isdigit():
         return int(stem)
     return None
+
+
+# A packed copy (`copy --videos-per-shard P`) holds P videos per shard and records them one group at a time:
+# records/group-{g:09d}.json, written after the group's shards, holds the records of videos g*P .. g*P+P-1.
+GROUP_RECORD_PREFIX = "group-"
+
+
+def group_record_key(group: int) -> str:
+    return f"{RECORDS}/{GROUP_RECORD_PREFIX}{group:09d}.json"
+
+
+def group_record_index(name: str) -> int | None:
+    """Group index of a records/ entry name of a packed store's group record, or None."""
+    return record_index(name[len(GROUP_RECORD_PREFIX):]) if name.startswith(GROUP_RECORD_PREFIX) else None
+
+
+def videos_per_shard(meta: dict[str, Any], views_per_video: int) -> int | None:
+    """P of a sharded data array from its metadata (its shards hold K*P samples), None if that is not a whole
+    number of videos."""
+    grid = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape") or [0]
+    rows = grid[0]
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < views_per_video or rows % views_per_video:
+        return None
+    return rows // views_per_video
+
+
+# Each array's dimension names (zarr v3's dimension_names), which xarray needs to open a store. Within a group an
+# axis name means one length: the dense frames (G*T) are not the frames (T).
+DIMENSIONS: dict[str, tuple[str, ...]] = {
+    FEATURES: ("sample", "layer", "frame", "token", "channel"),
+    SCALES: ("sample", "layer", "frame", "token"),
+    CLIP: ("sample", "frame", "embedding"),
+    FRAMES: ("sample", "dense_frame", "height", "width", "rgb"),
+    TEXT: ("class", "embedding"),
+    "samples/sparse_indices": ("sample", "frame"),
+    "samples/crop": ("sample", "xywh"),
+}
+
+
+def dimension_names(name: str) -> tuple[str, ...]:
+    """An array's dimension names: DIMENSIONS, else one per row of the video or sample tables."""
+    return DIMENSIONS.get(name) or (("video",) if name.startswith("videos/") else ("sample",))
 
 
 @dataclass(frozen=True)
@@ -70,6 +112,7 @@ class ArraySpec:
     def create_kwargs(self) -> dict[str, Any]:
         return dict(
             name=self.name, shape=self.shape, dtype=self.dtype, chunks=self.chunks, shards=self.shards,
+            dimension_names=dimension_names(self.name),
             # crc32c last: every chunk (inner chunk of a shard, or table chunk) carries its checksum, and
             # zarr checks it on every read. A shard's index has its own (zarr's default index codecs).
             compressors=[*CODECS[self.codec](), Crc32cCodec()], fill_value=self.fill_value,
@@ -153,10 +196,16 @@ def expected_metadata(spec: ArraySpec) -> dict[str, Any]:
     return meta
 
 
+# Metadata that says nothing about the bytes: arrays written before dimension names were recorded still match.
+_DESCRIPTIVE = ("attributes", "dimension_names")
+
+
 def matches(found: dict[str, Any], spec: ArraySpec) -> bool:
-    """Whether stored array metadata is exactly what `spec` creates (attributes aside)."""
-    found = {k: v for k, v in found.items() if k != "attributes"}
-    return found == expected_metadata(spec)
+    """Whether stored array metadata is exactly what `spec` creates (attributes and dimension names aside)."""
+    def essential(meta: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in meta.items() if k not in _DESCRIPTIVE}
+
+    return essential(found) == essential(expected_metadata(spec))
 
 
 def create_or_open(store: Store, spec: ArraySpec) -> zarr.Array:

@@ -16,7 +16,7 @@ from zarr.abc.store import Store
 from zarr.storage import LocalStore
 
 from dist_cache.errors import UserError
-from storage.location import PARTIAL_SUFFIX, Location
+from storage.location import PARTIAL_SUFFIX, Location, StoreUsage
 
 # Parts are gathered into writes of at least this many bytes: large enough that a syscall's cost is
 # noise, small enough that producing the next batch (checks, checksums) overlaps the write of this one.
@@ -220,6 +220,17 @@ class LocalLocation(Location):
         probe = self.root / f".write-probe.{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
         probe.write_bytes(b"")
         probe.unlink()
+
+    def usage(self) -> StoreUsage:
+        objects = size = 0
+        for dirpath, _dirs, files in os.walk(self.root):
+            for name in files:
+                try:
+                    size += (Path(dirpath) / name).stat().st_size
+                    objects += 1
+                except FileNotFoundError:
+                    pass  # removed meanwhile (a writer's temp file)
+        return StoreUsage(objects, size)
 
     def remove_partials(self, older_than_s: float) -> list[str]:
         # Only old ones: a concurrent writer's in-flight temp file is young, and deleting it would

@@ -10,6 +10,7 @@ writer left behind.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import zarr
@@ -32,6 +33,14 @@ def is_local(url: str | os.PathLike) -> bool:
     """A plain path or a file:// URL is local; anything else with a scheme goes through fsspec."""
     text = os.fspath(url)
     return "://" not in text or text.startswith("file://")
+
+
+@dataclass(frozen=True)
+class StoreUsage:
+    """What a store occupies where it lives: every object (file) under its root, and their bytes."""
+
+    objects: int
+    bytes: int
 
 
 class Location:
@@ -103,3 +112,7 @@ class Location:
     def remove_partials(self, older_than_s: float) -> list[str]:
         """Delete temp files of interrupted atomic writes; return their keys."""
         return []
+
+    def usage(self) -> StoreUsage | None:
+        """Objects and bytes under the root, from a listing; None where nothing can be listed (HTTP)."""
+        return None

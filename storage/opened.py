@@ -26,8 +26,9 @@ from storage.schema import ATTR_KEY, SampleStatus
 # the number of statuses); checked when read, so a hostile store fails in one line, not deep inside.
 _TABLE_RANGES = {layout.VIDEO_LABEL: 0, "samples/label": -1, "samples/status": 0, "videos/status": 0}
 
-# Shard indexes kept per open store (about 16 bytes per inner chunk each): a few MB at most.
-INDEX_CACHE_SIZE = 16384
+# Bytes of shard indexes kept per open store (16 bytes per inner chunk): every index of a store of one video per
+# shard up to ~100k videos of ViT-B/16 (L=12, K=2: 400 bytes each), or 1,600 packed shards of 64 such videos.
+INDEX_CACHE_BYTES = 48 << 20
 
 
 class OpenedStore:
@@ -64,11 +65,20 @@ class OpenedStore:
         self.done_records: dict[int, VideoRecord] = {}  # "done" never reverts, so it is cached
         self.bad_records: dict[int, str] = {}
         self.indexes: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
+        self.index_bytes = 0
         self.lock = threading.Lock()  # loader threads share one store
 
     @property
     def url(self) -> str:
         return self.loc.url
+
+    @property
+    def videos_per_shard(self) -> int:
+        """P: 1 as extract writes, more in a packed copy (from the features array's shards)."""
+        if self.schema.format_version == 1:
+            return 1
+        self.array(layout.FEATURES)
+        return self.formats[layout.FEATURES].samples_per_shard // self.schema.views_per_video
 
     def damaged(self, what: str) -> StoreDamagedError:
         return StoreDamagedError(f"store {self.url}: {what}; the store is damaged or was not made by dist-cache: "
@@ -102,10 +112,10 @@ class OpenedStore:
         K = self.schema.views_per_video
         per_shard = 1
         if name in (layout.FEATURES, layout.SCALES, layout.CLIP, layout.FRAMES):
-            grid = meta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape") or [0]
-            if not isinstance(grid[0], int) or grid[0] < K or grid[0] % K:
-                raise self.damaged(f"array {name} has shards of {grid[0]!r} samples, not whole videos of {K}")
-            per_shard = grid[0] // K
+            found = layout.videos_per_shard(meta, K)
+            if found is None:
+                raise self.damaged(f"array {name} does not have shards of whole videos of {K} samples")
+            per_shard = found
         specs = {s.name: s for s in layout.data_arrays(self.schema, per_shard) + layout.table_arrays(self.schema)}
         if name not in specs:
             raise self.damaged(f"array {name} is not part of this store's layout")
@@ -162,19 +172,24 @@ class OpenedStore:
         index = fmt.decode_index(self.loc.read_suffix(key, fmt.index_nbytes))
         if cached:
             with self.lock:
-                self.indexes[key] = index
-                while len(self.indexes) > INDEX_CACHE_SIZE:
-                    self.indexes.popitem(last=False)
+                if key not in self.indexes:
+                    self.indexes[key] = index
+                    self.index_bytes += index.nbytes
+                while self.index_bytes > INDEX_CACHE_BYTES:
+                    self.index_bytes -= self.indexes.popitem(last=False)[1].nbytes
         return index
 
-    def read_chunks(self, name: str, v: int, k: int, first: int, out: np.ndarray, cached: bool = True) -> None:
+    def read_chunks(self, name: str, v: int, k: int, first: int, out: np.ndarray, index: np.ndarray | None = None
+                    ) -> None:
         """Fill `out` (C-contiguous, whole chunks) with inner chunks first.. of sample (v, k): ONE ranged read
-        when they are back to back and uncompressed (straight into `out`), every checksum verified."""
+        when they are back to back and uncompressed (straight into `out`), every checksum verified. `index`: the
+        shard's index if the caller has it (else the cached one, read once)."""
         fmt = self.formats[name]
         K = self.schema.views_per_video
         per_shard = fmt.samples_per_shard // K
         key = fmt.shard_key(v // per_shard)
-        index = self.shard_index(fmt, key, cached)
+        if index is None:
+            index = self.shard_index(fmt, key)
         n = fmt.chunk_nbytes
         flat = out.reshape(-1).view(np.uint8)
         count = flat.size // n

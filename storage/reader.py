@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from zarr.abc.store import Store
@@ -26,7 +26,7 @@ from storage.errors import REPAIR_HINT, SampleNotDoneError, StoreDamagedError
 from storage.location import configure_zarr
 from storage.opened import OpenedStore
 from storage.quantize import dequantize_int8
-from storage.records import RecordError, VideoRecord
+from storage.records import RecordError, VideoRecord, decode_group, group_members
 from storage.remote import ZarrStoreLocation, open_location
 from storage.schema import DTYPES, SampleStatus, StoreSchema, status_counts
 
@@ -140,6 +140,11 @@ class FeatureStore:
     def dense_gamma(self) -> int | None:
         return self.schema.dense_gamma
 
+    @property
+    def videos_per_shard(self) -> int:
+        """P: 1 as extract writes; more in a packed copy (`dist-cache copy --videos-per-shard`), read-only."""
+        return self._state().videos_per_shard
+
     def limitations(self) -> list[str]:
         """What this store lacks compared with a current one, one line each (for `info`)."""
         if self.schema.format_version >= 2:
@@ -195,6 +200,35 @@ class FeatureStore:
             st.done_records[v] = rec
         return rec
 
+    def _decode_group(self, g: int, data: bytes | None) -> dict[int, VideoRecord]:
+        """The records of a packed store's group g ({} while the group is pending, or if its record is unreadable:
+        then its videos count as pending, like those of an unreadable video record)."""
+        st = self._state()
+        if data is None:
+            return {}
+        try:
+            recs = decode_group(data, g, st.videos_per_shard, self.schema)
+        except RecordError as err:
+            members = group_members(g, st.videos_per_shard, self.schema.num_videos)
+            if members[0] not in st.bad_records:
+                warnings.warn(f"store {st.url}: record {layout.group_record_key(g)} is unreadable ({err}); videos "
+                              f"{members[0]}..{members[-1]} count as pending until the copy redoes them",
+                              StoreDamageWarning, stacklevel=3)
+            st.bad_records.update(dict.fromkeys(members, str(err)))
+            return {}
+        out = {}
+        for rec in recs:
+            if rec.status == SampleStatus.DONE:
+                rec = self._with_labels(rec)
+                st.done_records[rec.video_index] = rec
+            out[rec.video_index] = rec
+        return out
+
+    def _record_key(self, v: int) -> str:
+        """Where video v's record is: its own file, or its group's in a packed store."""
+        P = self._state().videos_per_shard
+        return layout.record_key(v) if P == 1 else layout.group_record_key(v // P)
+
     def _with_labels(self, rec: VideoRecord) -> VideoRecord:
         """Format-1 records have no per-view label: each view has its video's."""
         if all(view.label is not None for view in rec.views):
@@ -212,6 +246,9 @@ class FeatureStore:
         if st.complete:
             rec = records.from_tables(st.table, v, self.schema.views_per_video)
             return None if rec is None else self._with_labels(rec)
+        P = st.videos_per_shard
+        if P > 1:
+            return self._decode_group(v // P, st.loc.read(layout.group_record_key(v // P))).get(v)
         return self._decode_record(v, st.loc.read(layout.record_key(v)))
 
     def _video_statuses(self) -> np.ndarray:
@@ -219,10 +256,17 @@ class FeatureStore:
         if st.complete:
             per_sample = np.asarray(st.table("samples/status"), dtype=np.uint8)
             return per_sample[:: self.schema.views_per_video]
-        V = self.schema.num_videos
+        V, P = self.schema.num_videos, st.videos_per_shard
         names = st.loc.list_names(layout.RECORDS)
-        indices = sorted(v for v in map(layout.record_index, names) if v is not None and v < V)
         per_video = np.zeros(V, dtype=np.uint8)
+        if P > 1:
+            groups = sorted(g for g in map(layout.group_record_index, names) if g is not None and g * P < V)
+            raw = st.loc.read_many([layout.group_record_key(g) for g in groups])
+            for g in groups:
+                for v, rec in self._decode_group(g, raw[layout.group_record_key(g)]).items():
+                    per_video[v] = rec.status
+            return per_video
+        indices = sorted(v for v in map(layout.record_index, names) if v is not None and v < V)
         raw = st.loc.read_many([layout.record_key(v) for v in indices if v not in st.done_records])
         for v in indices:
             rec = st.done_records.get(v) or self._decode_record(v, raw.get(layout.record_key(v)))
@@ -351,12 +395,26 @@ class FeatureStore:
     def check_video(self, v: int, deep: bool = False) -> list[str]:
         """Findings about video v's stored bytes, one line each; [] when it is intact (or not done).
 
-        Shallow: its record decodes; every array's shard exists, its index passes its checksum, and every inner
-        chunk of its samples is listed. deep=True also reads every chunk and checks its crc32c."""
+        Shallow: its record decodes (and, in a complete store, agrees with the tables); every array's shard
+        exists, its index passes its checksum, and every inner chunk of its samples is listed. deep=True also
+        reads every chunk and checks its crc32c."""
+        return next(self.check_videos([v], deep))[1]
+
+    def check_videos(self, videos: Iterable[int], deep: bool = False) -> Iterator[tuple[int, list[str]]]:
+        """(v, check_video(v, deep)) for each video in turn, reading each shard's index once per call however many
+        videos it holds (a packed copy's shards hold many), and never from the cache of earlier reads."""
+        seen: dict[str, tuple[str, Any]] = {}  # array or "records" -> (key, its index / decoded record, or damage)
+        for v in videos:
+            yield v, self._check(int(v), deep, seen)
+
+    def _check(self, v: int, deep: bool, seen: dict[str, tuple[str, Any]]) -> list[str]:
         st = self._state()
         rec = self.record(v)
-        findings = [f"{layout.record_key(v)} is unreadable ({st.bad_records[v]}): video {v} counts as pending"] \
-            if v in st.bad_records else []
+        findings = []
+        if v in st.bad_records:
+            findings.append(f"{self._record_key(v)} is unreadable ({st.bad_records[v]}): video {v} counts as pending")
+        elif st.complete and rec is not None:
+            findings += self._check_stored_record(v, rec, seen)
         if rec is None or rec.status != SampleStatus.DONE:
             return findings
         K = self.schema.views_per_video
@@ -368,24 +426,61 @@ class FeatureStore:
                 continue
             st.array(spec.name)
             fmt = st.formats[spec.name]
-            scratch = np.empty((fmt.chunks_per_sample, *fmt.chunk_shape[1:]), fmt.dtype) if deep else None
             try:
+                index = _once(seen, spec.name, fmt.shard_key(v // st.videos_per_shard),
+                              lambda key: st.shard_index(fmt, key, cached=False), shards.ShardDamage)
+                scratch = np.empty((fmt.chunks_per_sample, *fmt.chunk_shape[1:]), fmt.dtype) if deep else None
                 for k in range(K):
                     if scratch is not None:
-                        st.read_chunks(spec.name, v, k, 0, scratch, cached=False)
+                        st.read_chunks(spec.name, v, k, 0, scratch, index=index)
                     else:
-                        self._check_listed(fmt, v, k)
+                        self._check_listed(fmt, index, v, k)
             except shards.ShardDamage as err:
                 findings.append(f"{spec.name}: {err}")
         return findings
 
-    def _check_listed(self, fmt: shards.ShardFormat, v: int, k: int) -> None:
+    def _check_stored_record(self, v: int, rec: VideoRecord, seen: dict[str, tuple[str, Any]]) -> list[str]:
+        """A complete store is read from its tables, but its records are what a later writer resumes from: each
+        must still decode and agree with the tables."""
+        st = self._state()
+        key, P = self._record_key(v), st.videos_per_shard
+
+        def decode(key: str) -> dict[int, VideoRecord]:
+            data = st.loc.read(key)
+            if data is None:
+                raise RecordError("it is missing")
+            if P > 1:
+                return {r.video_index: r for r in decode_group(data, v // P, P, self.schema)}
+            return {v: VideoRecord.decode(data, v, self.schema)}
+
+        try:
+            stored = _once(seen, "records", key, decode, RecordError).get(v)
+        except RecordError as err:
+            return [f"{key} is unreadable ({err})" if str(err) != "it is missing" else f"{key} is missing"]
+        if stored is None or stored.status != rec.status:
+            return [f"{key} says video {v} is {stored.status.label if stored else 'absent'}, the store's tables say "
+                    f"{rec.status.label}"]
+        return []
+
+    def _check_listed(self, fmt: shards.ShardFormat, index: np.ndarray, v: int, k: int) -> None:
         per_shard = fmt.samples_per_shard // self.schema.views_per_video
-        index = self._state().shard_index(fmt, fmt.shard_key(v // per_shard), cached=False)
         start = ((v % per_shard) * self.schema.views_per_video + k) * fmt.chunks_per_sample
         missing = shards.missing_chunks(index, start, start + fmt.chunks_per_sample)
         if missing:
             raise shards.ShardDamage(f"its inner chunk {missing[0]} is missing from the shard index")
+
+
+def _once(seen: dict[str, tuple[str, Any]], slot: str, key: str, load: Any, damage: type[Exception]) -> Any:
+    """`load(key)`, remembered in `seen[slot]` while the same key is asked for again (its damage too)."""
+    if slot not in seen or seen[slot][0] != key:
+        try:
+            seen[slot] = (key, load(key))
+        except damage as err:
+            seen[slot] = (key, err)
+    value = seen[slot][1]
+    if isinstance(value, damage):
+        raise value
+    return value
 
 
 def _runs(positions: list[int]) -> list[tuple[int, int]]:

@@ -145,10 +145,11 @@ class VideoRecord:
     @classmethod
     def decode(cls, data: bytes, video_index: int, schema: StoreSchema) -> VideoRecord:
         """Parse and check a stored record of `video_index`; RecordError names what is wrong."""
-        try:
-            raw = json.loads(data)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise RecordError(f"not valid JSON ({type(exc).__name__})") from None
+        return cls.from_json(_parse(data), video_index, schema)
+
+    @classmethod
+    def from_json(cls, raw: Any, video_index: int, schema: StoreSchema) -> VideoRecord:
+        """Check a parsed record of `video_index` (a stranger's JSON); RecordError names what is wrong."""
         if not isinstance(raw, dict):
             raise RecordError("not a JSON object")
         if raw.get("video_index") != video_index:
@@ -172,6 +173,39 @@ class VideoRecord:
         nbytes = raw.get("bytes", 0)
         return cls(video_index, SampleStatus.DONE, None, facts_dict(facts), parsed,
                    nbytes if isinstance(nbytes, int) and nbytes >= 0 else 0)
+
+
+def _parse(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RecordError(f"not valid JSON ({type(exc).__name__})") from None
+
+
+def group_members(group: int, videos_per_shard: int, num_videos: int) -> range:
+    """The video indices of a packed store's group (the last one may be short)."""
+    first = group * videos_per_shard
+    return range(first, min(first + videos_per_shard, num_videos))
+
+
+def encode_group(group: int, videos_per_shard: int, recs: Sequence[VideoRecord]) -> bytes:
+    """A packed store's group record: the records of the group's videos, in order, after its shards."""
+    raw = {"format_version": FORMAT_VERSION, "group": group, "videos_per_shard": videos_per_shard,
+           "records": [r.to_json() for r in recs]}
+    return (canonical_json(raw) + "\n").encode()
+
+
+def decode_group(data: bytes, group: int, videos_per_shard: int, schema: StoreSchema) -> list[VideoRecord]:
+    """The records in a group record of `group`, each checked like a video's; RecordError if any is wrong."""
+    raw = _parse(data)
+    if not isinstance(raw, dict) or raw.get("group") != group or raw.get("videos_per_shard") != videos_per_shard:
+        raise RecordError(f"it is not the record of group {group} of {videos_per_shard} videos")
+    members = group_members(group, videos_per_shard, schema.num_videos)
+    recs = raw.get("records")
+    if not isinstance(recs, list) or len(recs) != len(members):
+        raise RecordError(f"it holds {len(recs) if isinstance(recs, list) else 'no'} records, the group has "
+                          f"{len(members)} videos")
+    return [VideoRecord.from_json(r, v, schema) for v, r in zip(members, recs)]
 
 
 # ---------------------------------------------------------------- tables

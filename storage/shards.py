@@ -107,20 +107,29 @@ class ShardFormat:
         for start in range(0, flat.size, n):
             yield flat[start:start + n]
 
-    def encode(self, chunks: Iterable[np.ndarray]) -> Iterator[Any]:
+    def encode(self, chunks: Iterable[np.ndarray | None], sizes: list[int] | None = None) -> Iterator[Any]:
         """The shard's bytes as a sequence of buffers (views of `chunks` where uncompressed), index last.
 
-        `chunks` are every inner chunk of the shard in C order, each a 1-D uint8 array of chunk_nbytes.
+        `chunks` are every inner chunk of the shard in C order, each a 1-D uint8 array of chunk_nbytes, or None
+        for a chunk the shard does not hold (listed as missing: a packed shard's failed videos, or the rows past
+        the array's end in its last shard). `sizes`, if given, receives each chunk's stored bytes (0: missing).
         Lazy: the caller's writer overlaps the checksum of chunk j+1 with the write of chunk j."""
         compressor = _compressor(self.codec, self.dtype.itemsize)
         index = np.full((self.chunks_per_shard, 2), MISSING, dtype="<u8")
         offset = count = 0
         for raw in chunks:
+            if raw is None:
+                count += 1
+                if sizes is not None:
+                    sizes.append(0)
+                continue
             data = raw if compressor is None else np.frombuffer(compressor.encode(raw), dtype=np.uint8)
             crc = crc32c(data)
             index[count] = (offset, data.size + CRC_BYTES)
             offset += data.size + CRC_BYTES
             count += 1
+            if sizes is not None:
+                sizes.append(data.size + CRC_BYTES)
             yield data
             yield crc
         if count != self.chunks_per_shard:

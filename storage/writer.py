@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import warnings
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import zarr
@@ -26,7 +27,8 @@ from storage import layout
 from storage.errors import StoreMismatchError, write_error
 from storage.location import Location, configure_zarr
 from storage.quantize import quantize_int8
-from storage.records import RecordError, VideoRecord, gather, summarize
+from storage.records import (RecordError, VideoRecord, decode_group, encode_group, gather, group_members,
+                             summarize)
 from storage.remote import open_location
 from storage.root import ROOT_KEY, group_json, read_attrs, stored_schema
 from storage.schema import ATTR_KEY, FORMAT_VERSION, SampleStatus, StoreSchema, format_value
@@ -78,6 +80,27 @@ def _require_finite(values: np.ndarray, what: str) -> None:
         raise ValueError(f"{what} contain NaN or inf in {values.dtype}")
 
 
+@dataclasses.dataclass(frozen=True)
+class GroupVideo:
+    """One video of a packed group, as `StoreWriter.write_group` takes it: done (its facts, K view plans and
+    optionally K labels; its arrays come from the group's source) or failed (`error`, facts if known)."""
+
+    facts: Any
+    plans: Sequence[Any] = ()
+    labels: Sequence[int] | None = None
+    error: str | None = None
+
+
+class GroupSource(Protocol):
+    """Where `write_group` gets a done video's arrays, one array of one video at a time, in write order."""
+
+    def features(self, v: int) -> np.ndarray: ...  # (K, L, T, N+1, C), any float dtype
+
+    def clip_embeds(self, v: int) -> np.ndarray: ...  # (K, T, E)
+
+    def frames(self, v: int) -> np.ndarray: ...  # (K, G*T, R, R, 3) uint8; only called for stores with frames
+
+
 def consolidate(store: zarr.abc.store.Store) -> None:
     # records/ is deliberately not a zarr node (a group would make consolidation open 240k children),
     # so zarr warns that it does not recognise it; consolidated metadata itself is not yet in the v3
@@ -91,10 +114,11 @@ def consolidate(store: zarr.abc.store.Store) -> None:
 class StoreWriter:
     """Writes one store. Cheap to pickle (location + schema) so dask tasks can carry it."""
 
-    def __init__(self, loc: Location, schema: StoreSchema, stale_partial_s: float) -> None:
+    def __init__(self, loc: Location, schema: StoreSchema, stale_partial_s: float, videos_per_shard: int = 1) -> None:
         self._loc = loc
         self.schema = schema
         self.stale_partial_s = stale_partial_s
+        self.videos_per_shard = videos_per_shard
         self.removed_partials: list[str] = []
         self._zstore: zarr.abc.store.Store | None = None
         self._checked_complete = False
@@ -104,10 +128,16 @@ class StoreWriter:
     @classmethod
     def open(cls, url: str, schema: StoreSchema | Mapping[str, Any], videos: Sequence[str], labels: Sequence[int],
              text_features: np.ndarray, *, storage_options: dict[str, Any] | None = None,
-             stale_partial_s: float = DEFAULT_STALE_PARTIAL_S) -> StoreWriter:
+             stale_partial_s: float = DEFAULT_STALE_PARTIAL_S, videos_per_shard: int = 1) -> StoreWriter:
         """Create the store at `url`, or reopen it to resume if it was made with the same compat schema,
         videos and labels. A mismatch raises StoreMismatchError and an unwritable location a UserError,
-        both before any data is written."""
+        both before any data is written.
+
+        `videos_per_shard` P > 1 makes a packed store (what `copy --videos-per-shard` writes): each shard holds P
+        videos and is written by `write_group` with the group's record. A packed store is written only with its
+        own P, so nothing else ever writes into it."""
+        if isinstance(videos_per_shard, bool) or not isinstance(videos_per_shard, int) or videos_per_shard < 1:
+            raise ValueError(f"videos_per_shard must be an int >= 1, got {videos_per_shard!r}")
         configure_zarr()
         loc = open_location(url, storage_options)
         if not isinstance(schema, StoreSchema):
@@ -135,7 +165,7 @@ class StoreWriter:
                 if not loc.create_exclusive(ROOT_KEY, group_json(initial)):
                     attrs = read_attrs(loc)  # another writer published its root first: compare with it
             if attrs is None:
-                writer, created = cls(loc, schema, stale_partial_s), False
+                writer, created = cls(loc, schema, stale_partial_s, videos_per_shard), False
             else:
                 if ATTR_KEY not in attrs:
                     raise UserError(f"cannot create store {loc.url}: a zarr group that is not a dist-cache store "
@@ -145,9 +175,11 @@ class StoreWriter:
                 if stored.videos_sha256 != schema.videos_sha256:
                     raise StoreMismatchError(_video_difference(loc, videos, labels))
                 # Keep the first run's informational fields (software versions...) rather than rewriting them.
-                writer, created = cls(loc, stored, stale_partial_s), bool(attrs.get("created"))
+                writer, created = cls(loc, stored, stale_partial_s, videos_per_shard), bool(attrs.get("created"))
             if not created:
                 writer._create(videos, labels, text)
+            else:
+                writer._check_videos_per_shard()
             writer._confirm_schema()
             writer.removed_partials = loc.remove_partials(stale_partial_s)
         return writer
@@ -157,7 +189,7 @@ class StoreWriter:
         Marks the root "created" last."""
         store = self._store()
         arrays = {}
-        for spec in layout.data_arrays(self.schema):
+        for spec in layout.data_arrays(self.schema, self.videos_per_shard):
             try:
                 arrays[spec.name] = layout.create_or_open(store, spec)
             except ValueError:
@@ -169,6 +201,20 @@ class StoreWriter:
             arrays[layout.VIDEO_LABEL][:] = np.array(labels, dtype=np.int32)
         arrays[layout.TEXT][:] = text
         self._root_group().update_attributes({"created": True})
+
+    def _check_videos_per_shard(self) -> None:
+        """A reopened store must have been made with this writer's videos per shard: a packed store is never
+        written into with one video per shard, nor the other way round."""
+        meta = layout.open_array(self._store(), layout.FEATURES).metadata.to_dict()
+        stored = layout.videos_per_shard(meta, self.schema.views_per_video)
+        if stored == self.videos_per_shard:
+            return
+        if stored is not None and stored > 1:
+            raise StoreMismatchError(
+                f"store {self._loc.url} is a packed copy ({stored} videos per shard), which is read-only: write to "
+                f"another --out (a copy resumes only with the same --videos-per-shard {stored})")
+        raise StoreMismatchError(f"store {self._loc.url} holds {stored or '?'} video(s) per shard, not "
+                                 f"{self.videos_per_shard}: copy to another destination")
 
     def _confirm_schema(self) -> None:
         """The store's schema is still this writer's: a concurrent creator on a backend without atomic
@@ -185,10 +231,12 @@ class StoreWriter:
 
     # ---------------------------------------------------------------- pickling
     def __getstate__(self) -> dict[str, Any]:
-        return {"loc": self._loc, "schema": self.schema, "stale_partial_s": self.stale_partial_s}
+        return {"loc": self._loc, "schema": self.schema, "stale_partial_s": self.stale_partial_s,
+                "videos_per_shard": self.videos_per_shard}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["loc"], state["schema"], state["stale_partial_s"])  # type: ignore[misc]
+        self.__init__(state["loc"], state["schema"], state["stale_partial_s"],  # type: ignore[misc]
+                      state["videos_per_shard"])
 
     # ---------------------------------------------------------------- properties
     @property
@@ -217,11 +265,21 @@ class StoreWriter:
     def _records(self) -> dict[int, VideoRecord]:
         """Every record that decodes, from one listing plus one read per record (batched for remote
         stores). A record that does not decode is left out: its video is pending, and a rerun redoes it."""
-        V = self.schema.num_videos
-        indices = sorted(v for v in map(layout.record_index, self._loc.list_names(layout.RECORDS))
-                         if v is not None and v < V)
+        V, P = self.schema.num_videos, self.videos_per_shard
+        names = self._loc.list_names(layout.RECORDS)
+        out: dict[int, VideoRecord] = {}
+        if P > 1:  # a packed store: one record per group
+            groups = sorted(g for g in map(layout.group_record_index, names) if g is not None and g * P < V)
+            raw = self._loc.read_many([layout.group_record_key(g) for g in groups])
+            for g in groups:
+                data = raw[layout.group_record_key(g)]
+                try:
+                    out.update((r.video_index, r) for r in (decode_group(data, g, P, self.schema) if data else ()))
+                except RecordError:
+                    pass  # FeatureStore.check_video and `verify` report it; here the group is simply not done
+            return out
+        indices = sorted(v for v in map(layout.record_index, names) if v is not None and v < V)
         raw = self._loc.read_many([layout.record_key(v) for v in indices])
-        out = {}
         for v in indices:
             data = raw[layout.record_key(v)]
             if data is None:
@@ -258,25 +316,14 @@ class StoreWriter:
         features (K, L, T, N+1, C) (fp16 is stored as is; other floats are cast or, for int8 stores,
         quantised), clip_embeds (K, T, E), frames (K, G*T, R, R, 3) uint8 exactly when the store holds dense
         frames, labels: K per-view class indices (default: the video's label for every view)."""
-        s = self.schema
-        K, T, E = s.views_per_video, s.num_frames, s.embed_dim
-        features, clip_embeds = np.asarray(features), np.asarray(clip_embeds)
-        want = (K, len(s.layers), T, s.tokens, s.width)
-        if features.shape != want:
-            raise ValueError(f"video {v}: features have shape {features.shape}, the store expects {want}")
-        if clip_embeds.shape != (K, T, E):
-            raise ValueError(f"video {v}: clip_embeds have shape {clip_embeds.shape}, the store expects {(K, T, E)}")
+        self._check_unpacked()
+        features = self._checked_features(v, features)
+        clip_embeds = np.asarray(clip_embeds)
+        self._check_clip_shape(v, clip_embeds)
         self._check_frames(v, frames)
-        if labels is None:
-            labels = [int(self._labels()[v])] * K
         # Validate the record before touching any shard, so a bad plan cannot leave orphan shards.
-        try:
-            record = VideoRecord.done(s, v, facts, list(plans), list(labels))
-        except RecordError as err:
-            raise ValueError(f"video {v}: {err}") from None
-        with np.errstate(over="ignore"):  # overflow shows up as inf, reported just below
-            clip16 = clip_embeds.astype(np.float16, copy=False)
-        _require_finite(clip16, f"video {v}: clip_embeds")
+        record = self._done_record(v, facts, plans, labels)
+        clip16 = self._checked_clip(v, clip_embeds)
         self._before_write(v)
 
         nbytes = 0
@@ -285,6 +332,40 @@ class StoreWriter:
                 nbytes += self._loc.write_parts(fmt.shard_key(v), fmt.encode(chunks))
             self._loc.write_atomic(layout.record_key(v), dataclasses.replace(record, nbytes=nbytes).encode())
         return nbytes
+
+    def _check_unpacked(self) -> None:
+        if self.videos_per_shard != 1:
+            raise ValueError(f"store {self.url} holds {self.videos_per_shard} videos per shard: it is written a group "
+                             f"at a time (write_group)")
+
+    def _done_record(self, v: int, facts: Any, plans: Sequence[Any], labels: Sequence[int] | None) -> VideoRecord:
+        if labels is None:
+            labels = [int(self._labels()[v])] * self.schema.views_per_video
+        try:
+            return VideoRecord.done(self.schema, v, facts, list(plans), list(labels))
+        except RecordError as err:
+            raise ValueError(f"video {v}: {err}") from None
+
+    def _checked_features(self, v: int, features: Any) -> np.ndarray:
+        s = self.schema
+        features = np.asarray(features)
+        want = (s.views_per_video, len(s.layers), s.num_frames, s.tokens, s.width)
+        if features.shape != want:
+            raise ValueError(f"video {v}: features have shape {features.shape}, the store expects {want}")
+        return features
+
+    def _check_clip_shape(self, v: int, clip_embeds: np.ndarray) -> None:
+        want = (self.schema.views_per_video, self.schema.num_frames, self.schema.embed_dim)
+        if clip_embeds.shape != want:
+            raise ValueError(f"video {v}: clip_embeds have shape {clip_embeds.shape}, the store expects {want}")
+
+    def _checked_clip(self, v: int, clip_embeds: np.ndarray) -> np.ndarray:
+        """clip_embeds as fp16, checked finite."""
+        self._check_clip_shape(v, clip_embeds)
+        with np.errstate(over="ignore"):  # overflow shows up as inf, reported just below
+            clip16 = clip_embeds.astype(np.float16, copy=False)
+        _require_finite(clip16, f"video {v}: clip_embeds")
+        return clip16
 
     def _check_frames(self, v: int, frames: np.ndarray | None) -> None:
         s = self.schema
@@ -297,28 +378,101 @@ class StoreWriter:
             got = None if frames is None else (frames.shape, str(frames.dtype))
             raise ValueError(f"video {v}: the store holds dense frames: frames must be uint8 {want}, got {got}")
 
+    def _quantized(self, v: int, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        _require_finite(features, f"video {v}: features")
+        return quantize_int8(features)
+
+    def _fp16_chunks(self, fmt: ShardFormat, v: int, features: np.ndarray) -> Iterator[np.ndarray]:
+        """fp16 features' chunks, each checked for inf/NaN while the previous one streams to disk; a bad one
+        aborts the shard's write."""
+        with np.errstate(over="ignore"):
+            feats16 = features.astype(np.float16, copy=False)
+        return _checked_fp16(fmt.raw_chunks(feats16), f"video {v}: features")
+
     def _shard_chunks(self, v: int, features: np.ndarray, clip16: np.ndarray, frames: np.ndarray | None
                       ) -> Iterator[tuple[ShardFormat, Iterable[np.ndarray]]]:
-        """Each array's shard format and its inner chunks for video v, in write order. fp16 features are
-        checked for inf/NaN chunk by chunk while they stream to disk; a bad one aborts that shard's write."""
+        """Each array's shard format and its inner chunks for video v, in write order."""
         specs = {spec.name: ShardFormat.of(spec) for spec in layout.sharded_arrays(self.schema)}
-        what = f"video {v}: features"
         if self.schema.dtype == "int8":
-            _require_finite(features, what)
-            codes, scales = quantize_int8(features)
+            codes, scales = self._quantized(v, features)
             yield specs[layout.FEATURES], specs[layout.FEATURES].raw_chunks(codes)
             yield specs[layout.SCALES], specs[layout.SCALES].raw_chunks(scales)
         else:
-            with np.errstate(over="ignore"):
-                feats16 = features.astype(np.float16, copy=False)
-            yield specs[layout.FEATURES], _checked_fp16(specs[layout.FEATURES].raw_chunks(feats16), what)
+            yield specs[layout.FEATURES], self._fp16_chunks(specs[layout.FEATURES], v, features)
         yield specs[layout.CLIP], specs[layout.CLIP].raw_chunks(clip16)
         if frames is not None:
             yield specs[layout.FRAMES], specs[layout.FRAMES].raw_chunks(frames)
 
+    # ---------------------------------------------------------------- packed stores
+    def write_group(self, g: int, videos: Sequence[GroupVideo], source: GroupSource) -> int:
+        """Write group g of a packed store (videos g*P .. g*P+P-1): each array's shard holding the group's videos
+        (a failed video's chunks, and the rows past the last video, are listed as missing), then the group's
+        record. A done video's arrays are asked from `source` while its shard streams out, so memory holds one
+        video's array, not P (on an object store, one shard: it is one PUT). Returns the shard bytes written."""
+        s, P, K = self.schema, self.videos_per_shard, self.schema.views_per_video
+        if P == 1:
+            raise ValueError("write_group writes packed stores (videos_per_shard > 1); use write_video")
+        members = group_members(g, P, s.num_videos)
+        if g < 0 or not len(members):
+            raise IndexError(f"group {g} out of range [0, {-(-s.num_videos // P)})")
+        if len(videos) != len(members):
+            raise ValueError(f"group {g} holds {len(members)} videos, {len(videos)} given")
+        records = {}
+        for v, video in zip(members, videos):
+            records[v] = (VideoRecord.failed(v, video.error, video.facts) if video.error is not None
+                          else self._done_record(v, video.facts, video.plans, video.labels))
+        done = [v for v in members if records[v].status == SampleStatus.DONE]
+        self._before_write(members[0])
+
+        per_video = dict.fromkeys(members, 0)
+        with _writing(self._loc.url):
+            if done:  # a group with no done video has no shards, like a failed video's
+                scales: dict[int, np.ndarray] = {}
+                for spec in layout.sharded_arrays(s, P):
+                    fmt = ShardFormat.of(spec)
+                    sizes: list[int] = []
+                    chunks = self._group_chunks(fmt, members, set(done), source, scales)
+                    self._loc.write_parts(fmt.shard_key(g), fmt.encode(chunks, sizes))
+                    per_sample = K * fmt.chunks_per_sample
+                    for slot, v in enumerate(members):
+                        per_video[v] += sum(sizes[slot * per_sample:(slot + 1) * per_sample])
+            recs = [dataclasses.replace(records[v], nbytes=per_video[v]) for v in members]
+            self._loc.write_atomic(layout.group_record_key(g), encode_group(g, P, recs))
+        return sum(per_video.values())
+
+    def _group_chunks(self, fmt: ShardFormat, members: range, done: set[int], source: GroupSource,
+                      scales: dict[int, np.ndarray]) -> Iterator[np.ndarray | None]:
+        """Every inner chunk of one array's shard of a group, None where the shard holds none."""
+        per_video = self.schema.views_per_video * fmt.chunks_per_sample
+        for slot in range(self.videos_per_shard):
+            v = members.start + slot
+            if v in done:
+                yield from self._video_chunks(fmt, v, source, scales)
+            else:
+                yield from itertools.repeat(None, per_video)
+
+    def _video_chunks(self, fmt: ShardFormat, v: int, source: GroupSource,
+                      scales: dict[int, np.ndarray]) -> Iterable[np.ndarray]:
+        """One done video's chunks of array `fmt.name`, read from `source`. An int8 store's scales are kept from
+        its features' quantisation (they are small) for the scales shard, written next."""
+        if fmt.name == layout.FEATURES:
+            features = self._checked_features(v, source.features(v))
+            if self.schema.dtype == "int8":
+                codes, scales[v] = self._quantized(v, features)
+                return fmt.raw_chunks(codes)
+            return self._fp16_chunks(fmt, v, features)
+        if fmt.name == layout.SCALES:
+            return fmt.raw_chunks(scales.pop(v))
+        if fmt.name == layout.CLIP:
+            return fmt.raw_chunks(self._checked_clip(v, np.asarray(source.clip_embeds(v))))
+        frames = source.frames(v)
+        self._check_frames(v, frames)
+        return fmt.raw_chunks(frames)
+
     def write_failure(self, v: int, error: str, facts: Any | None = None) -> bool:
         """Record that video v failed and why. A "done" record is never replaced by a failure (an
         overlapping writer may have succeeded); returns False in that case."""
+        self._check_unpacked()
         record = VideoRecord.failed(v, error, facts)
         self._before_write(v)
         with _writing(self._loc.url):

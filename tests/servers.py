@@ -1,5 +1,6 @@
-"""Real HTTP servers on loopback for the remote-store tests: one that honours Range, one (python's
-stock http.server) that ignores it. Each serves a directory from a daemon thread."""
+"""Real servers on loopback for the remote-store tests: HTTP servers that honour Range (optionally failing
+on purpose: 503s, dropped connections, a server that goes away), python's stock http.server that ignores
+Range, and moto's S3 server. Each serves from a daemon thread."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import contextlib
 import functools
 import os
 import re
+import socket
 import threading
+from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator
 
@@ -17,10 +20,39 @@ class QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
+@dataclass
+class Faults:
+    """What a server does to its GETs, counted from 1: `fail` (503), `drop` (close without a word) or
+    `stop` (close, then shut the server down, so later connections are refused) for requests in `at`."""
+
+    action: str
+    at: range
+    count: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def next(self) -> str | None:
+        with self.lock:
+            self.count += 1
+            return self.action if self.count in self.at else None
+
+
 class RangeHandler(QuietHandler):
     """SimpleHTTPRequestHandler plus single byte ranges (`a-b`, `a-`, `-n`), answered with 206."""
 
     requests: list[tuple[str, str | None]] = []  # (path, Range header), per server class
+    faults: Faults | None = None
+
+    def do_GET(self) -> None:
+        action = self.faults.next() if self.faults else None
+        if action == "fail":
+            self.send_error(503, "Service Unavailable")
+        elif action in ("drop", "stop"):
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            if action == "stop":
+                threading.Thread(target=_stop, args=(self.server,), daemon=True).start()
+        else:
+            super().do_GET()
 
     def send_head(self):  # type: ignore[no-untyped-def]
         self.requests.append((self.path, self.headers.get("Range")))
@@ -60,15 +92,50 @@ class _Limited:
         self.f.close()
 
 
+class _Server(ThreadingHTTPServer):
+    allow_reuse_address = True  # a test may serve again on the port of a server it stopped
+    daemon_threads = True
+
+
+def _stop(server: ThreadingHTTPServer) -> None:
+    server.shutdown()
+    server.server_close()
+
+
 @contextlib.contextmanager
-def serve(directory: str | os.PathLike, ranges: bool = True) -> Iterator[tuple[str, list]]:
-    """Serve `directory` on 127.0.0.1; yields (base URL, list of (path, Range) requests seen)."""
-    handler = type("Handler", (RangeHandler,), {"requests": []}) if ranges else QuietHandler
-    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=os.fspath(directory)))
+def serve(directory: str | os.PathLike, ranges: bool = True, faults: Faults | None = None,
+          port: int = 0) -> Iterator[tuple[str, list]]:
+    """Serve `directory` on 127.0.0.1 (`port` 0: any free one); yields (base URL, list of (path, Range)
+    requests seen)."""
+    handler = type("Handler", (RangeHandler,), {"requests": [], "faults": faults}) if ranges else QuietHandler
+    server = _Server(("127.0.0.1", port), functools.partial(handler, directory=os.fspath(directory)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", getattr(handler, "requests", [])
     finally:
-        server.shutdown()
-        server.server_close()
+        _stop(server)  # at once if a "stop" fault did already
+
+
+@contextlib.contextmanager
+def moto_s3() -> Iterator[dict]:
+    """moto's S3 server on loopback, with a fresh bucket: yields {"endpoint", "bucket", "options"}, the options
+    being s3fs's (credentials and the endpoint passed explicitly, no environment)."""
+    import uuid
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server.start()
+    endpoint = f"http://127.0.0.1:{server.get_host_and_port()[1]}"
+    s3fs.S3FileSystem.clear_instance_cache()  # instances are cached per options, endpoints change per test
+    options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": endpoint}}
+    # moto keeps its buckets per process, not per server: each use gets its own.
+    bucket = f"bucket-{uuid.uuid4().hex[:8]}"
+    s3fs.S3FileSystem(**options).mkdir(bucket)
+    try:
+        yield {"endpoint": endpoint, "bucket": bucket, "options": options}
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+        server.stop()

@@ -104,3 +104,27 @@ def test_cli_extract_with_local_workers(reference, motion_dataset, tiny_checkpoi
     assert result.exit_code == 0, result.output
     assert "stored 4 videos" in result.output and "failed 0" in result.output
     assert_same_store(FeatureStore.open(out), reference)
+
+
+def test_cluster_stores_dense_frames_and_swapped_labels_and_repairs(client, motion_dataset, tiny_checkpoint, tmp_path):
+    import dataclasses
+
+    opts = dataclasses.replace(options(motion_dataset, tmp_path / "single.zarr", tiny_checkpoint), dense_frames=True,
+                               dense_gamma=2, flip_label_map=(("left", "right"),))
+    extract(opts, progress=False)
+    single = FeatureStore.open(tmp_path / "single.zarr")
+    out = tmp_path / "dask.zarr"
+    summary = extract_on_cluster(dataclasses.replace(opts, out=str(out)), client, chunk_videos=2, progress=False)
+    assert summary.complete and summary.stored == 4
+    store = FeatureStore.open(out)
+    assert_same_store(store, single)
+    assert store.schema.sampling["flip_label_map"] == [["left", "right"]] and store.schema.precision == "fp32"
+    for i in range(len(store)):
+        np.testing.assert_array_equal(store.frames(i), single.frames(i))
+        assert store.label(i) == single.label(i)
+
+    (out / "frames" / "c.1.0.0.0.0").unlink()
+    repaired = extract_on_cluster(dataclasses.replace(opts, out=str(out), repair=True), client, progress=False)
+    assert [d.video_index for d in repaired.damaged] == [1] and repaired.stored == 1 and repaired.complete
+    assert_same_store(FeatureStore.open(out), single)
+    np.testing.assert_array_equal(FeatureStore.open(out).frames(2), single.frames(2))

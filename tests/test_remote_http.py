@@ -1,9 +1,12 @@
-"""Stores read over HTTP from real servers on loopback: a Range-capable one, and python's stock
-http.server, which ignores Range and must make reads fail loudly rather than return wrong bytes."""
+"""Stores read over HTTP from real servers on loopback: a Range-capable one, one that fails on purpose
+(503s, dropped connections, going away mid-copy), and python's stock http.server, which ignores Range and
+must make reads fail loudly rather than return wrong bytes."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +16,7 @@ from click.testing import CliRunner
 import cli
 from dist_cache.errors import UserError
 from pipelines.extract import ExtractOptions, extract
-from servers import serve
+from servers import Faults, serve
 from storage import FeatureStore, testing
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -62,18 +65,96 @@ def run_cli(*args: object) -> "click.testing.Result":
     return result
 
 
-def test_train_and_eval_from_http_stores(motion_dataset, tiny_checkpoint, tmp_path):
+@pytest.fixture(scope="module")
+def share(motion_dataset, tiny_checkpoint, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("share")
     for name, csv, views, split in (("train.zarr", "train.csv", 1, "train"), ("val.zarr", "val.csv", 1, "test")):
         extract(ExtractOptions(manifest=str(motion_dataset / csv), video_root=str(motion_dataset / "videos"),
-                               out=str(tmp_path / "share" / name), model="dist-tiny", pretrained=str(tiny_checkpoint),
+                               out=str(root / name), model="dist-tiny", pretrained=str(tiny_checkpoint),
                                frames=4, views=views, split=split, decode_workers=1, device="cpu"), progress=False)
+    return root
+
+
+TRAIN_FLAGS = ("--epochs", "1", "--batch-size", "4", "--workers", "0", "--alpha-dim", "32", "--beta-dim", "16",
+               "--pool-blocks", "1", "--warmup-epochs", "1", "--device", "cpu")
+
+
+def test_train_and_eval_from_http_stores(share, motion_dataset, tmp_path):
     videos = motion_dataset / "videos"
-    with serve(tmp_path / "share") as (base, _):
+    with serve(share) as (base, _):
         assert "complete" in run_cli("info", f"{base}/train.zarr").output.lower()
         run_cli("verify", f"{base}/val.zarr")
         run_cli("train", "--cache", f"{base}/train.zarr", "--val-cache", f"{base}/val.zarr", "--video-root", videos,
-                "--out", tmp_path / "run", "--epochs", "1", "--batch-size", "4", "--workers", "0", "--alpha-dim", "32",
-                "--beta-dim", "16", "--pool-blocks", "1", "--warmup-epochs", "1", "--device", "cpu")
+                "--out", tmp_path / "run", *TRAIN_FLAGS)
         out = run_cli("eval", "--checkpoint", tmp_path / "run" / "best.pt", "--cache", f"{base}/val.zarr",
                       "--video-root", videos, "--workers", "0", "--device", "cpu").output
     assert "top-1" in out.lower()
+
+
+def test_a_server_that_goes_away_mid_train_is_one_line(share, motion_dataset, tmp_path, quick_retries):
+    faults = Faults("stop", range(30, 10**6))  # after opening and checking the store (~23 GETs): mid-epoch
+    with serve(share, faults=faults) as (base, _):
+        result = CliRunner().invoke(cli.main, ["train", "--cache", f"{base}/train.zarr", "--video-root",
+                                               str(motion_dataset / "videos"), "--out", str(tmp_path / "run"),
+                                               *TRAIN_FLAGS])
+    assert result.exit_code == 2, result.output
+    [line] = error_lines(result)
+    assert f"cannot read {base}/train.zarr/" in line and "rerun the command" in line, line
+
+
+@pytest.fixture
+def quick_retries(monkeypatch):
+    """The same retries, with waits of milliseconds instead of seconds."""
+    from storage import http
+
+    monkeypatch.setattr(http, "RETRY_DELAYS_S", (0.01, 0.02, 0.04))
+
+
+def copied_equal(src: Path, dst: Path) -> None:
+    a, b = FeatureStore.open(src), FeatureStore.open(dst)
+    assert b.complete and b.fingerprint == a.fingerprint
+    for i in a.done_indices():
+        np.testing.assert_array_equal(b.features(int(i)), a.features(int(i)))
+
+
+@pytest.mark.parametrize("action", ["fail", "drop"])
+def test_transient_failures_are_retried(tiny_store, tmp_path, quick_retries, action):
+    """503s and connections closed without an answer, three in a row: each GET is tried up to four times."""
+    faults = Faults(action, range(3, 6))
+    with serve(tiny_store, faults=faults) as (base, _):
+        result = CliRunner().invoke(cli.main, ["copy", f"{base}/s.zarr", str(tmp_path / "c.zarr")])
+    assert result.exit_code == 0, result.output
+    assert faults.count > 6  # the faults happened, and reading went on after them
+    copied_equal(tiny_store / "s.zarr", tmp_path / "c.zarr")
+
+
+def error_lines(result: "click.testing.Result") -> list[str]:
+    assert "Traceback" not in result.output and not isinstance(result.exception, Exception) or \
+        isinstance(result.exception, SystemExit), result.output
+    return [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+
+
+def test_a_server_that_goes_away_mid_copy_is_one_line_then_the_copy_resumes(tiny_store, tmp_path, quick_retries):
+    faults = Faults("stop", range(26, 10**6))  # after the tables and the first video
+    with serve(tiny_store, faults=faults) as (base, _):
+        result = CliRunner().invoke(cli.main, ["copy", f"{base}/s.zarr", str(tmp_path / "c.zarr")])
+    assert result.exit_code == 2, result.output
+    [line] = error_lines(result)
+    assert f"cannot read {base}/s.zarr/" in line and "4 tries" in line and "rerun the command" in line, line
+    partial = FeatureStore.open(tmp_path / "c.zarr")
+    done = partial.progress()["done"]
+    assert not partial.complete and 0 < done < 3  # stopped mid-copy
+    port = int(base.rsplit(":", 1)[1])
+    with serve(tiny_store, port=port):
+        again = CliRunner().invoke(cli.main, ["copy", f"{base}/s.zarr", str(tmp_path / "c.zarr")])
+    assert again.exit_code == 0 and f"skipped {done}" in again.stdout, again.output
+    copied_equal(tiny_store / "s.zarr", tmp_path / "c.zarr")
+
+
+def test_client_sessions_are_closed_at_exit(tiny_store):
+    """No "Unclosed client session" from aiohttp: zarr's asynchronous sessions are closed too."""
+    with serve(tiny_store) as (base, _):
+        for command in (["info", f"{base}/s.zarr"], ["verify", f"{base}/s.zarr"]):
+            done = subprocess.run([sys.executable, "-m", "cli", *command], capture_output=True, text=True, timeout=120)
+            assert done.returncode == 0, done.stderr
+            assert "Unclosed" not in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -1,40 +1,38 @@
-"""Stores on S3, written and read through s3fs against moto's S3 server on loopback. The CLI has no
-storage-options flag: s3fs/botocore read AWS_ENDPOINT_URL and the credentials from the environment."""
+"""Stores on S3, written and read through s3fs against moto's S3 server on loopback, on a non-default endpoint
+whose credentials are passed explicitly (storage_options, the CLI's --storage-options), never through the
+environment: the AWS variables and config files are hidden from every test here."""
 
 from __future__ import annotations
 
-import uuid
+import json
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
 import cli
+from servers import moto_s3
 from storage import FeatureStore, testing
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
 
 @pytest.fixture
-def s3(monkeypatch) -> dict:
-    from moto.server import ThreadedMotoServer
+def s3(monkeypatch, tmp_path):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION",
+                 "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookups for credentials
+    with moto_s3() as server:
+        yield server
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    endpoint = f"http://127.0.0.1:{server.get_host_and_port()[1]}"
-    for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
-                        "AWS_ENDPOINT_URL": endpoint}.items():
-        monkeypatch.setenv(name, value)
-    import s3fs
 
-    s3fs.S3FileSystem.clear_instance_cache()  # instances are cached per options, endpoints change per test
-    options = {"key": "test", "secret": "test", "client_kwargs": {"endpoint_url": endpoint}}
-    # moto keeps its buckets per process, not per server: each test gets its own.
-    bucket = f"bucket-{uuid.uuid4().hex[:8]}"
-    s3fs.S3FileSystem(**options).mkdir(bucket)
-    yield {"options": options, "bucket": bucket}
-    s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
+def run(*args: object) -> str:
+    result = CliRunner().invoke(cli.main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.stdout
 
 
 def test_write_then_read_with_storage_options(s3, tmp_path):
@@ -51,20 +49,44 @@ def test_write_then_read_with_storage_options(s3, tmp_path):
         np.testing.assert_array_equal(store.features(i), ref.features(i))
 
 
-def test_cli_extract_to_s3_then_info(s3, motion_dataset, tiny_checkpoint):
-    url = f"s3://{s3['bucket']}/x.zarr"
-
-    def run(*args: object) -> str:
-        result = CliRunner().invoke(cli.main, [str(a) for a in args])
-        assert result.exit_code == 0, result.output
-        return result.output
-
+def test_cli_extract_info_verify_copy_with_storage_options(s3, motion_dataset, tiny_checkpoint, tmp_path):
+    url, options = f"s3://{s3['bucket']}/x.zarr", json.dumps(s3["options"])
     run("extract", "--manifest", motion_dataset / "val.csv", "--video-root", motion_dataset / "videos",
-        "--out", url, "--model", "dist-tiny", "--pretrained", tiny_checkpoint, "--frames", "4",
-        "--decode-workers", "1", "--device", "cpu")
-    assert "complete" in run("info", url).lower()
-    store = FeatureStore.open(url)  # credentials and endpoint from the environment
-    assert store.complete and store.features(int(store.done_indices()[0])).shape[0] == len(store.schema.layers)
+        "--out", url, "--storage-options", options, "--model", "dist-tiny", "--pretrained", tiny_checkpoint,
+        "--frames", "4", "--decode-workers", "1", "--device", "cpu")
+    (tmp_path / "options.json").write_text(options)  # @FILE: credentials kept off the command line
+    info = json.loads(run("info", url, "--json", "--storage-options", f"@{tmp_path / 'options.json'}"))
+    assert info["complete"] and info["measured"] == "listing"
+    assert "ok" in run("verify", url, "--storage-options", options, "--video-root", motion_dataset / "videos",
+                       "--samples", "1").splitlines()[-1]
+    run("copy", url, tmp_path / "local.zarr", "--storage-options", options)
+    local_info = json.loads(run("info", tmp_path / "local.zarr", "--json"))
+    # The same store in a bucket and on disk: the same objects (S3 lists no folders), the same bytes.
+    assert (info["objects"], info["bytes"]) == (local_info["objects"], local_info["bytes"])
+    packed = f"s3://{s3['bucket']}/packed.zarr"
+    run("copy", tmp_path / "local.zarr", packed, "--dst-storage-options", options, "--videos-per-shard", "2")
+    store, ref = FeatureStore.open(packed, storage_options=s3["options"]), FeatureStore.open(tmp_path / "local.zarr")
+    assert store.videos_per_shard == 2 and store.complete
+    for i in ref.done_indices():
+        np.testing.assert_array_equal(store.features(int(i)), ref.features(int(i)))
+
+
+def test_without_the_options_the_bucket_is_out_of_reach(s3):
+    testing.write_videos(f"s3://{s3['bucket']}/y.zarr", testing.make_schema(num_videos=1), [0], finalize=True,
+                         storage_options=s3["options"])
+    result = CliRunner().invoke(cli.main, ["info", f"s3://{s3['bucket']}/y.zarr", "--storage-options",
+                                           json.dumps({**s3["options"], "secret": None, "key": None, "anon": True})])
+    assert result.exit_code != 0  # moto's endpoint, but no credentials: the options are what reached it
+
+
+def test_storage_options_are_checked_in_one_line(tmp_path):
+    for value, says in (("{nope", "not JSON"), ("[1]", "must be a JSON object"), ("@/no/such/file", "cannot read")):
+        result = CliRunner().invoke(cli.main, ["info", "s3://b/s.zarr", "--storage-options", value])
+        assert result.exit_code == 2 and says in result.output, result.output
+    local = CliRunner().invoke(cli.main, ["info", str(tmp_path), "--storage-options", "{}"])
+    assert local.exit_code != 2 or "applies to store URLs" not in local.output  # empty options: nothing to say
+    given = CliRunner().invoke(cli.main, ["info", str(tmp_path), "--storage-options", '{"anon": true}'])
+    assert given.exit_code == 2 and "applies to store URLs" in given.output
 
 
 def test_store_creation_is_a_conditional_put(s3):

@@ -1,0 +1,101 @@
+"""Bad extraction input stops before anything is written, in one line: flags, templates, the flip-label map,
+manifest paths, and a video root where nothing decodes."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import cli
+from storage import FeatureStore
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def invoke(dataset: Path, out: Path, ckpt: Path, *extra: str, manifest: Path | None = None):
+    args = ["extract", "--manifest", manifest or dataset / "val.csv", "--video-root", dataset / "videos", "--out", out,
+            "--model", "dist-tiny", "--pretrained", ckpt, "--frames", "4", "--decode-workers", "1", *extra]
+    return CliRunner().invoke(cli.main, [str(a) for a in args])
+
+
+def one_line_error(result) -> str:
+    """The error line (after the progress bar, if the run had started extracting)."""
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if not line.startswith("extract:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_a_negative_seed_is_refused_by_the_cli(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "cli", "extract", "--manifest", "m.csv", "--video-root", ".",
+                           "--out", str(tmp_path / "o.zarr"), "--seed", "-1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--seed" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o.zarr").exists()
+
+
+@pytest.mark.parametrize("template", ["a photo", "{x}", "{} and {}", "{0:>5}", "unbalanced {"])
+def test_templates_need_exactly_one_placeholder(motion_dataset, tiny_checkpoint, tmp_path, template):
+    line = one_line_error(invoke(motion_dataset, tmp_path / "t.zarr", tiny_checkpoint, "--template", template))
+    assert "--template" in line and "exactly one {}" in line
+    assert not (tmp_path / "t.zarr").exists()
+
+
+def test_literal_braces_in_a_template_are_fine():
+    from pipelines.extract import check_template
+
+    check_template("a video of {} {{in braces}}")
+
+
+@pytest.mark.parametrize("content, says", [
+    ('[["left", "sideways"]]', "'sideways', which is not among the 4 classes"),
+    ('[["left", "right"], ["right", "up"]]', "more than one place"),
+    ('{"left": "right"}', "JSON list of [class, class] pairs"),
+    ("left\tright\n", "not a JSON file"),
+])
+def test_flip_label_maps_are_checked(motion_dataset, tiny_checkpoint, tmp_path, content, says):
+    path = tmp_path / "flips.json"
+    path.write_text(content)
+    line = one_line_error(invoke(motion_dataset, tmp_path / "f.zarr", tiny_checkpoint, "--flip-label-map", path))
+    assert says in line and "--flip-label-map" in line
+    assert not (tmp_path / "f.zarr").exists()
+
+
+def test_manifest_paths_outside_the_video_root_are_refused(motion_dataset, tiny_checkpoint, tmp_path):
+    manifest = tmp_path / "escape.csv"
+    manifest.write_text("path,label\nleft/0.mp4,left\n../../etc/passwd,right\n")
+    line = one_line_error(invoke(motion_dataset, tmp_path / "e.zarr", tiny_checkpoint, manifest=manifest))
+    assert "line 3" in line and "not a relative path inside the video root" in line
+    assert not (tmp_path / "e.zarr").exists()
+
+
+def test_deep_needs_repair(motion_dataset, tiny_checkpoint, tmp_path):
+    assert "--repair" in one_line_error(invoke(motion_dataset, tmp_path / "d.zarr", tiny_checkpoint, "--deep"))
+
+
+def test_when_the_first_100_videos_all_fail_it_stops_and_records_none(motion_dataset, tiny_checkpoint, tmp_path):
+    # 100 rows of real videos; the first run points --video-root at an empty directory.
+    names = sorted(p.relative_to(motion_dataset / "videos").as_posix() for p in (motion_dataset / "videos").rglob("*.mp4"))
+    manifest = tmp_path / "m.csv"
+    with open(manifest, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        writer.writerows((names[i % len(names)], names[i % len(names)].split("/")[0]) for i in range(100))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "s.zarr"
+    base = ["extract", "--manifest", manifest, "--out", out, "--model", "dist-tiny", "--pretrained", tiny_checkpoint,
+            "--frames", "2", "--decode-workers", "1", "--batch-frames", "64"]
+    wrong = CliRunner().invoke(cli.main, [str(a) for a in base + ["--video-root", empty]])
+    line = one_line_error(wrong)
+    assert line.startswith("error: the first 100 videos all failed to decode (first error: ")
+    assert "check --video-root" in line and str(empty) in line
+    assert FeatureStore.open(out).progress() == {"done": 0, "failed": 0, "pending": 100}
+    # Nothing was recorded, so the right root simply finishes the store.
+    right = CliRunner().invoke(cli.main, [str(a) for a in base + ["--video-root", motion_dataset / "videos"]])
+    assert right.exit_code == 0, right.output
+    assert "stored 100 videos" in right.output and FeatureStore.open(out).complete
