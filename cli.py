@@ -234,10 +234,42 @@ def _switch_values(kw: dict) -> dict:
     return {name: kw.pop(name) for name in SWITCH_NAMES if name in kw}
 
 
+def _count_or_auto(ctx, param, value):
+    """`--decode-workers`: a process count (0: decode in the reader threads) or auto (the usable cores less 2)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        count = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a count nor auto") from None
+    if count < 0:
+        raise click.BadParameter(f"{value!r} must not be negative")
+    return count
+
+
+def loader_options(fn):
+    """How train and eval read their input: reader threads, decode processes (and the old --workers spelling)."""
+    for option in reversed([
+        click.option("--read-threads", default=8, type=click.IntRange(min=1), show_default=True,
+                     help="Threads reading features and stored frames into the batch buffers."),
+        click.option("--decode-workers", default="auto", show_default=True, callback=_count_or_auto,
+                     help="Processes decoding dense frames when the store holds none (auto: the cores less 2; "
+                          "0: in the reader threads)."),
+        click.option("--workers", "decode_workers_old_spelling", default=None, hidden=True, callback=_count_or_auto,
+                     help="Old spelling of --decode-workers."),
+        click.option("--decode-timeout", default=120.0, type=click.FloatRange(min=0, min_open=True),
+                     show_default=True, help="Seconds before a video's decode is killed (the run then stops)."),
+    ]):
+        fn = option(fn)
+    return fn
+
+
 @main.command(**example("dist-cache train --cache k400-train.zarr --val-cache k400-val.zarr --video-root /data/k400 --out runs/b16"))
 @config_option
 @click.option("--cache", required=True, help="Training store (path or fsspec URL).")
-@click.option("--video-root", required=True, type=click.Path(), help="Where the store's videos are (dense frames are decoded from them).")
+@click.option("--video-root", default=None, type=click.Path(),
+              help="Where the store's videos are: needed only when the store holds no dense frames for --gamma "
+                   "(they are decoded from the videos then).")
 @click.option("--out", required=True, type=click.Path(), help="Run directory: checkpoints, metrics.jsonl, curves.")
 @click.option("--val-cache", default=None, help="Validation store; best.pt is chosen by its top-1.")
 @click.option("--val-video-root", default=None, type=click.Path(), help="Video root of the validation store (default: --video-root).")
@@ -262,30 +294,40 @@ def _switch_values(kw: dict) -> dict:
               help="Label smoothing of the cross-entropy.")
 @click.option("--clip-grad", default=1.0, type=click.FloatRange(min=0), show_default=True, help="Max gradient norm; 0 disables.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the initial weights and of every epoch's view choice and order.")
-@click.option("--workers", default=4, type=click.IntRange(min=0), show_default=True, help="DataLoader worker processes.")
+@loader_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--save-every", default=500, type=click.IntRange(min=1), show_default=True, help="Steps between last.pt writes.")
 @click.option("--log-every", default=10, type=click.IntRange(min=1), show_default=True, help="Steps between lines of metrics.jsonl.")
 @click.option("--eval-every", default=1, type=click.IntRange(min=1), show_default=True,
               help="Epochs between validations on --val-cache (the last epoch is always validated).")
 @click.option("--eval-batch-size", default=None, type=click.IntRange(min=1), help="Validation batch size (default: --batch-size).")
+@click.option("--report-to", "report_to", multiple=True, type=click.Choice(["tensorboard", "wandb"]),
+              help="Also log to TensorBoard (event files in RUN/tensorboard) or Weights & Biases (WANDB_MODE=offline "
+                   "works); repeatable. metrics.jsonl and curves.png are always written.")
 @click.option("--nproc", default=1, type=click.IntRange(min=1), show_default=True, help="Data-parallel processes on this machine (--batch-size is split among them).")
 @user_errors
 def train(nproc: int, recipe: str | None, **kw) -> None:
     """Train DiST's temporal encoder and integration branch from a feature store."""
     from dist_cache.recipes import effective_switches
-    from pipelines.train import TrainOptions, preflight, train as run_train
-    from pipelines.train_ddp import launch
+    from pipelines.distributed import quiet_unless_main
+    from pipelines.train import TrainOptions, preflight, train as run_train, train_ranks
 
+    quiet_unless_main()  # under torchrun, rank 0 alone reports
+    merge_renamed(kw, "decode_workers")
     check_storage_options(kw["storage_options"], kw["cache"], kw["val_cache"])
     ctx = click.get_current_context()
     typed = {k: v for k, v in _switch_values(kw).items() if ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
     switches, line = effective_switches(recipe, typed)
-    opts = TrainOptions(switches=switches, recipe=recipe, **kw)
-    preflight(opts, nproc)  # a bad flag or store is the only line printed
+    opts = TrainOptions(switches=switches, recipe=recipe, **{**kw, "report_to": tuple(kw["report_to"])})
+    checked = preflight(opts, nproc)  # a bad flag or store is the only line printed
     record_run_config(ctx, opts, dataclasses.asdict(switches))
     click.echo(line)
-    result = run_train(opts) if nproc == 1 else launch(opts, nproc)
+    gamma = switches.gamma
+    if checked.frames == "stored":
+        click.echo(f"dense frames: read from the store (gamma {gamma} of its stored {checked.store.dense_gamma})")
+    elif checked.frames == "decoded":
+        click.echo(f"dense frames: decoded from {opts.video_root} with {checked.store.schema.preprocess['decoder']['name']}")
+    result = run_train(opts) if nproc == 1 else train_ranks(opts, nproc)
     best = f", best val top-1 {result.best_top1:.2%}" if result.best_top1 is not None else ""
     click.echo(f"trained {result.steps} steps over {result.epochs} epochs{best}; checkpoints in {result.out}")
     if result.skipped_failed_samples:
@@ -297,21 +339,26 @@ def train(nproc: int, recipe: str | None, **kw) -> None:
 @click.option("--checkpoint", required=True, type=click.Path(), help="A checkpoint written by train (best.pt or last.pt).")
 @click.option("--cache", required=True, help="Evaluation store (test split: 3 clips x 1 crop by default).")
 @storage_options_option()
-@click.option("--video-root", required=True, type=click.Path(), help="Where the store's videos are (dense frames are decoded from them).")
+@click.option("--video-root", default=None, type=click.Path(),
+              help="Where the store's videos are: needed only when the store holds no dense frames.")
 @click.option("--classes", default=None, type=click.Path(), help="Zero-shot: class names file of a new label set.")
 @click.option("--pretrained", default=None, help="Local copy of the store's CLIP weights (for --classes and --online).")
 @click.option("--json", "json_path", default=None, type=click.Path(), help="Write the full report (and a confusion PNG beside it).")
 @click.option("--online", is_flag=True, help="Run the frozen CLIP live instead of reading cached features.")
 @click.option("--batch-size", default=16, type=click.IntRange(min=1), show_default=True, help="Clips per forward pass.")
-@click.option("--workers", default=2, type=click.IntRange(min=0), show_default=True, help="DataLoader worker processes.")
+@loader_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @user_errors
 def evaluate(json_path: str | None, **kw) -> None:
     """Score a checkpoint: multi-view top-1/top-5, per-class accuracy, zero-shot with --classes."""
     from pipelines.evaluate import EvalOptions, evaluate as run_eval, format_report
 
+    merge_renamed(kw, "decode_workers")
     check_storage_options(kw["storage_options"], kw["cache"])
-    click.echo(format_report(run_eval(EvalOptions(json=json_path, **kw))))
+    report = run_eval(EvalOptions(json=json_path, **kw))
+    for warning in report["warnings"]:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(format_report(report))
 
 
 @main.command(**example("dist-cache profile --model ViT-B-16 --frames 8 --gamma 4"))

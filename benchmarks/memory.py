@@ -1,6 +1,6 @@
 """Peak RSS of stage-two training over stores of 50, 200 and 800 tiny clips (dist-tiny CLIP, generated
-64 px H.264 videos, one view each). Each training run (1 epoch, batch 16, 2 loader workers) runs in its own
-subprocess, which reports ru_maxrss of itself and of its (waited-for) children, i.e. the loader workers.
+64 px H.264 videos, one view each). Each training run (1 epoch, batch 16, 2 decode workers) runs in its own
+subprocess, which reports ru_maxrss of itself and of its (waited-for) children, i.e. the decode workers.
 Flat = the largest store's peak within 10 % of the smallest's.
 
     python benchmarks/memory.py [--device cpu|cuda] [--quick]     (--quick: 20, 40, 80 clips)
@@ -25,7 +25,7 @@ import json, resource, sys
 sys.path.insert(0, sys.argv[4])
 from pipelines.train import TrainOptions, train
 r = train(TrainOptions(cache=sys.argv[1], video_root=sys.argv[2], out=sys.argv[3], epochs=1, batch_size=16,
-                       workers=2, device=sys.argv[5], warmup_epochs=0), progress=False)
+                       decode_workers=2, device=sys.argv[5], warmup_epochs=0), progress=False)
 import gc; gc.collect()
 print(json.dumps({"self_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "children_maxrss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,

@@ -3,54 +3,45 @@
 Same DiST branch, batch, frames (8 sparse + 16 dense, gamma 2), optimiser step as `pipelines.train`:
   * model step, in-memory inputs: cached = branch fwd/bwd/AdamW on (L,B,T,N+1,C) fp16 features;
     online = CLIP visual forward (no_grad) on the sparse frames + the same branch step. Interleaved.
-  * end to end through the real loader (`pipelines.data.StoreClips` + `make_loader`, spawned workers) over
-    the ViT-B/16 store given by --store (default /tmp/b16/b16.zarr), if it exists.
+  * end to end through the real loader (`pipelines.data.BatchLoader`: reader threads, the dense frames decoded
+    by the decode pool) over the ViT-B/16 store given by DIST_BENCH_STORE (default /tmp/b16/b16.zarr), if it exists.
   * compute-bound ratio from FLOPs (`dist_cache.flops.profile_dist`): (CLIP fwd + 3 x branch fwd) / (3 x branch fwd),
     backward taken as 2 x forward.
 
-    python benchmarks/train_step.py [--device cpu|cuda] [--quick]
+    python -m benchmarks.train_step [--device cpu|cuda] [--quick]
 """
 
 from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
-
-from _common import parse, report, sync  # noqa: E402
+from benchmarks._common import parse, report
 
 STORE = os.environ.get("DIST_BENCH_STORE", "/tmp/b16/b16.zarr")
 VIDEO_ROOT = os.environ.get("DIST_BENCH_VIDEOS", "/tmp/b16/videos")
 WEIGHTS = os.environ.get("DIST_BENCH_WEIGHTS", "/tmp/b16/vit-b-16-random.pt")
 
 
-def make_step(net, branch, text, device, mean, std):
-    from pipelines.branch import autocast, embed
-    from pipelines.train import param_groups
+def make_step(net, text, device, mean, std):
+    """The training step of `pipelines.train` (pipelines.step.train_step) for `net`, on batches of any origin."""
+    from pipelines.branch import amp_dtype, branch_of
+    from pipelines.distributed import Ranks
+    from pipelines.optim import make_optimizer, make_scaler
+    from pipelines.step import StepModel, train_step
 
-    opt = torch.optim.AdamW(param_groups(branch, 1e-4), lr=1e-5)
-
-    def step(batch):
-        with autocast(device):
-            logits = net.logits(embed(net, batch, device, mean, std), text)
-        loss = F.cross_entropy(logits.float(), batch["label"].to(device), label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(branch.parameters(), 1.0)
-        opt.step()
-        sync(device)
-        return loss.item()
-
-    return step
+    branch = branch_of(net)
+    optimizer, scheduler = make_optimizer(branch, lr=1e-5, weight_decay=1e-4, total=10**6, warmup=0,
+                                          warmup_start_lr=1e-5)
+    amp = amp_dtype(device)
+    model = StepModel(net, net, branch, optimizer, scheduler, make_scaler(amp), text, mean, std, amp, 0.1, 1.0)
+    ranks = Ranks(0, 1, device)
+    return lambda batch, store=None: train_step(model, batch, ranks, store, 0)
 
 
 def main() -> None:
@@ -83,8 +74,8 @@ def main() -> None:
     torch.manual_seed(0)
     online = OnlineDiST(backbone.spatial_encoder(layers), DiST(config)).to(device).train()
     text = torch.randn(4, config.embed_dim, device=device)
-    step_cached = make_step(cached, cached, text, device, backbone.mean, backbone.std)
-    step_online = make_step(online, online.dist, text, device, backbone.mean, backbone.std)
+    step_cached = make_step(cached, text, device, backbone.mean, backbone.std)
+    step_online = make_step(online, text, device, backbone.mean, backbone.std)
 
     # ---- in-memory inputs: real CLIP tokens of random uint8 frames (so value ranges are realistic) ----
     g = torch.Generator().manual_seed(0)
@@ -93,9 +84,12 @@ def main() -> None:
     normalised = normalize_frames(frames.to(device), backbone.mean, backbone.std)
     with torch.no_grad():
         feats = online.features(normalised).cpu().half()  # (L, B, T, N+1, C)
-    label = torch.tensor([0, 1][:B] * (B // 2 + 1))[:B]
-    batch_cached = {"features": feats.transpose(0, 1).contiguous(), "frames": frames, "label": label}
-    batch_online = {"frames": frames, "label": label}
+    from pipelines.data import Batch
+
+    label = torch.tensor([0, 1][:B] * (B // 2 + 1))[:B].to(device)
+    index = np.arange(B)
+    batch_cached = Batch(index, index, label, feats.to(device), frames.to(device))
+    batch_online = Batch(index, index, label, None, frames.to(device))
 
     step_cached(batch_cached)  # warm-up
     step_online(batch_online)
@@ -109,7 +103,8 @@ def main() -> None:
         t0 = time.perf_counter()
         with torch.no_grad():
             online.features(normalize_frames(frames.to(device), backbone.mean, backbone.std))
-        sync(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         t_clip.append(time.perf_counter() - t0)
     mem = {
         "cached_clips_per_s": B / statistics.median(t_cached),
@@ -123,30 +118,26 @@ def main() -> None:
     # ---- end to end through the real loader ----
     e2e = None
     if have_store:
-        from pipelines.data import EpochSampler, StoreClips, make_loader
+        from pipelines.data import BatchLoader, DecodedFrames, EpochSampler
         from storage import FeatureStore
 
         store = FeatureStore.open(STORE)
-        import numpy as np
-        usable = np.arange(len(store))
         steps = 3 if args.quick else 6
-        workers = 2
-        e2e = {"workers": workers, "steps_timed": steps}
-        for name, net, step, feat_layers in (("cached", cached, step_cached, layers), ("online", online, step_online, None)):
-            ds = StoreClips(store, VIDEO_ROOT, gamma, feat_layers, frames=True)
-            # test-split store: iterate every sample (3 videos x 3 views) in index order, cycling epochs
-            sampler = EpochSampler(usable, store.schema.views_per_video, B, seed=0, train=False)
-            loader = make_loader(ds, sampler, workers=workers, device=device)
-            times, done, epoch = [], 0, 0
-            t0 = None
+        e2e = {"decode_workers": "auto", "steps_timed": steps}
+        for name, step, feat_layers in (("cached", step_cached, layers), ("online", step_online, None)):
+            # test-split store: every sample in index order, epochs cycled; labels folded onto the 4 text classes
+            sampler = EpochSampler(np.arange(len(store)), store.schema.views_per_video, B, train=False)
+            loader = BatchLoader(store, sampler, layers=feat_layers, frames=DecodedFrames(store, VIDEO_ROOT, gamma),
+                                 device=device, read_threads=2)
+            times, done, epoch, t0 = [], 0, 0, None
             while done < steps + 1:
                 sampler.set_epoch(epoch)
                 epoch += 1
                 for batch in loader:
-                    if len(batch["label"]) != B:
+                    if len(batch) != B:
                         continue
-                    batch["label"] = batch["label"] % 4
-                    step(batch)
+                    batch.label = batch.label % 4
+                    step(batch, store)
                     now = time.perf_counter()
                     if t0 is not None:
                         times.append(now - t0)
@@ -154,9 +145,9 @@ def main() -> None:
                     done += 1
                     if done >= steps + 1:
                         break
+            loader.close()
             e2e[f"{name}_clips_per_s"] = B / statistics.median(times)
             e2e[f"{name}_step_s"] = [round(t, 3) for t in times]
-            del loader
         e2e["speedup"] = e2e["cached_clips_per_s"] / e2e["online_clips_per_s"]
 
     measured = e2e["speedup"] if e2e else mem["speedup"]

@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dist_cache.backbone import load_recorded_backbone
 from dist_cache.model import DiST, DiSTConfig, OnlineDiST
 from dist_cache.transforms import normalize_frames
+from pipelines.data import Batch
 
 Network = DiST | OnlineDiST
 
@@ -52,36 +53,38 @@ def branch_of(net: Network) -> DiST:
     return net.dist if isinstance(net, OnlineDiST) else net
 
 
+def online_precision(recorded: str, device: torch.device) -> str:
+    """The precision the online CLIP runs in: the store's recorded one, so the live features are those the
+    cache holds; a CPU cannot run fp16, so an fp16 store's CLIP runs in fp32 there (the nearer of the two)."""
+    return "fp32" if device.type == "cpu" and recorded == "fp16" else recorded
+
+
 def embed(
     net: Network | DistributedDataParallel,
-    batch: dict[str, torch.Tensor],
-    device: torch.device,
+    batch: Batch,
     mean: Sequence[float],
     std: Sequence[float],
 ) -> torch.Tensor:
-    """Video embeddings (B, E) of a collated batch from `StoreClips`; `net` may be DDP-wrapped (training).
+    """Video embeddings (B, E) of a `Batch` already on the model's device; `net` may be DDP-wrapped (training).
 
     The batch's uint8 frames are normalised here, on the device, with the store's `mean` and `std`, as
     extraction normalised CLIP's input."""
-    frames = None
-    if "frames" in batch:
-        frames = normalize_frames(batch["frames"].to(device, non_blocking=True), mean, std)
+    frames = None if batch.frames is None else normalize_frames(batch.frames, mean, std)
     inner = net.module if isinstance(net, DistributedDataParallel) else net
     if isinstance(inner, OnlineDiST):
         return net(frames)
-    # The loader stacks samples first, (B, L, T, N+1, C); DiST takes layers first.
-    features = batch["features"].to(device, non_blocking=True).transpose(0, 1)
-    return net(features, frames)
+    return net(batch.features, frames)
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     """Mixed precision on CUDA only (bf16 where supported, else fp16); CPU runs stay in fp32."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=amp_dtype(device))
+    dtype = amp_dtype(device)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def amp_dtype(device: torch.device) -> torch.dtype | None:
+    """The training step's autocast dtype: bf16 on GPUs that have it, fp16 (with loss scaling) on others, none
+    on the CPU. The logits and the loss stay fp32 whatever it is (`DiST.logits`)."""
     if device.type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -9,6 +9,7 @@ its DiST config and the shapes of its weights are checked, as one-line errors, b
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 from dist_cache.errors import UserError, first_line
 from dist_cache.model import ConfigError, DiSTConfig
 from dist_cache.model.dist import check_branch_state
-from pipelines.files import replace_atomically
+from pipelines.files import replace_atomically, write_failure
 
 FORMAT = "dist-cache-checkpoint"
 # 2: the DiST config holds its switches under "switches" (dist-cache 0.2); 1 (0.1) had them flat. Both load.
@@ -34,9 +35,17 @@ STORE_FIELDS: dict[str, type] = {"fingerprint": str, "backbone": dict, "class_na
 
 
 def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """Write atomically: a kill -9 mid-write leaves the previous file whole, never a torn one."""
-    return replace_atomically(path, lambda tmp: torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp),
-                              fsync=True)
+    """Write atomically: a kill -9 mid-write leaves the previous file whole, never a torn one.
+
+    Serialised in memory first, then written by Python's file I/O: torch.save writing to a full disk raises
+    a RuntimeError that has lost the OS error ("basic_ios::clear"), where a plain write keeps it, for a
+    one-line `write_failure` (the branch's weights and optimiser state are a few hundred MB at most)."""
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "version": VERSION, **payload}, buffer)
+    try:
+        return replace_atomically(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()), fsync=True)
+    except OSError as err:
+        raise write_failure(path, err) from None
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

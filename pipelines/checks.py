@@ -11,9 +11,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from dist_cache.backbone import resolve_layers
+from dist_cache.decoders import get_decoder
 from dist_cache.errors import UserError
 from dist_cache.model import DiSTConfig
 from dist_cache.paths import resolve_under
+from pipelines.data import stored_frames_cover
 from storage import FeatureStore, SampleStatus
 from storage.schema import format_value
 
@@ -43,22 +45,60 @@ def usable_samples(store: FeatureStore, flag: str) -> tuple[np.ndarray, int]:
     return np.flatnonzero(status == SampleStatus.DONE), counts["failed"] * store.schema.views_per_video
 
 
-def check_video_root(store: FeatureStore, usable: np.ndarray, video_root: str, flag: str) -> None:
-    """The dense frames are decoded from the original videos: fail now, not in a loader worker mid-epoch.
+def check_frames(store: FeatureStore, usable: np.ndarray, gamma: int, video_root: str | None, flag: str) -> str:
+    """Where this run's dense frames will come from: "stored" (the store holds them for `gamma`), or "decoded"
+    (from `video_root`, with the store's decoder, every video there and of its recorded size). Fails now, as
+    one line, rather than in a reader thread mid-epoch."""
+    stored = store.dense_gamma
+    if stored_frames_cover(store, gamma):
+        return "stored"
+    if video_root is None:
+        if stored is not None:
+            raise UserError(f"store {store.url} holds dense frames for gamma {stored}, which covers gamma {stored} "
+                            f"and its divisors, not {gamma}; pass --gamma {stored} (or a divisor), or {flag} to decode "
+                            "them from the videos")
+        raise UserError(f"store {store.url} holds no dense frames: pass {flag} (where its videos are) to decode "
+                        "them, or extract the store with --dense-frames")
+    decoder = store.schema.preprocess["decoder"]["name"]
+    try:
+        get_decoder(decoder)
+    except UserError as err:
+        raise UserError(f"store {store.url} was extracted with the {decoder} decoder, which its dense frames must be "
+                        f"decoded with: {err}") from None
+    check_video_root(store, usable, video_root, flag)
+    return "decoded"
 
-    Every video with a usable sample is looked for (one stat each); the first missing one and the count name
-    what is wrong, e.g. a root that holds only part of the dataset.
-    """
+
+def check_video_root(store: FeatureStore, usable: np.ndarray, video_root: str, flag: str) -> None:
+    """The dense frames are decoded from the original videos: every video with a usable sample must be there
+    (one stat each), with the size the store recorded. The first missing or changed one and the count name what
+    is wrong, e.g. a root that holds only part of the dataset. (sha256s, where recorded, are checked as each
+    video is first decoded.)"""
     if not len(usable):
         return
     videos = store.videos
-    wanted = np.unique(np.asarray(usable, dtype=np.int64) // store.schema.views_per_video)
-    missing = [videos[v] for v in wanted
-               if not resolve_under(video_root, videos[v], f"store {store.url}").is_file()]
+    K = store.schema.views_per_video
+    wanted = np.unique(np.asarray(usable, dtype=np.int64) // K)
+    missing, changed = [], []
+    for v in wanted:
+        path = resolve_under(video_root, videos[v], f"store {store.url}")
+        if not path.is_file():
+            missing.append(videos[v])
+            continue
+        size, recorded = path.stat().st_size, store.sample(int(v) * K)["size_bytes"]
+        if recorded is not None and size != recorded:
+            changed.append((videos[v], size, recorded))
     if missing:
         raise UserError(
             f"{flag} {video_root} has no {missing[0]} ({len(missing)} of the {len(wanted)} videos of {store.url} "
             "are missing there); pass the directory the store's manifest paths are relative to"
+        )
+    if changed:
+        name, size, recorded = changed[0]
+        raise UserError(
+            f"{flag} {video_root}: {name} is {size} bytes, but the store recorded {recorded} ({len(changed)} of the "
+            f"{len(wanted)} videos differ): these are not the videos {store.url} was extracted from; restore them, "
+            "or re-extract the store from these files"
         )
 
 

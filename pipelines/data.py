@@ -1,10 +1,18 @@
-"""Stage-two input: cached features plus the dense frames that belong to them, batched by a resumable sampler.
+"""Stage-two input: cached features and the dense frames that belong to them, batched by a resumable sampler.
 
-A sample (video v, view k, index v*K + k) yields the stored features of the layers the model integrates
-and the gamma*T dense frames of the same view, decoded at `dense_indices(plan, ...)` and rendered to uint8
-by the same `render_frames` call extraction used. So dense[::gamma] are, byte for byte, the frames whose
-CLIP features are cached, and online training (CLIP run live on them) sees the same input. Frames are
-normalised where batches reach the device (`pipelines.branch.embed`), with this dataset's mean and std.
+A sample (video v, view k, index v*K + k) is the stored features of the layers the model integrates and the
+gamma*T dense frames of the same view, as uint8. The frames come from a `FrameSource`: the store's own dense
+frames (`StoredFrames`, extract --dense-frames), or the video decoded at the view's recorded plan
+(`DecodedFrames`, in a killable process pool). Either way dense[::gamma] are, byte for byte, the frames whose
+CLIP features are cached. A source is asked for a sample's frames with the epoch, so a source that draws a fresh
+plan every epoch (re-augmentation) fits the same slot.
+
+`BatchLoader` is built for the GPU's pace (docs/DESIGN.md, "The stage-two loader"): reader threads in this
+process (file reads, checksums and decoding release the GIL) fill a ring of host slabs, pinned when the
+device is a GPU, straight from the store's one-read-per-sample path: features in their stored dtype (int8
+codes and scales for int8 stores), frames as uint8. A bounded number of batches is in flight, so memory does
+not grow with the store. Each batch goes to the device with non-blocking copies on a side stream; int8
+features are dequantised and frames normalised there (`pipelines.branch.embed`), never on the host.
 
 The sampler owns all randomness of the data order: epoch e's order is a permutation seeded by (seed, e),
 one cached view per video seeded by (seed, e, v). Given (epoch, batches already consumed), it yields the
@@ -13,95 +21,263 @@ exact remainder, which is what makes `--resume` land on the same weights as an u
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Literal, Protocol, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
 
-from dist_cache.decoders import get_decoder
+from dist_cache.decode_pool import DecodePool
 from dist_cache.errors import DecodeError, UserError
-from dist_cache.sampling import ViewPlan, dense_indices
-from dist_cache.transforms import render_frames
-from storage import FeatureStore
+from dist_cache.paths import resolve_under
+from pipelines.dense_frames import VideoChanged, decode_view
+from storage import FeatureStore, RawSample
+
+# Batches being read while the model computes on the current one: enough to hide a slow read behind a step,
+# few enough that host memory stays (PREFETCH + 1) batches whatever the store's size.
+PREFETCH = 2
+DECODE_PRELOAD = ("pipelines.dense_frames",)
+
+# Fills `out` (uint8 (gamma*T, R, R, 3)) with one sample's frames; runs in a reader thread.
+FrameJob = Callable[[np.ndarray], None]
 
 
-class VideoUnreadable(UserError):
-    """A store's video that no longer decodes mid-run (replaced, truncated or gone since extraction)."""
+class FrameSource(Protocol):
+    """Where a sample's dense frames come from: gamma*T uint8 frames of the sample's view."""
 
-    def __init__(self, message: str):
-        # Raised in a DataLoader worker, it is rebuilt in the main process from "Caught VideoUnreadable in
-        # DataLoader worker process N.\nOriginal Traceback ...\n<module>.VideoUnreadable: <message>":
-        # keep the one-line message, which names the video.
-        marker = f"{type(self).__name__}: "
-        if message.startswith("Caught ") and marker in message:
-            message = message.rstrip().splitlines()[-1].split(marker, 1)[-1]
-        super().__init__(message)
+    gamma: int
+
+    def request(self, index: int, epoch: int) -> FrameJob:
+        """Start producing sample `index`'s frames for `epoch` (a decode job starts at once); the returned job,
+        run in a reader thread, writes them into its argument."""
+
+    def close(self) -> None:
+        """Stop any worker the source runs."""
 
 
-class StoreClips(Dataset):
-    """Items {index, video_index, label, features (L', T, N+1, C) fp16, frames (gamma*T, R, R, 3) uint8}.
+class StoredFrames:
+    """The store's dense frames (a subset of them when gamma < the stored gamma): one checked read each."""
 
-    `layers` (CLIP block indices) selects the stored layers to read; None reads no features (online
-    training runs CLIP itself). `frames=False` skips decoding (a model without the temporal encoder).
-    `decoder` names the `dist_cache.decoders` backend (the one the store was extracted with).
-    `mean` and `std` are the store's, for `normalize_frames` on the device.
+    def __init__(self, store: FeatureStore, gamma: int):
+        self.store, self.gamma = store, gamma
+
+    def request(self, index: int, epoch: int) -> FrameJob:
+        return lambda out: self.store.frames(index, self.gamma, out=out)
+
+    def close(self) -> None:
+        pass
+
+
+class DecodedFrames:
+    """The view's dense frames decoded from its video at the recorded plan, with the store's decoder.
+
+    `workers` > 0 decode in a `DecodePool` (processes: a decoder that hangs is killed at `timeout` and the run
+    stops with one line, instead of stalling); 0 decodes in the reader threads (tiny clips, tests). Each video's
+    file is checked against its record the first time this source decodes it.
     """
 
-    def __init__(
-        self,
-        store: FeatureStore,
-        video_root: str | Path,
-        gamma: int,
-        layers: Sequence[int] | None,
-        frames: bool = True,
-        decoder: str = "decord",
-    ):
-        self.store = store  # pickles as its URL: cheap to send to spawned workers
-        self.video_root = Path(video_root)
-        self.gamma = gamma
-        self.layers = None if layers is None else list(layers)
-        self.frames = frames
-        self.decoder = decoder
-        self.image_size = store.schema.image_size
-        self.mean = tuple(store.schema.backbone["mean"])
-        self.std = tuple(store.schema.backbone["std"])
+    def __init__(self, store: FeatureStore, video_root: str | Path, gamma: int, *,
+                 workers: int | Literal["auto"] = "auto", timeout: float = 120.0):
+        self.store, self.video_root, self.gamma = store, Path(video_root), gamma
+        self.decoder = store.schema.preprocess["decoder"]["name"]
+        self.pool = None if workers == 0 else DecodePool(workers, timeout, preload=DECODE_PRELOAD)
+        self.checked: set[int] = set()
+
+    def request(self, index: int, epoch: int) -> FrameJob:
+        sample = self.store.sample(index)
+        v = int(sample["video_index"])
+        expected = None
+        if v not in self.checked:
+            self.checked.add(v)
+            expected = {"size_bytes": sample["size_bytes"], "sha256": sample["sha256"]}
+        path = str(resolve_under(self.video_root, sample["video"], f"store {self.store.url}"))
+        plan = {"sparse_indices": [int(i) for i in sample["sparse_indices"]], "window": sample["window"],
+                "crop": list(sample["crop"]), "flip": sample["flip"], "grayscale": sample["grayscale"]}
+        args = (path, plan, self.gamma, int(sample["num_frames"]), self.store.schema.image_size, self.decoder,
+                expected, f"video {v} of {self.store.url}")
+        if self.pool is None:
+            return lambda out: np.copyto(out, decode_view(*args))
+        future = self.pool.submit(decode_view, *args)
+
+        def job(out: np.ndarray) -> None:
+            try:
+                frames = future.result()
+            except DecodeError as err:  # the pool's own: a hang killed at the timeout, a crashed worker
+                raise VideoChanged(f"{err}; the video decoded at extraction: check the file, or raise the "
+                                   "decode timeout") from None
+            np.copyto(out, frames)
+
+        return job
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+
+
+@dataclass
+class Batch:
+    """A batch on its device. On the CPU its tensors view the loader's buffers: valid until the next batch."""
+
+    index: np.ndarray  # (B,) sample indices
+    video_index: np.ndarray  # (B,)
+    label: torch.Tensor  # (B,) int64, per-view labels
+    features: torch.Tensor | None  # (L', B, T, N+1, C) float16 (int8 stores: dequantised on the device)
+    frames: torch.Tensor | None  # (B, gamma*T, R, R, 3) uint8
 
     def __len__(self) -> int:
-        return len(self.store)
+        return len(self.index)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
-        sample = self.store.sample(index)
-        item: dict[str, torch.Tensor | int] = {
-            "index": index,
-            "video_index": int(sample["video_index"]),
-            "label": int(sample["label"]),
-        }
-        if self.layers is not None:
-            item["features"] = torch.as_tensor(np.asarray(self.store.features(index, self.layers)))
-        if self.frames:
-            item["frames"] = self.render(sample)
-        return item
 
-    def render(self, sample: dict) -> torch.Tensor:
-        """uint8 (gamma*T, R, R, 3): the view's dense frames, rendered exactly as extraction rendered its sparse ones."""
-        plan = ViewPlan.from_dict(sample)
-        wanted = dense_indices(plan, self.gamma, int(sample["num_frames"]))
-        path = self.video_root / sample["video"]
+class _Slab:
+    """Host buffers for one batch: what the reader threads fill, in the stored dtypes (pinned for a GPU)."""
+
+    def __init__(self, store: FeatureStore, batch: int, layers: int | None, frames: tuple[int, ...] | None,
+                 pin: bool):
+        s = store.schema
+
+        def buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            return torch.empty(shape, dtype=dtype, pin_memory=pin)
+
+        feature_dtype = torch.int8 if s.dtype == "int8" else torch.float16
+        shape = (batch, layers or 0, s.num_frames, s.tokens, s.width)
+        self.features = buffer(shape, feature_dtype) if layers else None
+        self.scales = buffer(shape[:-1], torch.float16) if layers and s.dtype == "int8" else None
+        self.frames = buffer((batch, *frames), torch.uint8) if frames else None
+        self.labels = buffer((batch,), torch.int64)
+        self.copied: torch.cuda.Event | None = None  # the device copy out of these buffers
+
+    def raw(self, j: int) -> RawSample:
+        return RawSample(self.features[j].numpy(), None if self.scales is None else self.scales[j].numpy())
+
+    def wait_copied(self) -> None:
+        """Before the buffers are refilled: the device copy that read them must be over."""
+        if self.copied is not None:
+            self.copied.synchronize()
+            self.copied = None
+
+
+class BatchLoader:
+    """Batches of `sampler`'s indices, read by `read_threads` threads into a ring of PREFETCH + 1 host slabs.
+
+    `layers`: the stored layers to read (None: no features, online training runs CLIP itself). `frames`: where
+    the dense frames come from (None: no frames, a model without the temporal encoder or CLIP). Batches come
+    out in the sampler's order whatever the threads' timing; the first read that fails raises, in this thread,
+    when its batch is reached (a damaged chunk, a changed video), naming the sample.
+    """
+
+    def __init__(self, store: FeatureStore, sampler: EpochSampler, *, layers: Sequence[int] | None,
+                 frames: FrameSource | None, device: torch.device, read_threads: int = 4, prefetch: int = PREFETCH):
+        if read_threads < 1 or prefetch < 1:
+            raise ValueError(f"read_threads and prefetch must be >= 1, got {read_threads}, {prefetch}")
+        self.store, self.sampler, self.device = store, sampler, device
+        self.layers = None if layers is None else list(layers)
+        self.frames = frames
+        self.prefetch = prefetch
+        s = store.schema
+        gamma = getattr(frames, "gamma", None)
+        frame_shape = (gamma * s.num_frames, s.image_size, s.image_size, 3) if frames is not None else None
+        pin = device.type == "cuda"
+        self._slabs = [_Slab(store, sampler.batch_size, None if layers is None else len(self.layers), frame_shape, pin)
+                       for _ in range(prefetch + 1)]
+        self._threads = concurrent.futures.ThreadPoolExecutor(read_threads, thread_name_prefix="store-reader")
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._int8 = s.dtype == "int8"
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def close(self) -> None:
+        self._threads.shutdown(wait=True, cancel_futures=True)
+        if self.frames is not None:
+            self.frames.close()
+
+    # ---------------------------------------------------------------- reading
+    def _read(self, slab: _Slab, j: int, index: int, frame_job: FrameJob | None) -> None:
+        if slab.features is not None:
+            self.store.read_sample(index, self.layers, out=slab.raw(j))
+        if frame_job is not None:
+            frame_job(slab.frames[j].numpy())
+        slab.labels[j] = self.store.label(index)
+
+    def _submit(self, indices: list[int], slab: _Slab, epoch: int) -> list[concurrent.futures.Future]:
+        slab.wait_copied()
+        # Frame jobs are requested here, in order, so decode jobs reach the pool before the reads queue up.
+        jobs = [None if self.frames is None else self.frames.request(i, epoch) for i in indices]
+        return [self._threads.submit(self._read, slab, j, i, job) for j, (i, job) in enumerate(zip(indices, jobs))]
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch = self.sampler.epoch
+        batches = iter(self.sampler)
+        pending: collections.deque = collections.deque()
+        turn = 0
+
+        def top_up() -> None:
+            nonlocal turn
+            while len(pending) < self.prefetch:
+                indices = next(batches, None)
+                if indices is None:
+                    return
+                slab = self._slabs[turn % len(self._slabs)]
+                turn += 1
+                pending.append((indices, slab, self._submit(indices, slab, epoch)))
+
+        futures: list[concurrent.futures.Future] = []
         try:
-            decoded = get_decoder(self.decoder).read(path, wanted.tolist())
-        except DecodeError as err:
-            reason = str(err).removeprefix(f"{path}: ")
-            raise VideoUnreadable(
-                f"{path} (video {sample['video_index']} of {self.store.url}): {reason}, but it decoded at "
-                "extraction; restore the video the store was extracted from, or re-extract"
-            ) from None
-        return render_frames(decoded, plan, self.image_size)
+            top_up()
+            while pending:
+                indices, slab, futures = pending.popleft()
+                for future in futures:
+                    future.result()
+                batch = self._to_device(indices, slab)
+                top_up()  # the next reads overlap this batch's step
+                yield batch
+        finally:
+            # An error or an abandoned iteration: nothing may still write into the slabs once this returns.
+            unfinished = [f for _, _, fs in pending for f in fs] + futures
+            for future in unfinished:
+                future.cancel()
+            concurrent.futures.wait(unfinished)
+
+    # ---------------------------------------------------------------- to the device
+    def _to_device(self, indices: list[int], slab: _Slab) -> Batch:
+        n = len(indices)
+        index = np.asarray(indices, dtype=np.int64)
+        video_index = index // self.store.schema.views_per_video
+        host = [None if t is None else t[:n] for t in (slab.features, slab.scales, slab.frames, slab.labels)]
+        if self._copy_stream is None:
+            features, scales, frames, labels = host
+        else:
+            current = torch.cuda.current_stream(self.device)
+            # The copy does not wait for the steps queued before it: it overlaps them.
+            with torch.cuda.stream(self._copy_stream):
+                features, scales, frames, labels = [None if t is None else t.to(self.device, non_blocking=True)
+                                                    for t in host]
+                slab.copied = torch.cuda.Event()
+                slab.copied.record(self._copy_stream)
+            current.wait_stream(self._copy_stream)
+            for t in (features, scales, frames, labels):
+                if t is not None:
+                    t.record_stream(current)  # allocated on the copy stream, used on this one
+        if features is not None:
+            features = (dequantize(features, scales) if self._int8 else features).transpose(0, 1)
+        return Batch(index, video_index, labels, features, frames)
 
 
-class EpochSampler(Sampler[list[int]]):
+def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int8 codes (B, L, T, N+1, C) x fp16 scales (B, L, T, N+1) -> float16, on their device, exactly as
+    `storage.dequantize_int8` (the product in float32, rounded once). Layer by layer: no float32 copy of
+    the whole batch."""
+    out = torch.empty(codes.shape, dtype=torch.float16, device=codes.device)
+    for layer in range(codes.shape[1]):
+        out[:, layer] = codes[:, layer].float() * scales[:, layer].float().unsqueeze(-1)
+    return out
+
+
+class EpochSampler:
     """Batches of sample indices, deterministic in (seed, epoch) and resumable mid-epoch.
 
     train=True: per epoch, one usable view per video (drawn with rng(seed, epoch, v)), in the order of a
@@ -178,20 +354,18 @@ class EpochSampler(Sampler[list[int]]):
             yield order[b * self.batch_size : (b + 1) * self.batch_size].tolist()
 
 
-def _worker_init(_: int) -> None:
-    # Each worker decodes and renders one item at a time; one thread each avoids oversubscribing the cores.
-    torch.set_num_threads(1)
+def frame_source(store: FeatureStore, gamma: int, video_root: str | None, *, decode_workers: int | Literal["auto"],
+                 decode_timeout: float) -> FrameSource:
+    """The store's dense frames when it holds them for `gamma`, else decoding from `video_root` (which
+    `pipelines.checks.check_frames` has vetted)."""
+    if stored_frames_cover(store, gamma):
+        return StoredFrames(store, gamma)
+    if video_root is None:
+        raise UserError(f"store {store.url} holds no dense frames for gamma {gamma}: pass --video-root")
+    return DecodedFrames(store, video_root, gamma, workers=decode_workers, timeout=decode_timeout)
 
 
-def make_loader(
-    dataset: StoreClips, sampler: EpochSampler, *, workers: int, device: torch.device, prefetch: int = 2
-) -> DataLoader:
-    """A DataLoader whose memory is bounded by workers * prefetch batches, whatever the store size.
-
-    Workers are spawned, not forked: zarr's asyncio threads (and a CUDA context) do not survive fork.
-    """
-    extra = {}
-    if workers > 0:
-        extra = dict(multiprocessing_context="spawn", persistent_workers=True, prefetch_factor=prefetch,
-                     worker_init_fn=_worker_init)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda", **extra)
+def stored_frames_cover(store: FeatureStore, gamma: int) -> bool:
+    """Whether the store's dense frames include those for `gamma` (gamma divides the stored gamma)."""
+    stored = store.dense_gamma
+    return stored is not None and gamma <= stored and stored % gamma == 0

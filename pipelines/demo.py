@@ -69,12 +69,12 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> dict:
     result = train(TrainOptions(
         cache=str(train_store), video_root=str(data / "videos"), out=str(run), val_cache=str(val_store),
         switches=DiSTSwitches(gamma=2, alpha_dim=64, beta_dim=32), epochs=opts.epochs, batch_size=16, lr=1e-3, warmup_epochs=1,
-        eval_every=5, workers=0, seed=opts.seed, resume=(run / "last.pt").exists(),
+        eval_every=5, decode_workers=0, seed=opts.seed, resume=(run / "last.pt").exists(),
     ))
 
     say("[5/5] evaluating the best checkpoint on the val store (scores summed over 3 clips)")
     report = evaluate(EvalOptions(checkpoint=str(result.best), cache=str(val_store), video_root=str(data / "videos"),
-                                  json=str(run / "eval.json"), workers=0))
+                                  json=str(run / "eval.json"), decode_workers=0))
     chance = 1 / len(report["class_names"])
     say(f"\nval top-1 {report['top1']:.1%} (chance {chance:.0%}; a frame-order-blind model tops out at 50%), "
         f"top-5 {report['top5']:.1%}, {report['videos']} videos")

@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dist_cache.backbone import load_recorded_backbone
@@ -22,10 +21,10 @@ from dist_cache.devices import resolve_device
 from dist_cache.errors import UserError, first_line
 from dist_cache.manifests import load_class_names
 from dist_cache.model import DiSTConfig, OnlineDiST
-from pipelines.branch import Network, autocast, branch_of, build_network, embed
+from pipelines.branch import Network, autocast, branch_of, build_network, embed, online_precision
 from pipelines.checkpoint import load_checkpoint
-from pipelines.checks import check_backbone, check_store_fits, check_video_root, open_store, usable_samples
-from pipelines.data import EpochSampler, StoreClips, make_loader
+from pipelines.checks import check_backbone, check_frames, check_store_fits, open_store, usable_samples
+from pipelines.data import BatchLoader, EpochSampler, frame_source
 from pipelines.files import replace_atomically
 from pipelines.plots import plot_confusion
 from storage import FeatureStore
@@ -35,55 +34,83 @@ from storage import FeatureStore
 class EvalOptions:
     checkpoint: str
     cache: str
-    video_root: str
+    video_root: str | None = None  # not needed when the store holds the dense frames
     classes: str | None = None  # class-names file: zero-shot on this label set
     pretrained: str | None = None  # local copy of the backbone weights (zero-shot text tower, --online)
     json: str | None = None
     confusion: str | None = None  # PNG; defaults to <json stem>.confusion.png beside --json
     online: bool = False
     batch_size: int = 16
-    workers: int = 2
+    read_threads: int = 8
+    decode_workers: int | Literal["auto"] = "auto"
+    decode_timeout: float = 120.0
     device: str = "auto"
     storage_options: dict = field(default_factory=dict)
 
 
 def eval_loader(
-    net: Network, store: FeatureStore, usable: np.ndarray, *, video_root: str, batch_size: int, workers: int,
-    device: torch.device,
-) -> DataLoader:
-    """Every usable view of the store, in index order; reusable across validations (its workers persist)."""
+    net: Network, store: FeatureStore, usable: np.ndarray, *, video_root: str | None, batch_size: int,
+    read_threads: int, decode_workers: int | Literal["auto"], decode_timeout: float, device: torch.device,
+) -> BatchLoader:
+    """Every usable view of the store, in index order; reusable across validations (its threads persist)."""
     config = branch_of(net).config
     online = isinstance(net, OnlineDiST)
-    switches = config.switches
-    dataset = StoreClips(store, video_root, switches.gamma, None if online else config.layers,
-                         frames=online or switches.temporal)
+    frames = None
+    if online or config.switches.temporal:
+        frames = frame_source(store, config.switches.gamma, video_root, decode_workers=decode_workers,
+                              decode_timeout=decode_timeout)
     sampler = EpochSampler(usable, store.schema.views_per_video, batch_size, train=False)
-    return make_loader(dataset, sampler, workers=workers, device=device)
+    return BatchLoader(store, sampler, layers=None if online else config.layers, frames=frames, device=device,
+                       read_threads=read_threads)
 
 
 @torch.no_grad()
 def score_videos(
-    net: Network, loader: DataLoader, text: torch.Tensor, num_videos: int, *, device: torch.device, progress: bool
+    net: Network, loader: BatchLoader, text: torch.Tensor, *, progress: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """(V, K) softmax scores summed over each video's views in `loader`, and (V,) how many views were summed."""
-    scores = np.zeros((num_videos, text.shape[0]), dtype=np.float64)
-    views = np.zeros(num_videos, dtype=np.int64)
+    store = loader.store
+    scores = np.zeros((store.schema.num_videos, text.shape[0]), dtype=np.float64)
+    views = np.zeros(store.schema.num_videos, dtype=np.int64)
+    mean, std = store.schema.backbone["mean"], store.schema.backbone["std"]
     was_training = net.training
     net.eval()
     try:
-        clips = loader.batch_sampler.samples_per_epoch
-        with tqdm(total=clips, unit="clip", desc="eval", disable=not progress, dynamic_ncols=True) as bar:
+        loader.sampler.set_epoch(0)
+        with tqdm(total=loader.sampler.samples_per_epoch, unit="clip", desc="eval", disable=not progress,
+                  dynamic_ncols=True) as bar:
             for batch in loader:
-                with autocast(device):
-                    logits = net.logits(embed(net, batch, device, loader.dataset.mean, loader.dataset.std), text)
-                probs = logits.float().softmax(dim=-1).cpu().numpy()
-                video = batch["video_index"].numpy()
-                np.add.at(scores, video, probs)
-                np.add.at(views, video, 1)
-                bar.update(len(video))
+                with autocast(loader.device):
+                    embeddings = embed(net, batch, mean, std)
+                probs = net.logits(embeddings, text).float().softmax(dim=-1).cpu().numpy()
+                np.add.at(scores, batch.video_index, probs)
+                np.add.at(views, batch.video_index, 1)
+                bar.update(len(batch))
     finally:
         net.train(was_training)
     return scores, views
+
+
+@dataclass
+class Validation:
+    """A validation store with its loader and class embeddings, scored at epoch ends (rank 0)."""
+
+    store: FeatureStore
+    loader: BatchLoader
+    text: torch.Tensor
+
+    @classmethod
+    def open(cls, net: Network, store: FeatureStore, usable: np.ndarray, *, device: torch.device,
+             **loader_options: Any) -> Validation:
+        loader = eval_loader(net, store, usable, device=device, **loader_options)
+        return cls(store, loader, torch.as_tensor(store.text_features, device=device))
+
+    def evaluate(self, net: Network) -> dict[str, Any]:
+        scores, views = score_videos(net, self.loader, self.text, progress=False)
+        return summarize(scores, views, self.store.labels, list(self.store.schema.class_names))
+
+    def close(self) -> None:
+        self.loader.close()
 
 
 def summarize(scores: np.ndarray, views: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict[str, Any]:
@@ -147,6 +174,16 @@ def text_embeddings(store: FeatureStore, names: list[str], pretrained: str | Non
     return backbone.encode_text(names, list(store.schema.text["templates"]))
 
 
+def selection_warning(ckpt: dict[str, Any], store: FeatureStore, checkpoint: str) -> str | None:
+    """A warning when `checkpoint` was chosen as its run's best by validating on this very store: its score
+    here was the maximum over the run's validations, so it is optimistic (test-set selection)."""
+    chosen = ckpt.get("chosen_on")
+    if not chosen or chosen.get("fingerprint") != store.fingerprint:
+        return None
+    return (f"{checkpoint} was chosen as its run's best on this very store ({store.url} was its --val-cache), so "
+            "this score is optimistic; evaluate on a store the run never validated on (or its last.pt)")
+
+
 def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
     """Evaluate a checkpoint on a store; write the JSON report and the confusion PNG when asked."""
     device = resolve_device(opts.device)
@@ -157,7 +194,7 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
     check_store_fits(store, config, "--cache", online=opts.online)
     usable, failed = usable_samples(store, "--cache")
     if opts.online or config.switches.temporal:
-        check_video_root(store, usable, opts.video_root, "--video-root")
+        check_frames(store, usable, config.switches.gamma, opts.video_root, "--video-root")
 
     if opts.classes:
         class_names, labels = zero_shot_labels(store, opts.classes)
@@ -165,14 +202,17 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
     else:
         class_names, labels, text = list(store.schema.class_names), np.asarray(store.labels), store.text_features
 
-    net = build_network(
-        config, online=opts.online, backbone_record=store.schema.backbone, pretrained=opts.pretrained, device=device, seed=0
-    )
+    net = build_network(config, online=opts.online, backbone_record=store.schema.backbone, pretrained=opts.pretrained,
+                        device=device, seed=0, precision=online_precision(store.schema.precision, device))
     branch_of(net).load_state_dict(ckpt["model"])
     loader = eval_loader(net, store, usable, video_root=opts.video_root, batch_size=opts.batch_size,
-                         workers=opts.workers, device=device)
-    scores, views = score_videos(net, loader, torch.as_tensor(text, device=device), store.schema.num_videos,
-                                 device=device, progress=progress)
+                         read_threads=opts.read_threads, decode_workers=opts.decode_workers,
+                         decode_timeout=opts.decode_timeout, device=device)
+    try:
+        scores, views = score_videos(net, loader, torch.as_tensor(text, device=device), progress=progress)
+    finally:
+        loader.close()
+    warning = selection_warning(ckpt, store, opts.checkpoint)
     report = {
         "checkpoint": str(opts.checkpoint),
         "cache": store.url,
@@ -182,6 +222,7 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
         "views_per_video": store.schema.views_per_video,
         "skipped_failed_samples": failed,
         "skipped_failed_videos": failed // store.schema.views_per_video,
+        "warnings": [warning] if warning else [],
         **summarize(scores, views, labels, class_names),
     }
     confusion = opts.confusion or (str(Path(opts.json).with_suffix(".confusion.png")) if opts.json else None)

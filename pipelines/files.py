@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from typing import Callable
+
+from dist_cache.errors import UserError, first_line
 
 
 def replace_atomically(path: str | os.PathLike, write: Callable[[Path], object], *, fsync: bool = False) -> Path:
@@ -26,3 +29,21 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[Path], object],
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_failure(path: str | os.PathLike, err: OSError) -> UserError:
+    """One line for an OSError while writing a run's file (checkpoint, metrics, plot): what happened and what to
+    do. The run's last checkpoint is whole (files are replaced atomically), so a rerun with --resume loses
+    nothing but the steps since it."""
+    code = err.errno
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        why = "disk full"
+    elif code == errno.EFBIG:
+        why = "file too large (a file-size limit, ulimit -f)"
+    elif code == errno.EROFS:
+        why = "read-only file system"
+    elif code in (errno.EACCES, errno.EPERM):
+        why = "permission denied"
+    else:
+        why = err.strerror or first_line(err)
+    return UserError(f"{why} writing {path}: free space (or fix the file system) and rerun with --resume")

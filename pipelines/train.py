@@ -1,57 +1,62 @@
 """Stage two: train the DiST branch on cached CLIP features (or, with `online`, on CLIP run live).
 
-The recipe is the reference's (dist-reference.md §4-5) without its release bugs: AdamW (0.9, 0.999, 1e-8)
-over every branch parameter, biases included; weight decay on weight matrices only; linear warmup then a
-per-iteration cosine to 0; label smoothing 0.1. Mixed precision is used on CUDA only.
+A run is four named steps: `preflight` (every check, before anything is written), `setup` (network, optimiser,
+loaders, the run's record), `train_step` (pipelines/step.py: one guarded optimiser step) and `end_of_epoch`
+(validation, best.pt, last.pt). The optimiser is the reference's (pipelines/optim.py); mixed precision on CUDA
+only, with the logits and the loss in fp32.
 
 Everything that decides a step's result is a function of (seed, step): the initial weights, the epoch's
 view choice and order (see `pipelines.data.EpochSampler`), and the state in the checkpoint. So `resume`
-after a kill continues with exactly the batches an uninterrupted run would have seen.
+after a kill continues with exactly the batches an uninterrupted run would have seen. One process at a time
+trains in a run directory (pipelines/runlock.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
-import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from dist_cache.devices import resolve_device
 from dist_cache.errors import UserError
 from dist_cache.model import DiSTConfig, DiSTSwitches
-from pipelines.branch import amp_dtype, autocast, branch_of, build_network, embed
+from pipelines.branch import amp_dtype, branch_of, build_network, online_precision
 from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.checks import (
-    check_backbone, check_store_fits, check_video_root, open_store, select_layers, usable_samples,
+    check_backbone, check_frames, check_store_fits, open_store, select_layers, usable_samples,
 )
-from pipelines.data import EpochSampler, StoreClips, make_loader
-from pipelines.evaluate import eval_loader, score_videos, summarize
-from pipelines.files import replace_atomically
-from pipelines.plots import plot_curves, read_metrics
-from pipelines.train_ddp import Ranks, global_means, joined
-
-BETAS, EPS = (0.9, 0.999), 1e-8
+from pipelines.data import BatchLoader, EpochSampler, frame_source
+from pipelines.distributed import LAUNCHER_ENV, Ranks, joined, launch
+from pipelines.evaluate import Validation
+from pipelines.optim import make_optimizer, make_scaler, restore_scaler
+from pipelines.plots import plot_curves
+from pipelines.runlock import RunLock
+from pipelines.step import Meter, StepModel, train_step
+from pipelines.tracking import REPORTERS, Tracker
+from storage import FeatureStore
 
 # Options a resumed run may change: where things are and how fast they run, never what is computed.
 RUNTIME_OPTIONS = frozenset({
-    "cache", "video_root", "out", "val_cache", "val_video_root", "resume", "pretrained", "workers",
-    "device", "save_every", "log_every", "eval_every", "eval_batch_size", "storage_options",
+    "cache", "video_root", "out", "val_cache", "val_video_root", "resume", "pretrained", "workers", "read_threads",
+    "decode_workers", "decode_timeout", "device", "save_every", "log_every", "eval_every", "eval_batch_size",
+    "storage_options", "report_to",
 })
 
 
 @dataclass
 class TrainOptions:
     cache: str
-    video_root: str
     out: str
+    video_root: str | None = None  # where the videos are; not needed when the store holds the dense frames
     val_cache: str | None = None
     val_video_root: str | None = None  # defaults to video_root
     resume: bool = False
@@ -72,17 +77,22 @@ class TrainOptions:
     clip_grad: float = 1.0  # max global grad norm; 0 disables
     seed: int = 0
     # runtime
-    workers: int = 4
+    read_threads: int = 8  # threads reading the store into the batch buffers (reads release the GIL)
+    decode_workers: int | Literal["auto"] = "auto"  # processes decoding dense frames (0: in the reader threads)
+    decode_timeout: float = 120.0  # seconds before a video's decode is killed (and the run stops)
     device: str = "auto"
     save_every: int = 500  # steps between last.pt writes (also written at every epoch end)
     log_every: int = 10
     eval_every: int = 1  # epochs between validations (the last epoch is always validated)
     eval_batch_size: int | None = None
+    report_to: tuple[str, ...] = ()  # tensorboard, wandb (metrics.jsonl is always written)
     storage_options: dict = field(default_factory=dict)
 
     def recorded(self) -> dict[str, Any]:
         """The options as stored in checkpoints: storage_options may hold credentials, so never."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k != "storage_options"}
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k != "storage_options"}
+        out["report_to"] = list(self.report_to)
+        return out
 
 
 @dataclass
@@ -97,6 +107,7 @@ class TrainResult:
     plot: Path
     skipped_failed_samples: int
     final_loss: float | None
+    frames: str | None  # where the dense frames came from: "stored", "decoded", or None (none used)
 
 
 def check_options(opts: TrainOptions) -> None:
@@ -108,68 +119,70 @@ def check_options(opts: TrainOptions) -> None:
         raise UserError(f"--label-smoothing {opts.label_smoothing}: must lie in [0, 1)")
     if opts.save_every < 1 or opts.log_every < 1 or opts.eval_every < 1:
         raise UserError("--save-every, --log-every and --eval-every must be at least 1")
-    if not Path(opts.video_root).is_dir():
-        raise UserError(f"--video-root {opts.video_root}: no such directory")
+    if opts.read_threads < 1 or opts.decode_timeout <= 0:
+        raise UserError("--read-threads must be at least 1 and --decode-timeout positive")
+    if opts.decode_workers != "auto" and (not isinstance(opts.decode_workers, int) or opts.decode_workers < 0):
+        raise UserError(f"--decode-workers {opts.decode_workers!r}: a count (0: decode in the reader threads) or auto")
+    for flag, root in (("--video-root", opts.video_root), ("--val-video-root", opts.val_video_root)):
+        if root is not None and not Path(root).is_dir():
+            raise UserError(f"{flag} {root}: no such directory")
+    unknown = [r for r in opts.report_to if r not in REPORTERS]
+    if unknown:
+        raise UserError(f"--report-to {unknown[0]}: choose from {', '.join(REPORTERS)}")
 
 
-def _decays(module: nn.Module, name: str, param: nn.Parameter) -> bool:
-    """Weight decay on the matrices that multiply inputs; none on biases, norms, tokens and positional embeddings.
-
-    Free parameters (not owned by a Linear/Conv/attention layer) are learned tokens, except a 2-D output
-    projection (the head's `proj`), which the reference decays like any weight.
-    """
-    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-        return name == "weight"
-    if isinstance(module, nn.MultiheadAttention):
-        return name.endswith("proj_weight")
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)):
-        return False
-    return param.ndim == 2
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if param.requires_grad:
-                (decay if _decays(module, name, param) else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+# ---------------------------------------------------------------------------------------------------- preflight
+@dataclass
+class Checked:
+    """What `preflight` opened and checked, for the run to use."""
+    store: FeatureStore
+    usable: np.ndarray
+    failed: int
+    layers: list[int]
+    config: DiSTConfig
+    frames: str | None  # "stored", "decoded", or None (the model needs no frames)
+    val_store: FeatureStore | None
+    val_usable: np.ndarray | None
+    val_frames: str | None
+    ckpt: dict[str, Any] | None
 
 
-def lr_at(step: int, *, peak: float, total: int, warmup: int, start: float) -> float:
-    """Learning rate of update `step` (0-based): the reference's per-iteration cosine from `peak` to 0
-    over all steps, preceded by a linear ramp from `start` to the cosine's value at the end of warmup."""
+def preflight(opts: TrainOptions, world: int = 1) -> Checked:
+    """Every check before the first step, each failing as a one-line UserError. The CLI runs it before anything
+    else, `train_ranks` before it spawns the ranks, and every rank again (cheap: no features are read)."""
+    check_options(opts)
+    out = Path(opts.out)
+    last_path = out / "last.pt"
+    if opts.resume and not last_path.is_file():
+        raise UserError(f"--resume: {last_path} does not exist; drop --resume to start this run")
+    if not opts.resume and last_path.exists():
+        raise UserError(f"--out {out} already holds a run ({last_path.name}); pass --resume to continue it, or another --out")
+    if opts.batch_size % world:
+        raise UserError(f"--batch-size {opts.batch_size}: must be a multiple of the {world} processes")
 
-    def cosine(s: int) -> float:
-        return peak * 0.5 * (1.0 + math.cos(math.pi * s / total))
-
-    if step < warmup:
-        return start + (cosine(warmup) - start) * step / warmup
-    return cosine(step)
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step (kind "train") and per epoch (kind "epoch")."""
-
-    def __init__(self, path: Path, resume_step: int | None):
-        self.path = path
-        if resume_step is None:
-            path.write_text("")
-        else:
-            # Drop what the killed run logged after its last checkpoint: those steps are redone.
-            kept = [r for r in read_metrics(path) if r["step"] <= resume_step]
-            replace_atomically(path, lambda tmp: tmp.write_text("".join(json.dumps(r) + "\n" for r in kept)))
-
-    def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any]) -> None:
-    """Load a checkpoint's loss-scaler state. A run saved without loss scaling (CPU, bf16) holds an empty
-    state, which an enabled scaler (fp16 on a GPU without bf16) refuses: it starts fresh then."""
-    if state and scaler.is_enabled():
-        scaler.load_state_dict(state)
+    store = open_store(opts.cache, "--cache", opts.storage_options)
+    usable, failed = usable_samples(store, "--cache")
+    if not len(usable):
+        raise UserError(f"--cache {store.url}: no sample has features (all {failed} failed at extraction)")
+    layers = select_layers(opts.layers, store, opts.online)
+    config = DiSTConfig.from_backbone(store.schema.backbone, store.schema.num_frames, layers, switches=opts.switches)
+    check_store_fits(store, config, "--cache", online=opts.online)
+    needs_frames = opts.online or config.switches.temporal
+    gamma = config.switches.gamma
+    frames = check_frames(store, usable, gamma, opts.video_root, "--video-root") if needs_frames else None
+    val_store = val_usable = val_frames = None
+    if opts.val_cache:
+        val_store = open_store(opts.val_cache, "--val-cache", opts.storage_options)
+        check_backbone(val_store, store.schema.backbone, "--val-cache", f"--cache {store.url}")
+        check_store_fits(val_store, config, "--val-cache", online=opts.online)
+        val_usable, _ = usable_samples(val_store, "--val-cache")
+        if needs_frames:
+            val_frames = check_frames(val_store, val_usable, gamma, opts.val_video_root or opts.video_root,
+                                      "--val-video-root")
+    ckpt = load_checkpoint(last_path) if opts.resume else None
+    if ckpt is not None:
+        _check_resume(ckpt, opts, store.fingerprint, opts.cache)
+    return Checked(store, usable, failed, layers, config, frames, val_store, val_usable, val_frames, ckpt)
 
 
 def _check_resume(ckpt: dict[str, Any], opts: TrainOptions, store_fingerprint: str, cache: str) -> None:
@@ -197,204 +210,194 @@ def _comparable(train_config: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+# ---------------------------------------------------------------------------------------------------- entry points
 def train(opts: TrainOptions, progress: bool = True) -> TrainResult:
     """Train (or resume) a run in `opts.out`: last.pt, best.pt, metrics.jsonl and curves.png.
-    Under a launcher (see `pipelines.train_ddp`) this process is one rank of a data-parallel run."""
+    Under a launcher (torchrun, or `train_ranks`) this process is one rank of a data-parallel run."""
     check_options(opts)  # before joining: a bad flag fails every rank alike, without a process group
     with joined(resolve_device(opts.device)) as ranks:
-        return _train(opts, progress and ranks.main, ranks)
+        checked = preflight(opts, ranks.world)
+        with contextlib.ExitStack() as held:
+            # The process the user started holds the run directory: this one, or `train_ranks`' launcher.
+            if ranks.main and LAUNCHER_ENV not in os.environ:
+                held.enter_context(RunLock(opts.out))
+            return _train(opts, progress and ranks.main, ranks, checked)
 
 
+def train_ranks(opts: TrainOptions, nproc: int) -> TrainResult:
+    """`--nproc N`: N data-parallel ranks on this machine (rank 0's result). The checks run here first, so a bad
+    flag or store is one line before any process starts, and this process holds the run directory's lock; the
+    ranks die with it."""
+    preflight(opts, nproc)
+    with RunLock(opts.out):
+        return launch(train, opts, nproc)
+
+
+# ---------------------------------------------------------------------------------------------------- setup
 @dataclass
-class _Checked:
-    """What `preflight` opened and checked, for the run to use."""
-    store: Any
-    usable: Any
-    failed: int
-    layers: list[int]
-    config: Any
-    frames: bool
-    val_store: Any
-    val_usable: Any
-    ckpt: dict[str, Any] | None
+class Run:
+    """A run set up to train: everything the loop and the epoch end use."""
+    opts: TrainOptions
+    ranks: Ranks
+    store: FeatureStore
+    config: DiSTConfig
+    step_model: StepModel
+    sampler: EpochSampler
+    loader: BatchLoader
+    validation: Validation | None
+    tracker: Tracker | None  # rank 0 only
+    meter: Meter
+    frames: str | None
+    step: int = 0
+    best_top1: float | None = None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.opts.out)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.sampler.batches_per_epoch
+
+    @property
+    def total(self) -> int:
+        return self.opts.epochs * self.steps_per_epoch
+
+    def payload(self, chosen_on: FeatureStore | None = None) -> dict[str, Any]:
+        """A checkpoint. `chosen_on`: the store whose validation made this the best (recorded, so that `eval` can
+        warn when it is asked to score the checkpoint on that very store)."""
+        m = self.step_model
+        identity = (lambda s: None if s is None else {"fingerprint": s.fingerprint, "url": s.url})
+        return {
+            "model": m.branch.state_dict(), "optimizer": m.optimizer.state_dict(), "scheduler": m.scheduler.state_dict(),
+            "scaler": m.scaler.state_dict(), "step": self.step, "epoch": self.step // self.steps_per_epoch,
+            "steps_per_epoch": self.steps_per_epoch, "best_top1": self.best_top1, "epoch_loss": self.meter.state(),
+            "dist_config": self.config.to_dict(), "train_config": self.opts.recorded(),
+            "store": {"fingerprint": self.store.fingerprint, "url": self.store.url, "backbone": self.store.schema.backbone,
+                      "class_names": list(self.store.schema.class_names)},
+            "val_store": identity(None if self.validation is None else self.validation.store),
+            "chosen_on": identity(chosen_on),
+        }
+
+    def save(self, name: str, chosen_on: FeatureStore | None = None) -> None:
+        save_checkpoint(self.out / name, self.payload(chosen_on))
+
+    def close(self) -> None:
+        self.loader.close()
+        if self.validation is not None:
+            self.validation.close()
+        if self.tracker is not None:
+            self.tracker.close()
 
 
-def preflight(opts: TrainOptions, world: int = 1) -> _Checked:
-    """Every check before the first step, each failing as a one-line UserError. `launch` runs it in the
-    parent before it spawns the ranks, and every rank runs it again (cheap: no features are read)."""
-    check_options(opts)
-    out = Path(opts.out)
-    last_path = out / "last.pt"
-    if opts.resume and not last_path.is_file():
-        raise UserError(f"--resume: {last_path} does not exist; drop --resume to start this run")
-    if not opts.resume and last_path.exists():
-        raise UserError(f"--out {out} already holds a run ({last_path.name}); pass --resume to continue it, or another --out")
-    if opts.batch_size % world:
-        raise UserError(f"--batch-size {opts.batch_size}: must be a multiple of the {world} processes")
-
-    store = open_store(opts.cache, "--cache", opts.storage_options)
-    usable, failed = usable_samples(store, "--cache")
-    if not len(usable):
-        raise UserError(f"--cache {store.url}: no sample has features (all {failed} failed at extraction)")
-    layers = select_layers(opts.layers, store, opts.online)
-    config = DiSTConfig.from_backbone(store.schema.backbone, store.schema.num_frames, layers, switches=opts.switches)
-    check_store_fits(store, config, "--cache", online=opts.online)
-    frames = opts.online or config.switches.temporal
-    if frames:
-        check_video_root(store, usable, opts.video_root, "--video-root")
-    val_store = val_usable = None
-    if opts.val_cache:
-        val_store = open_store(opts.val_cache, "--val-cache", opts.storage_options)
-        check_backbone(val_store, store.schema.backbone, "--val-cache", f"--cache {store.url}")
-        check_store_fits(val_store, config, "--val-cache", online=opts.online)
-        val_usable, _ = usable_samples(val_store, "--val-cache")
-        if frames:
-            check_video_root(val_store, val_usable, opts.val_video_root or opts.video_root, "--val-video-root")
-    ckpt = load_checkpoint(last_path) if opts.resume else None
-    if ckpt is not None:
-        _check_resume(ckpt, opts, store.fingerprint, opts.cache)
-    return _Checked(store, usable, failed, layers, config, frames, val_store, val_usable, ckpt)
-
-
-def _train(opts: TrainOptions, progress: bool, ranks: Ranks) -> TrainResult:
-    out = Path(opts.out)
-    last_path, best_path, metrics_path = out / "last.pt", out / "best.pt", out / "metrics.jsonl"
-    device = ranks.device
-    checked = preflight(opts, ranks.world)
-    store, usable, failed, layers, config = checked.store, checked.usable, checked.failed, checked.layers, checked.config
-    frames, val_store, val_usable, ckpt = checked.frames, checked.val_store, checked.val_usable, checked.ckpt
-
+def setup(opts: TrainOptions, ranks: Ranks, checked: Checked) -> Run:
+    """The network (from the seed, or the checkpoint), its optimiser, the loaders and the run's record."""
+    device, store, config = ranks.device, checked.store, checked.config
     # Rank r's batch b is every world-th sample of the global batch b, so the ranks' batches partition it.
-    sampler = EpochSampler(usable, store.schema.views_per_video, opts.batch_size // ranks.world, seed=opts.seed, train=True,
-                           rank=ranks.rank, world_size=ranks.world)
+    sampler = EpochSampler(checked.usable, store.schema.views_per_video, opts.batch_size // ranks.world,
+                           seed=opts.seed, train=True, rank=ranks.rank, world_size=ranks.world)
     steps_per_epoch = sampler.batches_per_epoch
-    if steps_per_epoch == 0:
-        raise UserError(f"--cache {store.url}: no sample has features (all {failed} failed at extraction)")
     total = opts.epochs * steps_per_epoch
-    warmup = round(opts.warmup_epochs * steps_per_epoch)
-
-    net = build_network(
-        config, online=opts.online, backbone_record=store.schema.backbone, pretrained=opts.pretrained, device=device, seed=opts.seed
-    )
+    net = build_network(config, online=opts.online, backbone_record=store.schema.backbone, pretrained=opts.pretrained,
+                        device=device, seed=opts.seed, precision=online_precision(store.schema.precision, device))
     branch = branch_of(net)
-    optimizer = torch.optim.AdamW(param_groups(branch, opts.weight_decay), lr=opts.lr, betas=BETAS, eps=EPS)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_at(s, peak=opts.lr, total=total, warmup=warmup, start=opts.warmup_start_lr) / opts.lr
-    )
-    # fp16 autocast needs loss scaling; bf16 (and fp32 on the CPU) does not.
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device) == torch.float16)
-    step, best_top1, epoch_loss = 0, None, [0.0, 0]
+    optimizer, scheduler = make_optimizer(branch, lr=opts.lr, weight_decay=opts.weight_decay, total=total,
+                                          warmup=round(opts.warmup_epochs * steps_per_epoch),
+                                          warmup_start_lr=opts.warmup_start_lr)
+    amp = amp_dtype(device)
+    scaler = make_scaler(amp)
+    meter = Meter()
+    step, best_top1 = 0, None
+    ckpt = checked.ckpt
     if ckpt is not None:
         branch.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         restore_scaler(scaler, ckpt["scaler"])
-        step, best_top1, epoch_loss = ckpt["step"], ckpt["best_top1"], list(ckpt["epoch_loss"])
-
-    text = torch.as_tensor(store.text_features, device=device)
-    dataset = StoreClips(store, opts.video_root, config.switches.gamma, None if opts.online else layers, frames=frames)
-    loader = make_loader(dataset, sampler, workers=opts.workers, device=device)
-    if val_store is not None and ranks.main:
-        val_loader = eval_loader(net, val_store, val_usable, video_root=opts.val_video_root or opts.video_root,
-                                 batch_size=opts.eval_batch_size or opts.batch_size, workers=opts.workers, device=device)
-        val_text = torch.as_tensor(val_store.text_features, device=device)
-    if ranks.main:
-        out.mkdir(parents=True, exist_ok=True)
-        log = MetricsLog(metrics_path, step if ckpt is not None else None)
+        step, best_top1 = ckpt["step"], ckpt["best_top1"]
+        meter.epoch_sum, meter.epoch_steps = ckpt["epoch_loss"]
     # DDP averages the ranks' gradients (each the mean over its equal share of the global batch), which
     # is the gradient of the global batch's mean loss: the update one process would make.
     model = net if ranks.world == 1 else nn.parallel.DistributedDataParallel(net)
+    backbone = store.schema.backbone
+    step_model = StepModel(net, model, branch, optimizer, scheduler, scaler,
+                           torch.as_tensor(store.text_features, device=device), tuple(backbone["mean"]),
+                           tuple(backbone["std"]), amp, opts.label_smoothing, opts.clip_grad)
+    with contextlib.ExitStack() as opened:  # what is opened here is closed again if a later part fails
+        frames = None
+        if checked.frames:
+            frames = frame_source(store, config.switches.gamma, opts.video_root, decode_workers=opts.decode_workers,
+                                  decode_timeout=opts.decode_timeout)
+            opened.callback(frames.close)
+        loader = BatchLoader(store, sampler, layers=None if opts.online else checked.layers, frames=frames,
+                             device=device, read_threads=opts.read_threads)
+        opened.callback(loader.close)
+        validation = tracker = None
+        if checked.val_store is not None and ranks.main:
+            validation = Validation.open(net, checked.val_store, checked.val_usable,
+                                         video_root=opts.val_video_root or opts.video_root,
+                                         batch_size=opts.eval_batch_size or opts.batch_size,
+                                         read_threads=opts.read_threads, decode_workers=opts.decode_workers,
+                                         decode_timeout=opts.decode_timeout, device=device)
+            opened.callback(validation.close)
+        if ranks.main:
+            Path(opts.out).mkdir(parents=True, exist_ok=True)
+            tracker = Tracker(Path(opts.out), opts.report_to, resume_step=step if ckpt is not None else None,
+                              config=opts.recorded())
+        opened.pop_all()  # set up: the Run closes them from now on
+    return Run(opts, ranks, store, config, step_model, sampler, loader, validation, tracker, meter, checked.frames,
+               step, best_top1)
 
-    def payload() -> dict[str, Any]:
-        return {
-            "model": branch.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "step": step, "epoch": step // steps_per_epoch,
-            "steps_per_epoch": steps_per_epoch, "best_top1": best_top1, "epoch_loss": list(epoch_loss),
-            "dist_config": config.to_dict(), "train_config": opts.recorded(),
-            "store": {"fingerprint": store.fingerprint, "url": store.url, "backbone": store.schema.backbone,
-                      "class_names": list(store.schema.class_names)},
-        }
 
-    net.train()
-    window_loss, window_steps, window_clips, window_time, last_loss = 0.0, 0, 0, 0.0, None
-    # Per-step losses stay on the device until a log, a save or an epoch end needs them: reading one
-    # (.item(), or the all-reduce across ranks) waits for the GPU, which every step would otherwise do.
-    pending: list[torch.Tensor] = []
-
-    def settle() -> None:
-        """Fold the pending steps' global-batch losses into the running sums, step by step as they ran.
-        A collective: every rank calls it at the same steps."""
-        nonlocal window_loss, window_steps, last_loss
-        for value in global_means(pending, ranks):
-            last_loss = value
-            epoch_loss[0] += value
-            epoch_loss[1] += 1
-            window_loss += value
-            window_steps += 1
-        pending.clear()
-    bar = tqdm(total=total, initial=step, unit="step", desc="train", disable=not progress, dynamic_ncols=True)
+# ---------------------------------------------------------------------------------------------------- the loop
+def _train(opts: TrainOptions, progress: bool, ranks: Ranks, checked: Checked) -> TrainResult:
+    run = setup(opts, ranks, checked)
+    bar = tqdm(total=run.total, initial=run.step, unit="step", desc="train", disable=not progress, dynamic_ncols=True)
     try:
-        while step < total:
-            epoch, consumed = divmod(step, steps_per_epoch)
-            sampler.set_epoch(epoch, consumed)
+        while run.step < run.total:
+            epoch, consumed = divmod(run.step, run.steps_per_epoch)
+            run.sampler.set_epoch(epoch, consumed)
             tick = time.monotonic()  # clips/s measures training steps (data wait included), not validation
-            for batch in loader:
-                lr = optimizer.param_groups[0]["lr"]
-                with autocast(device):
-                    logits = net.logits(embed(model, batch, device, dataset.mean, dataset.std), text)
-                loss = F.cross_entropy(logits.float(), batch["label"].to(device), label_smoothing=opts.label_smoothing)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if opts.clip_grad > 0:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(branch.parameters(), opts.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                step += 1
-                pending.append(loss.detach())
-                logs = step % opts.log_every == 0 or step == total
-                # An epoch's last step is saved below, after its validation.
-                saves = step % opts.save_every == 0 and step % steps_per_epoch
-                if logs or saves:
-                    settle()  # before the clock is read, so clips/s counts the GPU's time
-                window_clips += len(batch["label"]) * ranks.world
-                window_time += time.monotonic() - tick
-                tick = time.monotonic()
+            for batch in run.loader:
+                lr = run.step_model.optimizer.param_groups[0]["lr"]
+                loss = train_step(run.step_model, batch, ranks, run.store, run.step)
+                run.step += 1
+                now = time.monotonic()
+                run.meter.add(loss, len(batch) * ranks.world, now - tick)
+                tick = now
                 bar.update(1)
-                if ranks.main and logs:
-                    clips_per_s = window_clips / max(window_time, 1e-9)
-                    record = {"kind": "train", "step": step, "epoch": step / steps_per_epoch,
-                              "loss": window_loss / window_steps, "lr": lr, "clips_per_s": clips_per_s}
-                    log.write(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", clips_s=f"{clips_per_s:.1f}")
-                    window_loss, window_steps, window_clips, window_time = 0.0, 0, 0, 0.0
-                if ranks.main and saves:
-                    save_checkpoint(last_path, payload())
-
-            # ---- epoch end: validate, then best.pt, then last.pt (so a resumed run never skips a validation) ----
-            settle()
-            epoch += 1
-            if not ranks.main:
-                epoch_loss = [0.0, 0]
-                continue
-            record = {"kind": "epoch", "epoch": epoch, "step": step, "train_loss": epoch_loss[0] / max(epoch_loss[1], 1)}
-            epoch_loss = [0.0, 0]
-            if val_store is not None and (epoch % opts.eval_every == 0 or epoch == opts.epochs):
-                scores, views = score_videos(net, val_loader, val_text, val_store.schema.num_videos, device=device, progress=False)
-                val = summarize(scores, views, val_store.labels, list(val_store.schema.class_names))
-                record.update(val_top1=val["top1"], val_top5=val["top5"], val_mean_class_accuracy=val["mean_class_accuracy"])
-                if best_top1 is None or val["top1"] > best_top1:
-                    best_top1 = val["top1"]
-                    save_checkpoint(best_path, payload())
-            elif val_store is None:
-                save_checkpoint(best_path, payload())
-            log.write(record)
-            save_checkpoint(last_path, payload())
+                if run.tracker is not None and (run.step % opts.log_every == 0 or run.step == run.total):
+                    record = {"kind": "train", "step": run.step, "epoch": run.step / run.steps_per_epoch,
+                              **run.meter.take_window(), "lr": lr}
+                    run.tracker.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", clips_s=f"{record['clips_per_s']:.1f}")
+                # An epoch's last step is saved by end_of_epoch, after its validation.
+                if ranks.main and run.step % opts.save_every == 0 and run.step % run.steps_per_epoch:
+                    run.save("last.pt")
+            end_of_epoch(run, epoch + 1)
     finally:
         bar.close()
-    plot = plot_curves(metrics_path, out / "curves.png") if ranks.main else out / "curves.png"
-    return TrainResult(
-        out=out, steps=step, epochs=step // steps_per_epoch, last=last_path, best=best_path, best_top1=best_top1,
-        metrics=metrics_path, plot=plot, skipped_failed_samples=failed, final_loss=last_loss,
-    )
+        run.close()
+    out = run.out
+    plot = plot_curves(out / "metrics.jsonl", out / "curves.png") if ranks.main else out / "curves.png"
+    return TrainResult(out=out, steps=run.step, epochs=run.step // run.steps_per_epoch, last=out / "last.pt",
+                       best=out / "best.pt", best_top1=run.best_top1, metrics=out / "metrics.jsonl", plot=plot,
+                       skipped_failed_samples=checked.failed, final_loss=run.meter.last_loss, frames=run.frames)
+
+
+def end_of_epoch(run: Run, epoch: int) -> None:
+    """Validate, then best.pt, then last.pt (so a resumed run never skips a validation), and the epoch's record."""
+    train_loss = run.meter.end_epoch()
+    if not run.ranks.main:
+        return
+    record: dict[str, Any] = {"kind": "epoch", "epoch": epoch, "step": run.step, "train_loss": train_loss}
+    if run.validation is not None and (epoch % run.opts.eval_every == 0 or epoch == run.opts.epochs):
+        val = run.validation.evaluate(run.step_model.net)
+        record.update(val_top1=val["top1"], val_top5=val["top5"], val_mean_class_accuracy=val["mean_class_accuracy"])
+        if run.best_top1 is None or val["top1"] > run.best_top1:
+            run.best_top1 = val["top1"]
+            run.save("best.pt", chosen_on=run.validation.store)
+    elif run.validation is None:
+        run.save("best.pt")
+    run.tracker.write(record)
+    run.save("last.pt")

@@ -13,15 +13,14 @@ from pipelines.checkpoint import load_checkpoint
 from pipelines.extract import ExtractOptions, extract
 from pipelines.plots import read_metrics
 from dist_cache.model import DiSTSwitches
-from pipelines.train import TrainOptions, train
-from pipelines.train_ddp import launch
+from pipelines.train import TrainOptions, train, train_ranks
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 # Feature-only (no temporal encoder: no video decoding), small, and with every step a full global batch.
 SMALL = dict(switches=DiSTSwitches(alpha_dim=32, beta_dim=16, pool_blocks=1, temporal=False, temp_to_integ=False,
                                integ_to_temp=False),
-             batch_size=4, workers=0, warmup_epochs=1, log_every=1, epochs=2, device="cpu")
+             batch_size=4, decode_workers=0, warmup_epochs=1, log_every=1, epochs=2, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +35,7 @@ def store(tmp_path_factory, motion_dataset, tiny_checkpoint) -> str:
 def test_two_processes_match_one(store, motion_dataset, tmp_path: Path):
     video_root = str(motion_dataset / "videos")
     single = train(TrainOptions(cache=store, video_root=video_root, out=str(tmp_path / "one"), **SMALL), progress=False)
-    double = launch(TrainOptions(cache=store, video_root=video_root, out=str(tmp_path / "two"), **SMALL), 2)
+    double = train_ranks(TrainOptions(cache=store, video_root=video_root, out=str(tmp_path / "two"), **SMALL), 2)
     assert double.steps == single.steps == 4  # 8 videos / global batch 4, 2 epochs
     one, two = load_checkpoint(single.last), load_checkpoint(double.last)
     assert one["model"].keys() == two["model"].keys()
@@ -54,7 +53,7 @@ def test_nproc_bad_store_is_one_line_before_any_process(motion_dataset, tmp_path
     missing = tmp_path / "absent.zarr"
     result = CliRunner().invoke(cli.main, ["train", "--nproc", "2", "--cache", str(missing), "--video-root",
                                            str(motion_dataset / "videos"), "--out", str(tmp_path / "run"),
-                                           "--device", "cpu", "--workers", "0"])
+                                           "--device", "cpu", "--decode-workers", "0"])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(missing) in lines[0], result.output
@@ -69,5 +68,23 @@ def test_a_rank_user_error_reaches_the_parent_as_one(motion_dataset, tmp_path: P
     missing = tmp_path / "absent.zarr"
     opts = TrainOptions(cache=str(missing), video_root=str(motion_dataset / "videos"), out=str(tmp_path / "run"), **SMALL)
     with pytest.raises(UserError, match="--cache") as err:
-        launch(opts, 2)
+        train_ranks(opts, 2)
     assert "\n" not in str(err.value) and str(missing) in str(err.value)
+
+
+def test_torchrun_starts_the_cli_entry_point_on_every_rank(store, tmp_path: Path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "torchrun"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli",
+         "train", "--cache", store, "--out", str(out), "--epochs", "2", "--batch-size", "4", "--warmup-epochs", "1",
+         "--device", "cpu", "--no-temporal", "--no-integ-to-temp", "--no-temp-to-integ", "--alpha-dim", "32",
+         "--beta-dim", "16", "--pool-blocks", "1", "--read-threads", "2"],
+        cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained 4 steps over 2 epochs") == 1  # rank 0 alone reports
+    assert load_checkpoint(out / "last.pt")["step"] == 4
+    assert '"pid"' in (out / "train.lock").read_text()  # rank 0 held the run directory

@@ -14,7 +14,7 @@ from dist_cache.model import DiST, DiSTConfig, DiSTSwitches
 from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.data import EpochSampler
 from pipelines.plots import read_metrics
-from pipelines.train import lr_at, param_groups, restore_scaler
+from pipelines.optim import lr_at, param_groups, restore_scaler
 
 # 7 videos x 3 views; video 2 failed at extraction (no usable view), video 5 has only views 0 and 2.
 USABLE = np.array([i for i in range(21) if i // 3 != 2 and i != 16])
@@ -172,3 +172,41 @@ def test_train_metrics_log_drops_a_torn_last_line_only(tmp_path):
     with pytest.raises(UserError, match="line 1"):
         read_metrics(path)
     assert read_metrics(tmp_path / "absent.jsonl") == []
+
+
+def _step_model(amp):
+    from pipelines.optim import make_optimizer, make_scaler
+    from pipelines.step import StepModel
+
+    config = DiSTConfig(width=64, patch_size=16, image_size=64, num_frames=4, embed_dim=32, layers=[0, 1],
+                        switches=DiSTSwitches(alpha_dim=32, beta_dim=16, pool_blocks=1, temporal=False,
+                                              integ_to_temp=False, temp_to_integ=False))
+    torch.manual_seed(0)
+    net = DiST(config)
+    optimizer, scheduler = make_optimizer(net, lr=1e-3, weight_decay=1e-4, total=100, warmup=0, warmup_start_lr=1e-3)
+    text = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
+    return StepModel(net, net, net, optimizer, scheduler, make_scaler(amp), text, (0.5,) * 3, (0.5,) * 3, amp, 0.1, 1.0)
+
+
+def test_train_step_keeps_the_loss_in_fp32_and_learns_under_bf16_as_in_fp32():
+    from pipelines.data import Batch
+    from pipelines.distributed import Ranks
+    from pipelines.optim import loss_scaling
+    from pipelines.step import train_step
+
+    assert loss_scaling(torch.float16) and not loss_scaling(torch.bfloat16) and not loss_scaling(None)
+    gen = torch.Generator().manual_seed(2)
+    features = torch.randn(2, 6, 4, 17, 64, generator=gen).half()
+    batch = Batch(np.arange(6), np.arange(6), torch.arange(6) % 3, features, None)
+    ranks = Ranks(0, 1, torch.device("cpu"))
+    losses = {}
+    for amp in (None, torch.bfloat16):  # CPU autocast stands in for the GPU's
+        model = _step_model(amp)
+        seen = []
+        model.net.integration.fcs[0].register_forward_hook(lambda mod, inputs, out: seen.append(out.dtype))
+        losses[amp] = [train_step(model, batch, ranks, None, s) for s in range(15)]
+        assert all(isinstance(v, float) for v in losses[amp])
+        if amp is not None:
+            assert seen[0] == torch.bfloat16  # the branch ran under autocast; the logits and loss (floats) did not
+    for amp, curve in losses.items():  # both learn the batch from the same start
+        assert curve[0] == pytest.approx(losses[None][0], rel=0.05) and curve[-1] < 0.5 * curve[0], amp

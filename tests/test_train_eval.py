@@ -24,7 +24,8 @@ from dist_cache.sampling import ViewPlan
 from dist_cache.synthetic import truncate_file
 from dist_cache.transforms import normalize_frames
 from pipelines.checkpoint import load_checkpoint
-from pipelines.data import EpochSampler, StoreClips, VideoUnreadable, make_loader
+from pipelines.data import BatchLoader, DecodedFrames, EpochSampler
+from pipelines.dense_frames import VideoChanged
 from pipelines.evaluate import EvalOptions, evaluate, format_report
 from pipelines.extract import ExtractOptions, extract, render_spec
 from pipelines.plots import read_metrics
@@ -33,7 +34,7 @@ from pipelines.train import TrainOptions, train
 from storage import FeatureStore, SampleStatus
 
 # A small branch and batch, so every run takes seconds on two CPU cores.
-SMALL = dict(switches=DiSTSwitches(alpha_dim=32, beta_dim=16, pool_blocks=1), batch_size=4, workers=0, warmup_epochs=1,
+SMALL = dict(switches=DiSTSwitches(alpha_dim=32, beta_dim=16, pool_blocks=1), batch_size=4, decode_workers=0, warmup_epochs=1,
              log_every=1)
 
 
@@ -122,7 +123,7 @@ def test_round_trip_train_then_eval(stores, run, tmp_path):
 
     report_path = tmp_path / "report.json"
     report = evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["val"], video_root=stores["videos"],
-                                  json=str(report_path), workers=1), progress=False)
+                                  json=str(report_path), decode_workers=1), progress=False)
     assert json.loads(report_path.read_text()) == report
     assert report["videos"] == 4 and report["views"] == 12 and report["views_per_video"] == 3
     assert report["top1"] == pytest.approx(run.best_top1)  # the same scoring as validation in training
@@ -133,13 +134,25 @@ def test_round_trip_train_then_eval(stores, run, tmp_path):
     assert "top-1" in format_report(report) and "skipped" not in format_report(report)
 
 
-def test_dataset_frames_are_the_pixels_clip_saw(stores):
+def first_batch(store: FeatureStore, indices: list[int], frames, layers=None, **kw):
+    """The loader's batch of exactly these samples, in this order."""
+    sampler = EpochSampler(np.array(indices), store.schema.views_per_video, len(indices), train=False)
+    loader = BatchLoader(store, sampler, layers=layers, frames=frames, device=torch.device("cpu"), **kw)
+    try:
+        batch = next(iter(loader))
+        return batch, [None if t is None else t.clone() for t in (batch.features, batch.frames, batch.label)]
+    finally:
+        loader.close()
+
+
+def test_decoded_frames_are_the_pixels_clip_saw(stores):
     store = FeatureStore.open(stores["train"])
-    dataset = StoreClips(store, stores["videos"], gamma=2, layers=list(store.schema.layers))
-    item = dataset[3]
-    assert item["frames"].shape == (8, 64, 64, 3) and item["frames"].dtype == torch.uint8
-    assert item["features"].dtype == torch.float16
-    assert not torch.equal(item["frames"][0], item["frames"][1])  # the dense frames in between are others
+    batch, (features, frames, labels) = first_batch(store, [3], DecodedFrames(store, stores["videos"], 2, workers=0),
+                                                    layers=list(store.schema.layers))
+    assert frames.shape == (1, 8, 64, 64, 3) and frames.dtype == torch.uint8
+    assert features.dtype == torch.float16 and features.shape[:2] == (2, 1)  # layers first
+    assert not torch.equal(frames[0, 0], frames[0, 1])  # the dense frames in between are others
+    assert labels.tolist() == [store.label(3)]
     # Byte for byte what the extraction worker rendered for this view and CLIP saw ...
     backbone = load_recorded_backbone(store.schema.backbone)
     opts = ExtractOptions(manifest="", video_root="", out="", frames=4, views=2, split="train")
@@ -147,11 +160,33 @@ def test_dataset_frames_are_the_pixels_clip_saw(stores):
     video, view = int(sample["video_index"]), int(sample["view"])
     prepared = prepare_video(str(Path(stores["videos"]) / sample["video"]), video, render_spec(opts, backbone))
     assert prepared.plans[view] == ViewPlan.from_dict(sample)
-    assert torch.equal(item["frames"][::2], torch.from_numpy(prepared.images[4 * view : 4 * view + 4]))
+    assert torch.equal(frames[0, ::2], torch.from_numpy(prepared.images[4 * view : 4 * view + 4]))
     # ... whose features are the stored ones, once normalised.
     encoder = backbone.spatial_encoder(list(store.schema.layers))
-    tokens, _ = encoder(normalize_frames(item["frames"][::2], dataset.mean, dataset.std))
-    assert torch.allclose(tokens, item["features"].float(), atol=2e-2, rtol=1e-2)
+    tokens, _ = encoder(normalize_frames(frames[0, ::2], backbone.mean, backbone.std))
+    assert torch.allclose(tokens, features[:, 0].float(), atol=2e-2, rtol=1e-2)
+
+
+def test_loader_batches_follow_the_sampler_whatever_the_threads(stores):
+    store = FeatureStore.open(stores["val"])
+    usable = np.flatnonzero(store.status == SampleStatus.DONE)
+    layers = list(store.schema.layers)
+    sampler = EpochSampler(usable, store.schema.views_per_video, 5, train=False)
+    loader = BatchLoader(store, sampler, layers=layers, frames=DecodedFrames(store, stores["videos"], 2, workers=0),
+                         device=torch.device("cpu"), read_threads=3, prefetch=2)
+    try:
+        seen = []
+        for batch in loader:
+            seen += batch.index.tolist()
+            for j, i in enumerate(batch.index.tolist()):
+                assert torch.equal(batch.features[:, j], torch.from_numpy(store.features(int(i), layers)))
+                assert int(batch.label[j]) == store.label(int(i))
+        assert seen == usable.tolist()
+        # Abandoned halfway, then iterated again: the same batches, nothing left running into the buffers.
+        next(iter(loader))
+        assert [b.index.tolist() for b in loader] == [usable[k:k + 5].tolist() for k in range(0, len(usable), 5)]
+    finally:
+        loader.close()
 
 
 def test_resume_after_kill_matches_an_uninterrupted_run(stores, tmp_path):
@@ -161,8 +196,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(stores, tmp_path):
     full = train(TrainOptions(out=str(tmp_path / "full"), **common), progress=False)
     assert full.steps == 8
 
-    # The child trains normally; once last.pt holds step 2, it finishes step 3 and stalls inside step 4's
-    # batch, where it is killed: step 3's work is lost and must be redone on resume.
+    # The child trains normally; once last.pt holds step 2, it finishes step 3 and stalls at step 4, where it is
+    # killed: step 3's work is lost and must be redone on resume.
     killed = tmp_path / "killed"
     marker = tmp_path / "stalled"
     driver = tmp_path / "driver.py"
@@ -173,24 +208,21 @@ def test_resume_after_kill_matches_an_uninterrupted_run(stores, tmp_path):
         import torch
         torch.set_num_threads({torch.get_num_threads()})
         import pipelines.train as train_mod
-        from pipelines.data import EpochSampler, StoreClips, VideoUnreadable, make_loader
 
-        saved, fetched = [], [0]
-        real_save, real_get = train_mod.save_checkpoint, StoreClips.__getitem__
+        saved = []
+        real_save, real_step = train_mod.save_checkpoint, train_mod.train_step
 
         def save(path, payload):
             real_save(path, payload)
             saved.append(payload["step"])
 
-        def get(self, index):
-            if saved:
-                fetched[0] += 1
-                if fetched[0] > 2 + 1:  # step 3's batch of 2, then one item of step 4's
-                    Path({str(marker)!r}).write_text(str(saved))
-                    time.sleep(600)
-            return real_get(self, index)
+        def step(model, batch, ranks, store, done):
+            if done == 3:  # step 4, after step 3 was logged but not saved
+                Path({str(marker)!r}).write_text(str(saved))
+                time.sleep(600)
+            return real_step(model, batch, ranks, store, done)
 
-        train_mod.save_checkpoint, StoreClips.__getitem__ = save, get
+        train_mod.save_checkpoint, train_mod.train_step = save, step
         from dist_cache.model import DiSTSwitches
         options = json.loads(sys.argv[1])
         options["switches"] = DiSTSwitches(**options["switches"])
@@ -254,10 +286,10 @@ def test_store_and_run_mismatches_fail_before_training(stores, run, tmp_path):
     with pytest.raises(UserError, match=f"--video-root .* has no {gone} \\(1 of the \\d+ videos"):
         train(TrainOptions(cache=stores["train"], video_root=str(partial), out=out, **SMALL), progress=False)
     with pytest.raises(UserError, match="missing"):
-        evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["layer1"], video_root=stores["videos"], workers=0),
+        evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["layer1"], video_root=stores["videos"], decode_workers=0),
                  progress=False)
     with pytest.raises(UserError, match="weights_sha256"):
-        evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["other"], video_root=stores["videos"], workers=0),
+        evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["other"], video_root=stores["videos"], decode_workers=0),
                  progress=False)
     assert not (tmp_path / "x").exists()
 
@@ -276,7 +308,7 @@ def test_cached_and_online_training_take_the_same_first_step(stores, tmp_path):
 
 def test_eval_skips_and_counts_failed_samples(stores, run):
     report = evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["broken"], video_root=stores["videos"],
-                                  workers=0), progress=False)
+                                  decode_workers=0), progress=False)
     assert report["skipped_failed_samples"] == 6 and report["skipped_failed_videos"] == 2  # 2 videos x 3 views
     assert report["videos"] == 4 and report["views"] == 12
     assert "skipped 6 failed samples" in format_report(report)
@@ -289,12 +321,12 @@ def test_eval_skips_and_counts_failed_samples(stores, run):
 def test_zero_shot_eval_on_another_label_set(stores, run, tmp_path):
     val = FeatureStore.open(stores["val"])
     base = evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["val"], video_root=stores["videos"],
-                                workers=0), progress=False)
+                                decode_workers=0), progress=False)
     # The store's own names, in its order: the text tower must reproduce the stored class embeddings.
     same = tmp_path / "same.txt"
     same.write_text("\n".join(val.schema.class_names) + "\n")
     again = evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["val"], video_root=stores["videos"],
-                                 classes=str(same), workers=0), progress=False)
+                                 classes=str(same), decode_workers=0), progress=False)
     assert again["confusion_matrix"] == base["confusion_matrix"] and again["top1"] == base["top1"]
 
     # Another label set: extra classes, another order; labels are mapped by name.
@@ -302,7 +334,7 @@ def test_zero_shot_eval_on_another_label_set(stores, run, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text("\n".join(names) + "\n")
     report = evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["val"], video_root=stores["videos"],
-                                  classes=str(other), workers=0), progress=False)
+                                  classes=str(other), decode_workers=0), progress=False)
     assert report["class_names"] == names and report["classes"] == str(other)
     assert report["per_class_videos"] == {"spin": 0, "jump": 0, **{n: 1 for n in val.schema.class_names}}
     assert report["per_class_accuracy"]["spin"] is None
@@ -312,12 +344,12 @@ def test_zero_shot_eval_on_another_label_set(stores, run, tmp_path):
     missing.write_text("\n".join(val.schema.class_names[1:]) + "\n")
     with pytest.raises(UserError, match=f"lacks 1 of the store's classes.*{val.schema.class_names[0]}"):
         evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["val"], video_root=stores["videos"],
-                             classes=str(missing), workers=0), progress=False)
+                             classes=str(missing), decode_workers=0), progress=False)
     # The text tower's weights must be those the store was extracted with.
     for weights, why in ((tmp_path / "absent.pt", "no such checkpoint file"), (stores["other_checkpoint"], "differs from the store")):
         with pytest.raises(UserError, match=why):
             evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["val"], video_root=stores["videos"],
-                                 classes=str(other), pretrained=str(weights), workers=0), progress=False)
+                                 classes=str(other), pretrained=str(weights), decode_workers=0), progress=False)
 
 
 def test_a_video_that_stops_decoding_mid_run_is_named(stores, tmp_path):
@@ -327,9 +359,8 @@ def test_a_video_that_stops_decoding_mid_run_is_named(stores, tmp_path):
     usable = np.flatnonzero(store.status == SampleStatus.DONE)
     broken = store.videos[int(usable[0]) // store.schema.views_per_video]
     (root / broken).write_bytes(b"not a video any more")
-    loader = make_loader(StoreClips(store, root, 2, None), EpochSampler(usable, store.schema.views_per_video, 2, train=False),
-                         workers=1, device=torch.device("cpu"))
-    with pytest.raises(VideoUnreadable) as err:
-        next(iter(loader))
+    # Through a real decode pool (a worker process); the error reaches this thread as one line.
+    with pytest.raises(VideoChanged) as err:
+        first_batch(store, usable[:2].tolist(), DecodedFrames(store, root, 2, workers=1))
     message = str(err.value)
     assert "\n" not in message and broken in message and "re-extract" in message, message

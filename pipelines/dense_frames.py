@@ -1,0 +1,55 @@
+"""Decoding a cached view's dense frames from its video, in a decode-pool worker (see `dist_cache.decode_pool`).
+
+The frames are those of the view's recorded plan (`dense_indices`), rendered to uint8 by the same
+`render_frames` extraction used: so dense[::gamma] are, byte for byte, the frames whose features the store
+holds. That only holds for the very file that was extracted. A video replaced by another valid clip would
+still decode (frame indices past its end are clamped), and train on frames that do not belong to the cached
+features; so the first time a run decodes a video, the file's size and, where the store recorded it, its
+sha256 are compared with the record, and a mismatch stops the run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from dist_cache.decoders import get_decoder
+from dist_cache.errors import DecodeError, UserError
+from dist_cache.sampling import ViewPlan, dense_indices
+from dist_cache.transforms import render_frames
+from pipelines.prepare import file_sha256
+
+
+class VideoChanged(UserError):
+    """A video on disk is not the one the store was extracted from, or no longer decodes."""
+
+
+def file_mismatch(path: str, expected: dict) -> str | None:
+    """Why the file at `path` is not the one recorded (`expected`: size_bytes, sha256 when recorded), or None."""
+    size = expected.get("size_bytes")
+    if size is not None and os.path.getsize(path) != size:
+        return f"it is {os.path.getsize(path)} bytes, the store recorded {size}"
+    sha = expected.get("sha256")
+    if sha and file_sha256(path) != sha:
+        return "its sha256 differs from the one the store recorded"
+    return None
+
+
+def decode_view(path: str, plan: dict, gamma: int, num_frames: int, image_size: int, decoder: str,
+                expected: dict | None, where: str) -> np.ndarray:
+    """uint8 (gamma*T, R, R, 3): the view's dense frames. `expected` (size_bytes, sha256) checks the file first;
+    `where` names the video and the store for the one-line error."""
+    if expected is not None:
+        why = file_mismatch(path, expected)
+        if why:
+            raise VideoChanged(f"{path} ({where}) is not the video the store was extracted from: {why}; restore "
+                               "that video, or re-extract the store from these files")
+    view = ViewPlan.from_dict(plan)
+    try:
+        decoded = get_decoder(decoder).read(path, dense_indices(view, gamma, num_frames).tolist())
+    except DecodeError as err:
+        reason = str(err).removeprefix(f"{path}: ")
+        raise VideoChanged(f"{path} ({where}): {reason}, but it decoded at extraction; restore the video the store "
+                           "was extracted from, or re-extract") from None
+    return render_frames(decoded, view, image_size).numpy()
