@@ -50,7 +50,8 @@ step extract 200 python3 -m benchmarks.gpu_extract --videos "$WORK/data/videos" 
     --out "$OUT/extract.json" $Q
 step store_write 120 env DIST_BENCH_TMP="$WORK" python3 -m benchmarks.store_write $Q
 step decode_pool 120 python3 -m benchmarks.decode_pool $Q
-step train 200 python3 -m benchmarks.gpu_train --store "$WORK/train.zarr" --device "$DEVICE" --out "$OUT/train.json" $Q
+step train 200 python3 -m benchmarks.gpu_train --store "$WORK/train.zarr" --device "$DEVICE" --out "$OUT/train.json" \
+    --pretrained "$WORK/data/$MODEL-random.pt" $Q
 DEMO_ARGS=""; [ "$QUICK" = 1 ] && DEMO_ARGS="--videos-per-class 4 --epochs 2"
 step demo 240 python3 -m cli demo --workdir "$WORK/demo" $DEMO_ARGS  # device auto: the GPU where there is one
 

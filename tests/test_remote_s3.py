@@ -58,7 +58,7 @@ def test_cli_extract_info_verify_copy_with_storage_options(s3, motion_dataset, t
     info = json.loads(run("info", url, "--json", "--storage-options", f"@{tmp_path / 'options.json'}"))
     assert info["complete"] and info["measured"] == "listing"
     assert "ok" in run("verify", url, "--storage-options", options, "--video-root", motion_dataset / "videos",
-                       "--samples", "1").splitlines()[-1]
+                       "--pretrained", tiny_checkpoint, "--samples", "1").splitlines()[-1]
     run("copy", url, tmp_path / "local.zarr", "--storage-options", options)
     local_info = json.loads(run("info", tmp_path / "local.zarr", "--json"))
     # The same store in a bucket and on disk: the same objects (S3 lists no folders), the same bytes.
