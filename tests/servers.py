@@ -12,7 +12,7 @@ import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
@@ -41,7 +41,7 @@ class RangeHandler(QuietHandler):
 
     requests: list[tuple[str, str | None]] = []  # (path, Range header), per server class
     faults: Faults | None = None
-    require: dict[str, str] = {}  # headers every request must carry (else 401), per server class
+    require: ClassVar[dict[str, str]] = {}  # headers every request must carry (else 401), per server class
 
     def do_GET(self) -> None:
         action = self.faults.next() if self.faults else None

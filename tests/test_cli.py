@@ -73,6 +73,13 @@ def test_dask_workers_keeps_its_old_spelling_hidden():
     both = CliRunner().invoke(cli.main, ["extract", "--manifest", "m.csv", "--video-root", ".", "--out", "o.zarr",
                                          "--workers", "2", "--dask-workers", "2"])
     assert both.exit_code == 2 and "old spelling" in both.output
+    # train's and eval's --workers were DataLoader processes: now --decode-workers, the old spelling hidden.
+    for name, required in (("train", ["--cache", "c.zarr", "--out", "r"]), ("eval", ["--checkpoint", "x.pt", "--cache", "c.zarr"])):
+        command = cli.main.commands[name]
+        text = command.get_help(click.Context(command))
+        assert "--decode-workers" in text and "--workers" not in text.replace("--decode-workers", "")
+        both = CliRunner().invoke(cli.main, [name, *required, "--workers", "0", "--decode-workers", "1"])
+        assert both.exit_code == 2 and "--decode-workers and its old spelling were both given" in both.output, both.output
 
 
 # ------------------------------------------------------------------ --config
