@@ -123,6 +123,10 @@ def test_the_command_line_beats_the_config_file(tmp_path):
     assert ctx.params["beta_dim"] == 64 and ctx.get_parameter_source("beta_dim") == ParameterSource.DEFAULT_MAP
     assert ctx.params["temporal"] is False and ctx.params["layers"] == "9,10,11" and ctx.params["out"] == "r"
     assert ctx.params["alpha_dim"] == 384 and ctx.get_parameter_source("alpha_dim") == ParameterSource.DEFAULT
+    # eval takes one too (YAML here).
+    (tmp_path / "e.yaml").write_text("checkpoint: runs/x/best.pt\ncache: val.zarr\nbatch-size: 4\n")
+    ctx = parsed("eval", "--config", str(tmp_path / "e.yaml"), "--batch-size", "8")
+    assert (ctx.params["checkpoint"], ctx.params["cache"], ctx.params["batch_size"]) == ("runs/x/best.pt", "val.zarr", 8)
 
 
 @pytest.mark.parametrize("text, says", [
