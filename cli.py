@@ -191,7 +191,7 @@ def info(store: str, as_json: bool, failed: bool, storage_options: dict) -> None
 @click.option("--deep", is_flag=True, help="Read every byte and check every chunk's checksum (default: every shard's index).")
 @click.option("--video-root", type=click.Path(), default=None, help="Where the videos are; without it, features are not recomputed.")
 @click.option("--samples", default=3, type=click.IntRange(min=1), show_default=True, help="Random samples to recompute from the videos.")
-@click.option("--pretrained", default=None, help="Checkpoint path, if the store's recorded one is elsewhere on this machine.")
+@click.option("--pretrained", default=None, help="The store's CLIP checkpoint, for recomputing (needed when the store was made from a local file; a tag needs none).")
 @click.option("--seed", default=0, show_default=True, help="Seed for choosing the samples.")
 @click.option("--all-videos", is_flag=True, help="Check every video under --video-root against the recorded facts (and sha256 if recorded).")
 @click.option("--device", default="auto", show_default=True, help="Where to recompute: auto, cpu, cuda, cuda:1 ...")
@@ -276,7 +276,7 @@ def loader_options(fn):
 @storage_options_option()
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--online", is_flag=True, help="Run the frozen CLIP live on the sparse frames instead of reading cached features.")
-@click.option("--pretrained", default=None, help="Local copy of the store's CLIP weights (needed by --online if not at the recorded path).")
+@click.option("--pretrained", default=None, help="The store's CLIP checkpoint, for --online (needed when the store was made from a local file; a tag needs none).")
 @click.option("--layers", default="all", show_default=True, help="CLIP layers to integrate: all (the store's), last:N, or a comma list.")
 @click.option("--recipe", type=click.Choice(list(RECIPES)), default=None,
               help="Start from the reference's settings for this dataset (k400: 4 AdaPooling blocks; ssv2: 2); "

@@ -12,7 +12,7 @@ to end (what the cache buys). Every phase stops at its time budget; a watchdog w
 if a phase hangs. With --quick on a CPU and a dist-tiny store it runs in seconds (a smoke test of the script).
 
     python -m benchmarks.gpu_train --store ZARR --out JSON [--quick] [--device cuda|cpu] [--batch 32]
-        [--video-root DIR (a store without frames)] [--pretrained PATH (the store's CLIP weights, if moved)]
+        [--video-root DIR (a store without frames)] [--pretrained PATH (the store's CLIP weights: a local checkpoint is never opened on the store's word)]
 """
 from __future__ import annotations
 

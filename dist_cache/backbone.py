@@ -393,8 +393,8 @@ def load_recorded_backbone(
 ) -> Backbone:
     """Rebuild the backbone a store records, with its activation, and prove it is the same by its weights' hash.
 
-    `pretrained` overrides the recorded source (a store made from a local checkpoint records only
-    where it was; another machine passes its own copy). The record comes from a store, i.e. from a stranger:
+    `pretrained` overrides the recorded source. A recorded tag is looked up as usual; a recorded local path is
+    never opened on the store's word: a store made from a local checkpoint needs `pretrained`. The record comes from a store, i.e. from a stranger:
     its model config is bounded in size before anything is built.
     """
     open_clip = _open_clip()
@@ -421,12 +421,15 @@ def load_recorded_backbone(
             "this store was extracted with random weights (--pretrained none), which cannot be rebuilt; "
             "pass --pretrained with the checkpoint that was used, if any"
         )
-    if _is_path(source) and not Path(source).is_file():
-        if pretrained:
-            raise UserError(f"--pretrained {pretrained}: no such checkpoint file; check the path")
+    if _is_path(source) and not pretrained:
+        # The record comes from a stranger: a store never chooses which local file gets opened (it could name
+        # /etc/shadow or a FIFO). The user names the checkpoint; its hash then proves it is the store's.
         raise UserError(
-            f"the store's weights came from {source}, which is not on this machine; pass --pretrained PATH to your copy"
+            f"the store's weights came from the local file {source[:200]}, which a store cannot choose to open: "
+            f"pass --pretrained PATH (that file, or your copy of it)"
         )
+    if _is_path(source) and not Path(source).is_file():
+        raise UserError(f"--pretrained {pretrained}: no such checkpoint file; check the path")
     backbone = load_backbone(name, source, device=device, precision=precision, activation=activation)
     if backbone.weights_sha256 != recorded["weights_sha256"]:
         raise UserError(

@@ -6,8 +6,9 @@ bug, not a user error.
 """
 
 import errno
+import sys
 
-from dist_cache.errors import UserError
+from dist_cache.errors import UserError, first_line
 
 # The fix for a damaged video, named in every damage message. `extract --repair` re-extracts the videos
 # whose data fails its integrity check (storage/README.md, "Damage detection").
@@ -52,3 +53,18 @@ def write_error(store: str, err: OSError) -> StoreWriteError:
     text = str(err).strip()
     reason = err.strerror or (text.splitlines()[0] if text else type(err).__name__)
     return StoreWriteError(f"cannot write store {store}: {reason}; check the storage and rerun")
+
+
+def refused_access(url: str, err: BaseException) -> UserError | None:
+    """One line when a store's server refused us (no or wrong credentials), None for any other error.
+
+    s3fs turns S3's AccessDenied into PermissionError but lets botocore's NoCredentialsError through; botocore is
+    looked up only where a remote filesystem already imported it."""
+    refusals: tuple[type[BaseException], ...] = (PermissionError,)
+    botocore = sys.modules.get("botocore.exceptions")
+    if botocore is not None:
+        refusals += (botocore.NoCredentialsError,)
+    if not isinstance(err, refusals):
+        return None
+    return UserError(f"store {url} refused access ({first_line(err)}): pass its credentials and endpoint with "
+                     f"--storage-options (or the AWS environment) and rerun")

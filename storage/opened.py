@@ -16,7 +16,7 @@ import zarr
 from dist_cache.errors import first_line
 from dist_cache.paths import resolve_under
 from storage import layout, shards
-from storage.errors import StoreDamagedError, StoreNotFoundError
+from storage.errors import StoreDamagedError, StoreNotFoundError, refused_access
 from storage.location import Location
 from storage.records import VideoRecord
 from storage.root import read_attrs, stored_schema
@@ -37,7 +37,10 @@ class OpenedStore:
     def __init__(self, loc: Location) -> None:
         self.loc = loc
         url = loc.url
-        attrs = read_attrs(loc)
+        try:
+            attrs = read_attrs(loc)
+        except Exception as err:  # noqa: BLE001 - only a refusal becomes one line; the rest propagates
+            raise refused_access(url, err) or err
         if attrs is None:
             raise StoreNotFoundError(f"no dist-cache store at {url}")
         if ATTR_KEY not in attrs:

@@ -12,7 +12,7 @@ import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 
 class QuietHandler(SimpleHTTPRequestHandler):
@@ -41,10 +41,13 @@ class RangeHandler(QuietHandler):
 
     requests: list[tuple[str, str | None]] = []  # (path, Range header), per server class
     faults: Faults | None = None
+    require: ClassVar[dict[str, str]] = {}  # headers every request must carry (else 401), per server class
 
     def do_GET(self) -> None:
         action = self.faults.next() if self.faults else None
-        if action == "fail":
+        if any(self.headers.get(name) != value for name, value in self.require.items()):
+            self.send_error(401, "Unauthorized")
+        elif action == "fail":
             self.send_error(503, "Service Unavailable")
         elif action in ("drop", "stop"):
             self.close_connection = True
@@ -104,10 +107,11 @@ def _stop(server: ThreadingHTTPServer) -> None:
 
 @contextlib.contextmanager
 def serve(directory: str | os.PathLike, ranges: bool = True, faults: Faults | None = None,
-          port: int = 0) -> Iterator[tuple[str, list]]:
-    """Serve `directory` on 127.0.0.1 (`port` 0: any free one); yields (base URL, list of (path, Range)
-    requests seen)."""
-    handler = type("Handler", (RangeHandler,), {"requests": [], "faults": faults}) if ranges else QuietHandler
+          port: int = 0, require: dict[str, str] | None = None) -> Iterator[tuple[str, list]]:
+    """Serve `directory` on 127.0.0.1 (`port` 0: any free one), answering 401 to requests without the
+    `require`d headers; yields (base URL, list of (path, Range) requests seen)."""
+    handler = (type("Handler", (RangeHandler,), {"requests": [], "faults": faults, "require": require or {}})
+               if ranges else QuietHandler)
     server = _Server(("127.0.0.1", port), functools.partial(handler, directory=os.fspath(directory)))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -49,7 +49,7 @@ def test_a_store_config_model_is_rebuilt_and_checked(tmp_path, tiny_checkpoint):
     import open_clip
 
     open_clip.factory._MODEL_CONFIGS.pop("my-vit", None)  # as on a machine that never saw the JSON
-    assert load_recorded_backbone(recorded).weights_sha256 == recorded["weights_sha256"]
+    assert load_recorded_backbone(recorded, str(tiny_checkpoint)).weights_sha256 == recorded["weights_sha256"]
 
 
 def test_a_store_cannot_write_files_through_its_model_name(tmp_path, tiny_checkpoint):
@@ -59,6 +59,20 @@ def test_a_store_cannot_write_files_through_its_model_name(tmp_path, tiny_checkp
     with pytest.raises(UserError, match="not a valid model name"):
         load_recorded_backbone(recorded, pretrained=str(tiny_checkpoint))
     assert not target.with_suffix(".json").exists()
+
+
+def test_a_store_never_chooses_which_local_file_is_opened(tiny_checkpoint):
+    """A recorded local path is a stranger's choice: even a loadable checkpoint there is not opened until the user
+    passes it; a recorded tag (looked up in the hub cache) needs no such consent."""
+    recorded = load_backbone("dist-tiny", str(tiny_checkpoint)).describe()
+    assert recorded["pretrained_source"] == str(tiny_checkpoint)
+    with pytest.raises(UserError, match="cannot choose to open: pass --pretrained PATH") as info:
+        load_recorded_backbone(recorded)
+    assert "\n" not in str(info.value) and str(tiny_checkpoint) in str(info.value)
+    for hostile in ("/etc/passwd", "../../../etc/shadow"):
+        with pytest.raises(UserError, match="cannot choose to open"):
+            load_recorded_backbone(dict(recorded, pretrained_source=hostile))
+    assert load_recorded_backbone(recorded, str(tiny_checkpoint)).weights_sha256 == recorded["weights_sha256"]
 
 
 def test_other_weights_are_refused_by_hash(tiny_checkpoint, tmp_path):

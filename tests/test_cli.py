@@ -73,6 +73,13 @@ def test_dask_workers_keeps_its_old_spelling_hidden():
     both = CliRunner().invoke(cli.main, ["extract", "--manifest", "m.csv", "--video-root", ".", "--out", "o.zarr",
                                          "--workers", "2", "--dask-workers", "2"])
     assert both.exit_code == 2 and "old spelling" in both.output
+    # train's and eval's --workers were DataLoader processes: now --decode-workers, the old spelling hidden.
+    for name, required in (("train", ["--cache", "c.zarr", "--out", "r"]), ("eval", ["--checkpoint", "x.pt", "--cache", "c.zarr"])):
+        command = cli.main.commands[name]
+        text = command.get_help(click.Context(command))
+        assert "--decode-workers" in text and "--workers" not in text.replace("--decode-workers", "")
+        both = CliRunner().invoke(cli.main, [name, *required, "--workers", "0", "--decode-workers", "1"])
+        assert both.exit_code == 2 and "--decode-workers and its old spelling were both given" in both.output, both.output
 
 
 # ------------------------------------------------------------------ --config
@@ -116,6 +123,10 @@ def test_the_command_line_beats_the_config_file(tmp_path):
     assert ctx.params["beta_dim"] == 64 and ctx.get_parameter_source("beta_dim") == ParameterSource.DEFAULT_MAP
     assert ctx.params["temporal"] is False and ctx.params["layers"] == "9,10,11" and ctx.params["out"] == "r"
     assert ctx.params["alpha_dim"] == 384 and ctx.get_parameter_source("alpha_dim") == ParameterSource.DEFAULT
+    # eval takes one too (YAML here).
+    (tmp_path / "e.yaml").write_text("checkpoint: runs/x/best.pt\ncache: val.zarr\nbatch-size: 4\n")
+    ctx = parsed("eval", "--config", str(tmp_path / "e.yaml"), "--batch-size", "8")
+    assert (ctx.params["checkpoint"], ctx.params["cache"], ctx.params["batch_size"]) == ("runs/x/best.pt", "val.zarr", 8)
 
 
 @pytest.mark.parametrize("text, says", [

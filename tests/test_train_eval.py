@@ -145,7 +145,7 @@ def first_batch(store: FeatureStore, indices: list[int], frames, layers=None, **
         loader.close()
 
 
-def test_decoded_frames_are_the_pixels_clip_saw(stores):
+def test_decoded_frames_are_the_pixels_clip_saw(stores, tiny_checkpoint):
     store = FeatureStore.open(stores["train"])
     batch, (features, frames, labels) = first_batch(store, [3], DecodedFrames(store, stores["videos"], 2, workers=0),
                                                     layers=list(store.schema.layers))
@@ -154,7 +154,7 @@ def test_decoded_frames_are_the_pixels_clip_saw(stores):
     assert not torch.equal(frames[0, 0], frames[0, 1])  # the dense frames in between are others
     assert labels.tolist() == [store.label(3)]
     # Byte for byte what the extraction worker rendered for this view and CLIP saw ...
-    backbone = load_recorded_backbone(store.schema.backbone)
+    backbone = load_recorded_backbone(store.schema.backbone, pretrained=str(tiny_checkpoint))
     opts = ExtractOptions(manifest="", video_root="", out="", frames=4, views=2, split="train")
     sample = store.sample(3)
     video, view = int(sample["video_index"]), int(sample["view"])
@@ -294,11 +294,12 @@ def test_store_and_run_mismatches_fail_before_training(stores, run, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_cached_and_online_training_take_the_same_first_step(stores, tmp_path):
+def test_cached_and_online_training_take_the_same_first_step(stores, tiny_checkpoint, tmp_path):
     losses = {}
     for mode in ("cached", "online"):
         result = train(TrainOptions(cache=stores["train"], video_root=stores["videos"], out=str(tmp_path / mode),
-                                    epochs=1, online=mode == "online", device="cpu", **SMALL), progress=False)
+                                    epochs=1, online=mode == "online", pretrained=str(tiny_checkpoint), device="cpu",
+                                    **SMALL), progress=False)
         losses[mode] = [r["loss"] for r in read_metrics(result.metrics) if r["kind"] == "train"]
         assert result.steps == 2
     # Same initial weights, same views; the features differ only by the store's fp16 rounding.
@@ -318,7 +319,7 @@ def test_eval_skips_and_counts_failed_samples(stores, run):
     assert result.skipped_failed_samples == 6 and result.steps == 1
 
 
-def test_zero_shot_eval_on_another_label_set(stores, run, tmp_path):
+def test_zero_shot_eval_on_another_label_set(stores, run, tiny_checkpoint, tmp_path):
     val = FeatureStore.open(stores["val"])
     base = evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["val"], video_root=stores["videos"],
                                 decode_workers=0), progress=False)
@@ -326,7 +327,7 @@ def test_zero_shot_eval_on_another_label_set(stores, run, tmp_path):
     same = tmp_path / "same.txt"
     same.write_text("\n".join(val.schema.class_names) + "\n")
     again = evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["val"], video_root=stores["videos"],
-                                 classes=str(same), decode_workers=0), progress=False)
+                                 classes=str(same), pretrained=str(tiny_checkpoint), decode_workers=0), progress=False)
     assert again["confusion_matrix"] == base["confusion_matrix"] and again["top1"] == base["top1"]
 
     # Another label set: extra classes, another order; labels are mapped by name.
@@ -334,7 +335,8 @@ def test_zero_shot_eval_on_another_label_set(stores, run, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text("\n".join(names) + "\n")
     report = evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["val"], video_root=stores["videos"],
-                                  classes=str(other), decode_workers=0), progress=False)
+                                  classes=str(other), pretrained=str(tiny_checkpoint), decode_workers=0),
+                      progress=False)
     assert report["class_names"] == names and report["classes"] == str(other)
     assert report["per_class_videos"] == {"spin": 0, "jump": 0, **{n: 1 for n in val.schema.class_names}}
     assert report["per_class_accuracy"]["spin"] is None
@@ -344,7 +346,7 @@ def test_zero_shot_eval_on_another_label_set(stores, run, tmp_path):
     missing.write_text("\n".join(val.schema.class_names[1:]) + "\n")
     with pytest.raises(UserError, match=f"lacks 1 of the store's classes.*{val.schema.class_names[0]}"):
         evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["val"], video_root=stores["videos"],
-                             classes=str(missing), decode_workers=0), progress=False)
+                             classes=str(missing), pretrained=str(tiny_checkpoint), decode_workers=0), progress=False)
     # The text tower's weights must be those the store was extracted with.
     for weights, why in ((tmp_path / "absent.pt", "no such checkpoint file"), (stores["other_checkpoint"], "differs from the store")):
         with pytest.raises(UserError, match=why):

@@ -137,6 +137,8 @@ def test_eval_warns_when_the_checkpoint_was_chosen_on_the_evaluated_store(stores
     assert result.exit_code == 0, result.output
     warning = result.stderr.splitlines()[-1]
     assert warning.startswith("warning: ") and "chosen as its run's best on this very store" in warning
+    views = len(FeatureStore.open(stores["val"]))
+    assert "eval: 100%" in result.stderr and f"{views}/{views}" in result.stderr  # scoring shows its progress
     # last.pt was not selected by anything, and another store is a fair test.
     assert evaluate(EvalOptions(checkpoint=str(out / "last.pt"), cache=stores["val"], device="cpu"),
                     progress=False)["warnings"] == []

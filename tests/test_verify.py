@@ -17,6 +17,7 @@ from click.testing import CliRunner
 import cli
 from pipelines.copy import copy_store
 from pipelines.extract import ExtractOptions, extract
+from storage import FeatureStore
 from storage.testing import make_schema, write_videos
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -141,14 +142,34 @@ def edit_backbone(root: Path, **changes: object) -> None:
     (root / "zarr.json").write_text(json.dumps(meta))
 
 
-def test_the_recorded_precision_widens_the_tolerance_and_says_so(extracted, motion_dataset, tmp_path):
+def test_the_recorded_precision_widens_the_tolerance_and_says_so(extracted, motion_dataset, tiny_checkpoint, tmp_path):
     shutil.copytree(extracted, tmp_path / "s.zarr")
     edit_backbone(tmp_path / "s.zarr", precision="fp16")  # fp16 does not run on this CPU: recomputed in fp32
-    result = verify(tmp_path / "s.zarr", "--video-root", motion_dataset / "videos", "--samples", "2", "--device", "cpu")
+    result = verify(tmp_path / "s.zarr", "--video-root", motion_dataset / "videos", "--samples", "2", "--device", "cpu",
+                    "--pretrained", tiny_checkpoint)
     assert result.exit_code == 0, result.output
     assert ("CLIP ran in fp16 for this store, recomputed in fp32 here (fp16 does not run on cpu): the tolerance is "
             "widened by the known error of each reduced precision on ViT-B/16 (fp16 0.09 %, bf16 0.72 %) to 0.59%"
             ) in result.stdout
+
+
+def test_long_commands_show_progress(extracted, motion_dataset, tiny_checkpoint, tmp_path):
+    """verify --all-videos and copy count videos on stderr (eval's scoring: test_train_guards)."""
+    videos = FeatureStore.open(extracted).schema.num_videos
+    checked = verify(extracted, "--video-root", motion_dataset / "videos", "--all-videos", "--samples", "1",
+                     "--pretrained", tiny_checkpoint)
+    assert checked.exit_code == 0 and f"verify: videos:   0%|          | 0/{videos}" in checked.stderr, checked.stderr
+    copied = CliRunner().invoke(cli.main, ["copy", str(extracted), str(tmp_path / "c.zarr")])
+    assert copied.exit_code == 0 and f"{videos}/{videos}" in copied.stderr and "copy -> " in copied.stderr
+
+
+def test_a_store_naming_a_local_file_does_not_get_it_opened(extracted, motion_dataset, tmp_path):
+    shutil.copytree(extracted, tmp_path / "s.zarr")
+    edit_backbone(tmp_path / "s.zarr", pretrained_source="/etc/passwd")
+    result = verify(tmp_path / "s.zarr", "--video-root", motion_dataset / "videos", "--samples", "1", "--device", "cpu")
+    assert result.exit_code == 1
+    problem = [line for line in result.stdout.splitlines() if "problem:" in line]
+    assert len(problem) == 1 and "/etc/passwd, which a store cannot choose to open: pass --pretrained" in problem[0]
 
 
 def test_an_uncached_tag_offline_fails_fast_in_one_line(extracted, motion_dataset, tmp_path):

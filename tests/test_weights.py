@@ -88,12 +88,12 @@ def test_the_recorded_activation_is_rebuilt(tiny_checkpoint):
     assert (gelu.activation, quick.activation) == ("gelu", "quick_gelu")
     assert gelu.weights_sha256 == quick.weights_sha256  # same weights, other network
     assert not torch.allclose(gelu.spatial_encoder([1])(images)[0], quick.spatial_encoder([1])(images)[0])
-    rebuilt = load_recorded_backbone(quick.describe())
+    rebuilt = load_recorded_backbone(quick.describe(), pretrained=str(tiny_checkpoint))
     assert rebuilt.activation == "quick_gelu"
     torch.testing.assert_close(rebuilt.spatial_encoder([1])(images)[0], quick.spatial_encoder([1])(images)[0])
     # A dist-cache 0.1 record (store format 1) has no activation: it is rebuilt as it was built then.
     old = {k: v for k, v in quick.describe().items() if k != "activation"}
-    assert recorded_activation(old) == "gelu" and load_recorded_backbone(old).activation == "gelu"
+    assert recorded_activation(old) == "gelu" and load_recorded_backbone(old, str(tiny_checkpoint)).activation == "gelu"
 
 
 def test_an_openai_record_built_with_gelu_is_flagged():
