@@ -36,11 +36,11 @@ from pipelines.checks import (
     check_backbone, check_frames, check_store_fits, open_store, select_layers, usable_samples,
 )
 from pipelines.data import BatchLoader, EpochSampler, frame_source
-from pipelines.reaugment import ReaugmentedFrames, check_reaugmentable
 from pipelines.distributed import LAUNCHER_ENV, Ranks, joined, launch
 from pipelines.evaluate import Validation
 from pipelines.optim import make_optimizer, make_scaler, restore_scaler
 from pipelines.plots import plot_curves
+from pipelines.reaugment import ReaugmentedFrames, check_reaugmentable
 from pipelines.runlock import RunLock
 from pipelines.step import Meter, StepModel, train_step
 from pipelines.tracking import REPORTERS, Tracker
@@ -223,8 +223,7 @@ def preflight(opts: TrainOptions, world: int = 1) -> Checked:
             raise UserError("--reaugment decodes a fresh view of every video each epoch: pass --video-root")
     frames = (check_frames(store, usable, gamma, opts.video_root, "--video-root", decode=opts.reaugment)
               if needs_frames else None)
-    if opts.reaugment:
-        frames = "reaugmented"
+    frames = "reaugmented" if opts.reaugment else frames
     val_store = val_usable = val_frames = None
     if opts.val_cache:
         val_store = open_store(opts.val_cache, "--val-cache", opts.storage_options)
