@@ -13,7 +13,8 @@ Everything runs through the real pipeline (`extract`, `train`, `evaluate`) with 
 weights: what is learnt is learnt by DiST's temporal encoder and integration branch). Every mode trains the same
 epochs and steps (one view per video per epoch), over the same seeds.
 
-    python -m benchmarks.augmentation_cost --out benchmarks/results/augmentation_cost.json   # ~25 min, 2 cores
+    python -m benchmarks.augmentation_cost --out benchmarks/results/augmentation_cost.json   # ~5 min on 2 quiet cores
+    python -m benchmarks.augmentation_cost --epochs 120 --out benchmarks/results/augmentation_cost_120.json
     python -m benchmarks.augmentation_cost --quick --out /tmp/aug.json                       # smoke run
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -156,8 +158,11 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="a few videos, one epoch, one seed (smoke run)")
     p.add_argument("--out", required=True, help="JSON file to write the results to")
     p.add_argument("--workdir", default=None, help="where videos, stores and runs go (default: a temporary dir)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: 40; --quick: 1)")
     args = p.parse_args()
     scale = QUICK if args.quick else FULL
+    if args.epochs is not None:
+        scale = dataclasses.replace(scale, epochs=args.epochs)
     tick = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="augmentation-cost-") as tmp:
         measured = run(scale, Path(args.workdir or tmp))
