@@ -21,11 +21,20 @@ from pipelines.data import DecodedFrames
 from storage import FeatureStore
 
 
+SAMPLING_KEYS = ("scale", "ratio", "flip_p", "grayscale_p")
+
+
 def check_reaugmentable(store: FeatureStore, flag: str) -> None:
-    """Re-drawing views needs the train sampling the store recorded: a test-split store has none."""
-    if store.schema.sampling.get("policy") != "tsn-segments":
+    """Re-drawing views needs the train sampling the store recorded: a test-split store has none, and a store
+    written by other tools may not record it."""
+    sampling = store.schema.sampling
+    if sampling.get("policy") == "uniform-clips":
         raise UserError(f"{flag} {store.url} is a test-split store (fixed clips, centre crops): --reaugment re-draws "
                         "train views; pass a store extracted with --split train")
+    missing = [key for key in SAMPLING_KEYS if key not in sampling]
+    if missing:
+        raise UserError(f"{flag} {store.url} does not record its sampling's {missing[0]}, which --reaugment draws "
+                        "views with: re-extract it with dist-cache extract --split train")
 
 
 class ReaugmentedFrames(DecodedFrames):
@@ -37,8 +46,8 @@ class ReaugmentedFrames(DecodedFrames):
         check_reaugmentable(store, "--cache")
         self.seed = seed
         sampling = store.schema.sampling
-        self.sampling = {"scale": tuple(sampling["scale"]), "ratio": tuple(sampling["ratio"]),
-                         "flip_p": float(sampling["flip_p"]), "grayscale_p": float(sampling["grayscale_p"])}
+        self.sampling = {key: tuple(sampling[key]) if key in ("scale", "ratio") else float(sampling[key])
+                         for key in SAMPLING_KEYS}
         pairs = sampling.get("flip_label_map") or []
         self.partners = flip_partners(pairs, store.schema.class_names)
 

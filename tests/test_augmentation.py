@@ -17,7 +17,7 @@ from dist_cache.model import DiSTSwitches
 from pipelines.checkpoint import load_checkpoint
 from pipelines.extract import ExtractOptions, extract
 from pipelines.plots import read_metrics
-from pipelines.reaugment import ReaugmentedFrames
+from pipelines.reaugment import ReaugmentedFrames, check_reaugmentable
 from pipelines.train import TrainOptions, train
 from storage import FeatureStore
 
@@ -124,6 +124,15 @@ def test_bad_augmentation_combinations_are_one_line_errors(stores, tmp_path):
         with pytest.raises(UserError, match=message):
             train(TrainOptions(**{**base, **change}), progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_reaugment_refuses_a_store_that_does_not_record_its_sampling(tmp_path):
+    from storage.testing import make_schema, write_videos
+
+    schema = make_schema(num_videos=2, views=1)
+    write_videos(str(tmp_path / "s.zarr"), schema, [0, 1])
+    with pytest.raises(UserError, match="does not record its sampling's scale.*--split train"):
+        check_reaugmentable(FeatureStore.open(str(tmp_path / "s.zarr")), "--cache")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
