@@ -466,6 +466,7 @@ class Extractor:
                 clip_embeds=launched.embeds(n),
                 frames=prepared.frames,
                 labels=self._labels(prepared),
+                finite_checked=True,  # on the device, in the dtypes sent (DeviceForward._finite)
             )
         except BaseException as err:  # a StoreWriteError (disk full...) or a bug: either ends the run
             state.stop(err)

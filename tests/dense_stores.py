@@ -28,7 +28,7 @@ def extract_with_frames(manifest: Path, video_root: Path, out: Path, checkpoint:
                         gamma: int, frames: int = 4, hash_videos: bool = False, **options) -> str:
     opts = ExtractOptions(manifest=str(manifest), video_root=str(video_root), out=str(out), model="dist-tiny",
                           pretrained=str(checkpoint), frames=frames, views=views, split=split,
-                          hash_videos=hash_videos, **options)
+                          hash_videos=hash_videos, **{"precision": "fp32", **options})  # CLIP runs in fp32 below
     backbone = load_backbone(opts.model, opts.pretrained)
     layers = resolve_layers(opts.layers, backbone.num_layers)
     listed = load_manifest(opts.manifest, video_root=opts.video_root)

@@ -223,6 +223,26 @@ def test_bad_inputs_write_nothing(tmp_path):
     assert q.pending() == [0] and not list((tmp_path / "q.zarr" / "features").glob("c.*"))
 
 
+def test_finite_checked_skips_only_the_scan(tmp_path):
+    # Extraction checks finiteness on the device and says so (finite_checked): the writer then stores the same
+    # bytes without its own scan, and still refuses wrong shapes.
+    schema = make_schema(num_videos=1, views=2)
+    facts, plans, feats, clip = video_data(schema, 0)
+    feats16, clip16 = feats.astype(np.float16), clip.astype(np.float16)
+    scanned, trusted = (open_writer(str(tmp_path / f"{n}.zarr"), schema) for n in ("scanned", "trusted"))
+    with pytest.raises(ValueError, match="features have shape"):
+        trusted.write_video(0, facts, plans, feats16[:, :1], clip16, finite_checked=True)
+    scanned.write_video(0, facts, plans, feats16, clip16)
+    trusted.write_video(0, facts, plans, feats16, clip16, finite_checked=True)
+    for name in ("features/c.0.0.0.0.0", "clip_embeddings/c.0.0.0"):
+        assert (tmp_path / "trusted.zarr" / name).read_bytes() == (tmp_path / "scanned.zarr" / name).read_bytes()
+    bad = feats.copy()
+    bad[0, 0, 0, 0, 0] = 1e6  # given as fp32: the caller checked other values than those stored, so the scan runs
+    with pytest.raises(ValueError, match="NaN or inf"):
+        open_writer(str(tmp_path / "wide.zarr"), schema).write_video(0, facts, plans, bad, clip16,
+                                                                     finite_checked=True)
+
+
 # ------------------------------------------------------------------ finalize
 
 
