@@ -14,7 +14,7 @@ weights: what is learnt is learnt by DiST's temporal encoder and integration bra
 epochs and steps (one view per video per epoch), over the same seeds.
 
     python -m benchmarks.augmentation_cost --out benchmarks/results/augmentation_cost.json   # ~5 min on 2 quiet cores
-    python -m benchmarks.augmentation_cost --epochs 120 --modes 4,5 --out benchmarks/results/augmentation_cost_120.json
+    python -m benchmarks.augmentation_cost --epochs 120 --modes 4,5 --out /tmp/aug-long.json  # mixing, longer
     python -m benchmarks.augmentation_cost --quick --out /tmp/aug.json                       # smoke run
 """
 
