@@ -154,7 +154,7 @@ def run(scale: Scale, modes: tuple[Mode, ...], workdir: Path, say=print) -> dict
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("--quick", action="store_true", help="a few videos, one epoch, one seed (smoke run)")
     p.add_argument("--out", required=True, help="JSON file to write the results to")
     p.add_argument("--workdir", default=None, help="where videos, stores and runs go (default: a temporary dir)")
