@@ -277,6 +277,25 @@ def loader_options(fn):
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
 @click.option("--online", is_flag=True, help="Run the frozen CLIP live on the sparse frames instead of reading cached features.")
 @click.option("--pretrained", default=None, help="The store's CLIP checkpoint, for --online (needed when the store was made from a local file; a tag needs none).")
+@click.option("--reaugment", is_flag=True,
+              help="With --online: train as the reference does, on a fresh view of every video each epoch (TSN "
+                   "offsets, crop, flip, grayscale drawn with the store's recorded sampling, seeded by --seed, epoch "
+                   "and video), decoded from --video-root; the store gives the manifest, classes, text embeddings "
+                   "and backbone. Mixup 0.8 and cutmix 1.0 are on unless --mixup/--cutmix say otherwise.")
+@click.option("--mixup", default=None, type=click.FloatRange(min=0),
+              help="With --online: alpha of pixel mixup before CLIP (0 disables). Default: 0.8 with --reaugment "
+                   "(the reference's), else 0. With --cutmix too, each batch is one or the other (p 0.5).")
+@click.option("--cutmix", default=None, type=click.FloatRange(min=0),
+              help="With --online: alpha of pixel cutmix before CLIP (0 disables). Default: 1.0 with --reaugment "
+                   "(the reference's), else 0.")
+@click.option("--feature-mixup", default=0.0, type=click.FloatRange(min=0), show_default=True,
+              help="Cached runs: alpha of mixup of pairs within a batch: the cached tokens of every layer, the dense "
+                   "frames and the labels with one lambda (0 disables). Not what CLIP would give on mixed pixels: "
+                   "a cheap stand-in for --online --mixup.")
+@click.option("--feature-cutmix", default=0.0, type=click.FloatRange(min=0), show_default=True,
+              help="Cached runs: alpha of cutmix on the ViT's patch grid: the frames' box and the patch tokens under "
+                   "it come from the partner, the class token is mixed by area (0 disables). Not what CLIP would "
+                   "give on cut-mixed pixels.")
 @click.option("--layers", default="all", show_default=True, help="CLIP layers to integrate: all (the store's), last:N, or a comma list.")
 @click.option("--recipe", type=click.Choice(list(RECIPES)), default=None,
               help="Start from the reference's settings for this dataset (k400: 4 AdaPooling blocks; ssv2: 2); "
@@ -325,8 +344,10 @@ def train(nproc: int, recipe: str | None, **kw) -> None:
     gamma = switches.gamma
     if checked.frames == "stored":
         click.echo(f"dense frames: read from the store (gamma {gamma} of its stored {checked.store.dense_gamma})")
-    elif checked.frames == "decoded":
-        click.echo(f"dense frames: decoded from {opts.video_root} with {checked.store.schema.preprocess['decoder']['name']}")
+    elif checked.frames in ("decoded", "reaugmented"):
+        fresh = "a fresh view each epoch, " if checked.frames == "reaugmented" else ""
+        click.echo(f"dense frames: {fresh}decoded from {opts.video_root} with "
+                   f"{checked.store.schema.preprocess['decoder']['name']}")
     result = run_train(opts) if nproc == 1 else train_ranks(opts, nproc)
     best = f", best val top-1 {result.best_top1:.2%}" if result.best_top1 is not None else ""
     click.echo(f"trained {result.steps} steps over {result.epochs} epochs{best}; checkpoints in {result.out}")

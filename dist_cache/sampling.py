@@ -117,6 +117,7 @@ def plan_views(
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     flip_p: float = 0.5,
     grayscale_p: float = 0.2,
+    epoch: int | None = None,
 ) -> list[ViewPlan]:
     """`views` plans of `frames` sparse frames each.
 
@@ -124,7 +125,8 @@ def plan_views(
     RandomResizedCrop box, flip with p=flip_p and grayscale with p=grayscale_p, drawn independently per view.
     test: clip c takes offset (c + 0.5) / views of every segment, with the centre square crop, no flip, no grayscale.
     The generator is seeded by (seed, video_index) only, so plans never depend on processing order or worker,
-    and view k is the same whatever the number of views.
+    and view k is the same whatever the number of views. `epoch` (train only) seeds it by (seed, epoch,
+    video_index) instead: the fresh views of re-augmented training, a new draw every epoch, reproducible.
     """
     if num_frames < 1 or width < 1 or height < 1:
         raise ValueError(f"cannot plan views of a video with {num_frames} frames of {width}x{height}")
@@ -140,7 +142,7 @@ def plan_views(
         return plans
     if split != "train":
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    rng = np.random.default_rng([seed, video_index])
+    rng = np.random.default_rng([seed, video_index] if epoch is None else [seed, epoch, video_index])
     plans = []
     for _ in range(views):
         sparse, window = _segment_frames(num_frames, frames, rng.uniform(0.0, 1.0, size=frames))

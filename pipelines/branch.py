@@ -13,6 +13,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from dist_cache.backbone import load_recorded_backbone
+from dist_cache.mixing import Mix
 from dist_cache.model import DiST, DiSTConfig, OnlineDiST
 from dist_cache.transforms import normalize_frames
 from pipelines.data import Batch
@@ -64,16 +65,22 @@ def embed(
     batch: Batch,
     mean: Sequence[float],
     std: Sequence[float],
+    mix: Mix | None = None,
 ) -> torch.Tensor:
     """Video embeddings (B, E) of a `Batch` already on the model's device; `net` may be DDP-wrapped (training).
 
     The batch's uint8 frames are normalised here, on the device, with the store's `mean` and `std`, as
-    extraction normalised CLIP's input."""
+    extraction normalised CLIP's input. `mix` (training) then mixes the normalised frames, before CLIP and the
+    temporal encoder see them, and the cached tokens."""
     frames = None if batch.frames is None else normalize_frames(batch.frames, mean, std)
+    features = batch.features
+    if mix is not None:
+        frames = None if frames is None else mix.pixels(frames)
+        features = None if features is None else mix.tokens(features)
     inner = net.module if isinstance(net, DistributedDataParallel) else net
     if isinstance(inner, OnlineDiST):
         return net(frames)
-    return net(batch.features, frames)
+    return net(features, frames)
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:

@@ -45,12 +45,13 @@ def usable_samples(store: FeatureStore, flag: str) -> tuple[np.ndarray, int]:
     return np.flatnonzero(status == SampleStatus.DONE), counts["failed"] * store.schema.views_per_video
 
 
-def check_frames(store: FeatureStore, usable: np.ndarray, gamma: int, video_root: str | None, flag: str) -> str:
+def check_frames(store: FeatureStore, usable: np.ndarray, gamma: int, video_root: str | None, flag: str, *,
+                 decode: bool = False) -> str:
     """Where this run's dense frames will come from: "stored" (the store holds them for `gamma`), or "decoded"
-    (from `video_root`, with the store's decoder, every video there and of its recorded size). Fails now, as
-    one line, rather than in a reader thread mid-epoch."""
+    (from `video_root`, with the store's decoder, every video there and of its recorded size; always when
+    `decode`). Fails now, as one line, rather than in a reader thread mid-epoch."""
     stored = store.dense_gamma
-    if stored_frames_cover(store, gamma):
+    if stored_frames_cover(store, gamma) and not decode:
         return "stored"
     if video_root is None:
         if stored is not None:

@@ -42,8 +42,9 @@ from storage import FeatureStore, RawSample
 PREFETCH = 2
 DECODE_PRELOAD = ("pipelines.dense_frames",)
 
-# Fills `out` (uint8 (gamma*T, R, R, 3)) with one sample's frames; runs in a reader thread.
-FrameJob = Callable[[np.ndarray], None]
+# Fills `out` (uint8 (gamma*T, R, R, 3)) with one sample's frames; runs in a reader thread. Returns the label of
+# the view it rendered when the source drew the view itself (a re-drawn flip may swap it), else None: the store's.
+FrameJob = Callable[[np.ndarray], "int | None"]
 
 
 class FrameSource(Protocol):
@@ -66,7 +67,10 @@ class StoredFrames:
         self.store, self.gamma = store, gamma
 
     def request(self, index: int, epoch: int) -> FrameJob:
-        return lambda out: self.store.frames(index, self.gamma, out=out)
+        def read(out: np.ndarray) -> None:
+            self.store.frames(index, self.gamma, out=out)
+
+        return read
 
     def close(self) -> None:
         pass
@@ -87,6 +91,13 @@ class DecodedFrames:
         self.pool = None if workers == 0 else DecodePool(workers, timeout, preload=DECODE_PRELOAD)
         self.checked: set[int] = set()
 
+    def view(self, sample: dict, epoch: int) -> tuple[dict, int | None]:
+        """The plan to decode for `sample` in `epoch`, and its label if it differs from the stored one (None):
+        here the view's recorded plan, whatever the epoch."""
+        plan = {"sparse_indices": [int(i) for i in sample["sparse_indices"]], "window": sample["window"],
+                "crop": list(sample["crop"]), "flip": sample["flip"], "grayscale": sample["grayscale"]}
+        return plan, None
+
     def request(self, index: int, epoch: int) -> FrameJob:
         sample = self.store.sample(index)
         v = int(sample["video_index"])
@@ -95,21 +106,25 @@ class DecodedFrames:
             self.checked.add(v)
             expected = {"size_bytes": sample["size_bytes"], "sha256": sample["sha256"]}
         path = str(resolve_under(self.video_root, sample["video"], f"store {self.store.url}"))
-        plan = {"sparse_indices": [int(i) for i in sample["sparse_indices"]], "window": sample["window"],
-                "crop": list(sample["crop"]), "flip": sample["flip"], "grayscale": sample["grayscale"]}
+        plan, label = self.view(sample, epoch)
         args = (path, plan, self.gamma, int(sample["num_frames"]), self.store.schema.image_size, self.decoder,
                 expected, f"video {v} of {self.store.url}")
         if self.pool is None:
-            return lambda out: np.copyto(out, decode_view(*args))
+            def decode_here(out: np.ndarray) -> int | None:
+                np.copyto(out, decode_view(*args))
+                return label
+
+            return decode_here
         future = self.pool.submit(decode_view, *args)
 
-        def job(out: np.ndarray) -> None:
+        def job(out: np.ndarray) -> int | None:
             try:
                 frames = future.result()
             except DecodeError as err:  # the pool's own: a hang killed at the timeout, a crashed worker
                 raise VideoChanged(f"{err}; the video decoded at extraction: check the file, or raise the "
                                    "decode timeout") from None
             np.copyto(out, frames)
+            return label
 
         return job
 
@@ -199,9 +214,8 @@ class BatchLoader:
     def _read(self, slab: _Slab, j: int, index: int, frame_job: FrameJob | None) -> None:
         if slab.features is not None:
             self.store.read_sample(index, self.layers, out=slab.raw(j))
-        if frame_job is not None:
-            frame_job(slab.frames[j].numpy())
-        slab.labels[j] = self.store.label(index)
+        label = None if frame_job is None else frame_job(slab.frames[j].numpy())
+        slab.labels[j] = self.store.label(index) if label is None else label
 
     def _submit(self, indices: list[int], slab: _Slab, epoch: int) -> list[concurrent.futures.Future]:
         slab.wait_copied()

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_cache.errors import UserError
+from dist_cache.mixing import Mixer
 from pipelines.branch import Network, embed
 from pipelines.data import Batch
 from pipelines.distributed import Ranks, all_gather_objects, all_sum
@@ -48,6 +49,7 @@ class StepModel:
     amp: torch.dtype | None  # the autocast dtype (None: fp32)
     label_smoothing: float
     clip_grad: float
+    mixer: Mixer | None = None  # mixup/cutmix of each batch, drawn from (seed, step)
 
 
 def train_step(m: StepModel, batch: Batch, ranks: Ranks, store: FeatureStore, step: int) -> float:
@@ -55,10 +57,15 @@ def train_step(m: StepModel, batch: Batch, ranks: Ranks, store: FeatureStore, st
 
     Raises NonFiniteLoss, before the update, when a loss or the gradient is not finite on any rank."""
     device = batch.label.device
+    mix = None if m.mixer is None else m.mixer.draw(step)
     with torch.autocast(device.type, dtype=m.amp, enabled=m.amp is not None):
-        embeddings = embed(m.model, batch, m.mean, m.std)
-    logits = m.net.logits(embeddings, m.text)  # fp32 (see DiST.logits)
-    losses = F.cross_entropy(logits.float(), batch.label, label_smoothing=m.label_smoothing, reduction="none")
+        embeddings = embed(m.model, batch, m.mean, m.std, mix)
+    logits = m.net.logits(embeddings, m.text).float()  # fp32 (see DiST.logits)
+    if mix is None:
+        losses = F.cross_entropy(logits, batch.label, label_smoothing=m.label_smoothing, reduction="none")
+    else:  # the smoothing is folded into the mixed targets, as timm's Mixup does
+        targets = mix.targets(batch.label, logits.shape[1], m.label_smoothing)
+        losses = F.cross_entropy(logits, targets, reduction="none")
     loss = losses.mean()
     m.optimizer.zero_grad(set_to_none=True)
     m.scaler.scale(loss).backward()

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from dist_cache.devices import resolve_device
 from dist_cache.errors import UserError
+from dist_cache.mixing import Mixer
 from dist_cache.model import DiSTConfig, DiSTSwitches
 from pipelines.branch import amp_dtype, branch_of, build_network, online_precision
 from pipelines.checkpoint import load_checkpoint, save_checkpoint
@@ -39,6 +40,7 @@ from pipelines.distributed import LAUNCHER_ENV, Ranks, joined, launch
 from pipelines.evaluate import Validation
 from pipelines.optim import make_optimizer, make_scaler, restore_scaler
 from pipelines.plots import plot_curves
+from pipelines.reaugment import ReaugmentedFrames, check_reaugmentable
 from pipelines.runlock import RunLock
 from pipelines.step import Meter, StepModel, train_step
 from pipelines.tracking import REPORTERS, Tracker
@@ -62,6 +64,12 @@ class TrainOptions:
     resume: bool = False
     online: bool = False  # run the frozen CLIP live instead of reading cached features
     pretrained: str | None = None  # local copy of the store's backbone weights (online only)
+    # augmentation (docs/DESIGN.md, "Augmentation and mixing")
+    reaugment: bool = False  # online only: a fresh view of every video every epoch, as the reference trains
+    mixup: float | None = None  # online: pixel mixup alpha before CLIP; None: 0.8 with reaugment, else 0
+    cutmix: float | None = None  # online: pixel cutmix alpha before CLIP; None: 1.0 with reaugment, else 0
+    feature_mixup: float = 0.0  # cached: mixup alpha of cached tokens and dense frames
+    feature_cutmix: float = 0.0  # cached: cutmix alpha, boxes on the ViT's patch grid
     # model (DiSTConfig; shapes come from the store's backbone)
     layers: str = "all"  # all (the store's), last:N, or a comma list of CLIP block indices
     switches: DiSTSwitches = field(default_factory=DiSTSwitches)
@@ -95,6 +103,12 @@ class TrainOptions:
         return out
 
 
+# Each option's default, for checkpoints written before the option existed.
+OPTION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainOptions) if f.default is not dataclasses.MISSING}
+# timm Mixup's alphas in the reference's recipe: (mixup, cutmix).
+REFERENCE_MIXING = (0.8, 1.0)
+
+
 @dataclass
 class TrainResult:
     out: Path
@@ -107,7 +121,7 @@ class TrainResult:
     plot: Path
     skipped_failed_samples: int
     final_loss: float | None
-    frames: str | None  # where the dense frames came from: "stored", "decoded", or None (none used)
+    frames: str | None  # where the dense frames came from: "stored", "decoded", "reaugmented", or None (none used)
 
 
 def check_options(opts: TrainOptions) -> None:
@@ -126,9 +140,43 @@ def check_options(opts: TrainOptions) -> None:
     for flag, root in (("--video-root", opts.video_root), ("--val-video-root", opts.val_video_root)):
         if root is not None and not Path(root).is_dir():
             raise UserError(f"{flag} {root}: no such directory")
+    check_augmentation(opts)
     unknown = [r for r in opts.report_to if r not in REPORTERS]
     if unknown:
         raise UserError(f"--report-to {unknown[0]}: choose from {', '.join(REPORTERS)}")
+
+
+def check_augmentation(opts: TrainOptions) -> None:
+    """Pixel mixing and fresh views need CLIP run live; token mixing needs cached tokens."""
+    alphas = {"--mixup": opts.mixup, "--cutmix": opts.cutmix, "--feature-mixup": opts.feature_mixup,
+              "--feature-cutmix": opts.feature_cutmix}
+    negative = [flag for flag, alpha in alphas.items() if alpha is not None and alpha < 0]
+    if negative:
+        raise UserError(f"{negative[0]}: an alpha must not be negative (0 disables)")
+    if opts.reaugment and not opts.online:
+        raise UserError("--reaugment re-draws views for CLIP run live: add --online (and --video-root)")
+    pixel = [flag for flag in ("--mixup", "--cutmix") if alphas[flag]]
+    if pixel and not opts.online:
+        raise UserError(f"{pixel[0]} mixes pixels before CLIP, which a cached run never runs: add --online, or mix "
+                        "the cached features with --feature-mixup / --feature-cutmix")
+    tokens = [flag for flag in ("--feature-mixup", "--feature-cutmix") if alphas[flag]]
+    if tokens and opts.online:
+        raise UserError(f"{tokens[0]} mixes cached tokens, which an --online run does not read: use --mixup / "
+                        "--cutmix (pixels before CLIP)")
+
+
+def make_mixer(opts: TrainOptions, store: FeatureStore) -> Mixer | None:
+    """The run's mixing: pixels before CLIP online (the reference's alphas by default with --reaugment), cached
+    tokens with their frames otherwise (cutmix boxes on the patch grid); None when nothing mixes."""
+    backbone = store.schema.backbone
+    if opts.online:
+        default_mixup, default_cutmix = REFERENCE_MIXING if opts.reaugment else (0.0, 0.0)
+        mixer = Mixer(default_mixup if opts.mixup is None else opts.mixup,
+                      default_cutmix if opts.cutmix is None else opts.cutmix, backbone["image_size"], opts.seed)
+    else:
+        mixer = Mixer(opts.feature_mixup, opts.feature_cutmix, backbone["image_size"], opts.seed,
+                      patch=backbone["patch_size"])
+    return mixer if mixer.enabled else None
 
 
 # ---------------------------------------------------------------------------------------------------- preflight
@@ -140,7 +188,7 @@ class Checked:
     failed: int
     layers: list[int]
     config: DiSTConfig
-    frames: str | None  # "stored", "decoded", or None (the model needs no frames)
+    frames: str | None  # "stored", "decoded", "reaugmented", or None (the model needs no frames)
     val_store: FeatureStore | None
     val_usable: np.ndarray | None
     val_frames: str | None
@@ -169,7 +217,13 @@ def preflight(opts: TrainOptions, world: int = 1) -> Checked:
     check_store_fits(store, config, "--cache", online=opts.online)
     needs_frames = opts.online or config.switches.temporal
     gamma = config.switches.gamma
-    frames = check_frames(store, usable, gamma, opts.video_root, "--video-root") if needs_frames else None
+    if opts.reaugment:
+        check_reaugmentable(store, "--cache")
+        if opts.video_root is None:
+            raise UserError("--reaugment decodes a fresh view of every video each epoch: pass --video-root")
+    frames = (check_frames(store, usable, gamma, opts.video_root, "--video-root", decode=opts.reaugment)
+              if needs_frames else None)
+    frames = "reaugmented" if opts.reaugment else frames
     val_store = val_usable = val_frames = None
     if opts.val_cache:
         val_store = open_store(opts.val_cache, "--val-cache", opts.storage_options)
@@ -203,8 +257,8 @@ def _check_resume(ckpt: dict[str, Any], opts: TrainOptions, store_fingerprint: s
 def _comparable(train_config: dict[str, Any]) -> dict[str, Any]:
     """A recorded train_config with its switches beside the other options, one key each, so a resume names the
     one that differs. dist-cache 0.1 recorded them that way already, without the library-only switches and the
-    recipe: those were the defaults."""
-    flat = {**DiSTSwitches().to_dict(), "recipe": None}
+    recipe, and runs from before the augmentation options lack those: an option a checkpoint lacks had its default."""
+    flat = {**DiSTSwitches().to_dict(), **OPTION_DEFAULTS}
     flat.update({k: v for k, v in train_config.items() if k != "switches"})
     flat.update(train_config.get("switches", {}))
     return flat
@@ -322,10 +376,13 @@ def setup(opts: TrainOptions, ranks: Ranks, checked: Checked) -> Run:
     backbone = store.schema.backbone
     step_model = StepModel(net, model, branch, optimizer, scheduler, scaler,
                            torch.as_tensor(store.text_features, device=device), tuple(backbone["mean"]),
-                           tuple(backbone["std"]), amp, opts.label_smoothing, opts.clip_grad)
+                           tuple(backbone["std"]), amp, opts.label_smoothing, opts.clip_grad, make_mixer(opts, store))
     with contextlib.ExitStack() as opened:  # what is opened here is closed again if a later part fails
         frames = None
-        if checked.frames:
+        if checked.frames == "reaugmented":
+            frames = ReaugmentedFrames(store, opts.video_root, config.switches.gamma, seed=opts.seed,
+                                       workers=opts.decode_workers, timeout=opts.decode_timeout)
+        elif checked.frames:
             frames = frame_source(store, config.switches.gamma, opts.video_root, decode_workers=opts.decode_workers,
                                   decode_timeout=opts.decode_timeout)
             opened.callback(frames.close)
