@@ -35,9 +35,18 @@ class SampleNotDoneError(LookupError):
     """A sample's video has no "done" record, so its zarr chunks hold zeros or stale bytes, not features."""
 
 
-def write_error(store: str, err: OSError) -> StoreWriteError:
-    """One line for an OSError while writing a store: what happened and what to do (then rerun, which
-    resumes: nothing recorded is lost)."""
+def write_error(store: str, err: BaseException) -> StoreWriteError | None:
+    """One line for a storage failure while writing a store: what happened and what to do (then rerun, which
+    resumes: nothing recorded is lost). None for an error that is not the storage's (a bug, a bad argument)."""
+    if isinstance(err, OSError):
+        return _os_write_error(store, err)
+    if isinstance(err, _transport_errors()):
+        return StoreWriteError(f"cannot write store {store}: {first_line(err).rstrip('.')}; check its endpoint and the "
+                               f"network, then rerun")
+    return None
+
+
+def _os_write_error(store: str, err: OSError) -> StoreWriteError:
     code = err.errno
     if code in (errno.ENOSPC, errno.EDQUOT):
         return StoreWriteError(f"disk full writing {store}: free space and rerun")
@@ -50,9 +59,25 @@ def write_error(store: str, err: OSError) -> StoreWriteError:
     if code in (errno.EACCES, errno.EPERM):
         return StoreWriteError(f"permission denied writing {store}: fix the permissions or use another --out, "
                                f"then rerun")
+    # s3fs turns a remote's 5xx (after retries) into an OSError carrying the server's message as strerror.
     text = str(err).strip()
-    reason = err.strerror or (text.splitlines()[0] if text else type(err).__name__)
+    reason = (err.strerror or (text.splitlines()[0] if text else type(err).__name__)).rstrip(".")
     return StoreWriteError(f"cannot write store {store}: {reason}; check the storage and rerun")
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """A remote's connection failures that are not OSErrors: botocore's refused, closed and timed-out
+    connections, which s3fs passes through untranslated, and aiohttp's, from HTTP-based fsspec filesystems.
+    Looked up only where a remote filesystem already imported them, so local stores never import either."""
+    found: tuple[type[BaseException], ...] = ()
+    botocore = sys.modules.get("botocore.exceptions")
+    if botocore is not None:
+        # Not BotoCoreError as a whole: its credential and parameter errors are the user's setup, not the remote's.
+        found += (botocore.ConnectionError, botocore.HTTPClientError)
+    aiohttp = sys.modules.get("aiohttp")
+    if aiohttp is not None:
+        found += (aiohttp.ClientError,)
+    return found
 
 
 def refused_access(url: str, err: BaseException) -> UserError | None:

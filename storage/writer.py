@@ -7,7 +7,8 @@ Safety comes from four rules, not from locks (zarr v3 has none):
   3. the video's record is written after its shards, atomically, and is the only proof of completion;
   4. everything derived (metadata, shards, records, finalize's tables) is a pure function of the inputs,
      so concurrent or repeated writers of the same video, or concurrent finalizers, write identical bytes.
-Any OSError while writing becomes a one-line StoreWriteError; the store stays resumable.
+Any storage failure while writing (an OSError: disk full, a remote's 5xx; a remote's lost or refused connection)
+becomes a one-line StoreWriteError, and no video is recorded failed because of it; the store stays resumable.
 """
 
 from __future__ import annotations
@@ -293,7 +294,8 @@ class StoreWriter:
     def pending(self, retry_failed: bool = False) -> list[int]:
         """Video indices without a (readable) record, plus failed ones with retry_failed, ascending."""
         keep = (SampleStatus.DONE,) if retry_failed else (SampleStatus.DONE, SampleStatus.FAILED)
-        have = {v for v, r in self._records().items() if r.status in keep}
+        with _writing(self._loc.url):  # a remote gone since `open` stops the run like a failed write
+            have = {v for v, r in self._records().items() if r.status in keep}
         return [v for v in range(self.schema.num_videos) if v not in have]
 
     def _before_write(self, v: int) -> None:
@@ -328,10 +330,10 @@ class StoreWriter:
         # Validate the record before touching any shard, so a bad plan cannot leave orphan shards.
         record = self._done_record(v, facts, plans, labels)
         clip16 = self._checked_clip(v, clip_embeds, finite_checked)
-        self._before_write(v)
 
         nbytes = 0
         with _writing(self._loc.url):
+            self._before_write(v)
             for fmt, chunks in self._shard_chunks(v, features, clip16, frames, finite_checked):
                 nbytes += self._loc.write_parts(fmt.shard_key(v), fmt.encode(chunks))
             self._loc.write_atomic(layout.record_key(v), dataclasses.replace(record, nbytes=nbytes).encode())
@@ -431,10 +433,10 @@ class StoreWriter:
             records[v] = (VideoRecord.failed(v, video.error, video.facts) if video.error is not None
                           else self._done_record(v, video.facts, video.plans, video.labels))
         done = [v for v in members if records[v].status == SampleStatus.DONE]
-        self._before_write(members[0])
 
         per_video = dict.fromkeys(members, 0)
         with _writing(self._loc.url):
+            self._before_write(members[0])
             if done:  # a group with no done video has no shards, like a failed video's
                 scales: dict[int, np.ndarray] = {}
                 for spec in layout.sharded_arrays(s, P):
@@ -483,8 +485,8 @@ class StoreWriter:
         overlapping writer may have succeeded); returns False in that case."""
         self._check_unpacked()
         record = VideoRecord.failed(v, error, facts)
-        self._before_write(v)
         with _writing(self._loc.url):
+            self._before_write(v)
             existing = self._loc.read(layout.record_key(v))
             if existing is not None:
                 try:
@@ -522,11 +524,15 @@ class StoreWriter:
 
 @contextlib.contextmanager
 def _writing(url: str) -> Iterator[None]:
-    """Any OSError of the storage (disk full, read-only, I/O error, a remote's 5xx) as one line."""
+    """Any failure of the storage (disk full, read-only, I/O error, a remote's 5xx, lost or refused connection) as
+    one line; anything else (a bug, a bad argument) as it is."""
     try:
         yield
-    except OSError as err:
-        raise write_error(url, err) from None
+    except Exception as err:
+        failure = write_error(url, err)
+        if failure is None:
+            raise
+        raise failure from None
 
 
 def _check_creatable(loc: Location) -> None:

@@ -1,11 +1,13 @@
 """Real servers on loopback for the remote-store tests: HTTP servers that honour Range (optionally failing
 on purpose: 503s, dropped connections, a server that goes away), python's stock http.server that ignores
-Range, and moto's S3 server. Each serves from a daemon thread."""
+Range, moto's S3 server, and a proxy in front of it that fails writes on purpose. Each serves from a daemon
+thread."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import http.client
 import os
 import re
 import socket
@@ -22,8 +24,9 @@ class QuietHandler(SimpleHTTPRequestHandler):
 
 @dataclass
 class Faults:
-    """What a server does to its GETs, counted from 1: `fail` (503), `drop` (close without a word) or
-    `stop` (close, then shut the server down, so later connections are refused) for requests in `at`."""
+    """What a server does to its GETs (the S3 proxy: to its PUTs), counted from 1: `fail` (503), `drop` (close
+    without a word) or `stop` (close, then shut the server down, so later connections are refused) for requests
+    in `at`."""
 
     action: str
     at: range
@@ -143,3 +146,69 @@ def moto_s3() -> Iterator[dict]:
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
         server.stop()
+
+
+class _FaultyProxy(QuietHandler):
+    """Forwards every request to `upstream` (moto's S3) with http.client, except the PUTs its faults hit."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive, as S3 clients expect
+    upstream: ClassVar[str] = ""
+    faults: ClassVar[Faults]
+    requests: ClassVar[list[tuple[str, str]]]  # (method, path), per proxy
+
+    def _forward(self) -> None:
+        self.requests.append((self.command, self.path))
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        action = self.faults.next() if self.command == "PUT" else None
+        if action == "fail":
+            # S3's own shape of a 503 (an error document), after the body was read, as a real server answers.
+            error = (b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>ServiceUnavailable</Code>"
+                     b"<Message>Service is unable to handle request.</Message></Error>")
+            self.send_response(503)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(error)))
+            self.end_headers()
+            self.wfile.write(error)
+            return
+        if action in ("drop", "stop"):
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            if action == "stop":
+                threading.Thread(target=_stop, args=(self.server,), daemon=True).start()
+            return
+        upstream = http.client.HTTPConnection(self.upstream, timeout=60)
+        try:
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection", "keep-alive")}
+            upstream.request(self.command, self.path, body=body, headers=headers)
+            answer = upstream.getresponse()
+            data = answer.read()
+        finally:
+            upstream.close()
+        self.send_response(answer.status, answer.reason)
+        # The body is relayed whole, so its length is known; a HEAD's Content-Length is the object's, kept as is.
+        dropped = {"connection", "keep-alive", "transfer-encoding"}
+        if self.command != "HEAD":
+            dropped.add("content-length")
+        for name, value in answer.getheaders():
+            if name.lower() not in dropped:
+                self.send_header(name, value)
+        if self.command != "HEAD":
+            self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+
+@contextlib.contextmanager
+def faulty_s3_proxy(endpoint: str, faults: Faults) -> Iterator[tuple[str, list[tuple[str, str]]]]:
+    """A proxy on loopback in front of the S3 server at `endpoint` whose PUTs fail as `faults` says (change its
+    `at` to arm or disarm it); yields (the proxy's endpoint URL, the list of (method, path) requests seen)."""
+    handler = type("Proxy", (_FaultyProxy,), {"upstream": endpoint.removeprefix("http://"), "faults": faults,
+                                              "requests": []})
+    server = _Server(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler.requests
+    finally:
+        _stop(server)

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from servers import moto_s3
-from storage import FeatureStore, testing
+from servers import Faults, faulty_s3_proxy, moto_s3
+from storage import FeatureStore, SampleStatus, StoreWriteError, testing
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -123,3 +123,80 @@ def test_store_creation_is_a_conditional_put(s3):
         won = list(pool.map(lambda n: loc.create_exclusive("zarr.json", b"%d" % n), range(4)))
     assert won.count(True) == 1
     assert loc.read("zarr.json") == b"%d" % won.index(True)
+
+
+def proxied(s3: dict, proxy: str) -> dict:
+    """s3fs options that reach the bucket through `proxy`, botocore retrying nothing itself (s3fs still retries a
+    dropped connection a few times), so a fault is met at once."""
+    return {**s3["options"], "client_kwargs": {"endpoint_url": proxy},
+            "config_kwargs": {"retries": {"max_attempts": 1}}}
+
+
+def extract(dataset, url: str, ckpt, options: dict):
+    # --batch-frames 1: one video per forward, so a video redone by the rerun has the bytes of a clean run's.
+    return CliRunner().invoke(cli.main, [str(a) for a in [
+        "extract", "--manifest", dataset / "val.csv", "--video-root", dataset / "videos", "--out", url,
+        "--storage-options", json.dumps(options), "--model", "dist-tiny", "--pretrained", ckpt, "--frames", "4",
+        "--batch-frames", "1", "--decode-workers", "1", "--device", "cpu"]])
+
+
+@pytest.mark.parametrize("fault", ["fail", "stop"])
+def test_a_remote_write_error_stops_extract_and_the_rerun_finishes_it(s3, fault, motion_dataset, tiny_checkpoint):
+    """The bucket answers 503 to every write (`fail`), or goes away (`stop`: a dropped connection, then refused
+    ones) part way through an extraction: one line, exit 2, no video recorded failed; the rerun once the remote is
+    back finishes the store, equal to a clean run's."""
+    clean_url, url = f"s3://{s3['bucket']}/clean.zarr", f"s3://{s3['bucket']}/x.zarr"
+    faults = Faults(fault, range(0))
+    with faulty_s3_proxy(s3["endpoint"], faults) as (proxy, requests):
+        clean = extract(motion_dataset, clean_url, tiny_checkpoint, proxied(s3, proxy))
+        assert clean.exit_code == 0, clean.output
+        puts = [path for method, path in requests if method == "PUT"]
+        created = next(n for n, path in enumerate(puts) if "/clean.zarr/features/c." in path)  # before: the store's own
+        faults.at = range(faults.count + created + 3, 1 << 30)  # armed once the store exists and a video is written
+        broken = extract(motion_dataset, url, tiny_checkpoint, proxied(s3, proxy))
+    assert broken.exit_code == 2, broken.output
+    lines = [line for line in broken.output.strip().splitlines() if not line.startswith("extract:")]
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot write store {url}: "), broken.output
+    assert lines[0].endswith("rerun") and "Traceback" not in broken.output
+    store = FeatureStore.open(url, storage_options=s3["options"])
+    assert store.progress()["failed"] == 0 and store.progress()["pending"] > 0  # no video's failure
+    assert SampleStatus.FAILED not in store.status
+
+    # The remote is back (moto itself, no proxy): the rerun resumes and finishes the store.
+    rerun = extract(motion_dataset, url, tiny_checkpoint, s3["options"])
+    assert rerun.exit_code == 0, rerun.output
+    store, ref = (FeatureStore.open(u, storage_options=s3["options"]) for u in (url, clean_url))
+    assert store.complete and store.progress() == ref.progress() == {"done": len(store.videos), "failed": 0,
+                                                                      "pending": 0}
+    for i in range(len(store)):
+        np.testing.assert_array_equal(store.features(i), ref.features(i))
+        np.testing.assert_array_equal(store.clip_embeddings(i), ref.clip_embeddings(i))
+
+
+@pytest.mark.parametrize("fault", ["fail", "drop"])
+def test_remote_write_errors_in_records_and_finalize_are_one_line(s3, fault):
+    """A 503 or a dropped connection on a video's record, on a failure record or in finalize (tables, root
+    attributes, consolidated metadata): one line naming the store, nothing recorded, and the same calls succeed
+    once the remote answers again."""
+    schema, url = testing.make_schema(num_videos=3, views=1), f"s3://{s3['bucket']}/f.zarr"
+    faults = Faults(fault, range(0))
+
+    def failing(after: int) -> pytest.RaisesContext:
+        faults.at = range(faults.count + after + 1, 1 << 30)
+        return pytest.raises(StoreWriteError, match=f"^cannot write store {url}: [^\n]*rerun$")
+
+    with faulty_s3_proxy(s3["endpoint"], faults) as (proxy, _):
+        w = testing.write_videos(url, schema, [0], storage_options=proxied(s3, proxy))
+        with failing(after=2):  # its features' and clip embeddings' shards pass, its record does not
+            w.write_video(1, *testing.video_data(schema, 1))
+        with failing(after=0):
+            w.write_failure(2, "did not decode")
+        assert w.pending() == [1, 2]
+        faults.at = range(0)
+        w.write_video(1, *testing.video_data(schema, 1))
+        w.write_failure(2, "did not decode")
+        with failing(after=0):
+            w.finalize()
+        assert not FeatureStore.open(url, storage_options=s3["options"]).complete
+        faults.at = range(0)
+        assert w.finalize() == {"done": 2, "failed": 1, "pending": 0, "bytes": w.finalize()["bytes"], "complete": True}
