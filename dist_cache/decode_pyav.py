@@ -21,8 +21,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import av
 import numpy as np
 
-from dist_cache.decoders import DecodeError, VideoFacts, distinct_frames
-from dist_cache.errors import first_line
+from dist_cache.decode_base import VideoFacts, distinct_frames
+from dist_cache.errors import DecodeError, first_line
 
 
 def _reason(exc: Exception) -> str:
