@@ -26,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
 from _common import report, sync  # noqa: E402
 
 
@@ -51,13 +50,21 @@ def measure(device: torch.device, reps: int) -> tuple[float, float]:
 
     def branch():
         loss = F.cross_entropy(net(feats, frames), torch.tensor([0, 1], device=device))
-        opt.zero_grad(); loss.backward(); opt.step(); sync(device)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sync(device)
 
-    clip(); branch()
+    clip()
+    branch()
     tc, tb = [], []
     for _ in range(reps):
-        t0 = time.perf_counter(); clip(); tc.append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); branch(); tb.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        clip()
+        tc.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        branch()
+        tb.append(time.perf_counter() - t0)
     return statistics.median(tc) / 2, statistics.median(tb) / 2
 
 

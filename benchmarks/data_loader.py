@@ -14,7 +14,6 @@ pass over the whole store with a warm page cache, side by side in one run:
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -71,7 +70,8 @@ def build_store(workdir: Path, videos: int, views: int, seconds: float, gamma: i
                            video_index=v)
         dense = None
         if gamma:
-            dense = np.stack([decode_view(path, p.to_dict(), gamma, facts.num_frames, schema.image_size, "decord", None, "")
+            dense = np.stack([decode_view(path, p.to_dict(), gamma, facts.num_frames, schema.image_size, "decord", None,
+                                          "")
                               for p in plans])
         features = rng.standard_normal((views, L, T, schema.tokens, schema.width), dtype=np.float32).astype(np.float16)
         clip = rng.standard_normal((views, T, schema.embed_dim), dtype=np.float32).astype(np.float16)
@@ -103,7 +103,8 @@ class SampleDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         raw = self.store.read_sample(i)
-        return {"features": torch.from_numpy(raw.features), "frames": torch.from_numpy(self.store.frames(i, self.gamma)),
+        return {"features": torch.from_numpy(raw.features),
+                "frames": torch.from_numpy(self.store.frames(i, self.gamma)),
                 "label": self.store.label(i)}
 
 

@@ -52,9 +52,12 @@ def main() -> None:
         for n in sizes:
             man = tmp / f"m{n}.csv"
             with open(man, "w", newline="") as f:
-                w = csv.writer(f); w.writerow(["path", "label"]); w.writerows(all_rows[:n])
+                w = csv.writer(f)
+                w.writerow(["path", "label"])
+                w.writerows(all_rows[:n])
             store = tmp / f"s{n}.zarr"
-            extract(ExtractOptions(manifest=str(man), video_root=str(data / "videos"), out=str(store), model="dist-tiny",
+            extract(ExtractOptions(manifest=str(man), video_root=str(data / "videos"), out=str(store),
+                                   model="dist-tiny",
                                    pretrained="none", allow_random_weights=True, views=1, split="train",
                                    device=args.device), progress=False)
             out = subprocess.run([sys.executable, "-c", CHILD, str(store), str(data / "videos"), str(tmp / f"run{n}"),
@@ -66,7 +69,8 @@ def main() -> None:
     first, last = rows[str(sizes[0])], rows[str(sizes[-1])]
     ratio = {"main": round(last["self_maxrss_mb"] / first["self_maxrss_mb"], 3),
              "workers": round(last["children_maxrss_mb"] / first["children_maxrss_mb"], 3)}
-    report(parameters={"clips": sizes, "model": "dist-tiny", "epochs": 1, "batch": 16, "workers": 2, "device": args.device},
+    report(parameters={"clips": sizes, "model": "dist-tiny", "epochs": 1, "batch": 16, "workers": 2,
+                       "device": args.device},
            results=rows, ratio=ratio, goal="peak RSS flat in store size (largest / smallest <= 1.10)",
            verdict="met" if max(ratio.values()) <= 1.10 else "missed")
 

@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
-
 from _common import parse, report  # noqa: E402
 
 STORE = os.environ.get("DIST_BENCH_STORE", "/tmp/b16/b16.zarr")
@@ -64,7 +63,8 @@ def main() -> None:
                 os.sync()
                 t_sync = time.perf_counter() - t0
                 w.finalize()
-                feat_bytes = du(path / "features") + (du(path / "feature_scales") if (path / "feature_scales").exists() else 0)
+                scales = path / "feature_scales"
+                feat_bytes = du(path / "features") + (du(scales) if scales.exists() else 0)
                 r = FeatureStore.open(str(path))
                 reads = []
                 err_num = err_den = 0.0

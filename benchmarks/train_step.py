@@ -95,8 +95,12 @@ def main() -> None:
     step_online(batch_online)
     t_cached, t_online = [], []
     for _ in range(reps):  # interleaved, so machine load hits both alike
-        t0 = time.perf_counter(); step_cached(batch_cached); t_cached.append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); step_online(batch_online); t_online.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        step_cached(batch_cached)
+        t_cached.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        step_online(batch_online)
+        t_online.append(time.perf_counter() - t0)
     # CLIP forward alone on the same frames, to split the online step
     t_clip = []
     for _ in range(max(2, reps // 2)):

@@ -16,7 +16,7 @@ which B-frames break (a cut can keep a P-frame and lose the B-frames shown befor
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import av
 import numpy as np

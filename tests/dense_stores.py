@@ -44,7 +44,8 @@ def extract_with_frames(manifest: Path, video_root: Path, out: Path, checkpoint:
         features = tokens.reshape(len(layers), views, frames, *tokens.shape[2:]).permute(1, 0, 2, 3, 4).numpy()
         dense = np.stack([decode_view(path, plan.to_dict(), gamma, prepared.facts.num_frames, backbone.image_size,
                                       opts.decoder, None, "") for plan in prepared.plans])
-        writer.write_video(v, {**prepared.facts.to_dict(), **prepared.file_facts}, [p.to_dict() for p in prepared.plans],
+        writer.write_video(v, {**prepared.facts.to_dict(), **prepared.file_facts},
+                           [p.to_dict() for p in prepared.plans],
                            features.astype(np.float16), embeds.reshape(views, frames, -1).numpy().astype(np.float16),
                            frames=dense)
     writer.finalize()

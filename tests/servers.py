@@ -10,9 +10,9 @@ import os
 import re
 import socket
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator
 
 
 class QuietHandler(SimpleHTTPRequestHandler):

@@ -45,7 +45,8 @@ def test_help_and_version_exit_0():
 def test_commands_are_listed_in_workflow_order_with_whole_summaries():
     listing = dist_cache("--help").stdout
     section = listing[listing.index("Commands:"):]
-    found = [line.split()[0] for line in section.splitlines()[1:] if line.startswith("  ") and not line.startswith("   ")]
+    lines = section.splitlines()[1:]
+    found = [line.split()[0] for line in lines if line.startswith("  ") and not line.startswith("   ")]
     assert found == list(cli.COMMAND_ORDER) == list(cli.main.list_commands(click.Context(cli.main)))
     flat = " ".join(section.split())  # the listing wraps long summaries over lines, it never cuts them
     for name in cli.COMMAND_ORDER:
@@ -83,7 +84,7 @@ def extract_config(tmp_path):
     """An extract command that stops at its first check (the video root), after reading all its options."""
     (tmp_path / "m.csv").write_text("path,label\na.mp4,x\n")
 
-    def run(text: str, suffix: str, *args: str) -> "click.testing.Result":
+    def run(text: str, suffix: str, *args: str) -> click.testing.Result:
         path = tmp_path / f"c{suffix}"
         path.write_text(text)
         return CliRunner().invoke(cli.main, ["extract", "--config", str(path), *args])

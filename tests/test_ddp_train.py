@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from dist_cache.errors import UserError
+from dist_cache.model import DiSTSwitches
 from pipelines.checkpoint import load_checkpoint
 from pipelines.extract import ExtractOptions, extract
 from pipelines.plots import read_metrics
-from dist_cache.model import DiSTSwitches
 from pipelines.train import TrainOptions, train, train_ranks
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -66,7 +66,8 @@ def test_a_rank_user_error_reaches_the_parent_as_one(motion_dataset, tmp_path: P
     # Skip the parent's checks, so the ranks (fresh spawned processes, not patched) meet the error themselves.
     monkeypatch.setattr(pipelines.train, "preflight", lambda opts, world=1: None)
     missing = tmp_path / "absent.zarr"
-    opts = TrainOptions(cache=str(missing), video_root=str(motion_dataset / "videos"), out=str(tmp_path / "run"), **SMALL)
+    opts = TrainOptions(cache=str(missing), video_root=str(motion_dataset / "videos"), out=str(tmp_path / "run"),
+                        **SMALL)
     with pytest.raises(UserError, match="--cache") as err:
         train_ranks(opts, 2)
     assert "\n" not in str(err.value) and str(missing) in str(err.value)
