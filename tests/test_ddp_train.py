@@ -79,8 +79,10 @@ def test_torchrun_starts_the_cli_entry_point_on_every_rank(store, tmp_path: Path
 
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "torchrun"
+    # --standalone: a local rendezvous on a free port. (`--master_port 0` hands the ranks MASTER_PORT=0 to connect
+    # to the agent's store, and they wait there until the timeout.)
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0", "-m", "cli",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli",
          "train", "--cache", store, "--out", str(out), "--epochs", "2", "--batch-size", "4", "--warmup-epochs", "1",
          "--device", "cpu", "--no-temporal", "--no-integ-to-temp", "--no-temp-to-integ", "--alpha-dim", "32",
          "--beta-dim", "16", "--pool-blocks", "1", "--read-threads", "2"],
