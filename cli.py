@@ -17,12 +17,20 @@ import sys
 import click
 from click.core import ParameterSource
 
+from cli_options import (
+    Workflow,
+    check_storage_options,
+    config_option,
+    example,
+    merge_renamed,
+    record_run_config,
+    renamed_option,
+    storage_options_option,
+)
+
 # Configuration only (no torch): the flags are generated from it and --help stays instant.
 from dist_cache.model.switches import SWITCH_NAMES, DiSTSwitches
 from dist_cache.recipes import RECIPES
-
-from cli_options import (Workflow, check_storage_options, config_option, example, merge_renamed, record_run_config,
-                         renamed_option, storage_options_option)
 
 # The order `dist-cache --help` lists the commands in: the order they are used in.
 COMMAND_ORDER = ("extract", "info", "verify", "train", "eval", "copy", "profile", "demo")
@@ -64,7 +72,8 @@ def _area_range(ctx, param, text: str) -> tuple[float, float]:
     return low, high
 
 
-@click.group(cls=Workflow, order=COMMAND_ORDER, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(cls=Workflow, order=COMMAND_ORDER,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="dist-cache")
 def main() -> None:
     """DiST on cached CLIP features: extract once, train the temporal branch many times.
@@ -73,30 +82,38 @@ def main() -> None:
     """
 
 
-@main.command(**example("dist-cache extract --manifest train.csv --video-root /data/k400 --out k400-train.zarr --views 2"))
+@main.command(**example("dist-cache extract --manifest train.csv --video-root /data/k400 --out "
+                        "k400-train.zarr --views 2"))
 @config_option
-@click.option("--manifest", required=True, type=click.Path(), help="Video list: CSV path,label; Kinetics CSV; SSv2 JSON; or mmaction list.")
+@click.option("--manifest", required=True, type=click.Path(),
+              help="Video list: CSV path,label; Kinetics CSV; SSv2 JSON; or mmaction list.")
 @click.option("--video-root", required=True, type=click.Path(), help="Directory the manifest's paths are relative to.")
 @click.option("--out", required=True, help="Store to create or resume: a path or an fsspec URL (s3://...).")
 @storage_options_option()
-@click.option("--model", default="ViT-B-16", show_default=True, help="open_clip model name, dist-tiny, or a model-config JSON path.")
-@click.option("--pretrained", default="openai", show_default=True, help="open_clip tag, local checkpoint path, or none.")
+@click.option("--model", default="ViT-B-16", show_default=True,
+              help="open_clip model name, dist-tiny, or a model-config JSON path.")
+@click.option("--pretrained", default="openai", show_default=True,
+              help="open_clip tag, local checkpoint path, or none.")
 @click.option("--allow-random-weights", is_flag=True, help="Permit --pretrained none (features then mean nothing).")
 @click.option("--layers", default="all", show_default=True, help="all, last:N, or comma list of 0-based block indices.")
-@click.option("--frames", default=8, type=click.IntRange(min=1), show_default=True, help="Sparse (CLIP) frames per view, T.")
+@click.option("--frames", default=8, type=click.IntRange(min=1), show_default=True,
+              help="Sparse (CLIP) frames per view, T.")
 @click.option("--views", default=None, type=click.IntRange(min=1),
               help="Views cached per video (train: augmented; test: temporal clips). Default: 1 for train, 3 for test.")
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
               help="train: TSN + random resized crop + flip; test: uniform clips + centre crop.")
-@click.option("--seed", default=0, type=click.IntRange(0, 2**63 - 1), show_default=True, help="Seed for frame sampling and crops.")
+@click.option("--seed", default=0, type=click.IntRange(0, 2**63 - 1), show_default=True,
+              help="Seed for frame sampling and crops.")
 @click.option("--dtype", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True,
               help="Stored feature type: fp16, or int8 per-token absmax with fp16 scales (2x smaller, ~0.8 % error).")
 @click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
               help="How CLIP runs: fp16/bf16 autocast or fp32. Default: fp16 on CUDA, fp32 on the CPU.")
-@click.option("--codec", type=click.Choice(["none", "zstd", "blosc-zstd", "blosc-lz4"]), default="none", show_default=True,
+@click.option("--codec", type=click.Choice(["none", "zstd", "blosc-zstd", "blosc-lz4"]), default="none",
+              show_default=True,
               help="Lossless codec; fp16 activations compress by under 10%.")
 @click.option("--classes", type=click.Path(), default=None, help="Class names file (txt, one per line, or JSON).")
-@click.option("--manifest-format", type=click.Choice(["auto", "csv", "kinetics", "ssv2", "mmaction"]), default="auto", show_default=True,
+@click.option("--manifest-format", type=click.Choice(["auto", "csv", "kinetics", "ssv2", "mmaction"]), default="auto",
+              show_default=True,
               help="The manifest's format; auto tells them apart by extension and header.")
 @click.option("--template", "templates", multiple=True, default=("{}",), show_default=True,
               help="Prompt template(s) for the class-name text embeddings; exactly one {} is the class name.")
@@ -105,32 +122,40 @@ def main() -> None:
 @click.option("--flip-label-map", type=click.Path(), default=None,
               help='JSON list of class-name pairs a horizontal flip swaps, e.g. [["left", "right"]]: a flipped '
                    "train view of a class in a pair is labelled with its partner (SSv2).")
-@click.option("--grayscale-p", default=0.2, type=click.FloatRange(0, 1), show_default=True, help="Train grayscale probability.")
-@click.option("--scale", default="0.4,1.0", show_default=True, callback=_area_range, help="Random resized crop area range.")
+@click.option("--grayscale-p", default=0.2, type=click.FloatRange(0, 1), show_default=True,
+              help="Train grayscale probability.")
+@click.option("--scale", default="0.4,1.0", show_default=True, callback=_area_range,
+              help="Random resized crop area range.")
 @click.option("--dense-frames", is_flag=True,
               help="Also store each view's dense frames (uint8, rendered as training renders them), so training "
                    "decodes no video.")
 @click.option("--dense-gamma", default="2", type=click.Choice(["1", "2", "4", "8"]), show_default=True,
               callback=lambda ctx, param, v: int(v),
               help="Dense frames per sparse frame stored with --dense-frames: the largest gamma you will train with.")
-@click.option("--batch-frames", default=64, type=click.IntRange(min=1), show_default=True, help="Frames per CLIP forward pass.")
+@click.option("--batch-frames", default=64, type=click.IntRange(min=1), show_default=True,
+              help="Frames per CLIP forward pass.")
 @click.option("--decode-workers", default="auto", show_default=True,
               help="Decode processes: a count, or auto (the usable cores less 2 for this process).")
 @click.option("--decoder", type=click.Choice(["decord", "pyav"]), default=None,
               help="Video decoder (recorded in the store). Default: decord where installed, else pyav.")
-@click.option("--decode-timeout", default=120.0, type=click.FloatRange(min=0, min_open=True), show_default=True, help="Seconds before a video's decode is killed and recorded as failed.")
+@click.option("--decode-timeout", default=120.0, type=click.FloatRange(min=0, min_open=True), show_default=True,
+              help="Seconds before a video's decode is killed and recorded as failed.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
-@click.option("--hash-videos", is_flag=True, help="Record each video file's sha256, so verify can tell a replaced copy.")
-@click.option("--retry-failed", is_flag=True, help="Extract the videos recorded as failed again (after fixing or replacing them).")
+@click.option("--hash-videos", is_flag=True,
+              help="Record each video file's sha256, so verify can tell a replaced copy.")
+@click.option("--retry-failed", is_flag=True,
+              help="Extract the videos recorded as failed again (after fixing or replacing them).")
 @click.option("--repair", is_flag=True,
               help="Re-extract the done videos whose stored shards are missing or fail their checksums (the shard "
                    "indexes: a few small reads per video), then finalise.")
-@click.option("--deep", is_flag=True, help="With --repair: read every stored chunk and check its crc32c (reads the whole store).")
+@click.option("--deep", is_flag=True,
+              help="With --repair: read every stored chunk and check its crc32c (reads the whole store).")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
 @click.option("--dask-workers", type=click.IntRange(min=1), default=None,
               help="Spread videos over a local dask cluster of N worker processes (each loads CLIP once).")
 @renamed_option("--workers", "dask_workers", click.IntRange(min=1))
-@click.option("--scheduler", default=None, help="Spread videos over the dask cluster at this address (tcp://host:8786).")
+@click.option("--scheduler", default=None,
+              help="Spread videos over the dask cluster at this address (tcp://host:8786).")
 @user_errors
 def extract(**kw) -> None:
     """Run the frozen CLIP over every video once; store each layer's tokens in a zarr store."""
@@ -188,12 +213,18 @@ def info(store: str, as_json: bool, failed: bool, storage_options: dict) -> None
 
 @main.command(**example("dist-cache verify k400-val.zarr --video-root /data/k400 --samples 5"))
 @click.argument("store")
-@click.option("--deep", is_flag=True, help="Read every byte and check every chunk's checksum (default: every shard's index).")
-@click.option("--video-root", type=click.Path(), default=None, help="Where the videos are; without it, features are not recomputed.")
-@click.option("--samples", default=3, type=click.IntRange(min=1), show_default=True, help="Random samples to recompute from the videos.")
-@click.option("--pretrained", default=None, help="The store's CLIP checkpoint, for recomputing (needed when the store was made from a local file; a tag needs none).")
+@click.option("--deep", is_flag=True,
+              help="Read every byte and check every chunk's checksum (default: every shard's index).")
+@click.option("--video-root", type=click.Path(), default=None,
+              help="Where the videos are; without it, features are not recomputed.")
+@click.option("--samples", default=3, type=click.IntRange(min=1), show_default=True,
+              help="Random samples to recompute from the videos.")
+@click.option("--pretrained", default=None,
+              help="The store's CLIP checkpoint, for recomputing (needed when the store was made from a local file; "
+                   "a tag needs none).")
 @click.option("--seed", default=0, show_default=True, help="Seed for choosing the samples.")
-@click.option("--all-videos", is_flag=True, help="Check every video under --video-root against the recorded facts (and sha256 if recorded).")
+@click.option("--all-videos", is_flag=True,
+              help="Check every video under --video-root against the recorded facts (and sha256 if recorded).")
 @click.option("--device", default="auto", show_default=True, help="Where to recompute: auto, cpu, cuda, cuda:1 ...")
 @storage_options_option()
 @user_errors
@@ -221,7 +252,8 @@ def switch_options(fn):
         elif meta["choices"] is not None:
             kind = type(f.default)
             option = click.option(flag, type=click.Choice([str(c) for c in meta["choices"]]), default=str(f.default),
-                                  show_default=True, callback=lambda ctx, param, v, kind=kind: kind(v), help=meta["help"])
+                                  show_default=True, callback=lambda ctx, param, v, kind=kind: kind(v),
+                                  help=meta["help"])
         else:
             option = click.option(flag, type=click.IntRange(meta["min"], meta["max"]), default=f.default,
                                   show_default=True, help=meta["help"])
@@ -264,7 +296,8 @@ def loader_options(fn):
     return fn
 
 
-@main.command(**example("dist-cache train --cache k400-train.zarr --val-cache k400-val.zarr --video-root /data/k400 --out runs/b16"))
+@main.command(**example("dist-cache train --cache k400-train.zarr --val-cache k400-val.zarr --video-root "
+                        "/data/k400 --out runs/b16"))
 @config_option
 @click.option("--cache", required=True, help="Training store (path or fsspec URL).")
 @click.option("--video-root", default=None, type=click.Path(),
@@ -272,11 +305,15 @@ def loader_options(fn):
                    "(they are decoded from the videos then).")
 @click.option("--out", required=True, type=click.Path(), help="Run directory: checkpoints, metrics.jsonl, curves.")
 @click.option("--val-cache", default=None, help="Validation store; best.pt is chosen by its top-1.")
-@click.option("--val-video-root", default=None, type=click.Path(), help="Video root of the validation store (default: --video-root).")
+@click.option("--val-video-root", default=None, type=click.Path(),
+              help="Video root of the validation store (default: --video-root).")
 @storage_options_option()
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
-@click.option("--online", is_flag=True, help="Run the frozen CLIP live on the sparse frames instead of reading cached features.")
-@click.option("--pretrained", default=None, help="The store's CLIP checkpoint, for --online (needed when the store was made from a local file; a tag needs none).")
+@click.option("--online", is_flag=True,
+              help="Run the frozen CLIP live on the sparse frames instead of reading cached features.")
+@click.option("--pretrained", default=None,
+              help="The store's CLIP checkpoint, for --online (needed when the store was made from a local file; a tag "
+                   "needs none).")
 @click.option("--reaugment", is_flag=True,
               help="With --online: train as the reference does, on a fresh view of every video each epoch (TSN "
                    "offsets, crop, flip, grayscale drawn with the store's recorded sampling, seeded by --seed, epoch "
@@ -296,34 +333,43 @@ def loader_options(fn):
               help="Cached runs: alpha of cutmix on the ViT's patch grid: the frames' box and the patch tokens under "
                    "it come from the partner, the class token is mixed by area (0 disables). Not what CLIP would "
                    "give on cut-mixed pixels.")
-@click.option("--layers", default="all", show_default=True, help="CLIP layers to integrate: all (the store's), last:N, or a comma list.")
+@click.option("--layers", default="all", show_default=True,
+              help="CLIP layers to integrate: all (the store's), last:N, or a comma list.")
 @click.option("--recipe", type=click.Choice(list(RECIPES)), default=None,
               help="Start from the reference's settings for this dataset (k400: 4 AdaPooling blocks; ssv2: 2); "
                    "flags given explicitly override it. Default: none, i.e. the defaults below (the SSv2 head).")
 @switch_options
-@click.option("--epochs", default=30, type=click.IntRange(min=1), show_default=True, help="Passes over the training store.")
+@click.option("--epochs", default=30, type=click.IntRange(min=1), show_default=True,
+              help="Passes over the training store.")
 @click.option("--batch-size", default=32, type=click.IntRange(min=1), show_default=True,
               help="Global batch: clips per optimiser step, split among the --nproc processes.")
-@click.option("--lr", default=3.2e-4, type=click.FloatRange(min=0, min_open=True), show_default=True, help="Peak learning rate.")
+@click.option("--lr", default=3.2e-4, type=click.FloatRange(min=0, min_open=True), show_default=True,
+              help="Peak learning rate.")
 @click.option("--warmup-epochs", default=5.0, type=click.FloatRange(min=0), show_default=True,
               help="Epochs of linear warm-up to --lr (then a cosine to 0).")
 @click.option("--weight-decay", default=1e-4, type=click.FloatRange(min=0), show_default=True,
               help="AdamW weight decay, on weight matrices only.")
 @click.option("--label-smoothing", default=0.1, type=click.FloatRange(0, 1, max_open=True), show_default=True,
               help="Label smoothing of the cross-entropy.")
-@click.option("--clip-grad", default=1.0, type=click.FloatRange(min=0), show_default=True, help="Max gradient norm; 0 disables.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the initial weights and of every epoch's view choice and order.")
+@click.option("--clip-grad", default=1.0, type=click.FloatRange(min=0), show_default=True,
+              help="Max gradient norm; 0 disables.")
+@click.option("--seed", default=0, show_default=True,
+              help="Seed of the initial weights and of every epoch's view choice and order.")
 @loader_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
-@click.option("--save-every", default=500, type=click.IntRange(min=1), show_default=True, help="Steps between last.pt writes.")
-@click.option("--log-every", default=10, type=click.IntRange(min=1), show_default=True, help="Steps between lines of metrics.jsonl.")
+@click.option("--save-every", default=500, type=click.IntRange(min=1), show_default=True,
+              help="Steps between last.pt writes.")
+@click.option("--log-every", default=10, type=click.IntRange(min=1), show_default=True,
+              help="Steps between lines of metrics.jsonl.")
 @click.option("--eval-every", default=1, type=click.IntRange(min=1), show_default=True,
               help="Epochs between validations on --val-cache (the last epoch is always validated).")
-@click.option("--eval-batch-size", default=None, type=click.IntRange(min=1), help="Validation batch size (default: --batch-size).")
+@click.option("--eval-batch-size", default=None, type=click.IntRange(min=1),
+              help="Validation batch size (default: --batch-size).")
 @click.option("--report-to", "report_to", multiple=True, type=click.Choice(["tensorboard", "wandb"]),
               help="Also log to TensorBoard (event files in RUN/tensorboard) or Weights & Biases (WANDB_MODE=offline "
                    "works); repeatable. metrics.jsonl and curves.png are always written.")
-@click.option("--nproc", default=1, type=click.IntRange(min=1), show_default=True, help="Data-parallel processes on this machine (--batch-size is split among them).")
+@click.option("--nproc", default=1, type=click.IntRange(min=1), show_default=True,
+              help="Data-parallel processes on this machine (--batch-size is split among them).")
 @user_errors
 def train(nproc: int, recipe: str | None, **kw) -> None:
     """Train DiST's temporal encoder and integration branch from a feature store."""
@@ -355,16 +401,20 @@ def train(nproc: int, recipe: str | None, **kw) -> None:
         click.echo(f"skipped {result.skipped_failed_samples} failed samples of the store", err=True)
 
 
-@main.command(name="eval", **example("dist-cache eval --checkpoint runs/b16/best.pt --cache k400-val.zarr --video-root /data/k400 --json report.json"))
+@main.command(name="eval",
+              **example("dist-cache eval --checkpoint runs/b16/best.pt --cache k400-val.zarr --video-root /data/k400 "
+                        "--json report.json"))
 @config_option
-@click.option("--checkpoint", required=True, type=click.Path(), help="A checkpoint written by train (best.pt or last.pt).")
+@click.option("--checkpoint", required=True, type=click.Path(),
+              help="A checkpoint written by train (best.pt or last.pt).")
 @click.option("--cache", required=True, help="Evaluation store (test split: 3 clips x 1 crop by default).")
 @storage_options_option()
 @click.option("--video-root", default=None, type=click.Path(),
               help="Where the store's videos are: needed only when the store holds no dense frames.")
 @click.option("--classes", default=None, type=click.Path(), help="Zero-shot: class names file of a new label set.")
 @click.option("--pretrained", default=None, help="Local copy of the store's CLIP weights (for --classes and --online).")
-@click.option("--json", "json_path", default=None, type=click.Path(), help="Write the full report (and a confusion PNG beside it).")
+@click.option("--json", "json_path", default=None, type=click.Path(),
+              help="Write the full report (and a confusion PNG beside it).")
 @click.option("--online", is_flag=True, help="Run the frozen CLIP live instead of reading cached features.")
 @click.option("--batch-size", default=16, type=click.IntRange(min=1), show_default=True, help="Clips per forward pass.")
 @loader_options
@@ -383,8 +433,10 @@ def evaluate(json_path: str | None, **kw) -> None:
 
 
 @main.command(**example("dist-cache profile --model ViT-B-16 --frames 8 --gamma 4"))
-@click.option("--model", default="ViT-B-16", show_default=True, help="open_clip model name or dist-tiny (random weights; only shapes matter).")
-@click.option("--frames", default=8, type=click.IntRange(min=1), show_default=True, help="Sparse (CLIP) frames per view.")
+@click.option("--model", default="ViT-B-16", show_default=True,
+              help="open_clip model name or dist-tiny (random weights; only shapes matter).")
+@click.option("--frames", default=8, type=click.IntRange(min=1), show_default=True,
+              help="Sparse (CLIP) frames per view.")
 @switch_options
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 @user_errors
@@ -397,11 +449,13 @@ def profile(model: str, frames: int, as_json: bool, **switches) -> None:
 
 
 @main.command(**example("dist-cache demo --workdir /tmp/dist-demo --epochs 10"))
-@click.option("--workdir", default="demo-run", show_default=True, type=click.Path(), help="Where data, stores and the run go.")
+@click.option("--workdir", default="demo-run", show_default=True, type=click.Path(),
+              help="Where data, stores and the run go.")
 @click.option("--videos-per-class", default=48, type=click.IntRange(min=2), show_default=True,
               help="Generated clips per class (4 classes); fewer run faster and learn less.")
 @click.option("--epochs", default=30, type=click.IntRange(min=1), show_default=True, help="Training epochs.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the generated videos, the extraction and the training.")
+@click.option("--seed", default=0, show_default=True,
+              help="Seed of the generated videos, the extraction and the training.")
 @user_errors
 def demo(workdir: str, videos_per_class: int, epochs: int, seed: int) -> None:
     """Generate motion-defined videos, extract with a tiny CLIP, train, evaluate: all on this CPU."""
@@ -413,8 +467,10 @@ def demo(workdir: str, videos_per_class: int, epochs: int, seed: int) -> None:
 @main.command(**example("dist-cache copy https://host/k400-train.zarr k400-train.zarr --layers last:4 --dtype int8"))
 @click.argument("src")
 @click.argument("dst")
-@click.option("--layers", default="all", show_default=True, help="Layers to keep: all, last:N, or a comma list of block indices.")
-@click.option("--dtype", type=click.Choice(["fp16", "int8"]), default=None, help="Store features as this (default: the source's).")
+@click.option("--layers", default="all", show_default=True,
+              help="Layers to keep: all, last:N, or a comma list of block indices.")
+@click.option("--dtype", type=click.Choice(["fp16", "int8"]), default=None,
+              help="Store features as this (default: the source's).")
 @click.option("--frames", type=click.Choice(["keep", "drop"]), default="keep", show_default=True,
               help="Keep the source's dense frames, or drop them (training then decodes them from the videos).")
 @click.option("--videos-per-shard", default=1, type=click.IntRange(min=1), show_default=True,

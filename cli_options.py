@@ -7,8 +7,9 @@ click's default map, so options given on the command line win; the resolved opti
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 from click.core import ParameterSource
@@ -66,8 +67,9 @@ def _json_object(ctx: click.Context, param: click.Parameter, text: str | None) -
 
 
 STORAGE_OPTIONS_HELP = ("fsspec options for store URLs, as JSON or @FILE: e.g. '{\"anon\": true}' (public S3), "
-                        "'{\"key\": \"...\", \"secret\": \"...\", \"client_kwargs\": {\"endpoint_url\": \"...\"}}' (S3-compatible "
-                        "servers), '{\"headers\": {\"Authorization\": \"...\"}}' (HTTP). Local paths need none.")
+                        "'{\"key\": \"...\", \"secret\": \"...\", \"client_kwargs\": {\"endpoint_url\": \"...\"}}' "
+                        "(S3-compatible servers), '{\"headers\": {\"Authorization\": \"...\"}}' (HTTP). "
+                        "Local paths need none.")
 
 
 def storage_options_option(help: str = STORAGE_OPTIONS_HELP, name: str = "--storage-options") -> Callable:
@@ -79,7 +81,8 @@ def check_storage_options(options: dict[str, Any], *urls: str | None, flag: str 
     from storage.location import is_local
 
     if options and all(url is None or is_local(url) for url in urls):
-        raise click.UsageError(f"{flag} applies to store URLs (s3://, https://...), and every store here is a local path")
+        raise click.UsageError(f"{flag} applies to store URLs (s3://, https://...), and every store here "
+                               "is a local path")
 
 
 # ---------------------------------------------------------------- --config

@@ -92,7 +92,8 @@ def shifted_clip(rng: np.random.Generator, direction: str, frames: int) -> np.nd
 def make_data(root: Path, scale: Scale, frames: int) -> dict[str, Path]:
     """Training videos (the demo's generator), held-out shifted test clips, their manifests, the flip map."""
     # make_motion_dataset keeps a quarter of each class (at least one) for val: ask for enough to train on as many.
-    per_class = next(n for n in range(2, 4 * scale.train_per_class) if n - max(1, round(n / 4)) == scale.train_per_class)
+    per_class = next(n for n in range(2, 4 * scale.train_per_class)
+                     if n - max(1, round(n / 4)) == scale.train_per_class)
     make_motion_dataset(root, videos_per_class=per_class, num_frames=frames, seed=0, high_contrast=True)
     rows = []
     for ci, name in enumerate(DIRECTIONS):

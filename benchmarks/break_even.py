@@ -10,61 +10,69 @@ t_clip and t_branch for ViT-B/16 are measured on this machine (the CLIP forward 
 benchmarks/train_step.py, re-measured here unless --from-json gives its output); ViT-L/14 scales them by
 the FLOP ratios from `dist_cache.flops.profile_dist` on the meta device. Bytes per clip: L x T x (N+1) x C fp16.
 
-    python benchmarks/break_even.py [--device cpu|cuda] [--quick] [--from-json benchmarks/results/train_step.json]
+    python -m benchmarks.break_even [--device cpu|cuda] [--quick] [--from-json benchmarks/results/train_step.json]
+
+--quick times the tiny CLIP in place of ViT-B/16 and leaves ViT-L/14 out (a smoke run: its bandwidths mean
+nothing).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from _common import report, sync  # noqa: E402
+from benchmarks._common import report, sync
 
 
-def measure(device: torch.device, reps: int) -> tuple[float, float]:
-    """Seconds per clip of the ViT-B/16 CLIP forward (8 frames) and of the cached branch step (batch 2)."""
+def measure(device: torch.device, reps: int, model: str = "ViT-B-16") -> tuple[float, float]:
+    """Seconds per clip of the CLIP forward (8 frames) and of the cached branch step (batch 2)."""
     from dist_cache.backbone import load_backbone
     from dist_cache.model import DiST, DiSTConfig, DiSTSwitches
 
-    bb = load_backbone("ViT-B-16", "none", allow_random_weights=True, device=device)
-    enc = bb.spatial_encoder(list(range(12))).to(device)
-    cfg = DiSTConfig(width=768, patch_size=16, image_size=224, num_frames=8, embed_dim=bb.embed_dim,
-                     layers=list(range(12)), switches=DiSTSwitches(gamma=2))
+    bb = load_backbone(model, "none", allow_random_weights=True, device=device)
+    layers, size = list(range(bb.num_layers)), bb.image_size
+    enc = bb.spatial_encoder(layers).to(device)
+    cfg = DiSTConfig(width=bb.width, patch_size=bb.patch_size, image_size=size, num_frames=8, embed_dim=bb.embed_dim,
+                     layers=layers, switches=DiSTSwitches(gamma=2))
     net = DiST(cfg).to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
-    frames = torch.randn(2, 16, 3, 224, 224, device=device)
-    feats = torch.randn(12, 2, 8, 197, 768, device=device).half()
+    frames = torch.randn(2, 16, 3, size, size, device=device)
+    feats = torch.randn(len(layers), 2, 8, bb.num_tokens, bb.width, device=device).half()
 
     def clip():
         with torch.no_grad():
-            enc(frames[:, ::2].reshape(-1, 3, 224, 224))
+            enc(frames[:, ::2].reshape(-1, 3, size, size))
         sync(device)
 
     def branch():
         loss = F.cross_entropy(net(feats, frames), torch.tensor([0, 1], device=device))
-        opt.zero_grad(); loss.backward(); opt.step(); sync(device)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sync(device)
 
-    clip(); branch()
+    clip()
+    branch()
     tc, tb = [], []
     for _ in range(reps):
-        t0 = time.perf_counter(); clip(); tc.append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); branch(); tb.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        clip()
+        tc.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        branch()
+        tb.append(time.perf_counter() - t0)
     return statistics.median(tc) / 2, statistics.median(tb) / 2
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="time the tiny CLIP instead of ViT-B/16 (a smoke run)")
     p.add_argument("--from-json", help="train_step.py output to take t_clip and t_branch from instead of measuring")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -77,10 +85,12 @@ def main() -> None:
         t_clip_b, t_branch_b = mem["clip_forward_s_per_batch"] / b, 1 / mem["cached_clips_per_s"]
         source = f"{args.from_json} ({r['date']})"
     else:
-        t_clip_b, t_branch_b = measure(device, 1 if args.quick else 3)
-        source = "measured in this run"
+        t_clip_b, t_branch_b = measure(device, 1, "dist-tiny") if args.quick else measure(device, 3)
+        source = "dist-tiny, measured in this run (--quick)" if args.quick else "measured in this run"
 
     models = {"ViT-B-16": (12, 197, 768), "ViT-L-14": (24, 257, 1024)}
+    if args.quick:  # profiling ViT-L/14, even on the meta device, takes most of a smoke run's time
+        del models["ViT-L-14"]
     prof = {m: profile_dist(m, frames=8, gamma=2) for m in models}
 
     def branch_g(pr):

@@ -10,11 +10,11 @@ pass over the whole store with a warm page cache, side by side in one run:
   * DataLoader worker processes doing the same per-sample reads (the design it replaces);
   * loader, reader threads, frames decoded by the decode pool (a store without frames).
 
-    python -m benchmarks.data_loader [--quick] [--workdir DIR] [--threads N] [--workers N]
+    python -m benchmarks.data_loader [--quick] [--workdir DIR] [--threads N] [--workers N]     (--quick: 2 clips x 2
+    views, one round; a smoke run)
 """
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import time
@@ -71,8 +71,10 @@ def build_store(workdir: Path, videos: int, views: int, seconds: float, gamma: i
                            video_index=v)
         dense = None
         if gamma:
-            dense = np.stack([decode_view(path, p.to_dict(), gamma, facts.num_frames, schema.image_size, "decord", None, "")
-                              for p in plans])
+            dense = np.stack([
+                decode_view(path, p.to_dict(), gamma, facts.num_frames, schema.image_size, "decord", None, "")
+                for p in plans
+            ])
         features = rng.standard_normal((views, L, T, schema.tokens, schema.width), dtype=np.float32).astype(np.float16)
         clip = rng.standard_normal((views, T, schema.embed_dim), dtype=np.float32).astype(np.float16)
         writer.write_video(v, {**facts.to_dict(), **file_facts(path, False)}, [p.to_dict() for p in plans], features,
@@ -103,7 +105,8 @@ class SampleDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         raw = self.store.read_sample(i)
-        return {"features": torch.from_numpy(raw.features), "frames": torch.from_numpy(self.store.frames(i, self.gamma)),
+        return {"features": torch.from_numpy(raw.features),
+                "frames": torch.from_numpy(self.store.frames(i, self.gamma)),
                 "label": self.store.label(i)}
 
 
@@ -123,11 +126,11 @@ def main() -> None:
     from pipelines.data import BatchLoader, DecodedFrames, EpochSampler, StoredFrames
     from storage import FeatureStore
 
-    videos, views, seconds = (4, 2, 4.0) if args.quick else (8, 3, 6.0)
+    videos, views, seconds = (2, 2, 2.0) if args.quick else (8, 3, 6.0)
     url, video_root = build_store(args.workdir, videos, views, seconds)
     store = FeatureStore.open(url)
     n, device = len(store), torch.device("cpu")
-    rounds = 2 if args.quick else 3
+    rounds = 1 if args.quick else 3
     sampler = EpochSampler(np.arange(n), views, args.batch, train=False)
 
     def loader(frames) -> BatchLoader:

@@ -77,7 +77,8 @@ def planned(num_frames: int, video_index: int, spec) -> list[int]:
     """The frames prepare_video decodes for this video (planned from the facts the generator wrote)."""
     from dist_cache.sampling import plan_views
 
-    plans = plan_views(num_frames, WIDTH, HEIGHT, frames=spec.frames, views=spec.views, split=spec.split, seed=spec.seed,
+    plans = plan_views(num_frames, WIDTH, HEIGHT, frames=spec.frames, views=spec.views, split=spec.split,
+                       seed=spec.seed,
                        video_index=video_index, scale=spec.scale, ratio=spec.ratio, flip_p=spec.flip_p,
                        grayscale_p=spec.grayscale_p)
     return sorted({i for p in plans for i in p.sparse_indices})
@@ -212,7 +213,8 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report(
-        parameters={"videos": count, "seconds": seconds, "size": f"{WIDTH}x{HEIGHT}", "fps": FPS, "codec": "H.264 (libx264 veryfast crf 18)",
+        parameters={"videos": count, "seconds": seconds, "size": f"{WIDTH}x{HEIGHT}", "fps": FPS,
+                    "codec": "H.264 (libx264 veryfast crf 18)",
                     "workers": workers, "frames": FRAMES, "views": spec.views, "image_size": IMAGE_SIZE,
                     "split": "train (random crop, flip, grayscale)", "decoder": spec.decoder},
         results={"pool_clips_per_s": round(clips / pool_s, 3), "bare_clips_per_s": round(clips / bare_s, 3),

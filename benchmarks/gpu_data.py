@@ -6,7 +6,9 @@ distinct rows, so extraction and training see `videos * repeat` clips (each row 
 own sampled frames and crop) while generation stays short. The checkpoint is the model's random weights saved as a
 state dict, the way a user passes `--pretrained PATH`: loading it is timed like loading real weights.
 
-    python -m benchmarks.gpu_data --out DIR [--videos 64] [--repeat 6] [--seconds 10] [--model ViT-B-16]
+    python -m benchmarks.gpu_data --out DIR [--videos 64] [--repeat 6] [--seconds 10] [--model ViT-B-16] [--quick]
+
+--quick: 4 clips of 2 s, each listed twice, and the tiny CLIP's checkpoint (what gpu.sh's QUICK=1 passes).
 """
 from __future__ import annotations
 
@@ -22,6 +24,9 @@ from pathlib import Path
 import numpy as np
 
 CLASSES = ("abseiling", "bowling", "juggling", "surfing")
+# The defaults of --videos, --repeat, --seconds and --model, without and with --quick.
+FULL = {"videos": 64, "repeat": 6, "seconds": 10.0, "model": "ViT-B-16"}
+QUICK = {"videos": 4, "repeat": 2, "seconds": 2.0, "model": "dist-tiny"}
 
 
 def _make_clip(path: str, seconds: float, seed: int) -> str:
@@ -64,11 +69,15 @@ def save_random_checkpoint(model: str, path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--videos", type=int, default=64, help="distinct clips to generate")
-    p.add_argument("--repeat", type=int, default=6, help="manifest rows per clip")
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--model", default="ViT-B-16")
+    p.add_argument("--videos", type=int, help=f"distinct clips to generate (default {FULL['videos']})")
+    p.add_argument("--repeat", type=int, help=f"manifest rows per clip (default {FULL['repeat']})")
+    p.add_argument("--seconds", type=float, help=f"seconds per clip (default {FULL['seconds']})")
+    p.add_argument("--model", help=f"the checkpoint's model (default {FULL['model']})")
+    p.add_argument("--quick", action="store_true", help=f"a smoke run: defaults {QUICK}")
     args = p.parse_args()
+    for key, default in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:  # a flag given explicitly wins over either set of defaults
+            setattr(args, key, default)
     start = time.perf_counter()
     names = make_clips(args.out / "videos", args.videos, args.seconds)
     generated = time.perf_counter() - start

@@ -15,7 +15,8 @@ that overruns is reported as timed out (extraction: with what it stored by then)
         [--quick] [--model ViT-B-16] [--device auto|cpu|cuda] [--batch-frames 256] [--budget-s 180]
 
 The clips, manifest and checkpoint come from `python -m benchmarks.gpu_data --out DIR`. `--quick` (a smoke run:
-the first 32 rows, 16-frame batches, 50 s) with `--model dist-tiny` and its checkpoint runs in well under a minute on a CPU.
+the first 32 rows, 16-frame batches, 50 s) with `--model dist-tiny` and its checkpoint runs in well under a minute
+on a CPU.
 """
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 

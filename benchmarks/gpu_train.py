@@ -12,7 +12,8 @@ to end (what the cache buys). Every phase stops at its time budget; a watchdog w
 if a phase hangs. With --quick on a CPU and a dist-tiny store it runs in seconds (a smoke test of the script).
 
     python -m benchmarks.gpu_train --store ZARR --out JSON [--quick] [--device cuda|cpu] [--batch 32]
-        [--video-root DIR (a store without frames)] [--pretrained PATH (the store's CLIP weights: a local checkpoint is never opened on the store's word)]
+        [--video-root DIR (a store without frames)]
+        [--pretrained PATH (the store's CLIP weights: a local checkpoint is never opened on the store's word)]
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -4,24 +4,22 @@ storage.FeatureStore, on real ViT-B/16 tokens (the samples of --store, default /
 Reports bytes per clip on disk, write MB/s (logical fp16 MB, without and with os.sync) and read MB/s
 (whole samples, page cache warm: not a cold disk read), and the int8 reconstruction error.
 
-    python benchmarks/store.py [--device cpu|cuda] [--quick]
+    python -m benchmarks.store [--device cpu|cuda] [--quick]
+
+--quick rewrites one video of a small generated store (tiny CLIP shapes, random tokens) instead: a smoke run.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from _common import parse, report  # noqa: E402
+from benchmarks._common import parse, report
 
 STORE = os.environ.get("DIST_BENCH_STORE", "/tmp/b16/b16.zarr")
 
@@ -30,11 +28,24 @@ def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def source_store(quick: bool, tmp: Path) -> str:
+    """The store whose samples are rewritten: DIST_BENCH_STORE, or with --quick a small generated one in `tmp`."""
+    if not quick:
+        return STORE
+    from storage.testing import make_schema, write_videos
+
+    url = str(tmp / "source.zarr")
+    write_videos(url, make_schema(num_videos=1, views=2), [0], finalize=True)
+    return url
+
+
 def main() -> None:
     args = parse(__doc__.splitlines()[0])
     from storage import FeatureStore, StoreWriter
 
-    src = FeatureStore.open(STORE)
+    tmp = Path(tempfile.mkdtemp(prefix="dist-bench-store-", dir=os.environ.get("DIST_BENCH_TMP")))
+    source = source_store(args.quick, tmp)
+    src = FeatureStore.open(source)
     K = src.schema.views_per_video
     nvid = 1 if args.quick else src.schema.num_videos
     videos = [src.videos[v] for v in range(nvid)]
@@ -46,7 +57,6 @@ def main() -> None:
     logical = sum(f.nbytes for f in feats)  # fp16 bytes
     base = dataclasses.replace(src.schema, num_videos=nvid, videos_sha256=None)
 
-    tmp = Path(tempfile.mkdtemp(prefix="dist-bench-store-", dir=os.environ.get("DIST_BENCH_TMP")))
     rows = {}
     try:
         for dtype in ("fp16", "int8"):
@@ -64,7 +74,8 @@ def main() -> None:
                 os.sync()
                 t_sync = time.perf_counter() - t0
                 w.finalize()
-                feat_bytes = du(path / "features") + (du(path / "feature_scales") if (path / "feature_scales").exists() else 0)
+                scales = path / "feature_scales"
+                feat_bytes = du(path / "features") + (du(scales) if scales.exists() else 0)
                 r = FeatureStore.open(str(path))
                 reads = []
                 err_num = err_den = 0.0
@@ -94,7 +105,7 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     smallest = min(rows, key=lambda k: rows[k]["feature_bytes_per_clip"])
     report(
-        parameters={"source": STORE, "clips": clips, "shape_per_clip": list(feats[0].shape[1:]),
+        parameters={"source": source, "clips": clips, "shape_per_clip": list(feats[0].shape[1:]),
                     "logical_fp16_bytes_per_clip": logical // clips, "tmp_dir": str(tmp.parent)},
         results=rows,
         ratio={k: v["ratio_vs_fp16_raw"] for k, v in rows.items()},

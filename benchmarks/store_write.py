@@ -36,7 +36,8 @@ QUICK = {"layers": 2, "frames": 4, "tokens": 17, "width": 64, "embed_dim": 32, "
 
 
 def schema_for(p: dict, num_videos: int) -> dict:
-    base = make_schema(num_videos=num_videos, views=1, layers=list(range(p["layers"])), num_frames=p["frames"]).to_json()
+    base = make_schema(num_videos=num_videos, views=1, layers=list(range(p["layers"])),
+                       num_frames=p["frames"]).to_json()
     base["backbone"].update(width=p["width"], embed_dim=p["embed_dim"], num_layers=p["layers"])
     base.update(tokens=p["tokens"], width=p["width"])
     return base
@@ -69,11 +70,11 @@ def measure(p: dict, keep_files: bool) -> dict:
         (tmp / "plain").mkdir()
         for v in range(p["videos"]):
             os.sync()  # untimed: each round starts with no dirty pages
-            sides = [("writer", lambda: writer.write_video(v, facts, plans, features, clip)),
+            sides = [("writer", lambda v=v: writer.write_video(v, facts, plans, features, clip)),
                      ("writer_finite_checked",
-                      lambda: checked.write_video(v, facts, plans, features, clip, finite_checked=True)),
-                     ("plain", lambda: plain_write(tmp / "plain", f"v{v}", [features, clip])),
-                     ("plain_1MB_writes", lambda: plain_write(tmp / "plain", f"c{v}", [features, clip], 1 << 20))]
+                      lambda v=v: checked.write_video(v, facts, plans, features, clip, finite_checked=True)),
+                     ("plain", lambda v=v: plain_write(tmp / "plain", f"v{v}", [features, clip])),
+                     ("plain_1MB_writes", lambda v=v: plain_write(tmp / "plain", f"c{v}", [features, clip], 1 << 20))]
             for name, fn in sides[v % len(sides):] + sides[: v % len(sides)]:
                 t0 = time.perf_counter()
                 fn()

@@ -8,7 +8,7 @@ Same DiST branch, batch, frames (8 sparse + 16 dense, gamma 2), optimiser step a
   * compute-bound ratio from FLOPs (`dist_cache.flops.profile_dist`): (CLIP fwd + 3 x branch fwd) / (3 x branch fwd),
     backward taken as 2 x forward.
 
-    python -m benchmarks.train_step [--device cpu|cuda] [--quick]
+    python -m benchmarks.train_step [--device cpu|cuda] [--quick]     (--quick: the tiny CLIP, no store; a smoke run)
 """
 
 from __future__ import annotations
@@ -54,17 +54,18 @@ def main() -> None:
 
     B, T, gamma = 2, 8, 2
     reps = 2 if args.quick else 4
-    have_store = Path(STORE).exists() and Path(WEIGHTS).exists()
+    model = "dist-tiny" if args.quick else "ViT-B-16"
+    have_store = not args.quick and Path(STORE).exists() and Path(WEIGHTS).exists()
 
     # ---- FLOPs: compute-bound ratio ----
-    prof = profile_dist("ViT-B-16", frames=T, gamma=gamma)
+    prof = profile_dist(model, frames=T, gamma=gamma)
     parts = prof["gflops_by_part"]
     clip_g = parts["clip"]
     branch_fwd = parts["temporal_encoder"] + parts["integration_branch"] + parts["head"]
     bound = (clip_g + 3 * branch_fwd) / (3 * branch_fwd)
 
     # ---- models: the same branch weights for both paths ----
-    backbone = load_backbone("ViT-B-16", WEIGHTS if have_store else "none", allow_random_weights=True, device=device)
+    backbone = load_backbone(model, WEIGHTS if have_store else "none", allow_random_weights=True, device=device)
     layers = list(range(backbone.num_layers))
     config = DiSTConfig(width=backbone.width, patch_size=backbone.patch_size, image_size=backbone.image_size,
                         num_frames=T, embed_dim=backbone.embed_dim, layers=layers,
@@ -95,8 +96,12 @@ def main() -> None:
     step_online(batch_online)
     t_cached, t_online = [], []
     for _ in range(reps):  # interleaved, so machine load hits both alike
-        t0 = time.perf_counter(); step_cached(batch_cached); t_cached.append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); step_online(batch_online); t_online.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        step_cached(batch_cached)
+        t_cached.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        step_online(batch_online)
+        t_online.append(time.perf_counter() - t0)
     # CLIP forward alone on the same frames, to split the online step
     t_clip = []
     for _ in range(max(2, reps // 2)):
@@ -155,7 +160,7 @@ def main() -> None:
     frac_e2e = e2e["speedup"] / bound if e2e else None
     ok = frac_mem >= 0.8 and (frac_e2e is None or frac_e2e >= 0.8)
     report(
-        parameters={"clip": "ViT-B-16 (random weights)", "batch": B, "sparse_frames": T, "dense_frames": T * gamma,
+        parameters={"clip": f"{model} (random weights)", "batch": B, "sparse_frames": T, "dense_frames": T * gamma,
                     "gamma": gamma, "layers": len(layers), "reps": reps, "device": str(device),
                     "threads": torch.get_num_threads(), "store": STORE if have_store else None},
         results={

@@ -112,7 +112,7 @@ class Backbone:
         mean = torch.stack(per_template).mean(0)
         return (mean / mean.norm(dim=-1, keepdim=True)).cpu().numpy().astype(np.float32)
 
-    def spatial_encoder(self, layers: list[int]) -> "SpatialEncoder":
+    def spatial_encoder(self, layers: list[int]) -> SpatialEncoder:
         return SpatialEncoder(self.model.visual, layers, self.precision)
 
 
@@ -223,7 +223,8 @@ def _assign_weights(clip: nn.Module, weights: Weights, name: str, pretrained: st
         what = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected else
                 f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, not {tuple(expected[wrong[0]].shape)}")
         count = len(missing) + len(unexpected) + len(wrong)
-        raise UserError(f"--pretrained {pretrained}: weights do not fit {name} ({what}; {count} such keys); check --model")
+        raise UserError(f"--pretrained {pretrained}: weights do not fit {name} ({what}; {count} such "
+                        "keys); check --model")
     # The checkpoint's own tensors become the parameters (no copy), cast to fp32 where stored otherwise (OpenAI: fp16).
     tensors = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
     clip.load_state_dict(tensors, strict=True, assign=True)
@@ -235,7 +236,8 @@ def _assign_weights(clip: nn.Module, weights: Weights, name: str, pretrained: st
             if not tensor.is_meta:
                 continue
             if buffer != "attn_mask" or tensor.dim() != 2 or tensor.shape[0] != tensor.shape[1]:
-                raise RuntimeError(f"open_clip {name}: cannot rebuild the non-persistent buffer {buffer} of {type(module).__name__}")
+                raise RuntimeError(f"open_clip {name}: cannot rebuild the non-persistent buffer {buffer} of "
+                                   f"{type(module).__name__}")
             setattr(module, buffer, torch.full(tuple(tensor.shape), float("-inf")).triu_(1))
 
 
@@ -338,7 +340,7 @@ class SpatialEncoder(nn.Module):
         self.layers = list(layers)
         self.precision = precision
 
-    def train(self, mode: bool = True) -> "SpatialEncoder":
+    def train(self, mode: bool = True) -> SpatialEncoder:
         # The spatial encoder is frozen in eval mode whatever the surrounding module does.
         return super().train(False)
 
@@ -378,7 +380,9 @@ def activation_mismatch(record: dict) -> str | None:
     with (a format-1 store extracted from an OpenAI tag with GELU); None when it did not."""
     open_clip = _open_clip()
     name, tag = str(record.get("model", "")), str(record.get("pretrained", ""))
-    trained_quick = bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu")) if name in open_clip.list_models() else False
+    trained_quick = (
+        bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu")) if name in open_clip.list_models() else False
+    )
     if not trained_quick or recorded_activation(record) == "quick_gelu":
         return None
     return (f"the features were computed with GELU, but the {tag} weights of {name} were trained with QuickGELU: "
@@ -394,8 +398,8 @@ def load_recorded_backbone(
     """Rebuild the backbone a store records, with its activation, and prove it is the same by its weights' hash.
 
     `pretrained` overrides the recorded source. A recorded tag is looked up as usual; a recorded local path is
-    never opened on the store's word: a store made from a local checkpoint needs `pretrained`. The record comes from a store, i.e. from a stranger:
-    its model config is bounded in size before anything is built.
+    never opened on the store's word: a store made from a local checkpoint needs `pretrained`. The record comes
+    from a store, i.e. from a stranger: its model config is bounded in size before anything is built.
     """
     open_clip = _open_clip()
     name = recorded["model"]
@@ -406,7 +410,8 @@ def load_recorded_backbone(
         # A store made from a config JSON carries the config itself: register it under its name. The
         # name comes from a store, i.e. from a stranger: it must be a plain file name, never a path.
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(name)):
-            raise UserError(f"the store's backbone model name {str(name)[:60]!r} is not a valid model name; the store is damaged")
+            raise UserError(f"the store's backbone model name {str(name)[:60]!r} is not a valid model name; the "
+                            "store is damaged")
         with tempfile.TemporaryDirectory(prefix="dist-cache-config-") as config_dir:
             (Path(config_dir) / f"{name}.json").write_text(json.dumps(recorded["model_config"]))
             open_clip.add_model_config(config_dir)

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import decord
 import numpy as np
 
-from dist_cache.decoders import DecodeError, VideoFacts, distinct_frames
-from dist_cache.errors import first_line
+from dist_cache.decode_base import VideoFacts, distinct_frames
+from dist_cache.errors import DecodeError, first_line
 
 
 def _reason(exc: Exception) -> str:
@@ -80,7 +80,8 @@ class DecordDecoder:
         if len(vr) == 0:
             raise DecodeError(f"{path}: no video frames")
         first = _frame(vr, path, 0)
-        return VideoFacts(num_frames=len(vr), fps=float(vr.get_avg_fps()), width=int(first.shape[1]), height=int(first.shape[0]))
+        return VideoFacts(num_frames=len(vr), fps=float(vr.get_avg_fps()), width=int(first.shape[1]),
+                          height=int(first.shape[0]))
 
     def probe(self, path: str | os.PathLike) -> VideoFacts:
         facts = self._claimed(_open(path), path)

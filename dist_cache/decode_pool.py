@@ -21,7 +21,8 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Iterable, Iterator, Literal
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal
 
 from dist_cache.errors import DecodeError
 
@@ -223,7 +224,9 @@ class DecodePool:
                 if w.conn in ready:
                     self._collect(w)
                 elif time.monotonic() >= w.deadline:
-                    self._replace(w, DecodeError(f"{_describe(*w.job[1:])} timed out after {self.timeout:g}s; worker killed"))
+                    self._replace(w,
+                                  DecodeError(f"{_describe(*w.job[1:])} timed out after "
+                                              f"{self.timeout:g}s; worker killed"))
 
     def _dispatch(self) -> None:
         """Give queued jobs to idle workers (called with the lock held)."""

@@ -16,13 +16,13 @@ which B-frames break (a cut can keep a P-frame and lose the B-frames shown befor
 from __future__ import annotations
 
 import os
-from typing import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import av
 import numpy as np
 
-from dist_cache.decoders import DecodeError, VideoFacts, distinct_frames
-from dist_cache.errors import first_line
+from dist_cache.decode_base import VideoFacts, distinct_frames
+from dist_cache.errors import DecodeError, first_line
 
 
 def _reason(exc: Exception) -> str:

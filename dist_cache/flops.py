@@ -9,8 +9,8 @@ hides the projections and the attention matmuls) and SDPA is forced to the MATH 
 into counted bmm's). With both, ViT-B/16 at 224 px is 17.56 GMACs per frame, the paper's figure.
 
 `gflops` is what this project runs. `gflops_paper_convention` adds what the reference also computes: it
-applies CLIP's patch embedding to all γT dense frames before keeping every γ-th one (dist-reference.md §1,
-§6), i.e. (γ-1)·T extra patch embeddings (0.92 G for B/16, 8 frames, γ=2). The paper's Table 1 numbers are
+applies CLIP's patch embedding to all γT dense frames before keeping every γ-th one (docs/MODEL.md, "FLOPs
+and parameters"), i.e. (γ-1)·T extra patch embeddings (0.92 G for B/16, 8 frames, γ=2). The paper's Table 1 numbers are
 reproduced by that convention.
 """
 
@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -139,7 +140,8 @@ def profile_dist(
     visual, embed_dim = _meta_visual(model_name)
     num_layers = len(visual.transformer.resblocks)
     config = DiSTConfig(
-        width=int(visual.conv1.out_channels), patch_size=int(visual.patch_size[0]), image_size=int(visual.image_size[0]),
+        width=int(visual.conv1.out_channels), patch_size=int(visual.patch_size[0]),
+        image_size=int(visual.image_size[0]),
         num_frames=frames, embed_dim=embed_dim, layers=list(range(num_layers)) if layers is None else list(layers),
         switches=(switches or DiSTSwitches()).replace(**overrides),
     )

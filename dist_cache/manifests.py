@@ -8,9 +8,9 @@ import csv
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from .errors import UserError, first_line
 from .paths import resolve_under
@@ -61,7 +61,9 @@ def _class_names_from_json(path: Path, text: str) -> list[str]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ManifestError(f"class list {path} is not valid JSON ({exc.msg}, line {exc.lineno}); fix the file") from exc
+        raise ManifestError(
+            f"class list {path} is not valid JSON ({exc.msg}, line {exc.lineno}); fix the file"
+        ) from exc
     if isinstance(data, list) and all(isinstance(n, str) for n in data):
         return [n.strip() for n in data]
     if isinstance(data, dict):
@@ -188,7 +190,9 @@ def _read_ssv2(path: Path) -> list[Row]:
         elif "label" in item:
             label = str(item["label"]).strip()
         else:
-            raise ManifestError(f"{path.name} {where}: no 'template' or 'label'; use the labelled train/validation json")
+            raise ManifestError(
+                f"{path.name} {where}: no 'template' or 'label'; use the labelled train/validation json"
+            )
         rows.append((where, f"{item['id']}.webm", label))
     return rows
 

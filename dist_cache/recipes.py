@@ -36,7 +36,8 @@ class Recipe:
     dataset: str
     switches: dict[str, Any]  # DiSTSwitches fields this recipe sets
     flip_p: float  # training views' flip probability at extraction
-    flip_label_map: tuple[tuple[str, str], ...] = field(default=())  # class pairs a flip swaps (extract --flip-label-map)
+    # class pairs a flip swaps (extract --flip-label-map)
+    flip_label_map: tuple[tuple[str, str], ...] = field(default=())
 
 
 RECIPES = {

@@ -10,7 +10,7 @@ the bytes CLIP saw (dense[::gamma]).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -21,7 +21,8 @@ from .sampling import ViewPlan
 # Recorded in every store, so a reader can tell how the cached features' pixels were made.
 PREPROCESS = {
     "order": "crop, resize, flip, grayscale (uint8, per frame, on the CPU), then normalise (on the device)",
-    "crop": "ViewPlan.crop box (x, y, w, h) in decoded-frame pixels; test views use the centre square of side min(W, H)",
+    "crop": ("ViewPlan.crop box (x, y, w, h) in decoded-frame pixels; test views use the centre square of side "
+             "min(W, H)"),
     "resize": "bilinear",
     "antialias": True,
     "resize_dtype": "uint8 (torch's fixed-point antialiased kernel, as PIL's)",

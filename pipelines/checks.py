@@ -6,7 +6,8 @@ run that trains without error on features from another backbone.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from dist_cache.errors import UserError, first_line
 from pipelines.files import replace_atomically

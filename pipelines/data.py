@@ -24,9 +24,10 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Protocol, Sequence
+from typing import Literal, Protocol
 
 import numpy as np
 import torch

@@ -2,16 +2,16 @@
 
 The classes are directions of motion (left, right, up, down) of a light square on a dark background,
 and each "left" clip is a "right" clip played backwards, so a single frame says nothing about the
-class: only a model that sees temporal order can beat 50 %. The CLIP is the bundled tiny config with random weights (saved to a local
-checkpoint, so the stores it makes stay verifiable). What is learnt is therefore learnt by DiST's
+class: only a model that sees temporal order can beat 50 %. The CLIP is the bundled tiny config with random weights
+(saved to a local checkpoint, so the stores it makes stay verifiable). What is learnt is therefore learnt by DiST's
 temporal encoder and integration branch from the dense raw frames streamed beside the cache.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -57,7 +57,8 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> dict:
     say(f"      stored {summary.stored}, skipped {summary.skipped}, failed {summary.failed}")
     say("[3/5] extracting the val store: 3 temporal clips x 1 centre crop per video")
     val_store = root / "val.zarr"
-    summary = extract(ExtractOptions(manifest=str(data / "val.csv"), out=str(val_store), views=3, split="test", **common))
+    summary = extract(ExtractOptions(manifest=str(data / "val.csv"), out=str(val_store), views=3, split="test",
+                                     **common))
     say(f"      stored {summary.stored}, skipped {summary.skipped}, failed {summary.failed}")
 
     say(f"[4/5] training DiST's temporal encoder and integration branch for {opts.epochs} epochs from the cache")
@@ -68,7 +69,8 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> dict:
     # 100 % by epoch 10, in fp32 and in bf16 (docs/MODEL.md, "Precision").
     result = train(TrainOptions(
         cache=str(train_store), video_root=str(data / "videos"), out=str(run), val_cache=str(val_store),
-        switches=DiSTSwitches(gamma=2, alpha_dim=64, beta_dim=32), epochs=opts.epochs, batch_size=16, lr=1e-3, warmup_epochs=1,
+        switches=DiSTSwitches(gamma=2, alpha_dim=64, beta_dim=32), epochs=opts.epochs, batch_size=16, lr=1e-3,
+        warmup_epochs=1,
         eval_every=5, decode_workers=0, seed=opts.seed, resume=(run / "last.pt").exists(),
     ))
 

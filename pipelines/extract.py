@@ -21,9 +21,9 @@ import math
 import string
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 
@@ -37,7 +37,7 @@ from dist_cache.transforms import PREPROCESS
 from pipelines.extract_device import DeviceForward, LaunchedBatch
 from pipelines.prepare import PreparedVideo, RenderSpec, prepare_video
 from pipelines.repair import Damage, damaged_videos
-from storage import StoreSchema, StoreWriteError, StoreWriter
+from storage import StoreSchema, StoreWriter
 from storage.schema import FORMAT_VERSION
 
 FORMAT_SPLITS = ("train", "test")
@@ -123,7 +123,7 @@ class ExtractSummary:
     store_failed: int = 0  # failed videos in the whole store, earlier runs included
     damaged: list[Damage] = field(default_factory=list)  # done videos found damaged (--repair), redone by this run
 
-    def merge(self, other: "ExtractSummary") -> None:
+    def merge(self, other: ExtractSummary) -> None:
         self.stored += other.stored
         self.failed += other.failed
         self.bytes_written += other.bytes_written
@@ -237,7 +237,7 @@ class _RunState:
     """What one `Extractor.run` shares between its main thread and its writer threads: the summary, the
     progress callback, the failures held back until the first video is stored, and the error that stops it."""
 
-    def __init__(self, extractor: "Extractor", on_progress: Callable[[ExtractSummary], None]):
+    def __init__(self, extractor: Extractor, on_progress: Callable[[ExtractSummary], None]):
         self.extractor = extractor
         self.summary = ExtractSummary()
         self.on_progress = on_progress
@@ -319,13 +319,14 @@ class Extractor:
     decode_pool: DecodePool | None = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, opts: ExtractOptions, *, decode: bool = True) -> "Extractor":
+    def open(cls, opts: ExtractOptions, *, decode: bool = True) -> Extractor:
         """Validate everything, then create or reopen the store. Every user error happens before a write.
 
         `decode=False` for a process that only creates the store (a dask client): no decode workers, and CLIP's
         visual tower is never run there (so its precision need not suit this process's device)."""
         check_options(opts)
-        manifest = load_manifest(opts.manifest, video_root=opts.video_root, classes=opts.classes, fmt=opts.manifest_format)
+        manifest = load_manifest(opts.manifest, video_root=opts.video_root, classes=opts.classes,
+                                 fmt=opts.manifest_format)
         partners = flip_partners(opts.flip_label_map, manifest.class_names) if opts.flip_label_map else {}
         # Decode workers spend seconds importing torch: start them now, so that happens while CLIP loads.
         pool = DecodePool(opts.decode_workers, opts.decode_timeout, preload=DECODE_PRELOAD) if decode else None

@@ -19,20 +19,23 @@ import os
 import sys
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from dist_cache.errors import UserError
 
 # Nothing that imports `storage` at module level: see _import_storage.
 if TYPE_CHECKING:
-    from pipelines.extract import ExtractOptions, ExtractSummary, Extractor
+    import distributed
+
+    from pipelines.extract import ExtractOptions, Extractor, ExtractSummary
 
 DEFAULT_CHUNK_VIDEOS = 8
 TASK_PREFIX = "extract-chunk"
 
 # The one Extractor this worker process holds, by run key: loading CLIP per chunk would dominate small
 # chunks, and keeping only the latest run's lets a long-lived worker free the previous model.
-_WORKER_EXTRACTOR: dict[str, "Extractor"] = {}
+_WORKER_EXTRACTOR: dict[str, Extractor] = {}
 
 
 def _import_storage() -> None:
@@ -53,7 +56,7 @@ def _import_storage() -> None:
         sys.path[:] = saved
 
 
-def _extract_chunk(run_key: str, options: dict[str, Any], videos: list[int]) -> "ExtractSummary":
+def _extract_chunk(run_key: str, options: dict[str, Any], videos: list[int]) -> ExtractSummary:
     """Runs on a worker: extract `videos` into the store with this process's cached Extractor."""
     if multiprocessing.current_process().daemon:
         # Decoding runs in killable child processes, which a daemonic process may not start.
@@ -70,7 +73,7 @@ def _extract_chunk(run_key: str, options: dict[str, Any], videos: list[int]) -> 
 
 
 @contextlib.contextmanager
-def connect(workers: int | None, scheduler: str | None) -> Iterator["distributed.Client"]:
+def connect(workers: int | None, scheduler: str | None) -> Iterator[distributed.Client]:
     """A client of the cluster at `scheduler`, or of a LocalCluster of `workers` single-threaded processes."""
     import dask
     from distributed import Client, LocalCluster
@@ -103,7 +106,7 @@ def _worker_device_type(device: str) -> str:
     return resolve_device(device).type
 
 
-def cluster_precision(client, opts: "ExtractOptions") -> str:
+def cluster_precision(client, opts: ExtractOptions) -> str:
     """--precision for the whole cluster (the store records one): as given, else fp16 when every worker's device
     is a GPU and fp32 otherwise. Asked of the workers, since the client may have no GPU while they do."""
     if opts.precision is not None:
@@ -112,14 +115,14 @@ def cluster_precision(client, opts: "ExtractOptions") -> str:
     return "fp16" if kinds == {"cuda"} else "fp32"
 
 
-def extract_on_cluster(opts: "ExtractOptions", client, *, chunk_videos: int = DEFAULT_CHUNK_VIDEOS,
-                       progress: bool = True) -> "ExtractSummary":
+def extract_on_cluster(opts: ExtractOptions, client, *, chunk_videos: int = DEFAULT_CHUNK_VIDEOS,
+                       progress: bool = True) -> ExtractSummary:
     """Extract every pending (and, with --repair, damaged) video on the cluster behind `client`, then finalize the
     store once."""
     from distributed import as_completed
     from tqdm import tqdm
 
-    from pipelines.extract import FIRST_FAILURES_LIMIT, ExtractSummary, Extractor
+    from pipelines.extract import FIRST_FAILURES_LIMIT, Extractor, ExtractSummary
 
     if chunk_videos < 1:
         raise ValueError("chunk_videos must be at least 1")
@@ -159,8 +162,8 @@ def extract_on_cluster(opts: "ExtractOptions", client, *, chunk_videos: int = DE
     return summary
 
 
-def extract_distributed(opts: "ExtractOptions", *, workers: int | None, scheduler: str | None,
-                        chunk_videos: int = DEFAULT_CHUNK_VIDEOS, progress: bool = True) -> "ExtractSummary":
+def extract_distributed(opts: ExtractOptions, *, workers: int | None, scheduler: str | None,
+                        chunk_videos: int = DEFAULT_CHUNK_VIDEOS, progress: bool = True) -> ExtractSummary:
     """`dist-cache extract --workers N | --scheduler ADDRESS`."""
     from dist_cache.decode_pool import auto_workers
     from pipelines.extract import check_options

@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import queue
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -20,7 +20,6 @@ from dist_cache.sampling import plan_views
 from pipelines.data import DecodedFrames
 from storage import FeatureStore
 
-
 # The recorded train sampling a fresh view is drawn with (`plan_views` keywords).
 SAMPLING_KEYS = ("scale", "ratio", "flip_p", "grayscale_p")
 

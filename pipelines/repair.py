@@ -9,8 +9,9 @@ a flipped bit anywhere, at the price of reading the whole store (storage/README.
 from __future__ import annotations
 
 import concurrent.futures
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from storage import FeatureStore
 
@@ -28,7 +29,8 @@ class Damage:
         return f"video {self.video_index} ({self.video}): {self.finding}"
 
 
-def damaged_videos(url: str, videos: Iterable[int], *, deep: bool = False, storage_options: dict[str, Any] | None = None,
+def damaged_videos(url: str, videos: Iterable[int], *, deep: bool = False,
+                   storage_options: dict[str, Any] | None = None,
                    on_checked: Callable[[], None] = lambda: None) -> list[Damage]:
     """The videos among `videos` whose stored bytes fail the integrity check, ascending. Videos that are not
     done (pending, failed) have nothing to check."""

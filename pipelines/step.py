@@ -12,8 +12,9 @@ loss scaling, an infinite gradient is the scaler's business, which skips that up
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from dist_cache.errors import UserError, first_line
 from pipelines.files import replace_atomically, write_failure
@@ -99,7 +100,8 @@ def _wandb(out: Path, config: dict[str, Any]) -> Any:
     run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
     id_file.write_text(run_id)
     try:
-        return wandb.init(project=os.environ.get("WANDB_PROJECT", "dist-cache"), dir=str(out), id=run_id, resume="allow", name=out.name,
+        return wandb.init(project=os.environ.get("WANDB_PROJECT", "dist-cache"), dir=str(out), id=run_id,
+                          resume="allow", name=out.name,
                           config=config)
     except Exception as err:  # wandb's own errors (no API key online, a server that cannot be reached)
         raise UserError(f"--report-to wandb: {first_line(err, 160)}; run `wandb login`, or set WANDB_MODE=offline "

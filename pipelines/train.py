@@ -33,7 +33,12 @@ from dist_cache.model import DiSTConfig, DiSTSwitches
 from pipelines.branch import amp_dtype, branch_of, build_network, online_precision
 from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.checks import (
-    check_backbone, check_frames, check_store_fits, open_store, select_layers, usable_samples,
+    check_backbone,
+    check_frames,
+    check_store_fits,
+    open_store,
+    select_layers,
+    usable_samples,
 )
 from pipelines.data import BatchLoader, EpochSampler, frame_source
 from pipelines.distributed import LAUNCHER_ENV, Ranks, joined, launch
@@ -204,7 +209,8 @@ def preflight(opts: TrainOptions, world: int = 1) -> Checked:
     if opts.resume and not last_path.is_file():
         raise UserError(f"--resume: {last_path} does not exist; drop --resume to start this run")
     if not opts.resume and last_path.exists():
-        raise UserError(f"--out {out} already holds a run ({last_path.name}); pass --resume to continue it, or another --out")
+        raise UserError(f"--out {out} already holds a run ({last_path.name}); pass --resume to continue it, "
+                        "or another --out")
     if opts.batch_size % world:
         raise UserError(f"--batch-size {opts.batch_size}: must be a multiple of the {world} processes")
 
@@ -321,13 +327,18 @@ class Run:
         """A checkpoint. `chosen_on`: the store whose validation made this the best (recorded, so that `eval` can
         warn when it is asked to score the checkpoint on that very store)."""
         m = self.step_model
-        identity = (lambda s: None if s is None else {"fingerprint": s.fingerprint, "url": s.url})
+
+        def identity(s: FeatureStore | None) -> dict[str, str] | None:
+            return None if s is None else {"fingerprint": s.fingerprint, "url": s.url}
+
         return {
-            "model": m.branch.state_dict(), "optimizer": m.optimizer.state_dict(), "scheduler": m.scheduler.state_dict(),
+            "model": m.branch.state_dict(), "optimizer": m.optimizer.state_dict(),
+            "scheduler": m.scheduler.state_dict(),
             "scaler": m.scaler.state_dict(), "step": self.step, "epoch": self.step // self.steps_per_epoch,
             "steps_per_epoch": self.steps_per_epoch, "best_top1": self.best_top1, "epoch_loss": self.meter.state(),
             "dist_config": self.config.to_dict(), "train_config": self.opts.recorded(),
-            "store": {"fingerprint": self.store.fingerprint, "url": self.store.url, "backbone": self.store.schema.backbone,
+            "store": {"fingerprint": self.store.fingerprint, "url": self.store.url,
+                      "backbone": self.store.schema.backbone,
                       "class_names": list(self.store.schema.class_names)},
             "val_store": identity(None if self.validation is None else self.validation.store),
             "chosen_on": identity(chosen_on),
@@ -427,7 +438,8 @@ def _train(opts: TrainOptions, progress: bool, ranks: Ranks, checked: Checked) -
                     record = {"kind": "train", "step": run.step, "epoch": run.step / run.steps_per_epoch,
                               **run.meter.take_window(), "lr": lr}
                     run.tracker.write(record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}", clips_s=f"{record['clips_per_s']:.1f}")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
+                                    clips_s=f"{record['clips_per_s']:.1f}")
                 # An epoch's last step is saved by end_of_epoch, after its validation.
                 if ranks.main and run.step % opts.save_every == 0 and run.step % run.steps_per_epoch:
                     run.save("last.pt")

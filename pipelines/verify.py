@@ -80,7 +80,8 @@ def video_mismatch(sample: dict, path: Path, decoder: str = "decord") -> str | N
         return (f"{sample['video']}: this copy has {facts.num_frames} frames of {facts.width}x{facts.height}, "
                 f"the store recorded {recorded[0]} of {recorded[1]}x{recorded[2]}")
     if sample.get("size_bytes") is not None and path.stat().st_size != sample["size_bytes"]:
-        return f"{sample['video']}: this copy has {path.stat().st_size} bytes, the store recorded {sample['size_bytes']}"
+        return (f"{sample['video']}: this copy has {path.stat().st_size} bytes, "
+                f"the store recorded {sample['size_bytes']}")
     if sample.get("sha256") and file_sha256(str(path)) != sample["sha256"]:
         return f"{sample['video']}: this copy's sha256 differs from the recorded one"
     return None
@@ -138,7 +139,8 @@ def _check_completeness(store: FeatureStore, report: VerifyReport) -> None:
     counts = {name: n * store.schema.views_per_video for name, n in store.progress().items()}
     pending, failed = counts["pending"], counts["failed"]
     if pending:
-        report.problems.append(f"{pending} of {len(store)} samples are not extracted yet: rerun the same extract command")
+        report.problems.append(f"{pending} of {len(store)} samples are not extracted yet: rerun the same "
+                               "extract command")
     elif not store.complete:
         report.problems.append("every sample is recorded but the store was never finalised: rerun the extract command")
     if failed:
@@ -199,7 +201,9 @@ def _check_all_videos(store: FeatureStore, report: VerifyReport, done: np.ndarra
             bar.update(1)
     report.notes.append(f"checked {len(first_views)} videos against their recorded facts")
     if report.mismatched_videos:
-        report.problems.append(f"{len(report.mismatched_videos)} video(s) under --video-root are not the ones extracted")
+        report.problems.append(
+            f"{len(report.mismatched_videos)} video(s) under --video-root are not the ones extracted"
+        )
 
 
 def _recompute(store: FeatureStore, report: VerifyReport, done: np.ndarray, video_root: str, samples: int,
@@ -224,7 +228,8 @@ def _recompute(store: FeatureStore, report: VerifyReport, done: np.ndarray, vide
     if recorded != "fp32" or run != "fp32":
         here = "" if run == recorded else f", recomputed in {run} here ({recorded} does not run on {torch_device})"
         report.notes.append(f"CLIP ran in {recorded} for this store{here}: the tolerance is widened by the known "
-                            f"error of each reduced precision on ViT-B/16 (fp16 0.09 %, bf16 0.72 %) to {tolerance:.2%}")
+                            "error of each reduced precision on ViT-B/16 (fp16 0.09 %, bf16 0.72 %) to "
+                            f"{tolerance:.2%}")
     chosen = np.random.default_rng(seed).choice(done, size=min(samples, len(done)), replace=False)
     for i in sorted(int(i) for i in chosen):
         sample = store.sample(i)
@@ -281,7 +286,9 @@ def _recompute_sample(store: FeatureStore, report: VerifyReport, i: int, sample:
     error = _relative_error(store.features(i).astype(np.float32), tokens.float().cpu().numpy())
     report.checked_samples.append({"sample": i, "video": sample["video"], "relative_error": error})
     if not error <= tolerance:
-        report.problems.append(f"sample {i} ({sample['video']}): stored features differ from a recompute by {error:.2%}")
+        report.problems.append(
+            f"sample {i} ({sample['video']}): stored features differ from a recompute by {error:.2%}"
+        )
     if store.has_frames:
         indices = dense_indices(plan, store.dense_gamma, int(sample["num_frames"]))
         if not np.array_equal(store.frames(i), render_frames(run.reader.read(path, indices), plan, size).numpy()):
@@ -292,7 +299,8 @@ def _recompute_sample(store: FeatureStore, report: VerifyReport, i: int, sample:
 def format_report(report: VerifyReport) -> str:
     lines = [f"verify {report.store}"]
     for checked in report.checked_samples:
-        lines.append(f"  recomputed sample {checked['sample']} ({checked['video']}): relative error {checked['relative_error']:.2e}")
+        lines.append(f"  recomputed sample {checked['sample']} ({checked['video']}): relative error "
+                     f"{checked['relative_error']:.2e}")
     lines += [f"  damaged: {d}" for d in report.damaged]
     lines += [f"  mismatch: {m}" for m in report.mismatched_videos]
     lines += [f"  note: {n}" for n in dict.fromkeys(report.notes)]

@@ -3,8 +3,13 @@
     from storage import FeatureStore, StoreWriter
 """
 
-from storage.errors import (SampleNotDoneError, StoreDamagedError, StoreMismatchError, StoreNotFoundError,
-                            StoreWriteError)
+from storage.errors import (
+                            SampleNotDoneError,
+                            StoreDamagedError,
+                            StoreMismatchError,
+                            StoreNotFoundError,
+                            StoreWriteError,
+)
 from storage.quantize import dequantize_int8, quantize_int8
 from storage.reader import FeatureStore, RawSample
 from storage.schema import FORMAT_VERSION, SampleStatus, StoreSchema

@@ -7,8 +7,9 @@ a reader can check that a stored array is exactly what its schema says before si
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import zarr
 from zarr.abc.store import Store

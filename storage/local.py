@@ -9,8 +9,9 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from zarr.abc.store import Store
 from zarr.storage import LocalStore

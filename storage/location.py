@@ -10,8 +10,9 @@ writer left behind.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import zarr
 from zarr.abc.store import Store

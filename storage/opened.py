@@ -40,7 +40,7 @@ class OpenedStore:
         try:
             attrs = read_attrs(loc)
         except Exception as err:  # noqa: BLE001 - only a refusal becomes one line; the rest propagates
-            raise refused_access(url, err) or err
+            raise refused_access(url, err) or err from None
         if attrs is None:
             raise StoreNotFoundError(f"no dist-cache store at {url}")
         if ATTR_KEY not in attrs:

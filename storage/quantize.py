@@ -1,8 +1,9 @@
 """int8 per-token absmax quantisation of token features (about 2x smaller than fp16, ~0.8 % error).
 
-Each token's C channels share one scale = max|x| / 127 (measurements.md section 4: relative Frobenius
-error 0.76 % on ViT-B/16 activations). The scale is stored as fp16, and quantisation divides by the
-fp16-rounded scale, so the reader's q * scale uses exactly the scale the writer used.
+Each token's C channels share one scale = max|x| / 127 (storage/README.md, "int8": relative Frobenius error
+0.76 % on random-init ViT-B/16 activations, more expected with pretrained weights' outlier tokens). The scale is
+stored as fp16, and quantisation divides by the fp16-rounded scale, so the reader's q * scale uses exactly the scale
+the writer used.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from typing import Any, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from zarr.abc.store import Store
@@ -428,7 +429,7 @@ class FeatureStore:
             fmt = st.formats[spec.name]
             try:
                 index = _once(seen, spec.name, fmt.shard_key(v // st.videos_per_shard),
-                              lambda key: st.shard_index(fmt, key, cached=False), shards.ShardDamage)
+                              lambda key, fmt=fmt: st.shard_index(fmt, key, cached=False), shards.ShardDamage)
                 scratch = np.empty((fmt.chunks_per_sample, *fmt.chunk_shape[1:]), fmt.dtype) if deep else None
                 for k in range(K):
                     if scratch is not None:

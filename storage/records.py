@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -124,7 +125,8 @@ class VideoRecord:
         if len(plans) != K or len(labels) != K:
             raise RecordError(f"video {video_index}: {len(plans)} view plans and {len(labels)} labels, the store "
                               f"has views_per_video={K}")
-        views = tuple(ViewRecord.parse(p, label, schema, f"plans[{k}]") for k, (p, label) in enumerate(zip(plans, labels)))
+        views = tuple(ViewRecord.parse(p, label, schema, f"plans[{k}]") for k, (p,
+                                                                                label) in enumerate(zip(plans, labels)))
         return cls(video_index, SampleStatus.DONE, None, facts_dict(facts), views)
 
     @classmethod
@@ -256,7 +258,8 @@ def from_tables(table: Any, v: int, K: int) -> VideoRecord | None:
     for i in range(v * K, (v + 1) * K):
         label = int(table("samples/label")[i])
         views.append(ViewRecord(tuple(int(x) for x in table("samples/sparse_indices")[i]),
-                                float(table("samples/window")[i]), tuple(int(x) for x in table("samples/crop")[i]),  # type: ignore[arg-type]
+                                float(table("samples/window")[i]),
+                                tuple(int(x) for x in table("samples/crop")[i]),  # type: ignore[arg-type]
                                 bool(table("samples/flip")[i]), bool(table("samples/grayscale")[i]),
                                 None if label < 0 else label))
     return VideoRecord(v, status, None, facts, tuple(views))

@@ -13,7 +13,8 @@ import dataclasses
 import enum
 import hashlib
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -97,7 +98,8 @@ def _check(cond: bool, what: str) -> None:
 
 
 def _bounded(value: Any, name: str, limit: int, low: int = 1) -> None:
-    _check(_is_int(value) and low <= value <= limit, f"{name} must be an int in [{low}, {limit}], got {format_value(value)}")
+    _check(_is_int(value) and low <= value <= limit,
+           f"{name} must be an int in [{low}, {limit}], got {format_value(value)}")
 
 
 def _plain(obj: Any, what: str) -> Any:
@@ -159,7 +161,8 @@ class StoreSchema:
 
         _check(isinstance(self.preprocess, dict), "preprocess must be a dict")
         decoder = self.preprocess.get("decoder")
-        _check(isinstance(decoder, dict) and decoder.get("name") in DECODERS and isinstance(decoder.get("version"), str),
+        _check(isinstance(decoder, dict) and decoder.get("name") in DECODERS and isinstance(decoder.get("version"),
+                                                                                            str),
                f"preprocess.decoder must be {{\"name\": one of {list(DECODERS)}, \"version\": str}}")
         layers = self.layers
         _check(isinstance(layers, tuple) and 0 < len(layers) and all(_is_int(x) for x in layers),
@@ -352,7 +355,7 @@ def _upgrade_v1(raw: dict[str, Any]) -> dict[str, Any]:
 
 def videos_sha256(videos: Sequence[str], labels: Sequence[int]) -> str:
     """Hash of the manifest rows (path, label) in order: the store's sample index depends on the order."""
-    rows = [[str(p), int(l)] for p, l in zip(videos, labels, strict=True)]
+    rows = [[str(path), int(label)] for path, label in zip(videos, labels, strict=True)]
     return hashlib.sha256(canonical_json(rows).encode()).hexdigest()
 
 

@@ -19,8 +19,9 @@ asyncio and copies every chunk twice, where this yields views of the caller's ar
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import crc32c as _crc32c
 import numpy as np

@@ -107,7 +107,8 @@ def _main() -> None:
     # A shared wall-clock start lets concurrent-writer tests make processes race on creation too.
     time.sleep(max(0.0, args.get("start_at", 0.0) - time.time()))
     started = time.time()
-    w = write_videos(sys.argv[1], StoreSchema.from_json(args["schema"]), args["indices"], fail=set(args.get("fail", [])),
+    w = write_videos(sys.argv[1], StoreSchema.from_json(args["schema"]), args["indices"],
+                     fail=set(args.get("fail", [])),
                      delay_s=args.get("delay_s", 0.0))
     wrote = time.time()
     summary = w.finalize() if args.get("finalize") else None

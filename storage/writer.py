@@ -17,7 +17,8 @@ import contextlib
 import dataclasses
 import itertools
 import warnings
-from typing import Any, Iterable, Iterator, Mapping, Protocol, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import zarr
@@ -28,8 +29,7 @@ from storage import layout
 from storage.errors import StoreMismatchError, write_error
 from storage.location import Location, configure_zarr
 from storage.quantize import quantize_int8
-from storage.records import (RecordError, VideoRecord, decode_group, encode_group, gather, group_members,
-                             summarize)
+from storage.records import RecordError, VideoRecord, decode_group, encode_group, gather, group_members, summarize
 from storage.remote import open_location
 from storage.root import ROOT_KEY, group_json, read_attrs, stored_schema
 from storage.schema import ATTR_KEY, FORMAT_VERSION, SampleStatus, StoreSchema, format_value

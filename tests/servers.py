@@ -12,9 +12,10 @@ import os
 import re
 import socket
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from typing import ClassVar, Iterator
+from typing import ClassVar
 
 
 class QuietHandler(SimpleHTTPRequestHandler):

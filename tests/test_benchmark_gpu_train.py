@@ -18,7 +18,8 @@ def test_gpu_train_benchmark_runs_quick_on_a_tiny_store(tmp_path, motion_dataset
                                 tiny_checkpoint, views=1, split="train", gamma=2)
     out = tmp_path / "gpu_train.json"
     done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_train", "--store", store, "--out", str(out), "--quick",
-                           "--device", "cpu", "--batch", "4", "--read-threads", "2", "--pretrained", str(tiny_checkpoint)],
+                           "--device", "cpu", "--batch", "4", "--read-threads", "2",
+                           "--pretrained", str(tiny_checkpoint)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -45,7 +45,8 @@ def test_help_and_version_exit_0():
 def test_commands_are_listed_in_workflow_order_with_whole_summaries():
     listing = dist_cache("--help").stdout
     section = listing[listing.index("Commands:"):]
-    found = [line.split()[0] for line in section.splitlines()[1:] if line.startswith("  ") and not line.startswith("   ")]
+    lines = section.splitlines()[1:]
+    found = [line.split()[0] for line in lines if line.startswith("  ") and not line.startswith("   ")]
     assert found == list(cli.COMMAND_ORDER) == list(cli.main.list_commands(click.Context(cli.main)))
     flat = " ".join(section.split())  # the listing wraps long summaries over lines, it never cuts them
     for name in cli.COMMAND_ORDER:
@@ -74,12 +75,14 @@ def test_dask_workers_keeps_its_old_spelling_hidden():
                                          "--workers", "2", "--dask-workers", "2"])
     assert both.exit_code == 2 and "old spelling" in both.output
     # train's and eval's --workers were DataLoader processes: now --decode-workers, the old spelling hidden.
-    for name, required in (("train", ["--cache", "c.zarr", "--out", "r"]), ("eval", ["--checkpoint", "x.pt", "--cache", "c.zarr"])):
+    for name, required in (("train", ["--cache", "c.zarr", "--out", "r"]),
+                           ("eval", ["--checkpoint", "x.pt", "--cache", "c.zarr"])):
         command = cli.main.commands[name]
         text = command.get_help(click.Context(command))
         assert "--decode-workers" in text and "--workers" not in text.replace("--decode-workers", "")
         both = CliRunner().invoke(cli.main, [name, *required, "--workers", "0", "--decode-workers", "1"])
-        assert both.exit_code == 2 and "--decode-workers and its old spelling were both given" in both.output, both.output
+        assert both.exit_code == 2, both.output
+        assert "--decode-workers and its old spelling were both given" in both.output
 
 
 # ------------------------------------------------------------------ --config
@@ -90,7 +93,7 @@ def extract_config(tmp_path):
     """An extract command that stops at its first check (the video root), after reading all its options."""
     (tmp_path / "m.csv").write_text("path,label\na.mp4,x\n")
 
-    def run(text: str, suffix: str, *args: str) -> "click.testing.Result":
+    def run(text: str, suffix: str, *args: str) -> click.testing.Result:
         path = tmp_path / f"c{suffix}"
         path.write_text(text)
         return CliRunner().invoke(cli.main, ["extract", "--config", str(path), *args])
@@ -126,7 +129,8 @@ def test_the_command_line_beats_the_config_file(tmp_path):
     # eval takes one too (YAML here).
     (tmp_path / "e.yaml").write_text("checkpoint: runs/x/best.pt\ncache: val.zarr\nbatch-size: 4\n")
     ctx = parsed("eval", "--config", str(tmp_path / "e.yaml"), "--batch-size", "8")
-    assert (ctx.params["checkpoint"], ctx.params["cache"], ctx.params["batch_size"]) == ("runs/x/best.pt", "val.zarr", 8)
+    assert (ctx.params["checkpoint"], ctx.params["cache"], ctx.params["batch_size"]) == \
+        ("runs/x/best.pt", "val.zarr", 8)
 
 
 @pytest.mark.parametrize("text, says", [

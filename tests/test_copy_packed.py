@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 import cli
 from pipelines.extract import ExtractOptions, extract
@@ -22,13 +22,13 @@ from storage.testing import make_schema, manifest, write_videos
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def run(*args: object) -> "click.testing.Result":
+def run(*args: object) -> Result:
     result = CliRunner().invoke(cli.main, list(map(str, args)))
     assert result.exit_code == 0, result.output
     return result
 
 
-def copy(*args: object) -> "click.testing.Result":
+def copy(*args: object) -> Result:
     return run("copy", *args)
 
 
@@ -100,7 +100,8 @@ def test_groups_wait_for_videos_the_source_has_not_extracted(tmp_path):
     schema = make_schema(num_videos=5, views=1)
     write_videos(str(tmp_path / "src.zarr"), schema, [0, 1, 3])
     first = copy(tmp_path / "src.zarr", tmp_path / "p.zarr", "--videos-per-shard", "2")
-    assert "copied 2 videos" in first.stdout and "2 not extracted in the source yet, 1 more wait for them" in first.stdout
+    assert "copied 2 videos" in first.stdout
+    assert "2 not extracted in the source yet, 1 more wait for them" in first.stdout
     progress = FeatureStore.open(tmp_path / "p.zarr")
     assert progress.progress() == {"done": 2, "failed": 0, "pending": 3} and progress.sample(1)["status"] == "done"
     write_videos(str(tmp_path / "src.zarr"), schema, [2, 4], finalize=True)
@@ -124,7 +125,8 @@ def test_training_and_evaluation_read_packed_copies(motion_dataset, tiny_checkpo
     """The same checkpoint scores the same on a packed copy as on its source; training runs from packed copies."""
     videos = str(motion_dataset / "videos")
     for name, csv, views, split in (("train", "train.csv", 2, "train"), ("val", "val.csv", 2, "test")):
-        extract(ExtractOptions(manifest=str(motion_dataset / csv), video_root=videos, out=str(tmp_path / f"{name}.zarr"),
+        extract(ExtractOptions(manifest=str(motion_dataset / csv), video_root=videos,
+                               out=str(tmp_path / f"{name}.zarr"),
                                model="dist-tiny", pretrained=str(tiny_checkpoint), frames=4, views=views, split=split,
                                decode_workers=1, device="cpu"), progress=False)
         copy(tmp_path / f"{name}.zarr", tmp_path / f"{name}-packed.zarr", "--videos-per-shard", "3")

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from dist_cache.errors import UserError
+from dist_cache.model import DiSTSwitches
 from pipelines.checkpoint import load_checkpoint
 from pipelines.extract import ExtractOptions, extract
 from pipelines.plots import read_metrics
-from dist_cache.model import DiSTSwitches
 from pipelines.train import TrainOptions, train, train_ranks
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -66,7 +66,8 @@ def test_a_rank_user_error_reaches_the_parent_as_one(motion_dataset, tmp_path: P
     # Skip the parent's checks, so the ranks (fresh spawned processes, not patched) meet the error themselves.
     monkeypatch.setattr(pipelines.train, "preflight", lambda opts, world=1: None)
     missing = tmp_path / "absent.zarr"
-    opts = TrainOptions(cache=str(missing), video_root=str(motion_dataset / "videos"), out=str(tmp_path / "run"), **SMALL)
+    opts = TrainOptions(cache=str(missing), video_root=str(motion_dataset / "videos"), out=str(tmp_path / "run"),
+                        **SMALL)
     with pytest.raises(UserError, match="--cache") as err:
         train_ranks(opts, 2)
     assert "\n" not in str(err.value) and str(missing) in str(err.value)
@@ -78,6 +79,8 @@ def test_torchrun_starts_the_cli_entry_point_on_every_rank(store, tmp_path: Path
 
     root = Path(__file__).resolve().parent.parent
     out = tmp_path / "torchrun"
+    # --standalone: a local rendezvous on a free port. (`--master_port 0` hands the ranks MASTER_PORT=0 to connect
+    # to the agent's store, and they wait there until the timeout.)
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli",
          "train", "--cache", store, "--out", str(out), "--epochs", "2", "--batch-size", "4", "--warmup-epochs", "1",

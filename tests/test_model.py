@@ -146,7 +146,8 @@ def test_forward_shape_every_block_option(backbone, t_block, psi, phi):
 SWITCHES = ("temporal", "integration", "integ_to_temp", "temp_to_integ")
 
 
-@pytest.mark.parametrize("values", list(itertools.product((True, False), repeat=4)), ids=lambda v: "-".join(str(int(x)) for x in v))
+@pytest.mark.parametrize("values", list(itertools.product((True, False), repeat=4)),
+                         ids=lambda v: "-".join(str(int(x)) for x in v))
 def test_forward_shape_every_switch(backbone, values):
     switches = dict(zip(SWITCHES, values))
     config = make_config(backbone, **switches)
@@ -160,7 +161,10 @@ def test_forward_shape_every_switch(backbone, values):
     assert (dist.temporal is None) == (not config.switches.temporal)
     assert (dist.integration is None) == (not config.switches.integration)
     both = config.switches.temporal and config.switches.integration
-    expected_psi = set(map(str, range(L))) if both and config.switches.temp_to_integ else ({str(L - 1)} if config.switches.temporal else set())
+    if both and config.switches.temp_to_integ:
+        expected_psi = set(map(str, range(L)))
+    else:
+        expected_psi = {str(L - 1)} if config.switches.temporal else set()
     expected_phi = set(map(str, range(L - 1))) if both and config.switches.integ_to_temp else set()
     assert set(dist.psi.keys()) == expected_psi
     assert set(dist.phi.keys()) == expected_phi  # never a Φ for the last layer (its output is discarded)

@@ -103,7 +103,8 @@ def train_and_evaluate(backbone, data, seed: int = 0, max_steps: int = 250, amp:
     gen = torch.Generator().manual_seed(seed)
     text = torch.randn(2, backbone.embed_dim, generator=gen)  # fixed class embeddings, like CLIP's text ones
     torch.manual_seed(seed)
-    config = DiSTConfig.from_backbone(backbone.describe(), num_frames=T, gamma=GAMMA, alpha_dim=32, beta_dim=16, **overrides)
+    config = DiSTConfig.from_backbone(backbone.describe(), num_frames=T, gamma=GAMMA, alpha_dim=32, beta_dim=16,
+                                      **overrides)
     model = DiST(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 30))

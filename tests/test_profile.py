@@ -22,7 +22,7 @@ def test_vit_b16_default_matches_the_paper(vit_b16):
     assert r["paper_gflops"] == 163.1
     assert abs(r["gflops"] / 163.1 - 1) < 0.03
     assert abs(r["gflops_paper_convention"] / 163.1 - 1) < 0.03
-    # The reference's extra patch embedding of the 8 non-CLIP dense frames (dist-reference.md §6: 0.92 G).
+    # The reference's extra patch embedding of the 8 non-CLIP dense frames (docs/MODEL.md, "FLOPs": 0.92 G).
     assert r["gflops_dense_patch_embed"] == pytest.approx(0.92, abs=0.01)
     assert r["gflops_paper_convention"] == pytest.approx(r["gflops"] + r["gflops_dense_patch_embed"])
     # Attention is counted: 17.56 GMACs per ViT-B/16 frame, not the 16.85 a fast-path count gives.
@@ -68,7 +68,8 @@ def test_switches_change_what_is_counted():
     full = profile_dist("dist-tiny", frames=4, alpha_dim=32, beta_dim=16)
     spatial_only = profile_dist("dist-tiny", frames=4, alpha_dim=32, beta_dim=16, temporal=False, integration=False)
     no_temporal = profile_dist("dist-tiny", frames=4, alpha_dim=32, beta_dim=16, temporal=False)
-    assert spatial_only["gflops_by_part"]["temporal_encoder"] == 0 == spatial_only["gflops_by_part"]["integration_branch"]
+    by_part = spatial_only["gflops_by_part"]
+    assert by_part["temporal_encoder"] == 0 == by_part["integration_branch"]
     assert spatial_only["gflops_dense_patch_embed"] == 0  # no dense frames without a temporal encoder
     assert no_temporal["gflops_by_part"]["temporal_encoder"] == 0 < no_temporal["gflops_by_part"]["integration_branch"]
     assert spatial_only["gflops_by_part"]["clip"] == full["gflops_by_part"]["clip"]

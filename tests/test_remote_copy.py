@@ -3,12 +3,11 @@ and pulling a store over HTTP from a loopback server."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 import cli
 from servers import serve
@@ -25,7 +24,7 @@ def source(tmp_path_factory) -> Path:
     return root
 
 
-def run_cli(*args: object) -> "click.testing.Result":
+def run_cli(*args: object) -> Result:
     return CliRunner().invoke(cli.main, [str(a) for a in args])
 
 
@@ -51,7 +50,8 @@ def test_copy_layer_subset_fp16_exact_and_int8(source, tmp_path):
     result = run_cli("copy", source / "src.zarr", tmp_path / "l12.zarr", "--layers", "1,2")
     assert result.exit_code == 0 and "copied 3 videos" in result.output and "failed 1" in result.output
     assert_copied(src, FeatureStore.open(tmp_path / "l12.zarr"), [1, 2], rtol=0)
-    assert run_cli("copy", source / "src.zarr", tmp_path / "q.zarr", "--layers", "last:1", "--dtype", "int8").exit_code == 0
+    assert run_cli("copy", source / "src.zarr", tmp_path / "q.zarr", "--layers", "last:1", "--dtype",
+                   "int8").exit_code == 0
     q = FeatureStore.open(tmp_path / "q.zarr")
     assert q.schema.dtype == "int8"
     assert_copied(src, q, [2], rtol=0.02)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 import cli
 from dist_cache.errors import UserError
@@ -76,7 +76,7 @@ def test_http_headers_pass_through_storage_options(tiny_store, tmp_path):
     copied_equal(tiny_store / "s.zarr", tmp_path / "c.zarr")
 
 
-def run_cli(*args: object) -> "click.testing.Result":
+def run_cli(*args: object) -> Result:
     result = CliRunner().invoke(cli.main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     return result
@@ -145,7 +145,7 @@ def test_transient_failures_are_retried(tiny_store, tmp_path, quick_retries, act
     copied_equal(tiny_store / "s.zarr", tmp_path / "c.zarr")
 
 
-def error_lines(result: "click.testing.Result") -> list[str]:
+def error_lines(result: Result) -> list[str]:
     assert "Traceback" not in result.output and not isinstance(result.exception, Exception) or \
         isinstance(result.exception, SystemExit), result.output
     return [line for line in result.stderr.splitlines() if line.startswith("error: ")]

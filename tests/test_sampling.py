@@ -232,7 +232,8 @@ def test_normalize_frames(noise):
     frames = torch.from_numpy(noise[:6, :32, :32]).reshape(2, 3, 32, 32, 3)  # (B, T, R, R, 3)
     out = normalize_frames(frames, MEAN, STD)
     assert out.dtype == torch.float32 and out.shape == (2, 3, 3, 32, 32) and out.is_contiguous()
-    expected = (frames.permute(0, 1, 4, 2, 3).double() / 255 - torch.tensor(MEAN, dtype=torch.float64).view(3, 1, 1)) / (
+    expected = (frames.permute(0, 1, 4, 2, 3).double() / 255 - torch.tensor(MEAN, dtype=torch.float64).view(3, 1,
+                                                                                                            1)) / (
         torch.tensor(STD, dtype=torch.float64).view(3, 1, 1))
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=0)
     half = normalize_frames(frames, MEAN, STD, dtype=torch.bfloat16)

@@ -18,8 +18,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from dist_cache.errors import UserError
-from storage import FeatureStore, SampleNotDoneError, StoreNotFoundError, StoreWriter, dequantize_int8, \
-    quantize_int8
+from storage import FeatureStore, SampleNotDoneError, StoreNotFoundError, StoreWriter, dequantize_int8, quantize_int8
 from storage.testing import make_schema, manifest, open_writer, read_in_child, video_data, write_videos
 
 
@@ -55,7 +54,8 @@ def test_fp16_round_trip_exact(tmp_path):
     write_videos(str(tmp_path / "s.zarr"), schema, range(4))
     store = FeatureStore.open(tmp_path / "s.zarr")
     assert len(store) == 8 and store.schema.num_videos == 4 and store.schema.views_per_video == 2
-    assert store.schema.layers == (0, 1) and store.schema.num_frames == 4 and store.schema.backbone["model"] == "dist-tiny"
+    assert store.schema.layers == (0,
+                                   1) and store.schema.num_frames == 4 and store.schema.backbone["model"] == "dist-tiny"
     for i in range(8):
         got = store.features(i)
         assert got.dtype == np.float16 and got.shape == (2, 4, 17, 64)
@@ -397,7 +397,8 @@ def test_many_records_are_gathered_in_order(tmp_path):
     assert partial.status.tolist() == expect
     assert w.finalize()["pending"] == 5
     write_videos(str(tmp_path / "s.zarr"), schema, range(85, 90), fail=fail)
-    shard_bytes = sum(p.stat().st_size for a in ("features", "clip_embeddings") for p in (tmp_path / "s.zarr" / a).glob("c.*"))
+    shard_bytes = sum(p.stat().st_size for a in ("features",
+                                                 "clip_embeddings") for p in (tmp_path / "s.zarr" / a).glob("c.*"))
     assert w.finalize() == {"done": 90 - len(fail), "failed": len(fail), "pending": 0, "bytes": shard_bytes,
                             "complete": True}
     store = FeatureStore.open(tmp_path / "s.zarr")

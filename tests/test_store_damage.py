@@ -140,7 +140,7 @@ def test_impossible_counts_are_one_line_errors_before_allocating(store_copy):
     drop_consolidated(root)
     edit_json(root / "samples/status/zarr.json", lambda m: m.update(shape=[10**11]))
     with pytest.raises(StoreDamagedError, match=r"samples/status \(shape \[100000000000\]\) does not have the layout"):
-        FeatureStore.open(root).status
+        _ = FeatureStore.open(root).status
     edit_json(root / "zarr.json", lambda m: m["attributes"]["dist_cache"].update(num_videos=10**12))
     with pytest.raises(StoreDamagedError, match="num_videos must be an int in") as err:
         FeatureStore.open(root)
@@ -172,8 +172,9 @@ def test_video_paths_that_leave_the_root_are_refused(store_copy, path):
     values = arr[...]
     values[5] = path
     arr[...] = values
-    with pytest.raises(UserError, match=r"videos/path row 5: video path .* is not a relative path inside the video root"):
-        FeatureStore.open(root).videos
+    with pytest.raises(UserError,
+                       match=r"videos/path row 5: video path .* is not a relative path inside the video root"):
+        _ = FeatureStore.open(root).videos
 
 
 def test_damaged_table_chunk_fails_its_checksum(store_copy):

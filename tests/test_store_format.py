@@ -17,7 +17,6 @@ from dist_cache.sampling import ViewPlan, dense_indices, dense_subset
 from storage import FeatureStore, RawSample, StoreSchema, layout
 from storage.shards import MISSING, ShardFormat
 from storage.testing import make_schema, open_writer, video_data, video_frames, write_videos
-
 from test_store import CountingStore
 
 

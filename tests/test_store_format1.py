@@ -19,7 +19,6 @@ import cli
 from storage import FeatureStore, StoreMismatchError, StoreWriter
 from storage.schema import canonical_json, videos_sha256
 from storage.testing import make_schema, manifest, video_data
-
 from test_store_resume import snapshot
 
 KEYS_NEW_IN_2 = ("precision", "dense_frames")

@@ -15,7 +15,6 @@ import pytest
 
 from storage import FeatureStore, StoreWriteError
 from storage.testing import make_schema, open_writer, video_data, write_videos
-
 from test_store_resume import tree_bytes
 
 
@@ -43,17 +42,6 @@ def test_file_size_limit_is_a_write_error_and_the_store_resumes(tmp_path):
     assert not list(root.rglob("*.partial"))  # the half-written shard was removed
     assert w.pending() == [1, 2]  # no record: not failed, still to do
     resume_and_compare(root, schema, tmp_path)
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    mount = tmp_path / "mnt"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def remount(mount: Path, options: str) -> None:

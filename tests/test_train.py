@@ -13,8 +13,8 @@ from dist_cache.errors import UserError
 from dist_cache.model import DiST, DiSTConfig, DiSTSwitches
 from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.data import EpochSampler
-from pipelines.plots import read_metrics
 from pipelines.optim import lr_at, param_groups, restore_scaler
+from pipelines.plots import read_metrics
 
 # 7 videos x 3 views; video 2 failed at extraction (no usable view), video 5 has only views 0 and 2.
 USABLE = np.array([i for i in range(21) if i // 3 != 2 and i != 16])
@@ -203,7 +203,7 @@ def test_train_step_keeps_the_loss_in_fp32_and_learns_under_bf16_as_in_fp32():
     for amp in (None, torch.bfloat16):  # CPU autocast stands in for the GPU's
         model = _step_model(amp)
         seen = []
-        model.net.integration.fcs[0].register_forward_hook(lambda mod, inputs, out: seen.append(out.dtype))
+        model.net.integration.fcs[0].register_forward_hook(lambda mod, inputs, out, seen=seen: seen.append(out.dtype))
         losses[amp] = [train_step(model, batch, ranks, None, s) for s in range(15)]
         assert all(isinstance(v, float) for v in losses[amp])
         if amp is not None:

@@ -34,7 +34,8 @@ from pipelines.train import TrainOptions, train
 from storage import FeatureStore, SampleStatus
 
 # A small branch and batch, so every run takes seconds on two CPU cores.
-SMALL = dict(switches=DiSTSwitches(alpha_dim=32, beta_dim=16, pool_blocks=1), batch_size=4, decode_workers=0, warmup_epochs=1,
+SMALL = dict(switches=DiSTSwitches(alpha_dim=32, beta_dim=16, pool_blocks=1), batch_size=4, decode_workers=0,
+             warmup_epochs=1,
              log_every=1)
 
 
@@ -66,7 +67,8 @@ def stores(tmp_path_factory, motion_dataset, tiny_checkpoint):
         "root": root,
         "videos": str(videos),
         "other_checkpoint": other_checkpoint,
-        "train": _extract(motion_dataset / "train.csv", videos, root / "train.zarr", tiny_checkpoint, views=2, split="train"),
+        "train": _extract(motion_dataset / "train.csv", videos, root / "train.zarr", tiny_checkpoint, views=2,
+                          split="train"),
         "val": _extract(motion_dataset / "val.csv", videos, root / "val.zarr", tiny_checkpoint, views=3, split="test"),
         "broken": _extract(broken_csv, videos, root / "broken.zarr", tiny_checkpoint, views=3, split="test"),
         "layer1": _extract(one_csv, videos, root / "layer1.zarr", tiny_checkpoint, views=1, split="test", layers="1"),
@@ -89,7 +91,8 @@ def test_train_recipe_from_the_cli_is_printed_and_recorded(stores, tmp_path):
     import cli
 
     out = tmp_path / "k400"
-    args = ["train", "--cache", stores["train"], "--video-root", stores["videos"], "--out", str(out), "--recipe", "k400",
+    args = ["train", "--cache", stores["train"], "--video-root", stores["videos"], "--out", str(out), "--recipe",
+            "k400",
             "--alpha-dim", "32", "--beta-dim", "16", "--epochs", "1", "--batch-size", "4", "--workers", "0",
             "--warmup-epochs", "1", "--device", "cpu"]
     result = CliRunner().invoke(cli.main, args, catch_exceptions=False)
@@ -228,7 +231,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(stores, tmp_path):
         options["switches"] = DiSTSwitches(**options["switches"])
         train_mod.train(train_mod.TrainOptions(**options), progress=False)
     """))
-    child = subprocess.Popen([sys.executable, str(driver), json.dumps({**common, "switches": common["switches"].to_dict(), "out": str(killed)})],
+    child = subprocess.Popen([sys.executable, str(driver),
+                              json.dumps({**common, "switches": common["switches"].to_dict(), "out": str(killed)})],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 180
@@ -281,15 +285,18 @@ def test_store_and_run_mismatches_fail_before_training(stores, run, tmp_path):
     shutil.copytree(stores["videos"], partial)
     store = FeatureStore.open(stores["train"])
     usable = np.flatnonzero(store.status == SampleStatus.DONE)
-    gone = store.videos[int(usable[-1]) // store.schema.views_per_video]  # every video is looked for, not the first only
+    # every video is looked for, not the first only
+    gone = store.videos[int(usable[-1]) // store.schema.views_per_video]
     (partial / gone).unlink()
     with pytest.raises(UserError, match=f"--video-root .* has no {gone} \\(1 of the \\d+ videos"):
         train(TrainOptions(cache=stores["train"], video_root=str(partial), out=out, **SMALL), progress=False)
     with pytest.raises(UserError, match="missing"):
-        evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["layer1"], video_root=stores["videos"], decode_workers=0),
+        evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["layer1"], video_root=stores["videos"],
+                             decode_workers=0),
                  progress=False)
     with pytest.raises(UserError, match="weights_sha256"):
-        evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["other"], video_root=stores["videos"], decode_workers=0),
+        evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["other"], video_root=stores["videos"],
+                             decode_workers=0),
                  progress=False)
     assert not (tmp_path / "x").exists()
 
@@ -348,7 +355,8 @@ def test_zero_shot_eval_on_another_label_set(stores, run, tiny_checkpoint, tmp_p
         evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["val"], video_root=stores["videos"],
                              classes=str(missing), pretrained=str(tiny_checkpoint), decode_workers=0), progress=False)
     # The text tower's weights must be those the store was extracted with.
-    for weights, why in ((tmp_path / "absent.pt", "no such checkpoint file"), (stores["other_checkpoint"], "differs from the store")):
+    for weights, why in ((tmp_path / "absent.pt", "no such checkpoint file"),
+                         (stores["other_checkpoint"], "differs from the store")):
         with pytest.raises(UserError, match=why):
             evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["val"], video_root=stores["videos"],
                                  classes=str(other), pretrained=str(weights), decode_workers=0), progress=False)

@@ -12,14 +12,13 @@ import torch
 from click.testing import CliRunner
 
 import cli
+from dense_stores import extract_with_frames
 from pipelines.checkpoint import load_checkpoint
 from pipelines.data import BatchLoader, DecodedFrames, EpochSampler, StoredFrames
 from pipelines.evaluate import EvalOptions, evaluate
 from pipelines.extract import ExtractOptions, extract
 from pipelines.plots import read_metrics
 from storage import FeatureStore, SampleStatus
-
-from dense_stores import extract_with_frames
 
 # The demo's task at small scale: no flips (a mirrored "left" is a "right"), crops keeping most of the frame.
 TRAIN_VIEWS = dict(views=2, split="train", flip_p=0.0, scale=(0.8, 1.0))
@@ -72,7 +71,8 @@ def test_stored_frames_are_the_decoded_frames(stores, gamma):
 
 def test_training_on_stored_frames_without_the_videos_matches_decoding(stores, tmp_path):
     runner = CliRunner()
-    decoded = runner.invoke(cli.main, ["train", "--cache", stores["train"], "--val-cache", stores["val"], "--video-root",
+    decoded = runner.invoke(cli.main,
+                            ["train", "--cache", stores["train"], "--val-cache", stores["val"], "--video-root",
                                        str(stores["videos"]), "--out", str(tmp_path / "decoded"), *RUN],
                             catch_exceptions=False)
     assert decoded.exit_code == 0, decoded.output
@@ -81,7 +81,8 @@ def test_training_on_stored_frames_without_the_videos_matches_decoding(stores, t
     gone = stores["root"] / "videos-gone"
     shutil.move(stores["videos"], gone)  # a store alone is enough to train DiST
     try:
-        stored = runner.invoke(cli.main, ["train", "--cache", stores["train_frames"], "--val-cache", stores["val_frames"],
+        stored = runner.invoke(cli.main,
+                               ["train", "--cache", stores["train_frames"], "--val-cache", stores["val_frames"],
                                           "--out", str(tmp_path / "stored"), *RUN], catch_exceptions=False)
         assert stored.exit_code == 0, stored.output
         assert "dense frames: read from the store (gamma 2 of its stored 2)" in stored.output

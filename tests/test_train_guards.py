@@ -63,7 +63,8 @@ def test_a_non_finite_loss_stops_the_run_before_any_update_or_checkpoint(stores,
                              "--save-every", "1", *FEATURES_ONLY)
     assert code == 2, output
     last = output.splitlines()[-1]
-    found = re.match(r"error: step (\d+): the loss is not finite for samples \d+ \(video \d+ \w+/\d+\.mp4, view \d\)", last)
+    found = re.match(r"error: step (\d+): the loss is not finite for samples \d+ \(video \d+ \w+/\d+\.mp4, view \d\)",
+                     last)
     assert found and "nothing was updated or saved" in last, output
     ckpt = load_checkpoint(out / "last.pt")  # the step before's, saved before the bad step: never a NaN weight
     assert ckpt["step"] == int(found[1]) - 1 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
@@ -127,11 +128,13 @@ def test_online_clip_runs_in_the_stores_precision_where_the_device_can():
 
 def test_eval_warns_when_the_checkpoint_was_chosen_on_the_evaluated_store(stores, tmp_path):
     out = tmp_path / "run"
-    code, output = cli_train("--cache", stores["train"], "--val-cache", stores["val"], "--out", str(out), "--epochs", "1",
+    code, output = cli_train("--cache", stores["train"], "--val-cache", stores["val"], "--out", str(out), "--epochs",
+                             "1",
                              *FEATURES_ONLY)
     assert code == 0, output
     best = load_checkpoint(out / "best.pt")
-    assert best["chosen_on"]["fingerprint"] == best["val_store"]["fingerprint"] == FeatureStore.open(stores["val"]).fingerprint
+    val_fingerprint = FeatureStore.open(stores["val"]).fingerprint
+    assert best["chosen_on"]["fingerprint"] == best["val_store"]["fingerprint"] == val_fingerprint
     result = CliRunner().invoke(cli.main, ["eval", "--checkpoint", str(out / "best.pt"), "--cache",
                                                            stores["val"], "--device", "cpu"])
     assert result.exit_code == 0, result.output
@@ -184,7 +187,8 @@ def test_tensorboard_and_wandb_get_the_runs_scalars(stores, tmp_path, monkeypatc
     out = tmp_path / "run"
     from dist_cache.model import DiSTSwitches
 
-    train(TrainOptions(cache=stores["train"], val_cache=stores["val"], out=str(out), epochs=2, log_every=1, batch_size=4,
+    train(TrainOptions(cache=stores["train"], val_cache=stores["val"], out=str(out), epochs=2, log_every=1,
+                       batch_size=4,
                        switches=DiSTSwitches(temporal=False, integ_to_temp=False, temp_to_integ=False, alpha_dim=32,
                                              beta_dim=16, pool_blocks=1),
                        warmup_epochs=1, device="cpu", report_to=tuple(reporters)), progress=False)
@@ -196,7 +200,8 @@ def test_tensorboard_and_wandb_get_the_runs_scalars(stores, tmp_path, monkeypatc
     assert {"train/loss", "train/lr", "train/clips_per_s", "train/epoch_loss", "val/top1", "val/top5"} <= set(scalars)
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [e.value for e in events.Scalars("val/top1")] == pytest.approx([r["val_top1"] for r in metrics if "val_top1" in r])
+    val_top1 = [r["val_top1"] for r in metrics if "val_top1" in r]
+    assert [e.value for e in events.Scalars("val/top1")] == pytest.approx(val_top1)
     if "wandb" in reporters:
         rows = _wandb_history(out)
         assert [r["train/loss"] for r in rows if "train/loss" in r] == pytest.approx(

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 import cli
 from pipelines.copy import copy_store
@@ -38,7 +38,7 @@ def store(finished, tmp_path) -> Path:
     return tmp_path / "s.zarr"
 
 
-def verify(*args: object) -> "click.testing.Result":
+def verify(*args: object) -> Result:
     result = CliRunner().invoke(cli.main, ["verify", *map(str, args)])
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     assert "Traceback" not in result.output
@@ -77,7 +77,8 @@ def test_damage_is_a_finding_naming_the_video_and_the_fix(store, damage, video, 
     result = verify(store, *(["--deep"] if deep else []))
     assert result.exit_code == 1, result.output
     damaged = [line for line in result.stdout.splitlines() if line.strip().startswith("damaged:")]
-    assert len(damaged) == 1 and damaged[0].startswith(f"  damaged: video {video} (class{video % 3}/video_{video:03d}.mp4): "
+    assert len(damaged) == 1 and damaged[0].startswith(f"  damaged: video {video} "
+                                                       f"(class{video % 3}/video_{video:03d}.mp4): "
                                                        f"{found}"), damaged
     problem = [line for line in result.stdout.splitlines() if "problem:" in line]
     assert problem == ["  problem: 1 video(s) damaged; rerun the extract command with --repair: "

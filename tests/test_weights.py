@@ -227,5 +227,6 @@ def test_only_the_expected_log_message_is_quietened(caplog):
     with caplog.at_level(logging.WARNING), without_log_message("No pretrained weights loaded"):
         logging.warning("No pretrained weights loaded for model 'x'. Model initialized randomly.")
         logging.warning("QuickGELU mismatch between final model config and pretrained tag")
-    assert [r.getMessage() for r in caplog.records] == ["QuickGELU mismatch between final model config and pretrained tag"]
+    assert [r.getMessage() for r in caplog.records] == ["QuickGELU mismatch between final model config "
+                                                        "and pretrained tag"]
     assert root.filters == filters

@@ -38,7 +38,7 @@ def init_reference_weights(module: nn.Module) -> None:
     """The reference's `_init_weights`: every Conv and Linear (MHA out_proj included) trunc-normal std .02, bias 0.
 
     LayerNorms keep (1, 0), the MHA in_proj keeps PyTorch's xavier-uniform, and nothing is zero-initialised,
-    so the branch perturbs the CLIP path from the first step (dist-reference.md §3, "init").
+    so the branch perturbs the CLIP path from the first step (docs/MODEL.md, "Structure").
     """
     for sub in module.modules():
         if isinstance(sub, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose3d)):

@@ -98,7 +98,7 @@ class DiSTConfig:
         return {**shapes, "layers": list(self.layers), "switches": self.switches.to_dict()}
 
     @classmethod
-    def from_dict(cls, data: Any) -> "DiSTConfig":
+    def from_dict(cls, data: Any) -> DiSTConfig:
         """Validate a recorded config (a checkpoint's, i.e. possibly a stranger's): one-line ConfigError on anything
         unknown, missing, mistyped or out of bounds. dist-cache 0.1 wrote the switches flat beside the shapes;
         those checkpoints still load."""
@@ -124,7 +124,7 @@ class DiSTConfig:
 
     @classmethod
     def from_backbone(cls, record: dict[str, Any], num_frames: int, layers: list[int] | None = None,
-                      switches: DiSTSwitches | None = None, **overrides: Any) -> "DiSTConfig":
+                      switches: DiSTSwitches | None = None, **overrides: Any) -> DiSTConfig:
         """Shape a config after a backbone record (`Backbone.describe()`, or a store's `backbone`): width,
         patch, resolution, text space; every block unless `layers` says otherwise. `overrides` change single
         switches of `switches` (default: the reference's)."""

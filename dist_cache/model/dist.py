@@ -1,6 +1,6 @@
 """DiST: the trainable branch over frozen CLIP features, and OnlineDiST, which computes those features live.
 
-`DiST.forward` is the reference's per-layer loop (dist-reference.md §3), in its exact order:
+`DiST.forward` is the reference's per-layer loop (docs/MODEL.md, "Structure"), in its exact order:
 
     Z = stem(V); R = 0
     for each integrated layer l:
@@ -25,10 +25,10 @@ from torch import nn
 
 from dist_cache.model.common import init_reference_weights, without_autocast
 from dist_cache.model.config import DiSTConfig
-from dist_cache.model.switches import ConfigError
 from dist_cache.model.integration import IntegrationBranch
 from dist_cache.model.interaction import Phi, Psi
 from dist_cache.model.pooling import VideoHead
+from dist_cache.model.switches import ConfigError
 from dist_cache.model.temporal import TemporalEncoder
 
 
@@ -150,7 +150,9 @@ def check_branch_state(config: DiSTConfig, state: object, what: str = "checkpoin
     Checked against a build on the meta device, before the branch is built for real: a malformed checkpoint
     (missing or extra tensors, wrong shapes) allocates nothing.
     """
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
         raise ConfigError(f"{what}: the branch weights are not a mapping of names to tensors; the file is damaged")
     with torch.device("meta"):
         expected = DiST(config).state_dict()

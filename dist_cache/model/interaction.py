@@ -1,7 +1,7 @@
 """Ψ (temporal encoder -> integration branch) and Φ (integration branch -> temporal encoder), paper Eq. 5-6.
 
 Both agree on one alignment: sparse slot k (CLIP frame = dense frame γk) corresponds to the dense window
-γk .. γk+γ-1. Ψ reads that window, and nearest-mode Φ writes back onto it (dist-reference.md §3).
+γk .. γk+γ-1. Ψ reads that window, and nearest-mode Φ writes back onto it (docs/MODEL.md, "Structure").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""AdaPooling and the video embedding head (dist-reference.md §4)."""
+"""AdaPooling and the video embedding head (paper §3.4, Eq. 7; docs/MODEL.md, "Structure")."""
 
 from __future__ import annotations
 

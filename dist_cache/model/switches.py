@@ -76,7 +76,7 @@ class DiSTSwitches:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Any, what: str = "DiST switches") -> "DiSTSwitches":
+    def from_dict(cls, data: Any, what: str = "DiST switches") -> DiSTSwitches:
         """Validate a recorded dict (a checkpoint's): unknown keys are refused, missing ones take the default."""
         if not isinstance(data, dict):
             raise ConfigError(f"{what} must be a JSON object, not {type(data).__name__}")
@@ -85,7 +85,7 @@ class DiSTSwitches:
             raise ConfigError(f"{what} has unknown keys {unknown[:5]}; it was written by a different version")
         return cls(**data)
 
-    def replace(self, **changes: Any) -> "DiSTSwitches":
+    def replace(self, **changes: Any) -> DiSTSwitches:
         """A copy with `changes` applied, validated like any other."""
         unknown = sorted(set(changes) - set(SWITCH_NAMES))
         if unknown:

@@ -1,7 +1,7 @@
 """The temporal encoder: a 3D patch stem over the gamma*T dense frames and one T-Block per integrated layer.
 
 Features stay (B, βC, γT, h, w) throughout: no temporal or spatial downsampling after the stem, so the grid
-matches CLIP's patch grid and Ψ/Φ only need to change the time axis and the width (dist-reference.md §2).
+matches CLIP's patch grid and Ψ/Φ only need to change the time axis and the width (docs/MODEL.md, "Structure").
 """
 
 from __future__ import annotations
