@@ -19,6 +19,7 @@ BENCHMARKS = ROOT / "benchmarks"
 # Benchmarks whose --quick run needs inputs that another test builds (a store, videos, a checkpoint), or that have
 # a test checking their report in detail: that test runs them with --quick, and they are not run twice.
 QUICK_ELSEWHERE = {
+    "augmentation_cost": "test_benchmark_augmentation_cost.py",
     "decode_pool": "test_benchmark_decode_pool.py",
     "gpu_extract": "test_benchmark_gpu_extract.py",
     "gpu_train": "test_benchmark_gpu_train.py",
