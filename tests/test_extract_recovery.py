@@ -59,7 +59,9 @@ def test_a_full_disk_stops_the_run_and_the_rerun_finishes_it(small_disk, clean, 
     assert full.exit_code == 2
     assert error_line(full.output) == f"error: disk full writing {out}: free space and rerun"
     progress = FeatureStore.open(out).progress()
-    assert progress["failed"] == 0 and 0 < progress["pending"] < 8  # a write error is no video's failure
+    # A write error is no video's failure. Four writer threads fill the disk together, so whether any video was
+    # whole before it filled depends on their timing: only that some are left pending is certain.
+    assert progress["failed"] == 0 and progress["pending"] > 0
     remount(small_disk, "size=8m")
     rerun = run(*args(motion_dataset, out, tiny_checkpoint, "--dense-frames"))
     assert rerun.exit_code == 0, rerun.output
