@@ -54,6 +54,12 @@ DECODE_PRELOAD = ("pipelines.prepare",)
 # If this many videos fail to decode before any is stored, the input is wrong (a wrong --video-root, a garbage
 # manifest): stop before recording hundreds of thousands of failures.
 FIRST_FAILURES_LIMIT = 100
+
+
+def first_failures_error(count: int, first_error: str, then: str = "") -> UserError:
+    """The input is wrong: the first `count` videos all failed to decode. `then`: what to do after fixing it."""
+    return UserError(f"the first {count} videos all failed to decode (first error: "
+                     f"{first_error.splitlines()[0][:300]}): check --video-root and --manifest{then}")
 MAX_SEED = 2**63 - 1
 
 
@@ -274,9 +280,7 @@ class _RunState:
                 return
             self.held.append((video_index, message))
             if len(self.held) >= FIRST_FAILURES_LIMIT:
-                self.error = self.error or UserError(
-                    f"the first {len(self.held)} videos all failed to decode (first error: "
-                    f"{self.held[0][1].splitlines()[0][:300]}): check --video-root and --manifest")
+                self.error = self.error or first_failures_error(len(self.held), self.held[0][1])
 
     def write_failed(self, video_index: int, message: str) -> None:
         with self.lock:

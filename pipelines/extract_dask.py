@@ -79,7 +79,7 @@ def connect(workers: int | None, scheduler: str | None) -> Iterator[distributed.
     from distributed import Client, LocalCluster
 
     if (workers is None) == (scheduler is None):
-        raise UserError("pass exactly one of --workers N (a local cluster) and --scheduler ADDRESS")
+        raise UserError("pass exactly one of --dask-workers N (a local cluster) and --scheduler ADDRESS")
     if scheduler is not None:
         with Client(scheduler) as client:
             yield client
@@ -122,7 +122,7 @@ def extract_on_cluster(opts: ExtractOptions, client, *, chunk_videos: int = DEFA
     from distributed import as_completed
     from tqdm import tqdm
 
-    from pipelines.extract import FIRST_FAILURES_LIMIT, Extractor, ExtractSummary
+    from pipelines.extract import FIRST_FAILURES_LIMIT, Extractor, ExtractSummary, first_failures_error
 
     if chunk_videos < 1:
         raise ValueError("chunk_videos must be at least 1")
@@ -152,9 +152,8 @@ def extract_on_cluster(opts: ExtractOptions, client, *, chunk_videos: int = DEFA
             future.release()
             if not summary.stored and summary.failed >= FIRST_FAILURES_LIMIT:
                 client.cancel(list(futures))
-                raise UserError(f"the first {summary.failed} videos all failed to decode (first error: "
-                                f"{summary.failures[0][1].splitlines()[0][:300]}): check --video-root and --manifest, "
-                                f"then rerun with --retry-failed (their failures are recorded)")
+                raise first_failures_error(summary.failed, summary.failures[0][1],
+                                           ", then rerun with --retry-failed (their failures are recorded)")
     final = writer.finalize()
     summary.complete = bool(final["complete"])
     summary.store_failed = int(final["failed"])
@@ -164,7 +163,7 @@ def extract_on_cluster(opts: ExtractOptions, client, *, chunk_videos: int = DEFA
 
 def extract_distributed(opts: ExtractOptions, *, workers: int | None, scheduler: str | None,
                         chunk_videos: int = DEFAULT_CHUNK_VIDEOS, progress: bool = True) -> ExtractSummary:
-    """`dist-cache extract --workers N | --scheduler ADDRESS`."""
+    """`dist-cache extract --dask-workers N | --scheduler ADDRESS`."""
     from dist_cache.decode_pool import auto_workers
     from pipelines.extract import check_options
 

@@ -60,8 +60,7 @@ def _os_write_error(store: str, err: OSError) -> StoreWriteError:
         return StoreWriteError(f"permission denied writing {store}: fix the permissions or use another --out, "
                                f"then rerun")
     # s3fs turns a remote's 5xx (after retries) into an OSError carrying the server's message as strerror.
-    text = str(err).strip()
-    reason = (err.strerror or (text.splitlines()[0] if text else type(err).__name__)).rstrip(".")
+    reason = (err.strerror or first_line(err)).rstrip(".")
     return StoreWriteError(f"cannot write store {store}: {reason}; check the storage and rerun")
 
 
