@@ -42,8 +42,8 @@ class ReaugmentedFrames(DecodedFrames):
 
     def __init__(self, store: FeatureStore, video_root: str | Path, gamma: int, *, seed: int,
                  workers: int | Literal["auto"] = "auto", timeout: float = 120.0):
+        check_reaugmentable(store, "--cache")  # before the decode pool starts its processes
         super().__init__(store, video_root, gamma, workers=workers, timeout=timeout)
-        check_reaugmentable(store, "--cache")
         self.seed = seed
         sampling = store.schema.sampling
         self.sampling = {key: tuple(sampling[key]) if key in ("scale", "ratio") else float(sampling[key])
