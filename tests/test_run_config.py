@@ -36,7 +36,7 @@ def test_config_toml_repeats_the_run(train_store, motion_dataset, tmp_path):
     first = tmp_path / "first"
     train("--cache", train_store, "--video-root", motion_dataset / "videos", "--out", first, "--recipe", "k400",
           "--alpha-dim", "32", "--beta-dim", "16", "--no-integ-to-temp", "--epochs", "2", "--batch-size", "4",
-          "--workers", "0", "--warmup-epochs", "1", "--log-every", "1", "--seed", "3", "--device", "cpu",
+          "--decode-workers", "0", "--warmup-epochs", "1", "--log-every", "1", "--seed", "3", "--device", "cpu",
           "--storage-options", "{}")
     recorded = read_config(first / "config.toml")
     # Resolved: the recipe's switch, the defaults, the flags as typed; never the one-off or secret options.
