@@ -88,7 +88,7 @@ class ExtractOptions:
     dtype: str = "fp16"
     codec: str = "none"
     classes: str | None = None
-    manifest_format: str = "auto"
+    manifest_format: str = "auto"  # or manifests.FOLDER_FORMAT: `manifest` is a folder of class folders (--videos)
     templates: tuple[str, ...] = ("{}",)
     scale: tuple[float, float] = (0.4, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
