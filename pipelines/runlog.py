@@ -9,6 +9,7 @@ thousands of redraws. An error that ends the run is logged as the one line the u
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 import time
@@ -32,7 +33,13 @@ class RunLog:
         self._saved: tuple[Any, Any] | None = None
 
     def __enter__(self) -> RunLog:
-        self._file = open(self.path, "a", encoding="utf-8")
+        from dist_cache.errors import UserError
+
+        try:
+            self._file = open(self.path, "a", encoding="utf-8")
+        except OSError as err:
+            raise UserError(f"--out {self.path.parent}: cannot write {self.path.name} ({err.strerror or err}); make "
+                            "the run directory writable, or use another --out") from None
         if self.heading:
             self.line(f"=== {self.heading}")
         self._saved = sys.stdout, sys.stderr
@@ -54,14 +61,22 @@ class RunLog:
                 self.line(f"error: {err}")
             elif not isinstance(err, SystemExit):
                 self.line(f"error: {type(err).__name__}: {first_line(err, 300)}")
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
 
     def line(self, text: str) -> None:
         """Write one line, stamped with the time."""
         with self._lock:
-            if self._file is not None and not self._file.closed:
+            if self._file is None or self._file.closed:
+                return
+            try:
                 self._file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text.rstrip()}\n")
                 self._file.flush()
+            except OSError:
+                # A full disk: the log stops, the run does not (its checkpoint writes report the disk in one line).
+                file, self._file = self._file, None
+                with contextlib.suppress(OSError):
+                    file.close()
 
 
 class _Tee:
@@ -72,6 +87,7 @@ class _Tee:
         self._log = log
         self._pending = ""  # the line being written; after a carriage return, only what follows it
         self._snapshot = time.monotonic()
+        self._snapshotted: str | None = None  # the unfinished line last logged, not to be logged twice
 
     def write(self, text: str) -> int:
         written = self._stream.write(text)
@@ -82,13 +98,15 @@ class _Tee:
             self._pending = self._pending.rsplit("\r", 1)[1]
             if self._pending.strip() and time.monotonic() - self._snapshot >= self._log.snapshot_s:
                 self._emit(self._pending)
+                self._snapshotted = self._pending
         return written
 
     def _emit(self, line: str) -> None:
         line = line.rsplit("\r", 1)[-1]
-        if line.strip():
+        if line.strip() and line != self._snapshotted:
             self._log.line(line)
             self._snapshot = time.monotonic()
+        self._snapshotted = None
 
     def end(self) -> None:
         """The last, unfinished line (a bar never closed) goes to the log too."""
