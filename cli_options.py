@@ -226,9 +226,11 @@ def _as_option_value(p: click.Option, opt: str | None, value: Any, key: str, pat
         return json.dumps(value)  # e.g. a storage-options table
     if p.multiple:
         items = value if isinstance(value, list) else [value]
-        if p.nargs != 1:
-            return [[text(v) for v in item] if isinstance(item, list) else bad("a list of lists") for item in items]
-        return [text(v) for v in items]
+        if p.nargs == 1:
+            return [text(v) for v in items]
+        if not all(isinstance(item, list) for item in items):
+            raise bad(f"a list of lists of {p.nargs} values")
+        return [[text(v) for v in item] for item in items]
     if p.nargs != 1:
         if not isinstance(value, list) or len(value) != p.nargs:
             raise bad(f"a list of {p.nargs} values")

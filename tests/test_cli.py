@@ -222,6 +222,7 @@ def test_config_values_round_trip_through_the_toml_writer(tmp_path):
 @click.option("--pick", multiple=True, type=click.Choice(["x", "y"]), help="repeatable choices")
 @click.option("--path", type=click.Path(), default=None, help="a local path")
 @click.option("--size", nargs=2, type=int, default=None, help="two values")
+@click.option("--box", nargs=2, type=int, multiple=True, help="repeatable pairs")
 @click.option("--ratio", type=float, default=0.5, help="a number")
 def kinds(**kw: object) -> None:
     """Every kind of option click has."""
@@ -230,7 +231,8 @@ def kinds(**kw: object) -> None:
 KIND_ARGS = [
     [],
     ["--flag", "--off", "--no-thing", "--level", "--level", "--tag", "p", "--tag", "q r", "--mode", "b", "--pick",
-     "y", "--pick", "x", "--path", "rel/file.txt", "--size", "3", "4", "--ratio", "0.25"],
+     "y", "--pick", "x", "--path", "rel/file.txt", "--size", "3", "4", "--box", "1", "2", "--box", "5", "6",
+     "--ratio", "0.25"],
     ["--on", "--tag", "only"],
 ]
 
