@@ -423,7 +423,7 @@ def train(nproc: int, recipe: str | None, **kw) -> None:
     record_run_config(ctx, opts, dataclasses.asdict(switches))
     with _run_log(opts):
         click.echo(line)
-        if opts.warmup_epochs >= opts.epochs:
+        if opts.warmup_epochs >= opts.epochs and _main_rank():
             click.echo(f"warning: --warmup-epochs {opts.warmup_epochs:g} >= --epochs {opts.epochs}: the learning rate "
                        f"rises for the whole run and never reaches --lr {opts.lr:g}; use fewer warm-up epochs",
                        err=True)
@@ -441,11 +441,16 @@ def train(nproc: int, recipe: str | None, **kw) -> None:
             click.echo(f"skipped {result.skipped_failed_samples} failed samples of the store", err=True)
 
 
+def _main_rank() -> bool:
+    """This process reports: the one the user started, or rank 0 under torchrun (whose other ranks keep quiet)."""
+    return not int(os.environ.get("RANK", "0"))
+
+
 def _run_log(opts) -> contextlib.AbstractContextManager:
-    """RUN/train.log, appended to by the process the user started (under torchrun: rank 0)."""
+    """RUN/train.log, appended to by the process that reports."""
     from pipelines.runlog import RunLog, run_heading
 
-    if int(os.environ.get("RANK", "0")):
+    if not _main_rank():
         return contextlib.nullcontext()
     return RunLog(Path(opts.out) / "train.log", run_heading(opts.resume))
 
