@@ -340,7 +340,8 @@ def loader_options(fn):
 @click.option("--video-root", default=None, type=click.Path(),
               help="Where the store's videos are: needed only when the store holds no dense frames for --gamma "
                    "(they are decoded from the videos then).")
-@click.option("--out", required=True, type=click.Path(), help="Run directory: checkpoints, metrics.jsonl, curves.")
+@click.option("--out", required=True, type=click.Path(),
+              help="Run directory: checkpoints, config.toml, metrics.jsonl, train.log, curves.")
 @click.option("--val-cache", default=None, help="Validation store; best.pt is chosen by its top-1.")
 @click.option("--val-video-root", default=None, type=click.Path(),
               help="Video root of the validation store (default: --video-root).")
