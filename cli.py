@@ -4,27 +4,31 @@ Every error a user can fix is a `UserError`; it prints as one line and exits 2, 
 Heavy imports (torch, open_clip, zarr) happen inside the commands so `--help` stays instant.
 
 Commands are listed in workflow order, each with a one-line summary and its help ending with an example;
-the conventions shared by the commands (--config, --storage-options, renamed options) are in cli_options.py.
+the conventions shared by the commands (--config, --storage-options, --seed, moved options) are in cli_options.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
+import os
 import sys
+from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
 from cli_options import (
+    GroupedOptions,
     Workflow,
     check_storage_options,
     config_option,
     example,
-    merge_renamed,
+    moved_option,
     record_run_config,
-    renamed_option,
+    seed_option,
     storage_options_option,
 )
 
@@ -72,6 +76,36 @@ def _area_range(ctx, param, text: str) -> tuple[float, float]:
     return low, high
 
 
+def _count_or_auto(ctx, param, value):
+    """`--decode-workers` (extract, train, eval): a process count, 0 (decode in this process, without the timeout),
+    or auto (the usable cores less 2)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        count = int(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a count nor auto") from None
+    if count < 0:
+        raise click.BadParameter(f"{value!r} must not be negative")
+    return count
+
+
+# extract --help: its options under these headings (cli_options.GroupedOptions), the declarations left in any order.
+EXTRACT_GROUPS = (
+    ("Input", ("manifest", "classes", "manifest_format", "videos", "video_root", "decoder")),
+    ("Model", ("model", "pretrained", "allow_random_weights", "layers", "precision", "templates", "device",
+               "batch_frames")),
+    ("Sampling", ("frames", "views", "split", "seed", "scale", "flip_p", "flip_label_map", "grayscale_p")),
+    ("Storage", ("out", "storage_options", "dtype", "codec", "dense_frames", "dense_gamma", "hash_videos")),
+    ("Run", ("config", "decode_workers", "decode_timeout", "retry_failed", "repair", "deep", "strict",
+             "dask_workers", "scheduler", "help")),
+)
+# `extract --videos DIR`: the files it takes (any case), in class folders as torchvision's ImageFolder has them.
+VIDEO_FOLDER_HELP = ("A folder of videos, no manifest: DIR/<class>/.../<video>, each labelled with its class "
+                     "folder (torchvision's ImageFolder convention), sorted by path; takes .mp4 .m4v .mov .mkv "
+                     ".webm .avi .mpg .mpeg .wmv .flv .3gp .ogv. Instead of --manifest and --video-root.")
+
+
 @click.group(cls=Workflow, order=COMMAND_ORDER,
              context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="dist-cache")
@@ -82,12 +116,14 @@ def main() -> None:
     """
 
 
-@main.command(**example("dist-cache extract --manifest train.csv --video-root /data/k400 --out "
-                        "k400-train.zarr --views 2"))
+@main.command(cls=GroupedOptions, option_groups=EXTRACT_GROUPS,
+              **example("dist-cache extract --manifest train.csv --video-root /data/k400 --out k400-train.zarr "
+                        "--views 2"))
 @config_option
-@click.option("--manifest", required=True, type=click.Path(),
-              help="Video list: CSV path,label; Kinetics CSV; SSv2 JSON; or mmaction list.")
-@click.option("--video-root", required=True, type=click.Path(), help="Directory the manifest's paths are relative to.")
+@click.option("--manifest", type=click.Path(),
+              help="Video list: CSV path,label; Kinetics CSV; SSv2 JSON; or mmaction list (or --videos DIR).")
+@click.option("--videos", type=click.Path(file_okay=False), default=None, metavar="DIR", help=VIDEO_FOLDER_HELP)
+@click.option("--video-root", type=click.Path(), help="Directory the manifest's paths are relative to.")
 @click.option("--out", required=True, help="Store to create or resume: a path or an fsspec URL (s3://...).")
 @storage_options_option()
 @click.option("--model", default="ViT-B-16", show_default=True,
@@ -102,8 +138,7 @@ def main() -> None:
               help="Views cached per video (train: augmented; test: temporal clips). Default: 1 for train, 3 for test.")
 @click.option("--split", type=click.Choice(["train", "test"]), default="train", show_default=True,
               help="train: TSN + random resized crop + flip; test: uniform clips + centre crop.")
-@click.option("--seed", default=0, type=click.IntRange(0, 2**63 - 1), show_default=True,
-              help="Seed for frame sampling and crops.")
+@seed_option("Seed for frame sampling and crops.")
 @click.option("--dtype", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True,
               help="Stored feature type: fp16, or int8 per-token absmax with fp16 scales (2x smaller, ~0.8 % error).")
 @click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
@@ -134,8 +169,9 @@ def main() -> None:
               help="Dense frames per sparse frame stored with --dense-frames: the largest gamma you will train with.")
 @click.option("--batch-frames", default=64, type=click.IntRange(min=1), show_default=True,
               help="Frames per CLIP forward pass.")
-@click.option("--decode-workers", default="auto", show_default=True,
-              help="Decode processes: a count, or auto (the usable cores less 2 for this process).")
+@click.option("--decode-workers", default="auto", show_default=True, callback=_count_or_auto,
+              help="Decode processes: a count, auto (the usable cores less 2 for this process), or 0 (decode in "
+                   "this process, one video at a time: no processes to start, and no --decode-timeout).")
 @click.option("--decoder", type=click.Choice(["decord", "pyav"]), default=None,
               help="Video decoder (recorded in the store). Default: decord where installed, else pyav.")
 @click.option("--decode-timeout", default=120.0, type=click.FloatRange(min=0, min_open=True), show_default=True,
@@ -153,7 +189,7 @@ def main() -> None:
 @click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
 @click.option("--dask-workers", type=click.IntRange(min=1), default=None,
               help="Spread videos over a local dask cluster of N worker processes (each loads CLIP once).")
-@renamed_option("--workers", "dask_workers", click.IntRange(min=1))
+@moved_option("--workers", "--dask-workers (extract's local dask cluster)")
 @click.option("--scheduler", default=None,
               help="Spread videos over the dask cluster at this address (tcp://host:8786).")
 @user_errors
@@ -162,11 +198,10 @@ def extract(**kw) -> None:
     from dist_cache.manifests import load_flip_label_map
     from pipelines.extract import ExtractOptions, extract as run_extract
 
-    merge_renamed(kw, "dask_workers")
     check_storage_options(kw["storage_options"], kw["out"])
+    _video_list(kw)
     strict, workers, scheduler = kw.pop("strict"), kw.pop("dask_workers"), kw.pop("scheduler")
     kw["templates"] = tuple(kw["templates"])
-    kw["decode_workers"] = int(kw["decode_workers"]) if kw["decode_workers"].isdigit() else kw["decode_workers"]
     if kw["flip_label_map"] is not None:
         kw["flip_label_map"] = load_flip_label_map(kw["flip_label_map"])
     if workers is None and scheduler is None:
@@ -196,6 +231,22 @@ def extract(**kw) -> None:
             sys.exit(1)
 
 
+def _video_list(kw: dict) -> None:
+    """extract's videos: --manifest with --video-root, or --videos DIR (a folder manifest, its own root)."""
+    from dist_cache.manifests import FOLDER_FORMAT
+
+    folder = kw.pop("videos")
+    if folder is None:
+        if kw["manifest"] is None or kw["video_root"] is None:
+            raise click.UsageError("pass --manifest FILE with --video-root DIR, or --videos DIR (a folder of "
+                                   "class folders)")
+        return
+    if kw["manifest"] is not None or kw["video_root"] is not None:
+        given = "--manifest" if kw["manifest"] is not None else "--video-root"
+        raise click.UsageError(f"--videos {folder} is the list of videos and their root: drop {given}")
+    kw.update(manifest=folder, video_root=folder, manifest_format=FOLDER_FORMAT)
+
+
 @main.command(**example("dist-cache info k400-train.zarr --failed"))
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print the full schema and counts as JSON.")
@@ -222,7 +273,7 @@ def info(store: str, as_json: bool, failed: bool, storage_options: dict) -> None
 @click.option("--pretrained", default=None,
               help="The store's CLIP checkpoint, for recomputing (needed when the store was made from a local file; "
                    "a tag needs none).")
-@click.option("--seed", default=0, show_default=True, help="Seed for choosing the samples.")
+@seed_option("Seed for choosing the samples.")
 @click.option("--all-videos", is_flag=True,
               help="Check every video under --video-root against the recorded facts (and sha256 if recorded).")
 @click.option("--device", default="auto", show_default=True, help="Where to recompute: auto, cpu, cuda, cuda:1 ...")
@@ -266,29 +317,15 @@ def _switch_values(kw: dict) -> dict:
     return {name: kw.pop(name) for name in SWITCH_NAMES if name in kw}
 
 
-def _count_or_auto(ctx, param, value):
-    """`--decode-workers`: a process count (0: decode in the reader threads) or auto (the usable cores less 2)."""
-    if value is None or value == "auto":
-        return value
-    try:
-        count = int(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is neither a count nor auto") from None
-    if count < 0:
-        raise click.BadParameter(f"{value!r} must not be negative")
-    return count
-
-
 def loader_options(fn):
-    """How train and eval read their input: reader threads, decode processes (and the old --workers spelling)."""
+    """How train and eval read their input: reader threads, decode processes (and the moved --workers)."""
     for option in reversed([
         click.option("--read-threads", default=8, type=click.IntRange(min=1), show_default=True,
                      help="Threads reading features and stored frames into the batch buffers."),
         click.option("--decode-workers", default="auto", show_default=True, callback=_count_or_auto,
                      help="Processes decoding dense frames when the store holds none (auto: the cores less 2; "
-                          "0: in the reader threads)."),
-        click.option("--workers", "decode_workers_old_spelling", default=None, hidden=True, callback=_count_or_auto,
-                     help="Old spelling of --decode-workers."),
+                          "0: in the reader threads, without --decode-timeout)."),
+        moved_option("--workers", "--decode-workers"),
         click.option("--decode-timeout", default=120.0, type=click.FloatRange(min=0, min_open=True),
                      show_default=True, help="Seconds before a video's decode is killed (the run then stops)."),
     ]):
@@ -303,7 +340,8 @@ def loader_options(fn):
 @click.option("--video-root", default=None, type=click.Path(),
               help="Where the store's videos are: needed only when the store holds no dense frames for --gamma "
                    "(they are decoded from the videos then).")
-@click.option("--out", required=True, type=click.Path(), help="Run directory: checkpoints, metrics.jsonl, curves.")
+@click.option("--out", required=True, type=click.Path(),
+              help="Run directory: checkpoints, config.toml, metrics.jsonl, train.log, curves.")
 @click.option("--val-cache", default=None, help="Validation store; best.pt is chosen by its top-1.")
 @click.option("--val-video-root", default=None, type=click.Path(),
               help="Video root of the validation store (default: --video-root).")
@@ -353,8 +391,7 @@ def loader_options(fn):
               help="Label smoothing of the cross-entropy.")
 @click.option("--clip-grad", default=1.0, type=click.FloatRange(min=0), show_default=True,
               help="Max gradient norm; 0 disables.")
-@click.option("--seed", default=0, show_default=True,
-              help="Seed of the initial weights and of every epoch's view choice and order.")
+@seed_option("Seed of the initial weights and of every epoch's view choice and order.")
 @loader_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--save-every", default=500, type=click.IntRange(min=1), show_default=True,
@@ -378,32 +415,50 @@ def train(nproc: int, recipe: str | None, **kw) -> None:
     from pipelines.train import TrainOptions, preflight, train as run_train, train_ranks
 
     quiet_unless_main()  # under torchrun, rank 0 alone reports
-    merge_renamed(kw, "decode_workers")
     check_storage_options(kw["storage_options"], kw["cache"], kw["val_cache"])
     ctx = click.get_current_context()
     typed = {k: v for k, v in _switch_values(kw).items() if ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
     switches, line = effective_switches(recipe, typed)
     opts = TrainOptions(switches=switches, recipe=recipe, **{**kw, "report_to": tuple(kw["report_to"])})
-    checked = preflight(opts, nproc)  # a bad flag or store is the only line printed
+    checked = preflight(opts, nproc)  # a bad flag or store is the only line printed; nothing is written before
     record_run_config(ctx, opts, dataclasses.asdict(switches))
-    click.echo(line)
-    gamma = switches.gamma
-    if checked.frames == "stored":
-        click.echo(f"dense frames: read from the store (gamma {gamma} of its stored {checked.store.dense_gamma})")
-    elif checked.frames in ("decoded", "reaugmented"):
-        fresh = "a fresh view each epoch, " if checked.frames == "reaugmented" else ""
-        click.echo(f"dense frames: {fresh}decoded from {opts.video_root} with "
-                   f"{checked.store.schema.preprocess['decoder']['name']}")
-    result = run_train(opts) if nproc == 1 else train_ranks(opts, nproc)
-    best = f", best val top-1 {result.best_top1:.2%}" if result.best_top1 is not None else ""
-    click.echo(f"trained {result.steps} steps over {result.epochs} epochs{best}; checkpoints in {result.out}")
-    if result.skipped_failed_samples:
-        click.echo(f"skipped {result.skipped_failed_samples} failed samples of the store", err=True)
+    with _run_log(opts):
+        click.echo(line)
+        if opts.warmup_epochs >= opts.epochs and _main_rank():
+            click.echo(f"warning: --warmup-epochs {opts.warmup_epochs:g} >= --epochs {opts.epochs}: the learning rate "
+                       f"rises for the whole run and never reaches --lr {opts.lr:g}; use fewer warm-up epochs",
+                       err=True)
+        gamma = switches.gamma
+        if checked.frames == "stored":
+            click.echo(f"dense frames: read from the store (gamma {gamma} of its stored {checked.store.dense_gamma})")
+        elif checked.frames in ("decoded", "reaugmented"):
+            fresh = "a fresh view each epoch, " if checked.frames == "reaugmented" else ""
+            click.echo(f"dense frames: {fresh}decoded from {opts.video_root} with "
+                       f"{checked.store.schema.preprocess['decoder']['name']}")
+        result = run_train(opts) if nproc == 1 else train_ranks(opts, nproc)
+        best = f", best val top-1 {result.best_top1:.2%}" if result.best_top1 is not None else ""
+        click.echo(f"trained {result.steps} steps over {result.epochs} epochs{best}; checkpoints in {result.out}")
+        if result.skipped_failed_samples:
+            click.echo(f"skipped {result.skipped_failed_samples} failed samples of the store", err=True)
+
+
+def _main_rank() -> bool:
+    """This process reports: the one the user started, or rank 0 under torchrun (whose other ranks keep quiet)."""
+    return not int(os.environ.get("RANK", "0"))
+
+
+def _run_log(opts) -> contextlib.AbstractContextManager:
+    """RUN/train.log, appended to by the process that reports."""
+    from pipelines.runlog import RunLog, run_heading
+
+    if not _main_rank():
+        return contextlib.nullcontext()
+    return RunLog(Path(opts.out) / "train.log", run_heading(opts.resume))
 
 
 @main.command(name="eval",
               **example("dist-cache eval --checkpoint runs/b16/best.pt --cache k400-val.zarr --video-root /data/k400 "
-                        "--json report.json"))
+                        "--report report.json"))
 @config_option
 @click.option("--checkpoint", required=True, type=click.Path(),
               help="A checkpoint written by train (best.pt or last.pt).")
@@ -411,22 +466,29 @@ def train(nproc: int, recipe: str | None, **kw) -> None:
 @storage_options_option()
 @click.option("--video-root", default=None, type=click.Path(),
               help="Where the store's videos are: needed only when the store holds no dense frames.")
-@click.option("--classes", default=None, type=click.Path(), help="Zero-shot: class names file of a new label set.")
-@click.option("--pretrained", default=None, help="Local copy of the store's CLIP weights (for --classes and --online).")
-@click.option("--json", "json_path", default=None, type=click.Path(),
-              help="Write the full report (and a confusion PNG beside it).")
+@click.option("--zero-shot-classes", default=None, type=click.Path(),
+              help="Zero-shot: class names file of a new label set (txt, one per line, or JSON), embedded with "
+                   "CLIP's text tower.")
+@moved_option("--classes", "--zero-shot-classes (eval's; --classes is extract's class list)")
+@click.option("--pretrained", default=None,
+              help="Local copy of the store's CLIP weights (for --zero-shot-classes and --online).")
+@click.option("--report", default=None, type=click.Path(dir_okay=False),
+              help="Write the full report as JSON (and a confusion PNG beside it).")
+@moved_option("--json", "--report FILE (--json is info's and profile's flag for JSON on stdout)")
+@click.option("--predictions", default=None, type=click.Path(dir_okay=False),
+              help="Write each video's prediction as a line of JSON (JSONL): its video, label, and top-5 classes "
+                   "with their scores (softmax averaged over its views).")
 @click.option("--online", is_flag=True, help="Run the frozen CLIP live instead of reading cached features.")
 @click.option("--batch-size", default=16, type=click.IntRange(min=1), show_default=True, help="Clips per forward pass.")
 @loader_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @user_errors
-def evaluate(json_path: str | None, **kw) -> None:
-    """Score a checkpoint: multi-view top-1/top-5, per-class accuracy, zero-shot with --classes."""
+def evaluate(report: str | None, zero_shot_classes: str | None, **kw) -> None:
+    """Score a checkpoint: multi-view top-1/top-5, per-class accuracy, zero-shot with --zero-shot-classes."""
     from pipelines.evaluate import EvalOptions, evaluate as run_eval, format_report
 
-    merge_renamed(kw, "decode_workers")
     check_storage_options(kw["storage_options"], kw["cache"])
-    report = run_eval(EvalOptions(json=json_path, **kw))
+    report = run_eval(EvalOptions(json=report, classes=zero_shot_classes, **kw))
     for warning in report["warnings"]:
         click.echo(f"warning: {warning}", err=True)
     click.echo(format_report(report))
@@ -454,8 +516,7 @@ def profile(model: str, frames: int, as_json: bool, **switches) -> None:
 @click.option("--videos-per-class", default=48, type=click.IntRange(min=2), show_default=True,
               help="Generated clips per class (4 classes); fewer run faster and learn less.")
 @click.option("--epochs", default=30, type=click.IntRange(min=1), show_default=True, help="Training epochs.")
-@click.option("--seed", default=0, show_default=True,
-              help="Seed of the generated videos, the extraction and the training.")
+@seed_option("Seed of the generated videos, the extraction and the training.")
 @user_errors
 def demo(workdir: str, videos_per_class: int, epochs: int, seed: int) -> None:
     """Generate motion-defined videos, extract with a tiny CLIP, train, evaluate: all on this CPU."""
@@ -471,8 +532,9 @@ def demo(workdir: str, videos_per_class: int, epochs: int, seed: int) -> None:
               help="Layers to keep: all, last:N, or a comma list of block indices.")
 @click.option("--dtype", type=click.Choice(["fp16", "int8"]), default=None,
               help="Store features as this (default: the source's).")
-@click.option("--frames", type=click.Choice(["keep", "drop"]), default="keep", show_default=True,
-              help="Keep the source's dense frames, or drop them (training then decodes them from the videos).")
+@click.option("--drop-dense-frames", is_flag=True,
+              help="Leave the source's dense frames out of the copy (training then decodes them from the videos).")
+@moved_option("--frames", "--drop-dense-frames (copy's; --frames is a frame count in extract and profile)")
 @click.option("--videos-per-shard", default=1, type=click.IntRange(min=1), show_default=True,
               help="Pack N videos into each shard (and one record per N): ~3/N objects per video, read-only. "
                    "Written to an object store, a shard is one upload held in memory.")
@@ -482,7 +544,7 @@ def demo(workdir: str, videos_per_class: int, epochs: int, seed: int) -> None:
 @storage_options_option(help="fsspec options for DST alone (JSON or @FILE).", name="--dst-storage-options")
 @user_errors
 def copy(src: str, dst: str, storage_options: dict, src_storage_options: dict, dst_storage_options: dict,
-         **kw) -> None:
+         drop_dense_frames: bool, **kw) -> None:
     """Copy a store to DST: a layer subset, int8, without frames, or packed; a rerun resumes."""
     from pipelines.copy import copy_store
     from storage.location import is_local
@@ -492,7 +554,8 @@ def copy(src: str, dst: str, storage_options: dict, src_storage_options: dict, d
     check_storage_options(dst_storage_options, dst, flag="--dst-storage-options")
     src_options = src_storage_options or ({} if is_local(src) else storage_options)
     dst_options = dst_storage_options or ({} if is_local(dst) else storage_options)
-    s = copy_store(src, dst, src_options=src_options, dst_options=dst_options, **kw)
+    s = copy_store(src, dst, src_options=src_options, dst_options=dst_options,
+                   frames="drop" if drop_dense_frames else "keep", **kw)
     held = f", {s.held_back} more wait for them to fill their shards" if s.held_back else ""
     click.echo(f"copied {s.copied} videos, skipped {s.skipped} (already there), failed {s.failed} -> {dst}"
                + ("" if s.complete else f" (incomplete: {s.pending_in_source} not extracted in the source yet{held})"))

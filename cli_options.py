@@ -1,21 +1,45 @@
 """The conventions `dist-cache`'s commands share, as click pieces: commands listed in workflow order with whole
-summaries and an example each; `--storage-options JSON|@FILE`; `--config FILE` (TOML or YAML) loaded into
-click's default map, so options given on the command line win; the resolved options a train run records
-(RUN/config.toml); old option spellings kept as hidden aliases.
+summaries and an example each, and options under headings where a command has many; `--storage-options
+JSON|@FILE`; `--config FILE` (TOML or YAML) loaded into click's default map, so options given on the command line
+win; the resolved options a train run records (RUN/config.toml); one `--seed` range; old spellings that now mean
+something else, refused in one line that names the new spelling.
+
+Flags are read and written through click's own parsing (`_flag_value`), never through `Option.flag_value` or
+`Option.default`, which click 8.5 leaves unset (`Sentinel.UNSET`) for a plain `is_flag` option.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
-from click.core import ParameterSource
 
 # Options `train` does not record in the run's config.toml: how to run this time, or secret.
 NOT_RECORDED = frozenset({"config", "resume", "storage_options"})
+# Options taking a store's path or URL (no click.Path type, since a URL is no path): recorded absolute when local.
+PATH_OR_URL = frozenset({"cache", "val_cache", "out"})
+# Options taking a name or a local file (an open_clip tag or a checkpoint): recorded absolute when a file.
+NAME_OR_FILE = frozenset({"pretrained", "model"})
+
+
+class SeedType(click.ParamType):
+    """`--seed`: an integer from 0 to 2^63 - 1, the range numpy's and torch's generators both take."""
+
+    name = "integer"
+    LIMIT = 2**63
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        try:
+            seed = int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not an integer", param, ctx)
+        if not 0 <= seed < self.LIMIT:
+            self.fail(f"{seed} is not in 0 to 2^63-1", param, ctx)
+        return seed
 
 
 class Command(click.Command):
@@ -24,6 +48,42 @@ class Command(click.Command):
 
     def get_short_help_str(self, limit: int = 45) -> str:
         return self.short_help or (self.help or "").strip().splitlines()[0]
+
+
+class GroupedOptions(Command):
+    """A command whose --help lists its options under headings, in the order `option_groups` gives (click has
+    no option groups of its own). An option in no group is listed last, under "Other options"."""
+
+    def __init__(self, *args: Any, option_groups: tuple[tuple[str, tuple[str, ...]], ...] = (),
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.option_groups = option_groups
+
+    def _records(self, ctx: click.Context) -> dict[str, tuple[str, str]]:
+        """Each option --help shows, by parameter name (the help option's as "help", whatever click calls it)."""
+        help_option = self.get_help_option(ctx)
+        records = {}
+        for p in self.get_params(ctx):
+            record = p.get_help_record(ctx)
+            if record is not None:
+                records["help" if p is help_option else p.name] = record
+        return records
+
+    def ungrouped(self, ctx: click.Context) -> list[str]:
+        """The names of the options --help shows that no group holds."""
+        grouped = {name for _, names in self.option_groups for name in names}
+        return [name for name in self._records(ctx) if name not in grouped]
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        records = self._records(ctx)
+        # One width for the option column in every group, so the groups line up as one list.
+        width = min(30, max((len(r[0]) for r in records.values() if r), default=0))
+        sections = [(title, [records[n] for n in names if records.get(n)]) for title, names in self.option_groups]
+        sections.append(("Other options", [records[n] for n in self.ungrouped(ctx)]))
+        for title, rows in sections:
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl([(name.ljust(width), text) for name, text in rows], col_max=width)
 
 
 class Workflow(click.Group):
@@ -97,8 +157,10 @@ def _load_config(ctx: click.Context, param: click.Parameter, path: str | None) -
     try:
         values = read_config(path)
     except UserError as err:
-        raise click.BadParameter(str(err).removeprefix(f"--config {path}: ")) from None
-    ctx.default_map = {**(ctx.default_map or {}), **config_defaults(ctx.command, values, path)}
+        raise click.BadParameter(str(err).replace(f"--config {path}: ", f"{path}: ", 1)) from None
+    defaults = config_defaults(ctx.command, values, path)
+    _check_config_values(ctx, defaults, path)
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
 
 
 def _config_keys(command: click.Command) -> dict[str, tuple[click.Option, str | None]]:
@@ -112,6 +174,20 @@ def _config_keys(command: click.Command) -> dict[str, tuple[click.Option, str | 
                     keys[opt[2:]] = (p, opt)
             keys.setdefault(p.name.replace("_", "-"), (p, None))
     return keys
+
+
+def _flag_value(p: click.Option, args: list[str]) -> Any:
+    """The value flag `p` takes when the command line holds `args` (one of its spellings, or nothing), as click
+    itself parses it: a one-option command parses them. Only public API, the same from click 8.1 to 8.5."""
+    probe = click.Command("probe", params=[p], add_help_option=False)
+    return probe.make_context("probe", list(args)).params[p.name]
+
+
+def _opposite(p: click.Option, opt: str) -> str | None:
+    """The other side of a `--x/--no-x` pair (None for a one-sided flag)."""
+    if opt in p.secondary_opts:
+        return p.opts[0]
+    return p.secondary_opts[0] if p.secondary_opts else None
 
 
 def config_defaults(command: click.Command, values: dict[str, Any], path: str) -> dict[str, Any]:
@@ -133,24 +209,48 @@ def _as_option_value(p: click.Option, opt: str | None, value: Any, key: str, pat
     def bad(want: str) -> click.BadParameter:
         return click.BadParameter(f"{path}: {key} must be {want}, not {value!r}", param_hint="--config")
 
+    def text(item: Any) -> str:
+        if isinstance(item, (dict, list)):
+            raise bad("a value, not a table or a list")
+        return str(item).lower() if isinstance(item, bool) else str(item)
+
     if p.is_flag:
         if not isinstance(value, bool):
             raise bad("true or false")
         if opt is None:
             return value  # the parameter itself, e.g. temporal = false
-        if opt in p.secondary_opts:
-            return not value
-        return p.flag_value if value else p.default
+        # true: as if the spelling were given; false: its other side, or, for a one-sided flag, not given.
+        other = _opposite(p, opt)
+        return _flag_value(p, [opt] if value else [other] if other else [])
     if isinstance(value, dict):
         return json.dumps(value)  # e.g. a storage-options table
     if p.multiple:
         items = value if isinstance(value, list) else [value]
-        if any(isinstance(v, (dict, list)) for v in items):
-            raise bad("a list of values")
-        return [str(v) for v in items]
+        if p.nargs == 1:
+            return [text(v) for v in items]
+        if not all(isinstance(item, list) for item in items):
+            raise bad(f"a list of lists of {p.nargs} values")
+        return [[text(v) for v in item] for item in items]
+    if p.nargs != 1:
+        if not isinstance(value, list) or len(value) != p.nargs:
+            raise bad(f"a list of {p.nargs} values")
+        return [text(v) for v in value]
     if isinstance(value, list):
-        return ",".join(str(v) for v in value)  # e.g. layers = [9, 10, 11]
-    return str(value).lower() if isinstance(value, bool) else str(value)
+        return ",".join(text(v) for v in value)  # e.g. layers = [9, 10, 11]
+    return text(value)
+
+
+def _check_config_values(ctx: click.Context, defaults: dict[str, Any], path: str) -> None:
+    """Convert and check every value from the file now, so a bad one is an error that names the file."""
+    params = {p.name: p for p in ctx.command.params}
+    for name, value in defaults.items():
+        p = params[name]
+        try:
+            p.process_value(ctx, value)
+        except click.UsageError as err:  # BadParameter included
+            spelling = p.opts[0] if p.opts else name
+            message = err.message if isinstance(err, click.BadParameter) else err.format_message()
+            raise click.BadParameter(f"{path}: {spelling.lstrip('-')}: {message}", param_hint="--config") from None
 
 
 def config_option(fn: Callable) -> Callable:
@@ -173,11 +273,32 @@ def resolved_config(ctx: click.Context, resolved: dict[str, Any] | None = None) 
             continue
         key = p.opts[0].lstrip("-")
         if p.is_flag:
-            value = value == p.flag_value  # the flag as given, e.g. no-temporal = true
+            value = value == _flag_value(p, [p.opts[0]])  # the flag as given, e.g. no-temporal = true
         elif isinstance(value, tuple):
-            value = list(value) if p.multiple else ",".join(map(str, value))
+            value = _recorded_sequence(p, value)
+        elif isinstance(value, str):
+            value = _absolute_if_local(p, value)
         out[key] = value
     return out
+
+
+def _recorded_sequence(p: click.Option, value: tuple) -> Any:
+    """A multiple or many-valued option as a list; a value a callback made a tuple (--scale) as its text."""
+    if p.multiple:
+        return [list(v) if isinstance(v, tuple) else v for v in value]
+    return list(value) if p.nargs != 1 else ",".join(map(str, value))
+
+
+def _absolute_if_local(p: click.Option, value: str) -> str:
+    """Local files as absolute paths, so the recorded config repeats the run from any directory; URLs, tags and
+    names as given."""
+    if "://" in value:
+        return value
+    if isinstance(p.type, click.Path) or p.name in PATH_OR_URL:
+        return os.path.abspath(value)
+    if p.name in NAME_OR_FILE and os.path.isfile(value):
+        return os.path.abspath(value)
+    return value
 
 
 def record_run_config(ctx: click.Context, opts: Any, resolved: dict[str, Any] | None = None) -> None:
@@ -193,20 +314,17 @@ def record_run_config(ctx: click.Context, opts: Any, resolved: dict[str, Any] | 
                       "Repeat the run with: dist-cache train --config config.toml --out NEW_RUN")
 
 
-def renamed_option(old: str, new: str, type: Any = None) -> Callable:
-    """The old spelling `old` of option `new` (its parameter name), kept working but hidden from --help."""
-    return click.option(old, f"{new}_old_spelling", default=None, hidden=True, type=type,
-                        help=f"Old spelling of --{new.replace('_', '-')}.")
+def moved_option(old: str, new: str) -> Callable:
+    """An old spelling that now means something else, or nothing: hidden, and given (on the command line or in a
+    config file) a one-line usage error naming the new spelling, never silently taken for another option."""
+
+    def refuse(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        if value is not None:
+            raise click.UsageError(f"{old} is now {new}")
+
+    return click.option(old, default=None, hidden=True, expose_value=False, callback=refuse, help=f"Now {new}.")
 
 
-def merge_renamed(kw: dict[str, Any], new: str) -> None:
-    """Fold the old spelling's value (renamed_option) into the new parameter; both given is a usage error."""
-    old = kw.pop(f"{new}_old_spelling")
-    if old is None:
-        return
-    ctx = click.get_current_context()
-    if ctx.get_parameter_source(new) not in (ParameterSource.DEFAULT, None):
-        raise click.UsageError(f"--{new.replace('_', '-')} and its old spelling were both given; keep one")
-    kw[new] = old
-
-
+def seed_option(help: str) -> Callable:
+    """`--seed`, the same range in every command that takes one."""
+    return click.option("--seed", default=0, type=SeedType(), show_default=True, help=f"{help} 0 to 2^63-1.")

@@ -389,6 +389,27 @@ def activation_mismatch(record: dict) -> str | None:
             "they are not CLIP's features; re-extract the store with this dist-cache")
 
 
+def recorded_weights_source(recorded: dict, pretrained: str | None = None) -> str:
+    """Where a store's weights are loaded from: `pretrained`, or the recorded tag. Cheap (nothing is loaded), so a
+    command can refuse a missing --pretrained before it writes anything."""
+    source = pretrained or recorded.get("pretrained_source") or recorded["pretrained"]
+    if source == "none":
+        raise UserError(
+            "this store was extracted with random weights (--pretrained none), which cannot be rebuilt; "
+            "pass --pretrained with the checkpoint that was used, if any"
+        )
+    if _is_path(source) and not pretrained:
+        # The record comes from a stranger: a store never chooses which local file gets opened (it could name
+        # /etc/shadow or a FIFO). The user names the checkpoint; its hash then proves it is the store's.
+        raise UserError(
+            f"the store's weights came from the local file {source[:200]}, which a store cannot choose to open: "
+            f"pass --pretrained PATH (that file, or your copy of it)"
+        )
+    if _is_path(source) and not Path(source).is_file():
+        raise UserError(f"--pretrained {pretrained}: no such checkpoint file; check the path")
+    return source
+
+
 def load_recorded_backbone(
     recorded: dict,
     pretrained: str | None = None,
@@ -420,21 +441,7 @@ def load_recorded_backbone(
         except UserError as err:
             raise UserError(f"the store's backbone: {str(err).removeprefix('--')}; the store is damaged or "
                             "was not written by dist-cache") from None
-    source = pretrained or recorded.get("pretrained_source") or recorded["pretrained"]
-    if source == "none":
-        raise UserError(
-            "this store was extracted with random weights (--pretrained none), which cannot be rebuilt; "
-            "pass --pretrained with the checkpoint that was used, if any"
-        )
-    if _is_path(source) and not pretrained:
-        # The record comes from a stranger: a store never chooses which local file gets opened (it could name
-        # /etc/shadow or a FIFO). The user names the checkpoint; its hash then proves it is the store's.
-        raise UserError(
-            f"the store's weights came from the local file {source[:200]}, which a store cannot choose to open: "
-            f"pass --pretrained PATH (that file, or your copy of it)"
-        )
-    if _is_path(source) and not Path(source).is_file():
-        raise UserError(f"--pretrained {pretrained}: no such checkpoint file; check the path")
+    source = recorded_weights_source(recorded, pretrained)
     backbone = load_backbone(name, source, device=device, precision=precision, activation=activation)
     if backbone.weights_sha256 != recorded["weights_sha256"]:
         raise UserError(

@@ -288,3 +288,31 @@ class DecodePool:
         while self._queue:
             self._queue.popleft()[0].cancel()
 
+
+
+class InProcessDecoder:
+    """`--decode-workers 0`: each job runs in the calling thread when `map_unordered` reaches it, one at a time,
+    handed back as `DecodePool` hands back its jobs. No processes to start (seconds each), but no timeout either:
+    a decoder that hangs hangs its caller."""
+
+    workers = 0
+
+    def map_unordered(
+        self, fn: Callable, arg_tuples: Iterable[tuple], in_flight: int | None = None
+    ) -> Iterator[tuple[int, concurrent.futures.Future]]:
+        for i, args in enumerate(arg_tuples):
+            future: concurrent.futures.Future = concurrent.futures.Future()
+            try:
+                future.set_result(fn(*args))
+            except Exception as exc:  # the job's failure, delivered like a worker's
+                future.set_exception(exc)
+            yield i, future
+
+    def close(self, kill: bool = False) -> None:
+        pass
+
+
+def open_pool(workers: int | Literal["auto"], timeout: float,
+              preload: tuple[str, ...] = ()) -> DecodePool | InProcessDecoder:
+    """A `DecodePool` of `workers` processes, or for 0 an `InProcessDecoder`."""
+    return InProcessDecoder() if workers == 0 else DecodePool(workers, timeout, preload=preload)

@@ -1,5 +1,6 @@
 """Reading the video lists people already have: a `path,label` CSV, the official Kinetics CSV, the SSv2 JSON
-and mmaction's `path label_index` lists, into one `Manifest` (row v is video index v everywhere downstream).
+and mmaction's `path label_index` lists, or a folder of class folders (`extract --videos DIR`), into one
+`Manifest` (row v is video index v everywhere downstream).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ FORMATS = ("csv", "kinetics", "ssv2", "mmaction")
 _KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
 # Kinetics downloaders save whatever container YouTube served; SSv2 ships webm that some convert.
 _VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi")
+# `extract --videos DIR`: a folder of class folders instead of a manifest file (not an --manifest-format choice).
+FOLDER_FORMAT = "folder"
+# The files a folder listing takes (compared in lower case): containers FFmpeg, and so both decoders, read.
+FOLDER_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp", ".ogv")
 
 
 class ManifestError(UserError, ValueError):
@@ -87,11 +92,17 @@ def load_manifest(
 ) -> Manifest:
     """Read a manifest; `classes` (a class-list file or the names) fixes the label order, else the sorted names.
 
-    fmt: "auto" (by extension and header), "csv", "kinetics", "ssv2" or "mmaction". Video paths stay relative
-    (stores record them so, and readers join their own root); `video_root` only lets Kinetics and SSv2 names
-    be matched to the files a downloader actually wrote.
+    fmt: "auto" (by extension and header), "csv", "kinetics", "ssv2", "mmaction", or FOLDER_FORMAT (`path` is
+    a folder of class folders: `load_video_folder`). Video paths stay relative (stores record them so, and
+    readers join their own root); `video_root` only lets Kinetics and SSv2 names be matched to the files a
+    downloader actually wrote.
     """
+    if fmt == FOLDER_FORMAT:
+        return load_video_folder(path, classes=classes)
     path = Path(path)
+    if path.is_dir():
+        raise ManifestError(f"manifest {path} is a folder: pass it as --videos {path} (labels from its class "
+                            "folders), or name the manifest file")
     if not path.is_file():
         raise ManifestError(f"manifest {path} not found; check the path")
     if fmt != "auto" and fmt not in FORMATS:
@@ -117,6 +128,46 @@ def load_manifest(
             raise ManifestError(str(err)) from None
     labels = label_map.index([(where, label) for where, _, label in rows])
     return Manifest(videos=[_resolve(root, rel, fmt) for _, rel, _ in rows], labels=labels, class_names=label_map.names)
+
+
+def load_video_folder(root: str | os.PathLike, *, classes: str | os.PathLike | Sequence[str] | None = None,
+                      ) -> Manifest:
+    """Every video under `root`'s class folders, labelled with its top-level folder (torchvision's ImageFolder
+    convention: root/<class>/**/<video>), sorted by relative path so every run lists the same videos in the same
+    order. Files with other extensions, and hidden files and folders (macOS's ._ files), are left out.
+
+    The classes are the folder names sorted, or, with `classes`, that list (every folder must be in it; a
+    class may have no folder, e.g. a validation split lacking one). A video outside every class folder, or a
+    class folder without videos, is an error: the label of either would be a guess."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ManifestError(f"--videos {root}: no such directory")
+    videos: list[str] = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            if not name.startswith(".") and name.lower().endswith(FOLDER_EXTENSIONS):
+                videos.append(Path(folder, name).relative_to(root).as_posix())
+    videos.sort()
+    loose = [v for v in videos if "/" not in v]
+    if loose:
+        raise ManifestError(f"--videos {root}: {loose[0]} is in no class folder; move each video into "
+                            f"{root}/<class>/ (its label)")
+    found = sorted({v.split("/", 1)[0] for v in videos})
+    if not found:
+        raise ManifestError(f"--videos {root}: no videos in class folders ({' '.join(FOLDER_EXTENSIONS)}); "
+                            "check the folder")
+    empty = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
+                   and d.name not in found)
+    if empty:
+        raise ManifestError(f"--videos {root}: class folder {empty[0]}/ holds no videos; add some or remove it")
+    label_map = _Labels(root, classes)
+    stray = [c for c in found if label_map.given and c not in label_map.names]
+    if stray:
+        raise ManifestError(f"--videos {root}: class folder {stray[0]}/ is not in {label_map.source}; add it to "
+                            "the list or move the folder out")
+    labels = label_map.index([(v, v.split("/", 1)[0]) for v in videos])
+    return Manifest(videos=videos, labels=labels, class_names=label_map.names)
 
 
 def _detect_format(path: Path) -> str:

@@ -45,12 +45,25 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
             data = yaml.safe_load(text)
     except Exception as err:  # tomllib.TOMLDecodeError, yaml.YAMLError: the parser says where
-        raise UserError(f"--config {path}: not valid {suffix[1:].upper()} ({first_line(err, 160)})") from None
+        raise UserError(f"--config {path}: not valid {suffix[1:].upper()} ({_parse_error(err)})") from None
     if data is None:
         return {}
-    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+    if not isinstance(data, dict):
         raise UserError(f"--config {path}: must be a table of option names and values")
+    odd = [k for k in data if not isinstance(k, str)]
+    if odd:  # YAML 1.1 reads a bare on, off, yes, no as a boolean, and 1 as a number
+        raise UserError(f"--config {path}: the key {odd[0]!r} is not an option name; quote it")
     return data
+
+
+def _parse_error(err: Exception) -> str:
+    """The parser's complaint in one line, with the line it points at: tomllib puts "(at line L, column C)" in
+    its message; PyYAML spreads it over several lines, with the place in a mark."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is not None:
+        problem = getattr(err, "problem", None) or first_line(err, 120)
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return first_line(err, 160)
 
 
 def toml_value(value: Any) -> str:

@@ -1,8 +1,8 @@
 """Data-parallel processes: which rank this process is, reductions across ranks, and starting N ranks here.
 
 Nothing here knows about training. A rank is any process started with the launcher's environment (RANK,
-WORLD_SIZE, MASTER_ADDR, MASTER_PORT): torchrun's (`torchrun --nproc_per_node N -m cli train ...`) or ours
-(`launch`, behind `dist-cache train --nproc N`). Without that environment a process is rank 0 of 1.
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT): torchrun's (`torchrun --nproc_per_node N --no-python dist-cache train ...`)
+or ours (`launch`, behind `dist-cache train --nproc N`). Without that environment a process is rank 0 of 1.
 
 Ranks started here die with their launcher: each asks the kernel for SIGKILL when its parent dies (Linux
 PR_SET_PDEATHSIG), and elsewhere a thread watches the parent's pid. A kill -9 of the launcher therefore never

@@ -3,11 +3,16 @@
 Class embeddings come from the store (what extraction computed with the text tower), or, for zero-shot
 evaluation on another label set (`classes`), from the backbone's text tower, rebuilt from the store's
 record and checked against its weight hash. Samples that failed at extraction are skipped and counted.
+
+Per-video predictions (`--predictions FILE`) go to their own file, one JSON object per line, rather than into the
+report: a report stays readable and small at any size, and 100k lines stream to `jq`, `pandas.read_json(lines=True)`
+or a spreadsheet without loading a whole document (mmaction2's `--dump` is likewise its own file).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,8 +42,9 @@ class EvalOptions:
     video_root: str | None = None  # not needed when the store holds the dense frames
     classes: str | None = None  # class-names file: zero-shot on this label set
     pretrained: str | None = None  # local copy of the backbone weights (zero-shot text tower, --online)
-    json: str | None = None
-    confusion: str | None = None  # PNG; defaults to <json stem>.confusion.png beside --json
+    json: str | None = None  # the report (`eval --report`)
+    confusion: str | None = None  # PNG; defaults to <json stem>.confusion.png beside --report
+    predictions: str | None = None  # JSONL, a line per scored video (`eval --predictions`)
     online: bool = False
     batch_size: int = 16
     read_threads: int = 8
@@ -152,7 +158,8 @@ def zero_shot_labels(store: FeatureStore, classes_file: str) -> tuple[list[str],
     missing = [name for name in list(store.schema.class_names) if name not in position]
     if missing:
         raise UserError(
-            f"--classes {classes_file} lacks {len(missing)} of the store's classes (first: {missing[0]!r}); "
+            f"--zero-shot-classes {classes_file} lacks {len(missing)} of the store's classes (first: "
+            f"{missing[0]!r}); "
             "every class of the evaluated store must be named in the list"
         )
     mapping = np.array([position[name] for name in list(store.schema.class_names)], dtype=np.int64)
@@ -186,6 +193,8 @@ def selection_warning(ckpt: dict[str, Any], store: FeatureStore, checkpoint: str
 
 def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
     """Evaluate a checkpoint on a store; write the JSON report and the confusion PNG when asked."""
+    for flag, path in (("--report", opts.json), ("--predictions", opts.predictions)):
+        check_output_file(path, flag)
     device = resolve_device(opts.device)
     ckpt = load_checkpoint(opts.checkpoint)
     config = DiSTConfig.from_dict(ckpt["dist_config"])
@@ -228,9 +237,42 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
     confusion = opts.confusion or (str(Path(opts.json).with_suffix(".confusion.png")) if opts.json else None)
     if confusion:
         report["confusion_png"] = str(plot_confusion(np.array(report["confusion_matrix"]), class_names, confusion))
+    if opts.predictions:
+        lines = prediction_lines(scores, views, labels, class_names, store.videos)
+        replace_atomically(opts.predictions, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in lines)))
+        report["predictions"] = str(opts.predictions)
     if opts.json:
         replace_atomically(opts.json, lambda tmp: tmp.write_text(json.dumps(report, indent=1)))
     return report
+
+
+def prediction_lines(scores: np.ndarray, views: np.ndarray, labels: np.ndarray, class_names: list[str],
+                     videos: list[str], k: int = 5) -> list[str]:
+    """One JSON line per video with a scored view, in video order: its path (relative to the video root), its
+    label, how many views were scored, and its top-k classes with their scores (each the softmax averaged over
+    the video's views, so a video's scores sum to at most 1)."""
+    k = min(k, len(class_names))
+    out = []
+    for v in np.flatnonzero(views > 0):
+        mean = scores[v] / views[v]
+        top = np.argsort(-mean, kind="stable")[:k]
+        out.append(json.dumps({
+            "video": videos[v], "label": class_names[int(labels[v])], "label_index": int(labels[v]),
+            "views": int(views[v]), "top": [class_names[c] for c in top], "top_index": [int(c) for c in top],
+            "scores": [round(float(mean[c]), 6) for c in top],
+        }))
+    return out
+
+
+def check_output_file(path: str | None, flag: str) -> None:
+    """A file eval writes at the end must be writable before the scoring starts, not found unwritable after."""
+    if path is None:
+        return
+    folder = Path(path).absolute().parent
+    if not folder.is_dir():
+        raise UserError(f"{flag} {path}: there is no directory {folder}; create it, or write elsewhere")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"{flag} {path}: the directory {folder} is not writable; write elsewhere")
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -251,4 +293,6 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("weakest classes: " + ", ".join(f"{name} {100 * acc:.0f}%" for acc, name in worst))
     if report.get("confusion_png"):
         lines.append(f"confusion matrix -> {report['confusion_png']}")
+    if report.get("predictions"):
+        lines.append(f"per-video predictions -> {report['predictions']}")
     return "\n".join(lines)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from dist_cache.backbone import Backbone, load_backbone, resolve_layers
-from dist_cache.decode_pool import DecodePool
+from dist_cache.decode_pool import DecodePool, InProcessDecoder, open_pool
 from dist_cache.decoders import DECODERS, DecodeError, get_decoder
 from dist_cache.devices import resolve_device
 from dist_cache.errors import UserError, first_line
@@ -88,7 +88,7 @@ class ExtractOptions:
     dtype: str = "fp16"
     codec: str = "none"
     classes: str | None = None
-    manifest_format: str = "auto"
+    manifest_format: str = "auto"  # or manifests.FOLDER_FORMAT: `manifest` is a folder of class folders (--videos)
     templates: tuple[str, ...] = ("{}",)
     scale: tuple[float, float] = (0.4, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -165,8 +165,8 @@ def check_options(opts: ExtractOptions) -> None:
         raise UserError(f"--decoder {opts.decoder}: must be one of {', '.join(DECODERS)}")
     if opts.dense_gamma not in DENSE_GAMMAS:
         raise UserError(f"--dense-gamma {opts.dense_gamma}: must be one of {', '.join(map(str, DENSE_GAMMAS))}")
-    if opts.decode_workers != "auto" and not (isinstance(opts.decode_workers, int) and opts.decode_workers >= 1):
-        raise UserError(f"--decode-workers {opts.decode_workers}: must be auto or at least 1")
+    if opts.decode_workers != "auto" and not (isinstance(opts.decode_workers, int) and opts.decode_workers >= 0):
+        raise UserError(f"--decode-workers {opts.decode_workers}: must be auto, or a count (0: in this process)")
     if opts.deep and not opts.repair:
         raise UserError("--deep is a depth of --repair's check: add --repair")
     if not opts.templates:
@@ -320,7 +320,7 @@ class Extractor:
     flip_partners: dict[int, int] = field(default_factory=dict)
     # Kept for the extractor's life: a dask worker runs many chunks, and each new pool would spawn
     # (and import torch in) fresh decode processes.
-    decode_pool: DecodePool | None = field(default=None, repr=False)
+    decode_pool: DecodePool | InProcessDecoder | None = field(default=None, repr=False)
 
     @classmethod
     def open(cls, opts: ExtractOptions, *, decode: bool = True) -> Extractor:
@@ -333,7 +333,7 @@ class Extractor:
                                  fmt=opts.manifest_format)
         partners = flip_partners(opts.flip_label_map, manifest.class_names) if opts.flip_label_map else {}
         # Decode workers spend seconds importing torch: start them now, so that happens while CLIP loads.
-        pool = DecodePool(opts.decode_workers, opts.decode_timeout, preload=DECODE_PRELOAD) if decode else None
+        pool = open_pool(opts.decode_workers, opts.decode_timeout, preload=DECODE_PRELOAD) if decode else None
         try:
             device = resolve_device(opts.device)
             opts = dataclasses.replace(opts, precision=resolve_precision(opts.precision, device))
@@ -403,7 +403,7 @@ class Extractor:
         root = Path(self.opts.video_root)
         jobs = [(str(root / self.manifest.videos[v]), v, spec, self.opts.hash_videos) for v in video_indices]
         if self.decode_pool is None:
-            self.decode_pool = DecodePool(self.opts.decode_workers, self.opts.decode_timeout, preload=DECODE_PRELOAD)
+            self.decode_pool = open_pool(self.opts.decode_workers, self.opts.decode_timeout, preload=DECODE_PRELOAD)
         # Decoded videos waiting for the forward: a full batch, plus what the workers finish meanwhile.
         ahead = self.videos_per_batch + 2 * self.decode_pool.workers
         batch: list[PreparedVideo] = []

@@ -85,7 +85,7 @@ def connect(workers: int | None, scheduler: str | None) -> Iterator[distributed.
             yield client
         return
     if workers < 1:
-        raise UserError(f"--workers {workers}: must be at least 1")
+        raise UserError(f"--dask-workers {workers}: must be at least 1")
     with dask.config.set({"distributed.worker.daemon": False}), \
             LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
                          dashboard_address=None) as cluster, Client(cluster) as client:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from dist_cache.backbone import recorded_weights_source
 from dist_cache.devices import resolve_device
 from dist_cache.errors import UserError
 from dist_cache.mixing import Mixer
@@ -47,6 +48,7 @@ from pipelines.optim import make_optimizer, make_scaler, restore_scaler
 from pipelines.plots import plot_curves
 from pipelines.reaugment import ReaugmentedFrames, check_reaugmentable
 from pipelines.runlock import RunLock
+from pipelines.runlog import RunLog
 from pipelines.step import Meter, StepModel, train_step
 from pipelines.tracking import REPORTERS, Tracker
 from storage import FeatureStore
@@ -223,6 +225,8 @@ def preflight(opts: TrainOptions, world: int = 1) -> Checked:
     check_store_fits(store, config, "--cache", online=opts.online)
     needs_frames = opts.online or config.switches.temporal
     gamma = config.switches.gamma
+    if opts.online:
+        recorded_weights_source(store.schema.backbone, opts.pretrained)  # loaded in setup, after the first writes
     if opts.reaugment:
         check_reaugmentable(store, "--cache")
         if opts.video_root is None:
@@ -290,7 +294,16 @@ def train_ranks(opts: TrainOptions, nproc: int) -> TrainResult:
     ranks die with it."""
     preflight(opts, nproc)
     with RunLock(opts.out):
-        return launch(train, opts, nproc)
+        return launch(logged_rank, opts, nproc)
+
+
+def logged_rank(opts: TrainOptions) -> TrainResult:
+    """One rank of `--nproc`: rank 0 adds what it prints (the progress bar) to RUN/train.log, which the launcher
+    (the CLI) keeps for its own lines."""
+    if int(os.environ.get("RANK", "0")):
+        return train(opts)
+    with RunLog(Path(opts.out) / "train.log"):
+        return train(opts)
 
 
 # ---------------------------------------------------------------------------------------------------- setup

@@ -42,6 +42,7 @@ class VerifyReport:
     damaged: list[str] = field(default_factory=list)  # one line per damaged video: which, and what
     checked_samples: list[dict] = field(default_factory=list)
     mismatched_videos: list[str] = field(default_factory=list)
+    tolerance: str | None = None  # what a recomputed sample may differ by, and why, when samples are recomputed
 
     @property
     def ok(self) -> bool:
@@ -112,10 +113,18 @@ def verify_store(
     progress: bool = False,
 ) -> VerifyReport:
     """`decoder`: the `dist_cache.decoders` backend that reads the videos (default: the one the store records).
-    A store too damaged to open is a report with one problem, not an exception."""
+    A store too damaged to open is a report with one problem, not an exception. What recomputing needs (the
+    weights, the decoder) is loaded first: without it the check asked for cannot run, a UserError (a usage
+    problem, not damage)."""
     report = VerifyReport(store=url)
     try:
         store = FeatureStore.open(url, storage_options=storage_options)
+    except StoreDamagedError as err:
+        report.problems.append(str(err))
+        return report
+    decoder = decoder or store.schema.preprocess["decoder"]["name"]
+    recompute = _load_recompute(store, report, pretrained, decoder, device) if video_root is not None else None
+    try:
         _check_completeness(store, report)
         _check_integrity(store, report, deep, progress)
     except StoreDamagedError as err:
@@ -128,10 +137,9 @@ def verify_store(
     done = store.done_indices()
     if not len(done):
         return report
-    decoder = decoder or store.schema.preprocess["decoder"]["name"]
     if all_videos:
         _check_all_videos(store, report, done, video_root, decoder, progress)
-    _recompute(store, report, done, video_root, samples, pretrained, seed, decoder, device)
+    _recompute(store, report, done, video_root, samples, seed, decoder, recompute)
     return report
 
 
@@ -206,8 +214,10 @@ def _check_all_videos(store: FeatureStore, report: VerifyReport, done: np.ndarra
         )
 
 
-def _recompute(store: FeatureStore, report: VerifyReport, done: np.ndarray, video_root: str, samples: int,
-               pretrained: str | None, seed: int, decoder: str, device: str) -> None:
+def _load_recompute(store: FeatureStore, report: VerifyReport, pretrained: str | None, decoder: str,
+                    device: str) -> Recompute:
+    """The recorded backbone, rebuilt (its weights proven by their hash), the decoder, and the tolerance, stated in
+    the report. A UserError when they cannot be had here (a store made from a local file needs --pretrained)."""
     from dist_cache.backbone import load_recorded_backbone
     from dist_cache.decoders import get_decoder
     from dist_cache.devices import resolve_device
@@ -221,15 +231,23 @@ def _recompute(store: FeatureStore, report: VerifyReport, done: np.ndarray, vide
                                           precision=run)
         reader = get_decoder(decoder)
     except UserError as err:
-        report.problems.append(f"cannot recompute features: {err}")
-        return
-    recompute = Recompute(backbone, backbone.spatial_encoder(list(store.schema.layers)), reader, torch_device)
-    tolerance = TOLERANCE[store.schema.dtype] + PRECISION_ERROR[recorded] + PRECISION_ERROR[run]
+        raise UserError(f"cannot recompute features from --video-root: {err}") from None
+    storage = TOLERANCE[store.schema.dtype]
+    tolerance = storage + PRECISION_ERROR[recorded] + PRECISION_ERROR[run]
+    report.tolerance = f"relative L2 error up to {tolerance:.2%} ({store.schema.dtype} storage {storage:.2%}"
+    report.tolerance += "".join(f", CLIP in {p} {where} +{PRECISION_ERROR[p]:.2%}"
+                                for p, where in ((recorded, "at extraction"), (run, "here")) if PRECISION_ERROR[p])
+    report.tolerance += ")"
     if recorded != "fp32" or run != "fp32":
         here = "" if run == recorded else f", recomputed in {run} here ({recorded} does not run on {torch_device})"
         report.notes.append(f"CLIP ran in {recorded} for this store{here}: the tolerance is widened by the known "
                             "error of each reduced precision on ViT-B/16 (fp16 0.09 %, bf16 0.72 %) to "
                             f"{tolerance:.2%}")
+    return Recompute(backbone, backbone.spatial_encoder(list(store.schema.layers)), reader, torch_device, tolerance)
+
+
+def _recompute(store: FeatureStore, report: VerifyReport, done: np.ndarray, video_root: str, samples: int,
+               seed: int, decoder: str, recompute: Recompute) -> None:
     chosen = np.random.default_rng(seed).choice(done, size=min(samples, len(done)), replace=False)
     for i in sorted(int(i) for i in chosen):
         sample = store.sample(i)
@@ -239,7 +257,7 @@ def _recompute(store: FeatureStore, report: VerifyReport, done: np.ndarray, vide
             report.problems.append(f"sample {i} not recomputed: {why}")
             continue
         try:
-            _recompute_sample(store, report, i, sample, path, recompute, tolerance)
+            _recompute_sample(store, report, i, sample, path, recompute)
         except StoreDamagedError as err:  # bytes a shallow check cannot see (a flipped data byte)
             report.problems.append(str(err))
 
@@ -262,11 +280,12 @@ class Recompute:
     encoder: Any
     reader: Any
     device: Any
+    tolerance: float  # the relative L2 error a recomputed sample may differ by
 
 
-def _recompute_sample(store: FeatureStore, report: VerifyReport, i: int, sample: dict, path: Path, run: Recompute,
-                      tolerance: float) -> None:
-    """Sample i again from its video: its plan from the recorded seed, its features within `tolerance`, and its
+def _recompute_sample(store: FeatureStore, report: VerifyReport, i: int, sample: dict, path: Path,
+                      run: Recompute) -> None:
+    """Sample i again from its video: its plan from the recorded seed, its features within the tolerance, and its
     stored dense frames byte for byte."""
     import torch
 
@@ -285,7 +304,7 @@ def _recompute_sample(store: FeatureStore, report: VerifyReport, i: int, sample:
         tokens, _ = run.encoder(normalize_frames(frames.to(run.device), run.backbone.mean, run.backbone.std))
     error = _relative_error(store.features(i).astype(np.float32), tokens.float().cpu().numpy())
     report.checked_samples.append({"sample": i, "video": sample["video"], "relative_error": error})
-    if not error <= tolerance:
+    if not error <= run.tolerance:
         report.problems.append(
             f"sample {i} ({sample['video']}): stored features differ from a recompute by {error:.2%}"
         )
@@ -298,6 +317,8 @@ def _recompute_sample(store: FeatureStore, report: VerifyReport, i: int, sample:
 
 def format_report(report: VerifyReport) -> str:
     lines = [f"verify {report.store}"]
+    if report.tolerance:
+        lines.append(f"  tolerance: {report.tolerance}")
     for checked in report.checked_samples:
         lines.append(f"  recomputed sample {checked['sample']} ({checked['video']}): relative error "
                      f"{checked['relative_error']:.2e}")

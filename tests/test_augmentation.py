@@ -152,7 +152,8 @@ def test_cli_trains_and_evaluates_both_modes(stores, tmp_path, mode):
     assert recorded["reaugment"] == ("--reaugment" in mode)
     assert recorded["feature_mixup"] == (0.8 if "--feature-mixup" in mode else 0.0)
     report = tmp_path / "report.json"
-    done = _cli("eval", "--checkpoint", str(run / "last.pt"), "--cache", stores["val"], "--json", str(report), *common)
+    done = _cli("eval", "--checkpoint", str(run / "last.pt"), "--cache", stores["val"], "--report", str(report),
+                *common)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(report.read_text())["videos"] == 4
 

@@ -1,4 +1,4 @@
-"""`dist-cache copy --videos-per-shard N` and `--frames keep|drop`: a packed copy holds the source's features,
+"""`dist-cache copy --videos-per-shard N` and `--drop-dense-frames`: a packed copy holds the source's features,
 embeddings and frames exactly, read through FeatureStore and through zarr itself; it resumes a group at a time,
 waits for groups whose videos the source has not extracted yet, is never written into otherwise, and trains and
 evaluates like its source."""
@@ -113,11 +113,11 @@ def test_groups_wait_for_videos_the_source_has_not_extracted(tmp_path):
 
 
 def test_frames_can_be_dropped(source, tmp_path):
-    copy(source, tmp_path / "n.zarr", "--frames", "drop", "--layers", "last:1")
+    copy(source, tmp_path / "n.zarr", "--drop-dense-frames", "--layers", "last:1")
     dropped, src = FeatureStore.open(tmp_path / "n.zarr"), FeatureStore.open(source)
     assert not dropped.has_frames and not (tmp_path / "n.zarr" / "frames").exists()
     np.testing.assert_array_equal(dropped.features(1), src.features(1, [2]))
-    kept = copy(source, tmp_path / "k.zarr", "--frames", "keep")
+    kept = copy(source, tmp_path / "k.zarr")
     assert "copied 6 videos" in kept.stdout and FeatureStore.open(tmp_path / "k.zarr").dense_gamma == 2
 
 
@@ -132,10 +132,10 @@ def test_training_and_evaluation_read_packed_copies(motion_dataset, tiny_checkpo
         copy(tmp_path / f"{name}.zarr", tmp_path / f"{name}-packed.zarr", "--videos-per-shard", "3")
     run("train", "--cache", tmp_path / "train-packed.zarr", "--val-cache", tmp_path / "val-packed.zarr",
         "--video-root", videos, "--out", tmp_path / "run", "--alpha-dim", "32", "--beta-dim", "16", "--pool-blocks",
-        "1", "--batch-size", "4", "--workers", "0", "--warmup-epochs", "1", "--epochs", "1", "--device", "cpu")
+        "1", "--batch-size", "4", "--decode-workers", "0", "--warmup-epochs", "1", "--epochs", "1", "--device", "cpu")
     for store in ("val", "val-packed"):
         run("eval", "--checkpoint", tmp_path / "run" / "best.pt", "--cache", tmp_path / f"{store}.zarr",
-            "--video-root", videos, "--workers", "0", "--device", "cpu", "--json", tmp_path / f"{store}.json")
+            "--video-root", videos, "--decode-workers", "0", "--device", "cpu", "--report", tmp_path / f"{store}.json")
     reports = [json.loads((tmp_path / f"{store}.json").read_text()) for store in ("val", "val-packed")]
     for key in ("top1", "top5", "per_class_accuracy", "confusion_matrix", "views"):
         assert reports[0][key] == reports[1][key], key

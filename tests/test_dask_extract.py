@@ -99,7 +99,7 @@ def test_cli_extract_with_local_workers(reference, motion_dataset, tiny_checkpoi
     out = tmp_path / "cli.zarr"
     args = ["extract", "--manifest", motion_dataset / "val.csv", "--video-root", motion_dataset / "videos",
             "--out", out, "--model", "dist-tiny", "--pretrained", tiny_checkpoint, "--frames", "4", "--views", "2",
-            "--seed", "3", "--decode-workers", "1", "--device", "cpu", "--workers", "2"]
+            "--seed", "3", "--decode-workers", "1", "--device", "cpu", "--dask-workers", "2"]
     result = CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "stored 4 videos" in result.output and "failed 0" in result.output

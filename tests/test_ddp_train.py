@@ -73,21 +73,53 @@ def test_a_rank_user_error_reaches_the_parent_as_one(motion_dataset, tmp_path: P
     assert "\n" not in str(err.value) and str(missing) in str(err.value)
 
 
+def shadowing_directory(root: Path) -> Path:
+    """A project directory with its own `cli.py`, `pipelines/` and `storage/`, the top-level names dist-cache's
+    wheel installs: anything that puts the working directory first on sys.path (`python -m cli`) imports these."""
+    for name in ("cli.py", "pipelines/__init__.py", "storage/__init__.py"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("raise SystemExit('imported the working directory\\'s module, not dist-cache\\'s')\n")
+    return root
+
+
+SMALL_FLAGS = ["--epochs", "2", "--batch-size", "4", "--warmup-epochs", "1", "--device", "cpu", "--no-temporal",
+               "--no-integ-to-temp", "--no-temp-to-integ", "--alpha-dim", "32", "--beta-dim", "16", "--pool-blocks",
+               "1", "--read-threads", "2"]
+
+
 def test_torchrun_starts_the_cli_entry_point_on_every_rank(store, tmp_path: Path):
+    """The README's launch, `torchrun ... --no-python dist-cache train ...`, from a directory whose own modules
+    shadow dist-cache's: every rank runs the installed console script, whose sys.path starts at its own bin."""
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parent.parent
+    bin_dir = Path(sys.executable).parent
     out = tmp_path / "torchrun"
     # --standalone: a local rendezvous on a free port. (`--master_port 0` hands the ranks MASTER_PORT=0 to connect
     # to the agent's store, and they wait there until the timeout.)
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli",
-         "train", "--cache", store, "--out", str(out), "--epochs", "2", "--batch-size", "4", "--warmup-epochs", "1",
-         "--device", "cpu", "--no-temporal", "--no-integ-to-temp", "--no-temp-to-integ", "--alpha-dim", "32",
-         "--beta-dim", "16", "--pool-blocks", "1", "--read-threads", "2"],
-        cwd=root, capture_output=True, text=True, timeout=300)
+        [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python", str(bin_dir / "dist-cache"),
+         "train", "--cache", store, "--out", str(out), *SMALL_FLAGS],
+        cwd=shadowing_directory(tmp_path / "project"), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("trained 4 steps over 2 epochs") == 1  # rank 0 alone reports
     assert load_checkpoint(out / "last.pt")["step"] == 4
     assert '"pid"' in (out / "train.lock").read_text()  # rank 0 held the run directory
+    log = (out / "train.log").read_text()
+    assert log.count("=== dist-cache train: started") == 1 and "trained 4 steps over 2 epochs" in log
+
+
+def test_nproc_from_a_shadowing_directory_and_its_log(store, tmp_path: Path):
+    """`train --nproc 2` spawns its ranks with the launcher's sys.path, so the working directory's modules never
+    shadow dist-cache's either; rank 0's progress bar joins the launcher's lines in RUN/train.log."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "nproc"
+    done = subprocess.run([str(Path(sys.executable).parent / "dist-cache"), "train", "--nproc", "2", "--cache", store,
+                           "--out", str(out), *SMALL_FLAGS], cwd=shadowing_directory(tmp_path / "project"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load_checkpoint(out / "last.pt")["step"] == 4
+    log = (out / "train.log").read_text()
+    assert "trained 4 steps over 2 epochs" in log and "train: 100%" in log and "4/4" in log, log

@@ -101,3 +101,39 @@ def test_when_the_first_100_videos_all_fail_it_stops_and_records_none(motion_dat
     right = CliRunner().invoke(cli.main, [str(a) for a in base + ["--video-root", motion_dataset / "videos"]])
     assert right.exit_code == 0, right.output
     assert "stored 100 videos" in right.output and FeatureStore.open(out).complete
+
+
+def test_a_folder_of_videos_extracts_like_its_manifest(motion_dataset, tiny_checkpoint, tmp_path):
+    """`--videos DIR` lists DIR/<class>/<video> sorted and labels each by its folder: the store equals the one
+    made from a CSV listing the same videos. Decoded in this process (--decode-workers 0) against decode
+    worker processes (1): the same bytes either way."""
+    import numpy as np
+
+    videos = motion_dataset / "videos"
+    common = ["--model", "dist-tiny", "--pretrained", tiny_checkpoint, "--frames", "4", "--device", "cpu"]
+    folder = CliRunner().invoke(cli.main, [str(a) for a in ["extract", "--videos", videos, "--out",
+                                                            tmp_path / "folder.zarr", "--decode-workers", "0",
+                                                            *common]])
+    assert folder.exit_code == 0 and "stored 12 videos" in folder.output, folder.output
+    listed = sorted(p.relative_to(videos).as_posix() for p in videos.rglob("*.mp4"))
+    manifest = tmp_path / "all.csv"
+    manifest.write_text("path,label\n" + "".join(f"{v},{v.split('/')[0]}\n" for v in listed))
+    made = invoke(motion_dataset, tmp_path / "csv.zarr", tiny_checkpoint, "--device", "cpu", manifest=manifest)
+    assert made.exit_code == 0, made.output
+    a, b = FeatureStore.open(tmp_path / "folder.zarr"), FeatureStore.open(tmp_path / "csv.zarr")
+    assert a.videos == b.videos == listed and list(a.labels) == list(b.labels)
+    assert list(a.schema.class_names) == ["down", "left", "right", "up"]
+    for i in range(len(a)):
+        np.testing.assert_array_equal(a.features(i), b.features(i))
+
+
+@pytest.mark.parametrize("extra, says", [
+    (["--manifest", "m.csv"], "--videos V is the list of videos and their root: drop --manifest"),
+    (["--video-root", "."], "--videos V is the list of videos and their root: drop --video-root"),
+])
+def test_a_folder_of_videos_is_not_mixed_with_a_manifest(tmp_path, extra, says):
+    (tmp_path / "V").mkdir()
+    result = CliRunner().invoke(cli.main, ["extract", "--videos", str(tmp_path / "V"), "--out", "o.zarr", *extra])
+    assert result.exit_code == 2 and says.replace("V", str(tmp_path / "V")) in result.output, result.output
+    nothing = CliRunner().invoke(cli.main, ["extract", "--out", "o.zarr"])
+    assert nothing.exit_code == 2 and "pass --manifest FILE with --video-root DIR, or --videos DIR" in nothing.output

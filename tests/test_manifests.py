@@ -223,3 +223,44 @@ def test_resolve_under_keeps_paths_inside_the_root(tmp_path):
     assert resolve_under(tmp_path, "a/./b/../c.mp4", "here") == tmp_path / "a/c.mp4"
     with pytest.raises(UserError, match="here: video path '' is not"):
         resolve_under(tmp_path, "", "here")
+
+
+# ---- a folder of class folders (extract --videos DIR) --------------------------------------------------------
+
+
+def video_folder(root):
+    for rel in ("walk/b.mp4", "walk/a.MP4", "run/sub/z.webm", "run/c.mkv", "run/notes.txt", "run/._c.mkv",
+                ".cache/x.mp4", "run/.hidden/y.mp4"):
+        write(root / rel, "")
+    return root
+
+
+def test_a_folder_lists_its_videos_sorted_and_labelled_by_class_folder(tmp_path):
+    from dist_cache.manifests import FOLDER_FORMAT
+
+    root = video_folder(tmp_path / "v")
+    m = load_manifest(root, fmt=FOLDER_FORMAT)
+    # Other extensions, hidden files (macOS ._ files) and hidden folders left out; nested folders kept.
+    assert m.videos == ["run/c.mkv", "run/sub/z.webm", "walk/a.MP4", "walk/b.mp4"]
+    assert m.class_names == ["run", "walk"] and m.labels == [0, 0, 1, 1]
+    # A class list fixes names and order; a class without a folder is fine (a split may lack one).
+    m = load_manifest(root, fmt=FOLDER_FORMAT, classes=write(tmp_path / "c.txt", "walk\njump\nrun\n"))
+    assert m.class_names == ["walk", "jump", "run"] and m.labels == [2, 2, 0, 0]
+
+
+def test_a_folder_whose_labels_would_be_guesses_is_refused(tmp_path):
+    from dist_cache.manifests import FOLDER_FORMAT
+
+    root = video_folder(tmp_path / "v")
+    fails(r"class folder walk/ is not in --classes c.txt; add it", load_manifest, root, fmt=FOLDER_FORMAT,
+          classes=write(tmp_path / "c.txt", "run\n"))
+    (root / "empty").mkdir()
+    fails(r"--videos .*: class folder empty/ holds no videos", load_manifest, root, fmt=FOLDER_FORMAT)
+    write(root / "loose.mp4", "")
+    fails(r"--videos .*: loose.mp4 is in no class folder; move each video into .*/<class>/", load_manifest, root,
+          fmt=FOLDER_FORMAT)
+    fails(r"--videos .*: no videos in class folders \(.mp4 .m4v", load_manifest, write(tmp_path / "t" / "a" / "x.txt",
+                                                                                       "").parent.parent,
+          fmt=FOLDER_FORMAT)
+    fails(r"--videos .*: no such directory", load_manifest, tmp_path / "absent", fmt=FOLDER_FORMAT)
+    fails(r"manifest .* is a folder: pass it as --videos", load_manifest, root)

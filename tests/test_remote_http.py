@@ -92,7 +92,7 @@ def share(motion_dataset, tiny_checkpoint, tmp_path_factory) -> Path:
     return root
 
 
-TRAIN_FLAGS = ("--epochs", "1", "--batch-size", "4", "--workers", "0", "--alpha-dim", "32", "--beta-dim", "16",
+TRAIN_FLAGS = ("--epochs", "1", "--batch-size", "4", "--decode-workers", "0", "--alpha-dim", "32", "--beta-dim", "16",
                "--pool-blocks", "1", "--warmup-epochs", "1", "--device", "cpu")
 
 
@@ -104,7 +104,7 @@ def test_train_and_eval_from_http_stores(share, motion_dataset, tmp_path):
         run_cli("train", "--cache", f"{base}/train.zarr", "--val-cache", f"{base}/val.zarr", "--video-root", videos,
                 "--out", tmp_path / "run", *TRAIN_FLAGS)
         out = run_cli("eval", "--checkpoint", tmp_path / "run" / "best.pt", "--cache", f"{base}/val.zarr",
-                      "--video-root", videos, "--workers", "0", "--device", "cpu").output
+                      "--video-root", videos, "--decode-workers", "0", "--device", "cpu").output
     assert "top-1" in out.lower()
 
 

@@ -89,7 +89,7 @@ def test_train_and_eval_read_s3_stores_through_storage_options(s3, motion_datase
     assert any("val_top1" in row for row in metrics)
     report = tmp_path / "report.json"
     run("eval", "--checkpoint", tmp_path / "run" / "last.pt", "--cache", url, "--storage-options", options,
-        "--device", "cpu", "--json", report)
+        "--device", "cpu", "--report", report)
     assert json.loads(report.read_text())["videos"] == len(FeatureStore.open(url, storage_options=s3["options"]).videos)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -93,11 +94,24 @@ def test_train_recipe_from_the_cli_is_printed_and_recorded(stores, tmp_path):
     out = tmp_path / "k400"
     args = ["train", "--cache", stores["train"], "--video-root", stores["videos"], "--out", str(out), "--recipe",
             "k400",
-            "--alpha-dim", "32", "--beta-dim", "16", "--epochs", "1", "--batch-size", "4", "--workers", "0",
+            "--alpha-dim", "32", "--beta-dim", "16", "--epochs", "1", "--batch-size", "4", "--decode-workers", "0",
             "--warmup-epochs", "1", "--device", "cpu"]
     result = CliRunner().invoke(cli.main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert result.output.splitlines()[0] == "recipe: k400 (Kinetics-400): pool_blocks 4"
+    # One warm-up epoch of one: the learning rate would never reach its peak.
+    assert "warning: --warmup-epochs 1 >= --epochs 1: the learning rate rises for the whole run" in result.stderr
+    # RUN/train.log: what was printed, each line with its time; a --resume appends.
+    log = (out / "train.log").read_text().splitlines()
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+    assert all(re.match(stamp, line) for line in log), log
+    texts = [re.sub(stamp, "", line, count=1) for line in log]
+    assert texts[0] == "=== dist-cache train: started" and texts[1] == "recipe: k400 (Kinetics-400): pool_blocks 4"
+    assert any(t.startswith("warning: --warmup-epochs") for t in texts) and texts[-1].startswith("trained 2 steps")
+    resumed = CliRunner().invoke(cli.main, [*args, "--resume"], catch_exceptions=False)
+    assert resumed.exit_code == 0, resumed.output
+    again = (out / "train.log").read_text().splitlines()
+    assert again[: len(log)] == log and again[len(log)].endswith("=== dist-cache train: resumed (--resume)")
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["train_config"]["recipe"] == "k400"
     assert ckpt["dist_config"]["switches"]["pool_blocks"] == ckpt["train_config"]["switches"]["pool_blocks"] == 4
@@ -124,9 +138,10 @@ def test_round_trip_train_then_eval(stores, run, tmp_path):
     assert [r["epoch"] for r in epochs] == [1, 2] and all("val_top1" in r for r in epochs)
     assert run.best_top1 == max(r["val_top1"] for r in epochs)
 
-    report_path = tmp_path / "report.json"
+    report_path, predictions = tmp_path / "report.json", tmp_path / "predictions.jsonl"
     report = evaluate(EvalOptions(checkpoint=str(run.best), cache=stores["val"], video_root=stores["videos"],
-                                  json=str(report_path), decode_workers=1), progress=False)
+                                  json=str(report_path), predictions=str(predictions), decode_workers=1),
+                      progress=False)
     assert json.loads(report_path.read_text()) == report
     assert report["videos"] == 4 and report["views"] == 12 and report["views_per_video"] == 3
     assert report["top1"] == pytest.approx(run.best_top1)  # the same scoring as validation in training
@@ -135,6 +150,35 @@ def test_round_trip_train_then_eval(stores, run, tmp_path):
     assert np.array(report["confusion_matrix"]).sum() == 4
     assert Path(report["confusion_png"]).read_bytes()[:4] == b"\x89PNG"
     assert "top-1" in format_report(report) and "skipped" not in format_report(report)
+
+    # Per-video predictions: a JSON line per video, in the store's order, that agree with the report.
+    val = FeatureStore.open(stores["val"])
+    lines = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert [line["video"] for line in lines] == val.videos
+    names = list(val.schema.class_names)
+    for line, label in zip(lines, val.labels):
+        assert (line["label"], line["label_index"], line["views"]) == (names[label], label, 3)
+        assert len(line["top"]) == 4 and [names[i] for i in line["top_index"]] == line["top"]
+        assert line["scores"] == sorted(line["scores"], reverse=True) and 0.99 < sum(line["scores"]) <= 1.0001
+    assert np.mean([line["top"][0] == line["label"] for line in lines]) == pytest.approx(report["top1"])
+    confusion = np.zeros_like(report["confusion_matrix"])
+    for line in lines:
+        confusion[line["label_index"], line["top_index"][0]] += 1
+    assert confusion.tolist() == report["confusion_matrix"]
+    # The same from the command line, which says where they went.
+    from click.testing import CliRunner
+
+    import cli
+
+    again = tmp_path / "again.jsonl"
+    result = CliRunner().invoke(cli.main, ["eval", "--checkpoint", str(run.best), "--cache", stores["val"],
+                                           "--video-root", stores["videos"], "--decode-workers", "0", "--device",
+                                           "cpu", "--predictions", str(again)])
+    assert result.exit_code == 0 and f"per-video predictions -> {again}" in result.stdout, result.output
+    assert again.read_text() == predictions.read_text()
+    missing = CliRunner().invoke(cli.main, ["eval", "--checkpoint", str(run.best), "--cache", stores["val"],
+                                            "--predictions", str(tmp_path / "no" / "p.jsonl")])
+    assert missing.exit_code == 2 and "--predictions" in missing.output and "create it" in missing.output
 
 
 def first_batch(store: FeatureStore, indices: list[int], frames, layers=None, **kw):

@@ -152,6 +152,12 @@ def test_the_recorded_precision_widens_the_tolerance_and_says_so(extracted, moti
     assert ("CLIP ran in fp16 for this store, recomputed in fp32 here (fp16 does not run on cpu): the tolerance is "
             "widened by the known error of each reduced precision on ViT-B/16 (fp16 0.09 %, bf16 0.72 %) to 0.59%"
             ) in result.stdout
+    # The report states the tolerance it checked against, and what it is made of.
+    assert ("  tolerance: relative L2 error up to 0.59% (fp16 storage 0.50%, CLIP in fp16 at extraction +0.09%)"
+            in result.stdout.splitlines())
+    plain = verify(extracted, "--video-root", motion_dataset / "videos", "--samples", "1", "--device", "cpu",
+                   "--pretrained", tiny_checkpoint)
+    assert "  tolerance: relative L2 error up to 0.50% (fp16 storage 0.50%)" in plain.stdout.splitlines()
 
 
 def test_long_commands_show_progress(extracted, motion_dataset, tiny_checkpoint, tmp_path):
@@ -168,9 +174,11 @@ def test_a_store_naming_a_local_file_does_not_get_it_opened(extracted, motion_da
     shutil.copytree(extracted, tmp_path / "s.zarr")
     edit_backbone(tmp_path / "s.zarr", pretrained_source="/etc/passwd")
     result = verify(tmp_path / "s.zarr", "--video-root", motion_dataset / "videos", "--samples", "1", "--device", "cpu")
-    assert result.exit_code == 1
-    problem = [line for line in result.stdout.splitlines() if "problem:" in line]
-    assert len(problem) == 1 and "/etc/passwd, which a store cannot choose to open: pass --pretrained" in problem[0]
+    # A usage error (2: the check asked for cannot run without --pretrained), not damage (1), and nothing else said.
+    assert result.exit_code == 2 and result.stdout == "", result.output
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: cannot recompute features from --video-root")
+    assert "/etc/passwd, which a store cannot choose to open: pass --pretrained" in line
 
 
 def test_an_uncached_tag_offline_fails_fast_in_one_line(extracted, motion_dataset, tmp_path):
@@ -182,6 +190,6 @@ def test_an_uncached_tag_offline_fails_fast_in_one_line(extracted, motion_datase
     result = subprocess.run([sys.executable, "-m", "cli", "verify", str(tmp_path / "s.zarr"), "--video-root",
                              str(motion_dataset / "videos"), "--samples", "1"], capture_output=True, text=True,
                             env=env, timeout=120)
-    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    [problem] = [line for line in result.stdout.splitlines() if "problem:" in line]
-    assert "cannot recompute features" in problem and "HF_HUB_OFFLINE is set" in problem, result.stdout
+    assert result.returncode == 2 and "Traceback" not in result.stderr and result.stdout == "", result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert "cannot recompute features" in line and "HF_HUB_OFFLINE is set" in line, result.stderr
