@@ -147,7 +147,8 @@ def main() -> None:
               help="Extract the videos recorded as failed again (after fixing or replacing them).")
 @click.option("--repair", is_flag=True,
               help="Re-extract the done videos whose stored shards are missing or fail their checksums (the shard "
-                   "indexes: a few small reads per video), then finalise.")
+                   "indexes: a few small reads per video), rewrite damaged metadata documents, video paths, labels "
+                   "and text embeddings, then finalise (which rewrites the other tables).")
 @click.option("--deep", is_flag=True,
               help="With --repair: read every stored chunk and check its crc32c (reads the whole store).")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
@@ -175,6 +176,8 @@ def extract(**kw) -> None:
         from pipelines.extract_dask import extract_distributed
 
         summary = extract_distributed(ExtractOptions(**kw), workers=workers, scheduler=scheduler)
+    for what in summary.repaired:
+        click.echo(f"repaired the store's {what}", err=True)
     for damage in summary.damaged[:5]:
         click.echo(f"repaired {damage.describe()}", err=True)
     if len(summary.damaged) > 5:
