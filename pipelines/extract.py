@@ -33,6 +33,7 @@ from dist_cache.decoders import DECODERS, DecodeError, get_decoder
 from dist_cache.devices import resolve_device
 from dist_cache.errors import UserError, first_line
 from dist_cache.manifests import Manifest, flip_partners, load_manifest
+from dist_cache.sampling import DENSE_GAMMAS
 from dist_cache.transforms import PREPROCESS
 from pipelines.extract_device import DeviceForward, LaunchedBatch
 from pipelines.prepare import PreparedVideo, RenderSpec, prepare_video
@@ -43,7 +44,6 @@ from storage.schema import FORMAT_VERSION
 FORMAT_SPLITS = ("train", "test")
 DTYPES = ("fp16", "int8")
 PRECISIONS = ("fp16", "bf16", "fp32")
-DENSE_GAMMAS = (1, 2, 4, 8)
 # Views per video when --views is not given: one augmented view to train on; 3 temporal clips x 1 crop to test
 # (the reference's evaluation protocol, what `eval` expects).
 DEFAULT_VIEWS = {"train": 1, "test": 3}

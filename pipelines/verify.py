@@ -22,7 +22,7 @@ import numpy as np
 from dist_cache.errors import DecodeError, UserError
 from storage import FeatureStore, StoreDamagedError
 from storage.errors import REPAIR_HINT
-from storage.location import PARTIAL_SUFFIX, is_local
+from storage.location import PARTIAL_SUFFIX, is_local, is_stale, is_temp_name
 from storage.writer import DEFAULT_STALE_PARTIAL_S
 
 # Relative L2 error a recompute may differ by: fp16 storage rounds to ~1e-3 relative; int8 per-token absmax
@@ -193,19 +193,26 @@ def _check_integrity(store: FeatureStore, report: VerifyReport, deep: bool, prog
 
 
 def _check_partials(url: str, report: VerifyReport) -> None:
-    """Temp files of interrupted or running writes (local stores only: object-store PUTs leave none)."""
+    """Temp files of interrupted or running writes (local stores only: object-store PUTs leave none), by the
+    writers' own naming; other `*.partial` files are not the store's, and no writer removes them."""
     if not is_local(url) or not Path(url).is_dir():
         return
     stray = sorted(Path(url).rglob(f"*{PARTIAL_SUFFIX}"))
-    if not stray:
+    ours = [p for p in stray if is_temp_name(p.name)]
+    others = [p for p in stray if not is_temp_name(p.name)]
+    if others:
+        report.notes.append(f"{len(others)} *{PARTIAL_SUFFIX} file(s) not named as a dist-cache write names its "
+                            f"temp files (e.g. {others[0].relative_to(url)}): not part of the store, never removed "
+                            f"by it")
+    if not ours:
         return
     now = time.time()
-    stale = [p for p in stray if now - p.stat().st_mtime > DEFAULT_STALE_PARTIAL_S]
+    stale = [p for p in ours if is_stale(now - p.stat().st_mtime, DEFAULT_STALE_PARTIAL_S)]
     # Never part of the data: a killed write's temporary file, or a live writer's. Writers remove them once
     # they are old enough not to belong to anyone still writing.
     report.notes.append(
-        f"{len(stray)} temporary *{PARTIAL_SUFFIX} file(s) (e.g. {stray[0].relative_to(url)}): {len(stale)} left by "
-        f"interrupted writes, removed by the next extract or copy; {len(stray) - len(stale)} younger than "
+        f"{len(ours)} temporary *{PARTIAL_SUFFIX} file(s) (e.g. {ours[0].relative_to(url)}): {len(stale)} left by "
+        f"interrupted writes, removed by the next extract or copy; {len(ours) - len(stale)} younger than "
         f"{DEFAULT_STALE_PARTIAL_S:.0f} s, maybe a write in progress; harmless either way")
 
 

@@ -29,7 +29,7 @@ from zarr.errors import ZarrUserWarning
 from dist_cache.errors import UserError, first_line
 from storage import layout
 from storage.errors import MissingChunkError, StoreDamagedError, StoreMismatchError, store_fix, write_error
-from storage.location import Location, configure_zarr
+from storage.location import Location, configure_zarr, is_temp_name
 from storage.quantize import quantize_int8
 from storage.records import RecordError, VideoRecord, decode_group, encode_group, gather, group_members, summarize
 from storage.remote import open_location
@@ -634,12 +634,19 @@ def _missing_chunk(key: str) -> MissingChunkError:
 
 
 def _check_creatable(loc: Location) -> None:
-    """Refuse to create a store on top of something that is not a dist-cache store."""
-    if loc.exists():
-        foreign = sorted(n for n in loc.list_names("") if n not in _OWN_NAMES and not n.endswith(".partial"))
-        if foreign:
-            raise UserError(f"cannot create store {loc.url}: it is not empty and not a dist-cache store "
-                            f"(found {', '.join(foreign[:3])}); use another --out")
+    """Refuse to create a store in a place that holds anything but a killed creator's temp files: with no root
+    zarr.json it is not a store (the root is the first thing a writer publishes), so whatever is there, a
+    `data.tar.partial` or a `videos/` folder included, is someone else's, and a store written among it would mix
+    with it (and a later sweep of temp files could take theirs)."""
+    if not loc.exists():
+        return
+    foreign = sorted(n for n in loc.list_names("") if not is_temp_name(n))
+    if foreign:
+        own = [n for n in foreign if n in _OWN_NAMES]
+        hint = f", which a store would write into ({', '.join(own[:3])})" if own else ""
+        raise UserError(f"cannot create store {loc.url}: it is not empty and not a dist-cache store (found "
+                        f"{len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'}: {', '.join(foreign[:3])}{hint}); "
+                        f"use a new or empty --out")
 
 
 def _video_difference(loc: Location, videos: list[str], labels: list[int]) -> str:
