@@ -88,7 +88,8 @@ def main() -> None:
 @click.option("--manifest", required=True, type=click.Path(),
               help="Video list: CSV path,label; Kinetics CSV; SSv2 JSON; or mmaction list.")
 @click.option("--video-root", required=True, type=click.Path(), help="Directory the manifest's paths are relative to.")
-@click.option("--out", required=True, help="Store to create or resume: a path or an fsspec URL (s3://...).")
+@click.option("--out", required=True,
+              help="Store to create or resume: a path or an fsspec URL (s3://...); new, empty, or an existing store.")
 @storage_options_option()
 @click.option("--model", default="ViT-B-16", show_default=True,
               help="open_clip model name, dist-tiny, or a model-config JSON path.")
@@ -206,7 +207,8 @@ def extract(**kw) -> None:
 @storage_options_option()
 @user_errors
 def info(store: str, as_json: bool, failed: bool, storage_options: dict) -> None:
-    """Summarise a store: backbone, layers, frames, sampling, progress, objects and size."""
+    """Summarise a store: backbone, layers, frames, sampling, progress, objects and size (checking its metadata,
+    tables and text embeddings on the way: DAMAGED if they are)."""
     from pipelines.info import format_info, store_info
 
     check_storage_options(storage_options, store)
@@ -232,7 +234,8 @@ def info(store: str, as_json: bool, failed: bool, storage_options: dict) -> None
 @storage_options_option()
 @user_errors
 def verify(store: str, storage_options: dict, **kw) -> None:
-    """Check a store is whole: completeness, every sample's integrity, the videos, recomputed samples."""
+    """Check a store is whole: completeness, its metadata, tables and text embeddings, every sample's integrity,
+    the videos, recomputed samples."""
     from pipelines.verify import format_report, verify_store
 
     check_storage_options(storage_options, store)
