@@ -124,7 +124,8 @@ def main() -> None:
               help="Video list: CSV path,label; Kinetics CSV; SSv2 JSON; or mmaction list (or --videos DIR).")
 @click.option("--videos", type=click.Path(file_okay=False), default=None, metavar="DIR", help=VIDEO_FOLDER_HELP)
 @click.option("--video-root", type=click.Path(), help="Directory the manifest's paths are relative to.")
-@click.option("--out", required=True, help="Store to create or resume: a path or an fsspec URL (s3://...).")
+@click.option("--out", required=True,
+              help="Store to create or resume: a path or an fsspec URL (s3://...); new, empty, or an existing store.")
 @storage_options_option()
 @click.option("--model", default="ViT-B-16", show_default=True,
               help="open_clip model name, dist-tiny, or a model-config JSON path.")
@@ -183,7 +184,8 @@ def main() -> None:
               help="Extract the videos recorded as failed again (after fixing or replacing them).")
 @click.option("--repair", is_flag=True,
               help="Re-extract the done videos whose stored shards are missing or fail their checksums (the shard "
-                   "indexes: a few small reads per video), then finalise.")
+                   "indexes: a few small reads per video), rewrite damaged metadata documents, video paths, labels "
+                   "and text embeddings, then finalise (which rewrites the other tables).")
 @click.option("--deep", is_flag=True,
               help="With --repair: read every stored chunk and check its crc32c (reads the whole store).")
 @click.option("--strict", is_flag=True, help="Exit non-zero if any video failed.")
@@ -210,6 +212,8 @@ def extract(**kw) -> None:
         from pipelines.extract_dask import extract_distributed
 
         summary = extract_distributed(ExtractOptions(**kw), workers=workers, scheduler=scheduler)
+    for what in summary.repaired:
+        click.echo(f"repaired the store's {what}", err=True)
     for damage in summary.damaged[:5]:
         click.echo(f"repaired {damage.describe()}", err=True)
     if len(summary.damaged) > 5:
@@ -254,7 +258,8 @@ def _video_list(kw: dict) -> None:
 @storage_options_option()
 @user_errors
 def info(store: str, as_json: bool, failed: bool, storage_options: dict) -> None:
-    """Summarise a store: backbone, layers, frames, sampling, progress, objects and size."""
+    """Summarise a store: backbone, layers, frames, sampling, progress, objects and size (checking its metadata,
+    tables and text embeddings on the way: DAMAGED if they are)."""
     from pipelines.info import format_info, store_info
 
     check_storage_options(storage_options, store)
@@ -280,7 +285,8 @@ def info(store: str, as_json: bool, failed: bool, storage_options: dict) -> None
 @storage_options_option()
 @user_errors
 def verify(store: str, storage_options: dict, **kw) -> None:
-    """Check a store is whole: completeness, every sample's integrity, the videos, recomputed samples."""
+    """Check a store is whole: completeness, its metadata, tables and text embeddings, every sample's integrity,
+    the videos, recomputed samples."""
     from pipelines.verify import format_report, verify_store
 
     check_storage_options(storage_options, store)

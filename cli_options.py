@@ -128,8 +128,9 @@ def _json_object(ctx: click.Context, param: click.Parameter, text: str | None) -
 
 STORAGE_OPTIONS_HELP = ("fsspec options for store URLs, as JSON or @FILE: e.g. '{\"anon\": true}' (public S3), "
                         "'{\"key\": \"...\", \"secret\": \"...\", \"client_kwargs\": {\"endpoint_url\": \"...\"}}' "
-                        "(S3-compatible servers), '{\"headers\": {\"Authorization\": \"...\"}}' (HTTP). "
-                        "Local paths need none.")
+                        "(S3-compatible servers), '{\"headers\": {\"Authorization\": \"...\"}}' (HTTP; also "
+                        "\"retry_deadline_s\", default 20, and \"whole_object_cache_mb\", default 512, for servers "
+                        "without Range support). Local paths need none.")
 
 
 def storage_options_option(help: str = STORAGE_OPTIONS_HELP, name: str = "--storage-options") -> Callable:

@@ -13,6 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The dense frames per sparse frame (the paper's gamma) dist-cache takes everywhere: extract --dense-gamma, train
+# --gamma, and a store's dense_frames.gamma. Powers of two, so the frames of every smaller gamma are a subset of the
+# stored G's (dense_subset); 8 is twice the paper's largest (Tab. 1d).
+DENSE_GAMMAS = (1, 2, 4, 8)
+
 
 @dataclass(frozen=True)
 class ViewPlan:

@@ -33,6 +33,7 @@ from dist_cache.decoders import DECODERS, DecodeError, get_decoder
 from dist_cache.devices import resolve_device
 from dist_cache.errors import UserError, first_line
 from dist_cache.manifests import Manifest, flip_partners, load_manifest
+from dist_cache.sampling import DENSE_GAMMAS
 from dist_cache.transforms import PREPROCESS
 from pipelines.extract_device import DeviceForward, LaunchedBatch
 from pipelines.prepare import PreparedVideo, RenderSpec, prepare_video
@@ -43,7 +44,6 @@ from storage.schema import FORMAT_VERSION
 FORMAT_SPLITS = ("train", "test")
 DTYPES = ("fp16", "int8")
 PRECISIONS = ("fp16", "bf16", "fp32")
-DENSE_GAMMAS = (1, 2, 4, 8)
 # Views per video when --views is not given: one augmented view to train on; 3 temporal clips x 1 crop to test
 # (the reference's evaluation protocol, what `eval` expects).
 DEFAULT_VIEWS = {"train": 1, "test": 3}
@@ -128,6 +128,7 @@ class ExtractSummary:
     complete: bool = False
     store_failed: int = 0  # failed videos in the whole store, earlier runs included
     damaged: list[Damage] = field(default_factory=list)  # done videos found damaged (--repair), redone by this run
+    repaired: list[str] = field(default_factory=list)  # the store's own arrays or metadata rewritten (--repair)
 
     def merge(self, other: ExtractSummary) -> None:
         self.stored += other.stored
@@ -348,6 +349,7 @@ class Extractor:
                 labels=manifest.labels,
                 text_features=backbone.encode_text(manifest.class_names, list(opts.templates)),
                 storage_options=opts.storage_options or None,
+                repair=opts.repair,
             )
         except BaseException:
             if pool is not None:
@@ -507,7 +509,8 @@ def extract(opts: ExtractOptions, progress: bool = True) -> ExtractSummary:
     extractor = Extractor.open(opts)
     try:
         todo, damaged = extractor.to_extract(progress)
-        summary = ExtractSummary(skipped=len(extractor.manifest.videos) - len(todo), damaged=damaged)
+        summary = ExtractSummary(skipped=len(extractor.manifest.videos) - len(todo), damaged=damaged,
+                                 repaired=extractor.writer.repaired)
         bar = _Bar(len(todo), extractor.opts.views, progress)
         try:
             summary.merge(extractor.run(todo, on_progress=bar.update))

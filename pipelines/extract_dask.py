@@ -132,7 +132,8 @@ def extract_on_cluster(opts: ExtractOptions, client, *, chunk_videos: int = DEFA
     extractor = Extractor.open(opts, decode=False)
     writer = extractor.writer
     todo, damaged = extractor.to_extract(progress)
-    summary = ExtractSummary(skipped=len(extractor.manifest.videos) - len(todo), damaged=damaged)
+    summary = ExtractSummary(skipped=len(extractor.manifest.videos) - len(todo), damaged=damaged,
+                             repaired=writer.repaired)
     del extractor  # the client needs only the writer from here on, not the model
 
     # Workers redo no integrity check: they extract exactly the chunks given.

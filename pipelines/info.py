@@ -14,7 +14,8 @@ from typing import Any
 
 import zarr
 
-from storage import FeatureStore, SampleStatus, layout
+from dist_cache.errors import first_line
+from storage import FeatureStore, SampleStatus, StoreDamagedError, layout
 from storage.remote import open_location
 from storage.root import read_attrs
 
@@ -27,32 +28,46 @@ def dense_gammas(stored_gamma: int | None) -> list[int]:
     return [g for g in range(1, stored_gamma + 1) if stored_gamma % g == 0]
 
 
+# What info itself checks on its way (FeatureStore.check_store); the videos' shards are verify's.
+CHECKED = ("every metadata document and every table and text embedding (every chunk, its crc32c); the videos' "
+           "shards were not checked: `dist-cache verify` checks them")
+
+
 def store_info(url: str, storage_options: dict | None = None) -> dict[str, Any]:
     store = FeatureStore.open(url, storage_options=storage_options)
     schema = store.schema
     K = schema.views_per_video
-    per_video = store.status[::K]
-    failed = []
-    for v in map(int, (per_video == SampleStatus.FAILED).nonzero()[0]):
-        record = store.record(v)
-        failed.append({"video": store.video(v), "error": record.error if record else None})
-    counts = store.progress()
+    damage = store.check_store()
+    try:
+        per_video = store.status[::K]
+        failed = []
+        for v in map(int, (per_video == SampleStatus.FAILED).nonzero()[0]):
+            record = store.record(v)
+            failed.append({"video": store.video(v), "error": record.error if record else None})
+        counts: dict[str, int | None] = {name: count * K for name, count in store.progress().items()}
+    except StoreDamagedError as err:  # what the counts come from is damaged: say so, show the rest
+        damage = damage or [first_line(err)]
+        failed, counts = [], dict.fromkeys(("done", "failed", "pending"))
     G = schema.dense_gamma
     return {
         "store": url,
         "complete": store.complete,
+        "damaged": bool(damage),
+        "damage": damage,
+        "repair": store.repair_hint if damage else None,
+        "checked": CHECKED,
         "fingerprint": store.fingerprint,
         "format_version": schema.format_version,
         "videos": schema.num_videos,
         "samples": len(store),
-        **{name: count * K for name, count in counts.items()},
+        **counts,
         "failed_videos": failed,
         "precision": schema.precision,
         "activation": schema.backbone["activation"],
         "decoder": schema.preprocess["decoder"],
         "dense_frames": None if G is None else {"gamma": G, "gammas": dense_gammas(G)},
         "videos_per_shard": store.videos_per_shard,
-        **usage(store, url, storage_options),
+        **_usage_or_unknown(store, url, storage_options),
         "limitations": limitations(store),
         "schema": schema.to_json(),
     }
@@ -73,6 +88,13 @@ def limitations(store: FeatureStore) -> list[str]:
         if warning:
             out.append(f"backbone: {warning}")
     return out
+
+
+def _usage_or_unknown(store: FeatureStore, url: str, storage_options: dict | None) -> dict[str, Any]:
+    try:
+        return usage(store, url, storage_options)
+    except StoreDamagedError:  # over HTTP the objects are derived from the status table: damaged, and said so
+        return {"objects": None, "bytes": None, "measured": None}
 
 
 def usage(store: FeatureStore, url: str, storage_options: dict | None) -> dict[str, Any]:
@@ -136,9 +158,10 @@ def format_info(info: dict, show_failed: bool = False) -> str:
                  f"store's summary; HTTP cannot list the rest)")
     else:
         where = "objects and size unknown over HTTP (an incomplete store)"
+    state = "DAMAGED" if info["damaged"] else "complete" if info["complete"] else "INCOMPLETE"
+    counts = ", ".join(f"{'?' if info[name] is None else info[name]} {name}" for name in ("done", "failed", "pending"))
     lines = [
-        f"{info['store']}: {'complete' if info['complete'] else 'INCOMPLETE'}, {info['videos']} videos, "
-        f"{info['samples']} samples ({info['done']} done, {info['failed']} failed, {info['pending']} pending)",
+        f"{info['store']}: {state}, {info['videos']} videos, {info['samples']} samples ({counts})",
         f"  backbone   {backbone['model']} pretrained={backbone['pretrained']} "
         f"sha256={(backbone['weights_sha256'] or 'none')[:16]}, activation {info['activation']}, "
         f"run in {info['precision']}",
@@ -153,6 +176,10 @@ def format_info(info: dict, show_failed: bool = False) -> str:
         + ("" if P == 1 else f"packed copy of {P} videos per shard (read-only), ") + where,
         f"  fingerprint {info['fingerprint'][:16]}",
     ]
+    lines += [f"  damaged: {finding}" for finding in info["damage"]]
+    if info["damaged"]:
+        lines.append(f"  fix: {info['repair']}")
+    lines.append(f"  checked    {info['checked']}")
     lines += [f"  note: {note}" for note in info["limitations"]]
     if show_failed:
         lines += [f"  failed: {f['video']}: {f['error']}" for f in info["failed_videos"]]

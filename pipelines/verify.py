@@ -22,7 +22,7 @@ import numpy as np
 from dist_cache.errors import DecodeError, UserError
 from storage import FeatureStore, StoreDamagedError
 from storage.errors import REPAIR_HINT
-from storage.location import PARTIAL_SUFFIX, is_local
+from storage.location import PARTIAL_SUFFIX, is_local, is_stale, is_temp_name
 from storage.writer import DEFAULT_STALE_PARTIAL_S
 
 # Relative L2 error a recompute may differ by: fp16 storage rounds to ~1e-3 relative; int8 per-token absmax
@@ -119,6 +119,7 @@ def verify_store(
     report = VerifyReport(store=url)
     try:
         store = FeatureStore.open(url, storage_options=storage_options)
+        whole = _check_store(store, report)
     except StoreDamagedError as err:
         report.problems.append(str(err))
         return report
@@ -128,7 +129,10 @@ def verify_store(
         _check_completeness(store, report)
         _check_integrity(store, report, deep, progress)
     except StoreDamagedError as err:
-        report.problems.append(str(err))
+        if whole:
+            report.problems.append(str(err))
+        else:  # what the video checks read (the tables) is damaged, as reported
+            report.notes.append(f"the videos were not checked: {err}")
         return report
     _check_partials(url, report)
     if video_root is None:
@@ -141,6 +145,19 @@ def verify_store(
         _check_all_videos(store, report, done, video_root, decoder, progress)
     _recompute(store, report, done, video_root, samples, seed, decoder, recompute)
     return report
+
+
+def _check_store(store: FeatureStore, report: VerifyReport) -> bool:
+    """The store as a whole: every metadata document, every table and the text embeddings. False if damaged."""
+    findings = store.check_store()
+    report.damaged += [f"store: {finding}" for finding in findings]
+    if findings:
+        report.problems.append(f"the store's own arrays or metadata are damaged ({len(findings)} finding(s)); "
+                               f"{store.repair_hint}")
+        return False
+    report.notes.append("store: checked every metadata document (against its consolidated copy) and every array "
+                        "not sharded per video (tables, text embeddings), every chunk and its crc32c")
+    return True
 
 
 def _check_completeness(store: FeatureStore, report: VerifyReport) -> None:
@@ -180,19 +197,26 @@ def _check_integrity(store: FeatureStore, report: VerifyReport, deep: bool, prog
 
 
 def _check_partials(url: str, report: VerifyReport) -> None:
-    """Temp files of interrupted or running writes (local stores only: object-store PUTs leave none)."""
+    """Temp files of interrupted or running writes (local stores only: object-store PUTs leave none), by the
+    writers' own naming; other `*.partial` files are not the store's, and no writer removes them."""
     if not is_local(url) or not Path(url).is_dir():
         return
     stray = sorted(Path(url).rglob(f"*{PARTIAL_SUFFIX}"))
-    if not stray:
+    ours = [p for p in stray if is_temp_name(p.name)]
+    others = [p for p in stray if not is_temp_name(p.name)]
+    if others:
+        report.notes.append(f"{len(others)} *{PARTIAL_SUFFIX} file(s) not named as a dist-cache write names its "
+                            f"temp files (e.g. {others[0].relative_to(url)}): not part of the store, never removed "
+                            f"by it")
+    if not ours:
         return
     now = time.time()
-    stale = [p for p in stray if now - p.stat().st_mtime > DEFAULT_STALE_PARTIAL_S]
+    stale = [p for p in ours if is_stale(now - p.stat().st_mtime, DEFAULT_STALE_PARTIAL_S)]
     # Never part of the data: a killed write's temporary file, or a live writer's. Writers remove them once
     # they are old enough not to belong to anyone still writing.
     report.notes.append(
-        f"{len(stray)} temporary *{PARTIAL_SUFFIX} file(s) (e.g. {stray[0].relative_to(url)}): {len(stale)} left by "
-        f"interrupted writes, removed by the next extract or copy; {len(stray) - len(stale)} younger than "
+        f"{len(ours)} temporary *{PARTIAL_SUFFIX} file(s) (e.g. {ours[0].relative_to(url)}): {len(stale)} left by "
+        f"interrupted writes, removed by the next extract or copy; {len(ours) - len(stale)} younger than "
         f"{DEFAULT_STALE_PARTIAL_S:.0f} s, maybe a write in progress; harmless either way")
 
 

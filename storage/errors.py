@@ -15,6 +15,18 @@ from dist_cache.errors import UserError, first_line
 REPAIR_HINT = "rerun the extract command with --repair"
 
 
+def store_fix(format_version: int, videos_per_shard: int) -> str:
+    """The fix for damage to a store as a whole (a table, a metadata document), by what can rewrite it: extract
+    --repair for a store extract writes, a new copy for a packed copy (read-only), a backup for format 1 (never
+    written into)."""
+    if format_version < 2:
+        return "format 1 stores are never written into: restore it from a backup, or re-extract into a new --out"
+    if videos_per_shard > 1:
+        return ("this packed copy is read-only: copy it again from its source (dist-cache copy SRC DST "
+                f"--videos-per-shard {videos_per_shard})")
+    return REPAIR_HINT
+
+
 class StoreMismatchError(UserError):
     """An existing store was made with a different compat schema or video list; nothing was written."""
 
@@ -25,6 +37,14 @@ class StoreNotFoundError(UserError):
 
 class StoreDamagedError(UserError):
     """Stored bytes are missing or fail their checksum; never returned as data."""
+
+
+class MissingChunkError(StoreDamagedError):
+    """A chunk a store must hold is absent (never read as zarr's fill value); `key` names it."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class StoreWriteError(UserError):

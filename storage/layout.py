@@ -197,6 +197,16 @@ def expected_metadata(spec: ArraySpec) -> dict[str, Any]:
     return meta
 
 
+def metadata_document(spec: ArraySpec) -> bytes:
+    """The array's zarr.json exactly as zarr writes it on creation (what `extract --repair` restores)."""
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.sync import sync
+
+    store = MemoryStore()
+    zarr.create_array(store, **spec.create_kwargs())
+    return sync(store.get(f"{spec.name}/zarr.json", default_buffer_prototype())).to_bytes()
+
+
 # Metadata that says nothing about the bytes: arrays written before dimension names were recorded still match.
 _DESCRIPTIVE = ("attributes", "dimension_names")
 

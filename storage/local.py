@@ -8,7 +8,6 @@ import os
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from zarr.abc.store import Store
 from zarr.storage import LocalStore
 
 from dist_cache.errors import UserError
-from storage.location import PARTIAL_SUFFIX, Location, StoreUsage
+from storage.location import Location, StoreUsage, is_stale, is_temp_name, temp_name
 
 # Parts are gathered into writes of at least this many bytes: large enough that a syscall's cost is
 # noise, small enough that producing the next batch (checks, checksums) overlaps the write of this one.
@@ -171,7 +170,7 @@ class LocalLocation(Location):
     def _temp_path(self, key: str) -> Path:
         path = self.root / key
         path.parent.mkdir(parents=True, exist_ok=True)
-        return path.with_name(f"{path.name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}")
+        return path.with_name(temp_name(path.name))
 
     def write_atomic(self, key: str, data: bytes) -> None:
         self.write_parts(key, [data])
@@ -218,7 +217,7 @@ class LocalLocation(Location):
             raise UserError(f"cannot write store {self.url}: it exists and is not a directory")
         self.root.mkdir(parents=True, exist_ok=True)
         # A real write, not os.access: root ignores permission bits, read-only mounts do not.
-        probe = self.root / f".write-probe.{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
+        probe = self.root / temp_name(".write-probe")
         probe.write_bytes(b"")
         probe.unlink()
 
@@ -235,16 +234,16 @@ class LocalLocation(Location):
 
     def remove_partials(self, older_than_s: float) -> list[str]:
         # Only old ones: a concurrent writer's in-flight temp file is young, and deleting it would
-        # make that writer's rename fail.
-        cutoff = time.time() - older_than_s
+        # make that writer's rename fail. Only the writers' own names: never a user's `*.partial`.
+        now = time.time()
         removed = []
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
-                if not name.endswith(PARTIAL_SUFFIX):
+                if not is_temp_name(name):
                     continue
                 path = Path(dirpath) / name
                 try:
-                    if path.stat().st_mtime <= cutoff:
+                    if is_stale(now - path.stat().st_mtime, older_than_s):
                         path.unlink()
                         removed.append(path.relative_to(self.root).as_posix())
                 except FileNotFoundError:

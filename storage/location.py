@@ -10,6 +10,8 @@ writer left behind.
 from __future__ import annotations
 
 import os
+import re
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +24,28 @@ from zarr.abc.store import Store
 DEFAULT_ASYNC_CONCURRENCY = 16
 
 PARTIAL_SUFFIX = ".partial"
+# The only temp files a writer removes are named as dist-cache's writes (storage/local.py) and zarr's LocalStore
+# (zarr >= 3.1.3) name them: `<name>.<uuid4 hex>.partial`, every store's since format 2. A user's `data.tar.partial`
+# never matches, so it is never taken for a writer's orphan.
+_TEMP_NAME = re.compile(r".*\.[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}" + re.escape(PARTIAL_SUFFIX))
+
+
+def temp_name(name: str) -> str:
+    """A new temp file name for `name`, in the writer's own pattern."""
+    return f"{name}.{uuid.uuid4().hex}{PARTIAL_SUFFIX}"
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one a dist-cache (or zarr LocalStore) write gives its temp file."""
+    return _TEMP_NAME.fullmatch(name) is not None
+
+
+def is_stale(age_s: float, older_than_s: float) -> bool:
+    """Whether a temp file of this age (now minus its mtime) was left by a killed write. A live write's file is
+    seconds old; one dated more than `older_than_s` in the future (a clock set wrong, a copy that kept a future
+    mtime) would otherwise never age, so it counts as stale too. Clock skew between the machines of a shared file
+    system is seconds, far below the threshold (600 s by default)."""
+    return age_s >= older_than_s or age_s < -older_than_s
 
 
 def configure_zarr() -> None:
@@ -111,7 +135,7 @@ class Location:
         raise NotImplementedError
 
     def remove_partials(self, older_than_s: float) -> list[str]:
-        """Delete temp files of interrupted atomic writes; return their keys."""
+        """Delete temp files of interrupted atomic writes (`is_temp_name`, `is_stale`); return their keys."""
         return []
 
     def usage(self) -> StoreUsage | None:

@@ -16,11 +16,12 @@ import zarr
 from dist_cache.errors import first_line
 from dist_cache.paths import resolve_under
 from storage import layout, shards
-from storage.errors import StoreDamagedError, StoreNotFoundError, refused_access
+from storage.errors import MissingChunkError, StoreDamagedError, StoreNotFoundError, refused_access, store_fix
 from storage.location import Location
 from storage.records import VideoRecord
 from storage.root import read_attrs, stored_schema
 from storage.schema import ATTR_KEY, SampleStatus
+from storage.strict import StrictStore
 
 # Tables whose values index something: name -> lowest valid value (the highest is the class count or
 # the number of statuses); checked when read, so a hostile store fails in one line, not deep inside.
@@ -52,6 +53,10 @@ class OpenedStore:
                                      f"rerun the extraction)")
         self.complete = bool(attrs.get("complete"))
         zstore = loc.zarr_store(read_only=True)
+        if self.schema.format_version >= 2:
+            # Every read through zarr (tables, text embeddings) refuses an absent chunk. Format 1 (dist-cache 0.1)
+            # did not store chunks that equal the fill value: there an absent chunk is the fill value.
+            zstore = StrictStore(zstore, self._missing_chunk)
         try:
             group = zarr.open_group(zstore, mode="r", zarr_format=3)
             if not self.complete and group.metadata.consolidated_metadata is not None:
@@ -82,6 +87,22 @@ class OpenedStore:
             return 1
         self.array(layout.FEATURES)
         return self.formats[layout.FEATURES].samples_per_shard // self.schema.views_per_video
+
+    @property
+    def fix(self) -> str:
+        """What rewrites damage to the store as a whole (a table, a metadata document)."""
+        try:
+            per_shard = self.videos_per_shard
+        except StoreDamagedError:  # the features array's own metadata is what is damaged
+            per_shard = 1
+        return store_fix(self.schema.format_version, per_shard)
+
+    def _missing_chunk(self, key: str) -> MissingChunkError:
+        """Raised inside zarr's event loop, so it does no I/O: the fix is the extract's (read_whole() names a packed
+        copy's own)."""
+        fix = store_fix(self.schema.format_version, 1)
+        return MissingChunkError(f"store {self.url}: {key}, a chunk of {key.rsplit('/', 1)[0]}, is missing (never "
+                                 f"read as zeros); {fix}", key)
 
     def damaged(self, what: str) -> StoreDamagedError:
         return StoreDamagedError(f"store {self.url}: {what}; the store is damaged or was not made by dist-cache: "
@@ -148,10 +169,13 @@ class OpenedStore:
             rows = self.schema.num_samples if name in layout.SAMPLE_TABLES else self.schema.num_videos
             values = np.full((rows,), fill, dtype=object if dtype is str else dtype)
         else:
-            try:
-                values = self.array(name)[...]
-            except ValueError as err:  # zarr's crc32c codec: a table chunk fails its checksum
-                raise self.damaged(f"table {name} does not decode ({first_line(err)})") from None
+            values = self.read_whole(name)
+        self.check_values(name, values)
+        self.tables[name] = values
+        return values
+
+    def check_values(self, name: str, values: np.ndarray) -> None:
+        """Values that index something lie in range; video paths stay inside the video root."""
         low = _TABLE_RANGES.get(name)
         if low is not None:
             high = self.schema.num_classes if "label" in name else len(SampleStatus)
@@ -164,8 +188,18 @@ class OpenedStore:
                 # resolve_under is the authority; the cheap test only spares it 240k clean paths
                 if not path or path[0] in "/\\" or ".." in path or "\x00" in path or path[1:2] == ":":
                     resolve_under(".", path, f"store {self.url} videos/path row {v}")
-        self.tables[name] = values
-        return values
+
+    def read_whole(self, name: str) -> np.ndarray:
+        """A small array read whole through zarr, fresh: an absent chunk or one failing its crc32c is one line
+        naming the store, the array and the fix."""
+        try:
+            return self.array(name)[...]
+        except MissingChunkError as err:
+            raise MissingChunkError(f"store {self.url}: {err.key}, a chunk of {name}, is missing (never read as "
+                                    f"zeros); {self.fix}", err.key) from None
+        except ValueError as err:  # zarr's crc32c codec: a chunk fails its checksum
+            raise StoreDamagedError(f"store {self.url}: array {name} does not decode ({first_line(err)}); "
+                                    f"{self.fix}") from None
 
     def shard_index(self, fmt: shards.ShardFormat, key: str, cached: bool = True) -> np.ndarray:
         with self.lock:

@@ -24,6 +24,7 @@ from zarr.abc.store import Store
 from dist_cache.sampling import dense_subset
 from storage import layout, records, shards
 from storage.errors import REPAIR_HINT, SampleNotDoneError, StoreDamagedError
+from storage.integrity import check_store
 from storage.location import configure_zarr
 from storage.opened import OpenedStore
 from storage.quantize import dequantize_int8
@@ -393,6 +394,17 @@ class FeatureStore:
         return np.take(full, subset, axis=0, out=out)
 
     # ---------------------------------------------------------------- integrity
+    def check_store(self) -> list[str]:
+        """Findings about the store as a whole, one line each; [] when intact: every metadata document (present,
+        JSON, equal to its consolidated copy), every listed array's layout, and every array that is not sharded
+        per video read whole (every chunk present and passing its crc32c). storage/integrity.py."""
+        return check_store(self._state())
+
+    @property
+    def repair_hint(self) -> str:
+        """What rewrites damage: extract --repair, a new copy of a packed copy, a backup of a format-1 store."""
+        return self._state().fix
+
     def check_video(self, v: int, deep: bool = False) -> list[str]:
         """Findings about video v's stored bytes, one line each; [] when it is intact (or not done).
 

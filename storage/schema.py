@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from dist_cache.sampling import DENSE_GAMMAS
 from storage.errors import StoreMismatchError
 
 FORMAT_VERSION = 2
@@ -47,7 +48,7 @@ DERIVED_KEYS = ("compat", "videos_sha256")
 LIMITS = {
     "num_videos": 100_000_000, "views_per_video": 1024, "num_frames": 4096, "tokens": 1 << 20,
     "width": 1 << 16, "num_layers": 1024, "embed_dim": 1 << 16, "image_size": 1 << 14, "patch_size": 1 << 14,
-    "num_classes": 1 << 20, "gamma": 64,
+    "num_classes": 1 << 20,
 }
 MAX_SAMPLES = 2**31 - 1  # sample indices fit int32 everywhere
 
@@ -190,7 +191,11 @@ class StoreSchema:
         if self.dense_frames is not None:
             _check(isinstance(self.dense_frames, dict) and set(self.dense_frames) == {"gamma"},
                    "dense_frames must be null or {\"gamma\": G}")
-            _bounded(self.dense_frames["gamma"], "dense_frames.gamma", LIMITS["gamma"])
+            gamma = self.dense_frames["gamma"]
+            # The values extract --dense-gamma writes and train --gamma takes: any other G would be offered to
+            # train (info, the hints) as a gamma its flag refuses.
+            _check(_is_int(gamma) and gamma in DENSE_GAMMAS,
+                   f"dense_frames.gamma must be one of {', '.join(map(str, DENSE_GAMMAS))}, got {format_value(gamma)}")
         text = self.text
         _check(isinstance(text, dict) and isinstance(text.get("templates"), list)
                and all(isinstance(t, str) for t in text["templates"]),

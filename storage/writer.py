@@ -16,24 +16,27 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import json
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import zarr
+from zarr.core.metadata import ArrayV3Metadata
 from zarr.errors import ZarrUserWarning
 
-from dist_cache.errors import UserError
+from dist_cache.errors import UserError, first_line
 from storage import layout
-from storage.errors import StoreMismatchError, write_error
-from storage.location import Location, configure_zarr
+from storage.errors import MissingChunkError, StoreDamagedError, StoreMismatchError, store_fix, write_error
+from storage.location import Location, configure_zarr, is_temp_name
 from storage.quantize import quantize_int8
 from storage.records import RecordError, VideoRecord, decode_group, encode_group, gather, group_members, summarize
 from storage.remote import open_location
 from storage.root import ROOT_KEY, group_json, read_attrs, stored_schema
 from storage.schema import ATTR_KEY, FORMAT_VERSION, SampleStatus, StoreSchema, format_value
 from storage.shards import ShardFormat
+from storage.strict import StrictStore
 
 # A `*.partial` younger than this may belong to a writer that is still running (its rename is
 # milliseconds away), so only older ones are treated as left behind by a killed process.
@@ -121,6 +124,7 @@ class StoreWriter:
         self.stale_partial_s = stale_partial_s
         self.videos_per_shard = videos_per_shard
         self.removed_partials: list[str] = []
+        self.repaired: list[str] = []  # what StoreWriter.open(repair=True) rewrote, one line each
         self._zstore: zarr.abc.store.Store | None = None
         self._checked_complete = False
         self._video_labels: np.ndarray | None = None
@@ -129,14 +133,20 @@ class StoreWriter:
     @classmethod
     def open(cls, url: str, schema: StoreSchema | Mapping[str, Any], videos: Sequence[str], labels: Sequence[int],
              text_features: np.ndarray, *, storage_options: dict[str, Any] | None = None,
-             stale_partial_s: float = DEFAULT_STALE_PARTIAL_S, videos_per_shard: int = 1) -> StoreWriter:
+             stale_partial_s: float = DEFAULT_STALE_PARTIAL_S, videos_per_shard: int = 1,
+             repair: bool = False) -> StoreWriter:
         """Create the store at `url`, or reopen it to resume if it was made with the same compat schema,
         videos and labels. A mismatch raises StoreMismatchError and an unwritable location a UserError,
         both before any data is written.
 
         `videos_per_shard` P > 1 makes a packed store (what `copy --videos-per-shard` writes): each shard holds P
         videos and is written by `write_group` with the group's record. A packed store is written only with its
-        own P, so nothing else ever writes into it."""
+        own P, so nothing else ever writes into it.
+
+        Reopening checks what the store holds beside its videos (each array's own metadata document, and the video
+        paths, labels and text embeddings written at creation): damage is a StoreDamagedError naming it, or with
+        `repair` is rewritten (the metadata from the schema, the rest from these arguments; `repaired` lists it).
+        finalize rewrites the other tables from the records."""
         if isinstance(videos_per_shard, bool) or not isinstance(videos_per_shard, int) or videos_per_shard < 1:
             raise ValueError(f"videos_per_shard must be an int >= 1, got {videos_per_shard!r}")
         configure_zarr()
@@ -181,6 +191,7 @@ class StoreWriter:
                 writer._create(videos, labels, text)
             else:
                 writer._check_videos_per_shard()
+                writer.repaired = writer._check_arrays(videos, labels, text, repair)
             writer._confirm_schema()
             writer.removed_partials = loc.remove_partials(stale_partial_s)
         return writer
@@ -203,10 +214,71 @@ class StoreWriter:
         arrays[layout.TEXT][:] = text
         self._root_group().update_attributes({"created": True})
 
+    def _check_arrays(self, videos: list[str], labels: list[int], text: np.ndarray, repair: bool) -> list[str]:
+        """What a reopened store holds beside its videos: every node's own metadata document parses (readers of a
+        complete store use the consolidated copy, writers these), and the arrays written at creation read whole
+        (every chunk present, its crc32c right) and hold this manifest. Damage raises StoreDamagedError, or with
+        `repair` is rewritten: documents from the schema (pure functions of it), the manifest's arrays from these
+        arguments (the same manifest: its sha256 matched), the text embeddings from this run's. Returns what was
+        rewritten, one line each."""
+        specs = {spec.name: spec for spec in layout.data_arrays(self.schema, self.videos_per_shard)}
+        tables = {spec.name: spec for spec in layout.table_arrays(self.schema)}
+        groups = sorted({name.rsplit("/", 1)[0] for name in [*specs, *tables] if "/" in name})
+        # finalize creates the tables, and a group that holds only tables (samples/)
+        later = {*tables, *(g for g in groups if not any(name.startswith(f"{g}/") for name in specs))}
+        documents: dict[str, bytes] = {}  # key -> the document to restore
+        findings: list[str] = []
+        for name in [*groups, *specs, *tables]:
+            key = f"{name}/{ROOT_KEY}"
+            data = self._loc.read(key)
+            spec = None if name in groups else {**specs, **tables}[name]
+            if data is None and name in later:
+                continue
+            why = "missing" if data is None else _document_damage(data, spec)
+            if why:
+                findings.append(f"{key} is {why}")
+                documents[key] = group_json({}) if spec is None else layout.metadata_document(spec)
+        written = {layout.VIDEO_PATH: np.array(videos, dtype=str), layout.VIDEO_LABEL: np.array(labels, np.int32),
+                   layout.TEXT: text}
+        rewrite = []
+        for name, values in written.items():
+            if f"{name}/{ROOT_KEY}" in documents:
+                rewrite.append(name)  # its chunks follow its restored document
+            elif len(values) and (why := self._unreadable(name, values, compare=name != layout.TEXT)):
+                findings.append(why)
+                rewrite.append(name)
+        if findings and not repair:
+            raise StoreDamagedError(f"store {self._loc.url}: {findings[0]}; "
+                                    f"{store_fix(FORMAT_VERSION, self.videos_per_shard)}")
+        if findings:
+            self._uncomplete()  # no reader may trust the tables and consolidated metadata meanwhile
+        for key, document in documents.items():
+            self._loc.write_atomic(key, document)
+        for name in rewrite:
+            if len(written[name]):
+                layout.open_array(self._store(), name, mode="r+")[...] = written[name]
+        return findings
+
+    def _unreadable(self, name: str, expected: np.ndarray, compare: bool) -> str | None:
+        """Why array `name` does not read back whole (a chunk missing or failing its crc32c), or does not hold
+        `expected` (when `compare`); None if it does."""
+        try:
+            found = layout.open_array(StrictStore(self._store(), _missing_chunk), name)[...]
+        except MissingChunkError as err:
+            return f"{err.key}, a chunk of {name}, is missing"
+        except ValueError as err:
+            return f"array {name} does not decode ({first_line(err)})"
+        if compare and not np.array_equal(found, expected):
+            return f"array {name} does not hold this manifest's values"
+        return None
+
     def _check_videos_per_shard(self) -> None:
         """A reopened store must have been made with this writer's videos per shard: a packed store is never
         written into with one video per shard, nor the other way round."""
-        meta = layout.open_array(self._store(), layout.FEATURES).metadata.to_dict()
+        try:
+            meta = layout.open_array(self._store(), layout.FEATURES).metadata.to_dict()
+        except (ValueError, TypeError, KeyError, FileNotFoundError):
+            return  # damaged or missing metadata: _check_arrays names it (and --repair restores it)
         stored = layout.videos_per_shard(meta, self.schema.views_per_video)
         if stored == self.videos_per_shard:
             return
@@ -259,7 +331,9 @@ class StoreWriter:
 
     def _labels(self) -> np.ndarray:
         if self._video_labels is None:
-            self._video_labels = np.asarray(layout.open_array(self._store(), layout.VIDEO_LABEL)[...])
+            # Strict: a missing chunk is damage, never labels of 0 written into new records.
+            strict = StrictStore(self._store(), _missing_chunk)
+            self._video_labels = np.asarray(layout.open_array(strict, layout.VIDEO_LABEL)[...])
         return self._video_labels
 
     # ---------------------------------------------------------------- records
@@ -303,12 +377,15 @@ class StoreWriter:
             raise IndexError(f"video index {v} out of range [0, {self.schema.num_videos})")
         if self._checked_complete:
             return
-        # Writing into a finalized store (retrying failures) makes its tables and consolidated
-        # metadata stale: drop "complete" first so no reader trusts them; finalize() restores it.
+        self._uncomplete()
+        self._checked_complete = True
+
+    def _uncomplete(self) -> None:
+        """Writing into a finalized store (retrying failures, repairing) makes its tables and consolidated
+        metadata stale: drop "complete" first so no reader trusts them; finalize() restores it."""
         attrs = read_attrs(self._loc) or {}
         if attrs.get("complete"):
             self._root_group().update_attributes({"complete": False, "summary": None})
-        self._checked_complete = True
 
     # ---------------------------------------------------------------- writing
     def write_video(self, v: int, facts: Any, plans: Sequence[Any], features: np.ndarray, clip_embeds: np.ndarray,
@@ -535,13 +612,41 @@ def _writing(url: str) -> Iterator[None]:
         raise failure from None
 
 
+def _document_damage(data: bytes, spec: layout.ArraySpec | None) -> str | None:
+    """Why a node's zarr.json is not what the schema gives (`spec`: an array's; None: a group), or None."""
+    try:
+        meta = json.loads(data)
+    except (UnicodeDecodeError, ValueError):
+        return "not valid JSON"
+    if not isinstance(meta, dict) or meta.get("node_type") != ("group" if spec is None else "array"):
+        return "not the metadata of a zarr " + ("group" if spec is None else "array")
+    if spec is None:
+        return None
+    try:
+        parsed = ArrayV3Metadata.from_dict(meta).to_dict()
+    except (ValueError, TypeError, KeyError):
+        return "not the metadata of a zarr array"
+    return None if layout.matches(parsed, spec) else "not the metadata the store's schema gives"
+
+
+def _missing_chunk(key: str) -> MissingChunkError:
+    return MissingChunkError(f"{key} is missing", key)
+
+
 def _check_creatable(loc: Location) -> None:
-    """Refuse to create a store on top of something that is not a dist-cache store."""
-    if loc.exists():
-        foreign = sorted(n for n in loc.list_names("") if n not in _OWN_NAMES and not n.endswith(".partial"))
-        if foreign:
-            raise UserError(f"cannot create store {loc.url}: it is not empty and not a dist-cache store "
-                            f"(found {', '.join(foreign[:3])}); use another --out")
+    """Refuse to create a store in a place that holds anything but a killed creator's temp files: with no root
+    zarr.json it is not a store (the root is the first thing a writer publishes), so whatever is there, a
+    `data.tar.partial` or a `videos/` folder included, is someone else's, and a store written among it would mix
+    with it (and a later sweep of temp files could take theirs)."""
+    if not loc.exists():
+        return
+    foreign = sorted(n for n in loc.list_names("") if not is_temp_name(n))
+    if foreign:
+        own = [n for n in foreign if n in _OWN_NAMES]
+        hint = f", which a store would write into ({', '.join(own[:3])})" if own else ""
+        raise UserError(f"cannot create store {loc.url}: it is not empty and not a dist-cache store (found "
+                        f"{len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'}: {', '.join(foreign[:3])}{hint}); "
+                        f"use a new or empty --out")
 
 
 def _video_difference(loc: Location, videos: list[str], labels: list[int]) -> str:

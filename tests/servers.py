@@ -10,7 +10,10 @@ import functools
 import http.client
 import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,8 +29,9 @@ class QuietHandler(SimpleHTTPRequestHandler):
 @dataclass
 class Faults:
     """What a server does to its GETs (the S3 proxy: to its PUTs), counted from 1: `fail` (503), `drop` (close
-    without a word) or `stop` (close, then shut the server down, so later connections are refused) for requests
-    in `at`."""
+    without a word), `stop` (close, then shut the server down, so later connections are refused) or `freeze` (the
+    server's process stops, SIGSTOP: connections are still accepted by the kernel, never answered; a server started
+    by `serve_in_process` only) for requests in `at`."""
 
     action: str
     at: range
@@ -58,6 +62,8 @@ class RangeHandler(QuietHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
             if action == "stop":
                 threading.Thread(target=_stop, args=(self.server,), daemon=True).start()
+        elif action == "freeze":  # the whole server process stops (SIGSTOP), its sockets open: only in a subprocess
+            os.kill(os.getpid(), signal.SIGSTOP)
         else:
             super().do_GET()
 
@@ -213,3 +219,47 @@ def faulty_s3_proxy(endpoint: str, faults: Faults) -> Iterator[tuple[str, list[t
         yield f"http://127.0.0.1:{server.server_address[1]}", handler.requests
     finally:
         _stop(server)
+
+
+@contextlib.contextmanager
+def serve_in_process(directory: str | os.PathLike, *, freeze_after: int | None = None,
+                     stock: bool = False) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Serve `directory` from a child process on 127.0.0.1: python's own `python -m http.server` (`stock`: no Range
+    support), or this module's Range-capable server, which freezes (SIGSTOP) at GET number `freeze_after` + 1.
+    Yields (base URL, the process); the process is killed on exit, frozen or not."""
+    if stock:
+        with socket.socket() as probe:  # a free port for http.server, which does not report the one it took
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        command = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                   os.fspath(directory)]
+    else:
+        command = [sys.executable, __file__, os.fspath(directory), str(freeze_after or 0)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        if stock:
+            base = f"http://127.0.0.1:{port}"
+            for _ in range(200):
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+                threading.Event().wait(0.05)
+        else:
+            base = proc.stdout.readline().strip()
+        yield base, proc
+    finally:
+        proc.kill()  # SIGKILL ends a stopped process too
+        proc.wait()
+
+
+def _main() -> None:
+    """`python tests/servers.py DIR FREEZE_AFTER`: serve DIR with Range support, print the base URL, freeze at GET
+    FREEZE_AFTER + 1 (0: never)."""
+    directory, freeze_after = sys.argv[1], int(sys.argv[2])
+    faults = Faults("freeze", range(freeze_after + 1, 10**9)) if freeze_after else None
+    with serve(directory, faults=faults) as (base, _):
+        print(base, flush=True)
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    _main()

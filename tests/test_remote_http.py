@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner, Result
 
 import cli
 from dist_cache.errors import UserError
 from pipelines.extract import ExtractOptions, extract
-from servers import Faults, serve
+from servers import Faults, serve, serve_in_process
 from storage import FeatureStore, testing
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -46,11 +47,35 @@ def test_open_costs_one_request_and_reads_only_the_needed_ranges(tiny_store):
         np.testing.assert_array_equal(store.clip_embeddings(5), local.clip_embeddings(5))
 
 
-def test_server_without_range_support_fails_loudly(tiny_store):
+def test_a_server_without_range_support_is_read_whole_once_per_shard(tiny_store, caplog, monkeypatch):
+    """python's http.server answers a Range request with the whole object (200): the range is cut from it, never
+    the whole body returned as the range, and the shard is kept, so its index and its layers cost one download."""
+    from storage import http
+
+    monkeypatch.setattr(http, "WHOLE_OBJECTS", http._WholeObjects())
+    local = FeatureStore.open(tiny_store / "s.zarr")
     with serve(tiny_store, ranges=False) as (base, _):
-        store = FeatureStore.open(f"{base}/s.zarr")  # whole small files still work
-        with pytest.raises(UserError, match="supports HTTP Range requests"):
-            store.features(0)
+        store = FeatureStore.open(f"{base}/s.zarr")
+        for i in range(len(local)):
+            np.testing.assert_array_equal(store.features(i, layers=[1]), local.features(i, layers=[1]))
+            np.testing.assert_array_equal(store.clip_embeddings(i), local.clip_embeddings(i))
+    shards = [url for url in http.WHOLE_OBJECTS.bodies if "/features/" in url]
+    assert len(shards) == 3  # one per video, each downloaded once
+    warnings = [r.getMessage() for r in caplog.records if "ignores HTTP Range requests" in r.getMessage()]
+    assert len(warnings) == 1 and "a Range-capable server" in warnings[0] and "\n" not in warnings[0], warnings
+
+
+def test_past_the_cache_an_object_is_streamed_up_to_the_range(tiny_store, monkeypatch):
+    """An object larger than the cache's budget is never kept: each read streams it, keeping only its range."""
+    from storage import http
+
+    monkeypatch.setattr(http, "WHOLE_OBJECTS", http._WholeObjects())
+    local = FeatureStore.open(tiny_store / "s.zarr")
+    with serve(tiny_store, ranges=False) as (base, _):
+        store = FeatureStore.open(f"{base}/s.zarr", storage_options={"whole_object_cache_mb": 0.001})
+        for i in (0, 3, 5):
+            np.testing.assert_array_equal(store.read_sample(i).features, local.read_sample(i).features)
+    assert not [url for url in http.WHOLE_OBJECTS.bodies if "/features/" in url]
 
 
 def test_http_stores_are_read_only(tiny_store):
@@ -106,6 +131,45 @@ def test_train_and_eval_from_http_stores(share, motion_dataset, tmp_path):
         out = run_cli("eval", "--checkpoint", tmp_path / "run" / "best.pt", "--cache", f"{base}/val.zarr",
                       "--video-root", videos, "--decode-workers", "0", "--device", "cpu").output
     assert "top-1" in out.lower()
+
+
+def test_train_and_eval_from_pythons_own_http_server(share, motion_dataset, tmp_path, caplog):
+    """`python -m http.server`, the most common way to share a folder, ignores Range: a store it serves trains and
+    evaluates exactly as the same store read from disk, with one warning naming what Range support would save."""
+    videos = motion_dataset / "videos"
+    run_cli("train", "--cache", share / "train.zarr", "--video-root", videos, "--out", tmp_path / "local",
+            *TRAIN_FLAGS)
+    local = run_cli("eval", "--checkpoint", tmp_path / "local" / "best.pt", "--cache", share / "val.zarr",
+                    "--video-root", videos, "--workers", "0", "--device", "cpu").stdout
+    with serve_in_process(share, stock=True) as (base, _):
+        run_cli("train", "--cache", f"{base}/train.zarr", "--video-root", videos, "--out", tmp_path / "http",
+                *TRAIN_FLAGS)
+        served = run_cli("eval", "--checkpoint", tmp_path / "http" / "best.pt", "--cache", f"{base}/val.zarr",
+                         "--video-root", videos, "--workers", "0", "--device", "cpu").stdout
+    # (printed on stderr by logging's last-resort handler; pytest's handler takes the records here)
+    warning = [r.getMessage() for r in caplog.records if "ignores HTTP Range requests" in r.getMessage()]
+    assert len(warning) == 1 and warning[0].startswith("warning: ") and "a Range-capable server" in warning[0]
+    weights = [torch.load(tmp_path / run / "best.pt", weights_only=True)["model"] for run in ("local", "http")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert [line for line in served.splitlines() if "top-1" in line] == \
+        [line for line in local.splitlines() if "top-1" in line]
+
+
+def test_a_frozen_server_stops_training_at_the_deadline(share, motion_dataset, tmp_path):
+    """The server's process stops (SIGSTOP) mid-run: its kernel still accepts connections and nothing answers. Each
+    try once waited up to 60 s for an answer, five tries in a row (past 126 s, still retrying); one deadline
+    bounds the whole read now, here 3 s (`retry_deadline_s`), and training stops with one line."""
+    with serve_in_process(share, freeze_after=30) as (base, _):
+        done = subprocess.run(
+            [sys.executable, "-m", "cli", "train", "--cache", f"{base}/train.zarr", "--video-root",
+             str(motion_dataset / "videos"), "--out", str(tmp_path / "run"), *TRAIN_FLAGS,
+             "--storage-options", json.dumps({"retry_deadline_s": 3})],
+            capture_output=True, text=True, timeout=300)  # a hang guard: a bounded read ends long before
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"cannot read {base}/train.zarr/" in errors[0] and "the 3 s limit of one read" in errors[0], errors
 
 
 def test_a_server_that_goes_away_mid_train_is_one_line(share, motion_dataset, tmp_path, quick_retries):

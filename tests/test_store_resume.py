@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from storage import FeatureStore, SampleNotDoneError, StoreMismatchError, StoreNotFoundError, StoreWriter
+from storage.location import temp_name
 from storage.testing import make_schema, manifest, open_writer, video_data, write_videos
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,7 +126,7 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted(tmp_path):
     assert 6 <= len(written) < 40
 
     # A shard temp file as LocalStore leaves it when killed between write and rename.
-    orphan = root / "features" / "c.39.0.0.0.0deadbeef.partial"
+    orphan = root / "features" / temp_name("c.39.0.0.0.0")
     orphan.write_bytes(b"half a shard")
     os.utime(orphan, (time.time() - 3600, time.time() - 3600))
 
@@ -140,7 +141,7 @@ def test_kill_9_mid_run_then_resume_equals_uninterrupted(tmp_path):
                 store.features(i)
 
     w = open_writer(str(root), schema, stale_partial_s=0)
-    assert "features/c.39.0.0.0.0deadbeef.partial" in w.removed_partials
+    assert f"features/{orphan.name}" in w.removed_partials
     assert not list(root.rglob("*.partial"))
     assert w.pending() == sorted(set(range(40)) - written)
     for v in w.pending():

@@ -18,6 +18,7 @@ import cli
 from pipelines.copy import copy_store
 from pipelines.extract import ExtractOptions, extract
 from storage import FeatureStore
+from storage.location import temp_name
 from storage.testing import make_schema, write_videos
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -110,7 +111,7 @@ def test_a_packed_copy_names_its_own_fix(store, tmp_path):
 
 
 def test_stray_partial_files_are_reported(store):
-    old, young = store / "features" / "c.9.0.0.0.0.abc.partial", store / "records" / "x.json.def.partial"
+    old, young = store / "features" / temp_name("c.9.0.0.0.0"), store / "records" / temp_name("x.json")
     old.write_bytes(b"x")
     young.write_bytes(b"y")
     os.utime(old, (time.time() - 3600, time.time() - 3600))

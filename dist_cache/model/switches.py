@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dist_cache.errors import UserError
+from dist_cache.sampling import DENSE_GAMMAS
 
 T_BLOCKS = ("r2plus1d", "c3d", "tada", "joint")
 PSI_MODES = ("dconv", "avg", "max")
@@ -44,7 +45,7 @@ class DiSTSwitches:
     """
 
     gamma: int = switch(2, "Dense frames per sparse frame for the temporal encoder (paper's gamma, Tab. 1d).",
-                        choices=(1, 2, 4, 8))
+                        choices=DENSE_GAMMAS)
     alpha_dim: int = switch(384, "Integration branch width (alpha*C, Tab. 1e).", minimum=1, maximum=4096)
     beta_dim: int = switch(96, "Temporal encoder width (beta*C, Tab. 1f).", minimum=1, maximum=1024)
     t_block: str = switch("r2plus1d", "T-Block of the temporal encoder (Tab. 1c): (2+1)D convs, one 3D conv, "
