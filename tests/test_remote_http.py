@@ -140,12 +140,12 @@ def test_train_and_eval_from_pythons_own_http_server(share, motion_dataset, tmp_
     run_cli("train", "--cache", share / "train.zarr", "--video-root", videos, "--out", tmp_path / "local",
             *TRAIN_FLAGS)
     local = run_cli("eval", "--checkpoint", tmp_path / "local" / "best.pt", "--cache", share / "val.zarr",
-                    "--video-root", videos, "--workers", "0", "--device", "cpu").stdout
+                    "--video-root", videos, "--decode-workers", "0", "--device", "cpu").stdout
     with serve_in_process(share, stock=True) as (base, _):
         run_cli("train", "--cache", f"{base}/train.zarr", "--video-root", videos, "--out", tmp_path / "http",
                 *TRAIN_FLAGS)
         served = run_cli("eval", "--checkpoint", tmp_path / "http" / "best.pt", "--cache", f"{base}/val.zarr",
-                         "--video-root", videos, "--workers", "0", "--device", "cpu").stdout
+                         "--video-root", videos, "--decode-workers", "0", "--device", "cpu").stdout
     # (printed on stderr by logging's last-resort handler; pytest's handler takes the records here)
     warning = [r.getMessage() for r in caplog.records if "ignores HTTP Range requests" in r.getMessage()]
     assert len(warning) == 1 and warning[0].startswith("warning: ") and "a Range-capable server" in warning[0]

@@ -16,7 +16,7 @@ from storage import FeatureStore
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-TRAIN_FLAGS = ("--epochs", "1", "--batch-size", "4", "--workers", "0", "--alpha-dim", "32", "--beta-dim", "16",
+TRAIN_FLAGS = ("--epochs", "1", "--batch-size", "4", "--decode-workers", "0", "--alpha-dim", "32", "--beta-dim", "16",
                "--pool-blocks", "1", "--warmup-epochs", "1", "--device", "cpu")
 
 
@@ -115,7 +115,7 @@ def test_eval_and_train_refuse_a_missing_small_chunk(intact, store, motion_datas
     missing text-embedding chunk as zeros ("loss is not finite")."""
     (store / key).unlink()
     line = one_error_line(invoke("eval", "--checkpoint", intact["checkpoint"], "--cache", store, "--video-root",
-                                 motion_dataset / "videos", "--workers", "0", "--device", "cpu"))
+                                 motion_dataset / "videos", "--decode-workers", "0", "--device", "cpu"))
     assert f"{key}, a chunk of {key.rsplit('/', 1)[0]}, is missing" in line and "--repair" in line, line
     line = one_error_line(invoke("train", "--cache", store, "--video-root", motion_dataset / "videos", "--out",
                                  tmp_path / "run", *TRAIN_FLAGS))
