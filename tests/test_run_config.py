@@ -42,6 +42,7 @@ def test_config_toml_repeats_the_run(train_store, motion_dataset, tmp_path):
     # Resolved: the recipe's switch, the defaults, the flags as typed; never the one-off or secret options.
     assert recorded["pool-blocks"] == 4 and recorded["recipe"] == "k400" and recorded["no-integ-to-temp"] is True
     assert recorded["seed"] == 3 and recorded["lr"] == 3.2e-4 and recorded["out"] == str(first)
+    assert recorded["clip-grad"] == 0 and recorded["epochs"] == 2  # the recipe's, and a flag over the recipe
     assert not {"resume", "storage-options", "config"} & set(recorded)
 
     again = tmp_path / "again"

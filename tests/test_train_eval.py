@@ -97,9 +97,11 @@ def test_train_recipe_from_the_cli_is_printed_and_recorded(stores, tmp_path):
             "--warmup-epochs", "1", "--device", "cpu"]
     result = CliRunner().invoke(cli.main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[0] == "recipe: k400 (Kinetics-400): pool_blocks 4"
+    line = result.output.splitlines()[0]
+    assert line.startswith("recipe: k400 (Kinetics-400): pool_blocks 4, lr 0.00032, weight_decay 0.0001, ")
+    assert "clip_grad 0" in line and "alpha_dim 32 (flag, reference 384)" in line and "epochs 1 (flag" in line
     ckpt = load_checkpoint(out / "last.pt")
-    assert ckpt["train_config"]["recipe"] == "k400"
+    assert ckpt["train_config"]["recipe"] == "k400" and ckpt["train_config"]["clip_grad"] == 0.0
     assert ckpt["dist_config"]["switches"]["pool_blocks"] == ckpt["train_config"]["switches"]["pool_blocks"] == 4
     assert ckpt["dist_config"]["switches"]["alpha_dim"] == 32  # an explicit flag beside the recipe
 
