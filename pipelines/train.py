@@ -35,6 +35,7 @@ from pipelines.branch import amp_dtype, branch_of, build_network, online_precisi
 from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.checks import (
     check_backbone,
+    check_evaluation_store,
     check_frames,
     check_store_fits,
     open_store,
@@ -48,6 +49,7 @@ from pipelines.optim import make_optimizer, make_scaler, restore_scaler
 from pipelines.plots import plot_curves
 from pipelines.reaugment import ReaugmentedFrames, check_reaugmentable
 from pipelines.runlock import RunLock
+from pipelines.selection import store_identity
 from pipelines.step import Meter, StepModel, train_step
 from pipelines.tracking import REPORTERS, Tracker
 from storage import FeatureStore
@@ -234,6 +236,7 @@ def preflight(opts: TrainOptions, world: int = 1) -> Checked:
     if opts.val_cache:
         val_store = open_store(opts.val_cache, "--val-cache", opts.storage_options)
         check_backbone(val_store, store.schema.backbone, "--val-cache", f"--cache {store.url}")
+        check_evaluation_store(val_store, "--val-cache")
         check_store_fits(val_store, config, "--val-cache", online=opts.online)
         val_usable, _ = usable_samples(val_store, "--val-cache")
         if needs_frames:
@@ -310,6 +313,7 @@ class Run:
     frames: str | None
     step: int = 0
     best_top1: float | None = None
+    identities: dict[int, dict[str, str]] = field(default_factory=dict)  # store_identity of the stores saved with
 
     @property
     def out(self) -> Path:
@@ -329,7 +333,11 @@ class Run:
         m = self.step_model
 
         def identity(s: FeatureStore | None) -> dict[str, str] | None:
-            return None if s is None else {"fingerprint": s.fingerprint, "url": s.url}
+            if s is None:
+                return None
+            if id(s) not in self.identities:  # the same store at every save: its evaluation set is read once
+                self.identities[id(s)] = store_identity(s)
+            return self.identities[id(s)]
 
         return {
             "model": m.branch.state_dict(), "optimizer": m.optimizer.state_dict(),
