@@ -123,6 +123,11 @@ def main() -> None:
               help="Class pairs a horizontal flip swaps: a flipped train view of a class in a pair is labelled with "
                    "its partner. ssv2: the reference's three SSv2 pairs (left/right pulling, pushing, turning the "
                    'camera); or a JSON file listing class-name pairs, e.g. [["left", "right"]].')
+@click.option("--test-offsets", type=click.Choice(["centred", "reference"]), default="centred", show_default=True,
+              help="--split test: where clip c of K samples each of the T segments. centred: (c+0.5)/K, the clips "
+                   "spread over the video; reference: DiST's code, (c+1)/K of each of the gamma*T dense segments "
+                   "(gamma = --dense-gamma), rounded, the last clamped: 1/6, 1/3, 1/2 of each segment for 3 clips at "
+                   "gamma 2, for numbers comparable with the paper's (docs/MODEL.md). Recorded in the store.")
 @click.option("--grayscale-p", default=0.2, type=click.FloatRange(0, 1), show_default=True,
               help="Train grayscale probability.")
 @click.option("--scale", default="0.4,1.0", show_default=True, callback=_area_range,
