@@ -313,7 +313,9 @@ def loader_options(fn):
               help="Where the store's videos are: needed only when the store holds no dense frames for --gamma "
                    "(they are decoded from the videos then).")
 @click.option("--out", required=True, type=click.Path(), help="Run directory: checkpoints, metrics.jsonl, curves.")
-@click.option("--val-cache", default=None, help="Validation store; best.pt is chosen by its top-1.")
+@click.option("--val-cache", default=None,
+              help="Validation store (test split; a train split is refused, as by eval); best.pt is chosen by its "
+                   "top-1, and eval warns when best.pt is scored on it or a copy of it.")
 @click.option("--val-video-root", default=None, type=click.Path(),
               help="Video root of the validation store (default: --video-root).")
 @storage_options_option()
@@ -427,7 +429,9 @@ def train(nproc: int, recipe: str | None, **kw) -> None:
 @config_option
 @click.option("--checkpoint", required=True, type=click.Path(),
               help="A checkpoint written by train (best.pt or last.pt).")
-@click.option("--cache", required=True, help="Evaluation store (test split: 3 clips x 1 crop by default).")
+@click.option("--cache", required=True,
+              help="Evaluation store: a test split (3 clips x 1 crop by default). A train-split store is refused: its "
+                   "views are random crops, some relabelled by a flip, which per-video scoring would count as wrong.")
 @storage_options_option()
 @click.option("--video-root", default=None, type=click.Path(),
               help="Where the store's videos are: needed only when the store holds no dense frames.")
