@@ -237,9 +237,14 @@ def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], ma
 
 
 def render_spec(opts: ExtractOptions, backbone: Backbone) -> RenderSpec:
+    return spec_at(opts, backbone.image_size)
+
+
+def spec_at(opts: ExtractOptions, image_size: int) -> RenderSpec:
+    """What extraction with `opts` renders, at `image_size` (the backbone's): also how a benchmark bounds its work."""
     train = flips_apply(opts)
     return RenderSpec(
-        frames=opts.frames, views=opts.views, split=opts.split, seed=opts.seed, image_size=backbone.image_size,
+        frames=opts.frames, views=opts.views, split=opts.split, seed=opts.seed, image_size=image_size,
         scale=tuple(opts.scale), ratio=tuple(opts.ratio), decoder=opts.decoder,
         flip_p=opts.flip_p if train else 0.0,
         grayscale_p=opts.grayscale_p if train else 0.0,
