@@ -17,11 +17,14 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 
 # Benchmarks whose --quick run needs inputs that another test builds (a store, videos, a checkpoint), or that have
-# a test checking their report in detail: that test runs them with --quick, and they are not run twice.
+# a test checking their report in detail: that test runs them with --quick, and they are not run twice. gpu.sh's
+# preflight and wheel list measure nothing (no --quick): their test runs them as gpu.sh does.
 QUICK_ELSEWHERE = {
     "augmentation_cost": "test_benchmark_augmentation_cost.py",
     "decode_pool": "test_benchmark_decode_pool.py",
     "gpu_extract": "test_benchmark_gpu_extract.py",
+    "gpu_preflight": "test_benchmark_gpu_sh.py",
+    "gpu_wheels": "test_benchmark_gpu_sh.py",
     "gpu_train": "test_benchmark_gpu_train.py",
     "store_write": "test_store_benchmark.py",
 }
