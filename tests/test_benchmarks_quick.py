@@ -17,17 +17,16 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 
 # Benchmarks whose --quick run needs inputs that another test builds (a store, videos, a checkpoint), or that have
-# a test checking their report in detail: that test runs them with --quick, and they are not run twice. gpu.sh's
-# preflight and wheel list measure nothing (no --quick): their test runs them as gpu.sh does.
+# a test checking their report in detail: that test runs them with --quick, and they are not run twice.
 QUICK_ELSEWHERE = {
     "augmentation_cost": "test_benchmark_augmentation_cost.py",
     "decode_pool": "test_benchmark_decode_pool.py",
     "gpu_extract": "test_benchmark_gpu_extract.py",
-    "gpu_preflight": "test_benchmark_gpu_sh.py",
-    "gpu_wheels": "test_benchmark_gpu_sh.py",
     "gpu_train": "test_benchmark_gpu_train.py",
     "store_write": "test_store_benchmark.py",
 }
+# gpu.sh's tools, which measure nothing (no --quick, no report): their test runs them as gpu.sh does.
+TOOLS = {"gpu_preflight": "test_benchmark_gpu_sh.py", "gpu_wheels": "test_benchmark_gpu_sh.py"}
 
 
 def benchmark_modules() -> list[str]:
@@ -46,7 +45,7 @@ def quick_argv(name: str, tmp_path: Path) -> list[str]:
     return ["--quick"]
 
 
-@pytest.mark.parametrize("name", [name for name in benchmark_modules() if name not in QUICK_ELSEWHERE])
+@pytest.mark.parametrize("name", [name for name in benchmark_modules() if name not in {**QUICK_ELSEWHERE, **TOOLS}])
 def test_benchmark_runs_quick_and_reports_json(name, tmp_path):
     done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *quick_argv(name, tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600,
@@ -63,6 +62,12 @@ def test_the_other_quick_runs_are_in_the_suite(name):
     assert name in benchmark_modules(), f"benchmarks/{name}.py is gone: drop it from QUICK_ELSEWHERE"
     source = (ROOT / "tests" / QUICK_ELSEWHERE[name]).read_text()
     assert f'"benchmarks.{name}"' in source and '"--quick"' in source
+
+
+@pytest.mark.parametrize("name", sorted(TOOLS))
+def test_the_tools_are_tested(name):
+    assert name in benchmark_modules(), f"benchmarks/{name}.py is gone: drop it from TOOLS"
+    assert f"benchmarks.{name}" in (ROOT / "tests" / TOOLS[name]).read_text()
 
 
 def test_benchmarks_import_the_package_not_a_path():
