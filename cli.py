@@ -95,7 +95,8 @@ EXTRACT_GROUPS = (
     ("Input", ("manifest", "classes", "manifest_format", "videos", "video_root", "decoder")),
     ("Model", ("model", "pretrained", "allow_random_weights", "layers", "precision", "templates", "device",
                "batch_frames")),
-    ("Sampling", ("frames", "views", "split", "seed", "scale", "flip_p", "flip_label_map", "grayscale_p")),
+    ("Sampling", ("frames", "views", "split", "test_offsets", "seed", "scale", "flip_p", "flip_label_map",
+                  "grayscale_p")),
     ("Storage", ("out", "storage_options", "dtype", "codec", "dense_frames", "dense_gamma", "hash_videos")),
     ("Run", ("config", "decode_workers", "decode_timeout", "retry_failed", "repair", "deep", "strict",
              "dask_workers", "scheduler", "help")),
@@ -154,10 +155,16 @@ def main() -> None:
 @click.option("--template", "templates", multiple=True, default=("{}",), show_default=True,
               help="Prompt template(s) for the class-name text embeddings; exactly one {} is the class name.")
 @click.option("--flip-p", default=0.5, type=click.FloatRange(0, 1), show_default=True,
-              help="Train flip probability (SSv2: keep it with --flip-label-map, or use 0).")
-@click.option("--flip-label-map", type=click.Path(), default=None,
-              help='JSON list of class-name pairs a horizontal flip swaps, e.g. [["left", "right"]]: a flipped '
-                   "train view of a class in a pair is labelled with its partner (SSv2).")
+              help="Train flip probability (SSv2: keep it with --flip-label-map ssv2, as the reference, or use 0).")
+@click.option("--flip-label-map", default=None, metavar="ssv2|FILE",
+              help="Class pairs a horizontal flip swaps: a flipped train view of a class in a pair is labelled with "
+                   "its partner. ssv2: the reference's three SSv2 pairs (left/right pulling, pushing, turning the "
+                   'camera); or a JSON file listing class-name pairs, e.g. [["left", "right"]].')
+@click.option("--test-offsets", type=click.Choice(["centred", "reference"]), default="centred", show_default=True,
+              help="--split test: where clip c of K samples each of the T segments. centred: (c+0.5)/K, the clips "
+                   "spread over the video; reference: DiST's code, (c+1)/K of each of the gamma*T dense segments "
+                   "(gamma = --dense-gamma), rounded, the last clamped: 1/6, 1/3, 1/2 of each segment for 3 clips at "
+                   "gamma 2, for numbers comparable with the paper's (docs/MODEL.md). Recorded in the store.")
 @click.option("--grayscale-p", default=0.2, type=click.FloatRange(0, 1), show_default=True,
               help="Train grayscale probability.")
 @click.option("--scale", default="0.4,1.0", show_default=True, callback=_area_range,
@@ -198,13 +205,16 @@ def main() -> None:
 def extract(**kw) -> None:
     """Run the frozen CLIP over every video once; store each layer's tokens in a zarr store."""
     from dist_cache.manifests import load_flip_label_map
+    from dist_cache.recipes import FLIP_LABEL_MAPS
     from pipelines.extract import ExtractOptions, extract as run_extract
 
     check_storage_options(kw["storage_options"], kw["out"])
     _video_list(kw)
     strict, workers, scheduler = kw.pop("strict"), kw.pop("dask_workers"), kw.pop("scheduler")
     kw["templates"] = tuple(kw["templates"])
-    if kw["flip_label_map"] is not None:
+    if kw["flip_label_map"] in FLIP_LABEL_MAPS:  # a built-in name wins over a file of that name
+        kw["flip_label_map"] = FLIP_LABEL_MAPS[kw["flip_label_map"]]
+    elif kw["flip_label_map"] is not None:
         kw["flip_label_map"] = load_flip_label_map(kw["flip_label_map"])
     if workers is None and scheduler is None:
         summary = run_extract(ExtractOptions(**kw))
@@ -348,7 +358,9 @@ def loader_options(fn):
                    "(they are decoded from the videos then).")
 @click.option("--out", required=True, type=click.Path(),
               help="Run directory: checkpoints, config.toml, metrics.jsonl, train.log, curves.")
-@click.option("--val-cache", default=None, help="Validation store; best.pt is chosen by its top-1.")
+@click.option("--val-cache", default=None,
+              help="Validation store (test split; a train split is refused, as by eval); best.pt is chosen by its "
+                   "top-1, and eval warns when best.pt is scored on it or a copy of it.")
 @click.option("--val-video-root", default=None, type=click.Path(),
               help="Video root of the validation store (default: --video-root).")
 @storage_options_option()
@@ -380,8 +392,11 @@ def loader_options(fn):
 @click.option("--layers", default="all", show_default=True,
               help="CLIP layers to integrate: all (the store's), last:N, or a comma list.")
 @click.option("--recipe", type=click.Choice(list(RECIPES)), default=None,
-              help="Start from the reference's settings for this dataset (k400: 4 AdaPooling blocks; ssv2: 2); "
-                   "flags given explicitly override it. Default: none, i.e. the defaults below (the SSv2 head).")
+              help="Start from everything the reference sets for this dataset: 36 epochs, 6 of warm-up, lr 3.2e-4, "
+                   "weight decay 1e-4, batch 32, label smoothing 0.1, no gradient clipping, and 4 AdaPooling blocks "
+                   "(k400) or 2 (ssv2). Flags given explicitly override it; the recipe line printed names every "
+                   "deviation from the reference (flags, the store's views, what caching changes). ssv2 refuses a "
+                   "store flipped without --flip-label-map. Default: none, i.e. the defaults below.")
 @switch_options
 @click.option("--epochs", default=30, type=click.IntRange(min=1), show_default=True,
               help="Passes over the training store.")
@@ -390,13 +405,13 @@ def loader_options(fn):
 @click.option("--lr", default=3.2e-4, type=click.FloatRange(min=0, min_open=True), show_default=True,
               help="Peak learning rate.")
 @click.option("--warmup-epochs", default=5.0, type=click.FloatRange(min=0), show_default=True,
-              help="Epochs of linear warm-up to --lr (then a cosine to 0).")
+              help="Epochs of linear warm-up (then the reference's cosine to 0 over all epochs).")
 @click.option("--weight-decay", default=1e-4, type=click.FloatRange(min=0), show_default=True,
               help="AdamW weight decay, on weight matrices only.")
 @click.option("--label-smoothing", default=0.1, type=click.FloatRange(0, 1, max_open=True), show_default=True,
               help="Label smoothing of the cross-entropy.")
 @click.option("--clip-grad", default=1.0, type=click.FloatRange(min=0), show_default=True,
-              help="Max gradient norm; 0 disables.")
+              help="Max gradient norm; 0 disables (the reference does not clip; --recipe sets 0).")
 @seed_option("Seed of the initial weights and of every epoch's view choice and order.")
 @loader_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
@@ -416,7 +431,7 @@ def loader_options(fn):
 @user_errors
 def train(nproc: int, recipe: str | None, **kw) -> None:
     """Train DiST's temporal encoder and integration branch from a feature store."""
-    from dist_cache.recipes import effective_switches
+    from dist_cache.recipes import REFERENCE_OPTIONS, check_training_store, effective_settings, method_deviations
     from pipelines.distributed import quiet_unless_main
     from pipelines.train import TrainOptions, preflight, train as run_train, train_ranks
 
@@ -424,12 +439,20 @@ def train(nproc: int, recipe: str | None, **kw) -> None:
     check_storage_options(kw["storage_options"], kw["cache"], kw["val_cache"])
     ctx = click.get_current_context()
     typed = {k: v for k, v in _switch_values(kw).items() if ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
-    switches, line = effective_switches(recipe, typed)
+    given = [k for k in REFERENCE_OPTIONS if ctx.get_parameter_source(k) != ParameterSource.DEFAULT]
+    settings = effective_settings(recipe, typed, {k: kw[k] for k in REFERENCE_OPTIONS}, given)
+    kw.update(settings.options)
+    switches = settings.switches
     opts = TrainOptions(switches=switches, recipe=recipe, **{**kw, "report_to": tuple(kw["report_to"])})
     checked = preflight(opts, nproc)  # a bad flag or store is the only line printed; nothing is written before
-    record_run_config(ctx, opts, dataclasses.asdict(switches))
+    record_run_config(ctx, opts, {**dataclasses.asdict(switches), **settings.options})
+    schema = checked.store.schema
+    more = [] if recipe is None else [
+        *check_training_store(recipe, schema.sampling, schema.split, checked.store.url),
+        *method_deviations(online=opts.online, reaugment=opts.reaugment, mixup=opts.mixup, cutmix=opts.cutmix,
+                           feature_mixup=opts.feature_mixup, feature_cutmix=opts.feature_cutmix)]
     with _run_log(opts):
-        click.echo(line)
+        click.echo(settings.line(more))
         if opts.warmup_epochs >= opts.epochs and _main_rank():
             click.echo(f"warning: --warmup-epochs {opts.warmup_epochs:g} >= --epochs {opts.epochs}: the learning rate "
                        f"rises for the whole run and never reaches --lr {opts.lr:g}; use fewer warm-up epochs",
@@ -468,7 +491,9 @@ def _run_log(opts) -> contextlib.AbstractContextManager:
 @config_option
 @click.option("--checkpoint", required=True, type=click.Path(),
               help="A checkpoint written by train (best.pt or last.pt).")
-@click.option("--cache", required=True, help="Evaluation store (test split: 3 clips x 1 crop by default).")
+@click.option("--cache", required=True,
+              help="Evaluation store: a test split (3 clips x 1 crop by default). A train-split store is refused: its "
+                   "views are random crops, some relabelled by a flip, which per-video scoring would count as wrong.")
 @storage_options_option()
 @click.option("--video-root", default=None, type=click.Path(),
               help="Where the store's videos are: needed only when the store holds no dense frames.")

@@ -1,20 +1,32 @@
 """What caching costs in accuracy: cached K = 1, 2, 4 views, cached K = 2 with feature mixing, and the reference's
 re-augmented online training (with and without its pixel mixing), side by side on a generated task where
-augmentation matters.
+augmentation matters, compared as a reviewer would: paired per seed, and at equal compute as well as equal steps.
 
 The task (docs/DESIGN.md, "Augmentation and mixing"): the demo's four directions of motion of a square (left,
 right, up, down; left is right played backwards, so no single frame shows the class), few training videos, and
 held-out test clips unlike any training view: rendered on a larger canvas and cut to an off-centre window (the
 square is bigger and elsewhere than in any training crop) and cut in time to part of the motion (training views
-span the whole clip). Views are flipped with p 0.5 and a flipped left/right view is labelled with its partner
-(`--flip-label-map`), so flips are real augmentation, not label noise.
+span the whole clip), scored on 3 clips per video as a test split is. Views are flipped with p 0.5 and a flipped
+left/right view is labelled with its partner (`--flip-label-map`), so flips are real augmentation, not label noise.
 
 Everything runs through the real pipeline (`extract`, `train`, `evaluate`) with the bundled tiny CLIP (random
 weights: what is learnt is learnt by DiST's temporal encoder and integration branch). Every mode trains the same
-epochs and steps (one view per video per epoch), over the same seeds.
+epochs and steps (one view per video per epoch), over the same seeds; seed s seeds both the training and the
+extraction of the cached views (so the cached views vary across seeds as the online views do, and the spreads are
+comparable). Reported per mode:
+- top-1 per seed, mean and half the range;
+- paired differences against online --reaugment without mixing (the baseline, always run): per seed, mode minus
+  baseline, their mean and range, and on how many seeds the mode was behind;
+- compute, counted with the profile's functions (`dist_cache.flops.profile_dist`, 1 multiply-add = 1 FLOP): a
+  training step costs 3 x the branch's forward per clip (forward and backward), plus CLIP's forward per clip when
+  online; a cached run also paid K CLIP passes over every training video at extraction. Evaluation is the same
+  for all and left out;
+- equal compute: the baseline retrained with the epochs whose FLOPs match each cached mode's total (extraction
+  included), and the paired differences of the cached mode against it.
 
-    python -m benchmarks.augmentation_cost --out benchmarks/results/augmentation_cost.json   # ~5 min on 2 quiet cores
-    python -m benchmarks.augmentation_cost --epochs 120 --modes 4,5 --out /tmp/aug-long.json  # mixing, longer
+    python -m benchmarks.augmentation_cost --out benchmarks/results/augmentation_cost.json   # ~10 min, 2 quiet cores
+    python -m benchmarks.augmentation_cost --epochs 120 --modes 3,5 --out /tmp/aug-long.json  # mixing, longer
+    python -m benchmarks.augmentation_cost --seeds 0,1,2,3,4,5 --out /tmp/aug-6.json         # more seeds
     python -m benchmarks.augmentation_cost --quick --out /tmp/aug.json                       # smoke run
 """
 
@@ -36,6 +48,7 @@ import torch.nn.functional as F
 
 from benchmarks._common import machine
 from dist_cache.backbone import load_backbone
+from dist_cache.flops import profile_dist
 from dist_cache.model import DiSTSwitches
 from dist_cache.synthetic import DIRECTIONS, make_motion_dataset, motion_clip, write_video
 from pipelines.evaluate import EvalOptions, evaluate
@@ -43,6 +56,9 @@ from pipelines.extract import ExtractOptions, extract
 from pipelines.train import TrainOptions, train
 
 SIZE = 64  # pixels of every clip, as the demo's
+FRAMES, GAMMA = 4, 2  # CLIP frames per view, dense frames per CLIP frame
+TEST_CLIPS = 3  # views per test video, as a test split caches them
+SWITCHES = DiSTSwitches(gamma=GAMMA, alpha_dim=64, beta_dim=32)
 
 
 @dataclass(frozen=True)
@@ -52,12 +68,13 @@ class Mode:
     extra: dict = field(default_factory=dict)  # TrainOptions for this mode
 
 
+BASELINE = "online --reaugment, no mixing"  # what the paired differences and equal compute compare against
 MODES = (
     Mode("cached K=1", 1),
     Mode("cached K=2", 2),
     Mode("cached K=4", 4),
     Mode("cached K=2 + feature mixup/cutmix", 2, {"feature_mixup": 0.8, "feature_cutmix": 1.0}),
-    Mode("online --reaugment, no mixing", 1, {"online": True, "reaugment": True, "mixup": 0.0, "cutmix": 0.0}),
+    Mode(BASELINE, 1, {"online": True, "reaugment": True, "mixup": 0.0, "cutmix": 0.0}),
     Mode("online --reaugment (mixup 0.8, cutmix 1.0)", 1, {"online": True, "reaugment": True}),
 )
 
@@ -110,48 +127,113 @@ def make_data(root: Path, scale: Scale, frames: int) -> dict[str, Path]:
     return {"train": root / "train.csv", "test": test, "videos": root / "videos", "flips": flips}
 
 
+@dataclass(frozen=True)
+class Costs:
+    """GFLOPs per clip of one view (dist_cache.flops.profile_dist, the study's shapes)."""
+
+    clip: float  # CLIP's forward on the view's sparse frames
+    branch: float  # the DiST branch and head, forward
+
+    @classmethod
+    def profile(cls) -> Costs:
+        parts = profile_dist("dist-tiny", frames=FRAMES, switches=SWITCHES)["gflops_by_part"]
+        return cls(clip=parts["clip"], branch=sum(v for k, v in parts.items() if k != "clip"))
+
+    def step(self, online: bool) -> float:
+        """One clip of a training step: the branch's forward and backward (3x its forward), and CLIP's forward when
+        it runs live (frozen: no backward through it)."""
+        return 3 * self.branch + (self.clip if online else 0.0)
+
+    def run(self, mode: Mode, clips_trained: int, train_videos: int) -> dict[str, float]:
+        """GFLOPs of a run: its training steps, and for a cached run the K CLIP passes of extraction."""
+        online = bool(mode.extra.get("online"))
+        extraction = 0.0 if online else mode.views * train_videos * self.clip
+        training = clips_trained * self.step(online)
+        return {"extraction": extraction, "training": training, "total": extraction + training}
+
+
+def paired(top1: list[float], baseline: list[float]) -> dict:
+    """Per seed, mode minus baseline (same seed: same data, initial weights, batch order)."""
+    diffs = [a - b for a, b in zip(top1, baseline)]
+    return {"per_seed": diffs, "mean": statistics.fmean(diffs), "min": min(diffs), "max": max(diffs),
+            "seeds_behind": sum(d < 0 for d in diffs), "seeds": len(diffs)}
+
+
+def summary(top1s: list[float]) -> dict:
+    return {"top1": top1s, "mean": statistics.fmean(top1s), "spread": (max(top1s) - min(top1s)) / 2,
+            "std": statistics.pstdev(top1s)}
+
+
 def run(scale: Scale, modes: tuple[Mode, ...], workdir: Path, say=print) -> dict:
-    frames, gamma = 4, 2
-    data = make_data(workdir / "data", scale, frames=8 * frames)
+    data = make_data(workdir / "data", scale, frames=8 * FRAMES)
+    train_videos = 4 * scale.train_per_class
     checkpoint = workdir / "dist-tiny-random.pt"
     torch.manual_seed(0)
     torch.save(load_backbone("dist-tiny", "none", allow_random_weights=True).model.state_dict(), checkpoint)
-    common = dict(video_root=str(data["videos"]), model="dist-tiny", pretrained=str(checkpoint), frames=frames,
-                  seed=0, decode_workers=1)
+    common = dict(video_root=str(data["videos"]), model="dist-tiny", pretrained=str(checkpoint), frames=FRAMES,
+                  decode_workers=1)
+    costs = Costs.profile()
     timings: dict[str, float] = {}
     stores = {}
-    for k in sorted({m.views for m in modes}):
-        tick = time.monotonic()
-        stores[k] = workdir / f"train-k{k}.zarr"
-        # Crops keep 50-100 % of the area: at 64 px smaller ones often cut the 12 px square out (the demo's reason).
-        extract(ExtractOptions(manifest=str(data["train"]), out=str(stores[k]), views=k, split="train",
-                               scale=(0.5, 1.0), flip_label_map=(("left", "right"),), dense_frames=True,
-                               dense_gamma=gamma, **common))
-        timings[f"extract K={k}"] = time.monotonic() - tick
+    for seed in scale.seeds:  # the cached views drawn anew for every seed, as the online views are
+        for k in sorted({m.views for m in modes}):
+            tick = time.monotonic()
+            stores[k, seed] = workdir / f"train-k{k}-s{seed}.zarr"
+            # Crops keep 50-100 % of the area: at 64 px smaller ones often cut the 12 px square out (the demo's
+            # reason).
+            extract(ExtractOptions(manifest=str(data["train"]), out=str(stores[k, seed]), views=k, split="train",
+                                   scale=(0.5, 1.0), flip_label_map=(("left", "right"),), dense_frames=True,
+                                   dense_gamma=GAMMA, seed=seed, **common))
+            timings[f"extract K={k} seed {seed}"] = time.monotonic() - tick
     test_store = workdir / "test.zarr"
-    extract(ExtractOptions(manifest=str(data["test"]), out=str(test_store), views=2, split="test", dense_frames=True,
-                           dense_gamma=gamma, **common))
+    extract(ExtractOptions(manifest=str(data["test"]), out=str(test_store), views=TEST_CLIPS, split="test",
+                           dense_frames=True, dense_gamma=GAMMA, seed=0, **common))
+
+    def train_and_score(mode: Mode, seed: int, epochs: int, label: str) -> tuple[float, int]:
+        tick = time.monotonic()
+        out = workdir / "runs" / f"{label.split(' (')[0].replace(' ', '_').replace('/', '-')}-e{epochs}-s{seed}"
+        result = train(TrainOptions(
+            cache=str(stores[mode.views, seed]), video_root=str(data["videos"]), out=str(out), epochs=epochs,
+            batch_size=scale.batch_size, lr=1e-3, warmup_epochs=1, seed=seed, decode_workers=0,
+            pretrained=str(checkpoint), switches=SWITCHES, **mode.extra), progress=False)
+        report = evaluate(EvalOptions(checkpoint=str(result.last), cache=str(test_store), decode_workers=0))
+        say(f"{label} seed {seed}: top-1 {report['top1']:.1%} ({time.monotonic() - tick:.0f} s, {result.steps} steps)")
+        return report["top1"], result.steps
+
     results = {}
     for mode in modes:
-        top1s, seconds = [], []
-        for seed in scale.seeds:
-            tick = time.monotonic()
-            out = workdir / "runs" / f"{mode.name.split(' (')[0].replace(' ', '_').replace('/', '-')}-s{seed}"
-            result = train(TrainOptions(
-                cache=str(stores[mode.views]), video_root=str(data["videos"]), out=str(out), epochs=scale.epochs,
-                batch_size=scale.batch_size, lr=1e-3, warmup_epochs=1, seed=seed, decode_workers=0,
-                pretrained=str(checkpoint), switches=DiSTSwitches(gamma=gamma, alpha_dim=64, beta_dim=32),
-                **mode.extra), progress=False)
-            report = evaluate(EvalOptions(checkpoint=str(result.last), cache=str(test_store), decode_workers=0))
-            top1s.append(report["top1"])
-            seconds.append(time.monotonic() - tick)
-            say(f"{mode.name} seed {seed}: top-1 {report['top1']:.1%} ({seconds[-1]:.0f} s, {result.steps} steps)")
-        results[mode.name] = {
-            "top1": top1s, "mean": statistics.fmean(top1s),
-            "spread": (max(top1s) - min(top1s)) / 2, "std": statistics.pstdev(top1s),
-            "steps": result.steps, "seconds_per_run": statistics.fmean(seconds),
+        runs = [train_and_score(mode, seed, scale.epochs, mode.name) for seed in scale.seeds]
+        steps = runs[-1][1]
+        results[mode.name] = {**summary([top1 for top1, _ in runs]), "steps": steps,
+                              "gflops": costs.run(mode, steps * scale.batch_size, train_videos)}
+    baseline_mode = next(m for m in modes if m.name == BASELINE)
+    baseline = results[BASELINE]
+    for name, r in results.items():
+        if name != BASELINE:
+            r["paired_vs_online"] = paired(r["top1"], baseline["top1"])
+
+    # Equal compute: the baseline at the epochs whose FLOPs match each cached mode's total (extraction included).
+    steps_per_epoch = baseline["steps"] // scale.epochs
+    online_epoch = steps_per_epoch * scale.batch_size * costs.step(online=True)
+    at_epochs: dict[int, list[float]] = {}
+    equal = {}
+    for mode in modes:
+        if mode.extra.get("online"):
+            continue
+        r = results[mode.name]
+        epochs = max(1, round(r["gflops"]["total"] / online_epoch))
+        if epochs not in at_epochs:
+            at_epochs[epochs] = [train_and_score(baseline_mode, seed, epochs, f"{BASELINE} at {epochs} epochs")[0]
+                                 for seed in scale.seeds]
+        equal[mode.name] = {
+            "online_epochs": epochs, "online_steps": epochs * steps_per_epoch,
+            "online_gflops": costs.run(baseline_mode, epochs * steps_per_epoch * scale.batch_size,
+                                       train_videos)["total"],
+            "cached_gflops": r["gflops"]["total"], "online": summary(at_epochs[epochs]),
+            "paired_cached_minus_online": paired(r["top1"], at_epochs[epochs]),
         }
-    return {"results": results, "extract_seconds": timings}
+    return {"results": results, "equal_compute": equal, "gflops_per_clip": dataclasses.asdict(costs),
+            "extract_seconds": timings}
 
 
 def main() -> None:
@@ -160,25 +242,42 @@ def main() -> None:
     p.add_argument("--out", required=True, help="JSON file to write the results to")
     p.add_argument("--workdir", default=None, help="where videos, stores and runs go (default: a temporary dir)")
     p.add_argument("--epochs", type=int, default=None, help="epochs of every run (default: 40; --quick: 1)")
+    p.add_argument("--seeds", default=None, help="comma list of seeds (default: 0,1,2; --quick: 0)")
     p.add_argument("--modes", default=None,
-                   help="comma list of the modes to run, by position in the table (0-5; default: all)")
+                   help=f"comma list of the modes to run, by position in the table (0-5; default: all); the "
+                        f"baseline ({MODES.index(next(m for m in MODES if m.name == BASELINE))}) always runs")
     args = p.parse_args()
     scale = QUICK if args.quick else FULL
     if args.epochs is not None:
         scale = dataclasses.replace(scale, epochs=args.epochs)
-    modes = MODES if args.modes is None else tuple(MODES[int(i)] for i in args.modes.split(","))
+    if args.seeds is not None:
+        scale = dataclasses.replace(scale, seeds=tuple(int(s) for s in args.seeds.split(",")))
+    chosen = set(range(len(MODES))) if args.modes is None else {int(i) for i in args.modes.split(",")}
+    modes = tuple(m for i, m in enumerate(MODES) if i in chosen or m.name == BASELINE)
     tick = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="augmentation-cost-") as tmp:
         measured = run(scale, modes, Path(args.workdir or tmp))
     report = {
         "machine": machine(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "parameters": {**scale.__dict__, "frames": 4, "gamma": 2, "modes": [m.__dict__ for m in modes]},
+        "parameters": {**scale.__dict__, "frames": FRAMES, "gamma": GAMMA, "test_clips": TEST_CLIPS,
+                       "baseline": BASELINE, "extraction_seed": "the training seed",
+                       "modes": [m.__dict__ for m in modes]},
         **measured, "total_seconds": time.monotonic() - tick,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
-    print(json.dumps({name: f"{r['mean']:.1%} ± {r['spread']:.1%}" for name, r in measured["results"].items()},
-                     indent=1))
+    lines = {}
+    for name, r in measured["results"].items():
+        line = f"{r['mean']:.1%} ± {r['spread']:.1%}, {r['gflops']['total']:.3g} GFLOPs"
+        if "paired_vs_online" in r:
+            line += f", minus online {r['paired_vs_online']['mean']:+.1%} (per seed {r['paired_vs_online']['min']:+.1%}"
+            line += f" to {r['paired_vs_online']['max']:+.1%})"
+        if name in measured["equal_compute"]:
+            eq = measured["equal_compute"][name]
+            line += (f"; at equal FLOPs online {eq['online']['mean']:.1%} ({eq['online_epochs']} epochs), cached minus "
+                     f"online {eq['paired_cached_minus_online']['mean']:+.1%}")
+        lines[name] = line
+    print(json.dumps(lines, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,20 +1,21 @@
 """Gather benchmarks/gpu.sh's steps into one JSON object and a short table.
 
-Each step left `<name>.rc` (exit status), `<name>.out` (stdout) and `<name>.log` (stderr) in the output folder;
-extract and train also wrote `<name>.json`. The demo's accuracy is read from its last report line.
+Each step left `<name>.rc` (exit status, or "skipped" when the budget had run out), `<name>.out` (stdout) and
+`<name>.log` (stderr) in the output folder; extract and train also wrote `<name>.json`. The demo's accuracy is read
+from its last report line; the preflight's verdict from preflight.out. A step that has not run yet has exit null:
+gpu.sh rewrites the summary after every step, so a run cut short still reports what it finished.
 
     python -m benchmarks.gpu_summary OUT_DIR
 """
 from __future__ import annotations
 
 import json
+import platform
 import re
 import sys
 from pathlib import Path
 
-from benchmarks._common import machine
-
-STEPS = ("data", "extract", "store_write", "decode_pool", "train", "demo")
+STEPS = ("data", "extract", "train", "demo", "decode_pool", "store_write")  # gpu.sh's order
 # Steps whose whole stdout is one (indented) JSON object, as benchmarks._common.report prints it.
 REPORTING = ("store_write", "decode_pool")
 DEMO_LINE = re.compile(r"val top-1 ([\d.]+)%")
@@ -35,11 +36,27 @@ def _last_json_line(path: Path) -> dict | None:
         return None
 
 
+def _exit(rc_file: Path) -> int | str | None:
+    if not rc_file.exists():
+        return None
+    text = rc_file.read_text().strip()
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def _machine() -> dict:
+    """benchmarks._common.machine(), or what the standard library tells where torch itself does not import (a
+    failed preflight still gets its summary)."""
+    try:
+        from benchmarks._common import machine
+    except ImportError as err:
+        return {"host": platform.node(), "python": platform.python_version(), "torch": f"unavailable ({err})"}
+    return machine()
+
+
 def gather(out: Path) -> dict:
     steps = {}
     for name in STEPS:
-        rc_file = out / f"{name}.rc"
-        entry: dict = {"exit": int(rc_file.read_text()) if rc_file.exists() else None}
+        entry: dict = {"exit": _exit(out / f"{name}.rc")}
         if name in ("extract", "train"):
             entry["result"] = _json_or_none(out / f"{name}.json")
         elif name in REPORTING:
@@ -49,11 +66,13 @@ def gather(out: Path) -> dict:
         else:
             found = DEMO_LINE.findall((out / "demo.out").read_text()) if (out / "demo.out").exists() else []
             entry["result"] = {"val_top1": float(found[-1]) / 100} if found else None
-        if entry["exit"] not in (0, None):
+        if entry["exit"] not in (0, None, "skipped"):
             log = out / f"{name}.log"
             entry["log_tail"] = log.read_text()[-1500:] if log.exists() else ""
         steps[name] = entry
-    return {"machine": machine(), "steps": steps}
+    preflight = out / "preflight.out"
+    lines = preflight.read_text().splitlines() if preflight.exists() else []
+    return {"machine": _machine(), "preflight": lines[-12:], "steps": steps}
 
 
 def table(summary: dict) -> str:

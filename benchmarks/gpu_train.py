@@ -7,9 +7,10 @@ non-finite guard, AdamW) at --batch clips per step, gamma 2, over the store --st
       stored or decoded dense frames, copies on a side stream);
   (c) online_step: CLIP (in the store's recorded precision) plus the branch, on one batch of frames in GPU memory;
   (d) online_e2e: the same, fed by the real loader (frames only).
-Reported: cached_e2e/cached_step and online_e2e/online_step (the loader keeps up when >= 0.8) and cached/online end
-to end (what the cache buys). Every phase stops at its time budget; a watchdog writes what was measured and exits
-if a phase hangs. With --quick on a CPU and a dist-tiny store it runs in seconds (a smoke test of the script).
+Reported: cached_e2e/cached_step and online_e2e/online_step (the loader keeps up when >= 0.8), cached/online end
+to end (what the cache buys), and on a GPU each phase's own peak memory (the statistics are reset before each
+phase). Every phase stops at its time budget; a watchdog writes what was measured and exits if a phase hangs. With
+--quick on a CPU and a dist-tiny store it runs in seconds (a smoke test of the script).
 
     python -m benchmarks.gpu_train --store ZARR --out JSON [--quick] [--device cuda|cpu] [--batch 32]
         [--video-root DIR (a store without frames)]
@@ -37,8 +38,9 @@ TARGET = 0.8
 class Phases:
     """Measured numbers, written to --out after every phase; a watchdog writes them and exits on a hang."""
 
-    def __init__(self, out: Path, limit_s: float, parameters: dict[str, Any]):
+    def __init__(self, out: Path, limit_s: float, parameters: dict[str, Any], device: torch.device):
         self.out, self.results = out, {"machine": machine(), "parameters": parameters, "phases": {}}
+        self.device = device
         self.current = "setup"
         self._watchdog = threading.Timer(limit_s, self._hung)
         self._watchdog.daemon = True
@@ -55,6 +57,10 @@ class Phases:
     def run(self, name: str, steps: Callable[[], Iterator[int]], budget_s: float, warmup: int) -> float:
         """clips/s of `steps` (each yields the clips of one finished step) after `warmup` steps, until the budget."""
         self.current = name
+        cuda = self.device.type == "cuda"
+        if cuda:  # this phase's peak alone: the models and batches of earlier phases are gone or still held
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
         it = steps()
         for _ in range(warmup):
             next(it)
@@ -67,6 +73,8 @@ class Phases:
         seconds = time.perf_counter() - start
         rate = clips / seconds
         self.results["phases"][name] = {"clips_per_s": round(rate, 2), "steps": count, "seconds": round(seconds, 2)}
+        if cuda:
+            self.results["phases"][name]["peak_gpu_GB"] = round(torch.cuda.max_memory_allocated(self.device) / 1e9, 2)
         self.write()
         return rate
 
@@ -106,7 +114,7 @@ def main() -> None:
         "store": store.url, "batch": args.batch, "gamma": gamma, "layers": len(store.schema.layers),
         "frames": store.schema.num_frames, "store_dtype": store.schema.dtype, "dense_frames_stored": store.dense_gamma,
         "online_precision": precision, "amp": str(amp_dtype(device)), "device": str(device),
-        "read_threads": args.read_threads, "budget_s_per_phase": budget})
+        "read_threads": args.read_threads, "budget_s_per_phase": budget}, device=device)
     usable = np.flatnonzero(store.status == SampleStatus.DONE)
     config = DiSTConfig.from_backbone(store.schema.backbone, store.schema.num_frames, list(store.schema.layers),
                                       switches=DiSTSwitches(gamma=gamma))
@@ -165,8 +173,7 @@ def main() -> None:
             source.close()
         del m
         if device.type == "cuda":
-            phases.results["phases"][f"{name}_e2e"]["peak_gpu_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # the next model starts from the memory it needs, not this one's pool
     cached_ratio = rates["cached_e2e"] / rates["cached_step"]
     online_ratio = rates["online_e2e"] / rates["online_step"]
     phases.results.update(

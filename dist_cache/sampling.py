@@ -17,6 +17,8 @@ import numpy as np
 # --gamma, and a store's dense_frames.gamma. Powers of two, so the frames of every smaller gamma are a subset of the
 # stored G's (dense_subset); 8 is twice the paper's largest (Tab. 1d).
 DENSE_GAMMAS = (1, 2, 4, 8)
+# Where the clips of a test split sample their segments (`extract --test-offsets`).
+TEST_OFFSETS = ("centred", "reference")
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,21 @@ def _segment_frames(num_frames: int, frames: int, offsets: np.ndarray) -> tuple[
     return tuple(int(i) for i in np.clip(idx, 0, num_frames - 1)), window
 
 
+def _reference_clip_frames(num_frames: int, frames: int, clip: int, clips: int, gamma: int) -> tuple[int, ...]:
+    """CLIP's frames of the reference's test clip `clip` of `clips` (DiST's `_segment_based_sampling`): the video
+    split into gamma*T dense segments, each sampled at (clip + 1) / clips of its length (its centre for a single
+    clip), rounded half to even, clamped to the last frame; CLIP takes every gamma-th. In T segments that is offset
+    (clip + 1) / (clips * gamma): for 3 clips at gamma 2, 1/6, 1/3 and 1/2 of each. Exact rational arithmetic, so
+    that halves round as the reference's do."""
+    dense = frames * gamma
+    i = np.arange(dense, dtype=np.int64)
+    # Dense frame i sits at num_frames * num / den.
+    num, den = (2 * i + 1, 2 * dense) if clips == 1 else (i * clips + clip + 1, clips * dense)
+    q, r = np.divmod(num * num_frames, den)
+    q = q + ((2 * r > den) | ((2 * r == den) & (q % 2 == 1)))
+    return tuple(int(x) for x in np.clip(q, 0, num_frames - 1)[::gamma])
+
+
 def _random_resized_crop(
     rng: np.random.Generator, width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float]
 ) -> tuple[int, int, int, int]:
@@ -123,12 +140,16 @@ def plan_views(
     flip_p: float = 0.5,
     grayscale_p: float = 0.2,
     epoch: int | None = None,
+    test_offsets: str = "centred",
+    offsets_gamma: int = 2,
 ) -> list[ViewPlan]:
     """`views` plans of `frames` sparse frames each.
 
     train: TSN (a uniform random frame in each of `frames` equal segments of the whole video), a
     RandomResizedCrop box, flip with p=flip_p and grayscale with p=grayscale_p, drawn independently per view.
-    test: clip c takes offset (c + 0.5) / views of every segment, with the centre square crop, no flip, no grayscale.
+    test: clip c takes offset (c + 0.5) / views of every segment ("centred"), or the reference's frames for dense
+    frames at `offsets_gamma` ("reference", `_reference_clip_frames`), with the centre square crop, no flip, no
+    grayscale.
     The generator is seeded by (seed, video_index) only, so plans never depend on processing order or worker,
     and view k is the same whatever the number of views. `epoch` (train only) seeds it by (seed, epoch,
     video_index) instead: the fresh views of re-augmented training, a new draw every epoch, reproducible.
@@ -141,8 +162,12 @@ def plan_views(
         side = min(width, height)
         centre = ((width - side) // 2, (height - side) // 2, side, side)
         plans = []
+        if test_offsets not in TEST_OFFSETS:
+            raise ValueError(f"test_offsets must be one of {TEST_OFFSETS}, got {test_offsets!r}")
         for c in range(views):
             sparse, window = _segment_frames(num_frames, frames, np.full(frames, (c + 0.5) / views))
+            if test_offsets == "reference":
+                sparse = _reference_clip_frames(num_frames, frames, c, views, offsets_gamma)
             plans.append(ViewPlan(sparse, window, centre, flip=False, grayscale=False))
         return plans
     if split != "train":

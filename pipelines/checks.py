@@ -139,6 +139,16 @@ def check_backbone(store: FeatureStore, recorded: dict[str, Any], flag: str, aga
             )
 
 
+def check_evaluation_store(store: FeatureStore, flag: str) -> None:
+    """Scoring sums each video's views and compares the sum with the video's label. A train-split store's views are
+    random crops, and a flipped view of a mirrored class (extract --flip-label-map) carries its partner's label,
+    which per-video scoring would count as wrong: evaluation takes test-split stores only."""
+    if store.schema.split != "test":
+        raise UserError(f"{flag} {store.url} is a {store.schema.split}-split store (augmented views, flipped views of "
+                        "mirrored classes relabelled), which cannot be scored per video; evaluate on a store "
+                        "extracted with --split test (3 clips x 1 centre crop)")
+
+
 def check_store_fits(store: FeatureStore, config: DiSTConfig, flag: str, *, online: bool) -> None:
     """Frames and resolution shape the branch's parameters; layers must be readable unless run online."""
     if store.schema.num_frames != config.num_frames:

@@ -28,10 +28,18 @@ from dist_cache.manifests import load_class_names
 from dist_cache.model import DiSTConfig, OnlineDiST
 from pipelines.branch import Network, autocast, branch_of, build_network, embed, online_precision
 from pipelines.checkpoint import load_checkpoint
-from pipelines.checks import check_backbone, check_frames, check_store_fits, open_store, usable_samples
+from pipelines.checks import (
+    check_backbone,
+    check_evaluation_store,
+    check_frames,
+    check_store_fits,
+    open_store,
+    usable_samples,
+)
 from pipelines.data import BatchLoader, EpochSampler, frame_source
 from pipelines.files import replace_atomically
 from pipelines.plots import plot_confusion
+from pipelines.selection import chosen_on_this_set
 from storage import FeatureStore
 
 
@@ -182,13 +190,17 @@ def text_embeddings(store: FeatureStore, names: list[str], pretrained: str | Non
 
 
 def selection_warning(ckpt: dict[str, Any], store: FeatureStore, checkpoint: str) -> str | None:
-    """A warning when `checkpoint` was chosen as its run's best by validating on this very store: its score
-    here was the maximum over the run's validations, so it is optimistic (test-set selection)."""
+    """A warning when `checkpoint` was chosen as its run's best by validating on this evaluation set (this store or
+    any copy of it: pipelines.selection): its score here was the maximum over the run's validations, so it is
+    optimistic (test-set selection)."""
     chosen = ckpt.get("chosen_on")
-    if not chosen or chosen.get("fingerprint") != store.fingerprint:
+    if not chosen_on_this_set(chosen, store):
         return None
-    return (f"{checkpoint} was chosen as its run's best on this very store ({store.url} was its --val-cache), so "
-            "this score is optimistic; evaluate on a store the run never validated on (or its last.pt)")
+    where = chosen.get("url", "its --val-cache")
+    same = "this very store" if where == store.url else (
+        f"{where}, the same videos, classes, split and sampling as {store.url}")
+    return (f"{checkpoint} was chosen as its run's best on {same} (its --val-cache), so this score is optimistic; "
+            "evaluate on a store the run never validated on (or its last.pt)")
 
 
 def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
@@ -199,6 +211,7 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
     ckpt = load_checkpoint(opts.checkpoint)
     config = DiSTConfig.from_dict(ckpt["dist_config"])
     store = open_store(opts.cache, "--cache", opts.storage_options)
+    check_evaluation_store(store, "--cache")
     check_backbone(store, ckpt["store"]["backbone"], "--cache", f"checkpoint {opts.checkpoint}")
     check_store_fits(store, config, "--cache", online=opts.online)
     usable, failed = usable_samples(store, "--cache")

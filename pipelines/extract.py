@@ -33,7 +33,7 @@ from dist_cache.decoders import DECODERS, DecodeError, get_decoder
 from dist_cache.devices import resolve_device
 from dist_cache.errors import UserError, first_line
 from dist_cache.manifests import Manifest, flip_partners, load_manifest
-from dist_cache.sampling import DENSE_GAMMAS
+from dist_cache.sampling import DENSE_GAMMAS, TEST_OFFSETS
 from dist_cache.transforms import PREPROCESS
 from pipelines.extract_device import DeviceForward, LaunchedBatch
 from pipelines.prepare import PreparedVideo, RenderSpec, prepare_video
@@ -98,6 +98,8 @@ class ExtractOptions:
     flip_label_map: tuple[tuple[str, str], ...] | None = None
     dense_frames: bool = False  # also store each view's dense frames, rendered, for the largest gamma trained
     dense_gamma: int = 2
+    # test split: where the clips sample their segments (dist_cache.sampling.TEST_OFFSETS); reference's at dense_gamma
+    test_offsets: str = "centred"
     batch_frames: int = 64
     decode_workers: int | str = "auto"  # a count, or "auto" (dist_cache.decode_pool.auto_workers)
     decode_timeout: float = 120.0
@@ -166,6 +168,8 @@ def check_options(opts: ExtractOptions) -> None:
         raise UserError(f"--decoder {opts.decoder}: must be one of {', '.join(DECODERS)}")
     if opts.dense_gamma not in DENSE_GAMMAS:
         raise UserError(f"--dense-gamma {opts.dense_gamma}: must be one of {', '.join(map(str, DENSE_GAMMAS))}")
+    if opts.test_offsets not in TEST_OFFSETS:
+        raise UserError(f"--test-offsets {opts.test_offsets}: must be one of {', '.join(TEST_OFFSETS)}")
     if opts.decode_workers != "auto" and not (isinstance(opts.decode_workers, int) and opts.decode_workers >= 0):
         raise UserError(f"--decode-workers {opts.decode_workers}: must be auto, or a count (0: in this process)")
     if opts.deep and not opts.repair:
@@ -221,6 +225,9 @@ def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], ma
             "dense_rule": "dense[g*k+j] = min(num_frames-1, sparse[k] + floor(j*gap_k/g)), j < g, "
                           "gap_k = sparse[k+1] - sparse[k], the last slot's gap = window",
             "flip_label_map": [list(p) for p in opts.flip_label_map] if opts.flip_label_map and train else None,
+            # Recorded only when not centred, so stores from before the option keep resuming (no key: centred).
+            **({"test_offsets": "reference", "test_offsets_gamma": opts.dense_gamma} if reference_offsets(opts)
+               else {}),
         },
         "dense_frames": {"gamma": opts.dense_gamma} if opts.dense_frames else None,
         "num_videos": len(manifest.videos),
@@ -230,14 +237,26 @@ def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], ma
 
 
 def render_spec(opts: ExtractOptions, backbone: Backbone) -> RenderSpec:
+    return spec_at(opts, backbone.image_size)
+
+
+def spec_at(opts: ExtractOptions, image_size: int) -> RenderSpec:
+    """What extraction with `opts` renders, at `image_size` (the backbone's): also how a benchmark bounds its work."""
     train = flips_apply(opts)
     return RenderSpec(
-        frames=opts.frames, views=opts.views, split=opts.split, seed=opts.seed, image_size=backbone.image_size,
+        frames=opts.frames, views=opts.views, split=opts.split, seed=opts.seed, image_size=image_size,
         scale=tuple(opts.scale), ratio=tuple(opts.ratio), decoder=opts.decoder,
         flip_p=opts.flip_p if train else 0.0,
         grayscale_p=opts.grayscale_p if train else 0.0,
         dense_gamma=opts.dense_gamma if opts.dense_frames else None,
+        test_offsets="reference" if reference_offsets(opts) else "centred",
+        offsets_gamma=opts.dense_gamma,
     )
+
+
+def reference_offsets(opts: ExtractOptions) -> bool:
+    """Whether the test clips sample at the reference's offsets (`--test-offsets reference`, test split only)."""
+    return opts.split == "test" and opts.test_offsets == "reference"
 
 
 class _RunState:

@@ -142,6 +142,15 @@ def _size(nbytes: int | None) -> str:
     return f"{nbytes} B"
 
 
+def _offsets(schema: dict) -> str:
+    """How a test split's clips were placed, where not centred in their segments (the default, and every store made
+    before the choice existed)."""
+    sampling = schema["sampling"]
+    if sampling.get("test_offsets", "centred") == "centred":
+        return ""
+    return f" at the {sampling['test_offsets']}'s offsets (gamma {sampling.get('test_offsets_gamma')})"
+
+
 def format_info(info: dict, show_failed: bool = False) -> str:
     schema = info["schema"]
     backbone = schema["backbone"]
@@ -169,7 +178,8 @@ def format_info(info: dict, show_failed: bool = False) -> str:
         f"{schema['tokens']} tokens x {schema['width']} ch, {schema['dtype']}, codec {schema['codec']}",
         f"  frames     {frames}",
         f"  sampling   split {schema['split']}, {schema['views_per_video']} view(s)/video, "
-        f"{schema['sampling'].get('policy', 'unrecorded policy')}, seed {schema['sampling']['seed']}, "
+        f"{schema['sampling'].get('policy', 'unrecorded policy')}{_offsets(schema)}, "
+        f"seed {schema['sampling']['seed']}, "
         f"image {backbone['image_size']} px, decoded by {decoder['name']} {decoder['version']}",
         f"  classes    {len(schema['class_names'])}, text templates {schema['text']['templates']}",
         f"  storage    format {info['format_version']}, "

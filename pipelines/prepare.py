@@ -38,6 +38,8 @@ class RenderSpec:
     grayscale_p: float
     decoder: str = "decord"  # a `dist_cache.decoders` name: the store records it
     dense_gamma: int | None = None  # G: also render each view's G*T dense frames (the store keeps them)
+    test_offsets: str = "centred"  # test split: where the clips sample (dist_cache.sampling.plan_views)
+    offsets_gamma: int = 2  # the dense gamma the reference's test offsets are taken for
 
 
 @dataclass
@@ -95,6 +97,8 @@ def prepare_video(path: str, video_index: int, spec: RenderSpec, hash_video: boo
             ratio=spec.ratio,
             flip_p=spec.flip_p,
             grayscale_p=spec.grayscale_p,
+            test_offsets=spec.test_offsets,
+            offsets_gamma=spec.offsets_gamma,
         )
 
     def wanted(plans: list[ViewPlan], num_frames: int) -> list[np.ndarray]:

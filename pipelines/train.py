@@ -31,10 +31,12 @@ from dist_cache.devices import resolve_device
 from dist_cache.errors import UserError
 from dist_cache.mixing import Mixer
 from dist_cache.model import DiSTConfig, DiSTSwitches
+from dist_cache.recipes import REFERENCE_MIXING, check_training_store
 from pipelines.branch import amp_dtype, branch_of, build_network, online_precision
 from pipelines.checkpoint import load_checkpoint, save_checkpoint
 from pipelines.checks import (
     check_backbone,
+    check_evaluation_store,
     check_frames,
     check_store_fits,
     open_store,
@@ -49,6 +51,7 @@ from pipelines.plots import plot_curves
 from pipelines.reaugment import ReaugmentedFrames, check_reaugmentable
 from pipelines.runlock import RunLock
 from pipelines.runlog import RunLog
+from pipelines.selection import store_identity
 from pipelines.step import Meter, StepModel, train_step
 from pipelines.tracking import REPORTERS, Tracker
 from storage import FeatureStore
@@ -80,7 +83,7 @@ class TrainOptions:
     # model (DiSTConfig; shapes come from the store's backbone)
     layers: str = "all"  # all (the store's), last:N, or a comma list of CLIP block indices
     switches: DiSTSwitches = field(default_factory=DiSTSwitches)
-    recipe: str | None = None  # the preset `switches` started from (dist_cache.recipes), recorded with the run
+    recipe: str | None = None  # the preset the switches and options started from (dist_cache.recipes), recorded
     # optimisation
     epochs: int = 30
     batch_size: int = 32
@@ -89,7 +92,7 @@ class TrainOptions:
     warmup_start_lr: float = 8e-7  # WARMUP_START_LR 8e-8 x 10
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
-    clip_grad: float = 1.0  # max global grad norm; 0 disables
+    clip_grad: float = 1.0  # max global grad norm; 0 disables (the reference does not clip: its recipes set 0)
     seed: int = 0
     # runtime
     read_threads: int = 8  # threads reading the store into the batch buffers (reads release the GIL)
@@ -112,8 +115,6 @@ class TrainOptions:
 
 # Each option's default, for checkpoints written before the option existed.
 OPTION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainOptions) if f.default is not dataclasses.MISSING}
-# timm Mixup's alphas in the reference's recipe: (mixup, cutmix).
-REFERENCE_MIXING = (0.8, 1.0)
 
 
 @dataclass
@@ -220,6 +221,7 @@ def preflight(opts: TrainOptions, world: int = 1) -> Checked:
     usable, failed = usable_samples(store, "--cache")
     if not len(usable):
         raise UserError(f"--cache {store.url}: no sample has features (all {failed} failed at extraction)")
+    check_training_store(opts.recipe, store.schema.sampling, store.schema.split, store.url)  # SSv2 flips relabelled
     layers = select_layers(opts.layers, store, opts.online)
     config = DiSTConfig.from_backbone(store.schema.backbone, store.schema.num_frames, layers, switches=opts.switches)
     check_store_fits(store, config, "--cache", online=opts.online)
@@ -238,6 +240,7 @@ def preflight(opts: TrainOptions, world: int = 1) -> Checked:
     if opts.val_cache:
         val_store = open_store(opts.val_cache, "--val-cache", opts.storage_options)
         check_backbone(val_store, store.schema.backbone, "--val-cache", f"--cache {store.url}")
+        check_evaluation_store(val_store, "--val-cache")
         check_store_fits(val_store, config, "--val-cache", online=opts.online)
         val_usable, _ = usable_samples(val_store, "--val-cache")
         if needs_frames:
@@ -323,6 +326,7 @@ class Run:
     frames: str | None
     step: int = 0
     best_top1: float | None = None
+    identities: dict[int, dict[str, str]] = field(default_factory=dict)  # store_identity of the stores saved with
 
     @property
     def out(self) -> Path:
@@ -342,7 +346,11 @@ class Run:
         m = self.step_model
 
         def identity(s: FeatureStore | None) -> dict[str, str] | None:
-            return None if s is None else {"fingerprint": s.fingerprint, "url": s.url}
+            if s is None:
+                return None
+            if id(s) not in self.identities:  # the same store at every save: its evaluation set is read once
+                self.identities[id(s)] = store_identity(s)
+            return self.identities[id(s)]
 
         return {
             "model": m.branch.state_dict(), "optimizer": m.optimizer.state_dict(),

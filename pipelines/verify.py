@@ -63,6 +63,7 @@ def _replanned(store: FeatureStore, sample: dict) -> Any:
         frames=schema.num_frames, views=schema.views_per_video, split=schema.split, seed=sampling["seed"],
         video_index=int(sample["video_index"]), scale=tuple(sampling["scale"]), ratio=tuple(sampling["ratio"]),
         flip_p=sampling["flip_p"], grayscale_p=sampling["grayscale_p"],
+        test_offsets=sampling.get("test_offsets", "centred"), offsets_gamma=int(sampling.get("test_offsets_gamma", 2)),
     )
     return plans[int(sample["view"])]
 

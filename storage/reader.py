@@ -176,6 +176,19 @@ class FeatureStore:
         """(V,) int32: each video's label (checked to be a class index)."""
         return np.asarray(self._state().table(layout.VIDEO_LABEL))
 
+    def video_sizes(self) -> np.ndarray:
+        """(V,) int64: each video file's size in bytes as extraction recorded it; -1 where none was (a pending
+        video, or a format-1 store from before sizes were recorded). A finalized store reads one table."""
+        st = self._state()
+        if st.complete:
+            return np.asarray(st.table("videos/size_bytes"), dtype=np.int64)
+        sizes = np.full(self.schema.num_videos, -1, dtype=np.int64)
+        for v in range(self.schema.num_videos):
+            rec = self.record(v)
+            if rec is not None and rec.facts and rec.facts.get("size_bytes") is not None:
+                sizes[v] = int(rec.facts["size_bytes"])
+        return sizes
+
     def __len__(self) -> int:
         return self.schema.num_samples
 

@@ -25,7 +25,13 @@ def test_gpu_extract_quick_reports_its_bounds_and_ratio(motion_dataset, tiny_che
     assert not [name for name, step in steps.items() if "error" in step], steps
     assert steps["extract"]["returncode"] == 0 and steps["extract"]["videos"] == 8
     assert steps["extract"]["first_video_s"] > 0 and steps["clip"]["precision"] == "fp32"
+    # The decode bound is extraction's own work (16 dense frames rendered per clip, extract's worker count); the
+    # bare readers' figure is reported beside it.
+    assert steps["decode"]["render"] == {"frames_per_clip": 16, "image_size": steps["clip"]["shapes"]["image_size"],
+                                         "views": 1}
+    assert steps["decode"]["clips"] == steps["decode_bare"]["clips"] == 8 and result["decode_bare_clips_per_s"] > 0
     bounds = result["bounds_clips_per_s"]
+    assert bounds["decode"] == steps["decode"]["clips_per_s"]
     assert bounds["write"] == pytest.approx(steps["write"]["MBps"] / result["parameters"]["MB_per_clip"], rel=0.01)
     assert result["ratio"] == pytest.approx(result["extract_clips_per_s"] / min(bounds.values()), rel=0.01)
     assert steps["extract"]["stored_MB_per_clip"] == pytest.approx(result["parameters"]["MB_per_clip"], rel=0.05)

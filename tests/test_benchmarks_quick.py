@@ -25,6 +25,8 @@ QUICK_ELSEWHERE = {
     "gpu_train": "test_benchmark_gpu_train.py",
     "store_write": "test_store_benchmark.py",
 }
+# gpu.sh's tools, which measure nothing (no --quick, no report): their test runs them as gpu.sh does.
+TOOLS = {"gpu_preflight": "test_benchmark_gpu_sh.py", "gpu_wheels": "test_benchmark_gpu_sh.py"}
 
 
 def benchmark_modules() -> list[str]:
@@ -43,7 +45,7 @@ def quick_argv(name: str, tmp_path: Path) -> list[str]:
     return ["--quick"]
 
 
-@pytest.mark.parametrize("name", [name for name in benchmark_modules() if name not in QUICK_ELSEWHERE])
+@pytest.mark.parametrize("name", [name for name in benchmark_modules() if name not in {**QUICK_ELSEWHERE, **TOOLS}])
 def test_benchmark_runs_quick_and_reports_json(name, tmp_path):
     done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *quick_argv(name, tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600,
@@ -60,6 +62,12 @@ def test_the_other_quick_runs_are_in_the_suite(name):
     assert name in benchmark_modules(), f"benchmarks/{name}.py is gone: drop it from QUICK_ELSEWHERE"
     source = (ROOT / "tests" / QUICK_ELSEWHERE[name]).read_text()
     assert f'"benchmarks.{name}"' in source and '"--quick"' in source
+
+
+@pytest.mark.parametrize("name", sorted(TOOLS))
+def test_the_tools_are_tested(name):
+    assert name in benchmark_modules(), f"benchmarks/{name}.py is gone: drop it from TOOLS"
+    assert f"benchmarks.{name}" in (ROOT / "tests" / TOOLS[name]).read_text()
 
 
 def test_benchmarks_import_the_package_not_a_path():

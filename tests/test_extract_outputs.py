@@ -107,3 +107,29 @@ def test_fp16_on_the_cpu_is_a_one_line_error(motion_dataset, tiny_checkpoint, tm
     result = CliRunner().invoke(cli.main, [str(a) for a in args])
     assert result.exit_code == 2 and result.output.startswith("error: --precision fp16 needs a CUDA device")
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_test_clips_at_the_reference_offsets_are_recorded_and_verified(motion_dataset, tiny_checkpoint, tmp_path):
+    """--test-offsets reference places the clips as DiST's code does and records it, so verify re-derives the same
+    plans; the default (centred) records nothing, as every store made before the choice existed."""
+    from dist_cache.sampling import plan_views
+
+    centred = extract(motion_dataset, tmp_path / "c.zarr", tiny_checkpoint, "--split", "test", manifest="val.csv")
+    assert "test_offsets" not in centred.schema.sampling
+    store = extract(motion_dataset, tmp_path / "r.zarr", tiny_checkpoint, "--split", "test", "--test-offsets",
+                    "reference", manifest="val.csv")
+    assert (store.schema.sampling["test_offsets"], store.schema.sampling["test_offsets_gamma"]) == ("reference", 2)
+    for i in range(len(store)):
+        sample = store.sample(i)
+        (plan,) = [p for k, p in enumerate(plan_views(
+            sample["num_frames"], sample["width"], sample["height"], frames=4, views=3, split="test", seed=0,
+            video_index=sample["video_index"], test_offsets="reference", offsets_gamma=2)) if k == sample["view"]]
+        assert tuple(sample["sparse_indices"]) == plan.sparse_indices
+    assert any(tuple(store.sample(i)["sparse_indices"]) != tuple(centred.sample(i)["sparse_indices"])
+               for i in range(len(store)))
+    result = CliRunner().invoke(cli.main, ["verify", str(tmp_path / "r.zarr"), "--video-root",
+                                           str(motion_dataset / "videos"), "--pretrained", str(tiny_checkpoint),
+                                           "--samples", "2"])
+    assert result.exit_code == 0 and result.output.strip().splitlines()[-1] == "ok", result.output
+    info = CliRunner().invoke(cli.main, ["info", str(tmp_path / "r.zarr")])
+    assert "uniform-clips at the reference's offsets (gamma 2)" in info.output

@@ -77,7 +77,7 @@ def test_train_and_eval_read_s3_stores_through_storage_options(s3, motion_datase
     url, options = f"s3://{s3['bucket']}/v.zarr", json.dumps(s3["options"])
     run("extract", "--manifest", motion_dataset / "val.csv", "--video-root", motion_dataset / "videos",
         "--out", url, "--storage-options", options, "--model", "dist-tiny", "--pretrained", tiny_checkpoint,
-        "--frames", "4", "--views", "1", "--decode-workers", "1", "--device", "cpu")
+        "--frames", "4", "--split", "test", "--views", "1", "--decode-workers", "1", "--device", "cpu")
     small = ["--no-temporal", "--no-integ-to-temp", "--no-temp-to-integ", "--alpha-dim", "32", "--beta-dim", "16",
              "--pool-blocks", "1", "--batch-size", "4", "--epochs", "1", "--device", "cpu", "--read-threads", "2"]
     train = ["train", "--cache", url, "--val-cache", url, "--out", tmp_path / "run", *small]

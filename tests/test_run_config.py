@@ -48,6 +48,7 @@ def test_config_toml_repeats_the_run(train_store, motion_dataset, tmp_path, monk
     # Resolved: the recipe's switch, the defaults, the flags as typed; never the one-off or secret options.
     assert recorded["pool-blocks"] == 4 and recorded["recipe"] == "k400" and recorded["no-integ-to-temp"] is True
     assert recorded["seed"] == 3 and recorded["lr"] == 3.2e-4
+    assert recorded["clip-grad"] == 0 and recorded["epochs"] == 2  # the recipe's, and a flag over the recipe
     assert not {"resume", "storage-options", "config"} & set(recorded)
     # Local paths recorded absolute, so the file repeats the run from any directory.
     assert (recorded["out"], recorded["cache"], recorded["video-root"]) == \

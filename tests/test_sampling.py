@@ -78,6 +78,35 @@ def test_test_plans_are_centre_crops_at_evenly_spaced_clips():
     assert single.crop == (16, 0, 144, 144)
 
 
+def _reference_test_frames(num_frames: int, dense: int, clip: int, clips: int) -> np.ndarray:
+    """DiST's `_segment_based_sampling` for a test clip, transcribed: `dense` segments from a float32 linspace, the
+    centre (one clip) or (clip + 1) / clips of each, rounded, clamped to the video."""
+    bounds = torch.linspace(0, num_frames, dense + 1)
+    index = torch.zeros(dense)
+    for i in range(dense):
+        width = bounds[i + 1] - bounds[i]
+        index[i] = (bounds[i] + bounds[i + 1]) / 2 if clips == 1 else bounds[i] + width * (clip + 1) / clips
+    return torch.round(torch.clamp(index, 0, num_frames - 1)).long().numpy()
+
+
+@pytest.mark.parametrize("clips, gamma", [(3, 2), (3, 1), (3, 4), (1, 2)])
+def test_reference_test_offsets_are_the_reference_codes_clip_frames(clips, gamma):
+    """--test-offsets reference: CLIP's frames are exactly those of the reference's test clips (every gamma-th of its
+    gamma*T dense frames); the dense frames between them follow dist-cache's rule, within a frame of the reference's."""
+    for num_frames in [*range(8, 400, 7), 240, 480]:
+        plans = plan_views(num_frames, 64, 48, frames=8, views=clips, split="test", seed=0, video_index=0,
+                           test_offsets="reference", offsets_gamma=gamma)
+        for clip, plan in enumerate(plans):
+            reference = _reference_test_frames(num_frames, 8 * gamma, clip, clips)
+            assert plan.sparse_indices == tuple(reference[::gamma]), (num_frames, clip)
+            assert np.abs(dense_indices(plan, gamma, num_frames) - reference).max() <= 1
+    # For 3 clips at gamma 2 that is 1/6, 1/3 and 1/2 of each of the T segments (here of 12 frames); centred: 1/6, 1/2,
+    # 5/6, the clips spread over the whole segment.
+    for mode, offsets in (("reference", (2, 4, 6)), ("centred", (2, 6, 10))):
+        plans = plan_views(96, 64, 48, frames=8, views=3, split="test", seed=0, video_index=0, test_offsets=mode)
+        assert [plan.sparse_indices for plan in plans] == [tuple(12 * k + o for k in range(8)) for o in offsets]
+
+
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_short_videos_repeat_frames_in_range(split):
     for views in (1, 3):

@@ -98,7 +98,9 @@ def test_train_recipe_from_the_cli_is_printed_and_recorded(stores, tmp_path):
             "--warmup-epochs", "1", "--device", "cpu"]
     result = CliRunner().invoke(cli.main, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert result.output.splitlines()[0] == "recipe: k400 (Kinetics-400): pool_blocks 4"
+    line = result.output.splitlines()[0]
+    assert line.startswith("recipe: k400 (Kinetics-400): pool_blocks 4, lr 0.00032, weight_decay 0.0001, ")
+    assert "clip_grad 0" in line and "alpha_dim 32 (flag, reference 384)" in line and "epochs 1 (flag" in line
     # One warm-up epoch of one: the learning rate would never reach its peak.
     assert "warning: --warmup-epochs 1 >= --epochs 1: the learning rate rises for the whole run" in result.stderr
     # RUN/train.log: what was printed, each line with its time; a --resume appends.
@@ -106,14 +108,14 @@ def test_train_recipe_from_the_cli_is_printed_and_recorded(stores, tmp_path):
     stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
     assert all(re.match(stamp, line) for line in log), log
     texts = [re.sub(stamp, "", line, count=1) for line in log]
-    assert texts[0] == "=== dist-cache train: started" and texts[1] == "recipe: k400 (Kinetics-400): pool_blocks 4"
+    assert texts[0] == "=== dist-cache train: started" and texts[1] == line
     assert any(t.startswith("warning: --warmup-epochs") for t in texts) and texts[-1].startswith("trained 2 steps")
     resumed = CliRunner().invoke(cli.main, [*args, "--resume"], catch_exceptions=False)
     assert resumed.exit_code == 0, resumed.output
     again = (out / "train.log").read_text().splitlines()
     assert again[: len(log)] == log and again[len(log)].endswith("=== dist-cache train: resumed (--resume)")
     ckpt = load_checkpoint(out / "last.pt")
-    assert ckpt["train_config"]["recipe"] == "k400"
+    assert ckpt["train_config"]["recipe"] == "k400" and ckpt["train_config"]["clip_grad"] == 0.0
     assert ckpt["dist_config"]["switches"]["pool_blocks"] == ckpt["train_config"]["switches"]["pool_blocks"] == 4
     assert ckpt["dist_config"]["switches"]["alpha_dim"] == 32  # an explicit flag beside the recipe
 

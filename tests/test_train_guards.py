@@ -46,10 +46,12 @@ def stores(tmp_path_factory, motion_dataset, tiny_checkpoint):
     shutil.copytree(motion_dataset / "videos", videos)
     common = dict(video_root=str(videos), model="dist-tiny", pretrained=str(tiny_checkpoint), frames=4,
                   decode_workers=1, device="cpu")
-    for name, csv, views, split in (("train", "train.csv", 2, "train"), ("val", "val.csv", 3, "test")):
+    for name, csv, views, split in (("train", "train.csv", 2, "train"), ("val", "val.csv", 3, "test"),
+                                    ("test", "train.csv", 1, "test")):
         extract(ExtractOptions(manifest=str(motion_dataset / csv), out=str(root / f"{name}.zarr"), views=views,
                                split=split, hash_videos=True, **common), progress=False)
-    return {"root": root, "videos": videos, "train": str(root / "train.zarr"), "val": str(root / "val.zarr")}
+    return {"root": root, "videos": videos, "train": str(root / "train.zarr"), "val": str(root / "val.zarr"),
+            "test": str(root / "test.zarr")}
 
 
 def cli_train(*args: str) -> tuple[int, str]:
@@ -126,7 +128,8 @@ def test_online_clip_runs_in_the_stores_precision_where_the_device_can():
     assert online_precision("fp16", torch.device("cpu")) == "fp32"  # a CPU has no fp16 matmuls
 
 
-def test_eval_warns_when_the_checkpoint_was_chosen_on_the_evaluated_store(stores, tmp_path):
+def test_eval_warns_when_the_checkpoint_was_chosen_on_the_evaluated_store(stores, tmp_path, motion_dataset,
+                                                                           tiny_checkpoint):
     out = tmp_path / "run"
     code, output = cli_train("--cache", stores["train"], "--val-cache", stores["val"], "--out", str(out), "--epochs",
                              "1",
@@ -145,8 +148,51 @@ def test_eval_warns_when_the_checkpoint_was_chosen_on_the_evaluated_store(stores
     # last.pt was not selected by anything, and another store is a fair test.
     assert evaluate(EvalOptions(checkpoint=str(out / "last.pt"), cache=stores["val"], device="cpu"),
                     progress=False)["warnings"] == []
-    assert evaluate(EvalOptions(checkpoint=str(out / "best.pt"), cache=stores["train"], device="cpu"),
+    assert evaluate(EvalOptions(checkpoint=str(out / "best.pt"), cache=stores["test"], device="cpu"),
                     progress=False)["warnings"] == []
+
+    # Copies of the validation store are the same evaluation set: each warns, naming the store it was chosen on.
+    for name, flags in (("int8", ["--dtype", "int8"]), ("packed", ["--videos-per-shard", "2"])):
+        copied = stores["root"] / f"val-{name}.zarr"
+        done = CliRunner().invoke(cli.main, ["copy", stores["val"], str(copied), *flags])
+        assert done.exit_code == 0, done.output
+        warnings = evaluate(EvalOptions(checkpoint=str(out / "best.pt"), cache=str(copied), device="cpu"),
+                            progress=False)["warnings"]
+        assert len(warnings) == 1 and f"chosen as its run's best on {FeatureStore.open(stores['val']).url}, the " \
+            f"same videos, classes, split and sampling as {FeatureStore.open(copied).url}" in warnings[0], warnings
+    # The same videos with another sampling (one clip each, not three) are another evaluation set.
+    one_clip = stores["root"] / "val-1clip.zarr"
+    common = dict(video_root=str(stores["videos"]), model="dist-tiny", pretrained=str(tiny_checkpoint), frames=4,
+                  decode_workers=1, device="cpu")
+    extract(ExtractOptions(manifest=str(motion_dataset / "val.csv"), out=str(one_clip), views=1, split="test",
+                           **common), progress=False)
+    assert evaluate(EvalOptions(checkpoint=str(out / "best.pt"), cache=str(one_clip), device="cpu"),
+                    progress=False)["warnings"] == []
+
+
+def test_a_checkpoint_from_before_the_evaluation_set_was_recorded_still_warns_on_its_store(stores):
+    from pipelines.selection import chosen_on_this_set, store_identity
+
+    val = FeatureStore.open(stores["val"])
+    old = {"fingerprint": val.fingerprint, "url": val.url}  # what checkpoints recorded until now
+    assert chosen_on_this_set(old, val) and not chosen_on_this_set(old, FeatureStore.open(stores["test"]))
+    assert chosen_on_this_set(store_identity(val), val) and not chosen_on_this_set(None, val)
+
+
+def test_eval_and_validation_refuse_train_split_stores(stores, tmp_path):
+    """Per-video scoring of augmented views, some relabelled by a flip, would count correct views as wrong."""
+    code, output = cli_train("--cache", stores["train"], "--val-cache", stores["train"], "--out", str(tmp_path / "r"),
+                             "--epochs", "1", *FEATURES_ONLY)
+    assert code == 2 and output.strip().count("\n") == 0, output
+    assert output.startswith(f"error: --val-cache {FeatureStore.open(stores['train']).url} is a train-split store")
+    assert "--split test" in output and not (tmp_path / "r").exists()
+    code, output = cli_train("--cache", stores["train"], "--out", str(tmp_path / "run"), "--epochs", "1",
+                             *FEATURES_ONLY)
+    assert code == 0, output
+    result = CliRunner().invoke(cli.main, ["eval", "--checkpoint", str(tmp_path / "run" / "last.pt"), "--cache",
+                                           stores["train"], "--device", "cpu"])
+    assert result.exit_code == 2 and "is a train-split store" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1
 
 
 def _wandb_history(run_dir: Path) -> list[dict]:
