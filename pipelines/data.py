@@ -10,9 +10,10 @@ plan every epoch (re-augmentation) fits the same slot.
 `BatchLoader` is built for the GPU's pace (docs/DESIGN.md, "The stage-two loader"): reader threads in this
 process (file reads, checksums and decoding release the GIL) fill a ring of host slabs, pinned when the
 device is a GPU, straight from the store's one-read-per-sample path: features in their stored dtype (int8
-codes and scales for int8 stores), frames as uint8. A bounded number of batches is in flight, so memory does
-not grow with the store. Each batch goes to the device with non-blocking copies on a side stream; int8
-features are dequantised and frames normalised there (`pipelines.branch.embed`), never on the host.
+codes and scales for int8 stores), frames as uint8 (JPEG frames decoded by the reader threads; on a GPU their
+compressed bytes are decoded there instead, one nvjpeg call per batch). A bounded number of batches is in
+flight, so memory does not grow with the store. Each batch goes to the device with non-blocking copies on a side
+stream; int8 features are dequantised and frames normalised there (`pipelines.branch.embed`), never on the host.
 
 The sampler owns all randomness of the data order: epoch e's order is a permutation seeded by (seed, e),
 one cached view per video seeded by (seed, e, v). Given (epoch, batches already consumed), it yields the
@@ -192,13 +193,16 @@ class BatchLoader:
     """Batches of `sampler`'s indices, read by `read_threads` threads into a ring of PREFETCH + 1 host slabs.
 
     `layers`: the stored layers to read (None: no features, online training runs CLIP itself). `frames`: where
-    the dense frames come from (None: no frames, a model without the temporal encoder or CLIP). Batches come
-    out in the sampler's order whatever the threads' timing; the first read that fails raises, in this thread,
-    when its batch is reached (a damaged chunk, a changed video), naming the sample.
+    the dense frames come from (None: no frames, a model without the temporal encoder or CLIP). A JPEG store's own
+    frames are decoded on a GPU device where torchvision's nvjpeg runs there, else in the reader threads;
+    `jpeg_on_device` decides instead (a benchmark comparing the two; on the CPU, torchvision's CPU decoder runs the
+    same code path). Batches come out in the sampler's order whatever the threads' timing; the first read that
+    fails raises, in this thread, when its batch is reached (a damaged chunk, a changed video), naming the sample.
     """
 
     def __init__(self, store: FeatureStore, sampler: EpochSampler, *, layers: Sequence[int] | None,
-                 frames: FrameSource | None, device: torch.device, read_threads: int = 4, prefetch: int = PREFETCH):
+                 frames: FrameSource | None, device: torch.device, read_threads: int = 4, prefetch: int = PREFETCH,
+                 jpeg_on_device: bool | None = None):
         if read_threads < 1 or prefetch < 1:
             raise ValueError(f"read_threads and prefetch must be >= 1, got {read_threads}, {prefetch}")
         self.store, self.sampler, self.device = store, sampler, device
@@ -209,7 +213,9 @@ class BatchLoader:
         gamma = getattr(frames, "gamma", None)
         frame_shape = (gamma * s.num_frames, s.image_size, s.image_size, 3) if frames is not None else None
         pin = device.type == "cuda"
-        self._jpeg_on_device = _jpeg_on_device(frames, device)
+        self._jpeg_on_device = _jpeg_on_device(frames, device) if jpeg_on_device is None else jpeg_on_device
+        if self._jpeg_on_device and not (isinstance(frames, StoredFrames) and frames.jpeg):
+            raise ValueError("jpeg_on_device needs the store's own JPEG frames (StoredFrames of a JPEG store)")
         self._slabs = [_Slab(store, sampler.batch_size, None if layers is None else len(self.layers),
                              None if self._jpeg_on_device else frame_shape, pin)
                        for _ in range(prefetch + 1)]
@@ -309,8 +315,9 @@ class BatchLoader:
         R = self.store.schema.image_size
         frames = frames_codec.decode_on_device([p for row in rows for p in row], self.device,  # type: ignore[union-attr]
                                                (R, R, 3))
-        slab.decoded = torch.cuda.Event()
-        slab.decoded.record(torch.cuda.current_stream(self.device))
+        if self.device.type == "cuda":
+            slab.decoded = torch.cuda.Event()
+            slab.decoded.record(torch.cuda.current_stream(self.device))
         return frames.unflatten(0, (n, per_sample))
 
 
