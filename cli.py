@@ -380,6 +380,7 @@ def loader_options(fn):
 def train(nproc: int, recipe: str | None, **kw) -> None:
     """Train DiST's temporal encoder and integration branch from a feature store."""
     from dist_cache.recipes import effective_switches
+    from pipelines.checks import online_jpeg_warning
     from pipelines.distributed import quiet_unless_main
     from pipelines.train import TrainOptions, preflight, train as run_train, train_ranks
 
@@ -396,6 +397,9 @@ def train(nproc: int, recipe: str | None, **kw) -> None:
     gamma = switches.gamma
     if checked.frames == "stored":
         click.echo(f"dense frames: read from the store (gamma {gamma} of its stored {checked.store.dense_gamma})")
+        lossy = online_jpeg_warning(checked.store, opts.online, checked.frames)
+        if lossy:
+            click.echo(f"warning: {lossy}", err=True)
     elif checked.frames in ("decoded", "reaugmented"):
         fresh = "a fresh view each epoch, " if checked.frames == "reaugmented" else ""
         click.echo(f"dense frames: {fresh}decoded from {opts.video_root} with "

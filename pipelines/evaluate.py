@@ -23,7 +23,14 @@ from dist_cache.manifests import load_class_names
 from dist_cache.model import DiSTConfig, OnlineDiST
 from pipelines.branch import Network, autocast, branch_of, build_network, embed, online_precision
 from pipelines.checkpoint import load_checkpoint
-from pipelines.checks import check_backbone, check_frames, check_store_fits, open_store, usable_samples
+from pipelines.checks import (
+    check_backbone,
+    check_frames,
+    check_store_fits,
+    online_jpeg_warning,
+    open_store,
+    usable_samples,
+)
 from pipelines.data import BatchLoader, EpochSampler, frame_source
 from pipelines.files import replace_atomically
 from pipelines.plots import plot_confusion
@@ -193,8 +200,9 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
     check_backbone(store, ckpt["store"]["backbone"], "--cache", f"checkpoint {opts.checkpoint}")
     check_store_fits(store, config, "--cache", online=opts.online)
     usable, failed = usable_samples(store, "--cache")
+    frames = None
     if opts.online or config.switches.temporal:
-        check_frames(store, usable, config.switches.gamma, opts.video_root, "--video-root")
+        frames = check_frames(store, usable, config.switches.gamma, opts.video_root, "--video-root")
 
     if opts.classes:
         class_names, labels = zero_shot_labels(store, opts.classes)
@@ -222,7 +230,7 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
         "views_per_video": store.schema.views_per_video,
         "skipped_failed_samples": failed,
         "skipped_failed_videos": failed // store.schema.views_per_video,
-        "warnings": [warning] if warning else [],
+        "warnings": [w for w in (warning, online_jpeg_warning(store, opts.online, frames)) if w],
         **summarize(scores, views, labels, class_names),
     }
     confusion = opts.confusion or (str(Path(opts.json).with_suffix(".confusion.png")) if opts.json else None)

@@ -81,7 +81,7 @@ def test_extract_info_and_verify_a_jpeg_store(stores, tiny_checkpoint):
     assert deep.exit_code == 0 and "integrity: checked every chunk's crc32c" in deep.stdout, deep.output
 
 
-def test_train_and_eval_from_the_jpeg_stores_alone(stores, tmp_path):
+def test_train_and_eval_from_the_jpeg_stores_alone(stores, tmp_path, tiny_checkpoint):
     gone = stores["root"] / "videos-gone"
     shutil.move(stores["videos"], gone)  # the stores alone train and score DiST
     try:
@@ -96,6 +96,10 @@ def test_train_and_eval_from_the_jpeg_stores_alone(stores, tmp_path):
         gamma_one = run("train", "--cache", stores["train"], "--out", tmp_path / "g1", *RUN, "--epochs", "1",
                         "--gamma", "1")  # a gamma dividing the stored one: a subset of the JPEGs decoded
         assert gamma_one.exit_code == 0 and "(gamma 1 of its stored 2)" in gamma_one.output, gamma_one.output
+        online = run("train", "--cache", stores["train"], "--out", tmp_path / "online", *RUN, "--epochs", "1",
+                     "--online", "--pretrained", tiny_checkpoint)
+        assert online.exit_code == 0, online.output
+        assert "warning: --online runs CLIP on store " in online.output and "JPEG frames (quality 90)" in online.output
     finally:
         shutil.move(gone, stores["videos"])
 
