@@ -15,8 +15,10 @@ import torch
 import zarr
 
 from dist_cache.decoders import get_decoder
+from dist_cache.errors import UserError
 from dist_cache.sampling import dense_indices, dense_subset, plan_views
 from dist_cache.transforms import render_frames
+from pipelines.copy import copy_store
 from pipelines.data import BatchLoader, EpochSampler, StoredFrames
 from pipelines.verify import frames_problem, psnr
 from storage import FeatureStore, StoreDamagedError, StoreSchema, StoreWriter, frames_codec, layout
@@ -251,3 +253,19 @@ def test_jpeg_keeps_a_view_of_real_frames_several_times_smaller(rendered):
     assert nbytes * 4 < rendered.nbytes  # 2.41 MB raw; what it measures on a clip is in the data_loader benchmark
     assert psnr(through_jpeg(rendered, 90), rendered).min() > 30
 
+
+
+def test_copy_refuses_frame_options_that_have_no_frames_to_store(tmp_path):
+    raw = write_videos(str(tmp_path / "raw.zarr"), make_schema(num_videos=1, views=1, dense_gamma=2), [0],
+                       finalize=True).url
+    bare = write_videos(str(tmp_path / "bare.zarr"), make_schema(num_videos=1, views=1), [0], finalize=True).url
+    cases = [(bare, {"frames_format": "jpeg"}, "the source store holds no dense frames"),
+             (raw, {"frames": "drop", "jpeg_quality": 80}, "with --frames drop"),
+             (raw, {"jpeg_quality": 80}, "--jpeg-quality 80 applies to JPEG frames: add --frames-format jpeg")]
+    for source, options, message in cases:
+        with pytest.raises(UserError, match=re.escape(message)):
+            copy_store(source, str(tmp_path / "dst.zarr"), progress=False, **options)
+        assert not (tmp_path / "dst.zarr").exists()
+    copy_store(raw, str(tmp_path / "q80.zarr"), frames_format="jpeg", jpeg_quality=80, progress=False)
+    np.testing.assert_array_equal(FeatureStore.open(tmp_path / "q80.zarr").frames(0),
+                                  through_jpeg(FeatureStore.open(raw).frames(0), 80))
