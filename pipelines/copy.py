@@ -76,7 +76,7 @@ def target_frames(source: StoreSchema, frames: str, frames_format: str | None, q
         raise UserError(f"--jpeg-quality {quality}: must be 1..100")
     if frames == "drop" or source.dense_frames is None:
         if frames_format is not None or quality is not None:
-            why = "--frames drop" if frames == "drop" else "the source store holds no dense frames"
+            why = "the dense frames dropped" if frames == "drop" else "a source store that holds no dense frames"
             raise UserError(f"--frames-format/--jpeg-quality with {why}: there are no frames to store")
         return None
     have, have_quality = source.frames_format  # type: ignore[misc]

@@ -259,8 +259,8 @@ def test_copy_refuses_frame_options_that_have_no_frames_to_store(tmp_path):
     raw = write_videos(str(tmp_path / "raw.zarr"), make_schema(num_videos=1, views=1, dense_gamma=2), [0],
                        finalize=True).url
     bare = write_videos(str(tmp_path / "bare.zarr"), make_schema(num_videos=1, views=1), [0], finalize=True).url
-    cases = [(bare, {"frames_format": "jpeg"}, "the source store holds no dense frames"),
-             (raw, {"frames": "drop", "jpeg_quality": 80}, "with --frames drop"),
+    cases = [(bare, {"frames_format": "jpeg"}, "with a source store that holds no dense frames"),
+             (raw, {"frames": "drop", "jpeg_quality": 80}, "with the dense frames dropped"),
              (raw, {"jpeg_quality": 80}, "--jpeg-quality 80 applies to JPEG frames: add --frames-format jpeg")]
     for source, options, message in cases:
         with pytest.raises(UserError, match=re.escape(message)):
