@@ -175,6 +175,12 @@ def main() -> None:
 @click.option("--dense-gamma", default="2", type=click.Choice(["1", "2", "4", "8"]), show_default=True,
               callback=lambda ctx, param, v: int(v),
               help="Dense frames per sparse frame stored with --dense-frames: the largest gamma you will train with.")
+@click.option("--frames-format", type=click.Choice(["raw", "jpeg"]), default="raw", show_default=True,
+              help="How --dense-frames are stored: raw uint8 (2.4 MB per ViT-B/16 clip at gamma 2), or one JPEG per "
+                   "frame (several times smaller; encoded by the store's writer threads, decoded by the loader's "
+                   "reader threads or on the GPU).")
+@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=None,
+              help="JPEG quality of --frames-format jpeg, 1..100, recorded in the store. Default: 90.")
 @click.option("--batch-frames", default=64, type=click.IntRange(min=1), show_default=True,
               help="Frames per CLIP forward pass.")
 @click.option("--decode-workers", default="auto", show_default=True, callback=_count_or_auto,
@@ -432,6 +438,7 @@ def loader_options(fn):
 def train(nproc: int, recipe: str | None, **kw) -> None:
     """Train DiST's temporal encoder and integration branch from a feature store."""
     from dist_cache.recipes import REFERENCE_OPTIONS, check_training_store, effective_settings, method_deviations
+    from pipelines.checks import online_jpeg_warning
     from pipelines.distributed import quiet_unless_main
     from pipelines.train import TrainOptions, preflight, train as run_train, train_ranks
 
@@ -460,6 +467,9 @@ def train(nproc: int, recipe: str | None, **kw) -> None:
         gamma = switches.gamma
         if checked.frames == "stored":
             click.echo(f"dense frames: read from the store (gamma {gamma} of its stored {checked.store.dense_gamma})")
+            lossy = online_jpeg_warning(checked.store, opts.online, checked.frames)
+            if lossy:
+                click.echo(f"warning: {lossy}", err=True)
         elif checked.frames in ("decoded", "reaugmented"):
             fresh = "a fresh view each epoch, " if checked.frames == "reaugmented" else ""
             click.echo(f"dense frames: {fresh}decoded from {opts.video_root} with "
@@ -566,6 +576,13 @@ def demo(workdir: str, videos_per_class: int, epochs: int, seed: int) -> None:
 @click.option("--drop-dense-frames", is_flag=True,
               help="Leave the source's dense frames out of the copy (training then decodes them from the videos).")
 @moved_option("--frames", "--drop-dense-frames (copy's; --frames is a frame count in extract and profile)")
+@click.option("--frames-format", type=click.Choice(["raw", "jpeg"]), default=None,
+              help="Store the kept dense frames as this (default: as the source does). raw -> jpeg encodes each frame "
+                   "(several times smaller); JPEG frames of the same quality are copied as stored; JPEG is never "
+                   "turned back into raw (decoding does not restore the frames).")
+@click.option("--jpeg-quality", type=click.IntRange(1, 100), default=None,
+              help="JPEG quality of the copy's frames, 1..100. Default: the source's, or 90 for raw frames. Another "
+                   "quality than a JPEG source's decodes and encodes again, losing more.")
 @click.option("--videos-per-shard", default=1, type=click.IntRange(min=1), show_default=True,
               help="Pack N videos into each shard (and one record per N): ~3/N objects per video, read-only. "
                    "Written to an object store, a shard is one upload held in memory.")
@@ -576,7 +593,7 @@ def demo(workdir: str, videos_per_class: int, epochs: int, seed: int) -> None:
 @user_errors
 def copy(src: str, dst: str, storage_options: dict, src_storage_options: dict, dst_storage_options: dict,
          drop_dense_frames: bool, **kw) -> None:
-    """Copy a store to DST: a layer subset, int8, without frames, or packed; a rerun resumes."""
+    """Copy a store to DST: a layer subset, int8, JPEG or no frames, or packed; a rerun resumes."""
     from pipelines.copy import copy_store
     from storage.location import is_local
 

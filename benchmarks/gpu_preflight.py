@@ -41,7 +41,8 @@ MODULES = (
     "cli", "storage", "storage.http", "pipelines.extract", "pipelines.train", "pipelines.evaluate", "pipelines.demo",
     "pipelines.plots", "dist_cache.backbone", "dist_cache.decode_decord", "dist_cache.decode_pyav",
     "dist_cache.synthetic", "benchmarks.gpu_data", "benchmarks.gpu_extract", "benchmarks.gpu_train",
-    "benchmarks.store_write", "benchmarks.decode_pool", "benchmarks.gpu_summary",
+    "benchmarks.store_write", "benchmarks.decode_pool", "benchmarks.gpu_summary", "benchmarks.jpeg_frames",
+    "pipelines.copy", "storage.frames_codec",
 )
 
 

@@ -15,9 +15,9 @@ import re
 import sys
 from pathlib import Path
 
-STEPS = ("data", "extract", "train", "demo", "decode_pool", "store_write")  # gpu.sh's order
+STEPS = ("data", "extract", "train", "demo", "copy_jpeg", "train_jpeg", "decode_pool", "store_write", "jpeg_frames")  # gpu.sh order
 # Steps whose whole stdout is one (indented) JSON object, as benchmarks._common.report prints it.
-REPORTING = ("store_write", "decode_pool")
+REPORTING = ("store_write", "decode_pool", "jpeg_frames")
 DEMO_LINE = re.compile(r"val top-1 ([\d.]+)%")
 
 
@@ -57,12 +57,14 @@ def gather(out: Path) -> dict:
     steps = {}
     for name in STEPS:
         entry: dict = {"exit": _exit(out / f"{name}.rc")}
-        if name in ("extract", "train"):
+        if name in ("extract", "train", "train_jpeg"):
             entry["result"] = _json_or_none(out / f"{name}.json")
         elif name in REPORTING:
             entry["result"] = _json_or_none(out / f"{name}.out")
         elif name == "data":
             entry["result"] = _last_json_line(out / "data.out")
+        elif name == "copy_jpeg":  # its exit status says it all; train_jpeg measures its store
+            entry["result"] = None
         else:
             found = DEMO_LINE.findall((out / "demo.out").read_text()) if (out / "demo.out").exists() else []
             entry["result"] = {"val_top1": float(found[-1]) / 100} if found else None

@@ -17,7 +17,7 @@ from dist_cache.errors import UserError
 from dist_cache.model import DiSTConfig
 from dist_cache.paths import resolve_under
 from pipelines.data import stored_frames_cover
-from storage import FeatureStore, SampleStatus
+from storage import FeatureStore, SampleStatus, frames_codec
 from storage.schema import format_value
 
 # What makes two backbones produce the same features (the path the weights were loaded from does not).
@@ -69,6 +69,16 @@ def check_frames(store: FeatureStore, usable: np.ndarray, gamma: int, video_root
                         f"decoded with: {err}") from None
     check_video_root(store, usable, video_root, flag)
     return "decoded"
+
+
+def online_jpeg_warning(store: FeatureStore, online: bool, frames: str | None) -> str | None:
+    """The caveat of running CLIP live (--online) on a store's JPEG frames: its input is then lossy, not the exact
+    frames the cached features were computed from (None when that is not the case)."""
+    found = store.schema.frames_format
+    if not online or frames != "stored" or found is None or found[0] != frames_codec.JPEG:
+        return None
+    return (f"--online runs CLIP on store {store.url}'s JPEG frames (quality {found[1]}), not on the exact frames its "
+            "cached features were computed from: an online baseline for it should use a store with raw frames")
 
 
 def check_video_root(store: FeatureStore, usable: np.ndarray, video_root: str, flag: str) -> None:

@@ -1,5 +1,5 @@
 """`dist-cache copy`: pull a (shared) store to another location, optionally keeping some layers, quantising to
-int8, dropping the dense frames, or packing several videos into each shard.
+int8, dropping the dense frames or storing them as JPEG, or packing several videos into each shard.
 
 The destination is an ordinary store written through StoreWriter with the source's schema, layers, dtype and
 frames changed, so resuming is the writer's: a rerun copies only videos without a record, and a destination
@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from dist_cache.errors import UserError
-from storage import FORMAT_VERSION, FeatureStore, SampleStatus, StoreSchema, StoreWriter
+from storage import FORMAT_VERSION, FeatureStore, SampleStatus, StoreSchema, StoreWriter, frames_codec
+from storage.frames_codec import StoredJpegs
 from storage.records import VideoRecord, group_members
 from storage.schema import format_value
 from storage.writer import GroupVideo
@@ -64,22 +65,55 @@ def parse_layers(text: str | None, available: list[int]) -> list[int]:
     return wanted
 
 
-def target_schema(source: FeatureStore, layers: list[int], dtype: str | None, frames: str = "keep") -> StoreSchema:
+def target_frames(source: StoreSchema, frames: str, frames_format: str | None, quality: int | None
+                  ) -> dict[str, Any] | None:
+    """The destination's `dense_frames`: the source's, dropped, or re-stored as JPEG (`--frames-format`,
+    `--jpeg-quality`; a JPEG source keeps its quality unless told otherwise). JPEG frames are never written back
+    as raw: decoding them does not give back the frames the features were computed from."""
+    if frames_format is not None and frames_format not in frames_codec.FORMATS:
+        raise UserError(f"--frames-format {frames_format}: use {' or '.join(frames_codec.FORMATS)}")
+    if quality is not None and not 1 <= quality <= 100:
+        raise UserError(f"--jpeg-quality {quality}: must be 1..100")
+    if frames == "drop" or source.dense_frames is None:
+        if frames_format is not None or quality is not None:
+            why = "the dense frames dropped" if frames == "drop" else "a source store that holds no dense frames"
+            raise UserError(f"--frames-format/--jpeg-quality with {why}: there are no frames to store")
+        return None
+    have, have_quality = source.frames_format  # type: ignore[misc]
+    wanted = frames_format or have
+    if wanted == frames_codec.RAW:
+        if have == frames_codec.JPEG:
+            raise UserError(f"the source's dense frames are JPEG (quality {have_quality}): decoding them does not give "
+                            "back the raw frames; re-extract with --dense-frames for raw ones, or keep them as JPEG")
+        if quality is not None:
+            raise UserError(f"--jpeg-quality {quality} applies to JPEG frames: add --frames-format jpeg")
+        return frames_codec.section(source.dense_gamma)  # type: ignore[arg-type]
+    return frames_codec.section(source.dense_gamma, frames_codec.JPEG,  # type: ignore[arg-type]
+                                quality if quality is not None else have_quality)
+
+
+def target_schema(source: FeatureStore, layers: list[int], dtype: str | None, frames: str = "keep",
+                  frames_format: str | None = None, jpeg_quality: int | None = None) -> StoreSchema:
     """The source's schema with the kept layers, dtype and frames, in the current format (copy upgrades format 1)."""
     return dataclasses.replace(source.schema, format_version=FORMAT_VERSION, legacy=None, layers=tuple(layers),
                                dtype=dtype or source.schema.dtype, videos_sha256=None,
-                               dense_frames=source.schema.dense_frames if frames == "keep" else None)
+                               dense_frames=target_frames(source.schema, frames, frames_format, jpeg_quality))
 
 
 class SourceArrays:
     """A source video's arrays in the destination's terms (kept layers, every view stacked): what the writer asks
     for (storage.writer.GroupSource), one array of one video at a time."""
 
-    def __init__(self, source: FeatureStore, layers: list[int], dtype: str) -> None:
+    def __init__(self, source: FeatureStore, layers: list[int], dtype: str,
+                 frames_format: tuple[str, int | None] | None = None) -> None:
         self.store, self.layers, self.K = source, layers, source.schema.views_per_video
         # fp16 to fp16 is copied as stored; anything quantised goes through float32, so an int8 source is
         # dequantised once, without fp16 rounding, before any requantising.
         self.dtype = np.float16 if dtype == source.schema.dtype == "fp16" else np.float32
+        # JPEG frames of the destination's quality are copied as stored: decoding and encoding again would lose
+        # a little more each time.
+        self.jpeg_as_stored = frames_format is not None and frames_format[0] == frames_codec.JPEG \
+            and source.schema.frames_format == frames_format
 
     def _samples(self, v: int) -> range:
         return range(v * self.K, (v + 1) * self.K)
@@ -90,7 +124,10 @@ class SourceArrays:
     def clip_embeds(self, v: int) -> np.ndarray:
         return np.stack([self.store.clip_embeddings(i) for i in self._samples(v)])
 
-    def frames(self, v: int) -> np.ndarray:
+    def frames(self, v: int) -> np.ndarray | StoredJpegs:
+        if self.jpeg_as_stored:
+            quality = self.store.schema.frames_format[1]  # type: ignore[index]
+            return StoredJpegs(quality, [self.store.frame_payloads(i) for i in self._samples(v)])  # type: ignore[arg-type]
         return np.stack([self.store.frames(i) for i in self._samples(v)])
 
 
@@ -101,6 +138,7 @@ def _as_group_video(record: VideoRecord) -> GroupVideo:
 
 
 def copy_store(src: str, dst: str, *, layers: str | None = None, dtype: str | None = None, frames: str = "keep",
+               frames_format: str | None = None, jpeg_quality: int | None = None,
                videos_per_shard: int = 1, src_options: dict[str, Any] | None = None,
                dst_options: dict[str, Any] | None = None, progress: bool = True) -> CopySummary:
     """Copy store `src` to `dst` (paths or URLs); a rerun resumes. See the module's docstring."""
@@ -112,10 +150,10 @@ def copy_store(src: str, dst: str, *, layers: str | None = None, dtype: str | No
         raise UserError(f"--videos-per-shard {videos_per_shard}: must be at least 1")
     source = FeatureStore.open(src, storage_options=src_options)
     kept = parse_layers(layers, list(source.schema.layers))
-    schema = target_schema(source, kept, dtype, frames)
+    schema = target_schema(source, kept, dtype, frames, frames_format, jpeg_quality)
     writer = StoreWriter.open(dst, schema, source.videos, source.labels.tolist(), source.text_features,
                               storage_options=dst_options, videos_per_shard=videos_per_shard)
-    arrays = SourceArrays(source, kept, schema.dtype)
+    arrays = SourceArrays(source, kept, schema.dtype, schema.frames_format)
     todo = writer.pending()
     counts = {"copied": 0, "failed": 0, "pending": 0, "held_back": 0}
     with tqdm(total=len(todo), desc=f"copy -> {dst}", unit="video", disable=not progress, dynamic_ncols=True) as bar:

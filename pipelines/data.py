@@ -10,9 +10,10 @@ plan every epoch (re-augmentation) fits the same slot.
 `BatchLoader` is built for the GPU's pace (docs/DESIGN.md, "The stage-two loader"): reader threads in this
 process (file reads, checksums and decoding release the GIL) fill a ring of host slabs, pinned when the
 device is a GPU, straight from the store's one-read-per-sample path: features in their stored dtype (int8
-codes and scales for int8 stores), frames as uint8. A bounded number of batches is in flight, so memory does
-not grow with the store. Each batch goes to the device with non-blocking copies on a side stream; int8
-features are dequantised and frames normalised there (`pipelines.branch.embed`), never on the host.
+codes and scales for int8 stores), frames as uint8 (JPEG frames decoded by the reader threads; on a GPU their
+compressed bytes are decoded there instead, one nvjpeg call per batch). A bounded number of batches is in
+flight, so memory does not grow with the store. Each batch goes to the device with non-blocking copies on a side
+stream; int8 features are dequantised and frames normalised there (`pipelines.branch.embed`), never on the host.
 
 The sampler owns all randomness of the data order: epoch e's order is a permutation seeded by (seed, e),
 one cached view per video seeded by (seed, e, v). Given (epoch, batches already consumed), it yields the
@@ -24,6 +25,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,7 @@ from dist_cache.decode_pool import DecodePool
 from dist_cache.errors import DecodeError, UserError
 from dist_cache.paths import resolve_under
 from pipelines.dense_frames import VideoChanged, decode_view
-from storage import FeatureStore, RawSample
+from storage import FeatureStore, RawSample, frames_codec
 
 # Batches being read while the model computes on the current one: enough to hide a slow read behind a step,
 # few enough that host memory stays (PREFETCH + 1) batches whatever the store's size.
@@ -62,16 +64,23 @@ class FrameSource(Protocol):
 
 
 class StoredFrames:
-    """The store's dense frames (a subset of them when gamma < the stored gamma): one checked read each."""
+    """The store's dense frames (a subset of them when gamma < the stored gamma): one checked read each. JPEG frames
+    are decoded by the job, in a reader thread (Pillow releases the GIL), only those of the subset; a loader on a
+    GPU reads their compressed bytes instead (`payloads`) and decodes the batch there."""
 
     def __init__(self, store: FeatureStore, gamma: int):
         self.store, self.gamma = store, gamma
+        self.jpeg = store.frames_format[0] == frames_codec.JPEG
 
     def request(self, index: int, epoch: int) -> FrameJob:
         def read(out: np.ndarray) -> None:
             self.store.frames(index, self.gamma, out=out)
 
         return read
+
+    def payloads(self, index: int) -> list[np.ndarray]:
+        """A JPEG store's frames of sample `index` for this gamma, as stored (checksums verified)."""
+        return self.store.frame_payloads(index, self.gamma)
 
     def close(self) -> None:
         pass
@@ -142,7 +151,7 @@ class Batch:
     video_index: np.ndarray  # (B,)
     label: torch.Tensor  # (B,) int64, per-view labels
     features: torch.Tensor | None  # (L', B, T, N+1, C) float16 (int8 stores: dequantised on the device)
-    frames: torch.Tensor | None  # (B, gamma*T, R, R, 3) uint8
+    frames: torch.Tensor | None  # (B, gamma*T, R, R, 3) uint8 (JPEG decoded on a GPU: a channels-last view)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -164,29 +173,36 @@ class _Slab:
         self.scales = buffer(shape[:-1], torch.float16) if layers and s.dtype == "int8" else None
         self.frames = buffer((batch, *frames), torch.uint8) if frames else None
         self.labels = buffer((batch,), torch.int64)
+        # JPEG frames decoded on the device: each row's compressed frames, read by the reader threads.
+        self.payloads: list[list[np.ndarray] | None] = [None] * batch
         self.copied: torch.cuda.Event | None = None  # the device copy out of these buffers
+        self.decoded: torch.cuda.Event | None = None  # the device decode of `payloads`
 
     def raw(self, j: int) -> RawSample:
         return RawSample(self.features[j].numpy(), None if self.scales is None else self.scales[j].numpy())
 
     def wait_copied(self) -> None:
         """Before the buffers are refilled: the device copy that read them must be over."""
-        if self.copied is not None:
-            self.copied.synchronize()
-            self.copied = None
+        for event in (self.copied, self.decoded):
+            if event is not None:
+                event.synchronize()
+        self.copied = self.decoded = None
 
 
 class BatchLoader:
     """Batches of `sampler`'s indices, read by `read_threads` threads into a ring of PREFETCH + 1 host slabs.
 
     `layers`: the stored layers to read (None: no features, online training runs CLIP itself). `frames`: where
-    the dense frames come from (None: no frames, a model without the temporal encoder or CLIP). Batches come
-    out in the sampler's order whatever the threads' timing; the first read that fails raises, in this thread,
-    when its batch is reached (a damaged chunk, a changed video), naming the sample.
+    the dense frames come from (None: no frames, a model without the temporal encoder or CLIP). A JPEG store's own
+    frames are decoded on a GPU device where torchvision's nvjpeg runs there, else in the reader threads;
+    `jpeg_on_device` decides instead (a benchmark comparing the two; on the CPU, torchvision's CPU decoder runs the
+    same code path). Batches come out in the sampler's order whatever the threads' timing; the first read that
+    fails raises, in this thread, when its batch is reached (a damaged chunk, a changed video), naming the sample.
     """
 
     def __init__(self, store: FeatureStore, sampler: EpochSampler, *, layers: Sequence[int] | None,
-                 frames: FrameSource | None, device: torch.device, read_threads: int = 4, prefetch: int = PREFETCH):
+                 frames: FrameSource | None, device: torch.device, read_threads: int = 4, prefetch: int = PREFETCH,
+                 jpeg_on_device: bool | None = None):
         if read_threads < 1 or prefetch < 1:
             raise ValueError(f"read_threads and prefetch must be >= 1, got {read_threads}, {prefetch}")
         self.store, self.sampler, self.device = store, sampler, device
@@ -197,7 +213,11 @@ class BatchLoader:
         gamma = getattr(frames, "gamma", None)
         frame_shape = (gamma * s.num_frames, s.image_size, s.image_size, 3) if frames is not None else None
         pin = device.type == "cuda"
-        self._slabs = [_Slab(store, sampler.batch_size, None if layers is None else len(self.layers), frame_shape, pin)
+        self._jpeg_on_device = _jpeg_on_device(frames, device) if jpeg_on_device is None else jpeg_on_device
+        if self._jpeg_on_device and not (isinstance(frames, StoredFrames) and frames.jpeg):
+            raise ValueError("jpeg_on_device needs the store's own JPEG frames (StoredFrames of a JPEG store)")
+        self._slabs = [_Slab(store, sampler.batch_size, None if layers is None else len(self.layers),
+                             None if self._jpeg_on_device else frame_shape, pin)
                        for _ in range(prefetch + 1)]
         self._threads = concurrent.futures.ThreadPoolExecutor(read_threads, thread_name_prefix="store-reader")
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
@@ -215,7 +235,11 @@ class BatchLoader:
     def _read(self, slab: _Slab, j: int, index: int, frame_job: FrameJob | None) -> None:
         if slab.features is not None:
             self.store.read_sample(index, self.layers, out=slab.raw(j))
-        label = None if frame_job is None else frame_job(slab.frames[j].numpy())
+        label = None
+        if self._jpeg_on_device:
+            slab.payloads[j] = self.frames.payloads(index)  # type: ignore[union-attr]
+        elif frame_job is not None:
+            label = frame_job(slab.frames[j].numpy())
         slab.labels[j] = self.store.label(index) if label is None else label
 
     def _submit(self, indices: list[int], slab: _Slab, epoch: int) -> list[concurrent.futures.Future]:
@@ -277,9 +301,37 @@ class BatchLoader:
             for t in (features, scales, frames, labels):
                 if t is not None:
                     t.record_stream(current)  # allocated on the copy stream, used on this one
+        if self._jpeg_on_device:
+            frames = self._decode_frames(slab, n)
         if features is not None:
             features = (dequantize(features, scales) if self._int8 else features).transpose(0, 1)
         return Batch(index, video_index, labels, features, frames)
+
+    def _decode_frames(self, slab: _Slab, n: int) -> torch.Tensor:
+        """The batch's JPEG frames decoded on the device in one nvjpeg call, on the current stream's timeline (the
+        step that uses them waits for the decode). The slab keeps the compressed bytes until the decode is over."""
+        rows = slab.payloads[:n]
+        per_sample = len(rows[0])  # type: ignore[arg-type]
+        R = self.store.schema.image_size
+        frames = frames_codec.decode_on_device([p for row in rows for p in row], self.device,  # type: ignore[union-attr]
+                                               (R, R, 3))
+        if self.device.type == "cuda":
+            slab.decoded = torch.cuda.Event()
+            slab.decoded.record(torch.cuda.current_stream(self.device))
+        return frames.unflatten(0, (n, per_sample))
+
+
+def _jpeg_on_device(frames: FrameSource | None, device: torch.device) -> bool:
+    """Whether a loader decodes the store's JPEG frames on `device` (a GPU that torchvision's nvjpeg decoder runs
+    on) rather than in its reader threads: the compressed bytes, a tenth of the pixels', are what crosses to the
+    device. A GPU where it does not run falls back to the reader threads, with a warning saying why."""
+    if device.type != "cuda" or not isinstance(frames, StoredFrames) or not frames.jpeg:
+        return False
+    problem = frames_codec.device_decode_problem(device)
+    if problem is not None:
+        warnings.warn(f"{problem}: the store's JPEG frames are decoded on the CPU, in the reader threads",
+                      stacklevel=3)
+    return problem is None
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

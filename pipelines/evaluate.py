@@ -33,6 +33,7 @@ from pipelines.checks import (
     check_evaluation_store,
     check_frames,
     check_store_fits,
+    online_jpeg_warning,
     open_store,
     usable_samples,
 )
@@ -215,8 +216,9 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
     check_backbone(store, ckpt["store"]["backbone"], "--cache", f"checkpoint {opts.checkpoint}")
     check_store_fits(store, config, "--cache", online=opts.online)
     usable, failed = usable_samples(store, "--cache")
+    frames = None
     if opts.online or config.switches.temporal:
-        check_frames(store, usable, config.switches.gamma, opts.video_root, "--video-root")
+        frames = check_frames(store, usable, config.switches.gamma, opts.video_root, "--video-root")
 
     if opts.classes:
         class_names, labels = zero_shot_labels(store, opts.classes)
@@ -244,7 +246,7 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
         "views_per_video": store.schema.views_per_video,
         "skipped_failed_samples": failed,
         "skipped_failed_videos": failed // store.schema.views_per_video,
-        "warnings": [warning] if warning else [],
+        "warnings": [w for w in (warning, online_jpeg_warning(store, opts.online, frames)) if w],
         **summarize(scores, views, labels, class_names),
     }
     confusion = opts.confusion or (str(Path(opts.json).with_suffix(".confusion.png")) if opts.json else None)

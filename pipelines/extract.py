@@ -38,7 +38,7 @@ from dist_cache.transforms import PREPROCESS
 from pipelines.extract_device import DeviceForward, LaunchedBatch
 from pipelines.prepare import PreparedVideo, RenderSpec, prepare_video
 from pipelines.repair import Damage, damaged_videos
-from storage import StoreSchema, StoreWriter
+from storage import StoreSchema, StoreWriter, frames_codec
 from storage.schema import FORMAT_VERSION
 
 FORMAT_SPLITS = ("train", "test")
@@ -100,6 +100,8 @@ class ExtractOptions:
     dense_gamma: int = 2
     # test split: where the clips sample their segments (dist_cache.sampling.TEST_OFFSETS); reference's at dense_gamma
     test_offsets: str = "centred"
+    frames_format: str = "raw"  # how the dense frames are stored: raw uint8, or JPEG (storage.frames_codec)
+    jpeg_quality: int | None = None  # with frames_format jpeg; None: frames_codec.DEFAULT_QUALITY
     batch_frames: int = 64
     decode_workers: int | str = "auto"  # a count, or "auto" (dist_cache.decode_pool.auto_workers)
     decode_timeout: float = 120.0
@@ -170,6 +172,7 @@ def check_options(opts: ExtractOptions) -> None:
         raise UserError(f"--dense-gamma {opts.dense_gamma}: must be one of {', '.join(map(str, DENSE_GAMMAS))}")
     if opts.test_offsets not in TEST_OFFSETS:
         raise UserError(f"--test-offsets {opts.test_offsets}: must be one of {', '.join(TEST_OFFSETS)}")
+    check_frames_format(opts.frames_format, opts.jpeg_quality, opts.dense_frames)
     if opts.decode_workers != "auto" and not (isinstance(opts.decode_workers, int) and opts.decode_workers >= 0):
         raise UserError(f"--decode-workers {opts.decode_workers}: must be auto, or a count (0: in this process)")
     if opts.deep and not opts.repair:
@@ -180,6 +183,19 @@ def check_options(opts: ExtractOptions) -> None:
         check_template(template)
     if not Path(opts.video_root).is_dir():
         raise UserError(f"--video-root {opts.video_root}: no such directory")
+
+
+def check_frames_format(frames_format: str, quality: int | None, dense_frames: bool) -> None:
+    """--frames-format and --jpeg-quality (extract's; copy checks its own): JPEG stores dense frames, so it needs
+    them, and a quality belongs to JPEG."""
+    if frames_format not in frames_codec.FORMATS:
+        raise UserError(f"--frames-format {frames_format}: must be one of {', '.join(frames_codec.FORMATS)}")
+    if frames_format == frames_codec.JPEG and not dense_frames:
+        raise UserError("--frames-format jpeg is how the dense frames are stored: add --dense-frames")
+    if quality is not None and frames_format != frames_codec.JPEG:
+        raise UserError(f"--jpeg-quality {quality} applies to JPEG frames: add --frames-format jpeg")
+    if quality is not None and not 1 <= quality <= 100:
+        raise UserError(f"--jpeg-quality {quality}: must be 1..100 (default {frames_codec.DEFAULT_QUALITY})")
 
 
 def resolve_precision(precision: str | None, device: torch.device) -> str:
@@ -229,7 +245,8 @@ def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], ma
             **({"test_offsets": "reference", "test_offsets_gamma": opts.dense_gamma} if reference_offsets(opts)
                else {}),
         },
-        "dense_frames": {"gamma": opts.dense_gamma} if opts.dense_frames else None,
+        "dense_frames": frames_codec.section(opts.dense_gamma, opts.frames_format, opts.jpeg_quality)
+        if opts.dense_frames else None,
         "num_videos": len(manifest.videos),
         "class_names": manifest.class_names,
         "text": {"templates": list(opts.templates), "source": "backbone text tower, mean of L2-normalised templates"},

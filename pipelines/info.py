@@ -1,6 +1,7 @@
 """`dist-cache info`: what a store holds and how far its extraction got, for people and for scripts.
 
-Besides the schema and progress: whether dense frames are stored and for which gammas, what CLIP ran in
+Besides the schema and progress: whether dense frames are stored, for which gammas, how (raw, or JPEG of a quality)
+and at how many bytes per clip view, what CLIP ran in
 (precision, activation) and which decoder read the videos, what a format-1 store lacks, and what the store
 occupies where it lives: a local store is walked, an object store listed; an HTTP server lists nothing, so
 there the object count is derived from the consolidated metadata and the status table, and the size is the
@@ -12,10 +13,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import zarr
 
 from dist_cache.errors import first_line
-from storage import FeatureStore, SampleStatus, StoreDamagedError, layout
+from storage import FeatureStore, SampleStatus, StoreDamagedError, frames_codec, layout
 from storage.remote import open_location
 from storage.root import read_attrs
 
@@ -65,12 +67,37 @@ def store_info(url: str, storage_options: dict | None = None) -> dict[str, Any]:
         "precision": schema.precision,
         "activation": schema.backbone["activation"],
         "decoder": schema.preprocess["decoder"],
-        "dense_frames": None if G is None else {"gamma": G, "gammas": dense_gammas(G)},
+        "dense_frames": None if G is None else frames_info(store),
         "videos_per_shard": store.videos_per_shard,
         **_usage_or_unknown(store, url, storage_options),
         "limitations": limitations(store),
         "schema": schema.to_json(),
     }
+
+
+# Videos whose frame shards' indexes `info` reads to measure the frames' bytes per clip view (one small read each).
+FRAME_BYTES_SAMPLE = 16
+
+
+def frames_info(store: FeatureStore) -> dict[str, Any]:
+    """The dense frames: stored G and the gammas they serve, format and quality, and bytes per clip view: exact for
+    raw frames, for JPEG the mean over the shard indexes of the first FRAME_BYTES_SAMPLE done videos (None before
+    any is done)."""
+    schema = store.schema
+    G, (kind, quality) = schema.dense_gamma, store.frames_format
+    done = [int(v) for v in np.flatnonzero(store.status[::schema.views_per_video] == SampleStatus.DONE)]
+    raw = G * schema.num_frames * (schema.image_size**2 * 3 + 4)  # each frame's bytes and its chunk's checksum
+    if kind == frames_codec.RAW:
+        per_view: float | None = raw
+    elif done and store.checksummed:
+        measured = done[:FRAME_BYTES_SAMPLE]
+        per_view = sum(store.stored_bytes(layout.FRAMES, v) for v in measured) / (len(measured) *
+                                                                                  schema.views_per_video)
+    else:
+        per_view = None
+    return {"gamma": G, "gammas": dense_gammas(G), "format": kind, "quality": quality,
+            "bytes_per_view": None if per_view is None else round(per_view),
+            "raw_bytes_per_view": raw}
 
 
 def limitations(store: FeatureStore) -> list[str]:
@@ -149,6 +176,14 @@ def _offsets(schema: dict) -> str:
     if sampling.get("test_offsets", "centred") == "centred":
         return ""
     return f" at the {sampling['test_offsets']}'s offsets (gamma {sampling.get('test_offsets_gamma')})"
+def _frames_format(dense: dict) -> str:
+    if dense["format"] == frames_codec.RAW:
+        return f"raw uint8, {_size(dense['bytes_per_view'])} per clip view"
+    per_view = dense["bytes_per_view"]
+    if per_view is None:
+        return f"JPEG quality {dense['quality']}, size not measured yet (no video done)"
+    return (f"JPEG quality {dense['quality']}, {_size(per_view)} per clip view "
+            f"({dense['raw_bytes_per_view'] / per_view:.1f}x smaller than raw)")
 
 
 def format_info(info: dict, show_failed: bool = False) -> str:
@@ -157,8 +192,8 @@ def format_info(info: dict, show_failed: bool = False) -> str:
     layers = schema["layers"]
     decoder = info["decoder"]
     dense = info["dense_frames"]
-    frames = (f"dense frames for gamma {', '.join(map(str, dense['gammas']))} (stored G={dense['gamma']})"
-              if dense else "none stored (training decodes the dense frames from the videos)")
+    frames = (f"dense frames for gamma {', '.join(map(str, dense['gammas']))} (stored G={dense['gamma']}), "
+              + _frames_format(dense) if dense else "none stored (training decodes the dense frames from the videos)")
     P = info["videos_per_shard"]
     if info["measured"] == "listing":
         where = f"{info['objects']} objects, {_size(info['bytes'])}"

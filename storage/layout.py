@@ -17,6 +17,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.errors import ContainsArrayError, ContainsGroupError
 from zarr.storage import MemoryStore
 
+from storage.frames_codec import JPEG, RAW, JpegCodec
 from storage.schema import DTYPES, StoreSchema
 
 # Compressors by schema name. fp16 activations compress < 10 % losslessly (docs/DESIGN.md, storage), so
@@ -109,14 +110,20 @@ class ArraySpec:
     shards: tuple[int, ...] | None = None
     codec: str = "zstd"
     fill_value: Any = 0
+    # JPEG frames (frames_codec): each inner chunk one frame encoded at this quality; `codec` does not apply.
+    jpeg_quality: int | None = None
 
     def create_kwargs(self) -> dict[str, Any]:
+        if self.jpeg_quality is not None:
+            coding = dict(serializer=JpegCodec(quality=self.jpeg_quality), compressors=[Crc32cCodec()])
+        else:
+            coding = dict(compressors=[*CODECS[self.codec](), Crc32cCodec()])
         return dict(
             name=self.name, shape=self.shape, dtype=self.dtype, chunks=self.chunks, shards=self.shards,
             dimension_names=dimension_names(self.name),
             # crc32c last: every chunk (inner chunk of a shard, or table chunk) carries its checksum, and
             # zarr checks it on every read. A shard's index has its own (zarr's default index codecs).
-            compressors=[*CODECS[self.codec](), Crc32cCodec()], fill_value=self.fill_value,
+            **coding, fill_value=self.fill_value,
             chunk_key_encoding=CHUNK_KEY_ENCODING,
             # Store every chunk even when it equals the fill value, so "a done video has its shard
             # on disk" holds and a missing chunk always means damage.
@@ -146,7 +153,13 @@ def data_arrays(schema: StoreSchema, videos_per_shard: int = 1) -> list[ArraySpe
         specs.insert(1, ArraySpec(SCALES, (S, L, T, N1), "float16", (1, 1, T, N1), (P, L, T, N1), codec))
     if schema.dense_gamma is not None:
         R, GT = schema.image_size, schema.dense_gamma * T
-        specs.append(ArraySpec(FRAMES, (S, GT, R, R, 3), "uint8", (1, GT, R, R, 3), (P, GT, R, R, 3), codec))
+        frames_format, quality = schema.frames_format or (RAW, None)
+        if frames_format == JPEG:
+            # One frame per inner chunk (a JPEG each): a gamma that divides G decodes only its own frames.
+            specs.append(ArraySpec(FRAMES, (S, GT, R, R, 3), "uint8", (1, 1, R, R, 3), (P, GT, R, R, 3), codec,
+                                   jpeg_quality=quality))
+        else:
+            specs.append(ArraySpec(FRAMES, (S, GT, R, R, 3), "uint8", (1, GT, R, R, 3), (P, GT, R, R, 3), codec))
     return specs
 
 

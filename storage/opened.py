@@ -216,27 +216,32 @@ class OpenedStore:
                     self.index_bytes -= self.indexes.popitem(last=False)[1].nbytes
         return index
 
-    def read_chunks(self, name: str, v: int, k: int, first: int, out: np.ndarray, index: np.ndarray | None = None
-                    ) -> None:
-        """Fill `out` (C-contiguous, whole chunks) with inner chunks first.. of sample (v, k): ONE ranged read
-        when they are back to back and uncompressed (straight into `out`), every checksum verified. `index`: the
-        shard's index if the caller has it (else the cached one, read once)."""
+    def _locate(self, name: str, v: int, k: int, first: int, count: int, index: np.ndarray | None
+                ) -> tuple[shards.ShardFormat, str, np.ndarray, int]:
+        """The shard format, shard key, index rows and position of chunks first..first+count of sample (v, k),
+        every one of them listed in the index."""
         fmt = self.formats[name]
-        K = self.schema.views_per_video
-        per_shard = fmt.samples_per_shard // K
+        per_shard = fmt.samples_per_shard // self.schema.views_per_video
         key = fmt.shard_key(v // per_shard)
         if index is None:
             index = self.shard_index(fmt, key)
+        start = ((v % per_shard) * self.schema.views_per_video + k) * fmt.chunks_per_sample + first
+        missing = shards.missing_chunks(index, start, start + count)
+        if missing:
+            raise shards.ShardDamage(f"its inner chunk {missing[0]} is missing from the shard index")
+        return fmt, key, index[start:start + count], start
+
+    def read_chunks(self, name: str, v: int, k: int, first: int, out: np.ndarray, index: np.ndarray | None = None
+                    ) -> None:
+        """Fill `out` (C-contiguous, whole chunks) with inner chunks first.. of sample (v, k): ONE ranged read
+        when they are back to back (straight into `out` when uncompressed), every checksum verified. `index`: the
+        shard's index if the caller has it (else the cached one, read once)."""
+        fmt = self.formats[name]
         n = fmt.chunk_nbytes
         flat = out.reshape(-1).view(np.uint8)
         count = flat.size // n
-        start = ((v % per_shard) * K + k) * fmt.chunks_per_sample + first
-        stop = start + count
-        missing = shards.missing_chunks(index, start, stop)
-        if missing:
-            raise shards.ShardDamage(f"its inner chunk {missing[0]} is missing from the shard index")
-        rows = index[start:stop]
-        if not fmt.compressed and shards.is_contiguous(index, start, stop):
+        fmt, key, rows, start = self._locate(name, v, k, first, count, index)
+        if not fmt.compressed and shards.is_contiguous(rows, 0, count):
             crcs = np.empty((count, shards.CRC_BYTES), np.uint8)
             buffers = [b for j in range(count) for b in (flat[j * n:(j + 1) * n], crcs[j])]
             got = self.loc.read_into(key, int(rows[0, 0]), buffers)
@@ -247,15 +252,38 @@ class OpenedStore:
             for j in range(count):
                 fmt.verify(flat[j * n:(j + 1) * n], crcs[j], f"inner chunk {start + j}")
             return
-        if shards.is_contiguous(index, start, stop):
-            data = self.loc.read_range(key, int(rows[0, 0]), int(rows[-1, 0] + rows[-1, 1]))
-            pieces, at = [], 0
-            for length in rows[:, 1]:
-                pieces.append(None if data is None else data[at:at + int(length)])
-                at += int(length)
+        for j, payload in enumerate(self._read_pieces(fmt, key, rows, start)):
+            fmt.decode_payload(payload, flat[j * n:(j + 1) * n], f"inner chunk {start + j}")
+
+    def read_payloads(self, name: str, v: int, k: int, first: int, count: int, index: np.ndarray | None = None
+                      ) -> list[np.ndarray]:
+        """The stored bytes (checksums verified, then dropped) of inner chunks first..first+count of sample (v, k),
+        e.g. its JPEG frames: writable 1-D uint8 views of one buffer filled by ONE ranged read when the chunks
+        are back to back (this writer's layout)."""
+        fmt, key, rows, start = self._locate(name, v, k, first, count, index)
+        return self._read_pieces(fmt, key, rows, start)
+
+    def _read_pieces(self, fmt: shards.ShardFormat, key: str, rows: np.ndarray, start: int) -> list[np.ndarray]:
+        if shards.is_contiguous(rows, 0, len(rows)):
+            spans = [(0, int(rows[-1, 0] + rows[-1, 1] - rows[0, 0]))]
+            base = int(rows[0, 0])
         else:  # written by another tool (zarr writes Morton order): one read per chunk
-            pieces = [self.loc.read_range(key, int(o), int(o + length)) for o, length in rows]
-        for j, piece in enumerate(pieces):
-            if piece is None or len(piece) != int(rows[j, 1]):
+            spans = [(int(o), int(o + length)) for o, length in rows]
+            base = 0
+        pieces: list[np.ndarray] = []
+        for lo, hi in spans:
+            buffer = np.empty(hi - lo, np.uint8)
+            got = self.loc.read_into(key, base + lo, [buffer])
+            if got is None:
+                raise shards.ShardDamage("its shard file is missing")
+            if got < buffer.size:
                 raise shards.ShardDamage("its shard file is shorter than its index says (truncated)")
-            fmt.decode_into(np.frombuffer(piece, np.uint8), flat[j * n:(j + 1) * n], f"inner chunk {start + j}")
+            pieces.append(buffer)
+        if len(spans) == 1 and len(rows) > 1:  # one buffer: cut it into its chunks
+            offsets = rows[:, 0] - rows[0, 0]
+            pieces = [pieces[0][int(o):int(o + length)] for o, length in zip(offsets, rows[:, 1])]
+        payloads = []
+        for j, piece in enumerate(pieces):
+            fmt.verify(piece[:-shards.CRC_BYTES], piece[-shards.CRC_BYTES:], f"inner chunk {start + j}")
+            payloads.append(piece[:-shards.CRC_BYTES])
+        return payloads

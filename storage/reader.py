@@ -22,7 +22,7 @@ import numpy as np
 from zarr.abc.store import Store
 
 from dist_cache.sampling import dense_subset
-from storage import layout, records, shards
+from storage import frames_codec, layout, records, shards
 from storage.errors import REPAIR_HINT, SampleNotDoneError, StoreDamagedError
 from storage.integrity import check_store
 from storage.location import configure_zarr
@@ -389,22 +389,84 @@ class FeatureStore:
 
     def frames(self, i: int, gamma: int | None = None, *, out: np.ndarray | None = None) -> np.ndarray:
         """uint8 (gamma*T, R, R, 3): sample i's rendered dense frames (gamma None: the stored G); for gamma < G
-        the subset `dense_subset(G, gamma, T)`, which is what dense_indices gives for gamma."""
-        G = self.schema.dense_gamma
-        if G is None:
-            raise ValueError(f"store {self.url} holds no dense frames (extract it with --dense-frames)")
-        gamma = G if gamma is None else int(gamma)
+        the subset `dense_subset(G, gamma, T)`, which is what dense_indices gives for gamma. A JPEG store's frames
+        are decoded here (only those of the subset), in the calling thread: Pillow releases the GIL."""
+        G, subset = self._frame_subset(gamma)
         v, k = self._require_done(i)
         T, R = self.schema.num_frames, self.schema.image_size
-        subset = None if gamma == G else dense_subset(G, gamma, T)
-        shape = (gamma * T, R, R, 3)
+        shape = (G * T if subset is None else len(subset), R, R, 3)
         if out is not None and (out.shape != shape or out.dtype != np.uint8 or not out.flags.c_contiguous):
             raise ValueError(f"out must be a C-contiguous uint8 array of shape {shape}")
+        if self.frames_format[0] == frames_codec.JPEG:
+            out = np.empty(shape, np.uint8) if out is None else out
+            payloads = self._frame_payloads(v, k, subset)
+            fmt = self._state().formats[layout.FRAMES]
+            for j, payload in enumerate(payloads):
+                try:
+                    fmt.decode_payload(payload, out[j].reshape(-1), f"frame {j}")
+                except shards.ShardDamage as err:
+                    raise self._damage(v, layout.FRAMES, err) from None
+            return out
         full = out if subset is None and out is not None else np.empty((G * T, R, R, 3), np.uint8)
         self._read(layout.FRAMES, v, k, 0, full)
         if subset is None:
             return full
         return np.take(full, subset, axis=0, out=out)
+
+    def frame_payloads(self, i: int, gamma: int | None = None) -> list[np.ndarray]:
+        """A JPEG store's frames of sample i for `gamma` (None: the stored G) as stored: one JPEG each (1-D uint8,
+        checksum verified), in frame order, from one ranged read. For decoding elsewhere (on a GPU) or copying
+        into a store of the same quality without decoding."""
+        if self.frames_format[0] != frames_codec.JPEG:
+            raise ValueError(f"store {self.url} holds raw frames, not JPEG: use frames()")
+        _, subset = self._frame_subset(gamma)
+        v, k = self._require_done(i)
+        return self._frame_payloads(v, k, subset)
+
+    @property
+    def frames_format(self) -> tuple[str, int | None]:
+        """("raw", None) or ("jpeg", quality). ValueError for a store without dense frames."""
+        found = self.schema.frames_format
+        if found is None:
+            raise ValueError(f"store {self.url} holds no dense frames (extract it with --dense-frames)")
+        return found
+
+    def _frame_subset(self, gamma: int | None) -> tuple[int, np.ndarray | None]:
+        """(G, the stored frames' positions for gamma, or None for all of them)."""
+        G = self.schema.dense_gamma
+        if G is None:
+            raise ValueError(f"store {self.url} holds no dense frames (extract it with --dense-frames)")
+        gamma = G if gamma is None else int(gamma)
+        return G, None if gamma == G else dense_subset(G, gamma, self.schema.num_frames)
+
+    def _frame_payloads(self, v: int, k: int, subset: np.ndarray | None) -> list[np.ndarray]:
+        """Video v view k's JPEG frames at `subset` (None: all): the whole sample in one read (cheap: a few hundred
+        kB), then only the frames wanted."""
+        st = self._state()
+        st.array(layout.FRAMES)
+        count = self.schema.dense_gamma * self.schema.num_frames
+        try:
+            payloads = st.read_payloads(layout.FRAMES, v, k, 0, count)
+        except shards.ShardDamage as err:
+            raise self._damage(v, layout.FRAMES, err) from None
+        return payloads if subset is None else [payloads[int(j)] for j in subset]
+
+    def stored_bytes(self, name: str, v: int) -> int:
+        """Bytes video v's chunks of sharded array `name` occupy as stored (checksums included), from its shard's
+        index: what a variable-size array (JPEG frames, compressed codecs) costs per video. StoreDamagedError if
+        the shard or its index is damaged."""
+        st = self._state()
+        self._require_done(v * self.schema.views_per_video)
+        st.array(name)
+        fmt = st.formats[name]
+        per_shard = fmt.samples_per_shard // self.schema.views_per_video
+        try:
+            index = st.shard_index(fmt, fmt.shard_key(v // per_shard))
+        except shards.ShardDamage as err:
+            raise self._damage(v, name, err) from None
+        per_video = self.schema.views_per_video * fmt.chunks_per_sample
+        rows = index[(v % per_shard) * per_video:(v % per_shard + 1) * per_video]
+        return int(rows[rows[:, 0] != shards.MISSING, 1].sum())
 
     # ---------------------------------------------------------------- integrity
     def check_store(self) -> list[str]:

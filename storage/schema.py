@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from dist_cache.sampling import DENSE_GAMMAS
+from storage import frames_codec
 from storage.errors import StoreMismatchError
 
 FORMAT_VERSION = 2
@@ -129,7 +130,7 @@ class StoreSchema:
     tokens: int
     width: int
     sampling: dict[str, Any]
-    dense_frames: dict[str, int] | None
+    dense_frames: dict[str, Any] | None
     num_videos: int
     class_names: tuple[str, ...]
     text: dict[str, Any]
@@ -189,8 +190,8 @@ class StoreSchema:
                "sampling must be a dict with an int seed")
         self._check_flip_label_map(self.sampling.get("flip_label_map"))
         if self.dense_frames is not None:
-            _check(isinstance(self.dense_frames, dict) and set(self.dense_frames) == {"gamma"},
-                   "dense_frames must be null or {\"gamma\": G}")
+            problem = frames_codec.section_problem(self.dense_frames)
+            _check(problem is None, problem or "")
             gamma = self.dense_frames["gamma"]
             # The values extract --dense-gamma writes and train --gamma takes: any other G would be offered to
             # train (info, the hints) as a gamma its flag refuses.
@@ -273,6 +274,11 @@ class StoreSchema:
     def dense_gamma(self) -> int | None:
         """G, the dense frames stored per sparse frame, or None when the store holds no frames."""
         return None if self.dense_frames is None else int(self.dense_frames["gamma"])
+
+    @property
+    def frames_format(self) -> tuple[str, int | None] | None:
+        """How the dense frames are stored: ("raw", None) or ("jpeg", quality); None when the store holds none."""
+        return frames_codec.format_of(self.dense_frames)
 
     @property
     def compat(self) -> dict[str, Any]:

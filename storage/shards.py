@@ -27,11 +27,19 @@ import crc32c as _crc32c
 import numpy as np
 from numcodecs import Blosc, Zstd
 
+from storage.frames_codec import JpegChunks
 from storage.layout import ArraySpec
 
 MISSING = 2**64 - 1
 CRC_BYTES = 4
 INDEX_ENTRY_BYTES = 16
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """An inner chunk already in its stored form (e.g. a JPEG frame copied from another store), written as is."""
+
+    data: Any  # bytes or a 1-D uint8 array
 
 
 class ShardDamage(Exception):
@@ -70,15 +78,18 @@ class ShardFormat:
     chunks_per_sample: int
     samples_per_shard: int
     codec: str
+    jpeg_quality: int | None = None  # JPEG frames: each inner chunk one frame, encoded at this quality
 
     @classmethod
     def of(cls, spec: ArraySpec) -> ShardFormat:
         assert spec.shards is not None and spec.chunks[0] == 1, spec
         grid = [s // c for s, c in zip(spec.shards, spec.chunks)]
-        # Inner chunks span every axis but the sample axis and (features) the layer axis, so chunk j of a
-        # shard in C order is bytes [j * chunk_nbytes, (j+1) * chunk_nbytes) of the shard's C-order array.
+        # Inner chunks span every axis but the sample axis and (features) the layer axis or (JPEG frames) the
+        # frame axis, so chunk j of a shard in C order is bytes [j * chunk_nbytes, (j+1) * chunk_nbytes) of the
+        # shard's C-order array.
         assert all(g == 1 for g in grid[2:]), spec
-        return cls(spec.name, np.dtype(spec.dtype), spec.chunks, math.prod(grid[1:]), grid[0], spec.codec)
+        return cls(spec.name, np.dtype(spec.dtype), spec.chunks, math.prod(grid[1:]), grid[0], spec.codec,
+                   spec.jpeg_quality)
 
     def shard_key(self, shard: int) -> str:
         """The store key of shard number `shard` (chunk key encoding "." of layout.CHUNK_KEY_ENCODING)."""
@@ -98,7 +109,14 @@ class ShardFormat:
 
     @property
     def compressed(self) -> bool:
-        return self.codec != "none"
+        """Whether stored chunks differ from the values' bytes (and in size from one another)."""
+        return self.codec != "none" or self.jpeg_quality is not None
+
+    def _chunk_codec(self) -> Any:
+        """What turns one inner chunk's values into its stored bytes and back (None: they are the same)."""
+        if self.jpeg_quality is not None:
+            return JpegChunks(self.jpeg_quality, self.chunk_shape[-3:])
+        return _compressor(self.codec, self.dtype.itemsize)
 
     # ---------------------------------------------------------------- writing
     def raw_chunks(self, block: np.ndarray) -> Iterator[np.ndarray]:
@@ -108,14 +126,16 @@ class ShardFormat:
         for start in range(0, flat.size, n):
             yield flat[start:start + n]
 
-    def encode(self, chunks: Iterable[np.ndarray | None], sizes: list[int] | None = None) -> Iterator[Any]:
+    def encode(self, chunks: Iterable[np.ndarray | Encoded | None], sizes: list[int] | None = None
+               ) -> Iterator[Any]:
         """The shard's bytes as a sequence of buffers (views of `chunks` where uncompressed), index last.
 
-        `chunks` are every inner chunk of the shard in C order, each a 1-D uint8 array of chunk_nbytes, or None
-        for a chunk the shard does not hold (listed as missing: a packed shard's failed videos, or the rows past
-        the array's end in its last shard). `sizes`, if given, receives each chunk's stored bytes (0: missing).
-        Lazy: the caller's writer overlaps the checksum of chunk j+1 with the write of chunk j."""
-        compressor = _compressor(self.codec, self.dtype.itemsize)
+        `chunks` are every inner chunk of the shard in C order, each a 1-D uint8 array of chunk_nbytes, an
+        `Encoded` chunk (already its stored bytes: copied as is), or None for a chunk the shard does not hold
+        (listed as missing: a packed shard's failed videos, or the rows past the array's end in its last shard).
+        `sizes`, if given, receives each chunk's stored bytes (0: missing). Lazy: the caller's writer overlaps
+        the encoding and checksum of chunk j+1 with the write of chunk j."""
+        compressor = self._chunk_codec()
         index = np.full((self.chunks_per_shard, 2), MISSING, dtype="<u8")
         offset = count = 0
         for raw in chunks:
@@ -124,7 +144,10 @@ class ShardFormat:
                 if sizes is not None:
                     sizes.append(0)
                 continue
-            data = raw if compressor is None else np.frombuffer(compressor.encode(raw), dtype=np.uint8)
+            if isinstance(raw, Encoded):
+                data = np.frombuffer(raw.data, dtype=np.uint8)
+            else:
+                data = raw if compressor is None else np.frombuffer(compressor.encode(raw), dtype=np.uint8)
             crc = crc32c(data)
             index[count] = (offset, data.size + CRC_BYTES)
             offset += data.size + CRC_BYTES
@@ -166,14 +189,19 @@ class ShardFormat:
     def decode_into(self, encoded: np.ndarray, out: np.ndarray, what: str) -> None:
         """Check one stored chunk (its bytes and checksum) and write its values into `out` (1-D uint8)."""
         self.verify(encoded[:-CRC_BYTES], encoded[-CRC_BYTES:], what)
-        compressor = _compressor(self.codec, self.dtype.itemsize)
+        self.decode_payload(encoded[:-CRC_BYTES], out, what)
+
+    def decode_payload(self, payload: np.ndarray, out: np.ndarray, what: str) -> None:
+        """Write the values of one chunk's stored bytes (checksum already checked and removed) into `out`."""
+        compressor = self._chunk_codec()
         if compressor is None:
-            out[:] = encoded[:-CRC_BYTES]
+            out[:] = payload
             return
         try:
-            compressor.decode(encoded[:-CRC_BYTES], out=out)
-        except Exception as err:  # a checksummed chunk that still fails to decompress: not our format
-            raise ShardDamage(f"{what} does not decompress ({type(err).__name__})") from None
+            compressor.decode(payload, out=out)
+        except Exception as err:  # a checksummed chunk that still fails to decode: not our format
+            kind = "decode as a JPEG frame" if self.jpeg_quality is not None else "decompress"
+            raise ShardDamage(f"{what} does not {kind} ({type(err).__name__})") from None
 
 
 def missing_chunks(index: np.ndarray, start: int, stop: int) -> list[int]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from storage import frames_codec
 from storage.schema import StoreSchema
 from storage.writer import StoreWriter
 
@@ -20,7 +21,9 @@ TINY = {"layers": [0, 1], "num_frames": 4, "tokens": 17, "width": 64, "embed_dim
 
 def make_schema(num_videos: int = 6, views: int = 2, *, dtype: str = "fp16", codec: str = "none",
                 layers: list[int] | None = None, num_frames: int = 4, seed: int = 0,
-                model: str = "dist-tiny", num_classes: int = 3, dense_gamma: int | None = None) -> StoreSchema:
+                model: str = "dist-tiny", num_classes: int = 3, dense_gamma: int | None = None,
+                jpeg_quality: int | None = None) -> StoreSchema:
+    """A tiny schema; `dense_gamma` adds dense frames, raw, or JPEG at `jpeg_quality`."""
     layers = list(TINY["layers"] if layers is None else layers)
     return StoreSchema.from_json({
         "format_version": 2,
@@ -34,7 +37,9 @@ def make_schema(num_videos: int = 6, views: int = 2, *, dtype: str = "fp16", cod
         "layers": layers, "num_frames": num_frames, "views_per_video": views, "split": "train",
         "dtype": dtype, "codec": codec, "precision": "fp32", "tokens": TINY["tokens"], "width": TINY["width"],
         "sampling": {"seed": seed, "method": "tsn", "flip_label_map": None},
-        "dense_frames": None if dense_gamma is None else {"gamma": dense_gamma}, "num_videos": num_videos,
+        "dense_frames": None if dense_gamma is None else frames_codec.section(
+            dense_gamma, frames_codec.RAW if jpeg_quality is None else frames_codec.JPEG, jpeg_quality),
+        "num_videos": num_videos,
         "class_names": [f"class{c}" for c in range(num_classes)],
         "text": {"templates": ["a video of {}."]},
         "software": {"note": "informational, not compat"},

@@ -27,15 +27,16 @@ from zarr.core.metadata import ArrayV3Metadata
 from zarr.errors import ZarrUserWarning
 
 from dist_cache.errors import UserError, first_line
-from storage import layout
+from storage import frames_codec, layout
 from storage.errors import MissingChunkError, StoreDamagedError, StoreMismatchError, store_fix, write_error
+from storage.frames_codec import StoredJpegs
 from storage.location import Location, configure_zarr, is_temp_name
 from storage.quantize import quantize_int8
 from storage.records import RecordError, VideoRecord, decode_group, encode_group, gather, group_members, summarize
 from storage.remote import open_location
 from storage.root import ROOT_KEY, group_json, read_attrs, stored_schema
 from storage.schema import ATTR_KEY, FORMAT_VERSION, SampleStatus, StoreSchema, format_value
-from storage.shards import ShardFormat
+from storage.shards import Encoded, ShardFormat
 from storage.strict import StrictStore
 
 # A `*.partial` younger than this may belong to a writer that is still running (its rename is
@@ -102,7 +103,8 @@ class GroupSource(Protocol):
 
     def clip_embeds(self, v: int) -> np.ndarray: ...  # (K, T, E)
 
-    def frames(self, v: int) -> np.ndarray: ...  # (K, G*T, R, R, 3) uint8; only called for stores with frames
+    # (K, G*T, R, R, 3) uint8, or a JPEG store's frames as stored; only called for stores with frames
+    def frames(self, v: int) -> np.ndarray | StoredJpegs: ...
 
 
 def consolidate(store: zarr.abc.store.Store) -> None:
@@ -389,13 +391,14 @@ class StoreWriter:
 
     # ---------------------------------------------------------------- writing
     def write_video(self, v: int, facts: Any, plans: Sequence[Any], features: np.ndarray, clip_embeds: np.ndarray,
-                    *, frames: np.ndarray | None = None, labels: Sequence[int] | None = None,
+                    *, frames: np.ndarray | StoredJpegs | None = None, labels: Sequence[int] | None = None,
                     finite_checked: bool = False) -> int:
         """Write video v's K views: every array's shard, then the record. Returns the shard bytes written.
 
         features (K, L, T, N+1, C) (fp16 is stored as is; other floats are cast or, for int8 stores,
         quantised), clip_embeds (K, T, E), frames (K, G*T, R, R, 3) uint8 exactly when the store holds dense
-        frames, labels: K per-view class indices (default: the video's label for every view).
+        frames (a JPEG store encodes them here, in the calling thread; `StoredJpegs` of the store's quality are
+        written as they are), labels: K per-view class indices (default: the video's label for every view).
         finite_checked: the caller has already checked that features and clip_embeds, in the dtypes given, are
         finite (extraction does on the GPU, before the copy); the writer then skips its own inf/NaN scan, which
         is a third of its CPU time per fp16 video."""
@@ -451,13 +454,20 @@ class StoreWriter:
             _require_finite(clip16, f"video {v}: clip_embeds")
         return clip16
 
-    def _check_frames(self, v: int, frames: np.ndarray | None) -> None:
+    def _check_frames(self, v: int, frames: np.ndarray | StoredJpegs | None) -> None:
         s = self.schema
         if s.dense_gamma is None:
             if frames is not None:
                 raise ValueError(f"video {v}: frames given, but the store holds no dense frames (dense_frames null)")
             return
         want = (s.views_per_video, s.dense_gamma * s.num_frames, s.image_size, s.image_size, 3)
+        if isinstance(frames, StoredJpegs):
+            if s.frames_format != (frames_codec.JPEG, frames.quality) \
+                    or [len(view) for view in frames.views] != [want[1]] * want[0]:
+                raise ValueError(f"video {v}: stored JPEG frames of quality {frames.quality} (views of "
+                                 f"{[len(view) for view in frames.views]} frames) do not fit a store of "
+                                 f"{s.frames_format} frames, {want[0]} views of {want[1]}")
+            return
         if frames is None or frames.shape != want or frames.dtype != np.uint8:
             got = None if frames is None else (frames.shape, str(frames.dtype))
             raise ValueError(f"video {v}: the store holds dense frames: frames must be uint8 {want}, got {got}")
@@ -489,7 +499,7 @@ class StoreWriter:
             yield specs[layout.FEATURES], self._fp16_chunks(specs[layout.FEATURES], v, features, finite_checked)
         yield specs[layout.CLIP], specs[layout.CLIP].raw_chunks(clip16)
         if frames is not None:
-            yield specs[layout.FRAMES], specs[layout.FRAMES].raw_chunks(frames)
+            yield specs[layout.FRAMES], _frame_chunks(specs[layout.FRAMES], frames)
 
     # ---------------------------------------------------------------- packed stores
     def write_group(self, g: int, videos: Sequence[GroupVideo], source: GroupSource) -> int:
@@ -555,7 +565,7 @@ class StoreWriter:
             return fmt.raw_chunks(self._checked_clip(v, np.asarray(source.clip_embeds(v))))
         frames = source.frames(v)
         self._check_frames(v, frames)
-        return fmt.raw_chunks(frames)
+        return _frame_chunks(fmt, frames)
 
     def write_failure(self, v: int, error: str, facts: Any | None = None) -> bool:
         """Record that video v failed and why. A "done" record is never replaced by a failure (an
@@ -597,6 +607,14 @@ class StoreWriter:
             self.removed_partials += self._loc.remove_partials(self.stale_partial_s)
         self._checked_complete = False  # a later write must un-complete again
         return {**summary, "complete": True}
+
+
+def _frame_chunks(fmt: ShardFormat, frames: np.ndarray | StoredJpegs) -> Iterable[np.ndarray | Encoded]:
+    """A video's frames shard's chunks: raw frames (encoded by the shard format if the store keeps JPEG, lazily, so
+    in the calling writer thread while the previous chunk is written), or JPEGs of the store's quality as is."""
+    if isinstance(frames, StoredJpegs):
+        return (Encoded(payload) for view in frames.views for payload in view)
+    return fmt.raw_chunks(frames)
 
 
 @contextlib.contextmanager
