@@ -15,7 +15,8 @@ import re
 import sys
 from pathlib import Path
 
-STEPS = ("data", "extract", "train", "demo", "copy_jpeg", "train_jpeg", "decode_pool", "store_write", "jpeg_frames")  # gpu.sh order
+# gpu.sh order
+STEPS = ("data", "extract", "train", "demo", "copy_jpeg", "train_jpeg", "decode_pool", "store_write", "jpeg_frames")
 # Steps whose whole stdout is one (indented) JSON object, as benchmarks._common.report prints it.
 REPORTING = ("store_write", "decode_pool", "jpeg_frames")
 DEMO_LINE = re.compile(r"val top-1 ([\d.]+)%")

@@ -90,7 +90,7 @@ def test_train_and_eval_from_the_jpeg_stores_alone(stores, tmp_path, tiny_checkp
         assert trained.exit_code == 0, trained.output
         assert "dense frames: read from the store (gamma 2 of its stored 2)" in trained.output
         scored = run("eval", "--checkpoint", tmp_path / "run" / "last.pt", "--cache", stores["val"], "--device",
-                     "cpu", "--decode-workers", "0", "--json", tmp_path / "report.json")
+                     "cpu", "--decode-workers", "0", "--report", tmp_path / "report.json")
         assert scored.exit_code == 0, scored.output
         assert 0.0 <= json.loads((tmp_path / "report.json").read_text())["top1"] <= 1.0
         gamma_one = run("train", "--cache", stores["train"], "--out", tmp_path / "g1", *RUN, "--epochs", "1",
