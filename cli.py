@@ -97,7 +97,8 @@ EXTRACT_GROUPS = (
                "batch_frames")),
     ("Sampling", ("frames", "views", "split", "test_offsets", "seed", "scale", "flip_p", "flip_label_map",
                   "grayscale_p")),
-    ("Storage", ("out", "storage_options", "dtype", "codec", "dense_frames", "dense_gamma", "hash_videos")),
+    ("Storage", ("out", "storage_options", "dtype", "codec", "dense_frames", "dense_gamma", "frames_format",
+                 "jpeg_quality", "hash_videos")),
     ("Run", ("config", "decode_workers", "decode_timeout", "retry_failed", "repair", "deep", "strict",
              "dask_workers", "scheduler", "help")),
 )
