@@ -8,11 +8,15 @@ float path: crop, float32 antialiased resize, flip, grayscale, normalise, as dis
 worker) and after (`render_frames`: uint8 throughout; normalising moved to the device), and the median time
 per video of each step: a bare decode, `probe_and_read` (decord and PyAV), the whole `prepare_video`.
 
+And the same pool with the PyAV decoder (`extract --decoder pyav`), timed between the decord pool and the
+second bare pass: what choosing PyAV, the decoder that installs everywhere, costs in extraction throughput.
+
     python -m benchmarks.decode_pool [--quick] [--workers N|auto]
 """
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import multiprocessing
 import shutil
 import tempfile
@@ -192,6 +196,7 @@ def main() -> None:
             k400_like(path, seconds, rng)
         bare_jobs = [(str(p), planned(num_frames, v, spec)) for v, p in enumerate(videos)]
         pool_jobs = [(str(p), v, spec) for v, p in enumerate(videos)]
+        pyav_jobs = [(str(p), v, dataclasses.replace(spec, decoder="pyav")) for v, p in enumerate(videos)]
         renders = time_renders(videos[:2], spec, reps=2 if args.quick else 5)
         split = serial_split(videos[: min(count, 8)], num_frames, spec, rounds=1 if args.quick else 3)
 
@@ -201,8 +206,10 @@ def main() -> None:
             # Warm-up: every worker started and has imported what it needs; only then is anything timed.
             run_bare(executor, bare_jobs[:workers] * 2)
             run_pool(pool, pool_jobs[:workers] * 2)
+            run_pool(pool, pyav_jobs[:workers])  # the PyAV backend imported in every worker
             bare_first = run_bare(executor, bare_jobs)
             pool_s = run_pool(pool, pool_jobs)
+            pyav_s = run_pool(pool, pyav_jobs)
             bare_second = run_bare(executor, bare_jobs)
             start = time.perf_counter()
             pool.close()
@@ -219,7 +226,9 @@ def main() -> None:
                     "split": "train (random crop, flip, grayscale)", "decoder": spec.decoder},
         results={"pool_clips_per_s": round(clips / pool_s, 3), "bare_clips_per_s": round(clips / bare_s, 3),
                  "pool_s": round(pool_s, 3), "bare_s": [round(bare_first, 3), round(bare_second, 3)],
-                 "pool_close_s": round(close_s, 3), "render": renders, "serial_one_thread": split},
+                 "pool_close_s": round(close_s, 3),
+                 "pyav_pool_clips_per_s": round(clips / pyav_s, 3), "pyav_over_decord_pool": round(pool_s / pyav_s, 3),
+                 "render": renders, "serial_one_thread": split},
         ratio=ratio,
         goal="decode pool (probe, plan, decode, render) >= 90% of the clips/s of bare decord readers",
         verdict="met" if ratio >= 0.9 else "missed",

@@ -11,6 +11,10 @@ A truncated file is indexed up to where its data ends. Its decodable count is th
 presentation order, that does not decode, found by decoding forward from the last keyframe (and from
 earlier ones if that fails): bisecting on "frame i decodes" would assume the decodable frames form a prefix,
 which B-frames break (a cut can keep a P-frame and lose the B-frames shown before it).
+
+Frames are turned upright by the stream's display matrix, as `ffmpeg` and decord show them (`dist_cache.display`):
+FFmpeg hands the matrix to every decoded frame; PyAV builds whose FFmpeg predates that give the stream's `rotate`
+tag, which is what decord reads.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import av
 import numpy as np
 
-from dist_cache.decode_base import VideoFacts, distinct_frames
+from dist_cache import display
+from dist_cache.decode_base import VideoFacts, distinct_frames, variable_rate
 from dist_cache.errors import DecodeError, first_line
 
 
@@ -83,6 +88,7 @@ class _Video:
         if not os.path.isfile(path):
             raise DecodeError(f"{path}: file not found")
         self.path = path
+        self.transform: str | None = None  # the display transform, known once a frame has decoded
         self.container, self.stream = self._open()
         try:
             self._index()
@@ -173,8 +179,29 @@ class _Video:
             if frame is None:
                 return {**out, **self._from_start(positions[n:], keep)}
             if keep(position):
-                out[position] = frame.to_ndarray(format="rgb24")
+                out[position] = self.rgb(frame)
         return out
+
+    def rgb(self, frame: av.VideoFrame) -> np.ndarray:
+        """The frame as uint8 RGB (H, W, 3), turned as its display matrix says (one matrix per stream)."""
+        if self.transform is None:
+            self.transform = self._display_transform(frame)
+        return display.apply(frame.to_ndarray(format="rgb24"), self.transform)
+
+    def _display_transform(self, frame: av.VideoFrame) -> str:
+        matrix = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
+        if matrix is not None:
+            return display.transform(np.frombuffer(bytes(matrix), dtype=np.int32).tolist())
+        tag = self.stream.metadata.get("rotate")
+        try:
+            return display.rotation_transform(float(tag)) if tag else ""
+        except ValueError:
+            return ""
+
+    @property
+    def vfr(self) -> bool | None:
+        """Whether the frames' presentation times stray from a constant rate (None: the file has none)."""
+        return None if self.pts is None else variable_rate(self.pts[: self.count])
 
     def _from_start(self, positions: Sequence[int], keep: Callable[[int], bool]) -> dict[int, np.ndarray]:
         """Like `frames`, decoding a fresh opening of the file from its first packet."""
@@ -190,7 +217,7 @@ class _Video:
                 if frame is None:
                     raise self._missing(position, decoding)
                 if keep(position):
-                    out[position] = frame.to_ndarray(format="rgb24")
+                    out[position] = self.rgb(frame)
                 previous = position
             return out
 
@@ -233,7 +260,8 @@ class PyAVDecoder:
     @staticmethod
     def _claimed(video: _Video) -> VideoFacts:
         first = video.frames([0])[0]  # raises, with its reason, when not even the first frame decodes
-        return VideoFacts(num_frames=video.count, fps=video.fps, width=int(first.shape[1]), height=int(first.shape[0]))
+        return VideoFacts(num_frames=video.count, fps=video.fps, width=int(first.shape[1]), height=int(first.shape[0]),
+                          transform=video.transform, vfr=video.vfr)
 
     def probe(self, path: str | os.PathLike) -> VideoFacts:
         with _Video(path) as video:
