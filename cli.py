@@ -185,6 +185,8 @@ def extract(**kw) -> None:
         + (f" ({len(summary.damaged)} damaged, redone)" if kw["repair"] else "")
         + ("" if summary.complete else " (incomplete)")
     )
+    if summary.notes.videos:
+        click.echo(f"of the {summary.notes.videos} videos stored: {summary.notes.describe(kw['frames'])}")
     if summary.store_failed:
         first = f"; first in this run: {summary.failures[0][1]}" if summary.failures else ""
         click.echo(
@@ -280,8 +282,14 @@ def _count_or_auto(ctx, param, value):
 
 
 def loader_options(fn):
-    """How train and eval read their input: reader threads, decode processes (and the old --workers spelling)."""
+    """How train and eval read their input: reader threads, decode processes (and the old --workers spelling), and
+    the decoder."""
     for option in reversed([
+        click.option("--decoder", type=click.Choice(["decord", "pyav"]), default=None,
+                     help="Decode the dense frames with this decoder instead of the one the store records (e.g. pyav "
+                          "where decord does not install). Checked first: the first videos must have the recorded "
+                          "frame counts and sizes, and, where the store's decoder is installed too, frames within the "
+                          "decoders' tolerance (README, \"Decoding and rendering\"); else refused with one line."),
         click.option("--read-threads", default=8, type=click.IntRange(min=1), show_default=True,
                      help="Threads reading features and stored frames into the batch buffers."),
         click.option("--decode-workers", default="auto", show_default=True, callback=_count_or_auto,
@@ -393,7 +401,9 @@ def train(nproc: int, recipe: str | None, **kw) -> None:
     elif checked.frames in ("decoded", "reaugmented"):
         fresh = "a fresh view each epoch, " if checked.frames == "reaugmented" else ""
         click.echo(f"dense frames: {fresh}decoded from {opts.video_root} with "
-                   f"{checked.store.schema.preprocess['decoder']['name']}")
+                   f"{opts.decoder or checked.store.schema.preprocess['decoder']['name']}")
+        if checked.decoder_note:
+            click.echo(checked.decoder_note)
     result = run_train(opts) if nproc == 1 else train_ranks(opts, nproc)
     best = f", best val top-1 {result.best_top1:.2%}" if result.best_top1 is not None else ""
     click.echo(f"trained {result.steps} steps over {result.epochs} epochs{best}; checkpoints in {result.out}")

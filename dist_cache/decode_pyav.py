@@ -35,6 +35,19 @@ def _reason(exc: Exception) -> str:
     return getattr(exc, "strerror", None) or first_line(exc)
 
 
+# swscale on one thread, like the decoder: decoding runs in many worker processes side by side, and PyAV's default
+# (threads chosen per call) made the conversion 2-3x slower per frame. PyAV releases before 14 lack the option.
+_RGB_OPTIONS: dict = {"threads": 1}
+
+
+def _rgb24(frame: av.VideoFrame) -> np.ndarray:
+    try:
+        return frame.to_ndarray(format="rgb24", **_RGB_OPTIONS)
+    except TypeError:
+        _RGB_OPTIONS.clear()
+        return frame.to_ndarray(format="rgb24")
+
+
 class _Decoding:
     """Frames of one stream from where its container stands, in presentation order, past damage.
 
@@ -186,7 +199,7 @@ class _Video:
         """The frame as uint8 RGB (H, W, 3), turned as its display matrix says (one matrix per stream)."""
         if self.transform is None:
             self.transform = self._display_transform(frame)
-        return display.apply(frame.to_ndarray(format="rgb24"), self.transform)
+        return display.apply(_rgb24(frame), self.transform)
 
     def _display_transform(self, frame: av.VideoFrame) -> str:
         matrix = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)

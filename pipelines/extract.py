@@ -37,6 +37,7 @@ from dist_cache.transforms import PREPROCESS
 from pipelines.extract_device import DeviceForward, LaunchedBatch
 from pipelines.prepare import PreparedVideo, RenderSpec, prepare_video
 from pipelines.repair import Damage, damaged_videos
+from pipelines.video_notes import VideoNotes
 from storage import StoreSchema, StoreWriter
 from storage.schema import FORMAT_VERSION
 
@@ -128,12 +129,14 @@ class ExtractSummary:
     complete: bool = False
     store_failed: int = 0  # failed videos in the whole store, earlier runs included
     damaged: list[Damage] = field(default_factory=list)  # done videos found damaged (--repair), redone by this run
+    notes: VideoNotes = field(default_factory=VideoNotes)  # short, variable-rate and turned videos stored by this run
 
     def merge(self, other: ExtractSummary) -> None:
         self.stored += other.stored
         self.failed += other.failed
         self.bytes_written += other.bytes_written
         self.failures.extend(other.failures)
+        self.notes.merge(other.notes)
 
 
 def check_template(template: str) -> None:
@@ -286,10 +289,11 @@ class _RunState:
         with self.lock:
             self._record(video_index, message)
 
-    def stored(self, nbytes: int) -> None:
+    def stored(self, nbytes: int, facts: dict) -> None:
         with self.lock:
             self.summary.stored += 1
             self.summary.bytes_written += nbytes
+            self.summary.notes.add(facts, self.extractor.opts.frames)
             self._release_held()
             self.on_progress(self.summary)
 
@@ -476,7 +480,7 @@ class Extractor:
         except BaseException as err:  # a StoreWriteError (disk full...) or a bug: either ends the run
             state.stop(err)
             return
-        state.stored(nbytes)
+        state.stored(nbytes, prepared.facts.to_dict())
 
 
 class _Bar:

@@ -1,7 +1,8 @@
 """`dist-cache info`: what a store holds and how far its extraction got, for people and for scripts.
 
 Besides the schema and progress: whether dense frames are stored and for which gammas, what CLIP ran in
-(precision, activation) and which decoder read the videos, what a format-1 store lacks, and what the store
+(precision, activation) and which decoder read the videos, how many done videos are short, variable-rate or turned
+upright by their display matrix (`pipelines.video_notes`), what a format-1 store lacks, and what the store
 occupies where it lives: a local store is walked, an object store listed; an HTTP server lists nothing, so
 there the object count is derived from the consolidated metadata and the status table, and the size is the
 shard bytes the store's summary recorded.
@@ -14,6 +15,7 @@ from typing import Any
 
 import zarr
 
+from pipelines.video_notes import VideoNotes
 from storage import FeatureStore, SampleStatus, layout
 from storage.remote import open_location
 from storage.root import read_attrs
@@ -38,6 +40,10 @@ def store_info(url: str, storage_options: dict | None = None) -> dict[str, Any]:
         failed.append({"video": store.video(v), "error": record.error if record else None})
     counts = store.progress()
     G = schema.dense_gamma
+    facts = store.video_facts()
+    done = per_video == SampleStatus.DONE
+    notes = VideoNotes.from_tables(facts["num_frames"][done], facts["vfr"][done], facts["transform"][done],
+                                   schema.num_frames)
     return {
         "store": url,
         "complete": store.complete,
@@ -51,6 +57,7 @@ def store_info(url: str, storage_options: dict | None = None) -> dict[str, Any]:
         "activation": schema.backbone["activation"],
         "decoder": schema.preprocess["decoder"],
         "dense_frames": None if G is None else {"gamma": G, "gammas": dense_gammas(G)},
+        "video_notes": notes.to_dict(),
         "videos_per_shard": store.videos_per_shard,
         **usage(store, url, storage_options),
         "limitations": limitations(store),
@@ -128,6 +135,7 @@ def format_info(info: dict, show_failed: bool = False) -> str:
     dense = info["dense_frames"]
     frames = (f"dense frames for gamma {', '.join(map(str, dense['gammas']))} (stored G={dense['gamma']})"
               if dense else "none stored (training decodes the dense frames from the videos)")
+    notes = VideoNotes(**info["video_notes"])
     P = info["videos_per_shard"]
     if info["measured"] == "listing":
         where = f"{info['objects']} objects, {_size(info['bytes'])}"
@@ -148,6 +156,7 @@ def format_info(info: dict, show_failed: bool = False) -> str:
         f"  sampling   split {schema['split']}, {schema['views_per_video']} view(s)/video, "
         f"{schema['sampling'].get('policy', 'unrecorded policy')}, seed {schema['sampling']['seed']}, "
         f"image {backbone['image_size']} px, decoded by {decoder['name']} {decoder['version']}",
+        f"  videos     of the {notes.videos} done: {notes.describe(schema['num_frames'])}",
         f"  classes    {len(schema['class_names'])}, text templates {schema['text']['templates']}",
         f"  storage    format {info['format_version']}, "
         + ("" if P == 1 else f"packed copy of {P} videos per shard (read-only), ") + where,
