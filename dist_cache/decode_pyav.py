@@ -13,8 +13,7 @@ earlier ones if that fails): bisecting on "frame i decodes" would assume the dec
 which B-frames break (a cut can keep a P-frame and lose the B-frames shown before it).
 
 Frames are turned upright by the stream's display matrix, as `ffmpeg` and decord show them (`dist_cache.display`):
-FFmpeg hands the matrix to every decoded frame; PyAV builds whose FFmpeg predates that give the stream's `rotate`
-tag, which is what decord reads.
+FFmpeg hands the matrix to every decoded frame (checked with PyAV 12, 13 and 18: FFmpeg 6.1, 7.0 and 8).
 """
 
 from __future__ import annotations
@@ -36,7 +35,7 @@ def _reason(exc: Exception) -> str:
 
 
 # swscale on one thread, like the decoder: decoding runs in many worker processes side by side, and PyAV's default
-# (threads chosen per call) made the conversion 2-3x slower per frame. PyAV releases before 14 lack the option.
+# (threads chosen per call) made the conversion 2-3x slower per frame. PyAV 12 and 13 lack the option.
 _RGB_OPTIONS: dict = {"threads": 1}
 
 
@@ -201,15 +200,10 @@ class _Video:
             self.transform = self._display_transform(frame)
         return display.apply(_rgb24(frame), self.transform)
 
-    def _display_transform(self, frame: av.VideoFrame) -> str:
+    @staticmethod
+    def _display_transform(frame: av.VideoFrame) -> str:
         matrix = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
-        if matrix is not None:
-            return display.transform(np.frombuffer(bytes(matrix), dtype=np.int32).tolist())
-        tag = self.stream.metadata.get("rotate")
-        try:
-            return display.rotation_transform(float(tag)) if tag else ""
-        except ValueError:
-            return ""
+        return "" if matrix is None else display.transform(np.frombuffer(bytes(matrix), dtype=np.int32).tolist())
 
     @property
     def vfr(self) -> bool | None:

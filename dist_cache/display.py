@@ -62,12 +62,6 @@ def transform(matrix: Sequence[int] | None) -> str:
     return ""
 
 
-def rotation_transform(clockwise: float) -> str:
-    """The transform for a bare rotation angle (old FFmpeg's `rotate` stream tag, clockwise degrees)."""
-    m = round(clockwise / 90) % 4 if abs(clockwise - 90 * round(clockwise / 90)) < 1.0 else 0
-    return ("", "transpose=clock", "hflip,vflip", "transpose=cclock")[m]
-
-
 def apply(frame: np.ndarray, how: str) -> np.ndarray:
     """`frame` (H, W, C) transformed as FFmpeg's filter chain `how` would (see TRANSFORMS), C-contiguous."""
     if not how:

@@ -6,6 +6,7 @@ with each decoder and across them (`--decoder`), with and without decord install
 from __future__ import annotations
 
 import csv
+import json
 import sys
 
 import av
@@ -106,6 +107,10 @@ def test_extract_info_and_train_through_the_cli(clips, stores, tmp_path):
         assert f"of the 9 videos stored: {notes}" in out
         code, out = run("info", store)
         assert code == 0 and f"videos     of the 9 done: {notes}" in out, out
+        code, out = run("info", store, "--json")
+        assert json.loads(out)["video_notes"] == {"videos": 9, "short": 3, "vfr": 1, "vfr_unknown": 0,
+                                                  "turned": int(decoder == "pyav"),
+                                                  "turned_unknown": 9 * (decoder == "decord")}
         code, out = run("train", "--cache", store, "--video-root", clips["videos"], "--out", tmp_path / decoder, *TRAIN)
         assert code == 0 and f"decoded from {clips['videos']} with {decoder}" in out, out
 
