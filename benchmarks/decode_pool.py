@@ -128,7 +128,8 @@ def time_renders(videos: list[Path], spec, reps: int) -> dict:
 def serial_split(videos: list[Path], num_frames: int, spec, rounds: int) -> dict:
     """One process, one thread: median seconds per video of the bare decode, of probe_and_read (both
     backends), and of the whole prepare_video (probe_and_read and rendering), interleaved video by video so
-    that a busy moment of the machine hits them all alike."""
+    that a busy moment of the machine hits them all alike; wall-clock, and CPU seconds of this process (all its
+    threads: decord decodes on a thread of its own), which a machine shared with other jobs disturbs far less."""
     from dist_cache.decoders import get_decoder
     from pipelines.prepare import prepare_video
 
@@ -147,15 +148,20 @@ def serial_split(videos: list[Path], num_frames: int, spec, rounds: int) -> dict
         for step in steps.values():  # warm-up: imports, first calls
             step(videos[0], 0)
         seconds: dict[str, list[float]] = {name: [] for name in steps}
+        cpu: dict[str, list[float]] = {name: [] for name in steps}
         for _ in range(rounds):
             for v, path in enumerate(videos):
                 for name, step in steps.items():
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.process_time()
                     step(path, v)
                     seconds[name].append(time.perf_counter() - start)
+                    cpu[name].append(time.process_time() - start_cpu)
     finally:
         torch.set_num_threads(threads)
     median = {f"{name}_s_per_video": round(float(np.median(t)), 4) for name, t in seconds.items()}
+    median.update({f"{name}_cpu_s_per_video": round(float(np.median(t)), 4) for name, t in cpu.items()})
+    median["pyav_over_decord_cpu"] = round(median["probe_and_read_pyav_cpu_s_per_video"]
+                                           / median["probe_and_read_decord_cpu_s_per_video"], 3)
     median["prepare_over_bare"] = round(median["prepare_video_s_per_video"] / median["bare_decode_s_per_video"], 3)
     return median
 
