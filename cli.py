@@ -282,8 +282,7 @@ def _count_or_auto(ctx, param, value):
 
 
 def loader_options(fn):
-    """How train and eval read their input: reader threads, decode processes (and the old --workers spelling), and
-    the decoder."""
+    """How train and eval read their input: reader threads, decode processes (and the old --workers spelling)."""
     for option in reversed([
         click.option("--decoder", type=click.Choice(["decord", "pyav"]), default=None,
                      help="Decode the dense frames with this decoder instead of the one the store records (e.g. pyav "
