@@ -137,7 +137,8 @@ def main() -> None:
 @click.option("--decode-workers", default="auto", show_default=True,
               help="Decode processes: a count, or auto (the usable cores less 2 for this process).")
 @click.option("--decoder", type=click.Choice(["decord", "pyav"]), default=None,
-              help="Video decoder (recorded in the store). Default: decord where installed, else pyav.")
+              help="Video decoder (recorded in the store). Default: the decoder of the store at --out if there is "
+                   "one, else pyav (it installs everywhere; README, \"Decoding and rendering\").")
 @click.option("--decode-timeout", default=120.0, type=click.FloatRange(min=0, min_open=True), show_default=True,
               help="Seconds before a video's decode is killed and recorded as failed.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")

@@ -1,8 +1,9 @@
 """Video decoders behind one small interface, chosen by name and recorded in every store.
 
 Two backends read the same frames:
-- "decord" (the default): fast, but its wheels exist for x86-64 Linux and Windows only, and it is unmaintained;
-- "pyav" (FFmpeg through PyAV): installs everywhere PyAV does.
+- "pyav" (FFmpeg through PyAV; extraction's default): installs everywhere, at decord's CPU cost per video;
+- "decord": wheels for x86-64 Linux and Windows only, FFmpeg 4 (no AV1, some display matrices ignored), no release
+  since 2021.
 Both number frames alike: frame i is the i-th frame in presentation order, the i-th a decode from the start
 yields. Frame counts are what really decodes, not what the container claims (a truncated file claims more).
 Every failure of one video is a `DecodeError` whose one-line message starts with the video's path; a caller

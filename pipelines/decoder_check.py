@@ -26,7 +26,7 @@ from storage import FeatureStore
 CHECKED_VIDEOS = 4
 
 
-def check_decoder(store: FeatureStore, usable: np.ndarray, video_root: str, decoder: str, flag: str) -> str | None:
+def check_decoder(store: FeatureStore, usable: np.ndarray, video_root: str, decoder: str) -> str | None:
     """None when `decoder` is the store's; else the line saying what was checked, or a UserError saying what
     differs and what works instead."""
     recorded = store.schema.preprocess["decoder"]["name"]

@@ -201,7 +201,7 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
         frames = check_frames(store, usable, config.switches.gamma, opts.video_root, "--video-root",
                               decoder=opts.decoder)
         if frames == "decoded" and opts.decoder:
-            decoder_note = check_decoder(store, usable, opts.video_root, opts.decoder, "--video-root")
+            decoder_note = check_decoder(store, usable, opts.video_root, opts.decoder)
 
     if opts.classes:
         class_names, labels = zero_shot_labels(store, opts.classes)

@@ -234,7 +234,7 @@ def preflight(opts: TrainOptions, world: int = 1) -> Checked:
                            decoder=opts.decoder) if needs_frames else None)
     note = None
     if frames == "decoded" and opts.decoder:
-        note = check_decoder(store, usable, opts.video_root, opts.decoder, "--video-root")
+        note = check_decoder(store, usable, opts.video_root, opts.decoder)
     frames = "reaugmented" if opts.reaugment else frames
     val_store = val_usable = val_frames = None
     if opts.val_cache:
@@ -246,7 +246,7 @@ def preflight(opts: TrainOptions, world: int = 1) -> Checked:
             val_root = opts.val_video_root or opts.video_root
             val_frames = check_frames(val_store, val_usable, gamma, val_root, "--val-video-root", decoder=opts.decoder)
             if val_frames == "decoded" and opts.decoder:
-                check_decoder(val_store, val_usable, val_root, opts.decoder, "--val-video-root")
+                check_decoder(val_store, val_usable, val_root, opts.decoder)
     ckpt = load_checkpoint(last_path) if opts.resume else None
     if ckpt is not None:
         _check_resume(ckpt, opts, store.fingerprint, opts.cache)
