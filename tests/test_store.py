@@ -412,6 +412,8 @@ def test_decoder_facts_round_trip_and_stores_without_their_tables_read_as_unknow
     A store finalized before those tables existed reads every row as unknown."""
     import shutil
 
+    from storage.writer import consolidate
+
     schema = make_schema(num_videos=3, views=1)
     root = tmp_path / "s.zarr"
     w = open_writer(str(root), schema)
@@ -431,7 +433,7 @@ def test_decoder_facts_round_trip_and_stores_without_their_tables_read_as_unknow
 
     for name in ("videos/transform", "videos/vfr"):  # as finalized by an earlier dist-cache
         shutil.rmtree(root / name)
-    zarr.consolidate_metadata(str(root))
+    consolidate(LocalStore(root))
     old = FeatureStore.open(root)
     assert old.complete and old.sample(0)["num_frames"] == store.sample(0)["num_frames"]
     assert (old.sample(0)["transform"], old.sample(0)["vfr"]) == (None, None)
