@@ -136,10 +136,10 @@ class ExtractSummary:
     bytes_written: int = 0
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (video, error), this run
+    notes: VideoNotes = field(default_factory=VideoNotes)  # short, variable-rate and turned videos stored by this run
     complete: bool = False
     store_failed: int = 0  # failed videos in the whole store, earlier runs included
     damaged: list[Damage] = field(default_factory=list)  # done videos found damaged (--repair), redone by this run
-    notes: VideoNotes = field(default_factory=VideoNotes)  # short, variable-rate and turned videos stored by this run
 
     def merge(self, other: ExtractSummary) -> None:
         self.stored += other.stored
