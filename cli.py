@@ -188,7 +188,8 @@ def main() -> None:
               help="Decode processes: a count, auto (the usable cores less 2 for this process), or 0 (decode in "
                    "this process, one video at a time: no processes to start, and no --decode-timeout).")
 @click.option("--decoder", type=click.Choice(["decord", "pyav"]), default=None,
-              help="Video decoder (recorded in the store). Default: decord where installed, else pyav.")
+              help="Video decoder (recorded in the store). Default: the decoder of the store at --out if there is "
+                   "one, else pyav (it installs everywhere; README, \"Decoding and rendering\").")
 @click.option("--decode-timeout", default=120.0, type=click.FloatRange(min=0, min_open=True), show_default=True,
               help="Seconds before a video's decode is killed and recorded as failed.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
@@ -241,6 +242,8 @@ def extract(**kw) -> None:
         + (f" ({len(summary.damaged)} damaged, redone)" if kw["repair"] else "")
         + ("" if summary.complete else " (incomplete)")
     )
+    if summary.notes.videos:
+        click.echo(f"of the {summary.notes.videos} videos stored: {summary.notes.describe(kw['frames'])}")
     if summary.store_failed:
         first = f"; first in this run: {summary.failures[0][1]}" if summary.failures else ""
         click.echo(
@@ -343,6 +346,11 @@ def _switch_values(kw: dict) -> dict:
 def loader_options(fn):
     """How train and eval read their input: reader threads, decode processes (and the moved --workers)."""
     for option in reversed([
+        click.option("--decoder", type=click.Choice(["decord", "pyav"]), default=None,
+                     help="Decode the dense frames with this decoder instead of the one the store records (e.g. pyav "
+                          "where decord does not install). Checked first: the first videos must have the recorded "
+                          "frame counts and sizes, and, where the store's decoder is installed too, frames within the "
+                          "decoders' tolerance (README, \"Decoding and rendering\"); else refused with one line."),
         click.option("--read-threads", default=8, type=click.IntRange(min=1), show_default=True,
                      help="Threads reading features and stored frames into the batch buffers."),
         click.option("--decode-workers", default="auto", show_default=True, callback=_count_or_auto,
@@ -474,7 +482,9 @@ def train(nproc: int, recipe: str | None, **kw) -> None:
         elif checked.frames in ("decoded", "reaugmented"):
             fresh = "a fresh view each epoch, " if checked.frames == "reaugmented" else ""
             click.echo(f"dense frames: {fresh}decoded from {opts.video_root} with "
-                       f"{checked.store.schema.preprocess['decoder']['name']}")
+                       f"{opts.decoder or checked.store.schema.preprocess['decoder']['name']}")
+            if checked.decoder_note:
+                click.echo(checked.decoder_note)
         result = run_train(opts) if nproc == 1 else train_ranks(opts, nproc)
         best = f", best val top-1 {result.best_top1:.2%}" if result.best_top1 is not None else ""
         click.echo(f"trained {result.steps} steps over {result.epochs} epochs{best}; checkpoints in {result.out}")

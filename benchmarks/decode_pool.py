@@ -8,11 +8,15 @@ float path: crop, float32 antialiased resize, flip, grayscale, normalise, as dis
 worker) and after (`render_frames`: uint8 throughout; normalising moved to the device), and the median time
 per video of each step: a bare decode, `probe_and_read` (decord and PyAV), the whole `prepare_video`.
 
+And the same pool with the PyAV decoder (`extract --decoder pyav`), timed between the decord pool and the
+second bare pass: what choosing PyAV, the decoder that installs everywhere, costs in extraction throughput.
+
     python -m benchmarks.decode_pool [--quick] [--workers N|auto]
 """
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import multiprocessing
 import shutil
 import tempfile
@@ -124,7 +128,8 @@ def time_renders(videos: list[Path], spec, reps: int) -> dict:
 def serial_split(videos: list[Path], num_frames: int, spec, rounds: int) -> dict:
     """One process, one thread: median seconds per video of the bare decode, of probe_and_read (both
     backends), and of the whole prepare_video (probe_and_read and rendering), interleaved video by video so
-    that a busy moment of the machine hits them all alike."""
+    that a busy moment of the machine hits them all alike; wall-clock, and CPU seconds of this process (all its
+    threads: decord decodes on a thread of its own), which a machine shared with other jobs disturbs far less."""
     from dist_cache.decoders import get_decoder
     from pipelines.prepare import prepare_video
 
@@ -143,15 +148,20 @@ def serial_split(videos: list[Path], num_frames: int, spec, rounds: int) -> dict
         for step in steps.values():  # warm-up: imports, first calls
             step(videos[0], 0)
         seconds: dict[str, list[float]] = {name: [] for name in steps}
+        cpu: dict[str, list[float]] = {name: [] for name in steps}
         for _ in range(rounds):
             for v, path in enumerate(videos):
                 for name, step in steps.items():
-                    start = time.perf_counter()
+                    start, start_cpu = time.perf_counter(), time.process_time()
                     step(path, v)
                     seconds[name].append(time.perf_counter() - start)
+                    cpu[name].append(time.process_time() - start_cpu)
     finally:
         torch.set_num_threads(threads)
     median = {f"{name}_s_per_video": round(float(np.median(t)), 4) for name, t in seconds.items()}
+    median.update({f"{name}_cpu_s_per_video": round(float(np.median(t)), 4) for name, t in cpu.items()})
+    median["pyav_over_decord_cpu"] = round(median["probe_and_read_pyav_cpu_s_per_video"]
+                                           / median["probe_and_read_decord_cpu_s_per_video"], 3)
     median["prepare_over_bare"] = round(median["prepare_video_s_per_video"] / median["bare_decode_s_per_video"], 3)
     return median
 
@@ -192,6 +202,7 @@ def main() -> None:
             k400_like(path, seconds, rng)
         bare_jobs = [(str(p), planned(num_frames, v, spec)) for v, p in enumerate(videos)]
         pool_jobs = [(str(p), v, spec) for v, p in enumerate(videos)]
+        pyav_jobs = [(str(p), v, dataclasses.replace(spec, decoder="pyav")) for v, p in enumerate(videos)]
         renders = time_renders(videos[:2], spec, reps=2 if args.quick else 5)
         split = serial_split(videos[: min(count, 8)], num_frames, spec, rounds=1 if args.quick else 3)
 
@@ -201,8 +212,10 @@ def main() -> None:
             # Warm-up: every worker started and has imported what it needs; only then is anything timed.
             run_bare(executor, bare_jobs[:workers] * 2)
             run_pool(pool, pool_jobs[:workers] * 2)
+            run_pool(pool, pyav_jobs[:workers])  # the PyAV backend imported in every worker
             bare_first = run_bare(executor, bare_jobs)
             pool_s = run_pool(pool, pool_jobs)
+            pyav_s = run_pool(pool, pyav_jobs)
             bare_second = run_bare(executor, bare_jobs)
             start = time.perf_counter()
             pool.close()
@@ -219,7 +232,9 @@ def main() -> None:
                     "split": "train (random crop, flip, grayscale)", "decoder": spec.decoder},
         results={"pool_clips_per_s": round(clips / pool_s, 3), "bare_clips_per_s": round(clips / bare_s, 3),
                  "pool_s": round(pool_s, 3), "bare_s": [round(bare_first, 3), round(bare_second, 3)],
-                 "pool_close_s": round(close_s, 3), "render": renders, "serial_one_thread": split},
+                 "pool_close_s": round(close_s, 3),
+                 "pyav_pool_clips_per_s": round(clips / pyav_s, 3), "pyav_over_decord_pool": round(pool_s / pyav_s, 3),
+                 "render": renders, "serial_one_thread": split},
         ratio=ratio,
         goal="decode pool (probe, plan, decode, render) >= 90% of the clips/s of bare decord readers",
         verdict="met" if ratio >= 0.9 else "missed",

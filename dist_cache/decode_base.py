@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -16,17 +16,42 @@ import numpy as np
 
 @dataclass
 class VideoFacts:
+    """What sampling plans from (compared by ==): the decodable frame count, the fps, and the size of the frames
+    as decoded, i.e. as displayed (rotated by the container's display matrix). Also, for the record and not
+    compared: the display transform applied (`dist_cache.display.TRANSFORMS`; "" for none) and whether the
+    frame rate varies (`variable_rate`); None where the decoder cannot tell."""
+
     num_frames: int
     fps: float
     width: int
     height: int
+    transform: str | None = field(default=None, compare=False)
+    vfr: bool | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """As JSON for a store's record; the facts the decoder could not tell are left out (unknown)."""
+        return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
     def from_dict(cls, d: dict) -> VideoFacts:
-        return cls(int(d["num_frames"]), float(d["fps"]), int(d["width"]), int(d["height"]))
+        return cls(int(d["num_frames"]), float(d["fps"]), int(d["width"]), int(d["height"]), d.get("transform"),
+                   d.get("vfr"))
+
+
+# How far, in frame intervals, a frame's presentation time may stray from where a constant rate puts it before
+# the video counts as variable-rate: one interval, so timestamp rounding (a 1 ms Matroska time base at 120 fps
+# is 8 or 9 ms a frame) and a dropped frame do not count, while a rate that changes for a stretch does.
+VFR_DRIFT_FRAMES = 1.0
+
+
+def variable_rate(times: Sequence[float] | np.ndarray) -> bool:
+    """Whether presentation times (ascending, any unit) stray from a constant rate by more than VFR_DRIFT_FRAMES
+    frame intervals at some frame: then frame index i, which sampling uses, is not time i / fps."""
+    t = np.asarray(times, dtype=np.float64)
+    if len(t) < 3 or t[-1] <= t[0]:
+        return False
+    interval = (t[-1] - t[0]) / (len(t) - 1)
+    return bool(np.abs((t - t[0]) / interval - np.arange(len(t))).max() > VFR_DRIFT_FRAMES)
 
 
 class Decoder(Protocol):

@@ -1,7 +1,9 @@
 """The decord backend (see `dist_cache.decoders`).
 
 decord indexes a file's packets when it opens it, numbers frames in presentation order and seeks to the
-keyframe before each wanted frame. It can hang in native code on corrupt files while holding the GIL
+keyframe before each wanted frame. It turns MP4/MOV frames upright by their display matrix's rotation, but
+ignores its mirroring and Matroska's matrices (`dist_cache.display`), and does not say what it applied: its facts'
+`transform` is None (unknown). It can hang in native code on corrupt files while holding the GIL
 (dmlc/decord #373): run it in `dist_cache.decode_pool.DecodePool` wherever a hang must cost one video only.
 """
 
@@ -14,7 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 import decord
 import numpy as np
 
-from dist_cache.decode_base import VideoFacts, distinct_frames
+from dist_cache.decode_base import VideoFacts, distinct_frames, variable_rate
 from dist_cache.errors import DecodeError, first_line
 
 
@@ -80,8 +82,12 @@ class DecordDecoder:
         if len(vr) == 0:
             raise DecodeError(f"{path}: no video frames")
         first = _frame(vr, path, 0)
+        try:  # presentation times in seconds, from the index decord built on opening: nothing is decoded
+            vfr: bool | None = variable_rate(vr.get_frame_timestamp(np.arange(len(vr)))[:, 0])
+        except Exception:  # decord's own DECORDError
+            vfr = None
         return VideoFacts(num_frames=len(vr), fps=float(vr.get_avg_fps()), width=int(first.shape[1]),
-                          height=int(first.shape[0]))
+                          height=int(first.shape[0]), vfr=vfr)
 
     def probe(self, path: str | os.PathLike) -> VideoFacts:
         facts = self._claimed(_open(path), path)

@@ -11,6 +11,9 @@ A truncated file is indexed up to where its data ends. Its decodable count is th
 presentation order, that does not decode, found by decoding forward from the last keyframe (and from
 earlier ones if that fails): bisecting on "frame i decodes" would assume the decodable frames form a prefix,
 which B-frames break (a cut can keep a P-frame and lose the B-frames shown before it).
+
+Frames are turned upright by the stream's display matrix, as `ffmpeg` and decord show them (`dist_cache.display`):
+FFmpeg hands the matrix to every decoded frame (checked with PyAV 12, 13 and 18: FFmpeg 6.1, 7.0 and 8).
 """
 
 from __future__ import annotations
@@ -21,13 +24,27 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 import av
 import numpy as np
 
-from dist_cache.decode_base import VideoFacts, distinct_frames
+from dist_cache import display
+from dist_cache.decode_base import VideoFacts, distinct_frames, variable_rate
 from dist_cache.errors import DecodeError, first_line
 
 
 def _reason(exc: Exception) -> str:
     # FFmpegError's str() repeats the file name; its strerror is the message alone.
     return getattr(exc, "strerror", None) or first_line(exc)
+
+
+# swscale on one thread, like the decoder: decoding runs in many worker processes side by side, and PyAV's default
+# (threads chosen per call) made the conversion 2-3x slower per frame. PyAV 12 and 13 lack the option.
+_RGB_OPTIONS: dict = {"threads": 1}
+
+
+def _rgb24(frame: av.VideoFrame) -> np.ndarray:
+    try:
+        return frame.to_ndarray(format="rgb24", **_RGB_OPTIONS)
+    except TypeError:
+        _RGB_OPTIONS.clear()
+        return frame.to_ndarray(format="rgb24")
 
 
 class _Decoding:
@@ -83,6 +100,7 @@ class _Video:
         if not os.path.isfile(path):
             raise DecodeError(f"{path}: file not found")
         self.path = path
+        self.transform: str | None = None  # the display transform, known once a frame has decoded
         self.container, self.stream = self._open()
         try:
             self._index()
@@ -173,8 +191,24 @@ class _Video:
             if frame is None:
                 return {**out, **self._from_start(positions[n:], keep)}
             if keep(position):
-                out[position] = frame.to_ndarray(format="rgb24")
+                out[position] = self.rgb(frame)
         return out
+
+    def rgb(self, frame: av.VideoFrame) -> np.ndarray:
+        """The frame as uint8 RGB (H, W, 3), turned as its display matrix says (one matrix per stream)."""
+        if self.transform is None:
+            self.transform = self._display_transform(frame)
+        return display.apply(_rgb24(frame), self.transform)
+
+    @staticmethod
+    def _display_transform(frame: av.VideoFrame) -> str:
+        matrix = frame.side_data.get(av.sidedata.sidedata.Type.DISPLAYMATRIX)
+        return "" if matrix is None else display.transform(np.frombuffer(bytes(matrix), dtype=np.int32).tolist())
+
+    @property
+    def vfr(self) -> bool | None:
+        """Whether the frames' presentation times stray from a constant rate (None: the file has none)."""
+        return None if self.pts is None else variable_rate(self.pts[: self.count])
 
     def _from_start(self, positions: Sequence[int], keep: Callable[[int], bool]) -> dict[int, np.ndarray]:
         """Like `frames`, decoding a fresh opening of the file from its first packet."""
@@ -190,7 +224,7 @@ class _Video:
                 if frame is None:
                     raise self._missing(position, decoding)
                 if keep(position):
-                    out[position] = frame.to_ndarray(format="rgb24")
+                    out[position] = self.rgb(frame)
                 previous = position
             return out
 
@@ -233,7 +267,8 @@ class PyAVDecoder:
     @staticmethod
     def _claimed(video: _Video) -> VideoFacts:
         first = video.frames([0])[0]  # raises, with its reason, when not even the first frame decodes
-        return VideoFacts(num_frames=video.count, fps=video.fps, width=int(first.shape[1]), height=int(first.shape[0]))
+        return VideoFacts(num_frames=video.count, fps=video.fps, width=int(first.shape[1]), height=int(first.shape[0]),
+                          transform=video.transform, vfr=video.vfr)
 
     def probe(self, path: str | os.PathLike) -> VideoFacts:
         with _Video(path) as video:

@@ -47,10 +47,10 @@ def usable_samples(store: FeatureStore, flag: str) -> tuple[np.ndarray, int]:
 
 
 def check_frames(store: FeatureStore, usable: np.ndarray, gamma: int, video_root: str | None, flag: str, *,
-                 decode: bool = False) -> str:
+                 decode: bool = False, decoder: str | None = None) -> str:
     """Where this run's dense frames will come from: "stored" (the store holds them for `gamma`), or "decoded"
-    (from `video_root`, with the store's decoder, every video there and of its recorded size; always when
-    `decode`). Fails now, as one line, rather than in a reader thread mid-epoch."""
+    (from `video_root`, with `decoder` or else the store's, every video there and of its recorded size; always
+    when `decode`). Fails now, as one line, rather than in a reader thread mid-epoch."""
     stored = store.dense_gamma
     if stored_frames_cover(store, gamma) and not decode:
         return "stored"
@@ -61,12 +61,15 @@ def check_frames(store: FeatureStore, usable: np.ndarray, gamma: int, video_root
                             "them from the videos")
         raise UserError(f"store {store.url} holds no dense frames: pass {flag} (where its videos are) to decode "
                         "them, or extract the store with --dense-frames")
-    decoder = store.schema.preprocess["decoder"]["name"]
+    recorded = store.schema.preprocess["decoder"]["name"]
     try:
-        get_decoder(decoder)
-    except UserError as err:
-        raise UserError(f"store {store.url} was extracted with the {decoder} decoder, which its dense frames must be "
-                        f"decoded with: {err}") from None
+        get_decoder(decoder or recorded)
+    except UserError:
+        if decoder:
+            raise
+        raise UserError(f"store {store.url} was extracted with the {recorded} decoder, which cannot be used on this "
+                        "machine: pass --decoder pyav to decode its videos with PyAV (checked against the store "
+                        "first), or use a store extracted with --dense-frames or --decoder pyav") from None
     check_video_root(store, usable, video_root, flag)
     return "decoded"
 

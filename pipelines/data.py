@@ -87,7 +87,8 @@ class StoredFrames:
 
 
 class DecodedFrames:
-    """The view's dense frames decoded from its video at the recorded plan, with the store's decoder.
+    """The view's dense frames decoded from its video at the recorded plan, with the store's decoder (or `decoder`,
+    which `pipelines.decoder_check` has vetted).
 
     `workers` > 0 decode in a `DecodePool` (processes: a decoder that hangs is killed at `timeout` and the run
     stops with one line, instead of stalling); 0 decodes in the reader threads (tiny clips, tests). Each video's
@@ -95,9 +96,9 @@ class DecodedFrames:
     """
 
     def __init__(self, store: FeatureStore, video_root: str | Path, gamma: int, *,
-                 workers: int | Literal["auto"] = "auto", timeout: float = 120.0):
+                 workers: int | Literal["auto"] = "auto", timeout: float = 120.0, decoder: str | None = None):
         self.store, self.video_root, self.gamma = store, Path(video_root), gamma
-        self.decoder = store.schema.preprocess["decoder"]["name"]
+        self.decoder = decoder or store.schema.preprocess["decoder"]["name"]
         self.pool = None if workers == 0 else DecodePool(workers, timeout, preload=DECODE_PRELOAD)
         self.checked: set[int] = set()
 
@@ -114,7 +115,7 @@ class DecodedFrames:
         expected = None
         if v not in self.checked:
             self.checked.add(v)
-            expected = {"size_bytes": sample["size_bytes"], "sha256": sample["sha256"]}
+            expected = {key: sample[key] for key in ("size_bytes", "sha256", "width", "height")}
         path = str(resolve_under(self.video_root, sample["video"], f"store {self.store.url}"))
         plan, label = self.view(sample, epoch)
         args = (path, plan, self.gamma, int(sample["num_frames"]), self.store.schema.image_size, self.decoder,
@@ -422,14 +423,14 @@ class EpochSampler:
 
 
 def frame_source(store: FeatureStore, gamma: int, video_root: str | None, *, decode_workers: int | Literal["auto"],
-                 decode_timeout: float) -> FrameSource:
+                 decode_timeout: float, decoder: str | None = None) -> FrameSource:
     """The store's dense frames when it holds them for `gamma`, else decoding from `video_root` (which
     `pipelines.checks.check_frames` has vetted)."""
     if stored_frames_cover(store, gamma):
         return StoredFrames(store, gamma)
     if video_root is None:
         raise UserError(f"store {store.url} holds no dense frames for gamma {gamma}: pass --video-root")
-    return DecodedFrames(store, video_root, gamma, workers=decode_workers, timeout=decode_timeout)
+    return DecodedFrames(store, video_root, gamma, workers=decode_workers, timeout=decode_timeout, decoder=decoder)
 
 
 def stored_frames_cover(store: FeatureStore, gamma: int) -> bool:

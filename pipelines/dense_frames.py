@@ -5,7 +5,9 @@ The frames are those of the view's recorded plan (`dense_indices`), rendered to 
 holds. That only holds for the very file that was extracted. A video replaced by another valid clip would
 still decode (frame indices past its end are clamped), and train on frames that do not belong to the cached
 features; so the first time a run decodes a video, the file's size and, where the store recorded it, its
-sha256 are compared with the record, and a mismatch stops the run.
+sha256 are compared with the record, and then the decoded frames' size (a video another decoder, or a PyAV
+that did not yet apply display matrices, turns otherwise would put the view's crop elsewhere): a mismatch stops
+the run.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ def file_mismatch(path: str, expected: dict) -> str | None:
 
 def decode_view(path: str, plan: dict, gamma: int, num_frames: int, image_size: int, decoder: str,
                 expected: dict | None, where: str) -> np.ndarray:
-    """uint8 (gamma*T, R, R, 3): the view's dense frames. `expected` (size_bytes, sha256) checks the file first;
-    `where` names the video and the store for the one-line error."""
+    """uint8 (gamma*T, R, R, 3): the view's dense frames. `expected` (size_bytes, sha256, width, height) checks the
+    file first and the decoded frames' size after; `where` names the video and the store for the one-line error."""
     if expected is not None:
         why = file_mismatch(path, expected)
         if why:
@@ -52,4 +54,10 @@ def decode_view(path: str, plan: dict, gamma: int, num_frames: int, image_size: 
         reason = str(err).removeprefix(f"{path}: ")
         raise VideoChanged(f"{path} ({where}): {reason}, but it decoded at extraction; restore the video the store "
                            "was extracted from, or re-extract") from None
+    size = (int(decoded.shape[2]), int(decoded.shape[1]))
+    if expected is not None and expected.get("width") is not None and size != (expected["width"], expected["height"]):
+        raise VideoChanged(f"{path} ({where}) decodes with {decoder} as {size[0]}x{size[1]} frames, the store recorded "
+                           f"{expected['width']}x{expected['height']} (another decoder, or one that turns it upright "
+                           "by its display matrix where the extraction's did not); re-extract the store with this "
+                           "decoder")
     return render_frames(decoded, view, image_size).numpy()

@@ -38,6 +38,7 @@ from pipelines.checks import (
     usable_samples,
 )
 from pipelines.data import BatchLoader, EpochSampler, frame_source
+from pipelines.decoder_check import check_decoder
 from pipelines.files import replace_atomically
 from pipelines.plots import plot_confusion
 from pipelines.selection import chosen_on_this_set
@@ -59,6 +60,7 @@ class EvalOptions:
     read_threads: int = 8
     decode_workers: int | Literal["auto"] = "auto"
     decode_timeout: float = 120.0
+    decoder: str | None = None  # decode the dense frames with this decoder, not the store's (pipelines.decoder_check)
     device: str = "auto"
     storage_options: dict = field(default_factory=dict)
 
@@ -66,6 +68,7 @@ class EvalOptions:
 def eval_loader(
     net: Network, store: FeatureStore, usable: np.ndarray, *, video_root: str | None, batch_size: int,
     read_threads: int, decode_workers: int | Literal["auto"], decode_timeout: float, device: torch.device,
+    decoder: str | None = None,
 ) -> BatchLoader:
     """Every usable view of the store, in index order; reusable across validations (its threads persist)."""
     config = branch_of(net).config
@@ -73,7 +76,7 @@ def eval_loader(
     frames = None
     if online or config.switches.temporal:
         frames = frame_source(store, config.switches.gamma, video_root, decode_workers=decode_workers,
-                              decode_timeout=decode_timeout)
+                              decode_timeout=decode_timeout, decoder=decoder)
     sampler = EpochSampler(usable, store.schema.views_per_video, batch_size, train=False)
     return BatchLoader(store, sampler, layers=None if online else config.layers, frames=frames, device=device,
                        read_threads=read_threads)
@@ -217,8 +220,12 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
     check_store_fits(store, config, "--cache", online=opts.online)
     usable, failed = usable_samples(store, "--cache")
     frames = None
+    decoder_note = None
     if opts.online or config.switches.temporal:
-        frames = check_frames(store, usable, config.switches.gamma, opts.video_root, "--video-root")
+        frames = check_frames(store, usable, config.switches.gamma, opts.video_root, "--video-root",
+                              decoder=opts.decoder)
+        if frames == "decoded" and opts.decoder:
+            decoder_note = check_decoder(store, usable, opts.video_root, opts.decoder)
 
     if opts.classes:
         class_names, labels = zero_shot_labels(store, opts.classes)
@@ -231,7 +238,7 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
     branch_of(net).load_state_dict(ckpt["model"])
     loader = eval_loader(net, store, usable, video_root=opts.video_root, batch_size=opts.batch_size,
                          read_threads=opts.read_threads, decode_workers=opts.decode_workers,
-                         decode_timeout=opts.decode_timeout, device=device)
+                         decode_timeout=opts.decode_timeout, device=device, decoder=opts.decoder)
     try:
         scores, views = score_videos(net, loader, torch.as_tensor(text, device=device), progress=progress)
     finally:
@@ -247,6 +254,7 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
         "skipped_failed_samples": failed,
         "skipped_failed_videos": failed // store.schema.views_per_video,
         "warnings": [w for w in (warning, online_jpeg_warning(store, opts.online, frames)) if w],
+        "decoder_check": decoder_note,  # what was checked when --decoder is not the store's decoder
         **summarize(scores, views, labels, class_names),
     }
     confusion = opts.confusion or (str(Path(opts.json).with_suffix(".confusion.png")) if opts.json else None)
@@ -306,6 +314,8 @@ def format_report(report: dict[str, Any]) -> str:
     worst = sorted(scored)[:5]
     if worst and worst[0][0] < 1.0:
         lines.append("weakest classes: " + ", ".join(f"{name} {100 * acc:.0f}%" for acc, name in worst))
+    if report.get("decoder_check"):
+        lines.append(report["decoder_check"])
     if report.get("confusion_png"):
         lines.append(f"confusion matrix -> {report['confusion_png']}")
     if report.get("predictions"):

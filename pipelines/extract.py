@@ -38,8 +38,11 @@ from dist_cache.transforms import PREPROCESS
 from pipelines.extract_device import DeviceForward, LaunchedBatch
 from pipelines.prepare import PreparedVideo, RenderSpec, prepare_video
 from pipelines.repair import Damage, damaged_videos
+from pipelines.video_notes import VideoNotes
 from storage import StoreSchema, StoreWriter, frames_codec
-from storage.schema import FORMAT_VERSION
+from storage.remote import open_location
+from storage.root import read_attrs
+from storage.schema import ATTR_KEY, FORMAT_VERSION
 
 FORMAT_SPLITS = ("train", "test")
 DTYPES = ("fp16", "int8")
@@ -63,13 +66,21 @@ def first_failures_error(count: int, first_error: str, then: str = "") -> UserEr
 MAX_SEED = 2**63 - 1
 
 
-def default_decoder() -> str:
-    """decord where it is installed (it is the faster), else PyAV."""
-    try:
-        get_decoder("decord")
-    except UserError:
+def default_decoder(out: str, storage_options: dict | None = None) -> str:
+    """--decoder's default: the decoder of the store at `out` if there is one (a rerun resumes it as it was
+    extracted), else PyAV: it installs everywhere, and costs the CPU time per video decord does (README, "Decoding
+    and rendering"), while decord's FFmpeg 4 cannot open AV1 and ignores some display matrices."""
+    if not out:
         return "pyav"
-    return "decord"
+    try:
+        attrs = read_attrs(open_location(out, storage_options or None)) or {}
+    except Exception:  # a peek: StoreWriter.open, which runs next, says what is wrong with the location
+        attrs = {}
+    schema = attrs.get(ATTR_KEY)
+    preprocess = schema.get("preprocess") if isinstance(schema, dict) else None
+    decoder = preprocess.get("decoder") if isinstance(preprocess, dict) else None
+    name = decoder.get("name") if isinstance(decoder, dict) else None
+    return name if name in DECODERS else "pyav"
 
 
 @dataclass
@@ -105,7 +116,7 @@ class ExtractOptions:
     batch_frames: int = 64
     decode_workers: int | str = "auto"  # a count, or "auto" (dist_cache.decode_pool.auto_workers)
     decode_timeout: float = 120.0
-    decoder: str | None = None  # a dist_cache.decoders name; None: default_decoder()
+    decoder: str | None = None  # a dist_cache.decoders name; None: default_decoder() (the store's, else pyav)
     precision: str | None = None  # how CLIP runs; None: fp16 on CUDA, fp32 elsewhere
     device: str = "auto"
     hash_videos: bool = False  # record each file's sha256 so verify can tell a replaced copy
@@ -118,7 +129,7 @@ class ExtractOptions:
         if self.views is None:
             self.views = DEFAULT_VIEWS.get(self.split, 1)
         if self.decoder is None:
-            self.decoder = default_decoder()
+            self.decoder = default_decoder(self.out, self.storage_options)
 
 
 @dataclass
@@ -129,6 +140,7 @@ class ExtractSummary:
     bytes_written: int = 0
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (video, error), this run
+    notes: VideoNotes = field(default_factory=VideoNotes)  # short, variable-rate and turned videos stored by this run
     complete: bool = False
     store_failed: int = 0  # failed videos in the whole store, earlier runs included
     damaged: list[Damage] = field(default_factory=list)  # done videos found damaged (--repair), redone by this run
@@ -139,6 +151,7 @@ class ExtractSummary:
         self.failed += other.failed
         self.bytes_written += other.bytes_written
         self.failures.extend(other.failures)
+        self.notes.merge(other.notes)
 
 
 def check_template(template: str) -> None:
@@ -323,10 +336,11 @@ class _RunState:
         with self.lock:
             self._record(video_index, message)
 
-    def stored(self, nbytes: int) -> None:
+    def stored(self, nbytes: int, facts: dict) -> None:
         with self.lock:
             self.summary.stored += 1
             self.summary.bytes_written += nbytes
+            self.summary.notes.add(facts, self.extractor.opts.frames)
             self._release_held()
             self.on_progress(self.summary)
 
@@ -514,7 +528,7 @@ class Extractor:
         except BaseException as err:  # a StoreWriteError (disk full...) or a bug: either ends the run
             state.stop(err)
             return
-        state.stored(nbytes)
+        state.stored(nbytes, prepared.facts.to_dict())
 
 
 class _Bar:

@@ -2,7 +2,8 @@
 
 Besides the schema and progress: whether dense frames are stored, for which gammas, how (raw, or JPEG of a quality)
 and at how many bytes per clip view, what CLIP ran in
-(precision, activation) and which decoder read the videos, what a format-1 store lacks, and what the store
+(precision, activation) and which decoder read the videos, how many done videos are short, variable-rate or turned
+upright by their display matrix (`pipelines.video_notes`), what a format-1 store lacks, and what the store
 occupies where it lives: a local store is walked, an object store listed; an HTTP server lists nothing, so
 there the object count is derived from the consolidated metadata and the status table, and the size is the
 shard bytes the store's summary recorded.
@@ -17,6 +18,7 @@ import numpy as np
 import zarr
 
 from dist_cache.errors import first_line
+from pipelines.video_notes import VideoNotes
 from storage import FeatureStore, SampleStatus, StoreDamagedError, frames_codec, layout
 from storage.remote import open_location
 from storage.root import read_attrs
@@ -51,6 +53,10 @@ def store_info(url: str, storage_options: dict | None = None) -> dict[str, Any]:
         damage = damage or [first_line(err)]
         failed, counts = [], dict.fromkeys(("done", "failed", "pending"))
     G = schema.dense_gamma
+    facts = store.video_facts()
+    done = per_video == SampleStatus.DONE
+    notes = VideoNotes.from_tables(facts["num_frames"][done], facts["vfr"][done], facts["transform"][done],
+                                   schema.num_frames)
     return {
         "store": url,
         "complete": store.complete,
@@ -68,6 +74,7 @@ def store_info(url: str, storage_options: dict | None = None) -> dict[str, Any]:
         "activation": schema.backbone["activation"],
         "decoder": schema.preprocess["decoder"],
         "dense_frames": None if G is None else frames_info(store),
+        "video_notes": notes.to_dict(),
         "videos_per_shard": store.videos_per_shard,
         **_usage_or_unknown(store, url, storage_options),
         "limitations": limitations(store),
@@ -194,6 +201,7 @@ def format_info(info: dict, show_failed: bool = False) -> str:
     dense = info["dense_frames"]
     frames = (f"dense frames for gamma {', '.join(map(str, dense['gammas']))} (stored G={dense['gamma']}), "
               + _frames_format(dense) if dense else "none stored (training decodes the dense frames from the videos)")
+    notes = VideoNotes(**info["video_notes"])
     P = info["videos_per_shard"]
     if info["measured"] == "listing":
         where = f"{info['objects']} objects, {_size(info['bytes'])}"
@@ -216,6 +224,7 @@ def format_info(info: dict, show_failed: bool = False) -> str:
         f"{schema['sampling'].get('policy', 'unrecorded policy')}{_offsets(schema)}, "
         f"seed {schema['sampling']['seed']}, "
         f"image {backbone['image_size']} px, decoded by {decoder['name']} {decoder['version']}",
+        f"  videos     of the {notes.videos} done: {notes.describe(schema['num_frames'])}",
         f"  classes    {len(schema['class_names'])}, text templates {schema['text']['templates']}",
         f"  storage    format {info['format_version']}, "
         + ("" if P == 1 else f"packed copy of {P} videos per shard (read-only), ") + where,

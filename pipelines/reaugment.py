@@ -41,9 +41,9 @@ class ReaugmentedFrames(DecodedFrames):
     """Sample (v, k)'s frames in epoch e: a view of video v planned afresh with rng(seed, e, v), whatever k."""
 
     def __init__(self, store: FeatureStore, video_root: str | Path, gamma: int, *, seed: int,
-                 workers: int | Literal["auto"] = "auto", timeout: float = 120.0):
+                 workers: int | Literal["auto"] = "auto", timeout: float = 120.0, decoder: str | None = None):
         check_reaugmentable(store, "--cache")  # before the decode pool starts its processes
-        super().__init__(store, video_root, gamma, workers=workers, timeout=timeout)
+        super().__init__(store, video_root, gamma, workers=workers, timeout=timeout, decoder=decoder)
         self.seed = seed
         sampling = store.schema.sampling
         self.sampling = {key: tuple(sampling[key]) if key in ("scale", "ratio") else float(sampling[key])

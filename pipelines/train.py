@@ -44,6 +44,7 @@ from pipelines.checks import (
     usable_samples,
 )
 from pipelines.data import BatchLoader, EpochSampler, frame_source
+from pipelines.decoder_check import check_decoder
 from pipelines.distributed import LAUNCHER_ENV, Ranks, joined, launch
 from pipelines.evaluate import Validation
 from pipelines.optim import make_optimizer, make_scaler, restore_scaler
@@ -60,7 +61,7 @@ from storage import FeatureStore
 RUNTIME_OPTIONS = frozenset({
     "cache", "video_root", "out", "val_cache", "val_video_root", "resume", "pretrained", "workers", "read_threads",
     "decode_workers", "decode_timeout", "device", "save_every", "log_every", "eval_every", "eval_batch_size",
-    "storage_options", "report_to",
+    "storage_options", "report_to", "decoder",
 })
 
 
@@ -98,6 +99,7 @@ class TrainOptions:
     read_threads: int = 8  # threads reading the store into the batch buffers (reads release the GIL)
     decode_workers: int | Literal["auto"] = "auto"  # processes decoding dense frames (0: in the reader threads)
     decode_timeout: float = 120.0  # seconds before a video's decode is killed (and the run stops)
+    decoder: str | None = None  # decode the dense frames with this decoder, not the store's (pipelines.decoder_check)
     device: str = "auto"
     save_every: int = 500  # steps between last.pt writes (also written at every epoch end)
     log_every: int = 10
@@ -201,6 +203,7 @@ class Checked:
     val_usable: np.ndarray | None
     val_frames: str | None
     ckpt: dict[str, Any] | None
+    decoder_note: str | None = None  # what `check_decoder` checked, when --decoder is not the store's
 
 
 def preflight(opts: TrainOptions, world: int = 1) -> Checked:
@@ -233,8 +236,11 @@ def preflight(opts: TrainOptions, world: int = 1) -> Checked:
         check_reaugmentable(store, "--cache")
         if opts.video_root is None:
             raise UserError("--reaugment decodes a fresh view of every video each epoch: pass --video-root")
-    frames = (check_frames(store, usable, gamma, opts.video_root, "--video-root", decode=opts.reaugment)
-              if needs_frames else None)
+    frames = (check_frames(store, usable, gamma, opts.video_root, "--video-root", decode=opts.reaugment,
+                           decoder=opts.decoder) if needs_frames else None)
+    note = None
+    if frames == "decoded" and opts.decoder:
+        note = check_decoder(store, usable, opts.video_root, opts.decoder)
     frames = "reaugmented" if opts.reaugment else frames
     val_store = val_usable = val_frames = None
     if opts.val_cache:
@@ -244,12 +250,14 @@ def preflight(opts: TrainOptions, world: int = 1) -> Checked:
         check_store_fits(val_store, config, "--val-cache", online=opts.online)
         val_usable, _ = usable_samples(val_store, "--val-cache")
         if needs_frames:
-            val_frames = check_frames(val_store, val_usable, gamma, opts.val_video_root or opts.video_root,
-                                      "--val-video-root")
+            val_root = opts.val_video_root or opts.video_root
+            val_frames = check_frames(val_store, val_usable, gamma, val_root, "--val-video-root", decoder=opts.decoder)
+            if val_frames == "decoded" and opts.decoder:
+                check_decoder(val_store, val_usable, val_root, opts.decoder)
     ckpt = load_checkpoint(last_path) if opts.resume else None
     if ckpt is not None:
         _check_resume(ckpt, opts, store.fingerprint, opts.cache)
-    return Checked(store, usable, failed, layers, config, frames, val_store, val_usable, val_frames, ckpt)
+    return Checked(store, usable, failed, layers, config, frames, val_store, val_usable, val_frames, ckpt, note)
 
 
 def _check_resume(ckpt: dict[str, Any], opts: TrainOptions, store_fingerprint: str, cache: str) -> None:
@@ -413,10 +421,10 @@ def setup(opts: TrainOptions, ranks: Ranks, checked: Checked) -> Run:
         frames = None
         if checked.frames == "reaugmented":
             frames = ReaugmentedFrames(store, opts.video_root, config.switches.gamma, seed=opts.seed,
-                                       workers=opts.decode_workers, timeout=opts.decode_timeout)
+                                       workers=opts.decode_workers, timeout=opts.decode_timeout, decoder=opts.decoder)
         elif checked.frames:
             frames = frame_source(store, config.switches.gamma, opts.video_root, decode_workers=opts.decode_workers,
-                                  decode_timeout=opts.decode_timeout)
+                                  decode_timeout=opts.decode_timeout, decoder=opts.decoder)
             opened.callback(frames.close)
         loader = BatchLoader(store, sampler, layers=None if opts.online else checked.layers, frames=frames,
                              device=device, read_threads=opts.read_threads)
@@ -427,7 +435,7 @@ def setup(opts: TrainOptions, ranks: Ranks, checked: Checked) -> Run:
                                          video_root=opts.val_video_root or opts.video_root,
                                          batch_size=opts.eval_batch_size or opts.batch_size,
                                          read_threads=opts.read_threads, decode_workers=opts.decode_workers,
-                                         decode_timeout=opts.decode_timeout, device=device)
+                                         decode_timeout=opts.decode_timeout, device=device, decoder=opts.decoder)
             opened.callback(validation.close)
         if ranks.main:
             Path(opts.out).mkdir(parents=True, exist_ok=True)

@@ -188,10 +188,17 @@ VIDEO_TABLES: dict[str, tuple[Any, tuple[int | str, ...], Any]] = {
     # The file's identity, for moved or re-downloaded copies: size always, sha256 with extract --hash-videos.
     "videos/size_bytes": ("int64", (), -1),
     "videos/sha256": (str, (), ""),
+    # What the decoder reported about the video: the display transform it applied to show the frames upright
+    # ("none", or FFmpeg's filters: dist_cache.display.TRANSFORMS) and whether the frame rate varies (0 or 1).
+    # "" and -1: unknown (decord does not report the transform; a video extracted before these were recorded).
+    "videos/transform": (str, (), ""),
+    "videos/vfr": ("int8", (), -1),
 }
 # Tables a format-1 store may lack: videos/size_bytes and videos/sha256 joined format 1 late, and
 # samples/label is new in format 2. Readers treat a missing one as all fill ("unknown").
 OPTIONAL_TABLES = frozenset({"videos/size_bytes", "videos/sha256", "samples/label"})
+# Tables a store of any format may lack: finalized before they existed. Also read as all fill.
+LATER_TABLES = frozenset({"videos/transform", "videos/vfr"})
 
 
 def table_arrays(schema: StoreSchema) -> list[ArraySpec]:

@@ -163,8 +163,9 @@ class OpenedStore:
         checked where a bad one would index out of range."""
         if name in self.tables:
             return self.tables[name]
-        if self.schema.format_version == 1 and name in layout.OPTIONAL_TABLES and name not in self.group:
-            # A format-1 store without this table: every row is "unknown".
+        if ((self.schema.format_version == 1 and name in layout.OPTIONAL_TABLES) or name in layout.LATER_TABLES) \
+                and name not in self.group:
+            # A store finalized before this table existed: every row is "unknown".
             dtype, _row, fill = {**layout.SAMPLE_TABLES, **layout.VIDEO_TABLES}[name]
             rows = self.schema.num_samples if name in layout.SAMPLE_TABLES else self.schema.num_videos
             values = np.full((rows,), fill, dtype=object if dtype is str else dtype)

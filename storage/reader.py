@@ -294,6 +294,19 @@ class FeatureStore:
         """(S,) uint8 SampleStatus codes. Incomplete stores read every record (fine locally)."""
         return np.repeat(self._video_statuses(), self.schema.views_per_video)
 
+    def video_facts(self) -> dict[str, np.ndarray]:
+        """(V,) arrays of every video's facts as the `videos/*` tables hold them, rows of videos not done holding
+        the fills (storage/README.md): num_frames, width, height, fps, transform, vfr. A complete store reads its
+        tables; an incomplete one gathers them from the records of its done videos (every one read)."""
+        names = ("num_frames", "width", "height", "fps", "transform", "vfr")
+        st = self._state()
+        if st.complete:
+            return {name: np.asarray(st.table(f"videos/{name}")) for name in names}
+        done = np.flatnonzero(self._video_statuses() == SampleStatus.DONE)
+        found = {int(v): rec for v in done if (rec := self.record(int(v))) is not None}
+        tables = records.gather(found, self.schema)
+        return {name: tables[f"videos/{name}"] for name in names}
+
     def done_indices(self) -> np.ndarray:
         return np.flatnonzero(self.status == SampleStatus.DONE)
 

@@ -67,6 +67,11 @@ def facts_dict(facts: Any) -> dict[str, Any]:
     out = {k: v for k, v in d.items() if k not in FACT_KEYS}
     out.update(num_frames=_int(d.get("num_frames"), "facts.num_frames"), fps=_float(d.get("fps"), "facts.fps"),
                width=_int(d.get("width"), "facts.width"), height=_int(d.get("height"), "facts.height"))
+    # Optional (absent: the decoder did not tell): the display transform applied ("" none) and variable frame rate.
+    if "transform" in out and not isinstance(out["transform"], str):
+        raise RecordError(f"facts.transform must be a string, got {out['transform']!r}")
+    if "vfr" in out:
+        out["vfr"] = _bool(out["vfr"], "facts.vfr")
     try:
         return json.loads(canonical_json(out))
     except (TypeError, ValueError) as exc:
@@ -227,6 +232,9 @@ def gather(records: Mapping[int, VideoRecord], schema: StoreSchema) -> dict[str,
                 tables[f"videos/{key}"][v] = rec.facts[key]
             tables["videos/size_bytes"][v] = rec.facts.get("size_bytes", -1)
             tables["videos/sha256"][v] = rec.facts.get("sha256", "")
+            transform = rec.facts.get("transform")
+            tables["videos/transform"][v] = "" if transform is None else (transform or "none")
+            tables["videos/vfr"][v] = -1 if rec.facts.get("vfr") is None else int(bool(rec.facts["vfr"]))
         tables["samples/status"][v * K:(v + 1) * K] = rec.status
         for k, view in enumerate(rec.views):
             i = v * K + k
@@ -252,6 +260,10 @@ def from_tables(table: Any, v: int, K: int) -> VideoRecord | None:
             facts["size_bytes"] = size
         if sha := str(table("videos/sha256")[v]):
             facts["sha256"] = sha
+        if transform := str(table("videos/transform")[v]):  # "" unknown, "none" none
+            facts["transform"] = "" if transform == "none" else transform
+        if (vfr := int(table("videos/vfr")[v])) >= 0:
+            facts["vfr"] = bool(vfr)
     if status == SampleStatus.FAILED:
         return VideoRecord(v, status, str(table("videos/error")[v]) or "failed", facts, ())
     views = []
@@ -286,5 +298,5 @@ def sample_dict(record: VideoRecord | None, view: int, video_label: int) -> dict
         "crop": plan.crop if plan else None,
         "flip": plan.flip if plan else None,
         "grayscale": plan.grayscale if plan else None,
-        **{k: facts.get(k) for k in (*FACT_KEYS, "size_bytes", "sha256")},
+        **{k: facts.get(k) for k in (*FACT_KEYS, "size_bytes", "sha256", "transform", "vfr")},
     }

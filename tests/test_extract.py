@@ -102,7 +102,7 @@ def test_store_records_what_reuse_needs(train_store, motion_dataset, tiny_checkp
     from dist_cache.backbone import load_backbone
 
     assert backbone["weights_sha256"] == load_backbone("dist-tiny", str(tiny_checkpoint)).weights_sha256
-    assert store.schema.sampling["seed"] == 3 and store.schema.preprocess["decoder"]["name"] == "decord"
+    assert store.schema.sampling["seed"] == 3 and store.schema.preprocess["decoder"]["name"] == "pyav"
     assert list(store.schema.class_names) == ["down", "left", "right", "up"]
     assert store.text_features.shape == (4, 64)
     np.testing.assert_allclose(np.linalg.norm(store.text_features, axis=1), 1.0, rtol=1e-5)

@@ -89,14 +89,18 @@ def test_precision_decoder_and_test_views_are_recorded(motion_dataset, tiny_chec
     default = extract(motion_dataset, tmp_path / "default.zarr", tiny_checkpoint, "--split", "test", manifest="val.csv")
     assert default.schema.views_per_video == 3  # 3 temporal clips x 1 crop, what eval expects
     assert default.schema.precision == "fp32"  # the CPU's default
-    assert default.schema.preprocess["decoder"]["name"] == "decord"
-    pyav = extract(motion_dataset, tmp_path / "pyav.zarr", tiny_checkpoint, "--split", "test", "--decoder", "pyav",
-                   "--precision", "bf16", manifest="val.csv")
-    assert pyav.schema.preprocess["decoder"]["name"] == "pyav" and pyav.schema.precision == "bf16"
+    assert default.schema.preprocess["decoder"]["name"] == "pyav"  # it installs everywhere
+    decord = extract(motion_dataset, tmp_path / "decord.zarr", tiny_checkpoint, "--split", "test", "--decoder",
+                     "decord", "--precision", "bf16", manifest="val.csv")
+    assert decord.schema.preprocess["decoder"]["name"] == "decord" and decord.schema.precision == "bf16"
+    # A rerun without --decoder resumes a store with the decoder it records, whatever the default.
+    again = extract(motion_dataset, tmp_path / "decord.zarr", tiny_checkpoint, "--split", "test", "--precision",
+                    "bf16", manifest="val.csv")
+    assert again.schema.preprocess["decoder"]["name"] == "decord"
     for i in range(len(default)):
-        assert default.sample(i)["sparse_indices"].tolist() == pyav.sample(i)["sparse_indices"].tolist()
+        assert default.sample(i)["sparse_indices"].tolist() == decord.sample(i)["sparse_indices"].tolist()
         # bf16 autocast keeps 8 bits of mantissa: the same features to about 1 %.
-        a, b = default.features(i).astype(np.float32), pyav.features(i).astype(np.float32)
+        a, b = default.features(i).astype(np.float32), decord.features(i).astype(np.float32)
         assert np.abs(a - b).max() <= 0.05 * np.abs(a).max()
 
 

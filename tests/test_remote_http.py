@@ -216,7 +216,7 @@ def error_lines(result: Result) -> list[str]:
 
 
 def test_a_server_that_goes_away_mid_copy_is_one_line_then_the_copy_resumes(tiny_store, tmp_path, quick_retries):
-    faults = Faults("stop", range(26, 10**6))  # after the tables and the first video
+    faults = Faults("stop", range(28, 10**6))  # after the tables and the first video
     with serve(tiny_store, faults=faults) as (base, _):
         result = CliRunner().invoke(cli.main, ["copy", f"{base}/s.zarr", str(tmp_path / "c.zarr")])
     assert result.exit_code == 2, result.output

@@ -268,7 +268,7 @@ def test_finalize_consolidates_and_keeps_sample_fields(tmp_path):
     assert store.complete and store.consolidated
     sample = store.sample(3)
     store.features(0)
-    assert len(counting.reads) <= 20, counting.reads
+    assert len(counting.reads) <= 22, counting.reads  # root metadata twice, the tables a sample reads, a shard
     assert not any(k.startswith("records/") for k, _ in counting.reads)  # tables, not records
 
     for i in range(8):
@@ -404,3 +404,36 @@ def test_many_records_are_gathered_in_order(tmp_path):
     store = FeatureStore.open(tmp_path / "s.zarr")
     assert store.status.tolist() == [2 if v in fail else 1 for v in range(90)]
     assert [store.sample(v)["num_frames"] for v in (1, 89)] == [31, 119]
+
+
+def test_decoder_facts_round_trip_and_stores_without_their_tables_read_as_unknown(tmp_path):
+    """The display transform and variable frame rate a decoder reports go into the record and, at finalize, the
+    videos/transform and videos/vfr tables; a fact the decoder could not tell (decord's transform) stays unknown.
+    A store finalized before those tables existed reads every row as unknown."""
+    import shutil
+
+    from storage.writer import consolidate
+
+    schema = make_schema(num_videos=3, views=1)
+    root = tmp_path / "s.zarr"
+    w = open_writer(str(root), schema)
+    told = [{"transform": "transpose=cclock", "vfr": True}, {"transform": "", "vfr": False}, {"vfr": False}]
+    for v in range(3):
+        facts, plans, features, clip = video_data(schema, v)
+        w.write_video(v, {**facts, **told[v]}, plans, features, clip)
+    assert {k: FeatureStore.open(root).sample(0)[k] for k in ("transform", "vfr")} == told[0]  # from the record
+    w.finalize()
+    store = FeatureStore.open(root)
+    assert store.complete
+    assert [{k: store.sample(v)[k] for k in ("transform", "vfr")} for v in range(3)] == \
+        [told[0], told[1], {"transform": None, "vfr": False}]
+    group = zarr.open_group(root, mode="r")
+    assert list(group["videos/transform"][:]) == ["transpose=cclock", "none", ""]
+    assert list(group["videos/vfr"][:]) == [1, 0, 0]
+
+    for name in ("videos/transform", "videos/vfr"):  # as finalized by an earlier dist-cache
+        shutil.rmtree(root / name)
+    consolidate(LocalStore(root))
+    old = FeatureStore.open(root)
+    assert old.complete and old.sample(0)["num_frames"] == store.sample(0)["num_frames"]
+    assert (old.sample(0)["transform"], old.sample(0)["vfr"]) == (None, None)

@@ -33,7 +33,7 @@ def stores(tmp_path_factory, motion_dataset, tiny_checkpoint):
     shutil.copytree(motion_dataset / "videos", videos)
     common = dict(video_root=videos, checkpoint=tiny_checkpoint)
     plain = dict(video_root=str(videos), model="dist-tiny", pretrained=str(tiny_checkpoint), frames=4, decode_workers=1,
-                 device="cpu")
+                 device="cpu", decoder="decord")  # a store that needs decord, for the refusal below
     extract(ExtractOptions(manifest=str(motion_dataset / "train.csv"), out=str(root / "train.zarr"), **TRAIN_VIEWS,
                            **plain), progress=False)
     extract(ExtractOptions(manifest=str(motion_dataset / "val.csv"), out=str(root / "val.zarr"), views=3, split="test",
