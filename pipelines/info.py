@@ -49,14 +49,17 @@ def store_info(url: str, storage_options: dict | None = None) -> dict[str, Any]:
             record = store.record(v)
             failed.append({"video": store.video(v), "error": record.error if record else None})
         counts: dict[str, int | None] = {name: count * K for name, count in store.progress().items()}
+        facts = store.video_facts()
+        done = per_video == SampleStatus.DONE
+        notes: VideoNotes | None = VideoNotes.from_tables(facts["num_frames"][done], facts["vfr"][done],
+                                                          facts["transform"][done], schema.num_frames)
+        G = schema.dense_gamma
+        dense = None if G is None else frames_info(store)
     except StoreDamagedError as err:  # what the counts come from is damaged: say so, show the rest
         damage = damage or [first_line(err)]
-        failed, counts = [], dict.fromkeys(("done", "failed", "pending"))
-    G = schema.dense_gamma
-    facts = store.video_facts()
-    done = per_video == SampleStatus.DONE
-    notes = VideoNotes.from_tables(facts["num_frames"][done], facts["vfr"][done], facts["transform"][done],
-                                   schema.num_frames)
+        failed, counts, notes = [], dict.fromkeys(("done", "failed", "pending")), None
+        dense = None if schema.dense_gamma is None else {"gamma": schema.dense_gamma,
+                                                          "gammas": dense_gammas(schema.dense_gamma)}
     return {
         "store": url,
         "complete": store.complete,
@@ -73,8 +76,8 @@ def store_info(url: str, storage_options: dict | None = None) -> dict[str, Any]:
         "precision": schema.precision,
         "activation": schema.backbone["activation"],
         "decoder": schema.preprocess["decoder"],
-        "dense_frames": None if G is None else frames_info(store),
-        "video_notes": notes.to_dict(),
+        "dense_frames": dense,
+        "video_notes": None if notes is None else notes.to_dict(),
         "videos_per_shard": store.videos_per_shard,
         **_usage_or_unknown(store, url, storage_options),
         "limitations": limitations(store),
@@ -183,7 +186,11 @@ def _offsets(schema: dict) -> str:
     if sampling.get("test_offsets", "centred") == "centred":
         return ""
     return f" at the {sampling['test_offsets']}'s offsets (gamma {sampling.get('test_offsets_gamma')})"
+
+
 def _frames_format(dense: dict) -> str:
+    if "format" not in dense:  # the tables it is measured from are damaged (store_info)
+        return "format and size not read (the store's tables are damaged)"
     if dense["format"] == frames_codec.RAW:
         return f"raw uint8, {_size(dense['bytes_per_view'])} per clip view"
     per_view = dense["bytes_per_view"]
@@ -201,7 +208,7 @@ def format_info(info: dict, show_failed: bool = False) -> str:
     dense = info["dense_frames"]
     frames = (f"dense frames for gamma {', '.join(map(str, dense['gammas']))} (stored G={dense['gamma']}), "
               + _frames_format(dense) if dense else "none stored (training decodes the dense frames from the videos)")
-    notes = VideoNotes(**info["video_notes"])
+    notes = None if info["video_notes"] is None else VideoNotes(**info["video_notes"])
     P = info["videos_per_shard"]
     if info["measured"] == "listing":
         where = f"{info['objects']} objects, {_size(info['bytes'])}"
@@ -224,7 +231,8 @@ def format_info(info: dict, show_failed: bool = False) -> str:
         f"{schema['sampling'].get('policy', 'unrecorded policy')}{_offsets(schema)}, "
         f"seed {schema['sampling']['seed']}, "
         f"image {backbone['image_size']} px, decoded by {decoder['name']} {decoder['version']}",
-        f"  videos     of the {notes.videos} done: {notes.describe(schema['num_frames'])}",
+        f"  videos     of the {notes.videos} done: {notes.describe(schema['num_frames'])}" if notes else
+        "  videos     not counted (the store's tables are damaged)",
         f"  classes    {len(schema['class_names'])}, text templates {schema['text']['templates']}",
         f"  storage    format {info['format_version']}, "
         + ("" if P == 1 else f"packed copy of {P} videos per shard (read-only), ") + where,

@@ -19,7 +19,8 @@ from dist_cache.decoders import LUMA_TOLERANCE, disagreement, get_decoder
 from real_videos import CARPHONE, make_clips, remux
 
 EXTRACT = ["--model", "dist-tiny", "--pretrained", "none", "--allow-random-weights", "--frames", "8",
-           "--decode-workers", "1", "--device", "cpu"]
+           "--decode-workers", "1", "--device", "cpu",
+           "--split", "test", "--views", "1"]  # a test split: eval scores it (a train split it refuses), train takes it
 TRAIN = ["--alpha-dim", "32", "--beta-dim", "16", "--pool-blocks", "1", "--epochs", "1", "--batch-size", "3",
          "--warmup-epochs", "0", "--device", "cpu", "--decode-workers", "0", "--read-threads", "2"]
 
