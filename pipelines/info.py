@@ -14,6 +14,7 @@ from typing import Any
 
 import zarr
 
+from pipelines.compact import sample_bytes
 from storage import FeatureStore, SampleStatus, layout
 from storage.remote import open_location
 from storage.root import read_attrs
@@ -52,10 +53,46 @@ def store_info(url: str, storage_options: dict | None = None) -> dict[str, Any]:
         "decoder": schema.preprocess["decoder"],
         "dense_frames": None if G is None else {"gamma": G, "gammas": dense_gammas(G)},
         "videos_per_shard": store.videos_per_shard,
+        "format": store_format(schema),
+        "bytes_per_view": sample_bytes(schema) if schema.format_version >= 2 else None,
+        "encoding": schema.encoding,
         **usage(store, url, storage_options),
         "limitations": limitations(store),
         "schema": schema.to_json(),
     }
+
+
+def store_format(schema) -> str:
+    """The features' format in a few words: fp16, int8 (per-token absmax), or a compact store's encoding."""
+    section = schema.encoding
+    if section is None:
+        return "fp16" if schema.dtype == "fp16" else "int8, per-token absmax scales (format 2)"
+    fit = section.get("fit") or {}
+    parts = []
+    if section["pca"] is not None:
+        request, comps = section["pca"]["request"], fit.get("components") or []
+        kept = fit.get("variance_kept") or []
+        which = f"top {request} components" if isinstance(request, int) else f"{request} of the variance"
+        spread = f"K {min(comps)}..{max(comps)}" if comps and min(comps) != max(comps) else f"K {comps[0]}" \
+            if comps else "K ?"
+        parts.append(f"PCA codes ({which}: {spread}" + (f", variance kept {min(kept):.4f}..{max(kept):.4f})"
+                                                         if kept else ")"))
+    parts.append("int8 with per-channel and per-token scales" if section["quantization"] else "fp16")
+    return ", ".join(parts)
+
+
+def fit_quality(section: dict | None) -> str | None:
+    """A compact store's recorded fit and its error on held-out videos, one line, or None."""
+    fit = (section or {}).get("fit")
+    if not fit:
+        return None
+    where = f"fit on {len(fit['fit_videos'])} videos ({fit['fit_tokens']} tokens per layer, by {fit['source']})"
+    holdout = fit.get("holdout")
+    if not holdout:
+        return f"{where}; error not measured (no video held out)"
+    rel, inl, cos = holdout["relative"], holdout["relative_inliers"], holdout["cosine_min"]
+    return (f"{where}; on {len(fit['holdout_videos'])} held-out videos: relative error {min(rel):.2%}..{max(rel):.2%} "
+            f"per layer ({min(inl):.2%}..{max(inl):.2%} without outlier channels), least token cosine {min(cos):.4f}")
 
 
 def limitations(store: FeatureStore) -> list[str]:
@@ -143,7 +180,11 @@ def format_info(info: dict, show_failed: bool = False) -> str:
         f"sha256={(backbone['weights_sha256'] or 'none')[:16]}, activation {info['activation']}, "
         f"run in {info['precision']}",
         f"  features   layers {layers[0]}..{layers[-1]} ({len(layers)}) x {schema['num_frames']} frames x "
-        f"{schema['tokens']} tokens x {schema['width']} ch, {schema['dtype']}, codec {schema['codec']}",
+        f"{schema['tokens']} tokens x {schema['width']} ch, {info['format']}, codec {schema['codec']}",
+        *([f"  fit        {fit_quality(info['encoding'])}"] if fit_quality(info["encoding"]) else []),
+        *([f"  per view   {_size(sum(info['bytes_per_view'].values()))} stored per clip view ("
+           + ", ".join(f"{k} {_size(v)}" for k, v in info["bytes_per_view"].items()) + ")"]
+          if info["bytes_per_view"] else []),
         f"  frames     {frames}",
         f"  sampling   split {schema['split']}, {schema['views_per_video']} view(s)/video, "
         f"{schema['sampling'].get('policy', 'unrecorded policy')}, seed {schema['sampling']['seed']}, "

@@ -237,6 +237,18 @@ class Encoding:
         """Elements of the flat codes of stored layers `positions` (projected encodings)."""
         return frames * tokens * sum(self.dims[p] for p in positions)
 
+    def subset(self, positions: Sequence[int]) -> Encoding:
+        """The parameters of stored layers `positions` alone (a copy that keeps some layers keeps their codes)."""
+        def rows(values: np.ndarray | None) -> np.ndarray | None:
+            if values is None:
+                return None
+            return np.concatenate([values[self.offsets[p]:self.offsets[p + 1]] for p in positions])
+
+        return Encoding(self.width, len(positions),
+                        None if self.components is None else tuple(self.components[p] for p in positions),
+                        None if self.mean is None else self.mean[list(positions)], rows(self.basis),
+                        rows(self.channel_scales), rows(self.channel_groups))
+
     # ---------------------------------------------------------------- storage
     def arrays(self) -> dict[str, np.ndarray]:
         """The parameter arrays a store keeps under encoding/ (float32)."""

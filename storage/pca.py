@@ -263,3 +263,18 @@ def fit_videos(read: Callable[[int], np.ndarray], sample: Sample, *, pca: int | 
     for v in sample.holdout:
         stats.add_sample(result.encoding, np.asarray(read(v)))
     return fit_record(result, sample, stats.summary(), source), result.encoding
+
+
+def subset_record(record: dict[str, Any], positions: Sequence[int], encoding: Encoding) -> dict[str, Any]:
+    """A fit record restricted to stored layers `positions` (per-layer lists kept for those), for `encoding`, the
+    fitted parameters restricted the same way (Encoding.subset)."""
+    def pick(values: Any) -> Any:
+        return None if values is None else [values[p] for p in positions]
+
+    out = dict(record, components=pick(record.get("components")), variance_kept=pick(record.get("variance_kept")),
+               outlier_channels=pick(record.get("outlier_channels")), sha256=encoding.digest(),
+               grain=encoding.grain if encoding.projected else None)
+    holdout = record.get("holdout")
+    if holdout:
+        out["holdout"] = {k: (pick(v) if isinstance(v, list) else v) for k, v in holdout.items()}
+    return out
