@@ -105,7 +105,17 @@ def main() -> None:
 @click.option("--seed", default=0, type=click.IntRange(0, 2**63 - 1), show_default=True,
               help="Seed for frame sampling and crops.")
 @click.option("--dtype", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True,
-              help="Stored feature type: fp16, or int8 per-token absmax with fp16 scales (2x smaller, ~0.8 % error).")
+              help="Stored feature (or PCA code) type: fp16, or int8 with per-channel scales fitted on a sample of "
+                   "the videos and per-token scales (a compact store: 2x smaller, ~0.8 % error, robust to outlier "
+                   "channels and tokens).")
+@click.option("--pca", default=None, metavar="K|F",
+              help="Compact store of PCA codes: per layer the top K components (e.g. 128) or the fewest keeping a "
+                   "share F of the variance (e.g. 0.99), fitted first on a seeded sample of the videos (nothing "
+                   "full-size is written); with --dtype int8, int8 codes. Training folds the projection into the "
+                   "model. See `dist-cache copy --dry-run` to choose K on an existing store.")
+@click.option("--pca-sample", default=None, type=click.IntRange(min=2),
+              help="Videos the fit draws for --pca / --dtype int8 (20 % held out to measure the error). Default: "
+                   "enough for 64 tokens per channel (about 40 ViT-B/16 videos).")
 @click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
               help="How CLIP runs: fp16/bf16 autocast or fp32. Default: fp16 on CUDA, fp32 on the CPU.")
 @click.option("--codec", type=click.Choice(["none", "zstd", "blosc-zstd", "blosc-lz4"]), default="none",
@@ -162,8 +172,11 @@ def extract(**kw) -> None:
     from dist_cache.manifests import load_flip_label_map
     from pipelines.extract import ExtractOptions, extract as run_extract
 
+    from pipelines.compact import parse_pca
+
     merge_renamed(kw, "dask_workers")
     check_storage_options(kw["storage_options"], kw["out"])
+    kw["pca"] = parse_pca(kw["pca"])
     strict, workers, scheduler = kw.pop("strict"), kw.pop("dask_workers"), kw.pop("scheduler")
     kw["templates"] = tuple(kw["templates"])
     kw["decode_workers"] = int(kw["decode_workers"]) if kw["decode_workers"].isdigit() else kw["decode_workers"]

@@ -116,6 +116,7 @@ def verify_store(
     report = VerifyReport(store=url)
     try:
         store = FeatureStore.open(url, storage_options=storage_options)
+        store.encoding  # noqa: B018 - a compact store's parameters, checked against the sha256 its schema recorded
         _check_completeness(store, report)
         _check_integrity(store, report, deep, progress)
     except StoreDamagedError as err:
@@ -224,7 +225,7 @@ def _recompute(store: FeatureStore, report: VerifyReport, done: np.ndarray, vide
         report.problems.append(f"cannot recompute features: {err}")
         return
     recompute = Recompute(backbone, backbone.spatial_encoder(list(store.schema.layers)), reader, torch_device)
-    tolerance = TOLERANCE[store.schema.dtype] + PRECISION_ERROR[recorded] + PRECISION_ERROR[run]
+    tolerance = storage_tolerance(store, report) + PRECISION_ERROR[recorded] + PRECISION_ERROR[run]
     if recorded != "fp32" or run != "fp32":
         here = "" if run == recorded else f", recomputed in {run} here ({recorded} does not run on {torch_device})"
         report.notes.append(f"CLIP ran in {recorded} for this store{here}: the tolerance is widened by the known "
@@ -242,6 +243,26 @@ def _recompute(store: FeatureStore, report: VerifyReport, done: np.ndarray, vide
             _recompute_sample(store, report, i, sample, path, recompute, tolerance)
         except StoreDamagedError as err:  # bytes a shallow check cannot see (a flipped data byte)
             report.problems.append(str(err))
+
+
+def storage_tolerance(store: FeatureStore, report: VerifyReport) -> float:
+    """How far the stored values may be from CLIP's: the storage's rounding (fp16, format-2 int8), or for a compact
+    store the error its fit recorded on held-out videos (projection and quantisation together), doubled for one
+    sample's spread around that average, plus the fp16 rounding of the reconstruction."""
+    section = store.schema.encoding
+    if section is None:
+        return TOLERANCE[store.schema.dtype]
+    holdout = (section.get("fit") or {}).get("holdout")
+    if not holdout:
+        report.notes.append("this compact store recorded no held-out error (its fit held no video out): the "
+                            "recomputed samples' error is reported, not judged")
+        return float("inf")
+    recorded = max(holdout["relative"])
+    tolerance = 2 * recorded + TOLERANCE["fp16"]
+    report.notes.append(f"compact store: the tolerance is twice the largest per-layer error its fit measured on "
+                        f"held-out videos ({recorded:.2%}, projection and quantisation) plus fp16 rounding "
+                        f"({TOLERANCE['fp16']:.1%}): {tolerance:.2%}")
+    return tolerance
 
 
 def _runs_here(precision: str, device: Any) -> bool:
