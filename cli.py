@@ -170,9 +170,8 @@ def main() -> None:
 def extract(**kw) -> None:
     """Run the frozen CLIP over every video once; store each layer's tokens in a zarr store."""
     from dist_cache.manifests import load_flip_label_map
-    from pipelines.extract import ExtractOptions, extract as run_extract
-
     from pipelines.compact import parse_pca
+    from pipelines.extract import ExtractOptions, extract as run_extract
 
     merge_renamed(kw, "dask_workers")
     check_storage_options(kw["storage_options"], kw["out"])
