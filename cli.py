@@ -450,13 +450,16 @@ def evaluate(json_path: str | None, **kw) -> None:
 @click.option("--frames", default=8, type=click.IntRange(min=1), show_default=True,
               help="Sparse (CLIP) frames per view.")
 @switch_options
+@click.option("--pca-k", default=None, type=click.IntRange(min=1),
+              help="Also count the cached branch on a compact store's PCA codes of K components per layer (the "
+                   "projection folded into FC_l and the class-token Linear) against the branch on tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 @user_errors
-def profile(model: str, frames: int, as_json: bool, **switches) -> None:
+def profile(model: str, frames: int, as_json: bool, pca_k: int | None, **switches) -> None:
     """Parameters and GFLOPs (1 multiply-add = 1 FLOP) of one view's DiST forward, split by part."""
     from dist_cache.flops import format_profile, profile_dist
 
-    result = profile_dist(model, frames=frames, switches=DiSTSwitches(**_switch_values(switches)))
+    result = profile_dist(model, frames=frames, switches=DiSTSwitches(**_switch_values(switches)), pca_k=pca_k)
     click.echo(json.dumps(result, indent=2) if as_json else format_profile(result))
 
 

@@ -83,7 +83,10 @@ class TokenLinear(nn.Linear):
         with without_autocast(x.device.type):
             weight = self.weight.float()
             folded = weight @ components.float().t()
-            bias = weight @ mean.float() + (self.bias.float() if self.bias is not None else 0.0)
+            # A (C, 1) matrix rather than a vector: the same product, and FLOP counters see matrix products only.
+            bias = (weight @ mean.float().unsqueeze(-1)).squeeze(-1)
+            if self.bias is not None:
+                bias = bias + self.bias.float()
         return F.linear(x, folded.to(x.dtype), bias.to(x.dtype))
 
 
