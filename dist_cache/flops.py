@@ -214,7 +214,7 @@ def _fold_profile(dist: DiST, config: DiSTConfig, k: int) -> dict[str, Any]:
     Measured twice with batches of 1 and 2 views: the difference is the cost per view, and what is left of the
     batch-of-1 count is the fold itself (W B.T and W mu + b for every FC_l and the head's Linear), paid once per
     step whatever the batch."""
-    from dist_cache.model.compact import ProjectedTokens
+    from dist_cache.model.compact import CompactTokens
 
     if not 1 <= k <= config.width:
         raise ConfigError(f"--pca-k {k}: must lie in 1..{config.width} (the model's width)")
@@ -225,9 +225,9 @@ def _fold_profile(dist: DiST, config: DiSTConfig, k: int) -> dict[str, Any]:
         frames = torch.empty(batch, config.dense_frames, 3, size, size, device="meta") \
             if config.switches.temporal else None
         if codes:
-            features: Any = ProjectedTokens([torch.empty(batch, T, N1, k, device="meta") for _ in range(L)],
-                                            torch.empty(L, C, device="meta"),
-                                            [torch.empty(k, C, device="meta") for _ in range(L)])
+            features: Any = CompactTokens([torch.empty(batch, T, N1, k, device="meta") for _ in range(L)],
+                                          mean=torch.empty(L, C, device="meta"),
+                                          components=[torch.empty(k, C, device="meta") for _ in range(L)])
         else:
             features = torch.empty(L, batch, T, N1, C, device="meta")
         return _count(dist, features, frames)[1]

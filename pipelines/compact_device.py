@@ -1,5 +1,6 @@
-"""A compact store's encoding on the device: encode CLIP's tokens where extraction computes them, and decode what a
-training batch read (int8 dequantised, PCA codes handed to the model as `ProjectedTokens`, never reconstructed).
+"""A compact store's encoding on the device: encode CLIP's tokens where extraction computes them, and hand what a
+training batch read to the model as `CompactTokens` (codes as stored, with the parameters: int8 is dequantised
+where each layer is read, and PCA codes are never reconstructed).
 
 The same arithmetic as storage/encoding.py and storage/quantize.py (numpy, the reference that `FeatureStore` and the
 README's recipe follow), in torch, so the bytes that cross to and from the host are the stored ones: codes and int8.
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dist_cache.model.compact import ProjectedTokens
+from dist_cache.model.compact import CompactTokens
 from storage.encoding import Encoding
 from storage.quantize import GROUPS, QMAX
 
@@ -55,26 +56,17 @@ class DeviceEncoding:
         return q, scale
 
     # ---------------------------------------------------------------- decode (training)
-    def dequantize(self, n: int, codes: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
-        """The n-th layer's stored codes (..., D) (and token scales (..., 2)) -> float16 values (..., D):
-        codes * scales[..., groups] * r, in float32 and rounded once, as storage.quantize.dequantize_scaled."""
-        if scales is None:
-            return codes.to(torch.float16)
-        groups, r = self.groups[n], self.scales[n]  # type: ignore[index]
-        return (codes.float() * scales.float()[..., groups] * r).to(torch.float16)
-
-    def tokens(self, codes: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor | ProjectedTokens:
-        """A batch as read: without projection, int8 (B, L', T, N+1, C) -> float16 tokens (L', B, T, N+1, C);
-        with projection, flat codes (B, T*(N+1)*sum K) -> ProjectedTokens of float16 codes (B, T, N+1, K_l)."""
-        if self.bases is None:
-            out = torch.empty(codes.shape, dtype=torch.float16, device=codes.device)
-            for n in range(codes.shape[1]):  # layer by layer: no float32 copy of the whole batch
-                out[:, n] = self.dequantize(n, codes[:, n], None if scales is None else scales[:, n])
-            return out.transpose(0, 1)
+    def tokens(self, codes: torch.Tensor, scales: torch.Tensor | None) -> CompactTokens:
+        """A batch as read and copied: codes (B, L', T, N+1, C) int8 without projection, or flat codes
+        (B, T*(N+1)*sum K) with it, and token scales (B, L', T, N+1, 2) for int8 -> CompactTokens (views, no copy)."""
         B, T, N1 = codes.shape[0], self.frames, self.num_tokens
         per_layer, at = [], 0
         for n, k in enumerate(self.dims):
-            layer = codes[:, at:at + T * N1 * k].view(B, T, N1, k)
-            at += T * N1 * k
-            per_layer.append(self.dequantize(n, layer, None if scales is None else scales[:, n]))
-        return ProjectedTokens(per_layer, self.mean, self.bases)  # type: ignore[arg-type]
+            if self.bases is None:
+                per_layer.append(codes[:, n])
+            else:
+                per_layer.append(codes[:, at:at + T * N1 * k].view(B, T, N1, k))
+                at += T * N1 * k
+        per_scales = None if scales is None else [scales[:, n] for n in range(len(self.dims))]
+        return CompactTokens(per_layer, scales=per_scales, channel_scales=self.scales, groups=self.groups,
+                             mean=self.mean, components=self.bases)

@@ -145,8 +145,8 @@ class Batch:
     index: np.ndarray  # (B,) sample indices
     video_index: np.ndarray  # (B,)
     label: torch.Tensor  # (B,) int64, per-view labels
-    # (L', B, T, N+1, C) float16 (int8 stores: dequantised on the device), or a projected compact store's
-    # ProjectedTokens (its codes, dequantised on the device; DiST folds the projection into its first linears)
+    # (L', B, T, N+1, C) float16 (format-2 int8 stores: dequantised on the device), or a compact store's
+    # CompactTokens (its codes as stored, on the device: dequantised where the model reads each layer, PCA folded)
     features: TokenBatch | None
     frames: torch.Tensor | None  # (B, gamma*T, R, R, 3) uint8
 

@@ -1,7 +1,8 @@
 """The fold: DiST on PCA codes computes what it computes on the tokens they stand for, and learns the same.
 
 Real dist-tiny geometry (width 64, 2 layers), random codes and an orthonormal basis per layer (other K per layer,
-as `--pca 0.99` gives). The reference is the same step on the reconstructed float32 tokens x = mean + z @ B."""
+as `--pca 0.99` gives). The reference is the same step on the reconstructed float32 tokens x = mean + z @ B.
+Also int8 codes with their scales (dequantised where each layer is read), with and without projection."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from dist_cache.backbone import load_backbone
 from dist_cache.mixing import Mixer
 from dist_cache.model import DiST, DiSTConfig
-from dist_cache.model.compact import ProjectedTokens, TokenLinear
+from dist_cache.model.compact import CompactTokens, TokenLinear
 
 T, B, KS = 4, 4, (24, 40)
 
@@ -23,13 +24,13 @@ def config() -> DiSTConfig:
     return DiSTConfig.from_backbone(backbone.describe(), num_frames=T, alpha_dim=32, beta_dim=16)
 
 
-def _codes(config: DiSTConfig, seed: int = 0) -> ProjectedTokens:
+def _codes(config: DiSTConfig, seed: int = 0) -> CompactTokens:
     gen = torch.Generator().manual_seed(seed)
     C, N1 = config.width, config.num_tokens
     mean = torch.randn(len(KS), C, generator=gen) * 3
     components = [torch.linalg.qr(torch.randn(C, k, generator=gen))[0].t().contiguous() for k in KS]
     codes = [torch.randn(B, T, N1, k, generator=gen) * torch.linspace(5, 0.5, k) for k in KS]
-    return ProjectedTokens(codes, mean, components)
+    return CompactTokens(codes, mean=mean, components=components)
 
 
 def _frames(config: DiSTConfig) -> torch.Tensor:
@@ -61,6 +62,21 @@ def _assert_same_step(config, codes, tokens, frames) -> None:
 def test_a_step_on_codes_has_the_loss_and_gradients_of_the_step_on_their_tokens(config):
     codes = _codes(config)
     _assert_same_step(config, codes, codes.tokens(), _frames(config))
+
+
+@pytest.mark.parametrize("projected", [True, False])
+def test_int8_codes_are_dequantised_where_each_layer_is_read(config, projected):
+    gen = torch.Generator().manual_seed(5)
+    C, N1 = config.width, config.num_tokens
+    dims = KS if projected else (C, C)
+    codes = [torch.randint(-127, 128, (B, T, N1, d), generator=gen, dtype=torch.int8) for d in dims]
+    scales = [torch.rand(B, T, N1, 2, generator=gen).half() for _ in dims]
+    channel = [torch.rand(d, generator=gen) + 0.5 for d in dims]
+    groups = [(torch.rand(d, generator=gen) < 0.1).long() for d in dims]
+    fold = dict(mean=torch.randn(len(KS), C, generator=gen), components=[
+        torch.linalg.qr(torch.randn(C, k, generator=gen))[0].t().contiguous() for k in KS]) if projected else {}
+    stored = CompactTokens(codes, scales=scales, channel_scales=channel, groups=groups, **fold)
+    _assert_same_step(config, stored, stored.tokens(), _frames(config))
 
 
 def test_the_fold_reaches_every_linear_that_reads_tokens(config):

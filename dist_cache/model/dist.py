@@ -97,10 +97,10 @@ class DiST(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------------
     def forward(self, features: TokenBatch, frames: torch.Tensor | None = None) -> torch.Tensor:
-        """features (L, B, T, N+1, C) raw pre-LN CLIP tokens of the configured layers (any float dtype), or their
-        PCA codes (`ProjectedTokens`, a projected compact store: every map that reads tokens folds the projection
-        in, dist_cache/model/compact.py); frames (B, γT, 3, H, W) normalised dense frames, whose every γ-th frame
-        (0, γ, ...) is the one CLIP saw. Returns the video embedding (B, E), not normalised."""
+        """features (L, B, T, N+1, C) raw pre-LN CLIP tokens of the configured layers (any float dtype), or a
+        compact store's codes (`CompactTokens`: int8 dequantised where read, and every map that reads tokens folds
+        the projection in, dist_cache/model/compact.py); frames (B, γT, 3, H, W) normalised dense frames, whose
+        every γ-th frame (0, γ, ...) is the one CLIP saw. Returns the video embedding (B, E), not normalised."""
         self._check_inputs(features, frames)
         # Each layer is cast where it is used, never the whole (L, B, T, N+1, C) stack at once (at fp16 to
         # fp32, a copy twice the batch's size: ~1.9 GB for ViT-B/16 at B=32).
