@@ -52,6 +52,11 @@ step store_write 120 env DIST_BENCH_TMP="$WORK" python3 -m benchmarks.store_writ
 step decode_pool 120 python3 -m benchmarks.decode_pool $Q
 step train 200 python3 -m benchmarks.gpu_train --store "$WORK/train.zarr" --device "$DEVICE" --out "$OUT/train.json" \
     --pretrained "$WORK/data/$MODEL-random.pt" $Q  # the online phases rebuild CLIP: a store never picks the file
+# The same cached phases on a compact copy (int8 PCA codes, K 128; the fit on a sample of the store): bytes per clip
+# and the training rate beside the fp16 store's (train.json).
+step train_compact 300 bash -c "python3 -m cli copy '$WORK/train.zarr' '$WORK/train-pca128-int8.zarr' --pca 128 \
+    --dtype int8 && python3 -m benchmarks.gpu_train --store '$WORK/train-pca128-int8.zarr' --device '$DEVICE' \
+    --out '$OUT/train_compact.json' --cached-only $Q"
 DEMO_ARGS=""; [ "$QUICK" = 1 ] && DEMO_ARGS="--videos-per-class 4 --epochs 2"
 step demo 240 python3 -m cli demo --workdir "$WORK/demo" $DEMO_ARGS  # device auto: the GPU where there is one
 

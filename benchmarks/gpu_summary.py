@@ -1,7 +1,8 @@
 """Gather benchmarks/gpu.sh's steps into one JSON object and a short table.
 
 Each step left `<name>.rc` (exit status), `<name>.out` (stdout) and `<name>.log` (stderr) in the output folder;
-extract and train also wrote `<name>.json`. The demo's accuracy is read from its last report line.
+extract, train and train_compact (the same on a compact copy of the store) also wrote `<name>.json`. The demo's
+accuracy is read from its last report line.
 
     python -m benchmarks.gpu_summary OUT_DIR
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from benchmarks._common import machine
 
-STEPS = ("data", "extract", "store_write", "decode_pool", "train", "demo")
+STEPS = ("data", "extract", "store_write", "decode_pool", "train", "train_compact", "demo")
 # Steps whose whole stdout is one (indented) JSON object, as benchmarks._common.report prints it.
 REPORTING = ("store_write", "decode_pool")
 DEMO_LINE = re.compile(r"val top-1 ([\d.]+)%")
@@ -40,7 +41,7 @@ def gather(out: Path) -> dict:
     for name in STEPS:
         rc_file = out / f"{name}.rc"
         entry: dict = {"exit": int(rc_file.read_text()) if rc_file.exists() else None}
-        if name in ("extract", "train"):
+        if name in ("extract", "train", "train_compact"):
             entry["result"] = _json_or_none(out / f"{name}.json")
         elif name in REPORTING:
             entry["result"] = _json_or_none(out / f"{name}.out")
