@@ -157,7 +157,11 @@ class DeviceForward:
             scales = (features.abs().amax(-1).float() / _QMAX).to(torch.float16)  # inf or NaN if any value is
             return ok & torch.isfinite(scales).view(V, -1).all(1)
         flat = features.view(V, -1)
-        return ok & torch.isfinite(flat.amax(1)) & torch.isfinite(flat.amin(1))
+        high, low = flat.amax(1), flat.amin(1)
+        ok = ok & torch.isfinite(high) & torch.isfinite(low)
+        if self.encoding is not None:  # a compact store's tokens are read back as fp16 (FeatureStore.features)
+            ok = ok & (high <= _FP16_MAX) & (low >= -_FP16_MAX)
+        return ok
 
     @torch.inference_mode()
     def launch(self, videos: list[PreparedVideo]) -> LaunchedBatch:
