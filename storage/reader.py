@@ -65,6 +65,9 @@ class RawSample:
 
     def dequantized(self, dtype: Any = np.float16) -> np.ndarray:
         """A plain (or format-2 int8) store's tokens; a compact store's are decoded by FeatureStore.features."""
+        if self.features.ndim != 4 or (self.scales is not None and self.scales.ndim != 3):
+            raise ValueError("these are a compact store's codes: decode them with FeatureStore.features (or "
+                             "store.encoding.decode)")
         if self.scales is None:
             return self.features.astype(dtype, copy=False)
         if np.dtype(dtype) == np.float32:

@@ -222,3 +222,24 @@ def test_quantize_scaled_codes_and_inverse():
     assert _relative(dequantize_scaled(codes, scales, r, groups), x) < 0.01
     enc = Encoding(32, 1, None, channel_scales=r, channel_groups=groups)
     np.testing.assert_array_equal(enc.encode_layer(0, x)[0], codes)
+
+
+def test_copies_of_a_compact_store_keep_its_codes_packed_or_subset(tmp_path):
+    """copy --pca into a packed store equals the unpacked copy; copying a compact store without --pca/--dtype keeps
+    its codes byte for byte (a layer subset too), with its parameters restricted to those layers."""
+    from pipelines.copy import copy_store
+
+    src = str(tmp_path / "src.zarr")
+    write_videos(src, make_schema(num_videos=7, views=2), range(7), finalize=True)
+    copy_store(src, str(tmp_path / "u.zarr"), pca=0.6, dtype="int8", progress=False)
+    copy_store(src, str(tmp_path / "p.zarr"), pca=0.6, dtype="int8", videos_per_shard=3, progress=False)
+    copy_store(str(tmp_path / "u.zarr"), str(tmp_path / "l1.zarr"), layers="1", progress=False)
+    unpacked, packed, layer1 = (FeatureStore.open(tmp_path / n) for n in ("u.zarr", "p.zarr", "l1.zarr"))
+    assert packed.videos_per_shard == 3 and layer1.schema.encoding["fit"]["components"] == \
+        unpacked.schema.encoding["fit"]["components"][1:]
+    for i in range(14):
+        np.testing.assert_array_equal(packed.read_sample(i).features, unpacked.read_sample(i).features)
+        np.testing.assert_array_equal(layer1.read_sample(i).features, unpacked.read_sample(i, layers=[1]).features)
+        np.testing.assert_array_equal(layer1.features(i), unpacked.features(i, layers=[1]))
+    with pytest.raises(ValueError, match="compact store's codes"):
+        unpacked.read_sample(0).dequantized()
