@@ -36,6 +36,8 @@ class DeviceEncoding:
         self.scales = [tensor(encoding.layer_scales(p)) for p in self.positions] if encoding.quantized else None
         self.groups = [tensor(encoding.layer_groups(p), torch.long) for p in self.positions] \
             if encoding.quantized else None
+        # Per layer, a 0/1 mask of each group's channels: a group's absmax without indexing (no host sync on CUDA).
+        self.masks = [[(g == k).float() for k in range(GROUPS)] for g in self.groups] if self.groups else None
         self.dims = [encoding.dims[p] for p in self.positions]
 
     # ---------------------------------------------------------------- encode (extraction)
@@ -49,8 +51,7 @@ class DeviceEncoding:
         y = x / self.scales[n]
         groups = self.groups[n]  # type: ignore[index]
         magnitude = y.abs()
-        absmax = torch.stack([magnitude[..., groups == g].amax(-1) if bool((groups == g).any())
-                              else magnitude.new_zeros(magnitude.shape[:-1]) for g in range(GROUPS)], -1)
+        absmax = torch.stack([(magnitude * mask).amax(-1) for mask in self.masks[n]], -1)  # type: ignore[index]
         scale = (absmax / QMAX).to(torch.float16).clamp_min(_MIN_SCALE)
         q = torch.round(y / scale.float()[..., groups]).clamp_(-QMAX, QMAX).to(torch.int8)
         return q, scale
