@@ -97,8 +97,8 @@ EXTRACT_GROUPS = (
                "batch_frames")),
     ("Sampling", ("frames", "views", "split", "test_offsets", "seed", "scale", "flip_p", "flip_label_map",
                   "grayscale_p")),
-    ("Storage", ("out", "storage_options", "dtype", "codec", "dense_frames", "dense_gamma", "frames_format",
-                 "jpeg_quality", "hash_videos")),
+    ("Storage", ("out", "storage_options", "dtype", "pca", "pca_sample", "codec", "dense_frames", "dense_gamma",
+                 "frames_format", "jpeg_quality", "hash_videos")),
     ("Run", ("config", "decode_workers", "decode_timeout", "retry_failed", "repair", "deep", "strict",
              "dask_workers", "scheduler", "help")),
 )
@@ -143,7 +143,17 @@ def main() -> None:
               help="train: TSN + random resized crop + flip; test: uniform clips + centre crop.")
 @seed_option("Seed for frame sampling and crops.")
 @click.option("--dtype", type=click.Choice(["fp16", "int8"]), default="fp16", show_default=True,
-              help="Stored feature type: fp16, or int8 per-token absmax with fp16 scales (2x smaller, ~0.8 % error).")
+              help="Stored feature (or PCA code) type: fp16, or int8 with per-channel scales fitted on a sample of "
+                   "the videos and per-token scales (a compact store: 2x smaller, ~0.8 % error, robust to outlier "
+                   "channels and tokens).")
+@click.option("--pca", default=None, metavar="K|F",
+              help="Compact store of PCA codes: per layer the top K components (e.g. 128) or the fewest keeping a "
+                   "share F of the variance (e.g. 0.99), fitted first on a seeded sample of the videos (nothing "
+                   "full-size is written); with --dtype int8, int8 codes. Training folds the projection into the "
+                   "model. See `dist-cache copy --dry-run` to choose K on an existing store.")
+@click.option("--pca-sample", default=None, type=click.IntRange(min=2),
+              help="Videos the fit draws for --pca / --dtype int8 (20 % held out to measure the error). Default: "
+                   "enough for 64 tokens per channel (about 40 ViT-B/16 videos).")
 @click.option("--precision", type=click.Choice(["fp16", "bf16", "fp32"]), default=None,
               help="How CLIP runs: fp16/bf16 autocast or fp32. Default: fp16 on CUDA, fp32 on the CPU.")
 @click.option("--codec", type=click.Choice(["none", "zstd", "blosc-zstd", "blosc-lz4"]), default="none",
@@ -214,10 +224,12 @@ def extract(**kw) -> None:
     """Run the frozen CLIP over every video once; store each layer's tokens in a zarr store."""
     from dist_cache.manifests import load_flip_label_map
     from dist_cache.recipes import FLIP_LABEL_MAPS
+    from pipelines.compact import parse_pca
     from pipelines.extract import ExtractOptions, extract as run_extract
 
     check_storage_options(kw["storage_options"], kw["out"])
     _video_list(kw)
+    kw["pca"] = parse_pca(kw["pca"])
     strict, workers, scheduler = kw.pop("strict"), kw.pop("dask_workers"), kw.pop("scheduler")
     kw["templates"] = tuple(kw["templates"])
     if kw["flip_label_map"] in FLIP_LABEL_MAPS:  # a built-in name wins over a file of that name
@@ -552,13 +564,16 @@ def evaluate(report: str | None, zero_shot_classes: str | None, **kw) -> None:
 @click.option("--frames", default=8, type=click.IntRange(min=1), show_default=True,
               help="Sparse (CLIP) frames per view.")
 @switch_options
+@click.option("--pca-k", default=None, type=click.IntRange(min=1),
+              help="Also count the cached branch on a compact store's PCA codes of K components per layer (the "
+                   "projection folded into FC_l and the class-token Linear) against the branch on tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full result as JSON.")
 @user_errors
-def profile(model: str, frames: int, as_json: bool, **switches) -> None:
+def profile(model: str, frames: int, as_json: bool, pca_k: int | None, **switches) -> None:
     """Parameters and GFLOPs (1 multiply-add = 1 FLOP) of one view's DiST forward, split by part."""
     from dist_cache.flops import format_profile, profile_dist
 
-    result = profile_dist(model, frames=frames, switches=DiSTSwitches(**_switch_values(switches)))
+    result = profile_dist(model, frames=frames, switches=DiSTSwitches(**_switch_values(switches)), pca_k=pca_k)
     click.echo(json.dumps(result, indent=2) if as_json else format_profile(result))
 
 
@@ -577,13 +592,25 @@ def demo(workdir: str, videos_per_class: int, epochs: int, seed: int) -> None:
     run_demo(DemoOptions(workdir=workdir, videos_per_class=videos_per_class, epochs=epochs, seed=seed), say=click.echo)
 
 
-@main.command(**example("dist-cache copy https://host/k400-train.zarr k400-train.zarr --layers last:4 --dtype int8"))
+@main.command(**example("dist-cache copy k400-train.zarr k400-pca.zarr --pca 0.99 --dtype int8 --dry-run"))
 @click.argument("src")
-@click.argument("dst")
+@click.argument("dst", required=False)
 @click.option("--layers", default="all", show_default=True,
               help="Layers to keep: all, last:N, or a comma list of block indices.")
 @click.option("--dtype", type=click.Choice(["fp16", "int8"]), default=None,
-              help="Store features as this (default: the source's).")
+              help="Store features (or PCA codes) as this (default: the source's). int8 is a compact store: "
+                   "per-channel and per-token scales fitted on a sample of SRC (about 1 % error, 2x smaller).")
+@click.option("--pca", default=None, metavar="K|F",
+              help="Compact store of PCA codes: per layer the top K components (e.g. 128), or the fewest keeping a "
+                   "share F of the variance (e.g. 0.99), fitted on a sample of SRC; with --dtype int8, int8 codes. "
+                   "Training folds the projection into the model. Without --pca and --dtype a compact SRC's codes "
+                   "are copied as stored.")
+@click.option("--pca-sample", default=None, type=click.IntRange(min=2),
+              help="Videos of SRC the fit draws (20 % held out to measure the error). Default: enough for 64 tokens "
+                   "per channel (about 40 ViT-B/16 videos).")
+@click.option("--dry-run", is_flag=True,
+              help="Fit on a sample of SRC and print bytes per clip view, the size of a Kinetics-400-sized store and "
+                   "the per-layer error on held-out videos; write nothing (DST is not touched).")
 @click.option("--drop-dense-frames", is_flag=True,
               help="Leave the source's dense frames out of the copy (training then decodes them from the videos).")
 @moved_option("--frames", "--drop-dense-frames (copy's; --frames is a frame count in extract and profile)")
@@ -604,10 +631,21 @@ def demo(workdir: str, videos_per_class: int, epochs: int, seed: int) -> None:
 @user_errors
 def copy(src: str, dst: str, storage_options: dict, src_storage_options: dict, dst_storage_options: dict,
          drop_dense_frames: bool, **kw) -> None:
-    """Copy a store to DST: a layer subset, int8, JPEG or no frames, or packed; a rerun resumes."""
-    from pipelines.copy import copy_store
+    """Copy a store to DST: a layer subset, compact (int8, PCA codes), JPEG or no frames, or packed; a rerun
+    resumes."""
+    from pipelines.compact import parse_pca
+    from pipelines.copy import copy_dry_run, copy_store
     from storage.location import is_local
 
+    kw["pca"] = parse_pca(kw["pca"])
+    if kw.pop("dry_run"):
+        check_storage_options(src_storage_options or storage_options, src)
+        options = src_storage_options or ({} if is_local(src) else storage_options)
+        kw.pop("videos_per_shard")
+        click.echo(copy_dry_run(src, src_options=options, frames="drop" if drop_dense_frames else "keep", **kw))
+        return
+    if dst is None:
+        raise CommandError("copy needs DST (or --dry-run)")
     check_storage_options(storage_options, src, dst)
     check_storage_options(src_storage_options, src, flag="--src-storage-options")
     check_storage_options(dst_storage_options, dst, flag="--dst-storage-options")

@@ -1,9 +1,10 @@
 """Gather benchmarks/gpu.sh's steps into one JSON object and a short table.
 
 Each step left `<name>.rc` (exit status, or "skipped" when the budget had run out), `<name>.out` (stdout) and
-`<name>.log` (stderr) in the output folder; extract and train also wrote `<name>.json`. The demo's accuracy is read
-from its last report line; the preflight's verdict from preflight.out. A step that has not run yet has exit null:
-gpu.sh rewrites the summary after every step, so a run cut short still reports what it finished.
+`<name>.log` (stderr) in the output folder; extract, train and train_compact (the same on a compact copy of the
+store) also wrote `<name>.json`. The demo's accuracy is read from its last report line; the preflight's verdict
+from preflight.out. A step that has not run yet has exit null: gpu.sh rewrites the summary after every step, so a
+run cut short still reports what it finished.
 
     python -m benchmarks.gpu_summary OUT_DIR
 """
@@ -16,7 +17,7 @@ import sys
 from pathlib import Path
 
 # gpu.sh order
-STEPS = ("data", "extract", "train", "demo", "copy_jpeg", "train_jpeg", "decode_pool", "store_write", "jpeg_frames")
+STEPS = ("data", "extract", "train", "train_compact", "demo", "decode_pool", "store_write", "jpeg_frames")
 # Steps whose whole stdout is one (indented) JSON object, as benchmarks._common.report prints it.
 REPORTING = ("store_write", "decode_pool", "jpeg_frames")
 DEMO_LINE = re.compile(r"val top-1 ([\d.]+)%")
@@ -58,14 +59,12 @@ def gather(out: Path) -> dict:
     steps = {}
     for name in STEPS:
         entry: dict = {"exit": _exit(out / f"{name}.rc")}
-        if name in ("extract", "train", "train_jpeg"):
+        if name in ("extract", "train", "train_compact"):
             entry["result"] = _json_or_none(out / f"{name}.json")
         elif name in REPORTING:
             entry["result"] = _json_or_none(out / f"{name}.out")
         elif name == "data":
             entry["result"] = _last_json_line(out / "data.out")
-        elif name == "copy_jpeg":  # its exit status says it all; train_jpeg measures its store
-            entry["result"] = None
         else:
             found = DEMO_LINE.findall((out / "demo.out").read_text()) if (out / "demo.out").exists() else []
             entry["result"] = {"val_top1": float(found[-1]) / 100} if found else None

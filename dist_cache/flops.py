@@ -129,12 +129,14 @@ def paper_gflops(model_name: str, frames: int, config: DiSTConfig) -> tuple[str,
 
 def profile_dist(
     model_name: str = "ViT-B-16", frames: int = 8, switches: DiSTSwitches | None = None,
-    layers: list[int] | None = None, **overrides: Any,
+    layers: list[int] | None = None, pca_k: int | None = None, **overrides: Any,
 ) -> dict[str, Any]:
     """Count one view's forward (CLIP visual on T sparse frames + DiST + head) and the parameters.
 
     `switches` (default: the reference's) with `overrides` applied (any DiSTSwitches field: gamma, alpha_dim,
     t_block, ...). `layers` defaults to every block, as in the reference.
+    `pca_k` K also counts the cached branch on a compact store's PCA codes (K per layer), the projection folded into
+    FC_l and the head's class-token Linear (dist_cache/model/compact.py), against the branch on tokens.
     Returns a JSON-safe dict; `format_profile` renders it.
     """
     visual, embed_dim = _meta_visual(model_name)
@@ -201,7 +203,40 @@ def profile_dist(
     }
     if paper:
         result["paper_rel_diff"] = result["gflops_paper_convention"] / paper[1] - 1
+    if pca_k is not None:
+        result["pca"] = _fold_profile(dist, config, pca_k)
     return result
+
+
+def _fold_profile(dist: DiST, config: DiSTConfig, k: int) -> dict[str, Any]:
+    """The cached branch (DiST and head, CLIP excluded) on tokens and on PCA codes of K components per layer.
+
+    Measured twice with batches of 1 and 2 views: the difference is the cost per view, and what is left of the
+    batch-of-1 count is the fold itself (W B.T and W mu + b for every FC_l and the head's Linear), paid once per
+    step whatever the batch."""
+    from dist_cache.model.compact import CompactTokens
+
+    if not 1 <= k <= config.width:
+        raise ConfigError(f"--pca-k {k}: must lie in 1..{config.width} (the model's width)")
+    L, T, N1, C = config.num_layers, config.num_frames, config.num_tokens, config.width
+    size = config.image_size
+
+    def count(batch: int, codes: bool) -> int:
+        frames = torch.empty(batch, config.dense_frames, 3, size, size, device="meta") \
+            if config.switches.temporal else None
+        if codes:
+            features: Any = CompactTokens([torch.empty(batch, T, N1, k, device="meta") for _ in range(L)],
+                                          mean=torch.empty(L, C, device="meta"),
+                                          components=[torch.empty(k, C, device="meta") for _ in range(L)])
+        else:
+            features = torch.empty(L, batch, T, N1, C, device="meta")
+        return _count(dist, features, frames)[1]
+
+    tokens = count(2, False) - count(1, False)
+    one, two = count(1, True), count(2, True)
+    per_view = two - one
+    return {"k": k, "branch_gflops_tokens": tokens / 1e9, "branch_gflops_codes": per_view / 1e9,
+            "fold_gflops_per_step": (one - per_view) / 1e9, "saved_per_view": 1 - per_view / tokens}
 
 
 def format_profile(result: dict[str, Any]) -> str:
@@ -243,4 +278,11 @@ def format_profile(result: dict[str, Any]) -> str:
         lines.append(row(f"paper, {result['paper_setting']}", result["paper_gflops"],
                          suffix=f"   ({100 * result['paper_rel_diff']:+.1f}% paper convention vs paper)"))
     lines.append(f"  CLIP visual: {result['clip_gflops_per_frame'] * flop_scale:.2f} {flop_unit} per frame")
+    pca = result.get("pca")
+    if pca:
+        lines += ["", f"  cached branch per view (DiST + head, no CLIP) on a compact store's PCA codes (K {pca['k']}):",
+                  row("on tokens (fp16 / int8 store)", pca["branch_gflops_tokens"]),
+                  row(f"on codes, projection folded (-{100 * pca['saved_per_view']:.1f}%)",
+                      pca["branch_gflops_codes"]),
+                  row("+ the fold (W B^T, W mu + b), once per step", pca["fold_gflops_per_step"])]
     return "\n".join(lines)

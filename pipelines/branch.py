@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dist_cache.backbone import load_recorded_backbone
 from dist_cache.mixing import Mix
 from dist_cache.model import DiST, DiSTConfig, OnlineDiST
+from dist_cache.model.compact import CompactTokens
 from dist_cache.transforms import normalize_frames
 from pipelines.data import Batch
 
@@ -77,7 +78,10 @@ def embed(
     features = batch.features
     if mix is not None:
         frames = None if frames is None else mix.pixels(frames)
-        features = None if features is None else mix.tokens(features)
+        if isinstance(features, CompactTokens):  # codes mix like tokens: x = mean + z @ B is affine
+            features = features.map(mix.tokens)
+        elif features is not None:
+            features = mix.tokens(features)
     inner = net.module if isinstance(net, DistributedDataParallel) else net
     if isinstance(inner, OnlineDiST):
         return net(frames)

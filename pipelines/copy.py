@@ -1,5 +1,6 @@
-"""`dist-cache copy`: pull a (shared) store to another location, optionally keeping some layers, quantising to
-int8, dropping the dense frames or storing them as JPEG, or packing several videos into each shard.
+"""`dist-cache copy`: pull a (shared) store to another location, optionally keeping some layers, making it compact
+(int8 with channel and token scales, PCA codes: pipelines/compact.py), dropping the dense frames or storing them as
+JPEG, or packing several videos into each shard.
 
 The destination is an ordinary store written through StoreWriter with the source's schema, layers, dtype and
 frames changed, so resuming is the writer's: a rerun copies only videos without a record, and a destination
@@ -19,6 +20,15 @@ from typing import Any
 import numpy as np
 
 from dist_cache.errors import UserError
+from pipelines.compact import (
+    dry_run,
+    encoding_section,
+    format_dry_run,
+    same_encoding,
+    source_fit,
+    stored_codes,
+    with_encoding,
+)
 from storage import FORMAT_VERSION, FeatureStore, SampleStatus, StoreSchema, StoreWriter, frames_codec
 from storage.frames_codec import StoredJpegs
 from storage.records import VideoRecord, group_members
@@ -93,11 +103,26 @@ def target_frames(source: StoreSchema, frames: str, frames_format: str | None, q
 
 
 def target_schema(source: FeatureStore, layers: list[int], dtype: str | None, frames: str = "keep",
-                  frames_format: str | None = None, jpeg_quality: int | None = None) -> StoreSchema:
-    """The source's schema with the kept layers, dtype and frames, in the current format (copy upgrades format 1)."""
-    return dataclasses.replace(source.schema, format_version=FORMAT_VERSION, legacy=None, layers=tuple(layers),
-                               dtype=dtype or source.schema.dtype, videos_sha256=None,
-                               dense_frames=target_frames(source.schema, frames, frames_format, jpeg_quality))
+                  frames_format: str | None = None, jpeg_quality: int | None = None,
+                  encoding: dict | None = None) -> StoreSchema:
+    """The source's schema with the kept layers, dtype, frames and encoding (None: a plain store), in the current
+    format (copy upgrades format 1)."""
+    plain = dataclasses.replace(source.schema, format_version=FORMAT_VERSION, legacy=None, encoding=None,
+                                layers=tuple(layers), dtype=dtype or source.schema.dtype, videos_sha256=None,
+                                dense_frames=target_frames(source.schema, frames, frames_format, jpeg_quality))
+    return with_encoding(plain, encoding)
+
+
+def target_encoding(source: FeatureStore, dtype: str | None, pca: int | float | None,
+                    pca_sample: int | None) -> tuple[str, dict | None]:
+    """The copy's dtype and encoding request. Without --pca and --dtype the source's format is kept (a compact
+    source's codes copied as stored, a format-2 int8 source's per-token absmax); otherwise the flags decide, a
+    compact target fitted on a sample of the source."""
+    src = source.schema
+    if pca is None and dtype is None:
+        return src.dtype, None if src.encoding is None else {**src.encoding, "fit": None}
+    dtype = dtype or src.dtype
+    return dtype, encoding_section(pca, dtype, pca_sample, int(src.sampling["seed"]))
 
 
 class SourceArrays:
@@ -105,11 +130,14 @@ class SourceArrays:
     for (storage.writer.GroupSource), one array of one video at a time."""
 
     def __init__(self, source: FeatureStore, layers: list[int], dtype: str,
-                 frames_format: tuple[str, int | None] | None = None) -> None:
+                 frames_format: tuple[str, int | None] | None = None, keep_codes: bool = False) -> None:
         self.store, self.layers, self.K = source, layers, source.schema.views_per_video
         # fp16 to fp16 is copied as stored; anything quantised goes through float32, so an int8 source is
-        # dequantised once, without fp16 rounding, before any requantising.
-        self.dtype = np.float16 if dtype == source.schema.dtype == "fp16" else np.float32
+        # dequantised once, without fp16 rounding, before any requantising. A compact source copied with its own
+        # encoding gives its codes as stored (keep_codes).
+        plain_fp16 = dtype == source.schema.dtype == "fp16" and source.schema.encoding is None
+        self.dtype = np.float16 if plain_fp16 else np.float32
+        self.keep_codes = keep_codes
         # JPEG frames of the destination's quality are copied as stored: decoding and encoding again would lose
         # a little more each time.
         self.jpeg_as_stored = frames_format is not None and frames_format[0] == frames_codec.JPEG \
@@ -118,7 +146,9 @@ class SourceArrays:
     def _samples(self, v: int) -> range:
         return range(v * self.K, (v + 1) * self.K)
 
-    def features(self, v: int) -> np.ndarray:
+    def features(self, v: int) -> Any:
+        if self.keep_codes:
+            return stored_codes(self.store, v, self.layers)
         return np.stack([self.store.features(i, self.layers, dtype=self.dtype) for i in self._samples(v)])
 
     def clip_embeds(self, v: int) -> np.ndarray:
@@ -139,8 +169,9 @@ def _as_group_video(record: VideoRecord) -> GroupVideo:
 
 def copy_store(src: str, dst: str, *, layers: str | None = None, dtype: str | None = None, frames: str = "keep",
                frames_format: str | None = None, jpeg_quality: int | None = None,
-               videos_per_shard: int = 1, src_options: dict[str, Any] | None = None,
-               dst_options: dict[str, Any] | None = None, progress: bool = True) -> CopySummary:
+               videos_per_shard: int = 1, pca: int | float | None = None, pca_sample: int | None = None,
+               src_options: dict[str, Any] | None = None, dst_options: dict[str, Any] | None = None,
+               progress: bool = True) -> CopySummary:
     """Copy store `src` to `dst` (paths or URLs); a rerun resumes. See the module's docstring."""
     from tqdm import tqdm
 
@@ -150,10 +181,13 @@ def copy_store(src: str, dst: str, *, layers: str | None = None, dtype: str | No
         raise UserError(f"--videos-per-shard {videos_per_shard}: must be at least 1")
     source = FeatureStore.open(src, storage_options=src_options)
     kept = parse_layers(layers, list(source.schema.layers))
-    schema = target_schema(source, kept, dtype, frames, frames_format, jpeg_quality)
+    dtype, section = target_encoding(source, dtype, pca, pca_sample)
+    schema = target_schema(source, kept, dtype, frames, frames_format, jpeg_quality, section)
     writer = StoreWriter.open(dst, schema, source.videos, source.labels.tolist(), source.text_features,
-                              storage_options=dst_options, videos_per_shard=videos_per_shard)
-    arrays = SourceArrays(source, kept, schema.dtype, schema.frames_format)
+                              storage_options=dst_options, videos_per_shard=videos_per_shard,
+                              fit=None if section is None else source_fit(source, kept, section))
+    arrays = SourceArrays(source, kept, schema.dtype, schema.frames_format,
+                          keep_codes=same_encoding(source, section))
     todo = writer.pending()
     counts = {"copied": 0, "failed": 0, "pending": 0, "held_back": 0}
     with tqdm(total=len(todo), desc=f"copy -> {dst}", unit="video", disable=not progress, dynamic_ncols=True) as bar:
@@ -170,6 +204,20 @@ def copy_store(src: str, dst: str, *, layers: str | None = None, dtype: str | No
     return CopySummary(copied=counts["copied"], skipped=source.schema.num_videos - len(todo), failed=counts["failed"],
                        pending_in_source=counts["pending"], complete=bool(summary["complete"]),
                        held_back=counts["held_back"])
+
+
+def copy_dry_run(src: str, *, layers: str | None = None, dtype: str | None = None, frames: str = "keep",
+                 frames_format: str | None = None, jpeg_quality: int | None = None,
+                 pca: int | float | None = None, pca_sample: int | None = None,
+                 src_options: dict[str, Any] | None = None) -> str:
+    """`copy SRC --dry-run`: what the copy would weigh (JPEG frames measured on a sample of the source) and, for a
+    compact target, the fit's error on held-out videos of the source, fitted on a sample of it; nothing is
+    written."""
+    source = FeatureStore.open(src, storage_options=src_options)
+    kept = parse_layers(layers, list(source.schema.layers))
+    dtype, section = target_encoding(source, dtype, pca, pca_sample)
+    schema = target_schema(source, kept, dtype, frames, frames_format, jpeg_quality, encoding=section)
+    return format_dry_run(dry_run(source, schema, kept, section))
 
 
 def _copy_video(writer: StoreWriter, source: FeatureStore, arrays: SourceArrays, v: int, frames: bool,

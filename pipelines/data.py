@@ -10,10 +10,11 @@ plan every epoch (re-augmentation) fits the same slot.
 `BatchLoader` is built for the GPU's pace (docs/DESIGN.md, "The stage-two loader"): reader threads in this
 process (file reads, checksums and decoding release the GIL) fill a ring of host slabs, pinned when the
 device is a GPU, straight from the store's one-read-per-sample path: features in their stored dtype (int8
-codes and scales for int8 stores), frames as uint8 (JPEG frames decoded by the reader threads; on a GPU their
-compressed bytes are decoded there instead, one nvjpeg call per batch). A bounded number of batches is in
-flight, so memory does not grow with the store. Each batch goes to the device with non-blocking copies on a side
-stream; int8 features are dequantised and frames normalised there (`pipelines.branch.embed`), never on the host.
+codes and scales for int8 stores, a compact store's PCA codes), frames as uint8 (JPEG frames decoded by the reader
+threads; on a GPU their compressed bytes are decoded there instead, one nvjpeg call per batch). A bounded number of
+batches is in flight, so memory does not grow with the store. Each batch goes to the device with non-blocking copies
+on a side stream; int8 features are dequantised and frames normalised there (`pipelines.branch.embed`), never on
+the host, and PCA codes stay codes: the model folds the projection into its first linear maps.
 
 The sampler owns all randomness of the data order: epoch e's order is a permutation seeded by (seed, e),
 one cached view per video seeded by (seed, e, v). Given (epoch, batches already consumed), it yields the
@@ -36,9 +37,12 @@ import torch
 
 from dist_cache.decode_pool import DecodePool
 from dist_cache.errors import DecodeError, UserError
+from dist_cache.model.compact import TokenBatch
 from dist_cache.paths import resolve_under
+from pipelines.compact_device import DeviceEncoding
 from pipelines.dense_frames import VideoChanged, decode_view
 from storage import FeatureStore, RawSample, frames_codec
+from storage.reader import stored_shapes
 
 # Batches being read while the model computes on the current one: enough to hide a slow read behind a step,
 # few enough that host memory stays (PREFETCH + 1) batches whatever the store's size.
@@ -151,27 +155,31 @@ class Batch:
     index: np.ndarray  # (B,) sample indices
     video_index: np.ndarray  # (B,)
     label: torch.Tensor  # (B,) int64, per-view labels
-    features: torch.Tensor | None  # (L', B, T, N+1, C) float16 (int8 stores: dequantised on the device)
+    # (L', B, T, N+1, C) float16 (format-2 int8 stores: dequantised on the device), or a compact store's
+    # CompactTokens (its codes as stored, on the device: dequantised where the model reads each layer, PCA folded)
+    features: TokenBatch | None
     frames: torch.Tensor | None  # (B, gamma*T, R, R, 3) uint8 (JPEG decoded on a GPU: a channels-last view)
 
     def __len__(self) -> int:
         return len(self.index)
 
 
+_TORCH_DTYPES = {np.dtype(np.float16): torch.float16, np.dtype(np.int8): torch.int8}
+
+
 class _Slab:
     """Host buffers for one batch: what the reader threads fill, in the stored dtypes (pinned for a GPU)."""
 
-    def __init__(self, store: FeatureStore, batch: int, layers: int | None, frames: tuple[int, ...] | None,
+    def __init__(self, store: FeatureStore, batch: int, layers: list[int] | None, frames: tuple[int, ...] | None,
                  pin: bool):
-        s = store.schema
-
         def buffer(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
             return torch.empty(shape, dtype=dtype, pin_memory=pin)
 
-        feature_dtype = torch.int8 if s.dtype == "int8" else torch.float16
-        shape = (batch, layers or 0, s.num_frames, s.tokens, s.width)
-        self.features = buffer(shape, feature_dtype) if layers else None
-        self.scales = buffer(shape[:-1], torch.float16) if layers and s.dtype == "int8" else None
+        self.features = self.scales = None
+        if layers:  # as stored: fp16 tokens, int8 codes and scales, or a compact store's flat codes
+            (shape, dtype), scales = stored_shapes(store.schema, len(layers), store.code_size(layers))
+            self.features = buffer((batch, *shape), _TORCH_DTYPES[dtype])
+            self.scales = None if scales is None else buffer((batch, *scales[0]), torch.float16)
         self.frames = buffer((batch, *frames), torch.uint8) if frames else None
         self.labels = buffer((batch,), torch.int64)
         # JPEG frames decoded on the device: each row's compressed frames, read by the reader threads.
@@ -217,12 +225,15 @@ class BatchLoader:
         self._jpeg_on_device = _jpeg_on_device(frames, device) if jpeg_on_device is None else jpeg_on_device
         if self._jpeg_on_device and not (isinstance(frames, StoredFrames) and frames.jpeg):
             raise ValueError("jpeg_on_device needs the store's own JPEG frames (StoredFrames of a JPEG store)")
-        self._slabs = [_Slab(store, sampler.batch_size, None if layers is None else len(self.layers),
-                             None if self._jpeg_on_device else frame_shape, pin)
-                       for _ in range(prefetch + 1)]
+        self._slabs = [_Slab(store, sampler.batch_size, self.layers, None if self._jpeg_on_device else frame_shape,
+                             pin) for _ in range(prefetch + 1)]
         self._threads = concurrent.futures.ThreadPoolExecutor(read_threads, thread_name_prefix="store-reader")
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._int8 = s.dtype == "int8"
+        encoding = store.encoding if layers is not None else None
+        # A compact store's parameters live on the device: its codes are decoded there, batch by batch.
+        self._encoding = None if encoding is None else DeviceEncoding(
+            encoding, s.layer_positions(self.layers), s.num_frames, s.tokens, device)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -304,7 +315,9 @@ class BatchLoader:
                     t.record_stream(current)  # allocated on the copy stream, used on this one
         if self._jpeg_on_device:
             frames = self._decode_frames(slab, n)
-        if features is not None:
+        if features is not None and self._encoding is not None:
+            features = self._encoding.tokens(features, scales)
+        elif features is not None:
             features = (dequantize(features, scales) if self._int8 else features).transpose(0, 1)
         return Batch(index, video_index, labels, features, frames)
 

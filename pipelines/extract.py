@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,6 +36,8 @@ from dist_cache.errors import UserError, first_line
 from dist_cache.manifests import Manifest, flip_partners, load_manifest
 from dist_cache.sampling import DENSE_GAMMAS, TEST_OFFSETS
 from dist_cache.transforms import PREPROCESS
+from pipelines.compact import encoding_section, with_encoding
+from pipelines.compact_device import DeviceEncoding
 from pipelines.extract_device import DeviceForward, LaunchedBatch
 from pipelines.prepare import PreparedVideo, RenderSpec, prepare_video
 from pipelines.repair import Damage, damaged_videos
@@ -96,7 +99,9 @@ class ExtractOptions:
     views: int | None = None  # None: DEFAULT_VIEWS[split]
     split: str = "train"
     seed: int = 0
-    dtype: str = "fp16"
+    dtype: str = "fp16"  # fp16, or int8: a compact store (per-channel and per-token scales, fitted)
+    pca: int | float | None = None  # a compact store of PCA codes: K components, or a share of the variance
+    pca_sample: int | None = None  # videos the fit draws (None: auto, storage/pca.py)
     codec: str = "none"
     classes: str | None = None
     manifest_format: str = "auto"  # or manifests.FOLDER_FORMAT: `manifest` is a folder of class folders (--videos)
@@ -188,6 +193,13 @@ def check_options(opts: ExtractOptions) -> None:
     check_frames_format(opts.frames_format, opts.jpeg_quality, opts.dense_frames)
     if opts.decode_workers != "auto" and not (isinstance(opts.decode_workers, int) and opts.decode_workers >= 0):
         raise UserError(f"--decode-workers {opts.decode_workers}: must be auto, or a count (0: in this process)")
+    if opts.pca is not None and not (
+            (isinstance(opts.pca, int) and not isinstance(opts.pca, bool) and opts.pca >= 1)
+            or (isinstance(opts.pca, float) and 0.0 < opts.pca < 1.0)):
+        raise UserError(f"--pca {opts.pca}: give a number of components (e.g. 128) or a share of the variance to "
+                        f"keep (e.g. 0.99)")
+    if opts.pca_sample is not None and opts.pca_sample < 2:
+        raise UserError(f"--pca-sample {opts.pca_sample}: the fit needs at least 2 videos (one is held out)")
     if opts.deep and not opts.repair:
         raise UserError("--deep is a depth of --repair's check: add --repair")
     if not opts.templates:
@@ -227,7 +239,7 @@ def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], ma
     """Everything a stranger needs to reuse or reproduce the features."""
     described = backbone.describe()
     train = flips_apply(opts)
-    return StoreSchema.from_json({
+    schema = StoreSchema.from_json({
         "format_version": FORMAT_VERSION,
         "backbone": described,
         "preprocess": {**PREPROCESS, "decoder": get_decoder(opts.decoder).info(), "image_size": backbone.image_size,
@@ -264,6 +276,8 @@ def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], ma
         "class_names": manifest.class_names,
         "text": {"templates": list(opts.templates), "source": "backbone text tower, mean of L2-normalised templates"},
     })
+    # --dtype int8 or --pca: a compact store (format 3), fitted when the store is created (pipelines/extract_fit.py)
+    return with_encoding(schema, encoding_section(opts.pca, opts.dtype, opts.pca_sample, opts.seed))
 
 
 def render_spec(opts: ExtractOptions, backbone: Backbone) -> RenderSpec:
@@ -287,6 +301,34 @@ def spec_at(opts: ExtractOptions, image_size: int) -> RenderSpec:
 def reference_offsets(opts: ExtractOptions) -> bool:
     """Whether the test clips sample at the reference's offsets (`--test-offsets reference`, test split only)."""
     return opts.split == "test" and opts.test_offsets == "reference"
+
+
+def fit_here(opts: ExtractOptions, backbone: Backbone, layers: list[int], manifest: Manifest, device: torch.device,
+             pool: DecodePool | None, schema: StoreSchema) -> Any:
+    """The fit pass of a compact store, in this process (its decode workers, or a pool made for it)."""
+    from pipelines.extract_fit import fit_on_device
+
+    own = pool is None
+    pool = pool or DecodePool(opts.decode_workers, opts.decode_timeout, preload=DECODE_PRELOAD)
+    try:
+        return fit_on_device(opts, backbone, layers, manifest, device, pool, schema, render_spec(opts, backbone))
+    finally:
+        if own:
+            pool.close()
+
+
+def load_for_fit(options: dict[str, Any]) -> tuple[ExtractOptions, Backbone, list[int], Manifest, torch.device,
+                                                  StoreSchema]:
+    """What a fit pass needs, loaded from extract's options (a dask worker fitting for its client)."""
+    opts = ExtractOptions(**options)
+    check_options(opts)
+    manifest = load_manifest(opts.manifest, video_root=opts.video_root, classes=opts.classes, fmt=opts.manifest_format)
+    device = resolve_device(opts.device)
+    opts = dataclasses.replace(opts, precision=resolve_precision(opts.precision, device))
+    backbone = load_backbone(opts.model, opts.pretrained, allow_random_weights=opts.allow_random_weights,
+                             device=device, precision=opts.precision)
+    layers = resolve_layers(opts.layers, backbone.num_layers)
+    return opts, backbone, layers, manifest, device, build_schema(opts, backbone, layers, manifest)
 
 
 class _RunState:
@@ -374,11 +416,13 @@ class Extractor:
     decode_pool: DecodePool | InProcessDecoder | None = field(default=None, repr=False)
 
     @classmethod
-    def open(cls, opts: ExtractOptions, *, decode: bool = True) -> Extractor:
+    def open(cls, opts: ExtractOptions, *, decode: bool = True, fit: Any = None) -> Extractor:
         """Validate everything, then create or reopen the store. Every user error happens before a write.
 
         `decode=False` for a process that only creates the store (a dask client): no decode workers, and CLIP's
-        visual tower is never run there (so its precision need not suit this process's device)."""
+        visual tower is never run there (so its precision need not suit this process's device). A compact store
+        is fitted (`pipelines.extract_fit`) only if it has to be created: here, or by `fit` (a dask client passes
+        one that runs the fit on a worker)."""
         check_options(opts)
         manifest = load_manifest(opts.manifest, video_root=opts.video_root, classes=opts.classes,
                                  fmt=opts.manifest_format)
@@ -392,6 +436,8 @@ class Extractor:
                                      device=device, precision=opts.precision if decode else "fp32")
             layers = resolve_layers(opts.layers, backbone.num_layers)
             schema = build_schema(opts, backbone, layers, manifest)
+            if fit is None and schema.encoding is not None:
+                fit = functools.partial(fit_here, opts, backbone, layers, manifest, device, pool, schema)
             writer = StoreWriter.open(
                 opts.out,
                 schema=schema,
@@ -400,6 +446,7 @@ class Extractor:
                 text_features=backbone.encode_text(manifest.class_names, list(opts.templates)),
                 storage_options=opts.storage_options or None,
                 repair=opts.repair,
+                fit=fit,
             )
         except BaseException:
             if pool is not None:
@@ -415,13 +462,17 @@ class Extractor:
     @functools.cached_property
     def forward(self) -> DeviceForward:
         schema = self.writer.schema
-        int8 = self.opts.dtype == "int8"
-        fp16_values = self.opts.dtype == "fp16" or self.opts.precision == "fp16"
+        compact = schema.encoding is not None
+        int8 = self.opts.dtype == "int8" and not compact
+        # A compact store is encoded on the device from the encoder's own values (fp16 only where CLIP ran in it).
+        fp16_values = (self.opts.dtype == "fp16" and not compact) or self.opts.precision == "fp16"
+        encoding = None if not compact else DeviceEncoding(
+            self.writer.encoding, range(len(self.layers)), schema.num_frames, schema.tokens, self.device)
         return DeviceForward(
             self.backbone.spatial_encoder(self.layers).to(self.device), self.device, self.backbone.mean,
             self.backbone.std, videos_per_batch=self.videos_per_batch, views=self.opts.views, frames=self.opts.frames,
             tokens=schema.tokens, width=schema.width, embed_dim=schema.embed_dim,
-            transfer_dtype=torch.float16 if fp16_values else torch.float32, int8=int8)
+            transfer_dtype=torch.float16 if fp16_values else torch.float32, int8=int8, encoding=encoding)
 
     def close(self) -> None:
         if self.decode_pool is not None:

@@ -72,6 +72,16 @@ def _extract_chunk(run_key: str, options: dict[str, Any], videos: list[int]) -> 
     return extractor.run(videos)
 
 
+def _fit_task(options: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """Runs on one worker, before any chunk: a compact store's fit pass (pipelines.extract_fit) on the worker's
+    device and decode processes. Returns the fit record and the parameters (small numpy arrays) to the client."""
+    _import_storage()
+    from pipelines.extract import fit_here, load_for_fit
+
+    opts, backbone, layers, manifest, device, schema = load_for_fit(options)
+    return fit_here(opts, backbone, layers, manifest, device, None, schema)
+
+
 @contextlib.contextmanager
 def connect(workers: int | None, scheduler: str | None) -> Iterator[distributed.Client]:
     """A client of the cluster at `scheduler`, or of a LocalCluster of `workers` single-threaded processes."""
@@ -128,8 +138,15 @@ def extract_on_cluster(opts: ExtractOptions, client, *, chunk_videos: int = DEFA
         raise ValueError("chunk_videos must be at least 1")
     started = time.monotonic()
     opts = dataclasses.replace(opts, precision=cluster_precision(client, opts))
-    # Opening here creates the store and raises every user error before a task runs; workers only reopen it.
-    extractor = Extractor.open(opts, decode=False)
+    # Opening here creates the store and raises every user error before a task runs; workers only reopen it. A
+    # compact store is fitted once, on one worker, and only if the store has to be created (a rerun keeps its fit).
+    fit_options = dataclasses.asdict(opts)
+
+    def fit_on_a_worker() -> Any:
+        return client.submit(_fit_task, fit_options, key=f"extract-fit-{uuid.uuid4().hex}", pure=False,
+                             resources=_task_resources(client)).result()
+
+    extractor = Extractor.open(opts, decode=False, fit=fit_on_a_worker)
     writer = extractor.writer
     todo, damaged = extractor.to_extract(progress)
     summary = ExtractSummary(skipped=len(extractor.manifest.videos) - len(todo), damaged=damaged,

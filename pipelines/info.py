@@ -18,6 +18,7 @@ import numpy as np
 import zarr
 
 from dist_cache.errors import first_line
+from pipelines.compact import sample_bytes
 from pipelines.video_notes import VideoNotes
 from storage import FeatureStore, SampleStatus, StoreDamagedError, frames_codec, layout
 from storage.remote import open_location
@@ -79,10 +80,24 @@ def store_info(url: str, storage_options: dict | None = None) -> dict[str, Any]:
         "dense_frames": dense,
         "video_notes": None if notes is None else notes.to_dict(),
         "videos_per_shard": store.videos_per_shard,
+        "format": store_format(schema),
+        "bytes_per_view": _bytes_per_view(schema, dense),
+        "encoding": schema.encoding,
         **_usage_or_unknown(store, url, storage_options),
         "limitations": limitations(store),
         "schema": schema.to_json(),
     }
+
+
+def _bytes_per_view(schema, dense: dict | None) -> dict[str, int] | None:
+    """Stored bytes of one clip view per sharded array (format 2 and later): the layout's, with JPEG frames' measured
+    size (`frames_info`) in place of the raw frames' (None where not measured yet)."""
+    if schema.format_version < 2:
+        return None
+    per_view = sample_bytes(schema)
+    if dense is not None and layout.FRAMES in per_view and "format" in dense:
+        per_view[layout.FRAMES] = dense["bytes_per_view"]
+    return per_view
 
 
 # Videos whose frame shards' indexes `info` reads to measure the frames' bytes per clip view (one small read each).
@@ -108,6 +123,39 @@ def frames_info(store: FeatureStore) -> dict[str, Any]:
     return {"gamma": G, "gammas": dense_gammas(G), "format": kind, "quality": quality,
             "bytes_per_view": None if per_view is None else round(per_view),
             "raw_bytes_per_view": raw}
+
+
+def store_format(schema) -> str:
+    """The features' format in a few words: fp16, int8 (per-token absmax), or a compact store's encoding."""
+    section = schema.encoding
+    if section is None:
+        return "fp16" if schema.dtype == "fp16" else "int8, per-token absmax scales (format 2)"
+    fit = section.get("fit") or {}
+    parts = []
+    if section["pca"] is not None:
+        request, comps = section["pca"]["request"], fit.get("components") or []
+        kept = fit.get("variance_kept") or []
+        which = f"top {request} components" if isinstance(request, int) else f"{request} of the variance"
+        spread = f"K {min(comps)}..{max(comps)}" if comps and min(comps) != max(comps) else f"K {comps[0]}" \
+            if comps else "K ?"
+        parts.append(f"PCA codes ({which}: {spread}" + (f", variance kept {min(kept):.4f}..{max(kept):.4f})"
+                                                         if kept else ")"))
+    parts.append("int8 with per-channel and per-token scales" if section["quantization"] else "fp16")
+    return ", ".join(parts)
+
+
+def fit_quality(section: dict | None) -> str | None:
+    """A compact store's recorded fit and its error on held-out videos, one line, or None."""
+    fit = (section or {}).get("fit")
+    if not fit:
+        return None
+    where = f"fit on {len(fit['fit_videos'])} videos ({fit['fit_tokens']} tokens per layer, by {fit['source']})"
+    holdout = fit.get("holdout")
+    if not holdout:
+        return f"{where}; error not measured (no video held out)"
+    rel, inl, cos = holdout["relative"], holdout["relative_inliers"], holdout["cosine_min"]
+    return (f"{where}; on {len(fit['holdout_videos'])} held-out videos: relative error {min(rel):.2%}..{max(rel):.2%} "
+            f"per layer ({min(inl):.2%}..{max(inl):.2%} without outlier channels), least token cosine {min(cos):.4f}")
 
 
 def limitations(store: FeatureStore) -> list[str]:
@@ -225,7 +273,11 @@ def format_info(info: dict, show_failed: bool = False) -> str:
         f"sha256={(backbone['weights_sha256'] or 'none')[:16]}, activation {info['activation']}, "
         f"run in {info['precision']}",
         f"  features   layers {layers[0]}..{layers[-1]} ({len(layers)}) x {schema['num_frames']} frames x "
-        f"{schema['tokens']} tokens x {schema['width']} ch, {schema['dtype']}, codec {schema['codec']}",
+        f"{schema['tokens']} tokens x {schema['width']} ch, {info['format']}, codec {schema['codec']}",
+        *([f"  fit        {fit_quality(info['encoding'])}"] if fit_quality(info["encoding"]) else []),
+        *([f"  per view   {_size(sum(v or 0 for v in info['bytes_per_view'].values()))} stored per clip view ("
+           + ", ".join(f"{k} {_size(v)}" for k, v in info["bytes_per_view"].items()) + ")"]
+          if info["bytes_per_view"] else []),
         f"  frames     {frames}",
         f"  sampling   split {schema['split']}, {schema['views_per_video']} view(s)/video, "
         f"{schema['sampling'].get('policy', 'unrecorded policy')}{_offsets(schema)}, "

@@ -7,6 +7,7 @@ a reader can check that a stored array is exactly what its schema says before si
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,9 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 from zarr.errors import ContainsArrayError, ContainsGroupError
 from zarr.storage import MemoryStore
 
+from storage import encoding as enc
 from storage.frames_codec import JPEG, RAW, JpegCodec
+from storage.quantize import GROUPS
 from storage.schema import DTYPES, StoreSchema
 
 # Compressors by schema name. fp16 activations compress < 10 % losslessly (docs/DESIGN.md, storage), so
@@ -31,6 +34,7 @@ CODECS: dict[str, Callable[[], list[Any]]] = {
 }
 
 FEATURES = "features"
+CODES = enc.CODES  # a projected compact store's features: flat PCA codes per sample (storage/encoding.py)
 SCALES = "feature_scales"
 CLIP = "clip_embeddings"
 FRAMES = "frames"
@@ -91,6 +95,11 @@ DIMENSIONS: dict[str, tuple[str, ...]] = {
     CLIP: ("sample", "frame", "embedding"),
     FRAMES: ("sample", "dense_frame", "height", "width", "rgb"),
     TEXT: ("class", "embedding"),
+    enc.CODES: ("sample", "code"),
+    enc.MEAN: ("layer", "channel"),
+    enc.COMPONENTS: ("component", "channel"),
+    enc.CHANNEL_SCALES: ("component",),
+    enc.CHANNEL_GROUPS: ("component",),
     "samples/sparse_indices": ("sample", "frame"),
     "samples/crop": ("sample", "xywh"),
 }
@@ -112,6 +121,7 @@ class ArraySpec:
     fill_value: Any = 0
     # JPEG frames (frames_codec): each inner chunk one frame encoded at this quality; `codec` does not apply.
     jpeg_quality: int | None = None
+    dims: tuple[str, ...] | None = None  # dimension names, where they are not the name's (dimension_names)
 
     def create_kwargs(self) -> dict[str, Any]:
         if self.jpeg_quality is not None:
@@ -120,7 +130,7 @@ class ArraySpec:
             coding = dict(compressors=[*CODECS[self.codec](), Crc32cCodec()])
         return dict(
             name=self.name, shape=self.shape, dtype=self.dtype, chunks=self.chunks, shards=self.shards,
-            dimension_names=dimension_names(self.name),
+            dimension_names=self.dims or dimension_names(self.name),
             # crc32c last: every chunk (inner chunk of a shard, or table chunk) carries its checksum, and
             # zarr checks it on every read. A shard's index has its own (zarr's default index codecs).
             **coding, fill_value=self.fill_value,
@@ -135,21 +145,48 @@ def _rows(n: int) -> int:
     return max(1, min(n, TABLE_ROWS))
 
 
+def feature_array(schema: StoreSchema) -> str:
+    """The array holding a sample's features: `features`, or a projected compact store's flat `codes`."""
+    return enc.CODES if projected_components(schema) is not None else FEATURES
+
+
+def projected_components(schema: StoreSchema) -> list[int] | None:
+    """K per stored layer of a fitted projected compact store, else None."""
+    section = schema.encoding
+    if section is None or section.get("pca") is None or not section.get("fit"):
+        return None
+    return list(section["fit"]["components"])
+
+
 def data_arrays(schema: StoreSchema, videos_per_shard: int = 1) -> list[ArraySpec]:
     """Arrays created with the store (written per video, or once at creation)."""
     V, K, T = schema.num_videos, schema.views_per_video, schema.num_frames
     L, N1, C, E = len(schema.layers), schema.tokens, schema.width, schema.embed_dim
     S, codec, P = V * K, schema.codec, K * videos_per_shard
-    specs = [
+    components = projected_components(schema)
+    if components is None:
         # One inner chunk per (sample, layer): reading a layer subset reads only those bytes.
         # One shard per video: its writer owns it and writes it whole (zarr cannot write part of a shard safely).
-        ArraySpec(FEATURES, (S, L, T, N1, C), DTYPES[schema.dtype], (1, 1, T, N1, C), (P, L, T, N1, C), codec),
+        features = ArraySpec(FEATURES, (S, L, T, N1, C), DTYPES[schema.dtype], (1, 1, T, N1, C), (P, L, T, N1, C),
+                             codec)
+    else:
+        # A flat row of every layer's (T, N+1, K_l) codes per sample, in chunks of `grain` components of one
+        # layer (storage/encoding.py: ragged K without padding, one contiguous read per sample).
+        M, grain = T * N1 * sum(components), math.gcd(*components)
+        features = ArraySpec(enc.CODES, (S, M), DTYPES[schema.dtype], (1, T * N1 * grain), (P, M), codec)
+    specs = [
+        features,
         ArraySpec(CLIP, (S, T, E), "float16", (1, T, E), (P, T, E), codec),
         ArraySpec(TEXT, (schema.num_classes, E), "float32", (schema.num_classes, E)),
         ArraySpec(VIDEO_PATH, (V,), str, (_rows(V),), None, "zstd", ""),
         ArraySpec(VIDEO_LABEL, (V,), "int32", (_rows(V),)),
     ]
-    if schema.dtype == "int8":
+    if schema.dtype == "int8" and schema.encoding is not None:
+        # A compact store's token scales: one per channel group (storage/quantize.py, quantize_scaled).
+        G = GROUPS
+        specs.insert(1, ArraySpec(SCALES, (S, L, T, N1, G), "float16", (1, 1, T, N1, G), (P, L, T, N1, G), codec,
+                                  dims=(*DIMENSIONS[SCALES], "group")))
+    elif schema.dtype == "int8":
         specs.insert(1, ArraySpec(SCALES, (S, L, T, N1), "float16", (1, 1, T, N1), (P, L, T, N1), codec))
     if schema.dense_gamma is not None:
         R, GT = schema.image_size, schema.dense_gamma * T
@@ -160,6 +197,23 @@ def data_arrays(schema: StoreSchema, videos_per_shard: int = 1) -> list[ArraySpe
                                    jpeg_quality=quality))
         else:
             specs.append(ArraySpec(FRAMES, (S, GT, R, R, 3), "uint8", (1, GT, R, R, 3), (P, GT, R, R, 3), codec))
+    return specs + encoding_arrays(schema)
+
+
+def encoding_arrays(schema: StoreSchema) -> list[ArraySpec]:
+    """A compact store's fitted parameters (float32, one chunk each, written at creation)."""
+    if schema.encoding is None or not schema.encoding.get("fit"):
+        return []
+    L, C = len(schema.layers), schema.width
+    components = projected_components(schema)
+    dims = components if components is not None else [C] * L
+    specs = []
+    if components is not None:
+        specs += [ArraySpec(enc.MEAN, (L, C), "float32", (L, C)),
+                  ArraySpec(enc.COMPONENTS, (sum(dims), C), "float32", (sum(dims), C))]
+    if schema.encoding.get("quantization") is not None:
+        specs.append(ArraySpec(enc.CHANNEL_SCALES, (sum(dims),), "float32", (sum(dims),)))
+        specs.append(ArraySpec(enc.CHANNEL_GROUPS, (sum(dims),), "uint8", (sum(dims),)))
     return specs
 
 

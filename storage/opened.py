@@ -75,6 +75,7 @@ class OpenedStore:
         self.indexes: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
         self.index_bytes = 0
         self.lock = threading.Lock()  # loader threads share one store
+        self.encoding: Any = None  # a compact store's parameters (storage.encoding.Encoding), read once
 
     @property
     def url(self) -> str:
@@ -85,8 +86,9 @@ class OpenedStore:
         """P: 1 as extract writes, more in a packed copy (from the features array's shards)."""
         if self.schema.format_version == 1:
             return 1
-        self.array(layout.FEATURES)
-        return self.formats[layout.FEATURES].samples_per_shard // self.schema.views_per_video
+        name = layout.feature_array(self.schema)
+        self.array(name)
+        return self.formats[name].samples_per_shard // self.schema.views_per_video
 
     @property
     def fix(self) -> str:
@@ -135,7 +137,7 @@ class OpenedStore:
     def _spec(self, name: str, meta: dict[str, Any]) -> layout.ArraySpec:
         K = self.schema.views_per_video
         per_shard = 1
-        if name in (layout.FEATURES, layout.SCALES, layout.CLIP, layout.FRAMES):
+        if name in (layout.FEATURES, layout.CODES, layout.SCALES, layout.CLIP, layout.FRAMES):
             found = layout.videos_per_shard(meta, K)
             if found is None:
                 raise self.damaged(f"array {name} does not have shards of whole videos of {K} samples")

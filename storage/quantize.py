@@ -33,3 +33,38 @@ def dequantize_int8(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
     # Multiply in float32 and round once into the float16 output: no float32 temporary of the result.
     np.multiply(codes, scales.astype(np.float32)[..., None], out=out, dtype=np.float32, casting="unsafe")
     return out
+
+
+# ---------------------------------------------------------------- int8 with per-channel and per-token scales
+# Compact stores (storage/README.md, "Compact stores"): x = s_t[g_c] * r_c * q. r (per channel, or per PCA component,
+# per layer) is fitted once on a sample of the store's own features and stored with it; each token has one scale per
+# channel group g (two groups), chosen so that the group's largest |x_c / r_c| maps to 127. A channel one or two
+# orders above the others on every token (systematic outlier features) has a matching r_c. A channel that is
+# ordinary on most tokens and hundreds of times larger on a few (the massive activations of trained ViTs, in their
+# high-norm tokens) is put in group 1 at the fit: on a massive token it no longer sets the step of every other
+# channel, and on an ordinary token it keeps its own resolution.
+GROUPS = 2
+
+
+def quantize_scaled(x: np.ndarray, channel_scales: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(..., D) floats, r (D,) float32 > 0 and each channel's group (D,) in {0, 1} -> (codes int8 (..., D), token
+    scales float16 (..., 2)).
+
+    q = clip(round(x / (s[g] * r)), -127, 127) with s[g] = fp16(max over group g of |x_c / r_c| / 127), floored like
+    quantize_int8's (an empty group's scale is the floor): dividing by the fp16-rounded s makes the reader's
+    q * s[g] * r use exactly the scale the writer used."""
+    y = np.asarray(x, dtype=np.float32) / np.asarray(channel_scales, dtype=np.float32)
+    groups = np.asarray(groups, dtype=np.intp)
+    absmax = np.stack([np.abs(y[..., groups == g]).max(axis=-1, initial=0.0) for g in range(GROUPS)], axis=-1)
+    scale = np.maximum((absmax / QMAX).astype(np.float16), _MIN_SCALE)
+    q = np.rint(y / scale.astype(np.float32)[..., groups])
+    return np.clip(q, -QMAX, QMAX).astype(np.int8), scale
+
+
+def dequantize_scaled(codes: np.ndarray, scales: np.ndarray, channel_scales: np.ndarray,
+                      groups: np.ndarray) -> np.ndarray:
+    """Inverse of quantize_scaled, float32: codes * scales[..., groups] * channel_scales, in that order."""
+    out = codes.astype(np.float32)
+    out *= scales.astype(np.float32)[..., np.asarray(groups, dtype=np.intp)]
+    out *= np.asarray(channel_scales, dtype=np.float32)
+    return out

@@ -21,13 +21,15 @@ from typing import Any
 import numpy as np
 from zarr.abc.store import Store
 
+from dist_cache.errors import first_line
 from dist_cache.sampling import dense_subset
-from storage import frames_codec, layout, records, shards
+from storage import frames_codec, layout, parameters, records, shards
+from storage.encoding import Encoding, EncodingError
 from storage.errors import REPAIR_HINT, SampleNotDoneError, StoreDamagedError
 from storage.integrity import check_store
 from storage.location import configure_zarr
 from storage.opened import OpenedStore
-from storage.quantize import dequantize_int8
+from storage.quantize import GROUPS, dequantize_int8
 from storage.records import RecordError, VideoRecord, decode_group, group_members
 from storage.remote import ZarrStoreLocation, open_location
 from storage.schema import DTYPES, SampleStatus, StoreSchema, status_counts
@@ -39,35 +41,51 @@ class StoreDamageWarning(UserWarning):
 
 @dataclasses.dataclass
 class RawSample:
-    """A sample's stored values: fp16 features, or int8 codes plus fp16 per-token scales."""
+    """A sample's stored values: fp16 features, or int8 codes plus fp16 per-token scales; in a projected compact
+    store, the requested layers' flat PCA codes back to back (fp16, or int8 plus scales)."""
 
-    features: np.ndarray  # (L', T, N+1, C) float16 or int8
-    scales: np.ndarray | None = None  # (L', T, N+1) float16, int8 stores only
+    features: np.ndarray  # (L', T, N+1, C) float16 or int8; projected: (T*(N+1)*sum K_l,) float16 or int8
+    scales: np.ndarray | None = None  # (L', T, N+1) float16, int8 stores only; (L', T, N+1, 2) in compact stores
 
     @classmethod
-    def empty(cls, schema: StoreSchema, num_layers: int) -> RawSample:
-        shape = (num_layers, schema.num_frames, schema.tokens, schema.width)
-        scales = np.empty(shape[:-1], np.float16) if schema.dtype == "int8" else None
-        return cls(np.empty(shape, DTYPES[schema.dtype]), scales)
+    def empty(cls, schema: StoreSchema, num_layers: int, code_size: int | None = None) -> RawSample:
+        (shape, dtype), scales = stored_shapes(schema, num_layers, code_size)
+        return cls(np.empty(shape, dtype), None if scales is None else np.empty(*scales))
 
-    def check(self, schema: StoreSchema, num_layers: int) -> None:
+    def check(self, schema: StoreSchema, num_layers: int, code_size: int | None = None) -> None:
         """Caller-provided buffers must be exactly what the read fills, C-contiguous (e.g. pinned memory views)."""
-        shape = (num_layers, schema.num_frames, schema.tokens, schema.width)
-        wanted = [("features", self.features, np.dtype(DTYPES[schema.dtype]), shape)]
-        if schema.dtype == "int8":
-            wanted.append(("scales", self.scales, np.dtype(np.float16), shape[:-1]))
-        for name, arr, dtype, shp in wanted:
+        features, scales = stored_shapes(schema, num_layers, code_size)
+        wanted = [("features", self.features, *features)]
+        if scales is not None:
+            wanted.append(("scales", self.scales, *scales))
+        for name, arr, shp, dtype in wanted:
             if arr is None or arr.shape != shp or arr.dtype != dtype or not arr.flags.c_contiguous \
                     or not arr.flags.writeable:
                 got = None if arr is None else (arr.shape, str(arr.dtype))
                 raise ValueError(f"out.{name} must be a writable C-contiguous {dtype} array of shape {shp}, got {got}")
 
     def dequantized(self, dtype: Any = np.float16) -> np.ndarray:
+        """A plain (or format-2 int8) store's tokens; a compact store's are decoded by FeatureStore.features."""
+        if self.features.ndim != 4 or (self.scales is not None and self.scales.ndim != 3):
+            raise ValueError("these are a compact store's codes: decode them with FeatureStore.features (or "
+                             "store.encoding.decode)")
         if self.scales is None:
             return self.features.astype(dtype, copy=False)
         if np.dtype(dtype) == np.float32:
             return self.features.astype(np.float32) * self.scales.astype(np.float32)[..., None]
         return dequantize_int8(self.features, self.scales)
+
+
+def stored_shapes(schema: StoreSchema, num_layers: int, code_size: int | None = None
+                  ) -> tuple[tuple[tuple[int, ...], np.dtype], tuple[tuple[int, ...], np.dtype] | None]:
+    """((shape, dtype) of a read's features, (shape, dtype) of its scales or None) for `num_layers` layers;
+    `code_size`: the flat codes' length, for a projected compact store (FeatureStore.code_size)."""
+    token = (num_layers, schema.num_frames, schema.tokens)
+    dtype = np.dtype(DTYPES[schema.dtype])
+    features = ((code_size,), dtype) if layout.projected_components(schema) is not None else \
+        ((*token, schema.width), dtype)
+    scales = (*token, GROUPS) if schema.encoding is not None else token
+    return features, ((scales, np.dtype(np.float16)) if schema.dtype == "int8" else None)
 
 
 class FeatureStore:
@@ -146,6 +164,28 @@ class FeatureStore:
     def videos_per_shard(self) -> int:
         """P: 1 as extract writes; more in a packed copy (`dist-cache copy --videos-per-shard`), read-only."""
         return self._state().videos_per_shard
+
+    @property
+    def encoding(self) -> Encoding | None:
+        """A compact store's fitted parameters (storage/encoding.py), read once and checked against the sha256 its
+        schema recorded; None for a plain store."""
+        st = self._state()
+        if self.schema.encoding is None:
+            return None
+        if st.encoding is None:
+            try:
+                st.encoding = parameters.read(st.array, self.schema)
+            except (EncodingError, ValueError) as err:
+                raise StoreDamagedError(f"store {self.url}: {first_line(err)}; its codes cannot be decoded without "
+                                        f"them: re-create the store (or copy it again from its source)") from None
+        return st.encoding
+
+    def code_size(self, layers: Sequence[int] | int | None = None) -> int | None:
+        """Elements of the flat codes `read_sample` returns for `layers` in a projected compact store, else None."""
+        encoding = self.encoding
+        if encoding is None or not encoding.projected:
+            return None
+        return encoding.code_size(self.schema.layer_positions(layers), self.schema.num_frames, self.schema.tokens)
 
     def limitations(self) -> list[str]:
         """What this store lacks compared with a current one, one line each (for `info`)."""
@@ -363,10 +403,14 @@ class FeatureStore:
         missing or corrupt bytes, SampleNotDoneError for a sample without features."""
         v, k = self._require_done(i)
         pos = self.schema.layer_positions(layers)
+        code_size = self.code_size(layers)
         if out is None:
-            out = RawSample.empty(self.schema, len(pos))
+            out = RawSample.empty(self.schema, len(pos), code_size)
         else:
-            out.check(self.schema, len(pos))
+            out.check(self.schema, len(pos), code_size)
+        if code_size is not None:
+            self._read_codes(v, k, pos, out)
+            return out
         at = 0
         for a, b in _runs(pos):
             rows = slice(at, at + b - a)
@@ -382,14 +426,39 @@ class FeatureStore:
             at += b - a
         return out
 
-    def features(self, i: int, layers: Sequence[int] | int | None = None, dtype: Any = np.float16) -> np.ndarray:
-        """(L', T, N+1, C) token features of sample i, float16 (dequantised for int8 stores).
+    def _read_codes(self, v: int, k: int, pos: list[int], out: RawSample) -> None:
+        """A projected compact store's codes of layers `pos`: one ranged read per run of consecutive layers (each
+        layer is a whole number of chunks of `grain` components)."""
+        enc, s = self.encoding, self.schema
+        assert enc is not None
+        per_component = s.num_frames * s.tokens
+        offsets, at = enc.offsets, 0
+        for a, b in _runs(pos):
+            size = per_component * (offsets[b] - offsets[a])
+            self._read(layout.CODES, v, k, offsets[a] // enc.grain, out.features[at:at + size])
+            at += size
+        if out.scales is not None:
+            row = 0
+            for a, b in _runs(pos):
+                self._read(layout.SCALES, v, k, a, out.scales[row:row + b - a])
+                row += b - a
 
-        dtype=np.float32 skips the float16 rounding of int8 stores (and numpy's slow fp16 cast)."""
+    def features(self, i: int, layers: Sequence[int] | int | None = None, dtype: Any = np.float16) -> np.ndarray:
+        """(L', T, N+1, C) token features of sample i, float16 (dequantised for int8 stores; reconstructed from
+        their codes for compact stores, storage/README.md "Compact stores").
+
+        dtype=np.float32 skips the float16 rounding of int8 and compact stores (and numpy's slow fp16 cast)."""
         dtype = np.dtype(dtype)
         if dtype not in (np.float16, np.float32):
             raise ValueError("dtype must be float16 or float32")
-        return self.read_sample(i, layers).dequantized(dtype)
+        raw = self.read_sample(i, layers)
+        encoding = self.encoding
+        if encoding is None:
+            return raw.dequantized(dtype)
+        tokens = encoding.decode(raw.features, raw.scales, self.schema.layer_positions(layers),
+                                 self.schema.num_frames, self.schema.tokens)
+        with np.errstate(over="ignore"):
+            return tokens.astype(dtype, copy=False)
 
     def clip_embeddings(self, i: int) -> np.ndarray:
         """(T, E) float16: CLIP's own final per-frame image embedding for sample i."""

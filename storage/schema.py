@@ -20,11 +20,14 @@ import numpy as np
 
 from dist_cache.sampling import DENSE_GAMMAS
 from storage import frames_codec
+from storage.encoding import ENCODED_FORMAT_VERSION, check_section, compat_of
 from storage.errors import StoreMismatchError
 
 FORMAT_VERSION = 2
-# Format 1 (dist-cache 0.1) stores are read, never written into.
-READABLE_VERSIONS = (1, 2)
+# Format 1 (dist-cache 0.1) stores are read, never written into. Format 3 is format 2 plus an `encoding` (compact
+# stores, storage/encoding.py): a dist-cache that predates it refuses such a store in one line instead of reading
+# its codes as tokens.
+READABLE_VERSIONS = (1, 2, ENCODED_FORMAT_VERSION)
 ATTR_KEY = "dist_cache"
 
 DTYPES: dict[str, str] = {"fp16": "float16", "int8": "int8"}
@@ -138,6 +141,8 @@ class StoreSchema:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
     # sha256 of the manifest rows, set when the store is created (see with_manifest).
     videos_sha256: str | None = None
+    # Compact stores (format 3): what was done to the tokens (storage/encoding.py); None for plain stores.
+    encoding: dict[str, Any] | None = None
     # A format-1 schema exactly as stored (to_json returns it; compat follows format 1's rule).
     legacy: dict[str, Any] | None = dataclasses.field(default=None, compare=False, repr=False)
 
@@ -203,6 +208,11 @@ class StoreSchema:
                "text must be a dict with a list of template strings")
         _check(isinstance(self.extra, dict), "extra must be a dict")
         _check(self.videos_sha256 is None or isinstance(self.videos_sha256, str), "videos_sha256 must be a string")
+        _check((self.encoding is not None) == (self.format_version == ENCODED_FORMAT_VERSION),
+               f"format_version {ENCODED_FORMAT_VERSION} (and only it) has an encoding section")
+        if self.encoding is not None:
+            why = check_section(self.encoding, num_layers=len(layers), width=self.width, dtype=self.dtype)
+            _check(why is None, str(why))
 
     def _check_flip_label_map(self, pairs: Any) -> None:
         if pairs is None:
@@ -227,7 +237,7 @@ class StoreSchema:
             legacy = copy.deepcopy(raw)
             raw = _upgrade_v1(raw)
         fields = {f.name for f in dataclasses.fields(cls)} - {"extra", "legacy"}
-        required = fields - {"videos_sha256"}
+        required = fields - {"videos_sha256", "encoding"}
         missing = sorted(k for k in required if k not in raw)
         _check(not missing, f"missing fields {missing}")
         _check(isinstance(raw["layers"], list), "layers must be a non-empty list of ints")
@@ -244,7 +254,7 @@ class StoreSchema:
             return copy.deepcopy(self.legacy)
         out: dict[str, Any] = copy.deepcopy(self.extra)
         for f in dataclasses.fields(self):
-            if f.name not in ("extra", "legacy"):
+            if f.name not in ("extra", "legacy") and not (f.name == "encoding" and self.encoding is None):
                 out[f.name] = copy.deepcopy(getattr(self, f.name))
         out["layers"], out["class_names"] = list(self.layers), list(self.class_names)
         out["compat"] = self.compat
@@ -291,6 +301,8 @@ class StoreSchema:
         compat["backbone"] = {k: self.backbone[k] for k in BACKBONE_COMPAT_KEYS}
         # The decoder's version may change (a bug-fix release decodes the same frames); its name may not.
         compat["preprocess"]["decoder"] = {"name": self.preprocess["decoder"]["name"]}
+        if self.encoding is not None:  # the request, not the fit (a resume reuses the stored fit)
+            compat["encoding"] = compat_of(self.encoding)
         return compat
 
     @property
@@ -311,14 +323,35 @@ class StoreSchema:
                              f"{format_value(list(self.layers))}")
         return [have[x] for x in wanted]
 
+    @property
+    def encoded(self) -> bool:
+        """A compact store (format 3): its features are codes to decode with the store's encoding."""
+        return self.encoding is not None
+
+    @property
+    def fitted(self) -> bool:
+        """Whether the encoding's parameters are fitted (always, in a store; not yet in a run's wanted schema)."""
+        return self.encoding is None or self.encoding.get("fit") is not None
+
+    def with_fit(self, fit: dict[str, Any]) -> StoreSchema:
+        """This (wanted) schema with its encoding's fit recorded."""
+        assert self.encoding is not None
+        return dataclasses.replace(self, encoding={**self.encoding, "fit": fit})
+
     def check_compatible(self, wanted: StoreSchema, store_name: str) -> None:
         """Raise StoreMismatchError unless a run with schema `wanted` may write into this (stored) schema."""
-        if self.format_version != wanted.format_version:
+        if self.format_version != wanted.format_version and not (
+                self.format_version >= 2 and wanted.format_version >= 2):
             raise StoreMismatchError(
                 f"store {store_name} has format_version {self.format_version} (made by dist-cache "
                 f"{'0.1' if self.format_version == 1 else 'another version'}); this dist-cache reads it but writes "
                 f"only format_version {wanted.format_version}: use a new --out")
-        found = _first_difference(self.compat, wanted.compat, "")
+        # Between format 2 and 3 the difference that matters is the encoding (or the dtype), so name that.
+        mine, theirs = self.compat, wanted.compat
+        for compat in (mine, theirs):
+            compat.setdefault("encoding", None)
+            compat["format_version"] = min(compat["format_version"], 2)
+        found = _first_difference(mine, theirs, "")
         if found:
             field, old, new = found
             raise StoreMismatchError(

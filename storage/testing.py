@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 
 from storage import frames_codec
+from storage.encoding import ENCODED_FORMAT_VERSION, request_of
+from storage.pca import draw_sample, fit_videos
 from storage.schema import StoreSchema
 from storage.writer import StoreWriter
 
@@ -22,11 +24,15 @@ TINY = {"layers": [0, 1], "num_frames": 4, "tokens": 17, "width": 64, "embed_dim
 def make_schema(num_videos: int = 6, views: int = 2, *, dtype: str = "fp16", codec: str = "none",
                 layers: list[int] | None = None, num_frames: int = 4, seed: int = 0,
                 model: str = "dist-tiny", num_classes: int = 3, dense_gamma: int | None = None,
-                jpeg_quality: int | None = None) -> StoreSchema:
-    """A tiny schema; `dense_gamma` adds dense frames, raw, or JPEG at `jpeg_quality`."""
+                jpeg_quality: int | None = None, compact: bool = False, pca: int | float | None = None,
+                sample_videos: int | None = None) -> StoreSchema:
+    """A tiny schema; `dense_gamma` adds dense frames, raw, or JPEG at `jpeg_quality`; `compact` (or a `pca`
+    request) makes a compact store's (format 3, fitted when created)."""
     layers = list(TINY["layers"] if layers is None else layers)
+    compact = compact or pca is not None
     return StoreSchema.from_json({
-        "format_version": 2,
+        "format_version": ENCODED_FORMAT_VERSION if compact else 2,
+        **({"encoding": request_of(pca, dtype, sample_videos, seed)} if compact else {}),
         "backbone": {"model": model, "model_config": {"embed_dim": TINY["embed_dim"]}, "pretrained": "none",
                      "weights_sha256": "0" * 64, "image_size": 64, "patch_size": 16, "width": TINY["width"],
                      "embed_dim": TINY["embed_dim"], "num_layers": max(TINY["num_layers"], max(layers) + 1),
@@ -75,8 +81,22 @@ def video_frames(schema: StoreSchema, v: int) -> np.ndarray | None:
     return np.random.default_rng([schema.sampling["seed"], v, 1]).integers(0, 256, shape, dtype=np.uint8)
 
 
+def fit_function(schema: StoreSchema) -> Any:
+    """What StoreWriter.open calls to fit a compact test store: storage.pca on the videos' generated features."""
+    if schema.encoding is None:
+        return None
+    section = schema.encoding
+    count = section["sample"]["videos"]
+    sample = draw_sample(range(schema.num_videos), schema.num_videos if count == "auto" else count,
+                         section["sample"]["seed"])
+    pca = None if section["pca"] is None else section["pca"]["request"]
+    return lambda: fit_videos(lambda v: video_data(schema, v)[2], sample, pca=pca,
+                              quantize=section["quantization"] is not None, source="storage.testing")
+
+
 def open_writer(url: str, schema: StoreSchema, **kwargs: Any) -> StoreWriter:
     videos, labels, text = manifest(schema)
+    kwargs.setdefault("fit", fit_function(schema))
     return StoreWriter.open(url, schema, videos, labels, text, **kwargs)
 
 

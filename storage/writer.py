@@ -18,7 +18,7 @@ import dataclasses
 import itertools
 import json
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,16 +27,17 @@ from zarr.core.metadata import ArrayV3Metadata
 from zarr.errors import ZarrUserWarning
 
 from dist_cache.errors import UserError, first_line
-from storage import frames_codec, layout
+from storage import frames_codec, layout, parameters
+from storage.encoding import ENCODED_FORMAT_VERSION, Encoded, Encoding, EncodingError
 from storage.errors import MissingChunkError, StoreDamagedError, StoreMismatchError, store_fix, write_error
 from storage.frames_codec import StoredJpegs
 from storage.location import Location, configure_zarr, is_temp_name
-from storage.quantize import quantize_int8
+from storage.quantize import GROUPS, quantize_int8
 from storage.records import RecordError, VideoRecord, decode_group, encode_group, gather, group_members, summarize
 from storage.remote import open_location
 from storage.root import ROOT_KEY, group_json, read_attrs, stored_schema
 from storage.schema import ATTR_KEY, FORMAT_VERSION, SampleStatus, StoreSchema, format_value
-from storage.shards import Encoded, ShardFormat
+from storage.shards import Encoded as EncodedChunk, ShardFormat
 from storage.strict import StrictStore
 
 # A `*.partial` younger than this may belong to a writer that is still running (its rename is
@@ -45,7 +46,10 @@ DEFAULT_STALE_PARTIAL_S = 600.0
 
 # Top-level names a dist-cache store may hold; anything else means the location is someone else's.
 _OWN_NAMES = {"zarr.json", "features", "feature_scales", "clip_embeddings", "frames", "text_embeddings", "videos",
-              "samples", "records"}
+              "samples", "records", "codes", "encoding"}
+# What `StoreWriter.open` calls to fit a compact store's encoding when it has to create the store: the schema's
+# `encoding.fit` record and the fitted parameters (storage/pca.py).
+FitFunction = Callable[[], tuple[dict[str, Any], Encoding]]
 
 # fp16 bit patterns: exponent all ones is inf or NaN. Checked on the integer bits in cache-sized blocks,
 # ~10x faster than np.isfinite, which emulates float16 arithmetic.
@@ -130,16 +134,21 @@ class StoreWriter:
         self._zstore: zarr.abc.store.Store | None = None
         self._checked_complete = False
         self._video_labels: np.ndarray | None = None
+        self._encoding: Encoding | None = None
 
     # ---------------------------------------------------------------- opening
     @classmethod
     def open(cls, url: str, schema: StoreSchema | Mapping[str, Any], videos: Sequence[str], labels: Sequence[int],
              text_features: np.ndarray, *, storage_options: dict[str, Any] | None = None,
              stale_partial_s: float = DEFAULT_STALE_PARTIAL_S, videos_per_shard: int = 1,
-             repair: bool = False) -> StoreWriter:
+             repair: bool = False, fit: FitFunction | None = None) -> StoreWriter:
         """Create the store at `url`, or reopen it to resume if it was made with the same compat schema,
         videos and labels. A mismatch raises StoreMismatchError and an unwritable location a UserError,
         both before any data is written.
+
+        A compact store's schema (format 3) says what to fit; `fit()` is called only when the store has to be
+        created, and its parameters are written with the store. A reopened store keeps its own fit (a rerun,
+        a dask worker), so the same request resumes with the same codes.
 
         `videos_per_shard` P > 1 makes a packed store (what `copy --videos-per-shard` writes): each shard holds P
         videos and is written by `write_group` with the group's record. A packed store is written only with its
@@ -155,8 +164,9 @@ class StoreWriter:
         loc = open_location(url, storage_options)
         if not isinstance(schema, StoreSchema):
             schema = StoreSchema.from_json(schema)
-        if schema.format_version != FORMAT_VERSION:
-            raise ValueError(f"this dist-cache writes format_version {FORMAT_VERSION}, not {schema.format_version}")
+        if schema.format_version != (FORMAT_VERSION if schema.encoding is None else ENCODED_FORMAT_VERSION):
+            raise ValueError(f"this dist-cache writes format_version {FORMAT_VERSION} (plain stores) and "
+                             f"{ENCODED_FORMAT_VERSION} (compact stores), not {schema.format_version}")
         videos = [str(p) for p in videos]
         labels = [int(x) for x in labels]
         C = schema.num_classes
@@ -171,14 +181,17 @@ class StoreWriter:
 
         with _writing(loc.url):
             attrs = read_attrs(loc)
+            fitted: Encoding | None = None
             if attrs is None:
                 _check_creatable(loc)
                 loc.prepare_for_writing()
+                schema, fitted = _fitted(schema, fit, loc.url)
                 initial = {ATTR_KEY: schema.to_json(), "created": False, "complete": False, "summary": None}
                 if not loc.create_exclusive(ROOT_KEY, group_json(initial)):
                     attrs = read_attrs(loc)  # another writer published its root first: compare with it
             if attrs is None:
                 writer, created = cls(loc, schema, stale_partial_s, videos_per_shard), False
+                writer._encoding = fitted
             else:
                 if ATTR_KEY not in attrs:
                     raise UserError(f"cannot create store {loc.url}: a zarr group that is not a dist-cache store "
@@ -189,6 +202,9 @@ class StoreWriter:
                     raise StoreMismatchError(_video_difference(loc, videos, labels))
                 # Keep the first run's informational fields (software versions...) rather than rewriting them.
                 writer, created = cls(loc, stored, stale_partial_s, videos_per_shard), bool(attrs.get("created"))
+                if stored.encoded and not created:
+                    writer._encoding = _same_fit(stored, fitted if fitted is not None else _fitted(schema, fit,
+                                                                                                  loc.url)[1], loc.url)
             if not created:
                 writer._create(videos, labels, text)
             else:
@@ -214,6 +230,9 @@ class StoreWriter:
             arrays[layout.VIDEO_PATH][:] = np.array(videos, dtype=str)
             arrays[layout.VIDEO_LABEL][:] = np.array(labels, dtype=np.int32)
         arrays[layout.TEXT][:] = text
+        if self.schema.encoded:
+            assert self._encoding is not None
+            parameters.write(store, self.schema, self._encoding)
         self._root_group().update_attributes({"created": True})
 
     def _check_arrays(self, videos: list[str], labels: list[int], text: np.ndarray, repair: bool) -> list[str]:
@@ -278,7 +297,7 @@ class StoreWriter:
         """A reopened store must have been made with this writer's videos per shard: a packed store is never
         written into with one video per shard, nor the other way round."""
         try:
-            meta = layout.open_array(self._store(), layout.FEATURES).metadata.to_dict()
+            meta = layout.open_array(self._store(), layout.feature_array(self.schema)).metadata.to_dict()
         except (ValueError, TypeError, KeyError, FileNotFoundError):
             return  # damaged or missing metadata: _check_arrays names it (and --repair restores it)
         stored = layout.videos_per_shard(meta, self.schema.views_per_video)
@@ -321,6 +340,18 @@ class StoreWriter:
     @property
     def fingerprint(self) -> str:
         return self.schema.fingerprint
+
+    @property
+    def encoding(self) -> Encoding | None:
+        """A compact store's fitted parameters (read from the store once, checked against its sha256), else None."""
+        if self.schema.encoding is None:
+            return None
+        if self._encoding is None:
+            try:
+                self._encoding = parameters.read(lambda name: layout.open_array(self._store(), name), self.schema)
+            except EncodingError as err:
+                raise StoreMismatchError(f"store {self.url}: {err}; re-create it") from None
+        return self._encoding
 
     def _store(self) -> zarr.abc.store.Store:
         if self._zstore is None:
@@ -396,9 +427,11 @@ class StoreWriter:
         """Write video v's K views: every array's shard, then the record. Returns the shard bytes written.
 
         features (K, L, T, N+1, C) (fp16 is stored as is; other floats are cast or, for int8 stores,
-        quantised), clip_embeds (K, T, E), frames (K, G*T, R, R, 3) uint8 exactly when the store holds dense
-        frames (a JPEG store encodes them here, in the calling thread; `StoredJpegs` of the store's quality are
-        written as they are), labels: K per-view class indices (default: the video's label for every view).
+        quantised; a compact store encodes them with its fitted parameters, or takes them already `Encoded`
+        in its own layout and dtypes), clip_embeds (K, T, E), frames (K, G*T, R, R, 3) uint8 exactly when the
+        store holds dense frames (a JPEG store encodes them here, in the calling thread; `StoredJpegs` of the
+        store's quality are written as they are), labels: K per-view class indices (default: the video's label for
+        every view).
         finite_checked: the caller has already checked that features and clip_embeds, in the dtypes given, are
         finite (extraction does on the GPU, before the copy); the writer then skips its own inf/NaN scan, which
         is a third of its CPU time per fp16 video."""
@@ -432,12 +465,49 @@ class StoreWriter:
         except RecordError as err:
             raise ValueError(f"video {v}: {err}") from None
 
-    def _checked_features(self, v: int, features: Any) -> np.ndarray:
+    def _checked_features(self, v: int, features: Any) -> np.ndarray | Encoded:
         s = self.schema
+        if isinstance(features, Encoded):
+            return self._checked_encoded(v, features)
         features = np.asarray(features)
         want = (s.views_per_video, len(s.layers), s.num_frames, s.tokens, s.width)
         if features.shape != want:
             raise ValueError(f"video {v}: features have shape {features.shape}, the store expects {want}")
+        return features
+
+    def _checked_encoded(self, v: int, encoded: Encoded) -> Encoded:
+        """Codes encoded elsewhere must be exactly what this store keeps for a video."""
+        s, enc = self.schema, self.encoding
+        if enc is None:
+            raise ValueError(f"video {v}: encoded features given, but store {self.url} is not a compact store")
+        K, L, T, N1 = s.views_per_video, len(s.layers), s.num_frames, s.tokens
+        shape = (K, enc.code_size(range(L), T, N1)) if enc.projected else (K, L, T, N1, s.width)
+        dtype = np.int8 if enc.quantized else np.float16
+        ok = encoded.codes.shape == shape and encoded.codes.dtype == dtype
+        if enc.quantized:
+            ok = ok and encoded.scales is not None and encoded.scales.shape == (K, L, T, N1, GROUPS) \
+                and encoded.scales.dtype == np.float16
+        elif encoded.scales is not None:
+            ok = False
+        if not ok:
+            raise ValueError(f"video {v}: encoded codes {encoded.codes.shape} {encoded.codes.dtype} (scales "
+                             f"{None if encoded.scales is None else encoded.scales.shape}) are not this store's "
+                             f"{shape} {np.dtype(dtype)}")
+        return encoded
+
+    def _encoded(self, v: int, features: np.ndarray | Encoded, finite_checked: bool) -> Encoded:
+        """A compact store's codes for video v, checked finite (unless the caller checked them)."""
+        if not isinstance(features, Encoded):
+            if not finite_checked:
+                _require_finite(features, f"video {v}: features")
+            assert self.encoding is not None
+            features = Encoded(*self.encoding.encode(features))
+            finite_checked = False  # fp16 codes may overflow; scales too
+        if not finite_checked:
+            if features.codes.dtype == np.float16:
+                _require_finite(features.codes, f"video {v}: feature codes")
+            if features.scales is not None:
+                _require_finite(features.scales, f"video {v}: feature scales")
         return features
 
     def _check_clip_shape(self, v: int, clip_embeds: np.ndarray) -> None:
@@ -491,7 +561,15 @@ class StoreWriter:
                       finite_checked: bool = False) -> Iterator[tuple[ShardFormat, Iterable[np.ndarray]]]:
         """Each array's shard format and its inner chunks for video v, in write order."""
         specs = {spec.name: ShardFormat.of(spec) for spec in layout.sharded_arrays(self.schema)}
-        if self.schema.dtype == "int8":
+        if self.schema.encoded:
+            encoded = self._encoded(v, features, finite_checked)
+            fmt = specs[layout.feature_array(self.schema)]
+            yield fmt, fmt.raw_chunks(encoded.codes)
+            if encoded.scales is not None:
+                yield specs[layout.SCALES], specs[layout.SCALES].raw_chunks(encoded.scales)
+        elif self.schema.dtype == "int8":
+            if isinstance(features, Encoded):
+                raise ValueError(f"video {v}: encoded features given, but store {self.url} is not a compact store")
             codes, scales = self._quantized(v, features, finite_checked)
             yield specs[layout.FEATURES], specs[layout.FEATURES].raw_chunks(codes)
             yield specs[layout.SCALES], specs[layout.SCALES].raw_chunks(scales)
@@ -553,8 +631,13 @@ class StoreWriter:
                       scales: dict[int, np.ndarray]) -> Iterable[np.ndarray]:
         """One done video's chunks of array `fmt.name`, read from `source`. An int8 store's scales are kept from
         its features' quantisation (they are small) for the scales shard, written next."""
-        if fmt.name == layout.FEATURES:
+        if fmt.name == layout.feature_array(self.schema):
             features = self._checked_features(v, source.features(v))
+            if self.schema.encoded:
+                encoded = self._encoded(v, features, False)
+                if encoded.scales is not None:
+                    scales[v] = encoded.scales
+                return fmt.raw_chunks(encoded.codes)
             if self.schema.dtype == "int8":
                 codes, scales[v] = self._quantized(v, features, False)
                 return fmt.raw_chunks(codes)
@@ -609,12 +692,36 @@ class StoreWriter:
         return {**summary, "complete": True}
 
 
-def _frame_chunks(fmt: ShardFormat, frames: np.ndarray | StoredJpegs) -> Iterable[np.ndarray | Encoded]:
+def _frame_chunks(fmt: ShardFormat, frames: np.ndarray | StoredJpegs) -> Iterable[np.ndarray | EncodedChunk]:
     """A video's frames shard's chunks: raw frames (encoded by the shard format if the store keeps JPEG, lazily, so
     in the calling writer thread while the previous chunk is written), or JPEGs of the store's quality as is."""
     if isinstance(frames, StoredJpegs):
-        return (Encoded(payload) for view in frames.views for payload in view)
+        return (EncodedChunk(payload) for view in frames.views for payload in view)
     return fmt.raw_chunks(frames)
+
+
+def _fitted(schema: StoreSchema, fit: FitFunction | None, url: str) -> tuple[StoreSchema, Encoding | None]:
+    """The schema to create a store with, and its encoding's parameters: a compact store is fitted now."""
+    if schema.encoding is None:
+        return schema, None
+    if fit is None:
+        raise ValueError(f"store {url} must be created, and a compact store's encoding must be fitted for that: "
+                         f"pass fit")
+    record, encoding = fit()
+    if record.get("sha256") != encoding.digest():
+        raise ValueError("the fit record's sha256 is not its parameters'")
+    return schema.with_fit(record), encoding
+
+
+def _same_fit(stored: StoreSchema, encoding: Encoding | None, url: str) -> Encoding:
+    """A store whose creation another run began: its encoding arrays may not be written yet, and this run may only
+    write them if its own fit is the very same (a deterministic refit of the same sample)."""
+    assert stored.encoding is not None and stored.encoding.get("fit")
+    if encoding is None or encoding.digest() != stored.encoding["fit"]["sha256"]:
+        raise StoreMismatchError(
+            f"store {url} is being created by another run with another fit of its encoding, or that run was "
+            f"interrupted: rerun once it has finished, or remove {url} (no video is in it yet) and rerun")
+    return encoding
 
 
 @contextlib.contextmanager

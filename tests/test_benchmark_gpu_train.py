@@ -29,3 +29,21 @@ def test_gpu_train_benchmark_runs_quick_on_a_tiny_store(tmp_path, motion_dataset
                                     "cached_over_online_step"}
     assert result["verdict"] in ("met", "missed") and "timed_out" not in result
     assert result["parameters"]["dense_frames_stored"] == 2 and result["parameters"]["online_precision"] == "fp32"
+
+
+def test_gpu_train_benchmark_measures_a_compact_copy_cached_only(tmp_path, motion_dataset, tiny_checkpoint):
+    """What gpu.sh's train_compact step runs: `copy --pca 128 --dtype int8`, then the cached phases on that copy."""
+    store = extract_with_frames(motion_dataset / "train.csv", motion_dataset / "videos", tmp_path / "s.zarr",
+                                tiny_checkpoint, views=1, split="train", gamma=2)
+    compact = str(tmp_path / "pca.zarr")
+    copied = subprocess.run([sys.executable, "-m", "cli", "copy", store, compact, "--pca", "128", "--dtype", "int8"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert copied.returncode == 0, copied.stderr[-3000:]
+    out = tmp_path / "gpu_train.json"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.gpu_train", "--store", compact, "--out", str(out),
+                           "--quick", "--device", "cpu", "--batch", "4", "--read-threads", "2", "--cached-only"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["phases"]) == {"cached_step", "cached_e2e"} and set(result["ratio"]) == {"cached_e2e_over_step"}
+    assert result["parameters"]["store_format"] == {"pca": {"request": 128}, "quantization": "int8-channel-token"}

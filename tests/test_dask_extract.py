@@ -128,3 +128,22 @@ def test_cluster_stores_dense_frames_and_swapped_labels_and_repairs(client, moti
     assert [d.video_index for d in repaired.damaged] == [1] and repaired.stored == 1 and repaired.complete
     assert_same_store(FeatureStore.open(out), single)
     np.testing.assert_array_equal(FeatureStore.open(out).frames(2), single.frames(2))
+
+
+def test_a_compact_store_is_fitted_once_on_a_worker_and_equals_a_single_process_one(client, motion_dataset,
+                                                                                   tiny_checkpoint, tmp_path):
+    """--pca under dask: the client has the fit run on one worker before any chunk, the workers encode with the
+    stored parameters, and the result is the single-process store (the same sample, fitted on the same CPU)."""
+    import dataclasses
+
+    compact = dict(pca=16, dtype="int8")
+    single = tmp_path / "single.zarr"
+    extract(dataclasses.replace(options(motion_dataset, single, tiny_checkpoint), **compact), progress=False)
+    out = tmp_path / "dask.zarr"
+    summary = extract_on_cluster(dataclasses.replace(options(motion_dataset, out, tiny_checkpoint), **compact),
+                                 client, chunk_videos=2, progress=False)
+    assert summary.complete and summary.stored == 4
+    store, reference = FeatureStore.open(out), FeatureStore.open(single)
+    assert store.schema.encoding["fit"]["sha256"] == reference.schema.encoding["fit"]["sha256"]
+    for i in range(len(reference)):
+        np.testing.assert_array_equal(store.read_sample(i).features, reference.read_sample(i).features)

@@ -109,3 +109,19 @@ def test_format_profile_shows_both_conventions(vit_b16):
 def test_unknown_settings_are_refused():
     with pytest.raises(ConfigError, match="drop_path"):
         profile_dist("dist-tiny", frames=4, drop_path=0.1)
+
+
+@pytest.mark.parametrize("k", [16, 48])
+def test_pca_k_counts_the_folded_branch_per_view_and_the_fold_per_step(k):
+    """On codes, FC_l reads K numbers per token instead of C, and the class-token Linear K instead of C per view;
+    the fold itself (W B^T and W mu + b, every FC_l and the head's Linear) is paid once per step."""
+    result = profile_dist("dist-tiny", frames=4, pca_k=k, alpha_dim=32, beta_dim=16)
+    pca, cfg = result["pca"], result["config"]
+    L, T, C, alpha = len(cfg["layers"]), 4, cfg["width"], 32
+    tokens = 1 + (cfg["image_size"] // cfg["patch_size"]) ** 2
+    saved = (L * T * tokens + 1) * (C - k) * alpha
+    assert round((pca["branch_gflops_tokens"] - pca["branch_gflops_codes"]) * 1e9) == saved
+    assert round(pca["fold_gflops_per_step"] * 1e9) == (L + 1) * (alpha * C * k + alpha * C)
+    assert "projection folded" in format_profile(result)
+    with pytest.raises(ConfigError, match="pca-k"):
+        profile_dist("dist-tiny", frames=4, pca_k=C + 1)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from dist_cache.model.common import init_reference_weights, without_autocast
+from dist_cache.model.compact import TokenBatch, class_tokens, layer_input
 from dist_cache.model.config import DiSTConfig
 from dist_cache.model.integration import IntegrationBranch
 from dist_cache.model.interaction import Phi, Psi
@@ -78,10 +79,10 @@ class DiST(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.head.proj.dtype
 
-    def _check_inputs(self, features: torch.Tensor, frames: torch.Tensor | None) -> None:
+    def _check_inputs(self, features: TokenBatch, frames: torch.Tensor | None) -> None:
         cfg = self.config
         expected = (cfg.num_layers, cfg.num_frames, cfg.num_tokens, cfg.width)
-        if features.dim() != 5 or (features.shape[0], *features.shape[2:]) != expected:
+        if len(features.shape) != 5 or (features.shape[0], *features.shape[2:]) != expected:
             raise ValueError(
                 f"features must be (L, B, T, N+1, C) = ({cfg.num_layers}, B, {cfg.num_frames}, {cfg.num_tokens}, "
                 f"{cfg.width}) for this DiST, got {tuple(features.shape)}"
@@ -95,10 +96,11 @@ class DiST(nn.Module):
             raise ValueError(f"frames must be (B, gamma*T, 3, H, W) = {want}, got {tuple(frames.shape)}")
 
     # ---- forward ----------------------------------------------------------------------------------
-    def forward(self, features: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
-        """features (L, B, T, N+1, C) raw pre-LN CLIP tokens of the configured layers (any float dtype);
-        frames (B, γT, 3, H, W) normalised dense frames, whose every γ-th frame (0, γ, ...) is the one CLIP saw.
-        Returns the video embedding (B, E), not normalised."""
+    def forward(self, features: TokenBatch, frames: torch.Tensor | None = None) -> torch.Tensor:
+        """features (L, B, T, N+1, C) raw pre-LN CLIP tokens of the configured layers (any float dtype), or a
+        compact store's codes (`CompactTokens`: int8 dequantised where read, and every map that reads tokens folds
+        the projection in, dist_cache/model/compact.py); frames (B, γT, 3, H, W) normalised dense frames, whose
+        every γ-th frame (0, γ, ...) is the one CLIP saw. Returns the video embedding (B, E), not normalised."""
         self._check_inputs(features, frames)
         # Each layer is cast where it is used, never the whole (L, B, T, N+1, C) stack at once (at fp16 to
         # fp32, a copy twice the batch's size: ~1.9 GB for ViT-B/16 at B=32).
@@ -111,7 +113,7 @@ class DiST(nn.Module):
                 z = self.temporal.blocks[i](z)
             if self.integration is None:
                 continue
-            m = self.integration.fcs[i](features[i].to(self.dtype))
+            m = self.integration.fcs[i](*layer_input(features, i, self.dtype))
             if r is not None:
                 m = m + r
             z_next = z + self.phi[key](m) if key in self.phi else z
@@ -127,7 +129,7 @@ class DiST(nn.Module):
             f = self.psi[str(self.config.num_layers - 1)](z)
         else:
             f = None
-        return self.head(f, features[-1, :, :, 0].to(self.dtype))
+        return self.head(f, *class_tokens(features, self.dtype))
 
     def logits(self, video_emb: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         """logit_scale * cosine(video, text): (B, E) x (K, E) -> (B, K), fp32. The scale is fixed (CLIP's 100).

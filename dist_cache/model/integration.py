@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from dist_cache.model.common import QuickGELU, mlp
+from dist_cache.model.compact import TokenLinear
 from dist_cache.model.config import DiSTConfig
 
 # Reference INTEGRATION_MLP_RATIO and INTEGRATION_TEMPORAL_MLP_RATIO.
@@ -55,9 +56,11 @@ class IBlock(nn.Module):
 
 
 class IntegrationBranch(nn.Module):
-    """FC_l (C -> αC, on all N+1 raw pre-LN CLIP tokens) and I-Block_l for every integrated layer."""
+    """FC_l (C -> αC, on all N+1 raw pre-LN CLIP tokens, or on their PCA codes with the projection folded in:
+    `TokenLinear`) and I-Block_l for every integrated layer."""
 
     def __init__(self, config: DiSTConfig):
         super().__init__()
-        self.fcs = nn.ModuleList(nn.Linear(config.width, config.switches.alpha_dim) for _ in range(config.num_layers))
+        self.fcs = nn.ModuleList(TokenLinear(config.width, config.switches.alpha_dim)
+                                 for _ in range(config.num_layers))
         self.blocks = nn.ModuleList(IBlock(config.switches.alpha_dim) for _ in range(config.num_layers))

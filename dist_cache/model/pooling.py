@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from dist_cache.model.common import mlp, new_token, without_autocast
+from dist_cache.model.compact import TokenLinear
 from dist_cache.model.config import DiSTConfig
 
 
@@ -80,17 +81,18 @@ class VideoHead(nn.Module):
         super().__init__()
         self.pool = AdaPooling(config) if with_pool else None
         alpha = config.switches.alpha_dim
-        self.cls_proj = nn.Linear(config.width, alpha)
+        self.cls_proj = TokenLinear(config.width, alpha)
         self.ln_post = nn.LayerNorm(alpha)
         self.proj = nn.Parameter(torch.randn(alpha, config.embed_dim) * alpha**-0.5)
 
-    def forward(self, f: torch.Tensor | None, clip_cls: torch.Tensor) -> torch.Tensor:
-        """f (B, T, N+1, αC) or None; clip_cls (B, T, C) -> (B, E), fp32.
+    def forward(self, f: torch.Tensor | None, clip_cls: torch.Tensor, *fold: torch.Tensor) -> torch.Tensor:
+        """f (B, T, N+1, αC) or None; clip_cls (B, T, C) -> (B, E), fp32. With `fold` (components, mean),
+        clip_cls are PCA codes (B, T, K) of the class tokens: the mean over frames commutes with the projection.
 
         The last normalisation and the projection run in fp32 outside any autocast: the embedding's direction is
         all the cosine logits see, and (B, αC) x (αC, E) costs nothing next to the branch.
         """
-        x = self.cls_proj(clip_cls.mean(dim=1))
+        x = self.cls_proj(clip_cls.mean(dim=1), *fold)
         if self.pool is not None:
             x = x + self.pool(f)
         with without_autocast(x.device.type):
