@@ -114,11 +114,12 @@ def test_feature_mixing_is_deterministic_for_a_seed(stores, tmp_path):
 
 def test_bad_augmentation_combinations_are_one_line_errors(stores, tmp_path):
     base = dict(cache=stores["train"], video_root=stores["videos"], out=str(tmp_path / "x"), **SMALL)
+    online = {"online": True, "pretrained": stores["checkpoint"]}  # the weights are found: the check under test speaks
     cases = [({"reaugment": True}, "add --online"),
              ({"mixup": 0.8}, "--mixup mixes pixels before CLIP.*--feature-mixup"),
-             ({"online": True, "feature_cutmix": 1.0}, "--feature-cutmix mixes cached tokens.*--cutmix"),
-             ({"online": True, "reaugment": True, "cache": stores["val"]}, "test-split store.*--split train"),
-             ({"online": True, "reaugment": True, "video_root": None}, "--reaugment decodes.*--video-root"),
+             ({**online, "feature_cutmix": 1.0}, "--feature-cutmix mixes cached tokens.*--cutmix"),
+             ({**online, "reaugment": True, "cache": stores["val"]}, "test-split store.*--split train"),
+             ({**online, "reaugment": True, "video_root": None}, "--reaugment decodes.*--video-root"),
              ({"feature_mixup": -1.0}, "--feature-mixup: an alpha must not be negative")]
     for change, message in cases:
         with pytest.raises(UserError, match=message):
