@@ -34,6 +34,7 @@ import torch
 
 from dist_cache.decode_pool import DecodePool
 from dist_cache.errors import DecodeError, UserError
+from dist_cache.model.tokens import TokenLayout, branch_tokens
 from dist_cache.paths import resolve_under
 from pipelines.dense_frames import VideoChanged, decode_view
 from storage import FeatureStore, RawSample
@@ -141,7 +142,9 @@ class Batch:
     index: np.ndarray  # (B,) sample indices
     video_index: np.ndarray  # (B,)
     label: torch.Tensor  # (B,) int64, per-view labels
-    features: torch.Tensor | None  # (L', B, T, N+1, C) float16 (int8 stores: dequantised on the device)
+    # (L', B, T, N+1, C) float16 (int8 stores: dequantised on the device): the branch's tokens, a summary token and
+    # the patches (`dist_cache.model.tokens.branch_tokens` of the stored prefix tokens and patches)
+    features: torch.Tensor | None
     frames: torch.Tensor | None  # (B, gamma*T, R, R, 3) uint8
 
     def __len__(self) -> int:
@@ -202,6 +205,8 @@ class BatchLoader:
         self._threads = concurrent.futures.ThreadPoolExecutor(read_threads, thread_name_prefix="store-reader")
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._int8 = s.dtype == "int8"
+        # Which stored token is which: the batch's features are formed into the branch's on the device.
+        self._layout = TokenLayout.of_record(s.backbone)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -279,6 +284,7 @@ class BatchLoader:
                     t.record_stream(current)  # allocated on the copy stream, used on this one
         if features is not None:
             features = (dequantize(features, scales) if self._int8 else features).transpose(0, 1)
+            features = branch_tokens(features, self._layout)
         return Batch(index, video_index, labels, features, frames)
 
 

@@ -224,7 +224,7 @@ def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], ma
         "dense_frames": {"gamma": opts.dense_gamma} if opts.dense_frames else None,
         "num_videos": len(manifest.videos),
         "class_names": manifest.class_names,
-        "text": {"templates": list(opts.templates), "source": "backbone text tower, mean of L2-normalised templates"},
+        "text": {"templates": list(opts.templates), "source": backbone.text_source},
     })
 
 
@@ -346,7 +346,7 @@ class Extractor:
                 schema=schema,
                 videos=manifest.videos,
                 labels=manifest.labels,
-                text_features=backbone.encode_text(manifest.class_names, list(opts.templates)),
+                text_features=backbone.class_embeddings(manifest.class_names, list(opts.templates)),
                 storage_options=opts.storage_options or None,
             )
         except BaseException:
