@@ -262,6 +262,9 @@ def text_tokenizer(open_clip: Any, name: str, config: dict[str, Any]) -> Any:
         _hub_file(hub, ["tokenizer_config.json"], lambda: "", missing)
     try:
         return open_clip.get_tokenizer(name)
+    except ModuleNotFoundError as err:  # open_clip's SigLIP tokenizers, chosen by the model's name
+        raise UserError(f"{name}'s text tower needs the {err.name} package for its tokenizer: pip install "
+                        "'dist-cache[hf-text]'") from None
     except Exception as err:  # transformers and the hub fail in many ways
         raise UserError(f"{name}: cannot load its tokenizer ({first_line(err, 120)})") from None
 

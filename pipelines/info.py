@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import zarr
 
+from dist_cache.model.tokens import TokenLayout
 from storage import FeatureStore, SampleStatus, layout
 from storage.remote import open_location
 from storage.root import read_attrs
@@ -51,11 +53,37 @@ def store_info(url: str, storage_options: dict | None = None) -> dict[str, Any]:
         "activation": schema.backbone["activation"],
         "decoder": schema.preprocess["decoder"],
         "dense_frames": None if G is None else {"gamma": G, "gammas": dense_gammas(G)},
+        "tokens": token_description(schema.backbone),
+        "bytes_per_view": bytes_per_view(store),
         "videos_per_shard": store.videos_per_shard,
         **usage(store, url, storage_options),
         "limitations": limitations(store),
         "schema": schema.to_json(),
     }
+
+
+def token_description(backbone: dict[str, Any]) -> dict[str, Any]:
+    """Which stored token is which, and what DiST takes from them (dist_cache/model/tokens.py)."""
+    tokens = TokenLayout.of_record(backbone)
+    counts = {kind: tokens.prefix.count(kind) for kind in dict.fromkeys(tokens.prefix)}
+    prefix = " + ".join(f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in counts.items()) or "no prefix token"
+    dropped = [kind for kind in counts if kind != "class"]
+    taken = "the class token" if tokens.has_class else "the mean of the patch tokens (computed in training)"
+    return {
+        "prefix": list(tokens.prefix), "grid": list(tokens.grid), "patch_size": backbone["patch_size"],
+        "image_size": backbone["image_size"],
+        "text": (f"{prefix}, then {tokens.grid[0]}x{tokens.grid[1]} patches row-major (patch "
+                 f"{backbone['patch_size']} px, {backbone['image_size']} px images); DiST's summary token: {taken}"
+                 + (f"; {' and '.join(k + 's' for k in dropped)} dropped" if dropped else "")),
+    }
+
+
+def bytes_per_view(store: FeatureStore) -> dict[str, int]:
+    """Uncompressed bytes one view (sample) stores, per array (features, scales, embeddings, dense frames), and in
+    total: a video takes views_per_video times this (plus its codec's saving, if any)."""
+    sizes = {spec.name: math.prod(spec.shape[1:]) * np.dtype(spec.dtype).itemsize
+             for spec in layout.sharded_arrays(store.schema)}
+    return {**sizes, "total": sum(sizes.values())}
 
 
 def limitations(store: FeatureStore) -> list[str]:
@@ -144,6 +172,9 @@ def format_info(info: dict, show_failed: bool = False) -> str:
         f"run in {info['precision']}",
         f"  features   layers {layers[0]}..{layers[-1]} ({len(layers)}) x {schema['num_frames']} frames x "
         f"{schema['tokens']} tokens x {schema['width']} ch, {schema['dtype']}, codec {schema['codec']}",
+        f"  tokens     {info['tokens']['text']}",
+        f"  per view   {_size(info['bytes_per_view']['total'])} uncompressed ("
+        + ", ".join(f"{name} {_size(n)}" for name, n in info["bytes_per_view"].items() if name != "total") + ")",
         f"  frames     {frames}",
         f"  sampling   split {schema['split']}, {schema['views_per_video']} view(s)/video, "
         f"{schema['sampling'].get('policy', 'unrecorded policy')}, seed {schema['sampling']['seed']}, "

@@ -40,7 +40,9 @@ class Family:
         """The config as a JSON file (`--model PATH`); registers the tiny timm trunk first."""
         if self.timm_base:
             register_tiny(self.timm_base, img_size=self.image)
-        path = directory / f"tiny-{self.name}.json"
+        # open_clip gives a model named "*siglip*" without a tokenizer config SigLIP's own, from the hub: the tiny
+        # configs keep the bundled one under another name.
+        path = directory / f"tiny-{self.name.replace('siglip', 'sigmoid')}.json"
         path.write_text(json.dumps(self.config))
         return path
 
