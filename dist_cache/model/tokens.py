@@ -56,12 +56,16 @@ class TokenLayout:
         return cls(prefix, (grid[0], grid[1]))
 
 
-def branch_tokens(features: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+def branch_tokens(features: Any, layout: TokenLayout) -> Any:
     """(..., prefix + N, C) stored tokens -> (..., 1 + N, C): the summary token, then the patches (module doc).
 
-    CLIP's tokens are returned as they are (no copy)."""
+    CLIP's tokens are returned as they are (no copy). A batch that is not a tensor (a compact store's codes, which
+    offer `map` over each layer's dequantised codes) gets the same rule through `map`: a class token is selected,
+    and a mean of codes is the code of the mean, the decoding being affine."""
     if layout.is_branch_layout:
         return features
+    if not isinstance(features, torch.Tensor):
+        return features.map(lambda tokens: branch_tokens(tokens, layout))
     if features.shape[-2] != layout.num_tokens:
         raise ValueError(f"expected {layout.num_tokens} tokens per frame ({layout.num_prefix} prefix + "
                          f"{layout.grid[0]}x{layout.grid[1]} patches), got {features.shape[-2]}")
