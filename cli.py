@@ -130,9 +130,12 @@ def main() -> None:
               help="Store to create or resume: a path or an fsspec URL (s3://...); new, empty, or an existing store.")
 @storage_options_option()
 @click.option("--model", default="ViT-B-16", show_default=True,
-              help="open_clip model name, dist-tiny, or a model-config JSON path.")
+              help="Image tower: an open_clip ViT (ViT-B-16, ViT-B-16-SigLIP, EVA02-B-16, ViT-SO400M-14-SigLIP-384, "
+                   "...), timm:NAME for a timm ViT (timm:vit_base_patch14_reg4_dinov2), dist-tiny, or a JSON config "
+                   "(open_clip's, or {\"timm_model_name\": ..., \"timm_model_kwargs\": {\"img_size\": 224}}).")
 @click.option("--pretrained", default="openai", show_default=True,
-              help="open_clip tag, local checkpoint path, or none.")
+              help="The model's tag (open_clip's, e.g. webli; timm's, e.g. lvd142m), a local checkpoint path, or "
+                   "none.")
 @click.option("--allow-random-weights", is_flag=True, help="Permit --pretrained none (features then mean nothing).")
 @click.option("--layers", default="all", show_default=True, help="all, last:N, or comma list of 0-based block indices.")
 @click.option("--frames", default=8, type=click.IntRange(min=1), show_default=True,
@@ -532,7 +535,8 @@ def _run_log(opts) -> contextlib.AbstractContextManager:
               help="Where the store's videos are: needed only when the store holds no dense frames.")
 @click.option("--zero-shot-classes", default=None, type=click.Path(),
               help="Zero-shot: class names file of a new label set (txt, one per line, or JSON), embedded with "
-                   "CLIP's text tower.")
+                   "the tower's text side and scored as the tower's model scores (CLIP: softmax; SigLIP: sigmoid "
+                   "with its bias); refused for a tower without a text side (DINOv2).")
 @moved_option("--classes", "--zero-shot-classes (eval's; --classes is extract's class list)")
 @click.option("--pretrained", default=None,
               help="Local copy of the store's CLIP weights (for --zero-shot-classes and --online).")
@@ -560,7 +564,8 @@ def evaluate(report: str | None, zero_shot_classes: str | None, **kw) -> None:
 
 @main.command(**example("dist-cache profile --model ViT-B-16 --frames 8 --gamma 4"))
 @click.option("--model", default="ViT-B-16", show_default=True,
-              help="open_clip model name or dist-tiny (random weights; only shapes matter).")
+              help="Image tower, as extract's --model: an open_clip ViT (ViT-L-14, ViT-B-16-SigLIP, EVA02-B-16, "
+                   "...), timm:NAME, dist-tiny or a JSON config (built on the meta device: only shapes matter).")
 @click.option("--frames", default=8, type=click.IntRange(min=1), show_default=True,
               help="Sparse (CLIP) frames per view.")
 @switch_options

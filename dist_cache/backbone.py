@@ -1,9 +1,11 @@
-"""The frozen CLIP spatial encoder: loading an open_clip model, fingerprinting its weights, and
-running its visual tower to the per-layer token features DiST consumes.
+"""The frozen spatial encoder: loading an image tower (an open_clip model, or a timm ViT by name), fingerprinting
+its weights, and running it to the per-layer token features DiST consumes.
 
 A "layer" l is the output of block l of the visual transformer (0-based), taken after both residual
-adds and before `ln_post`, shaped (N+1, C) per frame with the cls token first and the patches in
-row-major order. This is what the reference implementation records (docs/MODEL.md, "Structure").
+adds and before the tower's final norm (`ln_post`), shaped (P+N, C) per frame: the tower's P prefix tokens (CLIP:
+its class token; DINOv2 with registers: the class token and 4 registers; SigLIP: none), then the patches in
+row-major order. For CLIP this is what the reference implementation records (docs/MODEL.md, "Structure"); every
+tower is run through its own `forward_intermediates` (dist_cache/towers.py).
 
 Loading builds the network on the meta device (no memory, no random initialisation), checks its size,
 then assigns the checkpoint's tensors to it, so start-up costs one read of the weights and one hash.
@@ -19,7 +21,7 @@ import hashlib
 import json
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +31,24 @@ from torch import nn
 
 from dist_cache.errors import UserError, first_line
 from dist_cache.logs import without_log_message
-from dist_cache.weights import Weights, read_weights, tag_weights_file
+from dist_cache.model.tokens import branch_tokens
+from dist_cache.towers import (
+    TIMM_PREFIX,
+    TowerFacts,
+    build_timm_tower,
+    check_timm_config,
+    init_unsaved_buffers,
+    is_timm_config,
+    timm_config,
+    timm_state_dict,
+    timm_tags,
+    tower_facts,
+)
+from dist_cache.weights import Weights, read_weights, tag_weights_file, text_tokenizer, timm_weights_file
 
 BUNDLED_CONFIGS = Path(__file__).parent / "configs"
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+# The activations an open_clip ViT can be built with (a timm tower's is fixed by its architecture).
 ACTIVATIONS = ("quick_gelu", "gelu")
 PRECISIONS = ("fp32", "fp16", "bf16")
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -43,6 +59,10 @@ MAX_BACKBONE_PARAMS = 6_000_000_000
 # What open_clip logs when create_model gets no weights; expected while building on the meta device, where the
 # weights are assigned right after.
 _NO_WEIGHTS_LOGGED = "No pretrained weights loaded for model"
+TEXT_TOWER_SOURCE = "backbone text tower, mean of L2-normalised templates"
+# A tower without a text side (a timm ViT by name) still needs fixed class embeddings for DiST's cosine logits.
+PROTOTYPE_SOURCE = ("fixed class embeddings, the tower has no text side: the rows of an orthonormal matrix from "
+                    "torch.randn with seed 0 and QR (normalised Gaussian rows when classes outnumber dimensions)")
 
 
 def _open_clip():
@@ -56,32 +76,71 @@ def _open_clip():
 
 @dataclass
 class Backbone:
-    """A loaded, frozen open_clip model plus everything needed to reproduce its features."""
+    """A loaded, frozen image tower (with its text side, if it has one) plus everything needed to reproduce its
+    features."""
 
-    model: nn.Module
+    model: nn.Module  # open_clip's CLIP (`.visual`, `.encode_text`), or `towers.VisionOnly` (`.visual` only)
     name: str
     model_config: dict
     pretrained: str
     pretrained_source: str
     weights_sha256: str
-    image_size: int
-    patch_size: int
-    width: int
+    tower: TowerFacts
     embed_dim: int
-    num_layers: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    activation: str
     precision: str
-    tokenizer: object = field(repr=False)
+
+    @property
+    def image_size(self) -> int:
+        return self.tower.image_size
+
+    @property
+    def patch_size(self) -> int:
+        return self.tower.patch_size
+
+    @property
+    def width(self) -> int:
+        return self.tower.width
+
+    @property
+    def num_layers(self) -> int:
+        return self.tower.num_layers
+
+    @property
+    def activation(self) -> str:
+        return self.tower.activation
 
     @property
     def num_tokens(self) -> int:
-        """N + 1: the square grid of patches plus the cls token."""
-        return (self.image_size // self.patch_size) ** 2 + 1
+        """P + N: the tower's prefix tokens plus its patch grid (CLIP: the cls token and the grid)."""
+        return self.tower.layout.num_tokens
+
+    @property
+    def has_text(self) -> bool:
+        return hasattr(self.model, "encode_text")
+
+    @property
+    def text_source(self) -> str:
+        """How `class_embeddings` makes the store's class embeddings (recorded as the store's text.source)."""
+        return TEXT_TOWER_SOURCE if self.has_text else PROTOTYPE_SOURCE
+
+    def scoring(self) -> dict[str, Any] | None:
+        """How the model scores an image against a text: CLIP a softmax over its scaled cosines, SigLIP a sigmoid
+        of each (scale * cosine + bias); None without a text side. Zero-shot eval scores this way."""
+        if not self.has_text:
+            return None
+        bias = getattr(self.model, "logit_bias", None)
+        if bias is None:
+            return {"kind": "softmax"}
+        return {"kind": "sigmoid", "scale": float(self.model.logit_scale.detach().exp()),
+                "bias": float(bias.detach().reshape(-1)[0])}
 
     def describe(self) -> dict:
-        """JSON-safe description recorded in every store, enough to rebuild this exact backbone."""
+        """JSON-safe description recorded in every store, enough to rebuild this exact backbone and to tell which
+        stored token is which (storage/README.md, "The schema")."""
+        import timm
+
         return {
             "model": self.name,
             "model_config": self.model_config,
@@ -96,24 +155,50 @@ class Backbone:
             "mean": list(self.mean),
             "std": list(self.std),
             "activation": self.activation,
+            **self.tower.record(),
+            "text_tower": self.has_text,
+            "scoring": self.scoring(),
             "open_clip_version": _open_clip().__version__,
+            "timm_version": timm.__version__,
         }
 
     @torch.no_grad()
     def encode_text(self, class_names: list[str], templates: list[str]) -> np.ndarray:
         """L2-normalised class embeddings (K, E): each template's embedding, averaged, renormalised.
         The text tower always runs in fp32: K class names cost nothing, and the embeddings are the targets."""
+        if not self.has_text:
+            raise UserError(f"{self.name} is an image tower without a text side: it cannot embed class names "
+                            "(zero-shot needs an image-text model: CLIP, SigLIP, EVA02-CLIP)")
+        tokenizer = text_tokenizer(_open_clip(), self.name, self.model_config)
         device = next(self.model.parameters()).device
         per_template = []
         for template in templates:
-            tokens = self.tokenizer([template.format(name) for name in class_names]).to(device)
+            tokens = tokenizer([template.format(name) for name in class_names]).to(device)
             emb = self.model.encode_text(tokens).float()
             per_template.append(emb / emb.norm(dim=-1, keepdim=True))
         mean = torch.stack(per_template).mean(0)
         return (mean / mean.norm(dim=-1, keepdim=True)).cpu().numpy().astype(np.float32)
 
+    def class_embeddings(self, class_names: list[str], templates: list[str]) -> np.ndarray:
+        """The store's class embeddings (K, E): the text tower's (`encode_text`), or for a tower without one fixed
+        orthonormal prototypes, which DiST's learned projection maps the video embedding onto (`text_source`)."""
+        if self.has_text:
+            return self.encode_text(class_names, templates)
+        return class_prototypes(len(class_names), self.embed_dim)
+
     def spatial_encoder(self, layers: list[int]) -> SpatialEncoder:
         return SpatialEncoder(self.model.visual, layers, self.precision)
+
+
+def class_prototypes(num_classes: int, dim: int) -> np.ndarray:
+    """(K, E) unit rows, orthonormal when K <= E (PROTOTYPE_SOURCE): the targets of a tower with no text side."""
+    gaussian = torch.randn(max(num_classes, 1), dim, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    if num_classes <= dim:
+        q, r = torch.linalg.qr(gaussian.T)
+        rows = (q * torch.sign(torch.diagonal(r))).T  # the sign fix makes the factorisation unique
+    else:
+        rows = gaussian / gaussian.norm(dim=1, keepdim=True)
+    return rows.numpy().astype(np.float32)
 
 
 def resolve_layers(spec: str, num_layers: int) -> list[int]:
@@ -151,20 +236,43 @@ def weights_sha256(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _model_name(model: str, open_clip) -> str:
-    """Accept an open_clip name, a bundled config name, or a path to a model-config JSON."""
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to build: its name, its config (open_clip's, or a timm tower's), and which library builds it."""
+
+    name: str
+    config: dict[str, Any]
+    timm: bool  # a timm ViT by name (no text side); else an open_clip model
+
+
+def resolve_model(model: str) -> ModelSpec:
+    """`--model`: an open_clip name, a bundled config name, `timm:NAME` (a timm ViT), or a path to a JSON config:
+    an open_clip model config, or a timm tower's `{"timm_model_name": NAME, "timm_model_kwargs": {...}}`."""
+    open_clip = _open_clip()
     path = Path(model)
+    if model.startswith(TIMM_PREFIX):
+        config = timm_config(model)
+        check_timm_config(config, f"--model {model}")
+        return ModelSpec(model, config, True)
     if model.endswith(".json"):
         if not path.is_file():
             raise UserError(f"--model {model}: no such config file; pass an open_clip name or an existing JSON")
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UserError(f"--model {model}: not a readable JSON config ({first_line(err, 80)})") from None
+        if is_timm_config(config):
+            check_timm_config(config, f"--model {model}")
+            return ModelSpec(path.stem, config, True)
         open_clip.add_model_config(path)
-        return path.stem
+        return ModelSpec(path.stem, open_clip.get_model_config(path.stem), False)
     if model not in open_clip.list_models():
         raise UserError(
-            f"--model {model}: unknown open_clip model; use a name from open_clip.list_models() "
-            "(e.g. ViT-B-16), dist-tiny, or a path to a model-config JSON"
+            f"--model {model}: unknown model; use a name from open_clip.list_models() (e.g. ViT-B-16, "
+            "ViT-B-16-SigLIP, EVA02-B-16), dist-tiny, timm:NAME for a timm ViT (e.g. "
+            "timm:vit_base_patch14_reg4_dinov2), or a path to a model-config JSON"
         )
-    return model
+    return ModelSpec(model, open_clip.get_model_config(model), False)
 
 
 def _is_path(pretrained: str) -> bool:
@@ -182,25 +290,32 @@ def check_precision(precision: str, device: str | torch.device) -> None:
         raise UserError("--precision bf16: this GPU has no bf16; use --precision fp16 or fp32")
 
 
-def _build_on_meta(open_clip, name: str, quick_gelu: bool, preprocess: dict[str, Any]) -> nn.Module:
+def _build_on_meta(spec: ModelSpec, quick_gelu: bool, preprocess: dict[str, Any], tag: str | None = None
+                   ) -> nn.Module:
     """The network's modules with shapes only: no memory, no random initialisation, nothing logged about the
-    missing weights (they are assigned next). Refuses a network too large to be any real CLIP."""
+    missing weights (they are assigned next). Refuses a network too large to be any real tower, and a tower that
+    is not a ViT."""
+    open_clip = _open_clip()
     try:
         with without_log_message(_NO_WEIGHTS_LOGGED), torch.device("meta"):
-            clip = open_clip.create_model(name, pretrained=None, device="meta", force_quick_gelu=quick_gelu,
-                                          force_preprocess_cfg=preprocess)
-    except Exception as err:  # open_clip fails in many ways on a config it cannot build
-        raise UserError(f"--model {name}: open_clip cannot build this config ({first_line(err, 120)})") from None
-    count = sum(p.numel() for p in clip.parameters())
+            if spec.timm:
+                model = build_timm_tower(*check_timm_config(spec.config, f"--model {spec.name}"), tag)
+            else:
+                model = open_clip.create_model(spec.name, pretrained=None, device="meta",
+                                               force_quick_gelu=quick_gelu, force_preprocess_cfg=preprocess)
+    except UserError:
+        raise
+    except Exception as err:  # open_clip and timm fail in many ways on a config they cannot build
+        library = "timm" if spec.timm else "open_clip"
+        raise UserError(f"--model {spec.name}: {library} cannot build this config ({first_line(err, 120)})") from None
+    count = sum(p.numel() for p in model.parameters())
     if count > MAX_BACKBONE_PARAMS:
         raise UserError(
-            f"--model {name}: {count / 1e9:.1f} B parameters, more than any open_clip CLIP "
+            f"--model {spec.name}: {count / 1e9:.1f} B parameters, more than any open_clip CLIP "
             f"({MAX_BACKBONE_PARAMS / 1e9:.0f} B at most); check the model config"
         )
-    if not isinstance(clip.visual, open_clip.transformer.VisionTransformer):
-        raise UserError(f"--model {name}: dist-cache needs a ViT visual tower (open_clip VisionTransformer), "
-                        f"not {type(clip.visual).__name__}; pick a ViT model")
-    return clip
+    tower_facts(model.visual, spec.name)  # a ViT, or a one-line refusal
+    return model
 
 
 def _assign_weights(clip: nn.Module, weights: Weights, name: str, pretrained: str) -> None:
@@ -228,17 +343,8 @@ def _assign_weights(clip: nn.Module, weights: Weights, name: str, pretrained: st
     # The checkpoint's own tensors become the parameters (no copy), cast to fp32 where stored otherwise (OpenAI: fp16).
     tensors = {k: (v.float() if v.is_floating_point() else v).contiguous() for k, v in state.items()}
     clip.load_state_dict(tensors, strict=True, assign=True)
-    # Non-persistent buffers are not in a checkpoint and stay on the meta device. In open_clip's ViT CLIPs those
-    # are the text towers' causal attention masks (-inf above the diagonal), rebuilt here.
-    for module in clip.modules():
-        for buffer in list(module._non_persistent_buffers_set):
-            tensor = getattr(module, buffer)
-            if not tensor.is_meta:
-                continue
-            if buffer != "attn_mask" or tensor.dim() != 2 or tensor.shape[0] != tensor.shape[1]:
-                raise RuntimeError(f"open_clip {name}: cannot rebuild the non-persistent buffer {buffer} of "
-                                   f"{type(module).__name__}")
-            setattr(module, buffer, torch.full(tuple(tensor.shape), float("-inf")).triu_(1))
+    # Non-persistent buffers are not in a checkpoint and stay on the meta device: computed again on the CPU.
+    init_unsaved_buffers(clip, name)
 
 
 def load_backbone(
@@ -250,21 +356,26 @@ def load_backbone(
     precision: str = "fp32",
     activation: str | None = None,
 ) -> Backbone:
-    """Build the open_clip model, load its weights and freeze it.
+    """Build the tower (`resolve_model`), load its weights and freeze it.
 
-    `pretrained` is an open_clip tag (e.g. `openai`), a local checkpoint path, or `none`. Random
-    weights make features worthless to share, so `none` needs `allow_random_weights`.
+    `pretrained` is a tag (open_clip's, e.g. `openai`; timm's for a timm ViT, e.g. `lvd142m`), a local checkpoint
+    path, or `none`. Random weights make features worthless to share, so `none` needs `allow_random_weights`.
     `precision` is how the spatial encoder runs (fp32, or fp16/bf16 under autocast; the weights stay fp32).
-    `activation` forces "quick_gelu" or "gelu" (rebuilding a recorded backbone); by default it is QuickGELU
-    whenever the model config, the tag's pretrained config or a TorchScript checkpoint says so.
+    `activation` is what a record says the tower ran with: it forces "quick_gelu" or "gelu" on an open_clip ViT
+    (rebuilding a record), and must match a timm tower's own. By default an open_clip ViT gets QuickGELU whenever
+    the model config, the tag's pretrained config or a TorchScript checkpoint says so.
     """
+    return _load(resolve_model(model), pretrained, allow_random_weights=allow_random_weights, device=device,
+                 precision=precision, activation=activation)
+
+
+def _load(spec: ModelSpec, pretrained: str, *, allow_random_weights: bool = False,
+          device: str | torch.device = "cpu", precision: str = "fp32", activation: str | None = None) -> Backbone:
     open_clip = _open_clip()
-    name = _model_name(model, open_clip)
+    name = spec.name
     check_precision(precision, device)
-    if activation not in (None, *ACTIVATIONS):
-        raise UserError(f"activation {activation!r} is unknown; the store is damaged")
-    config = open_clip.get_model_config(name)
     tag_cfg: dict[str, Any] = {}
+    tag = None
     if pretrained.lower() == "none":
         if not allow_random_weights:
             raise UserError(
@@ -277,59 +388,77 @@ def load_backbone(
             raise UserError(f"--pretrained {pretrained}: no such checkpoint file; check the path")
         source = str(Path(pretrained).resolve())
     else:
-        tags = open_clip.list_pretrained_tags_by_model(name)
+        tags = timm_tags(spec.config["timm_model_name"]) if spec.timm else open_clip.list_pretrained_tags_by_model(name)
         if pretrained not in tags:
             raise UserError(
                 f"--pretrained {pretrained}: not a known tag for {name} (known: {', '.join(tags) or 'none'}); "
                 "pass a tag, a checkpoint path, or none"
             )
-        source = pretrained
-        tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        source = tag = pretrained
+        if not spec.timm:
+            tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
 
-    said_quick = bool(config.get("quick_gelu")) or bool(tag_cfg.get("quick_gelu"))
-    quick = said_quick if activation is None else activation == "quick_gelu"
+    said_quick = bool(spec.config.get("quick_gelu")) or bool(tag_cfg.get("quick_gelu"))
+    # A record's activation decides only an open_clip ViT's (a timm tower's is its architecture's).
+    forcible = not spec.timm and not spec.config.get("vision_cfg", {}).get("timm_model_name")
+    quick = activation == "quick_gelu" if forcible and activation in ACTIVATIONS else said_quick
     preprocess = open_clip.transform.merge_preprocess_dict({}, tag_cfg)
-    clip = _build_on_meta(open_clip, name, quick, preprocess)
+    model = _build_on_meta(spec, quick, preprocess, tag)
     if source is None:
-        # Random weights need open_clip's own initialisation: build for real (the meta build bounded its size).
-        clip = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick)
+        # Random weights need the library's own initialisation: build for real (the meta build bounded its size).
+        if spec.timm:
+            model = build_timm_tower(*check_timm_config(spec.config, f"--model {name}"), tag)
+        else:
+            model = open_clip.create_model(name, pretrained=None, force_quick_gelu=quick)
     else:
-        weights = read_weights(source if _is_path(pretrained) else tag_weights_file(tag_cfg))
-        if activation is None and weights.activation == "quick_gelu" and not quick:
+        if _is_path(pretrained):
+            weights = read_weights(source)
+        else:
+            weights = read_weights(timm_weights_file(spec.config["timm_model_name"], tag) if spec.timm else
+                                   tag_weights_file(tag_cfg))
+        if spec.timm:
+            weights = Weights(timm_state_dict(model, weights.state_dict), None, False)
+        elif activation is None and weights.activation == "quick_gelu" and not quick:
             quick = True
-            clip = _build_on_meta(open_clip, name, quick, preprocess)
-        _assign_weights(clip, weights, name, pretrained)
-    clip.eval().requires_grad_(False)
-    digest = weights_sha256(clip)
-    clip.to(device)
+            model = _build_on_meta(spec, quick, preprocess)
+        _assign_weights(model, weights, name, pretrained)
+    model.eval().requires_grad_(False)
+    facts = tower_facts(model.visual, name)
+    if activation is not None and activation != facts.activation:
+        # A record's activation that this build cannot give: an open_clip ViT only takes quick_gelu or gelu.
+        raise UserError(f"the store's backbone activation {str(activation)[:40]!r} is not what {name} runs "
+                        f"({facts.activation}); the store is damaged")
+    digest = weights_sha256(model)
+    model.to(device)
 
-    visual = clip.visual
-    processing = open_clip.get_model_preprocess_cfg(clip)
+    if spec.timm:
+        trunk = model.visual.trunk
+        mean, std, embed_dim = trunk.pretrained_cfg["mean"], trunk.pretrained_cfg["std"], int(trunk.num_features)
+    else:
+        processing = open_clip.get_model_preprocess_cfg(model)
+        mean, std, embed_dim = processing["mean"], processing["std"], int(spec.config["embed_dim"])
     return Backbone(
-        model=clip,
+        model=model,
         name=name,
-        model_config=config,
+        model_config=spec.config,
         pretrained="none" if source is None else (Path(source).name if _is_path(pretrained) else source),
         pretrained_source="none" if source is None else source,
         weights_sha256=digest,
-        image_size=int(visual.image_size[0]),
-        patch_size=int(visual.patch_size[0]),
-        width=int(visual.conv1.out_channels),
-        embed_dim=int(config["embed_dim"]),
-        num_layers=len(visual.transformer.resblocks),
-        mean=tuple(float(m) for m in processing["mean"]),
-        std=tuple(float(s) for s in processing["std"]),
-        activation="quick_gelu" if quick else "gelu",
+        tower=facts,
+        embed_dim=embed_dim,
+        mean=tuple(float(m) for m in mean),
+        std=tuple(float(s) for s in std),
         precision=precision,
-        tokenizer=open_clip.get_tokenizer(name),
     )
 
 
 class SpatialEncoder(nn.Module):
-    """CLIP's frozen visual tower, returning the selected layers' tokens and its own image embedding.
+    """The frozen image tower, returning the selected layers' tokens (as stored: prefix tokens, then patches) and
+    its own image embedding, through the tower's `forward_intermediates`.
 
     `precision` fp16/bf16 runs the tower under autocast (CUDA; bf16 also on the CPU), fp32 without; the
-    outputs come back in that dtype and the caller casts them where it stores them.
+    outputs come back in that dtype and the caller casts them where it stores them. `layout` says which token is
+    which; `branch_tokens(tokens)` forms what DiST takes from them (dist_cache/model/tokens.py).
     """
 
     def __init__(self, visual: nn.Module, layers: list[int], precision: str = "fp32"):
@@ -339,6 +468,11 @@ class SpatialEncoder(nn.Module):
         self.visual = visual.eval().requires_grad_(False)
         self.layers = list(layers)
         self.precision = precision
+        self.layout = tower_facts(visual, type(visual).__name__).layout
+
+    def branch_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(..., P+N, C) tokens of this tower -> (..., 1+N, C), the summary token and the patches."""
+        return branch_tokens(tokens, self.layout)
 
     def train(self, mode: bool = True) -> SpatialEncoder:
         # The spatial encoder is frozen in eval mode whatever the surrounding module does.
@@ -352,16 +486,20 @@ class SpatialEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (N, 3, S, S), normalised -> tokens (L, N, N+1, C) and embeddings (N, E)."""
+        """images (N, 3, S, S), normalised -> tokens (L, N, P+N, C) and embeddings (N, E)."""
         with self._autocast(images.device):
+            # Prefix tokens only where the tower has them: timm's EVA cannot return an empty prefix (PE-Core bigG).
             out = self.visual.forward_intermediates(
-                images, indices=self.layers, output_fmt="NLC", output_extra_tokens=True
+                images, indices=self.layers, output_fmt="NLC", output_extra_tokens=self.layout.num_prefix > 0
             )
         dtype = AUTOCAST_DTYPES.get(self.precision, torch.float32) if images.device.type != "meta" else images.dtype
-        tokens = torch.stack(
-            [torch.cat([cls, patches], dim=1).to(dtype)
-             for cls, patches in zip(out["image_intermediates_prefix"], out["image_intermediates"])]
-        )
+        patches = out["image_intermediates"]
+        prefixes = out.get("image_intermediates_prefix") or [None] * len(patches)
+        tokens = torch.stack([(x if prefix is None else torch.cat([prefix, x], dim=1)).to(dtype)
+                              for prefix, x in zip(prefixes, patches)])
+        if tokens.shape[2] != self.layout.num_tokens:
+            raise RuntimeError(f"the tower returned {tokens.shape[2]} tokens per image, its layout says "
+                               f"{self.layout.num_tokens}")
         return tokens, out["image_features"].to(dtype)
 
 
@@ -425,24 +563,32 @@ def load_recorded_backbone(
     open_clip = _open_clip()
     name = recorded["model"]
     activation = recorded_activation(recorded)
-    if activation not in ACTIVATIONS:
+    if not isinstance(activation, str) or not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", activation):
         raise UserError(f"the store's backbone activation {str(activation)[:40]!r} is unknown; the store is damaged")
-    if name not in open_clip.list_models():
-        # A store made from a config JSON carries the config itself: register it under its name. The
-        # name comes from a store, i.e. from a stranger: it must be a plain file name, never a path.
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(name)):
-            raise UserError(f"the store's backbone model name {str(name)[:60]!r} is not a valid model name; the "
-                            "store is damaged")
+    config = recorded["model_config"]
+    # The name and config come from a store, i.e. from a stranger: a plain model name, never a path.
+    if not re.fullmatch(r"(timm:)?[A-Za-z0-9][A-Za-z0-9._-]*", str(name)):
+        raise UserError(f"the store's backbone model name {str(name)[:60]!r} is not a valid model name; the "
+                        "store is damaged")
+    known = name in open_clip.list_models()
+    if is_timm_config(config):
+        spec = ModelSpec(name, config, True)
+    elif known:
+        spec = ModelSpec(name, open_clip.get_model_config(name), False)
+    else:
+        # A store made from a config JSON carries the config itself: register it under its name.
         with tempfile.TemporaryDirectory(prefix="dist-cache-config-") as config_dir:
-            (Path(config_dir) / f"{name}.json").write_text(json.dumps(recorded["model_config"]))
+            (Path(config_dir) / f"{name}.json").write_text(json.dumps(config))
             open_clip.add_model_config(config_dir)
+        spec = ModelSpec(name, open_clip.get_model_config(name), False)
+    if not known:
         try:
-            _build_on_meta(open_clip, name, activation == "quick_gelu", {})
+            _build_on_meta(spec, activation == "quick_gelu", {})
         except UserError as err:
             raise UserError(f"the store's backbone: {str(err).removeprefix('--')}; the store is damaged or "
                             "was not written by dist-cache") from None
     source = recorded_weights_source(recorded, pretrained)
-    backbone = load_backbone(name, source, device=device, precision=precision, activation=activation)
+    backbone = _load(spec, source, device=device, precision=precision, activation=activation)
     if backbone.weights_sha256 != recorded["weights_sha256"]:
         raise UserError(
             f"--pretrained {source}: weights hash {backbone.weights_sha256[:12]} differs from the store's "

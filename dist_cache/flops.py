@@ -26,7 +26,6 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from dist_cache.logs import without_log_message
 from dist_cache.model import DiST, DiSTConfig, DiSTSwitches, OnlineDiST
 from dist_cache.model.switches import ConfigError
 
@@ -45,6 +44,12 @@ PAPER_TABLE1_GFLOPS: dict[tuple[int, int, int, str], tuple[str, float]] = {
     (2, 384, 96, "c3d"): ("Tab. 1c C3D", 168.2),
     (2, 384, 96, "tada"): ("Tab. 1c TAdaConv", 162.0),
     (2, 384, 96, "joint"): ("Tab. 1c joint transformer", 165.0),
+}
+# Paper Tab. 4 (SSv2, ViT-L/14 at 224 px, gamma 2, the default branch): 0.71 / 1.42 / 2.83 TFLOPs per view at
+# 8 / 16 / 32 frames, 336 M parameters (Tab. 5, K400's 4 AdaPooling blocks: 343 M). Key: frames.
+PAPER_VIT_L14_GFLOPS: dict[int, tuple[str, float]] = {
+    8: ("Tab. 4 ViT-L/14, 8 frames", 710.0), 16: ("Tab. 4 ViT-L/14, 16 frames", 1420.0),
+    32: ("Tab. 4 ViT-L/14, 32 frames", 2830.0),
 }
 # Only Table 1's model, frame count and the reference's interaction/pooling defaults have a paper value.
 _PAPER_DEFAULTS = {"psi": "dconv", "phi": "nearest", "temporal": True, "integration": True,
@@ -73,17 +78,16 @@ def counting_attention() -> Iterator[None]:
 
 @functools.lru_cache(maxsize=4)
 def _meta_visual(model_name: str) -> tuple[nn.Module, int]:
-    """Build an open_clip visual tower on the meta device (shapes only) and return it with the text-space width.
+    """Build a tower on the meta device (shapes only) and return it with the width of its image embedding.
 
     Cached: a meta module holds no data and profiling never changes it, so a table of settings builds it once.
     """
-    from dist_cache.backbone import _NO_WEIGHTS_LOGGED, _model_name, _open_clip
+    from dist_cache.backbone import _build_on_meta, resolve_model
 
-    open_clip = _open_clip()
-    name = _model_name(model_name, open_clip)
-    with without_log_message(_NO_WEIGHTS_LOGGED):  # expected: only shapes are wanted here
-        clip = open_clip.create_model(name, pretrained=None, device="meta")
-    return clip.visual.eval().requires_grad_(False), int(open_clip.get_model_config(name)["embed_dim"])
+    spec = resolve_model(model_name)
+    model = _build_on_meta(spec, bool(spec.config.get("quick_gelu")), {})
+    embed_dim = int(model.visual.trunk.num_features) if spec.timm else int(spec.config["embed_dim"])
+    return model.visual.eval().requires_grad_(False), embed_dim
 
 
 def _count(fn, *args) -> tuple[dict[str, int], int]:
@@ -118,11 +122,15 @@ def _numel(modules: list[nn.Module | None]) -> int:
 
 
 def paper_gflops(model_name: str, frames: int, config: DiSTConfig) -> tuple[str, float] | None:
-    """The paper's Table 1 value for this setting, if it has one (ViT-B/16, 8 frames, all layers)."""
-    if model_name != "ViT-B-16" or frames != 8 or config.layers != list(range(12)):
-        return None
+    """The paper's value for this setting, if it has one: Table 1 (ViT-B/16, 8 frames), Table 4 (ViT-L/14, the
+    default branch at 8, 16 or 32 frames); every layer integrated."""
     s = config.switches
     if any(getattr(s, key) != value for key, value in _PAPER_DEFAULTS.items()):
+        return None
+    if model_name == "ViT-L-14" and config.layers == list(range(24)):
+        default = (s.gamma, s.alpha_dim, s.beta_dim, s.t_block) == (2, 384, 96, "r2plus1d")
+        return PAPER_VIT_L14_GFLOPS.get(frames) if default else None
+    if model_name != "ViT-B-16" or frames != 8 or config.layers != list(range(12)):
         return None
     return PAPER_TABLE1_GFLOPS.get((s.gamma, s.alpha_dim, s.beta_dim, s.t_block))
 
@@ -139,11 +147,13 @@ def profile_dist(
     FC_l and the head's class-token Linear (dist_cache/model/compact.py), against the branch on tokens.
     Returns a JSON-safe dict; `format_profile` renders it.
     """
+    from dist_cache.towers import patch_embedding, tower_facts
+
     visual, embed_dim = _meta_visual(model_name)
-    num_layers = len(visual.transformer.resblocks)
+    tower = tower_facts(visual, model_name)
+    num_layers = tower.num_layers
     config = DiSTConfig(
-        width=int(visual.conv1.out_channels), patch_size=int(visual.patch_size[0]),
-        image_size=int(visual.image_size[0]),
+        width=tower.width, patch_size=tower.patch_size, image_size=tower.image_size,
         num_frames=frames, embed_dim=embed_dim, layers=list(range(num_layers)) if layers is None else list(layers),
         switches=(switches or DiSTSwitches()).replace(**overrides),
     )
@@ -160,7 +170,7 @@ def profile_dist(
     # Not under no_grad: FlopCounterMode's module tracker trips over learned tokens expanded in no_grad mode.
     # On the meta device the autograd graph costs nothing anyway.
     per_module, total = _count(model, video)
-    _, patch_embed = _count(visual.conv1, torch.empty(1, 3, size, size, device="meta"))
+    _, patch_embed = _count(patch_embedding(visual), torch.empty(1, 3, size, size, device="meta"))
 
     root = "OnlineDiST"
     clip = _subtree(per_module, f"{root}.encoder")

@@ -196,13 +196,12 @@ def _collect(node: Any, prefix: str, out: dict[str, torch.Tensor]) -> None:
 # ---- open_clip tags -----------------------------------------------------------------------------------
 
 def tag_weights_file(pretrained_cfg: dict[str, Any]) -> str:
-    """The local path of a tag's weights: from the hub cache if there, else downloaded if the hub is reachable."""
+    """The local path of an open_clip tag's weights: from the hub cache if there, else downloaded if the hub is
+    reachable."""
     from open_clip.pretrained import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME, download_pretrained
 
     hub = pretrained_cfg.get("hf_hub", "")
     if hub:
-        from huggingface_hub import constants, try_to_load_from_cache
-
         repo, filename = os.path.split(hub)
         filename = filename or HF_WEIGHTS_NAME
         # open_clip prefers a safetensors twin of a .bin/.pth file; so does this lookup.
@@ -210,26 +209,90 @@ def tag_weights_file(pretrained_cfg: dict[str, Any]) -> str:
         if filename.endswith((".bin", ".pth")):
             twin = HF_SAFE_WEIGHTS_NAME if filename == HF_WEIGHTS_NAME else filename[:-4] + ".safetensors"
             candidates.insert(0, twin)
-        for name in candidates:
-            cached = try_to_load_from_cache(repo, name)
-            if isinstance(cached, str):
-                return cached
-        offline, endpoint = constants.is_offline_mode(), constants.ENDPOINT
-    else:
-        url = pretrained_cfg.get("url", "")
-        cached = Path("~/.cache/clip").expanduser() / os.path.basename(url)
-        if url and cached.is_file():
-            return str(cached)
-        offline, endpoint = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"), url
-    if offline:
-        raise UserError(f"{NOT_CACHED} (HF_HUB_OFFLINE is set)")
-    unreachable = _unreachable(endpoint)
-    if unreachable:
-        raise UserError(f"{NOT_CACHED} ({unreachable})")
+        return _hub_file(repo, candidates, lambda: download_pretrained(pretrained_cfg), NOT_CACHED)
+    url = pretrained_cfg.get("url", "")
+    cached = Path("~/.cache/clip").expanduser() / os.path.basename(url)
+    if url and cached.is_file():
+        return str(cached)
+    _check_online(url, NOT_CACHED)
     try:
         return download_pretrained(pretrained_cfg)
-    except Exception as err:  # the hub answered, but not with the file
+    except Exception as err:  # the server answered, but not with the file
         raise UserError(f"{NOT_CACHED} (download failed: {first_line(err, 120)})") from None
+
+
+def timm_weights_file(name: str, tag: str) -> str:
+    """The local path of a timm tag's weights (`timm:NAME --pretrained TAG`), found like an open_clip tag's."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(f"{name}.{tag}")
+    if cfg is not None and cfg.hf_hub_id:
+        candidates = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+
+        def download() -> str:
+            from huggingface_hub import hf_hub_download
+            from huggingface_hub.errors import EntryNotFoundError
+
+            for filename in candidates[:-1]:
+                try:
+                    return hf_hub_download(cfg.hf_hub_id, filename)
+                except EntryNotFoundError:
+                    continue
+            return hf_hub_download(cfg.hf_hub_id, candidates[-1])
+
+        return _hub_file(cfg.hf_hub_id, candidates, download, NOT_CACHED)
+    if cfg is not None and cfg.url:
+        return tag_weights_file({"url": cfg.url})
+    raise UserError(f"--pretrained {tag}: timm names no file for {name}.{tag}; pass --pretrained PATH")
+
+
+def text_tokenizer(open_clip: Any, name: str, config: dict[str, Any]) -> Any:
+    """open_clip's tokenizer for model `name`. The bundled CLIP tokenizer needs nothing; a Hugging Face tokenizer
+    (SigLIP's, SigLIP 2's) needs the transformers package and its files, which come from the hub cache, or from
+    the hub when it is reachable: otherwise one line says what to do, in seconds."""
+    hub = (config.get("text_cfg") or {}).get("hf_tokenizer_name")
+    if hub:
+        try:
+            import transformers  # noqa: F401  (open_clip imports it itself; only its absence is checked here)
+        except ImportError:
+            raise UserError(f"{name}'s text tower uses the Hugging Face tokenizer {hub}, which needs the transformers "
+                            "package: pip install 'dist-cache[hf-text]'") from None
+        missing = (f"the tokenizer {hub} of {name} is not in the local cache: download it once where the network "
+                   "is and set HF_HOME")
+        _hub_file(hub, ["tokenizer_config.json"], lambda: "", missing)
+    try:
+        return open_clip.get_tokenizer(name)
+    except ModuleNotFoundError as err:  # open_clip's SigLIP tokenizers, chosen by the model's name
+        raise UserError(f"{name}'s text tower needs the {err.name} package for its tokenizer: pip install "
+                        "'dist-cache[hf-text]'") from None
+    except Exception as err:  # transformers and the hub fail in many ways
+        raise UserError(f"{name}: cannot load its tokenizer ({first_line(err, 120)})") from None
+
+
+def _hub_file(repo: str, candidates: list[str], download: Any, missing: str) -> str:
+    """The first of `candidates` in the hub cache of `repo`; else `download()` once the hub is known to be
+    reachable; else a one-line UserError starting with `missing`."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    for name in candidates:
+        cached = try_to_load_from_cache(repo, name)
+        if isinstance(cached, str):
+            return cached
+    if constants.is_offline_mode():
+        raise UserError(f"{missing} (HF_HUB_OFFLINE is set)")
+    _check_online(constants.ENDPOINT, missing)
+    try:
+        return download()
+    except Exception as err:  # the hub answered, but not with the file
+        raise UserError(f"{missing} (download failed: {first_line(err, 120)})") from None
+
+
+def _check_online(endpoint: str, missing: str) -> None:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise UserError(f"{missing} (HF_HUB_OFFLINE is set)")
+    unreachable = _unreachable(endpoint)
+    if unreachable:
+        raise UserError(f"{missing} ({unreachable})")
 
 
 def _unreachable(url: str) -> str | None:

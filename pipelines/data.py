@@ -38,6 +38,7 @@ import torch
 from dist_cache.decode_pool import DecodePool
 from dist_cache.errors import DecodeError, UserError
 from dist_cache.model.compact import TokenBatch
+from dist_cache.model.tokens import TokenLayout, branch_tokens
 from dist_cache.paths import resolve_under
 from pipelines.compact_device import DeviceEncoding
 from pipelines.dense_frames import VideoChanged, decode_view
@@ -155,8 +156,10 @@ class Batch:
     index: np.ndarray  # (B,) sample indices
     video_index: np.ndarray  # (B,)
     label: torch.Tensor  # (B,) int64, per-view labels
-    # (L', B, T, N+1, C) float16 (format-2 int8 stores: dequantised on the device), or a compact store's
-    # CompactTokens (its codes as stored, on the device: dequantised where the model reads each layer, PCA folded)
+    # The branch's tokens, a summary token and the patches (`dist_cache.model.tokens.branch_tokens` of the stored
+    # prefix tokens and patches): (L', B, T, N+1, C) float16 (format-2 int8 stores: dequantised on the device), or a
+    # compact store's CompactTokens (its codes as stored, on the device: dequantised where the model reads each
+    # layer, PCA folded)
     features: TokenBatch | None
     frames: torch.Tensor | None  # (B, gamma*T, R, R, 3) uint8 (JPEG decoded on a GPU: a channels-last view)
 
@@ -234,6 +237,8 @@ class BatchLoader:
         # A compact store's parameters live on the device: its codes are decoded there, batch by batch.
         self._encoding = None if encoding is None else DeviceEncoding(
             encoding, s.layer_positions(self.layers), s.num_frames, s.tokens, device)
+        # Which stored token is which: the batch's features are formed into the branch's on the device.
+        self._layout = TokenLayout.of_record(s.backbone)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -319,6 +324,8 @@ class BatchLoader:
             features = self._encoding.tokens(features, scales)
         elif features is not None:
             features = (dequantize(features, scales) if self._int8 else features).transpose(0, 1)
+        if features is not None:
+            features = branch_tokens(features, self._layout)
         return Batch(index, video_index, labels, features, frames)
 
     def _decode_frames(self, slab: _Slab, n: int) -> torch.Tensor:

@@ -2,7 +2,11 @@
 
 Class embeddings come from the store (what extraction computed with the text tower), or, for zero-shot
 evaluation on another label set (`classes`), from the backbone's text tower, rebuilt from the store's
-record and checked against its weight hash. Samples that failed at extraction are skipped and counted.
+record and checked against its weight hash. Zero-shot scores each view the way the tower's own model scores an
+image against a text (the store's `backbone.scoring`): CLIP a softmax over the cosines, SigLIP a sigmoid of each
+(scale * cosine + bias), its log summed over the views (a product of probabilities: sums of sigmoids saturated at 1
+would tie). A tower without a text side (DINOv2) has no zero-shot: refused in one line. Samples that failed at
+extraction are skipped and counted.
 
 Per-video predictions (`--predictions FILE`) go to their own file, one JSON object per line, rather than into the
 report: a report stays readable and small at any size, and 100k lines stream to `jq`, `pandas.read_json(lines=True)`
@@ -19,6 +23,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from dist_cache.backbone import load_recorded_backbone
@@ -82,11 +87,28 @@ def eval_loader(
                        read_threads=read_threads)
 
 
+def view_scores(logits: torch.Tensor, logit_scale: float, scoring: dict[str, Any] | None) -> torch.Tensor:
+    """(B, K) scores of one view each, from the branch's logits (logit_scale * cosine): softmax probabilities by
+    default and for CLIP; for a sigmoid scorer (SigLIP), log sigmoid(scale * cosine + bias), summed over views."""
+    if scoring is None or scoring.get("kind") == "softmax":
+        return logits.float().softmax(dim=-1)
+    cosine = logits.float() / logit_scale
+    return F.logsigmoid(float(scoring["scale"]) * cosine + float(scoring["bias"])).double()
+
+
+def scoring_line(scoring: dict[str, Any] | None) -> str:
+    if scoring is None or scoring.get("kind") == "softmax":
+        return "softmax probabilities, summed over views"
+    return (f"sigmoid(scale {scoring['scale']:.4g} * cosine + bias {scoring['bias']:.4g}), the tower's own; "
+            "log-probabilities summed over views")
+
+
 @torch.no_grad()
 def score_videos(
-    net: Network, loader: BatchLoader, text: torch.Tensor, *, progress: bool
+    net: Network, loader: BatchLoader, text: torch.Tensor, *, progress: bool, scoring: dict[str, Any] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(V, K) softmax scores summed over each video's views in `loader`, and (V,) how many views were summed."""
+    """(V, K) view scores (`view_scores`: softmax probabilities unless `scoring` says otherwise) summed over each
+    video's views in `loader`, and (V,) how many views were summed."""
     store = loader.store
     scores = np.zeros((store.schema.num_videos, text.shape[0]), dtype=np.float64)
     views = np.zeros(store.schema.num_videos, dtype=np.int64)
@@ -100,7 +122,8 @@ def score_videos(
             for batch in loader:
                 with autocast(loader.device):
                     embeddings = embed(net, batch, mean, std)
-                probs = net.logits(embeddings, text).float().softmax(dim=-1).cpu().numpy()
+                probs = view_scores(net.logits(embeddings, text), branch_of(net).config.switches.logit_scale,
+                                    scoring).cpu().numpy()
                 np.add.at(scores, batch.video_index, probs)
                 np.add.at(views, batch.video_index, 1)
                 bar.update(len(batch))
@@ -227,9 +250,16 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
         if frames == "decoded" and opts.decoder:
             decoder_note = check_decoder(store, usable, opts.video_root, opts.decoder)
 
+    scoring = None
     if opts.classes:
+        recorded = store.schema.backbone
+        if not recorded.get("text_tower", True):
+            raise UserError(f"--classes: the store's tower {recorded['model']} has no text side, so it cannot embed "
+                            "new class names; zero-shot needs an image-text model (CLIP, SigLIP, EVA02-CLIP): evaluate "
+                            "on the store's own classes (no --classes)")
         class_names, labels = zero_shot_labels(store, opts.classes)
         text = text_embeddings(store, class_names, opts.pretrained, device)
+        scoring = recorded.get("scoring")
     else:
         class_names, labels, text = list(store.schema.class_names), np.asarray(store.labels), store.text_features
 
@@ -240,7 +270,8 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
                          read_threads=opts.read_threads, decode_workers=opts.decode_workers,
                          decode_timeout=opts.decode_timeout, device=device, decoder=opts.decoder)
     try:
-        scores, views = score_videos(net, loader, torch.as_tensor(text, device=device), progress=progress)
+        scores, views = score_videos(net, loader, torch.as_tensor(text, device=device), progress=progress,
+                                     scoring=scoring)
     finally:
         loader.close()
     warning = selection_warning(ckpt, store, opts.checkpoint)
@@ -249,6 +280,7 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
         "cache": store.url,
         "store_fingerprint": store.fingerprint,
         "classes": opts.classes or "store",
+        "scoring": scoring_line(scoring),
         "online": opts.online,
         "views_per_video": store.schema.views_per_video,
         "skipped_failed_samples": failed,
@@ -261,7 +293,8 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
     if confusion:
         report["confusion_png"] = str(plot_confusion(np.array(report["confusion_matrix"]), class_names, confusion))
     if opts.predictions:
-        lines = prediction_lines(scores, views, labels, class_names, store.videos)
+        lines = prediction_lines(scores, views, labels, class_names, store.videos,
+                                 log_scores=scoring is not None and scoring.get("kind") != "softmax")
         replace_atomically(opts.predictions, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in lines)))
         report["predictions"] = str(opts.predictions)
     if opts.json:
@@ -270,14 +303,17 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
 
 
 def prediction_lines(scores: np.ndarray, views: np.ndarray, labels: np.ndarray, class_names: list[str],
-                     videos: list[str], k: int = 5) -> list[str]:
+                     videos: list[str], k: int = 5, log_scores: bool = False) -> list[str]:
     """One JSON line per video with a scored view, in video order: its path (relative to the video root), its
-    label, how many views were scored, and its top-k classes with their scores (each the softmax averaged over
-    the video's views, so a video's scores sum to at most 1)."""
+    label, how many views were scored, and its top-k classes with their scores: each the softmax averaged over
+    the video's views (a video's scores sum to at most 1), or with `log_scores` (sigmoid scoring, whose view scores
+    are log-probabilities) the geometric mean over its views of the class's sigmoid probability."""
     k = min(k, len(class_names))
     out = []
     for v in np.flatnonzero(views > 0):
         mean = scores[v] / views[v]
+        if log_scores:
+            mean = np.exp(mean)
         top = np.argsort(-mean, kind="stable")[:k]
         out.append(json.dumps({
             "video": videos[v], "label": class_names[int(labels[v])], "label_index": int(labels[v]),
@@ -305,6 +341,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"mean class {100 * report['mean_class_accuracy']:.2f}%  "
         f"({report['videos']} videos, {report['views']} views, classes: {report['classes']})"
     ]
+    if report["classes"] != "store":
+        lines.append(f"zero-shot scoring: {report['scoring']}")
     if report["skipped_failed_samples"]:
         lines.append(
             f"skipped {report['skipped_failed_samples']} failed samples "

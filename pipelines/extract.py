@@ -274,7 +274,7 @@ def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], ma
         if opts.dense_frames else None,
         "num_videos": len(manifest.videos),
         "class_names": manifest.class_names,
-        "text": {"templates": list(opts.templates), "source": "backbone text tower, mean of L2-normalised templates"},
+        "text": {"templates": list(opts.templates), "source": backbone.text_source},
     })
     # --dtype int8 or --pca: a compact store (format 3), fitted when the store is created (pipelines/extract_fit.py)
     return with_encoding(schema, encoding_section(opts.pca, opts.dtype, opts.pca_sample, opts.seed))
@@ -443,7 +443,7 @@ class Extractor:
                 schema=schema,
                 videos=manifest.videos,
                 labels=manifest.labels,
-                text_features=backbone.encode_text(manifest.class_names, list(opts.templates)),
+                text_features=backbone.class_embeddings(manifest.class_names, list(opts.templates)),
                 storage_options=opts.storage_options or None,
                 repair=opts.repair,
                 fit=fit,

@@ -18,6 +18,7 @@ import numpy as np
 import zarr
 
 from dist_cache.errors import first_line
+from dist_cache.model.tokens import TokenLayout
 from pipelines.compact import sample_bytes
 from pipelines.video_notes import VideoNotes
 from storage import FeatureStore, SampleStatus, StoreDamagedError, frames_codec, layout
@@ -79,6 +80,7 @@ def store_info(url: str, storage_options: dict | None = None) -> dict[str, Any]:
         "decoder": schema.preprocess["decoder"],
         "dense_frames": dense,
         "video_notes": None if notes is None else notes.to_dict(),
+        "tokens": token_description(schema.backbone),
         "videos_per_shard": store.videos_per_shard,
         "format": store_format(schema),
         "bytes_per_view": _bytes_per_view(schema, dense),
@@ -156,6 +158,22 @@ def fit_quality(section: dict | None) -> str | None:
     rel, inl, cos = holdout["relative"], holdout["relative_inliers"], holdout["cosine_min"]
     return (f"{where}; on {len(fit['holdout_videos'])} held-out videos: relative error {min(rel):.2%}..{max(rel):.2%} "
             f"per layer ({min(inl):.2%}..{max(inl):.2%} without outlier channels), least token cosine {min(cos):.4f}")
+
+
+def token_description(backbone: dict[str, Any]) -> dict[str, Any]:
+    """Which stored token is which, and what DiST takes from them (dist_cache/model/tokens.py)."""
+    tokens = TokenLayout.of_record(backbone)
+    counts = {kind: tokens.prefix.count(kind) for kind in dict.fromkeys(tokens.prefix)}
+    prefix = " + ".join(f"{n} {kind}{'s' if n > 1 else ''}" for kind, n in counts.items()) or "no prefix token"
+    dropped = [kind for kind in counts if kind != "class"]
+    taken = "the class token" if tokens.has_class else "the mean of the patch tokens (computed in training)"
+    return {
+        "prefix": list(tokens.prefix), "grid": list(tokens.grid), "patch_size": backbone["patch_size"],
+        "image_size": backbone["image_size"],
+        "text": (f"{prefix}, then {tokens.grid[0]}x{tokens.grid[1]} patches row-major (patch "
+                 f"{backbone['patch_size']} px, {backbone['image_size']} px images); DiST's summary token: {taken}"
+                 + (f"; {' and '.join(k + 's' for k in dropped)} dropped" if dropped else "")),
+    }
 
 
 def limitations(store: FeatureStore) -> list[str]:
@@ -274,6 +292,7 @@ def format_info(info: dict, show_failed: bool = False) -> str:
         f"run in {info['precision']}",
         f"  features   layers {layers[0]}..{layers[-1]} ({len(layers)}) x {schema['num_frames']} frames x "
         f"{schema['tokens']} tokens x {schema['width']} ch, {info['format']}, codec {schema['codec']}",
+        f"  tokens     {info['tokens']['text']}",
         *([f"  fit        {fit_quality(info['encoding'])}"] if fit_quality(info["encoding"]) else []),
         *([f"  per view   {_size(sum(v or 0 for v in info['bytes_per_view'].values()))} stored per clip view ("
            + ", ".join(f"{k} {_size(v)}" for k, v in info["bytes_per_view"].items()) + ")"]

@@ -13,6 +13,7 @@ import dataclasses
 import enum
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +34,10 @@ ATTR_KEY = "dist_cache"
 DTYPES: dict[str, str] = {"fp16": "float16", "int8": "int8"}
 CODEC_NAMES = ("none", "zstd", "blosc-zstd", "blosc-lz4")
 PRECISIONS = ("fp32", "fp16", "bf16")
-ACTIVATIONS = ("quick_gelu", "gelu")
+# The activation of the tower's MLPs, e.g. quick_gelu (OpenAI CLIP), gelu, gelu_tanh, swiglu (EVA02): a short name.
+ACTIVATION_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,31}")
+# What a tower's prefix tokens are (backbone.prefix_tokens), in stored order before the patches.
+PREFIX_KINDS = ("class", "register", "distillation")
 DECODERS = ("decord", "pyav")
 SPLITS = ("train", "test")
 
@@ -164,7 +168,8 @@ class StoreSchema:
         for key in ("mean", "std"):
             _check(isinstance(bb[key], list) and len(bb[key]) == 3 and all(_is_number(x) for x in bb[key]),
                    f"backbone.{key} must be 3 numbers")
-        _check(bb["activation"] in ACTIVATIONS, f"backbone.activation must be one of {list(ACTIVATIONS)}")
+        _check(isinstance(bb["activation"], str) and ACTIVATION_PATTERN.fullmatch(bb["activation"]) is not None,
+               "backbone.activation must be a short lower-case name (quick_gelu, gelu, gelu_tanh, swiglu, ...)")
 
         _check(isinstance(self.preprocess, dict), "preprocess must be a dict")
         decoder = self.preprocess.get("decoder")
@@ -179,6 +184,7 @@ class StoreSchema:
                f"layers must lie in [0, {bb['num_layers']}) (backbone.num_layers)")
         for key in ("num_frames", "views_per_video", "tokens", "width"):
             _bounded(getattr(self, key), key, LIMITS[key])
+        self._check_token_layout(bb)
         _check(self.width == bb["width"], "width must equal backbone.width")
         _bounded(self.num_videos, "num_videos", LIMITS["num_videos"], low=0)
         _check(self.num_videos * self.views_per_video <= MAX_SAMPLES,
@@ -213,6 +219,19 @@ class StoreSchema:
         if self.encoding is not None:
             why = check_section(self.encoding, num_layers=len(layers), width=self.width, dtype=self.dtype)
             _check(why is None, str(why))
+
+    def _check_token_layout(self, bb: dict[str, Any]) -> None:
+        """Which stored token is which (backbone.prefix_tokens, backbone.grid); records written before they were
+        recorded describe open_clip ViTs, one class token and a square grid."""
+        if "prefix_tokens" not in bb and "grid" not in bb:
+            return
+        prefix, grid = bb.get("prefix_tokens"), bb.get("grid")
+        _check(isinstance(prefix, list) and len(prefix) <= 64 and all(p in PREFIX_KINDS for p in prefix),
+               f"backbone.prefix_tokens must be a list of {list(PREFIX_KINDS)}")
+        side = bb["image_size"] // bb["patch_size"]
+        _check(grid == [side, side], f"backbone.grid must be [{side}, {side}] (image_size // patch_size)")
+        _check(self.tokens == len(prefix) + side * side,
+               f"tokens must be len(backbone.prefix_tokens) + {side}x{side} patches")
 
     def _check_flip_label_map(self, pairs: Any) -> None:
         if pairs is None:

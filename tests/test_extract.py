@@ -247,7 +247,7 @@ def test_kill_9_then_rerun_equals_an_uninterrupted_run(motion_dataset, tiny_chec
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"--model": "no-such-model"}, "unknown open_clip model"),
+        ({"--model": "no-such-model"}, "unknown model"),
         ({"--pretrained": "/nonexistent/ckpt.pt"}, "no such checkpoint"),
         ({"--pretrained": "none"}, "allow-random-weights"),
         ({"--manifest": "EMPTY"}, "empty"),

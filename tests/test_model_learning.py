@@ -85,10 +85,12 @@ def normalise(videos: torch.Tensor, backbone) -> torch.Tensor:
 
 
 def cached_features(backbone, frames: torch.Tensor) -> torch.Tensor:
+    """The tower's tokens of the sparse frames, as a store holds them, formed into the branch's as a batch is
+    (`branch_tokens`: the summary token and the patches; CLIP's tokens unchanged)."""
     encoder = backbone.spatial_encoder([0, 1])
     sparse = frames[:, ::GAMMA]
-    tokens, _ = encoder(sparse.reshape(-1, 3, SIZE, SIZE))
-    return tokens.reshape(tokens.shape[0], frames.shape[0], T, *tokens.shape[2:])
+    tokens, _ = encoder(sparse.reshape(-1, *sparse.shape[2:]))
+    return encoder.branch_tokens(tokens.reshape(tokens.shape[0], frames.shape[0], T, *tokens.shape[2:]))
 
 
 def train_and_evaluate(backbone, data, seed: int = 0, max_steps: int = 250, amp: torch.dtype | None = None,

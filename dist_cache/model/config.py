@@ -56,20 +56,22 @@ class DiSTConfig:
         if not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < MAX_LAYERS for x in self.layers):
             raise ConfigError(f"DiST layers {str(self.layers)[:60]} must be block indices in [0, {MAX_LAYERS})")
         self.layers = list(self.layers)
-        if self.image_size % self.patch_size:
-            raise ConfigError(f"DiST image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.patch_size > self.image_size:
+            raise ConfigError(f"DiST patch_size {self.patch_size} is larger than image_size {self.image_size}")
         if not isinstance(self.switches, DiSTSwitches):
             raise ConfigError("DiST switches must be a DiSTSwitches")
 
     # ---- derived sizes -------------------------------------------------------------------------------
     @property
     def grid(self) -> tuple[int, int]:
+        """The tower's patch grid, which the temporal stem reproduces: floor(image / patch) cells a side, as a
+        stride-P convolution gives (ViT-SO400M/14 at 384 px: 27, its last 6 pixels seen by neither)."""
         side = self.image_size // self.patch_size
         return side, side
 
     @property
     def num_tokens(self) -> int:
-        """N + 1: patches plus CLIP's cls token."""
+        """N + 1: patches plus the summary token (the tower's class token, or the patches' mean: model/tokens.py)."""
         h, w = self.grid
         return h * w + 1
 

@@ -187,14 +187,16 @@ class OnlineDiST(nn.Module):
 
     def features(self, frames: torch.Tensor) -> torch.Tensor:
         """(B, γT, 3, H, W) -> (L, B, T, N+1, C), CLIP run under no_grad on the sparse frames, in the encoder's
-        precision (its dtype: fp32, or the fp16/bf16 of its autocast); DiST casts each layer where it uses it."""
+        precision (its dtype: fp32, or the fp16/bf16 of its autocast); DiST casts each layer where it uses it.
+        The tower's tokens become the branch's by the encoder's `branch_tokens`, the rule cached batches follow
+        (dist_cache/model/tokens.py)."""
         b = frames.shape[0]
         sparse = frames[:, :: self.dist.config.switches.gamma]
         # Frozen CLIP runs as extraction ran it, in the encoder's own precision: the training step's autocast is
         # switched off around it, or online runs would get other features than the cached ones.
         with torch.no_grad(), without_autocast(sparse.device.type):
             tokens, _ = self.encoder(sparse.reshape(-1, *sparse.shape[2:]))
-        return tokens.reshape(tokens.shape[0], b, sparse.shape[1], *tokens.shape[2:])
+        return self.encoder.branch_tokens(tokens.reshape(tokens.shape[0], b, sparse.shape[1], *tokens.shape[2:]))
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         return self.dist(self.features(frames), frames if self.dist.temporal is not None else None)
