@@ -34,8 +34,12 @@ def _extract_args(dataset: Path, out: Path, ckpt: Path, *extra: object) -> list[
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory, motion_dataset, tiny_checkpoint) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("compact")
-    out = {"fp16": root / "fp16.zarr", "pca": root / "pca.zarr"}
+    out = {"fp16": root / "fp16.zarr", "pca": root / "pca.zarr", "test": root / "test.zarr"}
     assert run_cli(*_extract_args(motion_dataset, out["fp16"], tiny_checkpoint)).exit_code == 0
+    # What eval scores: a test split (eval refuses a train split's augmented, relabelled views).
+    test = _extract_args(motion_dataset, out["test"], tiny_checkpoint, "--split", "test", "--views", "1")
+    test[2] = motion_dataset / "val.csv"
+    assert run_cli(*test).exit_code == 0
     result = run_cli(*_extract_args(motion_dataset, out["pca"], tiny_checkpoint, "--pca", "16", "--dtype", "int8"))
     assert result.exit_code == 0, result.output
     return out
@@ -93,7 +97,9 @@ def test_every_compact_format_trains_and_its_checkpoint_evaluates_on_fp16(stores
                      "--alpha-dim", "32", "--beta-dim", "16", "--pool-blocks", "1", "--feature-mixup", "0.8",
                      "--device", "cpu")
     assert result.exit_code == 0, result.output
-    for store in (compact, stores["fp16"]):  # one kind of checkpoint: it evaluates on any store of that CLIP
+    compact_test = tmp_path / "c-test.zarr"
+    assert run_cli("copy", stores["test"], compact_test, *options).exit_code == 0
+    for store in (compact_test, stores["test"]):  # one kind of checkpoint: it evaluates on any store of that CLIP
         scored = run_cli("eval", "--checkpoint", run / "last.pt", "--cache", store, "--device", "cpu")
         assert scored.exit_code == 0 and "top-1" in scored.output, scored.output
 
