@@ -135,7 +135,8 @@ def main() -> None:
 @click.option("--batch-frames", default=64, type=click.IntRange(min=1), show_default=True,
               help="Frames per CLIP forward pass.")
 @click.option("--decode-workers", default="auto", show_default=True,
-              help="Decode processes: a count, or auto (the usable cores less 2 for this process).")
+              help="Decode processes: a count, or auto (the usable cores less 2 for this process). A process that "
+                   "dies is replaced and its video retried; a video is failed only if it kills two.")
 @click.option("--decoder", type=click.Choice(["decord", "pyav"]), default=None,
               help="Video decoder (recorded in the store). Default: decord where installed, else pyav.")
 @click.option("--decode-timeout", default=120.0, type=click.FloatRange(min=0, min_open=True), show_default=True,
