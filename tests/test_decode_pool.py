@@ -193,3 +193,22 @@ def test_usable_cores_follow_the_cpu_affinity():
             "from dist_cache.decode_pool import usable_cores, auto_workers; print(usable_cores(), auto_workers())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=os.getcwd())
     assert out.stdout.split() == ["1", "1"]
+
+
+def test_memory_and_machine_oserrors_are_the_machines_not_the_videos():
+    """A real allocation failure in a worker comes back as MemoryError, which extract treats as the machine's
+    (the run stops, resumable) rather than recording the video; a missing file stays the video's failure."""
+    import errno
+
+    from dist_cache.errors import machine_error, machine_failure
+
+    with DecodePool(workers=1, timeout=30) as pool:
+        with pytest.raises(MemoryError) as info:
+            pool.submit(np.empty, 2**62, np.uint8).result()
+    assert machine_failure(info.value)
+    assert str(machine_error("/v/a.mp4", info.value)).startswith(
+        "out of memory while preparing /v/a.mp4 (MemoryError: Unable to allocate")
+    assert machine_failure(OSError(errno.EMFILE, "Too many open files"))
+    assert machine_failure(OSError(errno.ESTALE, "Stale file handle"))
+    assert not machine_failure(FileNotFoundError(errno.ENOENT, "No such file or directory"))
+    assert not machine_failure(DecodeError("/v/a.mp4: cannot open as a video"))
