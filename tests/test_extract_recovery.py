@@ -5,8 +5,10 @@ and two runs racing to create one store with other flags leave exactly one winne
 from __future__ import annotations
 
 import hashlib
+import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -202,3 +204,28 @@ def test_killed_decode_workers_fail_no_video(motion_dataset, tiny_checkpoint, tm
     assert FeatureStore.open(out).progress() == {"done": 24, "failed": 0, "pending": 0}
     assert run(*map(str, argv), "--out", str(clean_out)).exit_code == 0
     assert tree_digest(out) == tree_digest(clean_out)
+
+
+def test_ctrl_c_during_extract_prints_one_line_and_the_rerun_resumes(motion_dataset, tiny_checkpoint, tmp_path):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it, while decode workers run: the
+    "interrupted" line alone (no worker's KeyboardInterrupt traceback), and the rerun finishes the store."""
+    manifest = many_videos(motion_dataset, tmp_path, 24)
+    argv = [str(a) for a in ["extract", "--manifest", manifest, "--video-root", tmp_path / "videos", "--out",
+                             tmp_path / "s.zarr", "--model", "dist-tiny", "--pretrained", tiny_checkpoint,
+                             "--frames", "4", "--views", "1", "--batch-frames", "4", "--decode-workers", "2"]]
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        records = tmp_path / "s.zarr" / "records"
+        wait_for(lambda: len(decode_workers(proc.pid)) == 2 and records.is_dir() and any(records.iterdir()))
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    lines = [line for line in err.strip().splitlines() if not line.startswith("extract:")]
+    assert lines == ["interrupted: rerun the same command to resume (train: add --resume)"], err
+    assert FeatureStore.open(tmp_path / "s.zarr").progress()["failed"] == 0
+    rerun = run(*argv)
+    assert rerun.exit_code == 0, rerun.output
+    assert FeatureStore.open(tmp_path / "s.zarr").progress() == {"done": 24, "failed": 0, "pending": 0}
