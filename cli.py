@@ -86,7 +86,8 @@ def main() -> None:
                         "k400-train.zarr --views 2"))
 @config_option
 @click.option("--manifest", required=True, type=click.Path(),
-              help="Video list: CSV path,label; Kinetics CSV; SSv2 JSON; or mmaction list.")
+              help="Video list: CSV path,label; Kinetics CSV; SSv2 JSON; or mmaction list. Each video once: a "
+                   "video listed twice is refused.")
 @click.option("--video-root", required=True, type=click.Path(), help="Directory the manifest's paths are relative to.")
 @click.option("--out", required=True, help="Store to create or resume: a path or an fsspec URL (s3://...).")
 @storage_options_option()
