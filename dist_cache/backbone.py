@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dist_cache.backbone_config import MAX_BACKBONE_PARAMS, check_model_config
 from dist_cache.errors import UserError, first_line
 from dist_cache.logs import without_log_message
 from dist_cache.weights import Weights, read_weights, tag_weights_file
@@ -36,10 +37,6 @@ _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 ACTIVATIONS = ("quick_gelu", "gelu")
 PRECISIONS = ("fp32", "fp16", "bf16")
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-# open_clip 3.3's largest configuration is EVA02-E-14-plus with 5.04 B parameters (ViT-e-14: 4.58 B). A recorded
-# config beyond this bound is refused before its network is built: a store from a stranger cannot make us
-# allocate 100 GB.
-MAX_BACKBONE_PARAMS = 6_000_000_000
 # What open_clip logs when create_model gets no weights; expected while building on the meta device, where the
 # weights are assigned right after.
 _NO_WEIGHTS_LOGGED = "No pretrained weights loaded for model"
@@ -184,7 +181,13 @@ def check_precision(precision: str, device: str | torch.device) -> None:
 
 def _build_on_meta(open_clip, name: str, quick_gelu: bool, preprocess: dict[str, Any]) -> nn.Module:
     """The network's modules with shapes only: no memory, no random initialisation, nothing logged about the
-    missing weights (they are assigned next). Refuses a network too large to be any real CLIP."""
+    missing weights (they are assigned next). Refuses a network too large to be any real CLIP: from its config
+    alone, before open_clip lays out a module (a stranger's config could ask for 100000 blocks), then by the
+    parameters built."""
+    try:
+        check_model_config(open_clip.get_model_config(name))
+    except UserError as err:
+        raise UserError(f"--model {name}: {err}; check the model config") from None
     try:
         with without_log_message(_NO_WEIGHTS_LOGGED), torch.device("meta"):
             clip = open_clip.create_model(name, pretrained=None, device="meta", force_quick_gelu=quick_gelu,
@@ -389,6 +392,41 @@ def activation_mismatch(record: dict) -> str | None:
             "they are not CLIP's features; re-extract the store with this dist-cache")
 
 
+def check_recorded_backbone(recorded: dict, pretrained: str | None = None) -> None:
+    """Every check of a store's backbone record that needs nothing built or read: its name, activation and model
+    config (bounded: `backbone_config.check_model_config`) and where its weights would come from. The record
+    comes from a store, i.e. from a stranger. Cheap, so a command runs it before it writes anything."""
+    name = recorded.get("model")
+    activation = recorded_activation(recorded)
+    if activation not in ACTIVATIONS:
+        raise UserError(f"the store's backbone activation {str(activation)[:40]!r} is unknown; the store is damaged")
+    if name not in _open_clip().list_models():
+        # The name comes from a store: it must be a plain file name, never a path.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(name)):
+            raise UserError(f"the store's backbone model name {str(name)[:60]!r} is not a valid model name; the "
+                            "store is damaged")
+        try:
+            check_model_config(recorded.get("model_config"))
+        except UserError as err:
+            raise UserError(f"the store's backbone: model {name}: {err}; the store is damaged or was not written "
+                            "by dist-cache") from None
+    source = pretrained or recorded.get("pretrained_source") or recorded.get("pretrained")
+    if source == "none":
+        raise UserError(
+            "this store was extracted with random weights (--pretrained none), which cannot be rebuilt; "
+            "pass --pretrained with the checkpoint that was used, if any"
+        )
+    if _is_path(str(source)) and not pretrained:
+        # A store never chooses which local file gets opened (it could name /etc/shadow or a FIFO). The user
+        # names the checkpoint; its hash then proves it is the store's.
+        raise UserError(
+            f"the store's weights came from the local file {str(source)[:200]}, which a store cannot choose to open: "
+            f"pass --pretrained PATH (that file, or your copy of it)"
+        )
+    if _is_path(str(source)) and not Path(source).is_file():
+        raise UserError(f"--pretrained {pretrained}: no such checkpoint file; check the path")
+
+
 def load_recorded_backbone(
     recorded: dict,
     pretrained: str | None = None,
@@ -399,19 +437,14 @@ def load_recorded_backbone(
 
     `pretrained` overrides the recorded source. A recorded tag is looked up as usual; a recorded local path is
     never opened on the store's word: a store made from a local checkpoint needs `pretrained`. The record comes
-    from a store, i.e. from a stranger: its model config is bounded in size before anything is built.
+    from a store, i.e. from a stranger: it passes `check_recorded_backbone` before anything is built.
     """
+    check_recorded_backbone(recorded, pretrained)
     open_clip = _open_clip()
     name = recorded["model"]
     activation = recorded_activation(recorded)
-    if activation not in ACTIVATIONS:
-        raise UserError(f"the store's backbone activation {str(activation)[:40]!r} is unknown; the store is damaged")
     if name not in open_clip.list_models():
-        # A store made from a config JSON carries the config itself: register it under its name. The
-        # name comes from a store, i.e. from a stranger: it must be a plain file name, never a path.
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(name)):
-            raise UserError(f"the store's backbone model name {str(name)[:60]!r} is not a valid model name; the "
-                            "store is damaged")
+        # A store made from a config JSON carries the config itself (checked above): register it under its name.
         with tempfile.TemporaryDirectory(prefix="dist-cache-config-") as config_dir:
             (Path(config_dir) / f"{name}.json").write_text(json.dumps(recorded["model_config"]))
             open_clip.add_model_config(config_dir)
@@ -421,20 +454,6 @@ def load_recorded_backbone(
             raise UserError(f"the store's backbone: {str(err).removeprefix('--')}; the store is damaged or "
                             "was not written by dist-cache") from None
     source = pretrained or recorded.get("pretrained_source") or recorded["pretrained"]
-    if source == "none":
-        raise UserError(
-            "this store was extracted with random weights (--pretrained none), which cannot be rebuilt; "
-            "pass --pretrained with the checkpoint that was used, if any"
-        )
-    if _is_path(source) and not pretrained:
-        # The record comes from a stranger: a store never chooses which local file gets opened (it could name
-        # /etc/shadow or a FIFO). The user names the checkpoint; its hash then proves it is the store's.
-        raise UserError(
-            f"the store's weights came from the local file {source[:200]}, which a store cannot choose to open: "
-            f"pass --pretrained PATH (that file, or your copy of it)"
-        )
-    if _is_path(source) and not Path(source).is_file():
-        raise UserError(f"--pretrained {pretrained}: no such checkpoint file; check the path")
     backbone = load_backbone(name, source, device=device, precision=precision, activation=activation)
     if backbone.weights_sha256 != recorded["weights_sha256"]:
         raise UserError(
