@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import sys
 
 import click
@@ -49,11 +50,16 @@ def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from dist_cache.errors import UserError
+        from pipelines.preemption import PREEMPTED_EXIT, Preempted
 
         try:
             return fn(*args, **kwargs)
         except UserError as err:
             raise CommandError(str(err)) from None
+        except Preempted as stopped:  # train, on SIGTERM or SIGUSR1: last.pt written, every rank stops alike
+            if not int(os.environ.get("RANK", "0")):
+                click.echo(f"preempted: {stopped}", err=True)
+            sys.exit(PREEMPTED_EXIT)
         except KeyboardInterrupt:
             click.echo("interrupted: rerun the same command to resume (train: add --resume)", err=True)
             sys.exit(130)
