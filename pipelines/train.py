@@ -45,6 +45,7 @@ from pipelines.checks import (
 from pipelines.data import BatchLoader, EpochSampler, frame_source
 from pipelines.distributed import LAUNCHER_ENV, Ranks, all_sum, joined, launch
 from pipelines.evaluate import Validation
+from pipelines.files import check_run_dir
 from pipelines.optim import make_optimizer, make_scaler, restore_scaler
 from pipelines.plots import plot_curves
 from pipelines.preemption import StopRequests, preempted
@@ -216,6 +217,7 @@ def preflight(opts: TrainOptions, world: int = 1) -> Checked:
                         "or another --out")
     if opts.batch_size % world:
         raise UserError(f"--batch-size {opts.batch_size}: must be a multiple of the {world} processes")
+    check_run_dir(out, opts.resume)
 
     store = open_store(opts.cache, "--cache", opts.storage_options)
     usable, failed = usable_samples(store, "--cache")
