@@ -378,6 +378,20 @@ def recorded_activation(record: dict) -> str:
     return activation
 
 
+def check_recorded_config(recorded: dict) -> None:
+    """What `load_recorded_backbone` checks of a store's record before it builds anything (a recorded model name
+    that open_clip does not know brings its own config, from a stranger: bounded by
+    `backbone_config.check_model_config`), for a command to run before it writes anything. Cheap: nothing is built."""
+    open_clip, name = _open_clip(), recorded.get("model")
+    # What would be built: open_clip's config for a name it knows (one registered from an earlier record too)
+    config = open_clip.get_model_config(name) if name in open_clip.list_models() else recorded.get("model_config")
+    try:
+        check_model_config(config)
+    except UserError as err:
+        raise UserError(f"the store's backbone: model {str(name)[:60]}: {err}; check the model config; the store is "
+                        "damaged or was not written by dist-cache") from None
+
+
 def activation_mismatch(record: dict) -> str | None:
     """A one-line warning when a store's backbone ran with another activation than its weights were trained
     with (a format-1 store extracted from an OpenAI tag with GELU); None when it did not."""
@@ -392,41 +406,6 @@ def activation_mismatch(record: dict) -> str | None:
             "they are not CLIP's features; re-extract the store with this dist-cache")
 
 
-def check_recorded_backbone(recorded: dict, pretrained: str | None = None) -> None:
-    """Every check of a store's backbone record that needs nothing built or read: its name, activation and model
-    config (bounded: `backbone_config.check_model_config`) and where its weights would come from. The record
-    comes from a store, i.e. from a stranger. Cheap, so a command runs it before it writes anything."""
-    name = recorded.get("model")
-    activation = recorded_activation(recorded)
-    if activation not in ACTIVATIONS:
-        raise UserError(f"the store's backbone activation {str(activation)[:40]!r} is unknown; the store is damaged")
-    if name not in _open_clip().list_models():
-        # The name comes from a store: it must be a plain file name, never a path.
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(name)):
-            raise UserError(f"the store's backbone model name {str(name)[:60]!r} is not a valid model name; the "
-                            "store is damaged")
-        try:
-            check_model_config(recorded.get("model_config"))
-        except UserError as err:
-            raise UserError(f"the store's backbone: model {name}: {err}; the store is damaged or was not written "
-                            "by dist-cache") from None
-    source = pretrained or recorded.get("pretrained_source") or recorded.get("pretrained")
-    if source == "none":
-        raise UserError(
-            "this store was extracted with random weights (--pretrained none), which cannot be rebuilt; "
-            "pass --pretrained with the checkpoint that was used, if any"
-        )
-    if _is_path(str(source)) and not pretrained:
-        # A store never chooses which local file gets opened (it could name /etc/shadow or a FIFO). The user
-        # names the checkpoint; its hash then proves it is the store's.
-        raise UserError(
-            f"the store's weights came from the local file {str(source)[:200]}, which a store cannot choose to open: "
-            f"pass --pretrained PATH (that file, or your copy of it)"
-        )
-    if _is_path(str(source)) and not Path(source).is_file():
-        raise UserError(f"--pretrained {pretrained}: no such checkpoint file; check the path")
-
-
 def load_recorded_backbone(
     recorded: dict,
     pretrained: str | None = None,
@@ -437,14 +416,19 @@ def load_recorded_backbone(
 
     `pretrained` overrides the recorded source. A recorded tag is looked up as usual; a recorded local path is
     never opened on the store's word: a store made from a local checkpoint needs `pretrained`. The record comes
-    from a store, i.e. from a stranger: it passes `check_recorded_backbone` before anything is built.
+    from a store, i.e. from a stranger: its model config is bounded in size before anything is built.
     """
-    check_recorded_backbone(recorded, pretrained)
     open_clip = _open_clip()
     name = recorded["model"]
     activation = recorded_activation(recorded)
+    if activation not in ACTIVATIONS:
+        raise UserError(f"the store's backbone activation {str(activation)[:40]!r} is unknown; the store is damaged")
     if name not in open_clip.list_models():
-        # A store made from a config JSON carries the config itself (checked above): register it under its name.
+        # A store made from a config JSON carries the config itself: register it under its name. The
+        # name comes from a store, i.e. from a stranger: it must be a plain file name, never a path.
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(name)):
+            raise UserError(f"the store's backbone model name {str(name)[:60]!r} is not a valid model name; the "
+                            "store is damaged")
         with tempfile.TemporaryDirectory(prefix="dist-cache-config-") as config_dir:
             (Path(config_dir) / f"{name}.json").write_text(json.dumps(recorded["model_config"]))
             open_clip.add_model_config(config_dir)
@@ -454,6 +438,20 @@ def load_recorded_backbone(
             raise UserError(f"the store's backbone: {str(err).removeprefix('--')}; the store is damaged or "
                             "was not written by dist-cache") from None
     source = pretrained or recorded.get("pretrained_source") or recorded["pretrained"]
+    if source == "none":
+        raise UserError(
+            "this store was extracted with random weights (--pretrained none), which cannot be rebuilt; "
+            "pass --pretrained with the checkpoint that was used, if any"
+        )
+    if _is_path(source) and not pretrained:
+        # The record comes from a stranger: a store never chooses which local file gets opened (it could name
+        # /etc/shadow or a FIFO). The user names the checkpoint; its hash then proves it is the store's.
+        raise UserError(
+            f"the store's weights came from the local file {source[:200]}, which a store cannot choose to open: "
+            f"pass --pretrained PATH (that file, or your copy of it)"
+        )
+    if _is_path(source) and not Path(source).is_file():
+        raise UserError(f"--pretrained {pretrained}: no such checkpoint file; check the path")
     backbone = load_backbone(name, source, device=device, precision=precision, activation=activation)
     if backbone.weights_sha256 != recorded["weights_sha256"]:
         raise UserError(

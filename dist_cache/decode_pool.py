@@ -26,7 +26,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from dist_cache.errors import DecodeError, MachineError
 
@@ -145,10 +145,11 @@ def _exit_reason(code: int | None) -> str:
     return f"exit code {code}"
 
 
-class _Job:
-    def __init__(self, future: concurrent.futures.Future, fn: Callable, args: tuple):
-        self.future, self.fn, self.args = future, fn, args
-        self.deaths: list[str] = []  # how each worker that ran it died
+class _Job(NamedTuple):
+    future: concurrent.futures.Future
+    fn: Callable
+    args: tuple
+    deaths: list[str]  # how each worker that ran it died
 
     def describe(self) -> str:
         return _describe(self.fn, self.args)
@@ -241,7 +242,7 @@ class DecodePool:
             if self._broken is not None:
                 future.set_exception(self._broken)
                 return future
-            self._queue.append(_Job(future, fn, args))
+            self._queue.append(_Job(future, fn, args, []))
         self._wake_w.send(None)
         return future
 
@@ -352,15 +353,16 @@ class DecodePool:
         JOB_CRASH_LIMIT workers (its fault) or workers keep dying whatever they run (the machine's)."""
         reason = w.exit_reason()
         self._deaths_in_a_row += 1
-        self._replace(w, start=self._deaths_in_a_row < self._death_limit)
+        broken = self._deaths_in_a_row >= self._death_limit
+        self._replace(w, start=not broken)
         if job is not None:
             job.deaths.append(reason)
-            if len(job.deaths) >= JOB_CRASH_LIMIT:
+            if len(job.deaths) >= JOB_CRASH_LIMIT and not broken:
                 job.future.set_exception(DecodeError(
                     f"{job.describe()} crashed its worker {len(job.deaths)} times ({', then '.join(job.deaths)})"))
             else:
-                self._queue.appendleft(job)  # still running, as its caller sees it
-        if self._deaths_in_a_row >= self._death_limit:
+                self._queue.appendleft(job)  # still running, as its caller sees it (failed below if broken)
+        if broken:
             self._break(MachineError(
                 f"decode workers keep dying: {self._deaths_in_a_row} in a row without a video finishing, the last "
                 f"{reason}; check the machine's memory (the kernel's OOM killer: dmesg) and rerun the same command "
@@ -394,7 +396,7 @@ class DecodePool:
         importing its preloads, or busy with a job being cancelled, is killed rather than waited for."""
         for w in self._workers:
             if w.job is not None:
-                w.job.future.set_exception(RuntimeError("DecodePool closed before the job finished"))
+                w.job[0].set_exception(RuntimeError("DecodePool closed before the job finished"))
                 w.process.kill()
             elif self._kill:
                 w.process.kill()
@@ -408,9 +410,9 @@ class DecodePool:
             w.process.join(timeout=max(0.0, deadline - time.monotonic()))
         for w in self._workers:
             w.kill()  # a straggler is killed; for a worker that has exited this only reaps it
+        for job in self._queue:
+            if job.future.running():  # being retried after its worker died: no cancelling it
+                job.future.set_exception(RuntimeError("DecodePool closed before the job finished"))
         while self._queue:
-            future = self._queue.popleft().future
-            if future.running():  # a job being retried after its worker died
-                future.set_exception(RuntimeError("DecodePool closed before the job finished"))
-            else:
-                future.cancel()
+            self._queue.popleft()[0].cancel()
+

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dist_cache.backbone import check_recorded_backbone
+from dist_cache.backbone import check_recorded_config
 from dist_cache.devices import resolve_device
 from dist_cache.errors import UserError
 from dist_cache.mixing import Mixer
@@ -227,7 +227,7 @@ def preflight(opts: TrainOptions, world: int = 1) -> Checked:
     config = DiSTConfig.from_backbone(store.schema.backbone, store.schema.num_frames, layers, switches=opts.switches)
     check_store_fits(store, config, "--cache", online=opts.online)
     if opts.online:
-        check_recorded_backbone(store.schema.backbone, opts.pretrained)  # what setup rebuilds, bounded first
+        check_recorded_config(store.schema.backbone)  # setup builds it: a stranger's config is bounded first
     needs_frames = opts.online or config.switches.temporal
     gamma = config.switches.gamma
     if opts.reaugment:
