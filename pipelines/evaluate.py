@@ -25,7 +25,7 @@ from pipelines.branch import Network, autocast, branch_of, build_network, embed,
 from pipelines.checkpoint import load_checkpoint
 from pipelines.checks import check_backbone, check_frames, check_store_fits, open_store, usable_samples
 from pipelines.data import BatchLoader, EpochSampler, frame_source
-from pipelines.files import check_output_file, replace_atomically
+from pipelines.files import replace_atomically
 from pipelines.plots import plot_confusion
 from storage import FeatureStore
 
@@ -186,9 +186,6 @@ def selection_warning(ckpt: dict[str, Any], store: FeatureStore, checkpoint: str
 
 def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
     """Evaluate a checkpoint on a store; write the JSON report and the confusion PNG when asked."""
-    for flag, path in (("--json", opts.json), ("confusion", opts.confusion)):
-        if path:
-            check_output_file(path, flag)  # before the scoring, not after it
     device = resolve_device(opts.device)
     ckpt = load_checkpoint(opts.checkpoint)
     config = DiSTConfig.from_dict(ckpt["dist_config"])

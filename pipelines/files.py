@@ -67,19 +67,6 @@ def unwritable(directory: str | os.PathLike) -> str | None:
     return "permission denied"
 
 
-def check_output_file(path: str | os.PathLike, flag: str) -> None:
-    """A file a command will write when it ends (a report, a plot): its directory exists and takes new files.
-    Checked before the work, so an hour of scoring is not lost to a typo in the path."""
-    parent = Path(path).parent
-    if not parent.is_dir():
-        raise UserError(f"{flag} {path}: no directory {parent}; create it or pass another path")
-    if Path(path).is_dir():
-        raise UserError(f"{flag} {path} is a directory; pass a file name")
-    why = unwritable(parent)
-    if why:
-        raise UserError(f"{flag} {path}: cannot write in {parent} ({why}); pass a writable path")
-
-
 def check_run_dir(out: str | os.PathLike, resume: bool) -> None:
     """`train --out`: a directory that can be created, or written in (its existing files too, for --resume).
     Checked before the run writes anything (its config.toml, lock, metrics)."""

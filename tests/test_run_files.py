@@ -1,5 +1,5 @@
-"""Where train and eval write: a read-only run directory, a read-only file system, a report into a directory that
-is missing or read-only. One line and exit 2 each, before any work, and nothing written or changed.
+"""Where train writes: a read-only run directory to resume, a read-only file system for a fresh run. One line and
+exit 2 each, before any work, and nothing written or changed.
 
 Root (which CI runs as) ignores permission bits but not a read-only mount, so the read-only places are tmpfs
 mounts remounted read-only; where mounting is not allowed (not root), the permission bits do the same job."""
@@ -87,21 +87,3 @@ def test_resume_in_a_read_only_run_directory_is_one_line(store, read_only):
     assert lines[0].startswith(f"error: --out {run}: cannot write the run directory (") and lines[0].endswith(
         "copy the run to a writable directory and resume that (--out COPY --resume)")
     assert digest(run) == before
-
-
-def test_eval_json_into_a_missing_or_read_only_directory_is_one_line_before_scoring(store, read_only, tmp_path):
-    place, seal = read_only
-    run = tmp_path / "run"
-    code, lines = invoke("train", "--cache", store, "--out", run, *FEATURES_ONLY)
-    assert code == 0, lines
-    base = ["eval", "--checkpoint", run / "last.pt", "--cache", store, "--device", "cpu", "--decode-workers", "0"]
-
-    missing = tmp_path / "reports" / "r.json"
-    code, lines = invoke(*base, "--json", missing)
-    assert code == 2 and lines == [f"error: --json {missing}: no directory {missing.parent}; create it or pass "
-                                   "another path"], lines
-    seal()
-    code, lines = invoke(*base, "--json", place / "r.json")
-    assert code == 2 and len(lines) == 1, lines  # one line, before any scoring (which prints its own lines)
-    assert lines[0].startswith(f"error: --json {place / 'r.json'}: cannot write in {place} (")
-    assert not missing.parent.exists() and list(place.iterdir()) == []
