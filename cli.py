@@ -317,7 +317,8 @@ def loader_options(fn):
               help="Video root of the validation store (default: --video-root).")
 @storage_options_option()
 @click.option("--resume", is_flag=True,
-              help="Continue the run in --out exactly where it stopped (killed, preempted: exit status 75).")
+              help="Continue the run in --out exactly where it stopped: killed, or preempted (SIGTERM or SIGUSR1, "
+                   "e.g. SLURM's --signal=USR1@90, stop a run after its step with last.pt written: exit status 75).")
 @click.option("--online", is_flag=True,
               help="Run the frozen CLIP live on the sparse frames instead of reading cached features.")
 @click.option("--pretrained", default=None,
@@ -381,11 +382,7 @@ def loader_options(fn):
               help="Data-parallel processes on this machine (--batch-size is split among them).")
 @user_errors
 def train(nproc: int, recipe: str | None, **kw) -> None:
-    """Train DiST's temporal encoder and integration branch from a feature store.
-
-    SIGTERM or SIGUSR1 (a preemption; SLURM: --signal=USR1@90) stops the run after the step in progress, every
-    rank after the same step, with last.pt written: exit status 75, and --resume continues exactly.
-    """
+    """Train DiST's temporal encoder and integration branch from a feature store."""
     from dist_cache.recipes import effective_switches
     from pipelines.distributed import quiet_unless_main
     from pipelines.train import TrainOptions, preflight, train as run_train, train_ranks

@@ -46,6 +46,21 @@ def test_templates_need_exactly_one_placeholder(motion_dataset, tiny_checkpoint,
     assert not (tmp_path / "t.zarr").exists()
 
 
+@pytest.mark.parametrize("rows, says", [
+    (["left/0.mp4,left", "up/0.mp4,up", "left/0.mp4,right"],
+     "lists left/0.mp4 twice with different labels (line 2: 'left', line 4: 'right'); keep only the row with the "
+     "right label"),
+    (["left/0.mp4,left", "up/0.mp4,up", "./left//0.mp4,left"],
+     "lists ./left//0.mp4 twice (line 2 and line 4, both 'left'); delete the repeated row"),
+])
+def test_a_video_listed_twice_is_refused_naming_both_rows(motion_dataset, tiny_checkpoint, tmp_path, rows, says):
+    manifest = tmp_path / "twice.csv"
+    manifest.write_text("\n".join(["path,label", *rows]) + "\n")
+    line = one_line_error(invoke(motion_dataset, tmp_path / "t.zarr", tiny_checkpoint, manifest=manifest))
+    assert line.startswith("error: twice.csv ") and says in line
+    assert not (tmp_path / "t.zarr").exists()
+
+
 def test_literal_braces_in_a_template_are_fine():
     from pipelines.extract import check_template
 
@@ -102,17 +117,3 @@ def test_when_the_first_100_videos_all_fail_it_stops_and_records_none(motion_dat
     assert right.exit_code == 0, right.output
     assert "stored 100 videos" in right.output and FeatureStore.open(out).complete
 
-
-@pytest.mark.parametrize("rows, says", [
-    (["left/0.mp4,left", "up/0.mp4,up", "left/0.mp4,right"],
-     "lists left/0.mp4 twice with different labels (line 2: 'left', line 4: 'right'); keep only the row with the "
-     "right label"),
-    (["left/0.mp4,left", "up/0.mp4,up", "./left//0.mp4,left"],
-     "lists ./left//0.mp4 twice (line 2 and line 4, both 'left'); delete the repeated row"),
-])
-def test_a_video_listed_twice_is_refused_naming_both_rows(motion_dataset, tiny_checkpoint, tmp_path, rows, says):
-    manifest = tmp_path / "twice.csv"
-    manifest.write_text("\n".join(["path,label", *rows]) + "\n")
-    line = one_line_error(invoke(motion_dataset, tmp_path / "t.zarr", tiny_checkpoint, manifest=manifest))
-    assert line.startswith("error: twice.csv ") and says in line
-    assert not (tmp_path / "t.zarr").exists()
