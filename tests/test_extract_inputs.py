@@ -116,4 +116,3 @@ def test_when_the_first_100_videos_all_fail_it_stops_and_records_none(motion_dat
     right = CliRunner().invoke(cli.main, [str(a) for a in base + ["--video-root", motion_dataset / "videos"]])
     assert right.exit_code == 0, right.output
     assert "stored 100 videos" in right.output and FeatureStore.open(out).complete
-

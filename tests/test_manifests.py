@@ -231,4 +231,3 @@ def test_resolve_under_keeps_paths_inside_the_root(tmp_path):
     assert resolve_under(tmp_path, "a/./b/../c.mp4", "here") == tmp_path / "a/c.mp4"
     with pytest.raises(UserError, match="here: video path '' is not"):
         resolve_under(tmp_path, "", "here")
-
