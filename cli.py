@@ -92,8 +92,7 @@ def main() -> None:
                         "k400-train.zarr --views 2"))
 @config_option
 @click.option("--manifest", required=True, type=click.Path(),
-              help="Video list: CSV path,label; Kinetics CSV; SSv2 JSON; or mmaction list. Each video once: a "
-                   "video listed twice is refused.")
+              help="Video list: CSV path,label; Kinetics CSV; SSv2 JSON; or mmaction list.")
 @click.option("--video-root", required=True, type=click.Path(), help="Directory the manifest's paths are relative to.")
 @click.option("--out", required=True, help="Store to create or resume: a path or an fsspec URL (s3://...).")
 @storage_options_option()
@@ -121,7 +120,8 @@ def main() -> None:
 @click.option("--classes", type=click.Path(), default=None, help="Class names file (txt, one per line, or JSON).")
 @click.option("--manifest-format", type=click.Choice(["auto", "csv", "kinetics", "ssv2", "mmaction"]), default="auto",
               show_default=True,
-              help="The manifest's format; auto tells them apart by extension and header.")
+              help="The manifest's format; auto tells them apart by extension and header. In any format, a video "
+                   "listed twice is refused.")
 @click.option("--template", "templates", multiple=True, default=("{}",), show_default=True,
               help="Prompt template(s) for the class-name text embeddings; exactly one {} is the class name.")
 @click.option("--flip-p", default=0.5, type=click.FloatRange(0, 1), show_default=True,
@@ -142,12 +142,12 @@ def main() -> None:
 @click.option("--batch-frames", default=64, type=click.IntRange(min=1), show_default=True,
               help="Frames per CLIP forward pass.")
 @click.option("--decode-workers", default="auto", show_default=True,
-              help="Decode processes: a count, or auto (the usable cores less 2 for this process). A process that "
-                   "dies is replaced and its video retried; a video is failed only if it kills two.")
+              help="Decode processes: a count, or auto (the usable cores less 2 for this process).")
 @click.option("--decoder", type=click.Choice(["decord", "pyav"]), default=None,
               help="Video decoder (recorded in the store). Default: decord where installed, else pyav.")
 @click.option("--decode-timeout", default=120.0, type=click.FloatRange(min=0, min_open=True), show_default=True,
-              help="Seconds before a video's decode is killed and recorded as failed.")
+              help="Seconds before a video's decode is killed and recorded as failed. (A decode process that "
+                   "dies is replaced and its video retried: a video is failed only if it kills two.)")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--hash-videos", is_flag=True,
               help="Record each video file's sha256, so verify can tell a replaced copy.")

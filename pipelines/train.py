@@ -27,7 +27,6 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from dist_cache.backbone import check_recorded_config
 from dist_cache.devices import resolve_device
 from dist_cache.errors import UserError
 from dist_cache.mixing import Mixer
@@ -226,8 +225,6 @@ def preflight(opts: TrainOptions, world: int = 1) -> Checked:
     layers = select_layers(opts.layers, store, opts.online)
     config = DiSTConfig.from_backbone(store.schema.backbone, store.schema.num_frames, layers, switches=opts.switches)
     check_store_fits(store, config, "--cache", online=opts.online)
-    if opts.online:
-        check_recorded_config(store.schema.backbone)  # setup builds it: a stranger's config is bounded first
     needs_frames = opts.online or config.switches.temporal
     gamma = config.switches.gamma
     if opts.reaugment:
@@ -318,8 +315,6 @@ class Run:
     frames: str | None
     step: int = 0
     best_top1: float | None = None
-    # The run stopped on a signal right after an epoch's last step: that epoch's end (validation, best.pt) is due.
-    epoch_end_pending: bool = False
 
     @property
     def out(self) -> Path:
@@ -425,7 +420,7 @@ def setup(opts: TrainOptions, ranks: Ranks, checked: Checked) -> Run:
                               config=opts.recorded())
         opened.pop_all()  # set up: the Run closes them from now on
     return Run(opts, ranks, store, config, step_model, sampler, loader, validation, tracker, meter, checked.frames,
-               step, best_top1, epoch_end_pending=bool(ckpt is not None and ckpt.get("epoch_end_pending")))
+               step, best_top1)
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
@@ -433,8 +428,8 @@ def _train(opts: TrainOptions, progress: bool, ranks: Ranks, checked: Checked, s
     run = setup(opts, ranks, checked)
     bar = tqdm(total=run.total, initial=run.step, unit="step", desc="train", disable=not progress, dynamic_ncols=True)
     try:
-        if run.epoch_end_pending:  # stopped right after an epoch's last step: its end comes first
-            end_of_epoch(run, run.step // run.steps_per_epoch)
+        if checked.ckpt is not None and checked.ckpt.get("epoch_end_pending"):  # stopped after an epoch's last step
+            end_of_epoch(run, run.step // run.steps_per_epoch)  # so that epoch's end comes first
         while run.step < run.total:
             epoch, consumed = divmod(run.step, run.steps_per_epoch)
             run.sampler.set_epoch(epoch, consumed)
