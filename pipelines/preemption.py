@@ -80,3 +80,15 @@ class StopRequests:
         flag = torch.tensor([0.0 if self.received is None else 1.0], device=device)  # NCCL reduces on the GPU
         dist.all_reduce(flag)
         return bool(flag.item())
+
+
+def wait_for_all(world: int, device: torch.device) -> None:
+    """With `world` > 1 ranks, return once every rank has called this (a collective, as a barrier on any backend)."""
+    if world == 1:
+        return
+    import torch
+    import torch.distributed as dist
+
+    done = torch.zeros(1, device=device)
+    dist.all_reduce(done)
+    done.item()  # NCCL's all-reduce is asynchronous to the host: wait for it

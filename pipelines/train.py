@@ -42,12 +42,12 @@ from pipelines.checks import (
     usable_samples,
 )
 from pipelines.data import BatchLoader, EpochSampler, frame_source
-from pipelines.distributed import LAUNCHER_ENV, Ranks, all_sum, joined, launch
+from pipelines.distributed import LAUNCHER_ENV, Ranks, joined, launch
 from pipelines.evaluate import Validation
 from pipelines.files import check_run_dir
 from pipelines.optim import make_optimizer, make_scaler, restore_scaler
 from pipelines.plots import plot_curves
-from pipelines.preemption import StopRequests, preempted
+from pipelines.preemption import StopRequests, preempted, wait_for_all
 from pipelines.reaugment import ReaugmentedFrames, check_reaugmentable
 from pipelines.runlock import RunLock
 from pipelines.step import Meter, StepModel, train_step
@@ -469,7 +469,7 @@ def stop_after_step(run: Run, received: int | None) -> None:
     epoch's end left to the resume: validating could outlast the grace before SIGKILL), then `Preempted`."""
     if run.ranks.main:
         run.save("last.pt", epoch_end_pending=run.step % run.steps_per_epoch == 0)
-    all_sum(torch.zeros(1, device=run.ranks.device), run.ranks)  # no rank exits before last.pt is whole
+    wait_for_all(run.ranks.world, run.ranks.device)  # no rank exits before last.pt is whole
     raise preempted(received, run.step, run.total, run.opts.out)
 
 
