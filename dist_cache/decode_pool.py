@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import importlib
 import multiprocessing
 import multiprocessing.connection
@@ -56,6 +57,22 @@ def death_limit(workers: int) -> int:
     jobs: every worker dying once, then again, plus two. Each bad video costs at most JOB_CRASH_LIMIT deaths,
     so this takes several bad videos in a row with nothing healthy between them, or workers dying at start."""
     return JOB_CRASH_LIMIT * workers + 2
+
+
+@contextlib.contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored in this process while the block starts child processes, which inherit that through exec and
+    so ignore a terminal's Ctrl-C (sent to the whole process group) from their first instruction: the process
+    that started them handles it, and closes them. Only the main thread may change it; elsewhere this does nothing
+    (children then ignore SIGINT from when their own code says so). A Ctrl-C during the block is lost."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def usable_cores() -> int:
@@ -166,18 +183,10 @@ class _Worker:
         self.deadline = 0.0
 
     def _start(self) -> None:
-        """Start the process with SIGINT ignored from its first instruction where this thread may say so (the
-        main thread): the disposition is inherited through exec, so a Ctrl-C during the worker's own start-up
-        (spawn re-imports the main module) prints nothing there either. Only for the few milliseconds of the
-        fork does this process ignore Ctrl-C."""
-        if threading.current_thread() is not threading.main_thread():
-            self.process.start()  # the worker ignores SIGINT itself, once its main function runs
-            return
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        try:
+        """A Ctrl-C during the worker's own start-up (spawn re-imports the main module) prints nothing either:
+        SIGINT is ignored from its first instruction (this process ignores it for the milliseconds of the fork)."""
+        with sigint_ignored():
             self.process.start()
-        finally:
-            signal.signal(signal.SIGINT, previous)
 
     def exit_reason(self) -> str:
         self.process.join(timeout=1)

@@ -45,7 +45,9 @@ def test_pool_runs_jobs_and_relays_errors(clip, tmp_path):
 
 
 def test_pool_kills_a_hung_job_at_its_deadline_and_keeps_working(clip):
-    with DecodePool(workers=2, timeout=1.5) as pool:
+    # The decoder preloaded: a job's deadline starts once its worker is ready, so importing decord on a loaded
+    # machine does not eat into the probe's 1.5 s.
+    with DecodePool(workers=2, timeout=1.5, preload=("dist_cache.decode_decord",)) as pool:
         start = time.monotonic()
         hung = pool.submit(time.sleep, 60)  # stands in for decord stuck in native code
         other = pool.submit(decord.probe, clip)

@@ -206,25 +206,32 @@ def test_killed_decode_workers_fail_no_video(motion_dataset, tiny_checkpoint, tm
     assert tree_digest(out) == tree_digest(clean_out)
 
 
-def test_ctrl_c_during_extract_prints_one_line_and_the_rerun_resumes(motion_dataset, tiny_checkpoint, tmp_path):
-    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it, while decode workers run: the
-    "interrupted" line alone (no worker's KeyboardInterrupt traceback), and the rerun finishes the store."""
+@pytest.mark.parametrize("cluster", [[], ["--dask-workers", "2"]], ids=["in-process", "dask"])
+def test_ctrl_c_during_extract_prints_one_line_and_the_rerun_resumes(motion_dataset, tiny_checkpoint, tmp_path,
+                                                                     cluster):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it, while decode workers (and dask's worker
+    processes) run: no process but the one the user started prints a KeyboardInterrupt traceback, the
+    "interrupted" line ends the output, and the rerun finishes the store."""
     manifest = many_videos(motion_dataset, tmp_path, 24)
     argv = [str(a) for a in ["extract", "--manifest", manifest, "--video-root", tmp_path / "videos", "--out",
                              tmp_path / "s.zarr", "--model", "dist-tiny", "--pretrained", tiny_checkpoint,
-                             "--frames", "4", "--views", "1", "--batch-frames", "4", "--decode-workers", "2"]]
+                             "--frames", "4", "--views", "1", "--batch-frames", "4",
+                             "--decode-workers", "1" if cluster else "2", *cluster]]
     proc = subprocess.Popen([sys.executable, "-m", "cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
     try:
         records = tmp_path / "s.zarr" / "records"
-        wait_for(lambda: len(decode_workers(proc.pid)) == 2 and records.is_dir() and any(records.iterdir()))
+        wait_for(lambda: records.is_dir() and any(records.iterdir()), timeout=120)
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
     assert proc.returncode == 130, err
     lines = [line for line in err.strip().splitlines() if not line.startswith("extract:")]
-    assert lines == ["interrupted: rerun the same command to resume (train: add --resume)"], err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert lines[-1] == "interrupted: rerun the same command to resume (train: add --resume)", err
+    if not cluster:  # dask's own processes may log (as warnings) the tasks they were told to cancel
+        assert len(lines) == 1, err
     assert FeatureStore.open(tmp_path / "s.zarr").progress()["failed"] == 0
     rerun = run(*argv)
     assert rerun.exit_code == 0, rerun.output
