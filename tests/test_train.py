@@ -13,7 +13,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
+import cli
 from dist_cache.errors import UserError
 from dist_cache.model import DiST, DiSTConfig, DiSTSwitches
 from pipelines.checkpoint import load_checkpoint, save_checkpoint
@@ -231,11 +233,16 @@ def test_a_file_that_is_no_checkpoint_is_one_line_through_the_cli(tmp_path, moti
                       (plain, r"torch cannot read it: Unsupported operand 149"),
                       (objects, r"it holds pickled Python objects \(datetime.date\), which dist-cache never "
                                 r"unpickles")):
-        done = subprocess.run([sys.executable, "-m", "cli", "eval", "--checkpoint", str(path), "--cache",
-                               str(tmp_path / "absent.zarr")], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+        args = ["eval", "--checkpoint", str(path), "--cache", str(tmp_path / "absent.zarr")]
+        if path == plain:  # the one torch warns about: in a process of its own, where nothing catches warnings
+            done = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=120)
+            code, output = done.returncode, done.stderr
+        else:
+            result = CliRunner().invoke(cli.main, args)
+            code, output = result.exit_code, result.output
+        assert code == 2 and len(output.splitlines()) == 1, output
         assert re.fullmatch(f"error: checkpoint {re.escape(str(path))}: not a dist-cache checkpoint \\({why}\\); "
-                            "pass a best.pt or last.pt written by dist-cache train", done.stderr.strip()), done.stderr
+                            "pass a best.pt or last.pt written by dist-cache train", output.strip()), output
     done = subprocess.run([sys.executable, "-m", "cli", "extract", "--manifest", str(motion_dataset / "val.csv"),
                            "--video-root", str(motion_dataset / "videos"), "--out", str(tmp_path / "s.zarr"),
                            "--model", "dist-tiny", "--pretrained", str(plain), "--decode-workers", "1"],
