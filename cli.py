@@ -53,11 +53,16 @@ def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from dist_cache.errors import UserError
+        from pipelines.preemption import PREEMPTED_EXIT, Preempted
 
         try:
             return fn(*args, **kwargs)
         except UserError as err:
             raise CommandError(str(err)) from None
+        except Preempted as stopped:  # train, on SIGTERM or SIGUSR1: last.pt written, every rank stops alike
+            if not int(os.environ.get("RANK", "0")):
+                click.echo(f"preempted: {stopped}", err=True)
+            sys.exit(PREEMPTED_EXIT)
         except KeyboardInterrupt:
             click.echo("interrupted: rerun the same command to resume (train: add --resume)", err=True)
             sys.exit(130)
@@ -165,7 +170,8 @@ def main() -> None:
 @click.option("--classes", type=click.Path(), default=None, help="Class names file (txt, one per line, or JSON).")
 @click.option("--manifest-format", type=click.Choice(["auto", "csv", "kinetics", "ssv2", "mmaction"]), default="auto",
               show_default=True,
-              help="The manifest's format; auto tells them apart by extension and header.")
+              help="The manifest's format; auto tells them apart by extension and header. In any format, a video "
+                   "listed twice is refused.")
 @click.option("--template", "templates", multiple=True, default=("{}",), show_default=True,
               help="Prompt template(s) for the class-name text embeddings; exactly one {} is the class name.")
 @click.option("--flip-p", default=0.5, type=click.FloatRange(0, 1), show_default=True,
@@ -204,7 +210,8 @@ def main() -> None:
               help="Video decoder (recorded in the store). Default: the decoder of the store at --out if there is "
                    "one, else pyav (it installs everywhere; README, \"Decoding and rendering\").")
 @click.option("--decode-timeout", default=120.0, type=click.FloatRange(min=0, min_open=True), show_default=True,
-              help="Seconds before a video's decode is killed and recorded as failed.")
+              help="Seconds before a video's decode is killed and recorded as failed. (A decode process that "
+                   "dies is replaced and its video retried: a video is failed only if it kills two.)")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--hash-videos", is_flag=True,
               help="Record each video file's sha256, so verify can tell a replaced copy.")
@@ -394,7 +401,9 @@ def loader_options(fn):
 @click.option("--val-video-root", default=None, type=click.Path(),
               help="Video root of the validation store (default: --video-root).")
 @storage_options_option()
-@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where it stopped.")
+@click.option("--resume", is_flag=True,
+              help="Continue the run in --out exactly where it stopped: killed, or preempted (SIGTERM or SIGUSR1, "
+                   "e.g. SLURM's --signal=USR1@90, stop a run after its step with last.pt written: exit status 75).")
 @click.option("--online", is_flag=True,
               help="Run the frozen CLIP live on the sparse frames instead of reading cached features.")
 @click.option("--pretrained", default=None,

@@ -306,13 +306,17 @@ def record_run_config(ctx: click.Context, opts: Any, resolved: dict[str, Any] | 
     """train: the run's resolved options in RUN/config.toml, written when the run starts (kept by --resume), so
     `dist-cache train --config RUN/config.toml --out NEW` repeats the run."""
     from pipelines.config_file import write_toml
+    from pipelines.files import write_failure
 
     path = Path(opts.out) / "config.toml"
     if opts.resume and path.exists():
         return
-    write_toml(path, resolved_config(ctx, resolved),
-               header="dist-cache train: this run's options, every default resolved (not --storage-options).\n"
-                      "Repeat the run with: dist-cache train --config config.toml --out NEW_RUN")
+    try:
+        write_toml(path, resolved_config(ctx, resolved),
+                   header="dist-cache train: this run's options, every default resolved (not --storage-options).\n"
+                          "Repeat the run with: dist-cache train --config config.toml --out NEW_RUN")
+    except OSError as err:  # a full disk (train's preflight has checked that the directory takes files)
+        raise write_failure(path, err) from None
 
 
 def moved_option(old: str, new: str) -> Callable:

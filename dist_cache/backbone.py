@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dist_cache.backbone_config import MAX_BACKBONE_PARAMS, check_model_config
 from dist_cache.errors import UserError, first_line
 from dist_cache.logs import without_log_message
 from dist_cache.model.tokens import branch_tokens
@@ -52,10 +53,6 @@ _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 ACTIVATIONS = ("quick_gelu", "gelu")
 PRECISIONS = ("fp32", "fp16", "bf16")
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-# open_clip 3.3's largest configuration is EVA02-E-14-plus with 5.04 B parameters (ViT-e-14: 4.58 B). A recorded
-# config beyond this bound is refused before its network is built: a store from a stranger cannot make us
-# allocate 100 GB.
-MAX_BACKBONE_PARAMS = 6_000_000_000
 # What open_clip logs when create_model gets no weights; expected while building on the meta device, where the
 # weights are assigned right after.
 _NO_WEIGHTS_LOGGED = "No pretrained weights loaded for model"
@@ -293,9 +290,14 @@ def check_precision(precision: str, device: str | torch.device) -> None:
 def _build_on_meta(spec: ModelSpec, quick_gelu: bool, preprocess: dict[str, Any], tag: str | None = None
                    ) -> nn.Module:
     """The network's modules with shapes only: no memory, no random initialisation, nothing logged about the
-    missing weights (they are assigned next). Refuses a network too large to be any real tower, and a tower that
-    is not a ViT."""
+    missing weights (they are assigned next). Refuses a network too large to be any real tower: from its config
+    alone, before open_clip or timm lays out a module (a stranger's config could ask for 100000 blocks), then by the
+    parameters built; and a tower that is not a ViT."""
     open_clip = _open_clip()
+    try:
+        check_model_config(spec.config)
+    except UserError as err:
+        raise UserError(f"--model {spec.name}: {err}; check the model config") from None
     try:
         with without_log_message(_NO_WEIGHTS_LOGGED), torch.device("meta"):
             if spec.timm:
@@ -511,6 +513,20 @@ def recorded_activation(record: dict) -> str:
         config = record.get("model_config")
         return "quick_gelu" if isinstance(config, dict) and config.get("quick_gelu") else "gelu"
     return activation
+
+
+def check_recorded_config(recorded: dict) -> None:
+    """What `load_recorded_backbone` checks of a store's record before it builds anything (a recorded model name
+    that open_clip does not know brings its own config, from a stranger: bounded by
+    `backbone_config.check_model_config`), for a command to run before it writes anything. Cheap: nothing is built."""
+    open_clip, name = _open_clip(), recorded.get("model")
+    # What would be built: open_clip's config for a name it knows (one registered from an earlier record too)
+    config = open_clip.get_model_config(name) if name in open_clip.list_models() else recorded.get("model_config")
+    try:
+        check_model_config(config)
+    except UserError as err:
+        raise UserError(f"the store's backbone: model {str(name)[:60]}: {err}; check the model config; the store is "
+                        "damaged or was not written by dist-cache") from None
 
 
 def activation_mismatch(record: dict) -> str | None:

@@ -2,6 +2,9 @@
 
 decord can hang in native code on corrupt files while holding the GIL (dmlc/decord #373), so a thread
 cannot time it out: `DecodePool` runs jobs in worker processes and kills a worker that overruns its deadline.
+A worker that dies (a decoder's segfault, the OOM killer, a stray `kill -9`) is replaced and its job retried:
+a job is blamed only when it kills a second worker, and workers that keep dying are the machine's fault
+(`MachineError`), never a video's.
 Every worker is single-threaded (torch, OpenMP, BLAS, OpenCV): the pool's parallelism is its processes, and a
 library spreading each small job over every core in each of N processes only oversubscribes the machine.
 
@@ -13,18 +16,20 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import importlib
 import multiprocessing
 import multiprocessing.connection
 import os
+import signal
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-from dist_cache.errors import DecodeError
+from dist_cache.errors import DecodeError, MachineError
 
 # Read once, when each library loads: the worker sets them first thing.
 SINGLE_THREAD_ENV = {
@@ -41,6 +46,33 @@ SINGLE_THREAD_ENV = {
 MAIN_PROCESS_CORES = 2
 # How long close() lets idle workers exit on their own before killing them; they need milliseconds.
 CLOSE_GRACE_S = 0.5
+# A job whose worker dies is retried on a fresh worker; one that kills this many workers is the job's fault
+# (a video that segfaults its decoder), recorded as its DecodeError. One death alone proves nothing: the OOM
+# killer or a stray `kill -9` may have hit a healthy job.
+JOB_CRASH_LIMIT = 2
+
+
+def death_limit(workers: int) -> int:
+    """Worker deaths in a row (no job finishing in between) after which the pool blames the machine, not the
+    jobs: every worker dying once, then again, plus two. Each bad video costs at most JOB_CRASH_LIMIT deaths,
+    so this takes several bad videos in a row with nothing healthy between them, or workers dying at start."""
+    return JOB_CRASH_LIMIT * workers + 2
+
+
+@contextlib.contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored in this process while the block starts child processes, which inherit that through exec and
+    so ignore a terminal's Ctrl-C (sent to the whole process group) from their first instruction: the process
+    that started them handles it, and closes them. Only the main thread may change it; elsewhere this does nothing
+    (children then ignore SIGINT from when their own code says so). A Ctrl-C during the block is lost."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def usable_cores() -> int:
@@ -72,20 +104,36 @@ class _RemoteTraceback(Exception):
         return str(self.args[0])
 
 
+def _quiet_exit() -> None:
+    # Exit without the interpreter's teardown, which takes torch most of a second and has nothing to save here
+    # (no files open, results sent).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _worker_main(conn: multiprocessing.connection.Connection, preload: tuple[str, ...]) -> None:
+    # Ctrl-C reaches the whole process group: the parent handles it (it closes the pool); a worker that raised
+    # KeyboardInterrupt too would only print a traceback before the parent's one line.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.update(SINGLE_THREAD_ENV)
     for module in preload:
         importlib.import_module(module)
     if "torch" in sys.modules:  # imported before this ran (by the parent's main module, re-imported by spawn)
         sys.modules["torch"].set_num_threads(1)
+    try:
+        _serve(conn)
+    except (EOFError, OSError):  # the parent is gone (closed the pool, or died): nothing to report to
+        pass
+    _quiet_exit()
+
+
+def _serve(conn: multiprocessing.connection.Connection) -> None:
+    conn.send("ready")  # jobs go only to started workers: a death before this is never a job's fault
     while True:
         job = conn.recv()
         if job is None:
-            # Exit without the interpreter's teardown, which takes torch most of a second and has nothing
-            # to save here (no files open, results sent).
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
+            return
         fn, args = job
         try:
             reply = ("ok", fn(*args))
@@ -93,7 +141,7 @@ def _worker_main(conn: multiprocessing.connection.Connection, preload: tuple[str
             reply = ("err", exc, traceback.format_exc())
         try:
             conn.send(reply)
-        except Exception:  # the result or the exception does not pickle: send what it said instead
+        except Exception:  # the result or the exception does not pickle (a lost parent fails the retry too)
             conn.send(("err", RuntimeError(f"{fn.__name__} result could not be sent back"), traceback.format_exc()))
 
 
@@ -105,14 +153,44 @@ def _describe(fn: Callable, args: tuple) -> str:
     return f"{name}({args[0]!r})" if args else name
 
 
+def _exit_reason(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class _Job(NamedTuple):
+    future: concurrent.futures.Future
+    fn: Callable
+    args: tuple
+    deaths: list[str]  # how each worker that ran it died
+
+    def describe(self) -> str:
+        return _describe(self.fn, self.args)
+
+
 class _Worker:
     def __init__(self, ctx: multiprocessing.context.BaseContext, preload: tuple[str, ...]):
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_worker_main, args=(child, preload), daemon=True)
-        self.process.start()
+        self._start()
         child.close()  # so that a dead worker reads as EOF here
-        self.job: tuple[concurrent.futures.Future, Callable, tuple] | None = None
+        self.ready = False  # set by its "ready" message, once its preloads are imported
+        self.job: _Job | None = None
         self.deadline = 0.0
+
+    def _start(self) -> None:
+        """A Ctrl-C during the worker's own start-up (spawn re-imports the main module) prints nothing either:
+        SIGINT is ignored from its first instruction (this process ignores it for the milliseconds of the fork)."""
+        with sigint_ignored():
+            self.process.start()
+
+    def exit_reason(self) -> str:
+        self.process.join(timeout=1)
+        return _exit_reason(self.process.exitcode)
 
     def kill(self) -> None:
         self.process.kill()
@@ -124,8 +202,12 @@ class DecodePool:
     """Worker processes that run picklable jobs (a decoder's methods, or a module-level function that calls
     them) with a per-job timeout.
 
-    A job that overruns `timeout` seconds, or whose worker dies, fails with `DecodeError`; the worker is killed
-    and replaced, so the pool keeps working. Any number of jobs may be submitted; `workers` of them run at once.
+    A job that overruns `timeout` seconds fails with `DecodeError`; its worker is killed and replaced, so the
+    pool keeps working. A worker that dies is replaced and its job retried first; a job that kills
+    JOB_CRASH_LIMIT workers fails with `DecodeError`. After `death_limit(workers)` deaths in a row (no job
+    finishing between them) the machine is at fault: every job not finished, and every later one, fails with
+    `MachineError`, and no more workers are started. Any number of jobs may be submitted; `workers` of them
+    run at once.
     """
 
     def __init__(
@@ -150,6 +232,9 @@ class DecodePool:
         self._wake_r, self._wake_w = multiprocessing.Pipe(duplex=False)
         self._closed = False
         self._kill = False
+        self._deaths_in_a_row = 0
+        self._death_limit = death_limit(count)
+        self._broken: MachineError | None = None
         self._thread = threading.Thread(target=self._run, name="DecodePool", daemon=True)
         self._thread.start()
 
@@ -163,7 +248,10 @@ class DecodePool:
         with self._lock:
             if self._closed:
                 raise RuntimeError("DecodePool is closed")
-            self._queue.append((future, fn, args))
+            if self._broken is not None:
+                future.set_exception(self._broken)
+                return future
+            self._queue.append(_Job(future, fn, args, []))
         self._wake_w.send(None)
         return future
 
@@ -204,7 +292,8 @@ class DecodePool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # The dispatcher thread owns the workers: it hands out queued jobs, collects replies and enforces deadlines.
+    # The dispatcher thread owns the workers: it hands out queued jobs, collects replies, enforces deadlines and
+    # replaces dead workers.
     def _run(self) -> None:
         while True:
             with self._lock:
@@ -216,55 +305,100 @@ class DecodePool:
                 return
             busy = [w for w in self._workers if w.job is not None]
             wait_s = max(0.0, min((w.deadline for w in busy), default=time.monotonic() + 3600) - time.monotonic())
-            ready = multiprocessing.connection.wait([self._wake_r] + [w.conn for w in busy], timeout=wait_s)
+            # Every worker's pipe: a reply, a "ready", or the EOF of a worker that died, busy or not.
+            ready = multiprocessing.connection.wait([self._wake_r] + [w.conn for w in self._workers], timeout=wait_s)
             if self._wake_r in ready:
                 while self._wake_r.poll():
                     self._wake_r.recv()
-            for w in busy:
+            for w in list(self._workers):
                 if w.conn in ready:
                     self._collect(w)
-                elif time.monotonic() >= w.deadline:
-                    self._replace(w,
-                                  DecodeError(f"{_describe(*w.job[1:])} timed out after "
-                                              f"{self.timeout:g}s; worker killed"))
+                elif w.job is not None and time.monotonic() >= w.deadline:
+                    job = w.job
+                    self._replace(w)
+                    job.future.set_exception(DecodeError(f"{job.describe()} timed out after {self.timeout:g}s; "
+                                                         "worker killed"))
 
     def _dispatch(self) -> None:
-        """Give queued jobs to idle workers (called with the lock held)."""
-        for w in self._workers:
-            while w.job is None and self._queue:
-                future, fn, args = self._queue.popleft()
-                if not future.set_running_or_notify_cancel():
-                    continue
+        """Give queued jobs to idle, started workers (called with the lock held)."""
+        for w in list(self._workers):
+            while w.ready and w.job is None and self._queue:
+                job = self._queue.popleft()
+                if not job.future.running() and not job.future.set_running_or_notify_cancel():
+                    continue  # cancelled while queued (a job being retried is running already)
                 try:
-                    w.conn.send((fn, args))
+                    w.conn.send((job.fn, job.args))
+                except OSError:  # the worker died since it last spoke (BrokenPipeError): no fault of the job's
+                    self._queue.appendleft(job)
+                    self._died(w, None)
+                    break
                 except Exception as exc:  # the function or its arguments do not pickle
-                    future.set_exception(exc)
+                    job.future.set_exception(exc)
                     continue
-                w.job = (future, fn, args)
+                w.job = job
                 w.deadline = time.monotonic() + self.timeout
 
     def _collect(self, w: _Worker) -> None:
-        future = w.job[0]
         try:
             reply = w.conn.recv()
         except (EOFError, OSError):
-            w.process.join(timeout=1)
-            code = w.process.exitcode
-            self._replace(w, DecodeError(f"{_describe(*w.job[1:])} crashed its worker (exit code {code})"))
+            with self._lock:
+                self._died(w, w.job)
             return
-        w.job = None
+        if reply == "ready":
+            w.ready = True
+            return
+        job, w.job = w.job, None
+        self._deaths_in_a_row = 0  # a job finished: the machine can run jobs
         if reply[0] == "ok":
-            future.set_result(reply[1])
+            job.future.set_result(reply[1])
         else:
             exc = reply[1]
             exc.__cause__ = _RemoteTraceback(reply[2])
-            future.set_exception(exc)
+            job.future.set_exception(exc)
 
-    def _replace(self, w: _Worker, error: DecodeError) -> None:
+    def _died(self, w: _Worker, job: _Job | None) -> None:
+        """A worker died (lock held): replace it; retry its job first, unless the job has now killed
+        JOB_CRASH_LIMIT workers (its fault) or workers keep dying whatever they run (the machine's)."""
+        reason = w.exit_reason()
+        self._deaths_in_a_row += 1
+        broken = self._deaths_in_a_row >= self._death_limit
+        self._replace(w, start=not broken)
+        if job is not None:
+            job.deaths.append(reason)
+            if len(job.deaths) >= JOB_CRASH_LIMIT and not broken:
+                job.future.set_exception(DecodeError(
+                    f"{job.describe()} crashed its worker {len(job.deaths)} times ({', then '.join(job.deaths)})"))
+            else:
+                self._queue.appendleft(job)  # still running, as its caller sees it (failed below if broken)
+        if broken:
+            self._break(MachineError(
+                f"decode workers keep dying: {self._deaths_in_a_row} in a row without a video finishing, the last "
+                f"{reason}; check the machine's memory (the kernel's OOM killer: dmesg) and rerun the same command "
+                "(it resumes; no video was recorded as failed for this)"))
+
+    def _break(self, error: MachineError) -> None:
+        """Fail every job not finished with `error` (lock held); later submits fail at once."""
+        self._broken = error
+        for w in self._workers:
+            if w.job is not None:
+                w.job.future.set_exception(error)
+                w.job = None
+                w.process.kill()
+        while self._queue:
+            job = self._queue.popleft()
+            if job.future.running() or job.future.set_running_or_notify_cancel():
+                job.future.set_exception(error)
+
+    def _replace(self, w: _Worker, start: bool = True) -> None:
+        """Kill `w` (a hung or dead worker) and put a fresh one in its place; `start=False` once the pool is
+        broken, when a fresh worker would only die too."""
         w.kill()
-        future = w.job[0]
-        self._workers[self._workers.index(w)] = _Worker(self._ctx, self._preload)
-        future.set_exception(error)
+        w.job = None
+        if start:
+            self._workers[self._workers.index(w)] = _Worker(self._ctx, self._preload)
+        else:
+            self._workers.remove(w)
 
     def _shutdown(self) -> None:
         """Tell every worker to stop at once, then wait for them all against one deadline: a worker still
@@ -285,6 +419,9 @@ class DecodePool:
             w.process.join(timeout=max(0.0, deadline - time.monotonic()))
         for w in self._workers:
             w.kill()  # a straggler is killed; for a worker that has exited this only reaps it
+        for job in self._queue:
+            if job.future.running():  # being retried after its worker died: no cancelling it
+                job.future.set_exception(RuntimeError("DecodePool closed before the job finished"))
         while self._queue:
             self._queue.popleft()[0].cancel()
 

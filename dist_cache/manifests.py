@@ -127,7 +127,31 @@ def load_manifest(
         except UserError as err:
             raise ManifestError(str(err)) from None
     labels = label_map.index([(where, label) for where, _, label in rows])
-    return Manifest(videos=[_resolve(root, rel, fmt) for _, rel, _ in rows], labels=labels, class_names=label_map.names)
+    videos = [_resolve(root, rel, fmt) for _, rel, _ in rows]
+    _refuse_duplicates(path, rows, videos, labels, label_map.names)
+    return Manifest(videos=videos, labels=labels, class_names=label_map.names)
+
+
+def _refuse_duplicates(path: Path, rows: list[Row], videos: list[str], labels: list[int], names: list[str]) -> None:
+    """A video listed twice is refused, with both rows named. With two labels one of them is wrong. With the same
+    label it is refused too, not warned about: the store would hold the video twice, so every epoch and every
+    evaluation would weigh it double without a word; it is nearly always two lists concatenated; and weighting
+    videos is the training sampler's business, not worth a second CLIP forward and a second copy of its features."""
+    first: dict[str, int] = {}
+    for i, video in enumerate(videos):
+        j = first.setdefault(os.path.normpath(video), i)
+        if j == i:
+            continue
+        (where_j, _, _), (where_i, _, _) = rows[j], rows[i]
+        if labels[i] != labels[j]:
+            raise ManifestError(
+                f"{path.name} lists {video} twice with different labels ({where_j}: {names[labels[j]]!r}, "
+                f"{where_i}: {names[labels[i]]!r}); keep only the row with the right label"
+            )
+        raise ManifestError(
+            f"{path.name} lists {video} twice ({where_j} and {where_i}, both {names[labels[i]]!r}); delete the "
+            "repeated row (a store holds each video once: weight videos at training time instead)"
+        )
 
 
 def load_video_folder(root: str | os.PathLike, *, classes: str | os.PathLike | Sequence[str] | None = None,

@@ -27,6 +27,7 @@ import socket
 import threading
 import urllib.parse
 import urllib.request
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,34 @@ class Weights:
 
 # ---- local files --------------------------------------------------------------------------------------
 
+class TorchFileError(Exception):
+    """A file `torch.load(weights_only=True)` refuses. `pickled`: the Python global it would have to build (a
+    pickle of objects, which could run code), or None: not a file torch.save wrote, or a damaged one. `reason`:
+    the part of torch's message that says what it met (its first lines only say that weights-only loading failed)."""
+
+    def __init__(self, reason: str, pickled: str | None = None):
+        super().__init__(reason)
+        self.reason, self.pickled = reason, pickled
+
+
+def load_torch_file(path: str | os.PathLike) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU, or `TorchFileError`. torch's warnings about the file's
+    pickle (protocol 4 and the like) are held back: the data loaded, or the caller's one line, says what matters.
+    Only the warnings of torch's weights-only unpickler are; anything else (open_clip's) still shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module=r"torch\._weights_only_unpickler")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            text = str(err)
+            pickled = re.search(r"GLOBAL ([\w.]+)", text)
+            detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+            raise TorchFileError(detail.group(1).strip() if detail else "not a torch.save pickle",
+                                 pickled.group(1) if pickled else None) from None
+        except Exception as err:  # torch raises several types for files that are not torch checkpoints at all
+            raise TorchFileError(first_line(err, 120).split(". ")[0]) from None
+
+
 def read_weights(path: str, flag: str = "--pretrained") -> Weights:
     """Read a checkpoint file's tensors on the CPU, running nothing from the file; one-line UserError otherwise."""
     if str(path).endswith(".safetensors"):
@@ -76,16 +105,17 @@ def read_weights(path: str, flag: str = "--pretrained") -> Weights:
             if any(name.endswith("/constants.pkl") for name in archive.namelist()):
                 return _read_torchscript(archive, flag, path)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        what = re.search(r"GLOBAL ([\w.]+)", str(err))
-        raise UserError(
-            f"{flag} {path}: the file holds pickled Python objects ({what.group(1) if what else 'not only tensors'}), "
-            "which dist-cache never unpickles (they can run code); re-save its state dict with torch.save or as "
-            "safetensors where you trust it"
-        ) from None
-    except Exception as err:  # torch raises several types for files that are not torch checkpoints at all
-        raise UserError(f"{flag} {path}: not a readable checkpoint ({first_line(err, 120)})") from None
+        loaded = load_torch_file(path)
+    except TorchFileError as err:
+        if err.pickled:
+            raise UserError(
+                f"{flag} {path}: the file holds pickled Python objects ({err.pickled}), which dist-cache never "
+                "unpickles (they can run code); re-save its state dict with torch.save or as safetensors where you "
+                "trust it"
+            ) from None
+        raise UserError(f"{flag} {path}: not a weights file (torch cannot read it: {err.reason}); pass CLIP's weights: "
+                        "a state dict from torch.save, an open_clip checkpoint, OpenAI's .pt archive or safetensors"
+                        ) from None
     return Weights(_state_dict_of(loaded, flag, path), None, False)
 
 

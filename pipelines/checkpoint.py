@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from dist_cache.errors import UserError, first_line
+from dist_cache.errors import UserError
 from dist_cache.model import ConfigError, DiSTConfig
 from dist_cache.model.dist import check_branch_state
+from dist_cache.weights import TorchFileError, load_torch_file
 from pipelines.files import replace_atomically, write_failure
 
 FORMAT = "dist-cache-checkpoint"
@@ -54,10 +55,12 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"checkpoint {path}: no such file; pass a best.pt or last.pt written by dist-cache train")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for foreign or corrupt files
-        first = first_line(err, 160)
-        raise UserError(f"checkpoint {path}: cannot be read ({first})") from None
+        data = load_torch_file(path)
+    except TorchFileError as err:
+        what = (f"it holds pickled Python objects ({err.pickled}), which dist-cache never unpickles" if err.pickled
+                else f"torch cannot read it: {err.reason}")
+        raise UserError(f"checkpoint {path}: not a dist-cache checkpoint ({what}); pass a best.pt or last.pt written "
+                        "by dist-cache train") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise UserError(f"checkpoint {path}: not a dist-cache checkpoint; pass a file written by dist-cache train")
     if data.get("version") not in READABLE_VERSIONS:

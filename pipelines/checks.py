@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from dist_cache.backbone import resolve_layers
+from dist_cache.backbone import check_recorded_config, resolve_layers
 from dist_cache.decoders import get_decoder
 from dist_cache.errors import UserError
 from dist_cache.model import DiSTConfig
@@ -163,7 +163,8 @@ def check_evaluation_store(store: FeatureStore, flag: str) -> None:
 
 
 def check_store_fits(store: FeatureStore, config: DiSTConfig, flag: str, *, online: bool) -> None:
-    """Frames and resolution shape the branch's parameters; layers must be readable unless run online."""
+    """Frames and resolution shape the branch's parameters; layers must be readable unless run online, when the
+    recorded backbone is rebuilt instead (its config, a stranger's, bounded before anything is built)."""
     if store.schema.num_frames != config.num_frames:
         raise UserError(
             f"{flag} {store.url} has {store.schema.num_frames} frames per view, the model takes {config.num_frames} "
@@ -176,5 +177,7 @@ def check_store_fits(store: FeatureStore, config: DiSTConfig, flag: str, *, onli
         )
     if not online:
         check_layers(store, config.layers, flag)
+    else:
+        check_recorded_config(store.schema.backbone)
 
 

@@ -6,7 +6,8 @@ or ours (`launch`, behind `dist-cache train --nproc N`). Without that environmen
 
 Ranks started here die with their launcher: each asks the kernel for SIGKILL when its parent dies (Linux
 PR_SET_PDEATHSIG), and elsewhere a thread watches the parent's pid. A kill -9 of the launcher therefore never
-leaves ranks training as orphans that keep writing into the run directory.
+leaves ranks training as orphans that keep writing into the run directory. A stop signal (SIGTERM, SIGUSR1) to the
+launcher is passed on to its ranks, which stop together (pipelines/preemption.py), and the launcher waits for them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dist_cache.errors import UserError
+from pipelines.preemption import Preempted, handled
 
 # Rank 0 validates alone between epochs while the others wait in their next collective, so the collective
 # timeout must outlast a validation pass (NCCL's default is 10 minutes).
@@ -134,6 +136,10 @@ def _rank_main(rank: int, fn: Callable[[Any], Any], arg: Any, world: int, port: 
         # the one line it is. Raising still fails the rank, so the parent stops the others.
         results.put(("error", str(err)))
         raise
+    except Preempted as stopped:  # every rank stopped after the same step: no failure, the parent says so
+        if rank == 0:
+            results.put(("preempted", str(stopped)))
+        return
     if rank == 0:
         results.put(("result", result))
 
@@ -141,21 +147,41 @@ def _rank_main(rank: int, fn: Callable[[Any], Any], arg: Any, world: int, port: 
 def launch(fn: Callable[[Any], Any], arg: Any, nproc: int) -> Any:
     """Run `fn(arg)` in `nproc` ranks on this machine (`fn` module-level, `arg` picklable); rank 0's result.
 
-    A UserError in any rank is raised here as that one line. The ranks are spawned, not forked: zarr's
-    asyncio threads and CUDA do not survive fork."""
+    A UserError in any rank is raised here as that one line, and the ranks' `Preempted` as theirs; a stop signal
+    to this process is passed on to the ranks. The ranks are spawned, not forked: zarr's asyncio threads and CUDA
+    do not survive fork."""
     if nproc < 1:
         raise UserError(f"--nproc {nproc}: must be at least 1")
     if "WORLD_SIZE" in os.environ:
         raise UserError("--nproc: already running under a launcher (torchrun); drop --nproc")
     results = mp.get_context("spawn").SimpleQueue()
+    started: list[mp.ProcessContext] = []
+    received: list[int] = []
+
+    def send(signum: int) -> None:
+        for process in started[0].processes if started else ():
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    def forward(signum: int, frame: object) -> None:
+        received.append(signum)
+        send(signum)
+
     try:
-        mp.start_processes(_rank_main, args=(fn, arg, nproc, _free_port(), os.getpid(), results), nprocs=nproc,
-                           start_method="spawn")
+        with handled(forward):
+            started.append(mp.start_processes(_rank_main, args=(fn, arg, nproc, _free_port(), os.getpid(), results),
+                                              nprocs=nproc, start_method="spawn", join=False))
+            for signum in list(received):  # arrived while the ranks were being started
+                send(signum)
+            while not started[0].join():
+                pass
     except mp.ProcessRaisedException:
         while not results.empty():
             kind, value = results.get()
             if kind == "error":
                 raise UserError(value) from None
         raise
-    _, result = results.get()
+    kind, result = results.get()
+    if kind == "preempted":
+        raise Preempted(result)
     return result

@@ -9,7 +9,8 @@ Each stage has its own flow, so the slowest one sets the pace and the others kee
   buffers, which return to a bounded ring when the batch's last video is written.
 A rerun skips every video that has a record, so kill -9 at any point loses only unrecorded work. A video that
 does not decode, or whose activations are not finite, is recorded as failed and the run goes on; a store
-that cannot be written (disk full, read-only, I/O error) stops the run with one line, resumable.
+that cannot be written (disk full, read-only, I/O error), or a machine that fails (decode workers that keep
+dying, memory exhausted: `dist_cache.errors.machine_failure`), stops the run with one line, resumable.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dist_cache.backbone import Backbone, load_backbone, resolve_layers
 from dist_cache.decode_pool import DecodePool, InProcessDecoder, open_pool
 from dist_cache.decoders import DECODERS, DecodeError, get_decoder
 from dist_cache.devices import resolve_device
-from dist_cache.errors import UserError, first_line
+from dist_cache.errors import UserError, first_line, machine_error, machine_failure
 from dist_cache.manifests import Manifest, flip_partners, load_manifest
 from dist_cache.sampling import DENSE_GAMMAS, TEST_OFFSETS
 from dist_cache.transforms import PREPROCESS
@@ -516,7 +517,9 @@ class Extractor:
                 state.raise_if_stopped()
                 try:
                     batch.append(future.result())
-                except Exception as err:  # any one video's failure is recorded, never the end of the run
+                except Exception as err:  # one video's failure is recorded, never the end of the run...
+                    if machine_failure(err):  # ...but the machine's is no video's: stop, and the rerun resumes
+                        raise machine_error(jobs[position][0], err) from None
                     state.decode_failed(jobs[position][1], err)
                     continue
                 if len(batch) >= self.videos_per_batch:

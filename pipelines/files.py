@@ -34,7 +34,8 @@ def replace_atomically(path: str | os.PathLike, write: Callable[[Path], object],
 def write_failure(path: str | os.PathLike, err: OSError) -> UserError:
     """One line for an OSError while writing a run's file (checkpoint, metrics, plot): what happened and what to
     do. The run's last checkpoint is whole (files are replaced atomically), so a rerun with --resume loses
-    nothing but the steps since it."""
+    nothing but the steps since it; before the run's first last.pt there is nothing to resume, and the rerun is
+    the same command without --resume."""
     code = err.errno
     if code in (errno.ENOSPC, errno.EDQUOT):
         why = "disk full"
@@ -46,4 +47,43 @@ def write_failure(path: str | os.PathLike, err: OSError) -> UserError:
         why = "permission denied"
     else:
         why = err.strerror or first_line(err)
-    return UserError(f"{why} writing {path}: free space (or fix the file system) and rerun with --resume")
+    if (Path(path).parent / "last.pt").is_file():
+        rerun = "rerun with --resume"
+    else:
+        rerun = "rerun the same command (without --resume: the run has no last.pt yet)"
+    return UserError(f"{why} writing {path}: free space (or fix the file system) and {rerun}")
+
+
+def unwritable(directory: str | os.PathLike) -> str | None:
+    """Why nothing can be created in the existing `directory`, or None if it can. access(2) answers for the mount
+    (a read-only file system refuses root too) and for the permission bits (which root bypasses)."""
+    if os.access(directory, os.W_OK | os.X_OK):
+        return None
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    except OSError:
+        pass
+    return "permission denied"
+
+
+def check_run_dir(out: str | os.PathLike, resume: bool) -> None:
+    """`train --out`: a directory that can be created, or written in (its existing files too, for --resume).
+    Checked before the run writes anything (its config.toml, lock, metrics)."""
+    out = Path(out)
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"--out {out}: {existing} is a file, not a directory; pass another --out")
+    why = unwritable(existing)
+    files = [out / name for name in ("last.pt", "metrics.jsonl", "train.lock", "config.toml")]
+    if why is None and resume:
+        why = next((f"{f.name} is read-only" for f in files if f.exists() and not os.access(f, os.W_OK)), None)
+    if why is None:
+        return
+    if resume:
+        raise UserError(f"--out {out}: cannot write the run directory ({why}): --resume writes its lock, metrics and "
+                        "checkpoints there; copy the run to a writable directory and resume that (--out COPY "
+                        "--resume)")
+    raise UserError(f"--out {out}: cannot create the run in {existing} ({why}); pass a writable --out")

@@ -32,8 +32,12 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         """Take the lock, or raise a one-line UserError naming the process that holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:  # a read-only or foreign run directory (train's preflight checks it first)
+            raise UserError(f"run directory {self.path.parent}: cannot open its lock {self.path.name} "
+                            f"({err.strerror or err}); train needs a writable run directory") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

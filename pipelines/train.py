@@ -8,7 +8,8 @@ only, with the logits and the loss in fp32.
 Everything that decides a step's result is a function of (seed, step): the initial weights, the epoch's
 view choice and order (see `pipelines.data.EpochSampler`), and the state in the checkpoint. So `resume`
 after a kill continues with exactly the batches an uninterrupted run would have seen. One process at a time
-trains in a run directory (pipelines/runlock.py).
+trains in a run directory (pipelines/runlock.py). SIGTERM or SIGUSR1 stops the run after the step in progress,
+with last.pt written (pipelines/preemption.py); at an epoch's end, that epoch's validation is left to the resume.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ from pipelines.data import BatchLoader, EpochSampler, frame_source
 from pipelines.decoder_check import check_decoder
 from pipelines.distributed import LAUNCHER_ENV, Ranks, joined, launch
 from pipelines.evaluate import Validation
+from pipelines.files import check_run_dir
 from pipelines.optim import make_optimizer, make_scaler, restore_scaler
 from pipelines.plots import plot_curves
+from pipelines.preemption import StopRequests, preempted, wait_for_all
 from pipelines.reaugment import ReaugmentedFrames, check_reaugmentable
 from pipelines.runlock import RunLock
 from pipelines.runlog import RunLog
@@ -219,6 +222,7 @@ def preflight(opts: TrainOptions, world: int = 1) -> Checked:
                         "or another --out")
     if opts.batch_size % world:
         raise UserError(f"--batch-size {opts.batch_size}: must be a multiple of the {world} processes")
+    check_run_dir(out, opts.resume)
 
     store = open_store(opts.cache, "--cache", opts.storage_options)
     usable, failed = usable_samples(store, "--cache")
@@ -290,13 +294,14 @@ def train(opts: TrainOptions, progress: bool = True) -> TrainResult:
     """Train (or resume) a run in `opts.out`: last.pt, best.pt, metrics.jsonl and curves.png.
     Under a launcher (torchrun, or `train_ranks`) this process is one rank of a data-parallel run."""
     check_options(opts)  # before joining: a bad flag fails every rank alike, without a process group
-    with joined(resolve_device(opts.device)) as ranks:
+    # A stop signal from here on stops the run after a step, with its last.pt: never a lost run.
+    with StopRequests() as stop, joined(resolve_device(opts.device)) as ranks:
         checked = preflight(opts, ranks.world)
         with contextlib.ExitStack() as held:
             # The process the user started holds the run directory: this one, or `train_ranks`' launcher.
             if ranks.main and LAUNCHER_ENV not in os.environ:
                 held.enter_context(RunLock(opts.out))
-            return _train(opts, progress and ranks.main, ranks, checked)
+            return _train(opts, progress and ranks.main, ranks, checked, stop)
 
 
 def train_ranks(opts: TrainOptions, nproc: int) -> TrainResult:
@@ -348,9 +353,10 @@ class Run:
     def total(self) -> int:
         return self.opts.epochs * self.steps_per_epoch
 
-    def payload(self, chosen_on: FeatureStore | None = None) -> dict[str, Any]:
+    def payload(self, chosen_on: FeatureStore | None = None, epoch_end_pending: bool = False) -> dict[str, Any]:
         """A checkpoint. `chosen_on`: the store whose validation made this the best (recorded, so that `eval` can
-        warn when it is asked to score the checkpoint on that very store)."""
+        warn when it is asked to score the checkpoint on that very store). `epoch_end_pending`: written by a stop
+        at an epoch's last step, whose end the resume runs first."""
         m = self.step_model
 
         def identity(s: FeatureStore | None) -> dict[str, str] | None:
@@ -370,11 +376,11 @@ class Run:
                       "backbone": self.store.schema.backbone,
                       "class_names": list(self.store.schema.class_names)},
             "val_store": identity(None if self.validation is None else self.validation.store),
-            "chosen_on": identity(chosen_on),
+            "chosen_on": identity(chosen_on), "epoch_end_pending": epoch_end_pending,
         }
 
-    def save(self, name: str, chosen_on: FeatureStore | None = None) -> None:
-        save_checkpoint(self.out / name, self.payload(chosen_on))
+    def save(self, name: str, chosen_on: FeatureStore | None = None, epoch_end_pending: bool = False) -> None:
+        save_checkpoint(self.out / name, self.payload(chosen_on, epoch_end_pending))
 
     def close(self) -> None:
         self.loader.close()
@@ -447,10 +453,12 @@ def setup(opts: TrainOptions, ranks: Ranks, checked: Checked) -> Run:
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
-def _train(opts: TrainOptions, progress: bool, ranks: Ranks, checked: Checked) -> TrainResult:
+def _train(opts: TrainOptions, progress: bool, ranks: Ranks, checked: Checked, stop: StopRequests) -> TrainResult:
     run = setup(opts, ranks, checked)
     bar = tqdm(total=run.total, initial=run.step, unit="step", desc="train", disable=not progress, dynamic_ncols=True)
     try:
+        if checked.ckpt is not None and checked.ckpt.get("epoch_end_pending"):  # stopped after an epoch's last step
+            end_of_epoch(run, run.step // run.steps_per_epoch)  # so that epoch's end comes first
         while run.step < run.total:
             epoch, consumed = divmod(run.step, run.steps_per_epoch)
             run.sampler.set_epoch(epoch, consumed)
@@ -472,6 +480,8 @@ def _train(opts: TrainOptions, progress: bool, ranks: Ranks, checked: Checked) -
                 # An epoch's last step is saved by end_of_epoch, after its validation.
                 if ranks.main and run.step % opts.save_every == 0 and run.step % run.steps_per_epoch:
                     run.save("last.pt")
+                if stop.agreed(ranks.world, ranks.device):
+                    stop_after_step(run, stop.received)
             end_of_epoch(run, epoch + 1)
     finally:
         bar.close()
@@ -481,6 +491,15 @@ def _train(opts: TrainOptions, progress: bool, ranks: Ranks, checked: Checked) -
     return TrainResult(out=out, steps=run.step, epochs=run.step // run.steps_per_epoch, last=out / "last.pt",
                        best=out / "best.pt", best_top1=run.best_top1, metrics=out / "metrics.jsonl", plot=plot,
                        skipped_failed_samples=checked.failed, final_loss=run.meter.last_loss, frames=run.frames)
+
+
+def stop_after_step(run: Run, received: int | None) -> None:
+    """Stop on a signal, every rank after the same step: last.pt holds it (at an epoch's last step, with that
+    epoch's end left to the resume: validating could outlast the grace before SIGKILL), then `Preempted`."""
+    if run.ranks.main:
+        run.save("last.pt", epoch_end_pending=run.step % run.steps_per_epoch == 0)
+    wait_for_all(run.ranks.world, run.ranks.device)  # no rank exits before last.pt is whole
+    raise preempted(received, run.step, run.total, run.opts.out)
 
 
 def end_of_epoch(run: Run, epoch: int) -> None:

@@ -91,6 +91,37 @@ def test_killed_worker_is_retried_and_the_store_still_matches(client, reference,
     assert_same_store(FeatureStore.open(out), reference)
 
 
+def test_a_killed_decode_worker_fails_no_video(client, motion_dataset, tiny_checkpoint, tmp_path):
+    """kill -9 of a dask worker's decode process mid-run: it is replaced, its videos retried, and no healthy
+    video is recorded failed."""
+    import dataclasses
+    import threading
+
+    from test_extract_recovery import decode_workers, many_videos, wait_for
+
+    manifest = many_videos(motion_dataset, tmp_path, 16)
+    out = tmp_path / "dask.zarr"
+    opts = dataclasses.replace(options(motion_dataset, out, tiny_checkpoint), manifest=str(manifest),
+                               video_root=str(tmp_path / "videos"), views=1)
+    workers = list(client.run(os.getpid).values())
+    stored_at_kill: list[int] = []
+
+    def kill_one() -> None:
+        records = out / "records"
+        wait_for(lambda: records.is_dir() and any(records.iterdir()))
+        victim = wait_for(lambda: [p for pid in workers for p in decode_workers(pid)])[0]
+        victim.kill()
+        stored_at_kill.append(len(list(records.iterdir())))
+
+    killer = threading.Thread(target=kill_one)
+    killer.start()
+    summary = extract_on_cluster(opts, client, chunk_videos=4, progress=False)
+    killer.join()
+    assert stored_at_kill and stored_at_kill[0] < 16  # the kill came mid-run
+    assert summary.complete and summary.stored == 16 and summary.failed == 0
+    assert FeatureStore.open(out).progress() == {"done": 16, "failed": 0, "pending": 0}
+
+
 def test_cli_extract_with_local_workers(reference, motion_dataset, tiny_checkpoint, tmp_path):
     from click.testing import CliRunner
 

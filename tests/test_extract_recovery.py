@@ -1,15 +1,20 @@
 """Extraction when the store is in trouble: write errors stop the run resumably (a real full disk, a real
-file-size limit), `--repair` redoes exactly the damaged videos, and two runs racing to create one store with
-other flags leave exactly one winner."""
+file-size limit), decode workers killed mid-run cost no video, `--repair` redoes exactly the damaged videos,
+and two runs racing to create one store with other flags leave exactly one winner."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import resource
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 from click.testing import CliRunner
 
@@ -141,3 +146,94 @@ def test_racing_runs_with_other_flags_have_exactly_one_winner(motion_dataset, ti
     assert "use another --out or the same flags" in line
     store = FeatureStore.open(out)
     assert store.complete and store.schema.sampling["seed"] == winners[0]
+
+
+def many_videos(dataset: Path, root: Path, count: int) -> Path:
+    """A manifest of `count` distinct files (copies of the generated clips): enough videos for a run to be
+    killed in the middle of. Returns the manifest; the videos are under root/videos."""
+    sources = sorted((dataset / "videos").rglob("*.mp4"))
+    lines = ["path,label"]
+    for i in range(count):
+        src = sources[i % len(sources)]
+        rel = f"{src.parent.name}/{i:03d}.mp4"
+        (root / "videos" / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, root / "videos" / rel)
+        lines.append(f"{rel},{src.parent.name}")
+    (root / "many.csv").write_text("\n".join(lines) + "\n")
+    return root / "many.csv"
+
+
+def decode_workers(pid: int) -> list[psutil.Process]:
+    return [p for p in psutil.Process(pid).children() if "spawn_main" in " ".join(p.cmdline())]
+
+
+def wait_for(condition, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting")
+
+
+def test_killed_decode_workers_fail_no_video(motion_dataset, tiny_checkpoint, tmp_path):
+    """kill -9 of decode workers during extract (one while it starts, one once videos are being stored): each is
+    replaced, its videos are retried, no healthy video is recorded failed, and the store equals a clean run's."""
+    manifest = many_videos(motion_dataset, tmp_path, 24)
+    argv = ["extract", "--manifest", manifest, "--video-root", tmp_path / "videos", "--model", "dist-tiny",
+            "--pretrained", tiny_checkpoint, "--frames", "4", "--views", "1", "--batch-frames", "4",
+            "--decode-workers", "2"]
+    clean_out, out = tmp_path / "clean.zarr", tmp_path / "killed.zarr"
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *map(str, argv), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = wait_for(lambda: decode_workers(proc.pid))[0]
+        first.kill()  # while it imports, or waits for its first job
+        records = out / "records"
+        wait_for(lambda: records.is_dir() and any(records.iterdir()))
+        second = wait_for(lambda: [p for p in decode_workers(proc.pid) if p.pid != first.pid])[0]
+        second.kill()  # while it decodes a video, or waits for the next one
+        stored_before = len(list(records.iterdir()))
+        output = "".join(proc.communicate(timeout=300))
+    finally:
+        proc.kill()
+    assert stored_before < 24  # the kill came mid-run
+    assert proc.returncode == 0, output
+    assert "stored 24 videos, skipped 0 (already done), failed 0" in output
+    assert FeatureStore.open(out).progress() == {"done": 24, "failed": 0, "pending": 0}
+    assert run(*map(str, argv), "--out", str(clean_out)).exit_code == 0
+    assert tree_digest(out) == tree_digest(clean_out)
+
+
+@pytest.mark.parametrize("cluster", [[], ["--dask-workers", "2"]], ids=["in-process", "dask"])
+def test_ctrl_c_during_extract_prints_one_line_and_the_rerun_resumes(motion_dataset, tiny_checkpoint, tmp_path,
+                                                                     cluster):
+    """SIGINT to the whole process group, as a terminal's Ctrl-C sends it, while decode workers (and dask's worker
+    processes) run: no process but the one the user started prints a KeyboardInterrupt traceback, the
+    "interrupted" line ends the output, and (in-process) the rerun finishes the store."""
+    manifest = many_videos(motion_dataset, tmp_path, 24)
+    argv = [str(a) for a in ["extract", "--manifest", manifest, "--video-root", tmp_path / "videos", "--out",
+                             tmp_path / "s.zarr", "--model", "dist-tiny", "--pretrained", tiny_checkpoint,
+                             "--frames", "4", "--views", "1", "--batch-frames", "4",
+                             "--decode-workers", "1" if cluster else "2", *cluster]]
+    proc = subprocess.Popen([sys.executable, "-m", "cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        records = tmp_path / "s.zarr" / "records"
+        wait_for(lambda: records.is_dir() and any(records.iterdir()), timeout=120)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    lines = [line for line in err.strip().splitlines() if not line.startswith("extract:")]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert lines[-1] == "interrupted: rerun the same command to resume (train: add --resume)", err
+    if not cluster:  # dask's own processes may log (as warnings) the tasks they were told to cancel
+        assert len(lines) == 1, err
+    assert FeatureStore.open(tmp_path / "s.zarr").progress()["failed"] == 0
+    if not cluster:  # (a rerun resumes the same under dask: test_dask_extract)
+        rerun = run(*argv)
+        assert rerun.exit_code == 0, rerun.output
+        assert FeatureStore.open(tmp_path / "s.zarr").progress() == {"done": 24, "failed": 0, "pending": 0}

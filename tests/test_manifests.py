@@ -210,6 +210,14 @@ def test_mmaction_errors(tmp_path):
 # ---- paths ------------------------------------------------------------------------------------------------
 
 
+def test_a_video_listed_twice_is_refused_in_every_format(tmp_path):
+    fails(r"m.txt lists a/x.mp4 twice with different labels \(line 1: 'p', line 3: 'q'\)", load_manifest,
+          write(tmp_path / "m.txt", "a/x.mp4 0\na/y.mp4 0\na/x.mp4 1\n"), classes=["p", "q"])
+    entry = {"id": "7", "label": "Pushing x"}
+    fails(r"s.json lists 7.webm twice \(entry 1 and entry 2, both 'Pushing x'\)", load_manifest,
+          write(tmp_path / "s.json", json.dumps([entry, entry])))
+
+
 @pytest.mark.parametrize("path", ["/abs/video.mp4", "../up.mp4", "a/../../up.mp4", "C:/x.mp4", "..\\up.mp4"])
 def test_paths_outside_the_video_root_are_refused(tmp_path, path):
     manifest = write(tmp_path / "m.csv", f"path,label\nok/a.mp4,x\n{path},y\n")

@@ -3,12 +3,19 @@ checkpoint files."""
 
 from __future__ import annotations
 
+import datetime
 import math
+import pickle
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 
+import cli
 from dist_cache.errors import UserError
 from dist_cache.model import DiST, DiSTConfig, DiSTSwitches
 from pipelines.checkpoint import load_checkpoint, save_checkpoint
@@ -103,7 +110,7 @@ def test_checkpoint_write_is_atomic_and_loads_without_pickled_code(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
     assert load_checkpoint(path)["step"] == 3
     torch.save({"format": "dist-cache-checkpoint", "version": 1, "obj": np.dtype("float32").type}, tmp_path / "evil.pt")
-    with pytest.raises(UserError, match="cannot be read"):
+    with pytest.raises(UserError, match=r"not a dist-cache checkpoint \(it holds pickled Python objects"):
         load_checkpoint(tmp_path / "evil.pt")
     torch.save({"weights": torch.ones(1)}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="not a dist-cache checkpoint"):
@@ -210,3 +217,38 @@ def test_train_step_keeps_the_loss_in_fp32_and_learns_under_bf16_as_in_fp32():
             assert seen[0] == torch.bfloat16  # the branch ran under autocast; the logits and loss (floats) did not
     for amp, curve in losses.items():  # both learn the batch from the same start
         assert curve[0] == pytest.approx(losses[None][0], rel=0.05) and curve[-1] < 0.5 * curve[0], amp
+
+
+def test_a_file_that_is_no_checkpoint_is_one_line_through_the_cli(tmp_path, motion_dataset):
+    """Random bytes, a plain pickle (protocol 4, which torch warns about) and a pickle of objects, as eval's
+    --checkpoint and as extract's --pretrained: one line each saying what the file is not, and no torch warning
+    or traceback before it."""
+    random_bytes = tmp_path / "random.pt"
+    random_bytes.write_bytes(np.random.default_rng(0).bytes(5000))
+    plain = tmp_path / "plain.pt"
+    plain.write_bytes(pickle.dumps({"weights": [1.0, 2.0]}, protocol=4))
+    objects = tmp_path / "objects.pt"
+    torch.save({"when": datetime.date(2026, 1, 1)}, objects)
+    for path, why in ((random_bytes, "torch cannot read it: [^()]+"),  # what torch meets depends on the bytes
+                      (plain, r"torch cannot read it: Unsupported operand 149"),
+                      (objects, r"it holds pickled Python objects \(datetime.date\), which dist-cache never "
+                                r"unpickles")):
+        args = ["eval", "--checkpoint", str(path), "--cache", str(tmp_path / "absent.zarr")]
+        if path == plain:  # the one torch warns about: in a process of its own, where nothing catches warnings
+            done = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=120)
+            code, output = done.returncode, done.stderr
+        else:
+            result = CliRunner().invoke(cli.main, args)
+            code, output = result.exit_code, result.output
+        assert code == 2 and len(output.splitlines()) == 1, output
+        assert re.fullmatch(f"error: checkpoint {re.escape(str(path))}: not a dist-cache checkpoint \\({why}\\); "
+                            "pass a best.pt or last.pt written by dist-cache train", output.strip()), output
+    done = subprocess.run([sys.executable, "-m", "cli", "extract", "--manifest", str(motion_dataset / "val.csv"),
+                           "--video-root", str(motion_dataset / "videos"), "--out", str(tmp_path / "s.zarr"),
+                           "--model", "dist-tiny", "--pretrained", str(plain), "--decode-workers", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.splitlines() == [
+        f"error: --pretrained {plain}: not a weights file (torch cannot read it: Unsupported operand 149); pass "
+        "CLIP's weights: a state dict from torch.save, an open_clip checkpoint, OpenAI's .pt archive or safetensors"
+    ], done.stderr
+    assert not (tmp_path / "s.zarr").exists()

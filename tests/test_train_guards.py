@@ -85,8 +85,23 @@ def test_a_full_disk_is_one_line(stores, tmp_path):
         subprocess.run(["umount", "-l", str(mount)], check=True)
     assert code == 2, output
     last = output.splitlines()[-1]
-    assert last.startswith("error: disk full writing ") and "--resume" in last, output
+    # The disk fills before the run's first last.pt: there is nothing to resume, and the line says so.
+    assert last.startswith("error: disk full writing ") and last.endswith(
+        "free space (or fix the file system) and rerun the same command (without --resume: the run has no last.pt "
+        "yet)"), output
     assert "basic_ios" not in output and "Traceback" not in output
+
+
+def test_a_write_failure_says_resume_only_when_there_is_a_last_pt(tmp_path):
+    import errno
+
+    from pipelines.files import write_failure
+
+    full = OSError(errno.ENOSPC, "No space left on device")
+    assert str(write_failure(tmp_path / "metrics.jsonl", full)).endswith("rerun the same command (without --resume: "
+                                                                          "the run has no last.pt yet)")
+    (tmp_path / "last.pt").write_bytes(b"")
+    assert str(write_failure(tmp_path / "metrics.jsonl", full)).endswith("and rerun with --resume")
 
 
 def test_a_video_replaced_by_another_valid_clip_is_refused(stores, tmp_path):

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import socket
 import subprocess
 import sys
@@ -187,14 +188,80 @@ def test_a_cached_tag_is_used_without_asking_the_network(openai_hub_cache, monke
 def test_a_recorded_giant_architecture_is_refused_before_it_is_built(tiny_checkpoint):
     record = load_backbone("dist-tiny", str(tiny_checkpoint)).describe()
     config = json.loads(json.dumps(record["model_config"]))
-    config["vision_cfg"].update(width=16384, layers=64)
+    config["vision_cfg"].update(width=8192, layers=128)  # each field within its bound, together 103 B parameters
     giant = {**record, "model": "giant-vit", "model_config": config}
-    with pytest.raises(UserError, match="parameters") as info:
+    with pytest.raises(UserError, match="103.1 B parameters") as info:
         load_recorded_backbone(giant, pretrained=str(tiny_checkpoint))
     assert "\n" not in str(info.value) and "the store" in str(info.value)
     nonsense = {**record, "model": "broken-vit", "model_config": {"embed_dim": "x"}}
-    with pytest.raises(UserError, match="cannot build"):
+    with pytest.raises(UserError, match="no such model config"):
         load_recorded_backbone(nonsense, pretrained=str(tiny_checkpoint))
+    nonsense["model_config"] = {**record["model_config"], "embed_dim": "x"}
+    with pytest.raises(UserError, match="embed_dim is 'x': must be an integer"):
+        load_recorded_backbone(nonsense, pretrained=str(tiny_checkpoint))
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory, motion_dataset, tiny_checkpoint) -> Path:
+    from pipelines.extract import ExtractOptions, extract
+
+    out = tmp_path_factory.mktemp("record") / "val.zarr"
+    extract(ExtractOptions(manifest=str(motion_dataset / "val.csv"), video_root=str(motion_dataset / "videos"),
+                           out=str(out), model="dist-tiny", pretrained=str(tiny_checkpoint), frames=4, views=1,
+                           split="test", decode_workers=1, device="cpu"), progress=False)
+    return out
+
+
+HUGE_CONFIG = {"embed_dim": 512, "vision_cfg": {"image_size": 224, "layers": 100000, "width": 16384, "patch_size": 16},
+               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}}
+
+
+def test_a_huge_model_config_is_refused_before_open_clip_builds_anything(small_store, motion_dataset,
+                                                                         tiny_checkpoint, tmp_path, monkeypatch):
+    """A recorded config of 100000 blocks of width 16384 under an unknown name (verify --video-root and train
+    --online rebuild it), and the same config as extract --model CONFIG.json: refused in one line from the
+    config alone; open_clip.create_model is never reached (building it took minutes and gigabytes)."""
+    from click.testing import CliRunner
+
+    import cli
+
+    built: list[str] = []
+
+    def create_model(name: str, *args, **kwargs):  # nothing here may build a network at all: never reached
+        built.append(name)
+        raise RuntimeError("open_clip.create_model was reached")
+
+    monkeypatch.setattr(open_clip, "create_model", create_model)
+    store = tmp_path / "s.zarr"
+    shutil.copytree(small_store, store)
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"]["dist_cache"]["backbone"].update(model="huge-vit", model_config=HUGE_CONFIG)
+    (store / "zarr.json").write_text(json.dumps(meta))
+    runner = CliRunner()
+    said = "vision_cfg.layers is 100000: must be an integer in 1..256"
+
+    verified = runner.invoke(cli.main, ["verify", str(store), "--video-root", str(motion_dataset / "videos"),
+                                        "--samples", "1", "--pretrained", str(tiny_checkpoint)])
+    # verify stops on it (whether it reports it as a problem of the store or as a usage error), saying why
+    assert verified.exit_code in (1, 2), verified.output
+    said_lines = [line for line in verified.output.splitlines() if "the store's backbone: model huge-vit" in line]
+    assert len(said_lines) == 1 and said in said_lines[0], verified.output
+
+    trained = runner.invoke(cli.main, ["train", "--cache", str(store), "--video-root", str(motion_dataset / "videos"),
+                                       "--out", str(tmp_path / "run"), "--online", "--pretrained",
+                                       str(tiny_checkpoint), "--device", "cpu", "--decode-workers", "0"])
+    assert trained.exit_code == 2 and trained.output.strip().splitlines()[-1].startswith("error: ") and \
+        said in trained.output.strip().splitlines()[-1], trained.output
+    assert not (tmp_path / "run").exists()
+
+    config = tmp_path / "huge-vit.json"
+    config.write_text(json.dumps(HUGE_CONFIG))
+    extracted = runner.invoke(cli.main, [str(a) for a in extract_args(motion_dataset, tmp_path / "e.zarr", "--model",
+                                                                      config, "--pretrained", "none",
+                                                                      "--allow-random-weights")])
+    assert extracted.exit_code == 2 and f"error: --model huge-vit: {said}" in extracted.output, extracted.output
+    assert not (tmp_path / "e.zarr").exists()
+    assert built == []
 
 
 def test_a_non_vit_model_is_refused_in_one_line():
