@@ -54,9 +54,12 @@ class RunLog:
                 tee.end()
         if err is not None:
             from dist_cache.errors import UserError, first_line
+            from pipelines.preemption import Preempted
 
             if isinstance(err, KeyboardInterrupt):
                 self.line("interrupted")
+            elif isinstance(err, Preempted):  # the line the user saw: a stop asked for, not an error
+                self.line(f"preempted: {err}")
             elif isinstance(err, UserError):
                 self.line(f"error: {err}")
             elif not isinstance(err, SystemExit):

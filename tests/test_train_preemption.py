@@ -104,6 +104,7 @@ def test_sigterm_mid_run_loses_no_step_and_the_resume_is_exact(stores, uninterru
     assert last == (f"preempted: stopped by {stop.name} after step {step} of 24; {out / 'last.pt'} holds it: rerun "
                     "the same command with --resume to continue"), err
     assert "Traceback" not in err
+    assert (out / "train.log").read_text().splitlines()[-1].endswith(last)  # the run's log ends as the user saw it
 
     code, err = finish(dist_cache(*train_args(stores, out, "--resume")))
     assert code == 0, err
