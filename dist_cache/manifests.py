@@ -358,7 +358,9 @@ def flip_partners(pairs: Sequence[Sequence[str]], class_names: Sequence[str]) ->
     unknown = [n for p in pairs for n in p if n not in lookup]
     if unknown:
         raise ManifestError(f"--flip-label-map names the class {unknown[0]!r}, which is not among the "
-                            f"{len(class_names)} classes of the manifest (or --classes); fix the name in the file")
+                            f"{len(class_names)} classes of the manifest (or --classes): a map pairs the dataset's "
+                            f"own class names (the built-in ssv2 map, Something-Something v2's as its labels.json "
+                            f"spells them); fix the map or the class list")
     partners: dict[int, int] = {}
     for a, b in pairs:
         partners[lookup[a]], partners[lookup[b]] = lookup[b], lookup[a]

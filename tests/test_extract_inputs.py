@@ -66,6 +66,14 @@ def test_flip_label_maps_are_checked(motion_dataset, tiny_checkpoint, tmp_path, 
     assert not (tmp_path / "f.zarr").exists()
 
 
+def test_the_built_in_ssv2_map_on_other_classes_says_whose_names_it_needs(motion_dataset, tiny_checkpoint, tmp_path):
+    """Before: "fix the name in the file", with no file (--flip-label-map ssv2)."""
+    line = one_line_error(invoke(motion_dataset, tmp_path / "f.zarr", tiny_checkpoint, "--flip-label-map", "ssv2"))
+    assert "'Pulling something from left to right', which is not among the 4 classes" in line, line
+    assert "Something-Something v2's" in line and "in the file" not in line, line
+    assert not (tmp_path / "f.zarr").exists()
+
+
 def test_manifest_paths_outside_the_video_root_are_refused(motion_dataset, tiny_checkpoint, tmp_path):
     manifest = tmp_path / "escape.csv"
     manifest.write_text("path,label\nleft/0.mp4,left\n../../etc/passwd,right\n")
