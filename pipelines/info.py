@@ -106,6 +106,7 @@ def frames_info(store: FeatureStore) -> dict[str, Any]:
     else:
         per_view = None
     return {"gamma": G, "gammas": dense_gammas(G), "format": kind, "quality": quality,
+            "encoded_before": list(frames_codec.encodings(schema.dense_frames)[:-1]),
             "bytes_per_view": None if per_view is None else round(per_view),
             "raw_bytes_per_view": raw}
 
@@ -194,9 +195,12 @@ def _frames_format(dense: dict) -> str:
     if dense["format"] == frames_codec.RAW:
         return f"raw uint8, {_size(dense['bytes_per_view'])} per clip view"
     per_view = dense["bytes_per_view"]
+    jpeg = f"JPEG quality {dense['quality']}"
+    if dense["encoded_before"]:
+        jpeg += f" (encoded again: first at quality {', then '.join(map(str, dense['encoded_before']))})"
     if per_view is None:
-        return f"JPEG quality {dense['quality']}, size not measured yet (no video done)"
-    return (f"JPEG quality {dense['quality']}, {_size(per_view)} per clip view "
+        return f"{jpeg}, size not measured yet (no video done)"
+    return (f"{jpeg}, {_size(per_view)} per clip view "
             f"({dense['raw_bytes_per_view'] / per_view:.1f}x smaller than raw)")
 
 

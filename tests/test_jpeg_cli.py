@@ -104,7 +104,7 @@ def test_train_and_eval_from_the_jpeg_stores_alone(stores, tmp_path, tiny_checkp
         shutil.move(gone, stores["videos"])
 
 
-def test_copy_encodes_raw_frames_and_moves_jpeg_frames_as_stored(stores, tmp_path):
+def test_copy_encodes_raw_frames_and_moves_jpeg_frames_as_stored(stores, tmp_path, tiny_checkpoint):
     raw = FeatureStore.open(stores["raw"])
     encoded = run("copy", stores["raw"], tmp_path / "j.zarr", "--frames-format", "jpeg")
     assert encoded.exit_code == 0, encoded.output
@@ -122,6 +122,13 @@ def test_copy_encodes_raw_frames_and_moves_jpeg_frames_as_stored(stores, tmp_pat
         assert [bytes(p) for p in moved.frame_payloads(i)] == [bytes(p) for p in source.frame_payloads(i)]
     coarser = run("copy", stores["train"], tmp_path / "q50.zarr", "--jpeg-quality", "50")
     assert coarser.exit_code == 0 and FeatureStore.open(tmp_path / "q50.zarr").frames_format == ("jpeg", 50)
+    # Encoded twice, at 90 then 50: recorded, so verify holds the frames to that chain, not to one encode at 50
+    # (before: such a copy failed verify, its frames a fraction of a dB below a single encode's).
+    assert FeatureStore.open(tmp_path / "q50.zarr").schema.dense_frames["encoded_before"] == [90]
+    assert "JPEG quality 50 (encoded again: first at quality 90)" in run("info", tmp_path / "q50.zarr").stdout
+    checked = run("verify", tmp_path / "q50.zarr", "--video-root", stores["videos"], "--samples", "4", "--device",
+                  "cpu", "--pretrained", tiny_checkpoint)
+    assert checked.exit_code == 0 and checked.stdout.count("JPEG frames >= ") == 4, checked.output
     back = run("copy", stores["train"], tmp_path / "raw.zarr", "--frames-format", "raw")
     assert back.exit_code == 2 and back.output.count("\n") == 1, back.output
     assert back.output.startswith("error: the source's dense frames are JPEG (quality 90): decoding them does not")
