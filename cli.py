@@ -268,6 +268,9 @@ def _video_list(kw: dict) -> None:
     if kw["manifest"] is not None or kw["video_root"] is not None:
         given = "--manifest" if kw["manifest"] is not None else "--video-root"
         raise click.UsageError(f"--videos {folder} is the list of videos and their root: drop {given}")
+    if kw["manifest_format"] != "auto":
+        raise click.UsageError(f"--videos {folder} is a folder of class folders, not a manifest: drop "
+                               f"--manifest-format")
     kw.update(manifest=folder, video_root=folder, manifest_format=FOLDER_FORMAT)
 
 
