@@ -281,8 +281,9 @@ def _video_list(kw: dict) -> None:
 @storage_options_option()
 @user_errors
 def info(store: str, as_json: bool, failed: bool, storage_options: dict) -> None:
-    """Summarise a store: backbone, layers, frames, sampling, progress, objects and size (checking its metadata,
-    tables and text embeddings on the way: DAMAGED if they are)."""
+    """Summarise a store: backbone, layers, frames, sampling, progress, objects and size; DAMAGED if found so.
+
+    On the way it checks the store's metadata, tables and text embeddings (not the videos' shards: verify does)."""
     from pipelines.info import format_info, store_info
 
     check_storage_options(storage_options, store)
@@ -308,8 +309,10 @@ def info(store: str, as_json: bool, failed: bool, storage_options: dict) -> None
 @storage_options_option()
 @user_errors
 def verify(store: str, storage_options: dict, **kw) -> None:
-    """Check a store is whole: completeness, its metadata, tables and text embeddings, every sample's integrity,
-    the videos, recomputed samples."""
+    """Check a store is whole: metadata, tables, every sample's integrity; the videos and recomputed samples.
+
+    Completeness, every metadata document, the tables and text embeddings, every sample's shards (--deep: every
+    byte); with --video-root, the videos against their recorded facts and random samples recomputed."""
     from pipelines.verify import format_report, verify_store
 
     check_storage_options(storage_options, store)
