@@ -437,3 +437,5 @@ def test_decoder_facts_round_trip_and_stores_without_their_tables_read_as_unknow
     old = FeatureStore.open(root)
     assert old.complete and old.sample(0)["num_frames"] == store.sample(0)["num_frames"]
     assert (old.sample(0)["transform"], old.sample(0)["vfr"]) == (None, None)
+    # Intact, as info and verify check it (before: "videos/transform/zarr.json is missing", DAMAGED).
+    assert old.check_store() == []
