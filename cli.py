@@ -628,6 +628,9 @@ def copy(src: str, dst: str, storage_options: dict, src_storage_options: dict, d
 
 def run() -> None:
     """The `dist-cache` console script: `main`, with bad flags reported like every other user error, in one line."""
+    from dist_cache.logs import warnings_above_bars
+
+    warnings_above_bars()
     try:
         code = main(standalone_mode=False, prog_name="dist-cache")
     except click.UsageError as err:
