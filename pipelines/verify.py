@@ -24,7 +24,7 @@ import numpy as np
 
 from dist_cache.errors import DecodeError, UserError
 from storage import FeatureStore, StoreDamagedError, frames_codec
-from storage.errors import REPAIR_HINT
+from storage.errors import REPAIR_HINT, store_fix
 from storage.location import PARTIAL_SUFFIX, is_local, is_stale, is_temp_name
 from storage.writer import DEFAULT_STALE_PARTIAL_S
 
@@ -240,8 +240,7 @@ def _check_integrity(store: FeatureStore, report: VerifyReport, deep: bool, prog
         report.notes.append(f"integrity: checked {what} of {V} videos" + ("" if deep else " (--deep reads every byte)"))
         return
     if store.videos_per_shard > 1:
-        fix = (f"this packed copy is read-only: copy it again from its source (dist-cache copy SRC DST "
-               f"--videos-per-shard {store.videos_per_shard})")
+        fix = store_fix(store.schema.format_version, store.videos_per_shard)
     else:
         fix = f"{REPAIR_HINT}: {REPAIR_FIX} re-extracts them"
     report.problems.append(f"{videos} video(s) damaged; {fix}")
