@@ -147,6 +147,19 @@ def test_a_damaged_jpeg_frame_is_found_by_verify_deep(stores, tmp_path):
     assert "damaged: video 1 (" in deep.stdout and "frames: inner chunk" in deep.stdout and "crc32c" in deep.stdout
 
 
+def test_info_on_a_missing_jpeg_frames_shard_keeps_the_counts(stores, tmp_path):
+    """info reads a few JPEG frames shards' indexes to measure bytes per view. Before: one missing shard made it
+    say "? done, ? failed, ? pending", "the store's tables are damaged" and "videos not counted", none of it so."""
+    shutil.copytree(stores["val"], tmp_path / "v.zarr")
+    (tmp_path / "v.zarr" / "frames" / "c.0.0.0.0.0").unlink()
+    result = run("info", tmp_path / "v.zarr")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert ": DAMAGED, 4 videos, 12 samples (12 done, 0 failed, 0 pending)" in lines[0], result.stdout
+    assert "tables are damaged" not in result.stdout and "JPEG quality 80, " in result.stdout
+    assert any(line.startswith("  damaged: ") and "video 0 (" in line and "frames" in line for line in lines)
+
+
 def test_jpeg_flags_refused_in_one_line_before_anything_is_written(stores, motion_dataset, tiny_checkpoint, tmp_path):
     cases = [
         (["--frames-format", "jpeg"], "error: --frames-format jpeg is how the dense frames are stored: add "
