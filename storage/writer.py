@@ -673,7 +673,8 @@ def _check_creatable(loc: Location) -> None:
         own = [n for n in foreign if n in _OWN_NAMES]
         hint = f", which a store would write into ({', '.join(own[:3])})" if own else ""
         raise UserError(f"cannot create store {loc.url}: it is not empty and not a dist-cache store (found "
-                        f"{len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'}: {', '.join(foreign[:3])}{hint}); "
+                        f"{len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'}: {', '.join(foreign[:3])}"
+                        f"{', ...' if len(foreign) > 3 else ''}{hint}); "
                         f"use a new or empty --out")
 
 
