@@ -291,6 +291,11 @@ class StoreSchema:
         compat["backbone"] = {k: self.backbone[k] for k in BACKBONE_COMPAT_KEYS}
         # The decoder's version may change (a bug-fix release decodes the same frames); its name may not.
         compat["preprocess"]["decoder"] = {"name": self.preprocess["decoder"]["name"]}
+        if compat["dense_frames"] is not None:
+            # The encodes a copy's JPEG frames went through before: their history, not a setting a writer must
+            # share. extract --repair into such a copy writes frames encoded once, which lie closer to the video's
+            # than the chain verify holds them to (every one of 329 frames and quality chains tried).
+            compat["dense_frames"].pop("encoded_before", None)
         return compat
 
     @property

@@ -104,7 +104,7 @@ def test_train_and_eval_from_the_jpeg_stores_alone(stores, tmp_path, tiny_checkp
         shutil.move(gone, stores["videos"])
 
 
-def test_copy_encodes_raw_frames_and_moves_jpeg_frames_as_stored(stores, tmp_path, tiny_checkpoint):
+def test_copy_encodes_raw_frames_and_moves_jpeg_frames_as_stored(stores, tmp_path, tiny_checkpoint, motion_dataset):
     raw = FeatureStore.open(stores["raw"])
     encoded = run("copy", stores["raw"], tmp_path / "j.zarr", "--frames-format", "jpeg")
     assert encoded.exit_code == 0, encoded.output
@@ -129,6 +129,16 @@ def test_copy_encodes_raw_frames_and_moves_jpeg_frames_as_stored(stores, tmp_pat
     checked = run("verify", tmp_path / "q50.zarr", "--video-root", stores["videos"], "--samples", "4", "--device",
                   "cpu", "--pretrained", tiny_checkpoint)
     assert checked.exit_code == 0 and checked.stdout.count("JPEG frames >= ") == 4, checked.output
+    # extract --repair mends such a copy as any other (its earlier encodes are history, not a flag to match): the
+    # redone video is encoded once, which verify admits too.
+    (tmp_path / "q50.zarr" / "frames" / "c.1.0.0.0.0").unlink()
+    repaired = extract(motion_dataset, stores["videos"], "train.csv", tmp_path / "q50.zarr", tiny_checkpoint,
+                       "--dense-frames", *train_views(), "--frames-format", "jpeg", "--jpeg-quality", "50", "--repair")
+    assert repaired.exit_code == 0 and "(1 damaged, redone)" in repaired.output, repaired.output
+    every = len(FeatureStore.open(tmp_path / "q50.zarr"))  # the redone video's views among them
+    checked = run("verify", tmp_path / "q50.zarr", "--video-root", stores["videos"], "--samples", every, "--device",
+                  "cpu", "--pretrained", tiny_checkpoint)
+    assert checked.exit_code == 0 and checked.stdout.count("JPEG frames >= ") == every, checked.output
     back = run("copy", stores["train"], tmp_path / "raw.zarr", "--frames-format", "raw")
     assert back.exit_code == 2 and back.output.count("\n") == 1, back.output
     assert back.output.startswith("error: the source's dense frames are JPEG (quality 90): decoding them does not")
