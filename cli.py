@@ -651,8 +651,7 @@ def demo(workdir: str, videos_per_class: int, epochs: int, seed: int) -> None:
 @user_errors
 def copy(src: str, dst: str, storage_options: dict, src_storage_options: dict, dst_storage_options: dict,
          drop_dense_frames: bool, **kw) -> None:
-    """Copy a store to DST: a layer subset, compact (int8, PCA codes), JPEG or no frames, or packed; a rerun
-    resumes."""
+    """Copy a store to DST: some layers, compact (int8, PCA codes), JPEG or no frames, or packed; resumable."""
     from pipelines.compact import parse_pca
     from pipelines.copy import copy_dry_run, copy_store
     from storage.location import is_local
