@@ -208,16 +208,26 @@ def motion_task(workdir: Path, seeds: list[int], test_per_class: int, epochs: in
 def compare_formats(task: Task, formats: list[str], workdir: Path, say: Callable[[str], None] = print) -> dict:
     """Train and score every format on every seed; per format: top-1 per seed, mean, the paired differences to
     fp16 (per seed, mean, range, seeds behind), bytes per clip view of its training store as stored, and the fit's
-    recorded held-out error per layer."""
+    recorded held-out error per layer.
+
+    Beside it, `fp16_model`: each seed's fp16-trained model scored on the format's test store, paired with its
+    score on the fp16 test store. The same weights read both, so this isolates what the format does to the features
+    a model reads; training on a format also changes the run's path, and a run that is sensitive to small changes
+    of its inputs (as a small task's often is) spreads the trained models' paired differences far wider."""
     from pipelines.compact import jpeg_frame_bytes, sample_bytes
     from pipelines.evaluate import EvalOptions, evaluate
     from pipelines.train import TrainOptions, train
     from storage import FeatureStore, frames_codec, layout
 
+    def score(checkpoint: Path, test: Path) -> float:
+        return evaluate(EvalOptions(checkpoint=str(checkpoint), cache=str(test), video_root=task.video_root,
+                                    decode_workers=0))["top1"]
+
     results: dict[str, dict] = {}
+    fp16_models: dict[int, Path] = {}
     for name in ["fp16", *[f for f in formats if f != "fp16"]]:
         test = format_store(task.test_store, name, workdir)
-        top1 = []
+        top1, fp16_model = [], []
         for seed, fp16_train in task.train_stores.items():
             store = format_store(fp16_train, name, workdir)
             run = workdir / "runs" / f"{task.name}-{name.replace('+', '-')}-s{seed}"
@@ -225,9 +235,13 @@ def compare_formats(task: Task, formats: list[str], workdir: Path, say: Callable
                                       batch_size=task.batch_size, lr=task.lr, warmup_epochs=1, seed=seed,
                                       decode_workers=0, pretrained=task.pretrained, switches=task.switches,
                                       resume=(run / "last.pt").exists()), progress=False)
-            top1.append(evaluate(EvalOptions(checkpoint=str(done.last), cache=str(test), video_root=task.video_root,
-                                             decode_workers=0))["top1"])
-            say(f"{task.name} {name} seed {seed}: top-1 {top1[-1]:.2%}")
+            top1.append(score(done.last, test))
+            if name == "fp16":
+                fp16_models[seed] = done.last
+            else:
+                fp16_model.append(score(fp16_models[seed], test))
+            say(f"{task.name} {name} seed {seed}: top-1 {top1[-1]:.2%}"
+                + (f" (the fp16 model on it: {fp16_model[-1]:.2%})" if fp16_model else ""))
         opened = FeatureStore.open(store)
         fit = (opened.schema.encoding or {}).get("fit") or {}
         per_view = sample_bytes(opened.schema)
@@ -237,7 +251,11 @@ def compare_formats(task: Task, formats: list[str], workdir: Path, say: Callable
         results[name] = {"top1": top1, "mean": statistics.fmean(top1), "bytes_per_view": per_view,
                          "components": fit.get("components"), "variance_kept": fit.get("variance_kept"),
                          "holdout": fit.get("holdout")}
+        if fp16_model:
+            results[name]["fp16_model"] = {"top1": fp16_model, "mean": statistics.fmean(fp16_model)}
     for r in results.values():
         r["paired_vs_fp16"] = aug.paired(r["top1"], results["fp16"]["top1"])
+        if "fp16_model" in r:
+            r["fp16_model"]["paired_vs_fp16"] = aug.paired(r["fp16_model"]["top1"], results["fp16"]["top1"])
     return results
 

@@ -66,9 +66,12 @@ def test_accuracy_is_paired_by_seed_against_fp16(quick_report):
         results = report["accuracy"][task]["results"]
         assert list(results) == report["accuracy"][task]["parameters"]["formats"]
         fp16 = results["fp16"]["top1"]
-        for r in results.values():
+        for name, r in results.items():
             assert len(r["top1"]) == len(fp16) == 1
             assert r["paired_vs_fp16"]["per_seed"] == pytest.approx([a - b for a, b in zip(r["top1"], fp16)])
+            if name != "fp16":  # the fp16-trained model scored on this format's test store, paired the same way
+                read = r["fp16_model"]
+                assert read["paired_vs_fp16"]["per_seed"] == pytest.approx([a - b for a, b in zip(read["top1"], fp16)])
     appearance = report["accuracy"]["appearance"]["parameters"]
     assert appearance["clip"]["width"] == 768 and appearance["switches"]["temporal"] is False
     from storage import FeatureStore
