@@ -43,7 +43,7 @@ def quick_task(workdir: Path) -> tuple[Path, Path, str, str]:
     """A tiny generated task (the demo's motion classes, dist-tiny with random weights): train and test stores."""
     from dist_cache.backbone import load_backbone
     from dist_cache.synthetic import make_motion_dataset
-    from pipelines.extract import ExtractOptions, extract
+    from pipelines.extract.extractor import ExtractOptions, extract
 
     data = make_motion_dataset(workdir / "data", videos_per_class=2, seed=0)
     checkpoint = workdir / "dist-tiny-random.pt"
@@ -78,8 +78,8 @@ def main() -> None:
     from dist_cache.model import DiSTSwitches
     from pipelines.compact import sample_bytes
     from pipelines.copy import copy_store
-    from pipelines.evaluate import EvalOptions, evaluate
-    from pipelines.train import TrainOptions, train
+    from pipelines.train.evaluate import EvalOptions, evaluate
+    from pipelines.train.run import TrainOptions, train
     from storage import FeatureStore
 
     tick = time.monotonic()

@@ -1,5 +1,5 @@
 """Decode pool vs bare decord readers: clips/s of what an extraction worker does per video (probe, plan,
-decode, render to uint8: `pipelines.prepare.prepare_video` in `DecodePool`) against a bare process pool of
+decode, render to uint8: `pipelines.extract.prepare.prepare_video` in `DecodePool`) against a bare process pool of
 decord readers that only open each video and decode the same frames, same worker count, same K400-like
 videos (340x256, 25 fps H.264, 10 s; generated here), timed bare / pool / bare in one run.
 
@@ -131,7 +131,7 @@ def serial_split(videos: list[Path], num_frames: int, spec, rounds: int) -> dict
     that a busy moment of the machine hits them all alike; wall-clock, and CPU seconds of this process (all its
     threads: decord decodes on a thread of its own), which a machine shared with other jobs disturbs far less."""
     from dist_cache.decoders import get_decoder
-    from pipelines.prepare import prepare_video
+    from pipelines.extract.prepare import prepare_video
 
     def checked(name: str, path: Path, v: int) -> None:
         get_decoder(name).probe_and_read(path, lambda facts: planned(facts.num_frames, v, spec))
@@ -174,7 +174,7 @@ def run_bare(executor, jobs) -> float:
 
 
 def run_pool(pool, jobs) -> float:
-    from pipelines.prepare import prepare_video
+    from pipelines.extract.prepare import prepare_video
 
     start = time.perf_counter()
     for _, future in pool.map_unordered(prepare_video, jobs):
@@ -186,8 +186,8 @@ def main() -> None:
     args = parse(__doc__.splitlines()[0], extra=lambda p: p.add_argument(
         "--workers", default="auto", help="processes in each pool (default: auto, as `--decode-workers auto`)"))
     from dist_cache.decode_pool import DecodePool, auto_workers
-    from pipelines.extract import DECODE_PRELOAD
-    from pipelines.prepare import RenderSpec
+    from pipelines.extract.extractor import DECODE_PRELOAD
+    from pipelines.extract.prepare import RenderSpec
 
     workers = auto_workers() if args.workers == "auto" else int(args.workers)
     count, seconds = (4, 2.0) if args.quick else (32, 10.0)

@@ -1,4 +1,4 @@
-"""Stage one on this machine: clips/s of the extractor (`pipelines.extract.Extractor.run`: decode workers, CLIP
+"""Stage one on this machine: clips/s of the extractor (`Extractor.run`: decode workers, CLIP
 forward, cast and copy into the host ring, writer threads, the store) against CLIP alone on the same batches,
 and the start-up of `dist-cache extract` (command start to the first stored video) with a ViT-B/16-sized local
 checkpoint.
@@ -28,8 +28,8 @@ from benchmarks.gpu_extract import timed_cli_extract
 
 def bench(opts, device: torch.device) -> dict:
     from dist_cache.transforms import normalize_frames
-    from pipelines.extract import Extractor, render_spec
-    from pipelines.prepare import prepare_video
+    from pipelines.extract.extractor import Extractor, render_spec
+    from pipelines.extract.prepare import prepare_video
 
     ex = Extractor.open(opts)
     try:
@@ -96,7 +96,7 @@ def main() -> None:
     device = torch.device(args.device)
     from benchmarks.gpu_data import make_clips, save_random_checkpoint, write_manifest
     from dist_cache.synthetic import make_motion_dataset
-    from pipelines.extract import ExtractOptions
+    from pipelines.extract.extractor import ExtractOptions
 
     tmp = Path(tempfile.mkdtemp(prefix="dist-bench-extract-"))
     results = {}

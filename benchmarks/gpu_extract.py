@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks._common import machine
-from pipelines.prepare import RenderSpec
+from pipelines.extract.prepare import RenderSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 FRAMES = 8
@@ -102,13 +102,13 @@ def bare_decode(path: str) -> int:
 def _warm(_: int) -> None:
     import decord  # noqa: F401  (the import is part of starting a worker, not of decoding)
 
-    import pipelines.prepare  # noqa: F401
+    import pipelines.extract.prepare  # noqa: F401
 
 
 def as_extract_decodes(job: tuple[str, int, RenderSpec]) -> int:
     """Extraction's decode work for one clip: `prepare_video` (probe, decode every view's dense frames once,
     render them), in a worker as the decode pool runs it; the rendered bytes stay in the worker."""
-    from pipelines.prepare import prepare_video
+    from pipelines.extract.prepare import prepare_video
 
     path, index, spec = job
     return int(prepare_video(path, index, spec).rendered.nbytes)
@@ -131,7 +131,7 @@ def decode_alone(jobs: list, work: Callable, workers: int, seconds: float) -> di
 
 def extract_spec(args: argparse.Namespace, image_size: int) -> RenderSpec:
     """The render spec of the extraction `extract_argv` runs (the same options, through extract's own mapping)."""
-    from pipelines.extract import ExtractOptions, spec_at
+    from pipelines.extract.extractor import ExtractOptions, spec_at
 
     opts = ExtractOptions(manifest="", video_root="", out="", frames=FRAMES, views=1, dense_frames=True,
                           dense_gamma=args.dense_gamma, decoder="decord")

@@ -1,9 +1,9 @@
 """Stage-two training throughput on a GPU, the cache against CLIP run live, side by side in one run.
 
-Four phases, each the real training step (pipelines.step.train_step: bf16/fp16 autocast, fp32 logits and loss, the
+Four phases, each the real training step (pipelines.train.step.train_step: bf16/fp16 autocast, fp32 logits and loss, the
 non-finite guard, AdamW) at --batch clips per step, gamma 2, over the store --store (extract --dense-frames, fp16):
   (a) cached_step: the branch on one batch of cached features and frames already in GPU memory;
-  (b) cached_e2e: the branch fed by the real loader (pipelines.data.BatchLoader: reader threads, pinned slabs,
+  (b) cached_e2e: the branch fed by the real loader (`BatchLoader`: reader threads, pinned slabs,
       stored or decoded dense frames, copies on a side stream);
   (c) online_step: CLIP (in the store's recorded precision) plus the branch, on one batch of frames in GPU memory;
   (d) online_e2e: the same, fed by the real loader (frames only).
@@ -101,11 +101,11 @@ def main() -> None:
     args = p.parse_args()
 
     from dist_cache.model import DiSTConfig, DiSTSwitches
-    from pipelines.branch import amp_dtype, branch_of, build_network, online_precision
-    from pipelines.data import BatchLoader, EpochSampler, frame_source
-    from pipelines.distributed import Ranks
-    from pipelines.optim import make_optimizer, make_scaler
-    from pipelines.step import StepModel, train_step
+    from pipelines.train.branch import amp_dtype, branch_of, build_network, online_precision
+    from pipelines.train.data.loader import BatchLoader, EpochSampler, frame_source
+    from pipelines.train.distributed import Ranks
+    from pipelines.train.optim import make_optimizer, make_scaler
+    from pipelines.train.step import StepModel, train_step
     from storage import FeatureStore, SampleStatus
 
     budget, warmup = (2.0, 1) if args.quick else (20.0, 3)

@@ -1,9 +1,9 @@
 """Cached vs online DiST training throughput (clips/s) with a ViT-B/16-sized CLIP (random weights).
 
-Same DiST branch, batch, frames (8 sparse + 16 dense, gamma 2), optimiser step as `pipelines.train`:
+Same DiST branch, batch, frames (8 sparse + 16 dense, gamma 2), optimiser step as `pipelines.train.run`:
   * model step, in-memory inputs: cached = branch fwd/bwd/AdamW on (L,B,T,N+1,C) fp16 features;
     online = CLIP visual forward (no_grad) on the sparse frames + the same branch step. Interleaved.
-  * end to end through the real loader (`pipelines.data.BatchLoader`: reader threads, the dense frames decoded
+  * end to end through the real loader (`BatchLoader`: reader threads, the dense frames decoded
     by the decode pool) over the ViT-B/16 store given by DIST_BENCH_STORE (default /tmp/b16/b16.zarr), if it exists.
   * compute-bound ratio from FLOPs (`dist_cache.flops.profile_dist`): (CLIP fwd + 3 x branch fwd) / (3 x branch fwd),
     backward taken as 2 x forward.
@@ -29,11 +29,11 @@ WEIGHTS = os.environ.get("DIST_BENCH_WEIGHTS", "/tmp/b16/vit-b-16-random.pt")
 
 
 def make_step(net, text, device, mean, std):
-    """The training step of `pipelines.train` (pipelines.step.train_step) for `net`, on batches of any origin."""
-    from pipelines.branch import amp_dtype, branch_of
-    from pipelines.distributed import Ranks
-    from pipelines.optim import make_optimizer, make_scaler
-    from pipelines.step import StepModel, train_step
+    """The training step of `pipelines.train.run` (`train_step`) for `net`, on batches of any origin."""
+    from pipelines.train.branch import amp_dtype, branch_of
+    from pipelines.train.distributed import Ranks
+    from pipelines.train.optim import make_optimizer, make_scaler
+    from pipelines.train.step import StepModel, train_step
 
     branch = branch_of(net)
     optimizer, scheduler = make_optimizer(branch, lr=1e-5, weight_decay=1e-4, total=10**6, warmup=0,
@@ -85,7 +85,7 @@ def main() -> None:
     normalised = normalize_frames(frames.to(device), backbone.mean, backbone.std)
     with torch.no_grad():
         feats = online.features(normalised).cpu().half()  # (L, B, T, N+1, C)
-    from pipelines.data import Batch
+    from pipelines.train.data.loader import Batch
 
     label = torch.tensor([0, 1][:B] * (B // 2 + 1))[:B].to(device)
     index = np.arange(B)
@@ -123,7 +123,7 @@ def main() -> None:
     # ---- end to end through the real loader ----
     e2e = None
     if have_store:
-        from pipelines.data import BatchLoader, DecodedFrames, EpochSampler
+        from pipelines.train.data.loader import BatchLoader, DecodedFrames, EpochSampler
         from storage import FeatureStore
 
         store = FeatureStore.open(STORE)

@@ -74,7 +74,7 @@ def _replanned(store: FeatureStore, sample: dict) -> Any:
 def video_mismatch(sample: dict, path: Path, decoder: str = "decord") -> str | None:
     """Why the file at `path` is not the video this sample was extracted from, or None if it is."""
     from dist_cache.decoders import get_decoder
-    from pipelines.prepare import file_sha256
+    from pipelines.extract.prepare import file_sha256
 
     try:
         facts = get_decoder(decoder).probe(path)

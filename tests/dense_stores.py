@@ -1,8 +1,8 @@
 """Stores that hold dense frames, for the training tests, written through StoreWriter from real videos.
 
-Each video goes through what extraction does (pipelines.prepare.prepare_video: probe, plan, decode, uint8 render;
+Each video goes through what extraction does (`prepare.prepare_video`: probe, plan, decode, uint8 render;
 the tiny CLIP on the normalised frames) and its views' dense frames are decoded at their plans and rendered
-(pipelines.dense_frames.decode_view, what training decodes). So the store is the one `extract --dense-frames`
+(pipelines.train.data.dense_frames.decode_view, what training decodes). So the store is the one `extract --dense-frames`
 makes, and a store of the same videos without frames holds the same features.
 """
 
@@ -17,9 +17,9 @@ import torch
 from dist_cache.backbone import load_backbone, resolve_layers
 from dist_cache.manifests import load_manifest
 from dist_cache.transforms import normalize_frames
-from pipelines.dense_frames import decode_view
-from pipelines.extract import ExtractOptions, build_schema, render_spec, resolve_precision
-from pipelines.prepare import prepare_video
+from pipelines.extract.extractor import ExtractOptions, build_schema, render_spec, resolve_precision
+from pipelines.extract.prepare import prepare_video
+from pipelines.train.data.dense_frames import decode_view
 from storage import StoreWriter
 
 

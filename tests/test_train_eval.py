@@ -24,14 +24,14 @@ from dist_cache.model import DiSTSwitches
 from dist_cache.sampling import ViewPlan
 from dist_cache.synthetic import truncate_file
 from dist_cache.transforms import normalize_frames
-from pipelines.checkpoint import load_checkpoint
-from pipelines.data import BatchLoader, DecodedFrames, EpochSampler
-from pipelines.dense_frames import VideoChanged
-from pipelines.evaluate import EvalOptions, evaluate, format_report
-from pipelines.extract import ExtractOptions, extract, render_spec
-from pipelines.plots import read_metrics
-from pipelines.prepare import prepare_video
-from pipelines.train import TrainOptions, train
+from pipelines.extract.extractor import ExtractOptions, extract, render_spec
+from pipelines.extract.prepare import prepare_video
+from pipelines.train.checkpoint import load_checkpoint
+from pipelines.train.data.dense_frames import VideoChanged
+from pipelines.train.data.loader import BatchLoader, DecodedFrames, EpochSampler
+from pipelines.train.evaluate import EvalOptions, evaluate, format_report
+from pipelines.train.plots import read_metrics
+from pipelines.train.run import TrainOptions, train
 from storage import FeatureStore, SampleStatus
 
 # A small branch and batch, so every run takes seconds on two CPU cores.
@@ -256,7 +256,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(stores, tmp_path):
         from pathlib import Path
         import torch
         torch.set_num_threads({torch.get_num_threads()})
-        import pipelines.train as train_mod
+        import pipelines.train.run as train_mod
 
         saved = []
         real_save, real_step = train_mod.save_checkpoint, train_mod.train_step

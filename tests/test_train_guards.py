@@ -22,14 +22,14 @@ import torch
 from click.testing import CliRunner
 
 import cli
-from pipelines.branch import online_precision
-from pipelines.checkpoint import load_checkpoint
-from pipelines.data import BatchLoader, EpochSampler
-from pipelines.dense_frames import VideoChanged
-from pipelines.evaluate import EvalOptions, evaluate
-from pipelines.extract import ExtractOptions, extract
-from pipelines.runlock import RunLock
-from pipelines.train import TrainOptions, train
+from pipelines.extract.extractor import ExtractOptions, extract
+from pipelines.train.branch import online_precision
+from pipelines.train.checkpoint import load_checkpoint
+from pipelines.train.data.dense_frames import VideoChanged
+from pipelines.train.data.loader import BatchLoader, EpochSampler
+from pipelines.train.evaluate import EvalOptions, evaluate
+from pipelines.train.run import TrainOptions, train
+from pipelines.train.runlock import RunLock
 from storage import FeatureStore
 from storage.testing import make_schema, write_videos
 
@@ -186,7 +186,7 @@ def test_eval_warns_when_the_checkpoint_was_chosen_on_the_evaluated_store(stores
 
 
 def test_a_checkpoint_from_before_the_evaluation_set_was_recorded_still_warns_on_its_store(stores):
-    from pipelines.selection import chosen_on_this_set, store_identity
+    from pipelines.train.selection import chosen_on_this_set, store_identity
 
     val = FeatureStore.open(stores["val"])
     old = {"fingerprint": val.fingerprint, "url": val.url}  # what checkpoints recorded until now
@@ -302,7 +302,7 @@ def test_a_run_directory_is_held_by_one_process_and_its_ranks_die_with_the_launc
 
 
 def test_a_dead_holders_lock_is_taken_over(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipelines.runlock import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipelines.train.runlock import RunLock; "
                                f"RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(600)"],
                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
     try:

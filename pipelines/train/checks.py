@@ -16,7 +16,7 @@ from dist_cache.decoders import get_decoder
 from dist_cache.errors import UserError
 from dist_cache.model import DiSTConfig
 from dist_cache.paths import resolve_under
-from pipelines.data import stored_frames_cover
+from pipelines.train.data.loader import stored_frames_cover
 from storage import FeatureStore, SampleStatus, frames_codec
 from storage.schema import format_value
 

@@ -5,7 +5,7 @@ as extraction drew its views (`dist_cache.sampling.plan_views` with the store's 
 offsets, random resized crop with the recorded scale and ratio ranges, flip-p, grayscale-p), but seeded by
 (training seed, epoch, video), so a run is reproducible and a resumed epoch draws the views it drew before. The
 view is decoded with the decoder the store records and rendered exactly as extraction renders
-(`pipelines.dense_frames.decode_view`); the online CLIP sees every gamma-th of its dense frames. A flipped view of
+(`dense_frames.decode_view`); the online CLIP sees every gamma-th of its dense frames. A flipped view of
 a class in the store's flip-label map is labelled with its partner, as extraction labels its views.
 """
 
@@ -17,7 +17,7 @@ from typing import Literal
 from dist_cache.errors import UserError
 from dist_cache.manifests import flip_partners
 from dist_cache.sampling import plan_views
-from pipelines.data import DecodedFrames
+from pipelines.train.data.loader import DecodedFrames
 from storage import FeatureStore
 
 # The recorded train sampling a fresh view is drawn with (`plan_views` keywords).

@@ -4,7 +4,7 @@ Each stage has its own flow, so the slowest one sets the pace and the others kee
 - decode workers (processes, killable on a hang) probe, plan, decode and render each video, running ahead of
   the forward by a bounded number of videos;
 - this process's main thread batches rendered videos and enqueues each batch's forward, cast and copy to
-  pinned host memory as soon as the batch is full (`pipelines.extract_device`), without waiting for the device;
+  pinned host memory as soon as the batch is full (`pipelines.extract.device`), without waiting for the device;
 - writer threads store each video (its shards, then its completion record) straight from those host
   buffers, which return to a bounded ring when the batch's last video is written.
 A rerun skips every video that has a record, so kill -9 at any point loses only unrecorded work. A video that
@@ -39,9 +39,9 @@ from dist_cache.sampling import DENSE_GAMMAS, TEST_OFFSETS
 from dist_cache.transforms import PREPROCESS
 from pipelines.compact import encoding_section, with_encoding
 from pipelines.compact_device import DeviceEncoding
-from pipelines.extract_device import DeviceForward, LaunchedBatch
-from pipelines.prepare import PreparedVideo, RenderSpec, prepare_video
-from pipelines.repair import Damage, damaged_videos
+from pipelines.extract.device import DeviceForward, LaunchedBatch
+from pipelines.extract.prepare import PreparedVideo, RenderSpec, prepare_video
+from pipelines.extract.repair import Damage, damaged_videos
 from pipelines.video_notes import VideoNotes
 from storage import StoreSchema, StoreWriter, frames_codec
 from storage.remote import open_location
@@ -57,7 +57,7 @@ DEFAULT_VIEWS = {"train": 1, "test": 3}
 # Each video owns its shards, so writers never contend. Several keep the disk busy: each one checks and
 # checksums a chunk while its I/O thread writes the previous one.
 WRITER_THREADS = 4
-DECODE_PRELOAD = ("pipelines.prepare",)
+DECODE_PRELOAD = ("pipelines.extract.prepare",)
 # If this many videos fail to decode before any is stored, the input is wrong (a wrong --video-root, a garbage
 # manifest): stop before recording hundreds of thousands of failures.
 FIRST_FAILURES_LIMIT = 100
@@ -307,7 +307,7 @@ def reference_offsets(opts: ExtractOptions) -> bool:
 def fit_here(opts: ExtractOptions, backbone: Backbone, layers: list[int], manifest: Manifest, device: torch.device,
              pool: DecodePool | None, schema: StoreSchema) -> Any:
     """The fit pass of a compact store, in this process (its decode workers, or a pool made for it)."""
-    from pipelines.extract_fit import fit_on_device
+    from pipelines.extract.fit import fit_on_device
 
     own = pool is None
     pool = pool or DecodePool(opts.decode_workers, opts.decode_timeout, preload=DECODE_PRELOAD)
@@ -422,7 +422,7 @@ class Extractor:
 
         `decode=False` for a process that only creates the store (a dask client): no decode workers, and CLIP's
         visual tower is never run there (so its precision need not suit this process's device). A compact store
-        is fitted (`pipelines.extract_fit`) only if it has to be created: here, or by `fit` (a dask client passes
+        is fitted (`pipelines.extract.fit`) only if it has to be created: here, or by `fit` (a dask client passes
         one that runs the fit on a worker)."""
         check_options(opts)
         manifest = load_manifest(opts.manifest, video_root=opts.video_root, classes=opts.classes,

@@ -20,7 +20,7 @@ from dist_cache.decoders import get_decoder
 from dist_cache.errors import DecodeError, UserError
 from dist_cache.sampling import ViewPlan, dense_indices
 from dist_cache.transforms import render_frames
-from pipelines.prepare import file_sha256
+from pipelines.extract.prepare import file_sha256
 
 
 class VideoChanged(UserError):

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dist_cache.errors import UserError
-from pipelines.preemption import Preempted, handled
+from pipelines.train.preemption import Preempted, handled
 
 # Rank 0 validates alone between epochs while the others wait in their next collective, so the collective
 # timeout must outlast a validation pass (NCCL's default is 10 minutes).

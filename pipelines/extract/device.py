@@ -22,7 +22,7 @@ import torch
 
 from dist_cache.transforms import normalize_frames
 from pipelines.compact_device import DeviceEncoding
-from pipelines.prepare import PreparedVideo
+from pipelines.extract.prepare import PreparedVideo
 from storage.encoding import Encoded
 from storage.quantize import GROUPS
 

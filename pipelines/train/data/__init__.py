@@ -1,0 +1,1 @@
+"""Stage two's data: the loader, dense frames, re-augmented views."""
