@@ -49,8 +49,8 @@ def build_store(workdir: Path, videos: int, views: int, seconds: float, gamma: i
     """(store URL, video root): `videos` K400-like clips and a store of their views (frames stored when gamma)."""
     from benchmarks.decode_pool import k400_like
     from dist_cache.decoders import get_decoder
+    from dist_cache.paths import file_facts
     from dist_cache.sampling import plan_views
-    from pipelines.extract.prepare import file_facts
     from pipelines.train.data.dense_frames import decode_view
     from storage import StoreWriter
 

@@ -74,7 +74,7 @@ def _replanned(store: FeatureStore, sample: dict) -> Any:
 def video_mismatch(sample: dict, path: Path, decoder: str = "decord") -> str | None:
     """Why the file at `path` is not the video this sample was extracted from, or None if it is."""
     from dist_cache.decoders import get_decoder
-    from pipelines.extract.prepare import file_sha256
+    from dist_cache.paths import file_mismatch
 
     try:
         facts = get_decoder(decoder).probe(path)
@@ -84,12 +84,8 @@ def video_mismatch(sample: dict, path: Path, decoder: str = "decord") -> str | N
     if (facts.num_frames, facts.width, facts.height) != recorded:
         return (f"{sample['video']}: this copy has {facts.num_frames} frames of {facts.width}x{facts.height}, "
                 f"the store recorded {recorded[0]} of {recorded[1]}x{recorded[2]}")
-    if sample.get("size_bytes") is not None and path.stat().st_size != sample["size_bytes"]:
-        return (f"{sample['video']}: this copy has {path.stat().st_size} bytes, "
-                f"the store recorded {sample['size_bytes']}")
-    if sample.get("sha256") and file_sha256(str(path)) != sample["sha256"]:
-        return f"{sample['video']}: this copy's sha256 differs from the recorded one"
-    return None
+    why = file_mismatch(path, sample)
+    return f"{sample['video']}: {why}" if why else None
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:

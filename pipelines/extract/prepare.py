@@ -12,13 +12,12 @@ frame, so those bytes are exactly the sparse frames' (docs/DESIGN.md, "transform
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from dist_cache.decoders import VideoFacts, get_decoder
+from dist_cache.paths import file_facts
 from dist_cache.sampling import ViewPlan, dense_indices, plan_views
 from dist_cache.transforms import render_frames
 
@@ -63,21 +62,6 @@ class PreparedVideo:
     def frames(self) -> np.ndarray | None:
         """The dense frames to store, (K, G*T, R, R, 3) uint8, or None when the store keeps none."""
         return self.rendered if self.dense else None
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_facts(path: str, with_hash: bool) -> dict:
-    facts: dict = {"size_bytes": os.path.getsize(path)}
-    if with_hash:
-        facts["sha256"] = file_sha256(path)
-    return facts
 
 
 def prepare_video(path: str, video_index: int, spec: RenderSpec, hash_video: bool = False) -> PreparedVideo:
