@@ -52,7 +52,7 @@ from dist_cache.flops import profile_dist
 from dist_cache.model import DiSTSwitches
 from dist_cache.synthetic import DIRECTIONS, make_motion_dataset, motion_clip, write_video
 from pipelines.extract.extractor import ExtractOptions, extract
-from pipelines.train.evaluate import EvalOptions, evaluate
+from pipelines.train.evaluation import EvalOptions, evaluate
 from pipelines.train.run import TrainOptions, train
 
 SIZE = 64  # pixels of every clip, as the demo's

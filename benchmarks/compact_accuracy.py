@@ -78,7 +78,7 @@ def main() -> None:
     from dist_cache.model import DiSTSwitches
     from pipelines.compact import sample_bytes
     from pipelines.copy import copy_store
-    from pipelines.train.evaluate import EvalOptions, evaluate
+    from pipelines.train.evaluation import EvalOptions, evaluate
     from pipelines.train.run import TrainOptions, train
     from storage import FeatureStore
 

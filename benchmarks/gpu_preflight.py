@@ -38,7 +38,8 @@ PACKAGES = {
 # The project's modules the steps import (benchmarks.gpu_* and those they run), and the modules they import late
 # (inside functions: decoders, the demo's video generator, plots).
 MODULES = (
-    "cli", "storage", "storage.http", "pipelines.extract.extractor", "pipelines.train.run", "pipelines.train.evaluate",
+    "cli", "storage", "storage.http", "pipelines.extract.extractor", "pipelines.train.run",
+    "pipelines.train.evaluation",
     "pipelines.demo", "pipelines.train.plots", "dist_cache.backbone", "dist_cache.decode_decord",
     "dist_cache.decode_pyav", "dist_cache.synthetic", "benchmarks.gpu_data", "benchmarks.gpu_extract",
     "benchmarks.gpu_train",

@@ -19,7 +19,7 @@ from dist_cache.backbone import load_backbone
 from dist_cache.model import DiSTSwitches
 from dist_cache.synthetic import make_motion_dataset
 from pipelines.extract.extractor import ExtractOptions, extract
-from pipelines.train.evaluate import EvalOptions, evaluate
+from pipelines.train.evaluation import EvalOptions, evaluate
 from pipelines.train.run import TrainOptions, train
 
 

@@ -25,7 +25,7 @@ from dist_cache.model.tokens import TokenLayout, branch_tokens
 from dist_cache.transforms import normalize_frames
 from pipelines.extract.extractor import ExtractOptions, extract
 from pipelines.info import format_info, store_info
-from pipelines.train.evaluate import EvalOptions, evaluate, format_report, view_scores
+from pipelines.train.evaluation import EvalOptions, evaluate, format_report, view_scores
 from pipelines.train.run import TrainOptions, train
 from storage import FeatureStore
 from storage.schema import SchemaError, StoreSchema

@@ -29,7 +29,7 @@ from pipelines.extract.prepare import prepare_video
 from pipelines.train.checkpoint import load_checkpoint
 from pipelines.train.data.dense_frames import VideoChanged
 from pipelines.train.data.loader import BatchLoader, DecodedFrames, EpochSampler
-from pipelines.train.evaluate import EvalOptions, evaluate, format_report
+from pipelines.train.evaluation import EvalOptions, evaluate, format_report
 from pipelines.train.plots import read_metrics
 from pipelines.train.run import TrainOptions, train
 from storage import FeatureStore, SampleStatus

@@ -16,7 +16,7 @@ from dense_stores import extract_with_frames
 from pipelines.extract.extractor import ExtractOptions, extract
 from pipelines.train.checkpoint import load_checkpoint
 from pipelines.train.data.loader import BatchLoader, DecodedFrames, EpochSampler, StoredFrames
-from pipelines.train.evaluate import EvalOptions, evaluate
+from pipelines.train.evaluation import EvalOptions, evaluate
 from pipelines.train.plots import read_metrics
 from storage import FeatureStore, SampleStatus
 

@@ -27,7 +27,7 @@ from pipelines.train.branch import online_precision
 from pipelines.train.checkpoint import load_checkpoint
 from pipelines.train.data.dense_frames import VideoChanged
 from pipelines.train.data.loader import BatchLoader, EpochSampler
-from pipelines.train.evaluate import EvalOptions, evaluate
+from pipelines.train.evaluation import EvalOptions, evaluate
 from pipelines.train.run import TrainOptions, train
 from pipelines.train.runlock import RunLock
 from storage import FeatureStore

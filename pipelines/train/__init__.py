@@ -4,7 +4,7 @@
 - `step.py`: one guarded optimiser step; `optim.py`: the reference's AdamW and schedule.
 - `branch.py`: the network (cached or online) and how a batch reaches it; `checks.py`: the store, layer, frame and
   backbone checks training and evaluation share; `decoder_check.py`: `--decoder` against the store's decoder.
-- `evaluate.py`: `EvalOptions`, `evaluate`, and the validation pass of training.
+- `evaluation.py`: `EvalOptions`, `evaluate`, and the validation pass of training.
 - `checkpoint.py`, `selection.py` (which store best.pt was chosen on), `runlock.py`, `runlog.py` (RUN/train.log),
   `tracking.py` (metrics.jsonl, TensorBoard, W&B), `plots.py`.
 - `distributed.py` (DDP, the launcher), `preemption.py` (SIGTERM/SIGUSR1: stop after a step, last.pt written).
@@ -21,7 +21,7 @@ from typing import Any
 # load torch for `dist-cache info`.
 _EXPORTS = {
     "TrainOptions": "run", "preflight": "run", "train": "run", "train_ranks": "run",
-    "EvalOptions": "evaluate", "evaluate": "evaluate", "format_report": "evaluate",
+    "EvalOptions": "evaluation", "evaluate": "evaluation", "format_report": "evaluation",
     "online_jpeg_warning": "checks", "quiet_unless_main": "distributed",
     "RunLog": "runlog", "run_heading": "runlog",
     "PREEMPTED_EXIT": "preemption", "Preempted": "preemption",

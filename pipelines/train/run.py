@@ -49,7 +49,7 @@ from pipelines.train.data.loader import BatchLoader, EpochSampler, frame_source
 from pipelines.train.data.reaugment import ReaugmentedFrames, check_reaugmentable
 from pipelines.train.decoder_check import check_decoder
 from pipelines.train.distributed import LAUNCHER_ENV, Ranks, joined, launch
-from pipelines.train.evaluate import Validation
+from pipelines.train.evaluation import Validation
 from pipelines.train.optim import make_optimizer, make_scaler, restore_scaler
 from pipelines.train.plots import plot_curves
 from pipelines.train.preemption import StopRequests, preempted, wait_for_all
