@@ -118,10 +118,6 @@ class FeatureStore:
             self._opened = OpenedStore(loc)
         return self._opened
 
-    def refresh(self) -> None:
-        """Forget cached state, e.g. to see progress of a running extraction."""
-        self._opened = None
-
     def __repr__(self) -> str:
         url = self._url if isinstance(self._url, str) else repr(self._url)
         return f"FeatureStore({url!r})"

@@ -73,10 +73,6 @@ class SampleStatus(enum.IntEnum):
         """The spelling in records and messages: "pending", "done", "failed"."""
         return self.name.lower()
 
-    @classmethod
-    def from_label(cls, label: str) -> SampleStatus:
-        return cls[label.upper()]
-
 
 def status_counts(codes: Any) -> dict[str, int]:
     """{"done", "failed", "pending"} counts of an array (or sequence) of SampleStatus codes."""

@@ -200,3 +200,19 @@ def test_a_stage_importing_the_other_is_a_violation():
              "pipelines.demo": {"pipelines.extract", "pipelines.train.run"}, "pipelines.train.run": {"pipelines.files"}}
     assert layer_violations(graph) == ["pipelines.extract.prepare imports pipelines.train.data.loader",
                                        "pipelines.verify imports pipelines.extract"]
+
+
+def test_each_stage_exports_what_the_cli_uses_and_no_submodule_shadows_it():
+    """`from pipelines.train import evaluate` must give the function even after a submodule of that name could
+    have been imported: an export named like a submodule would become the module."""
+    import importlib
+    import pkgutil
+
+    for stage in STAGES:
+        package = importlib.import_module(stage)
+        submodules = {m.name for m in pkgutil.iter_modules(package.__path__)}
+        assert package._EXPORTS and not submodules & set(package._EXPORTS)
+        for name, module in package._EXPORTS.items():
+            assert getattr(package, name) is getattr(importlib.import_module(f"{stage}.{module}"), name)
+    cli_text = (ROOT / "cli.py").read_text()
+    assert "from pipelines.extract import" in cli_text and "from pipelines.train import" in cli_text

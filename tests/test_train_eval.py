@@ -22,7 +22,6 @@ from dist_cache.backbone import load_backbone, load_recorded_backbone
 from dist_cache.errors import UserError
 from dist_cache.model import DiSTSwitches
 from dist_cache.sampling import ViewPlan
-from dist_cache.synthetic import truncate_file
 from dist_cache.transforms import normalize_frames
 from pipelines.extract.extractor import ExtractOptions, extract, render_spec
 from pipelines.extract.prepare import prepare_video
@@ -33,6 +32,7 @@ from pipelines.train.evaluation import EvalOptions, evaluate, format_report
 from pipelines.train.plots import read_metrics
 from pipelines.train.run import TrainOptions, train
 from storage import FeatureStore, SampleStatus
+from video_files import truncate_file
 
 # A small branch and batch, so every run takes seconds on two CPU cores.
 SMALL = dict(switches=DiSTSwitches(alpha_dim=32, beta_dim=16, pool_blocks=1), batch_size=4, decode_workers=0,

@@ -133,7 +133,6 @@ class TrainResult:
     metrics: Path
     plot: Path
     skipped_failed_samples: int
-    final_loss: float | None
     frames: str | None  # where the dense frames came from: "stored", "decoded", "reaugmented", or None (none used)
 
 
@@ -490,7 +489,7 @@ def _train(opts: TrainOptions, progress: bool, ranks: Ranks, checked: Checked, s
     plot = plot_curves(out / "metrics.jsonl", out / "curves.png") if ranks.main else out / "curves.png"
     return TrainResult(out=out, steps=run.step, epochs=run.step // run.steps_per_epoch, last=out / "last.pt",
                        best=out / "best.pt", best_top1=run.best_top1, metrics=out / "metrics.jsonl", plot=plot,
-                       skipped_failed_samples=checked.failed, final_loss=run.meter.last_loss, frames=run.frames)
+                       skipped_failed_samples=checked.failed, frames=run.frames)
 
 
 def stop_after_step(run: Run, received: int | None) -> None:

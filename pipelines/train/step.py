@@ -111,11 +111,9 @@ class Meter:
 
     epoch_sum: float = 0.0
     epoch_steps: int = 0
-    last_loss: float | None = None
     _window: list[float] = field(default_factory=lambda: [0.0, 0, 0, 0.0])  # loss sum, steps, clips, seconds
 
     def add(self, loss: float, clips: int, seconds: float) -> None:
-        self.last_loss = loss
         self.epoch_sum += loss
         self.epoch_steps += 1
         w = self._window
