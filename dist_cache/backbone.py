@@ -198,25 +198,6 @@ def class_prototypes(num_classes: int, dim: int) -> np.ndarray:
     return rows.numpy().astype(np.float32)
 
 
-def resolve_layers(spec: str, num_layers: int) -> list[int]:
-    """Parse `all`, `last:N` or a comma list of 0-based block indices into a sorted list."""
-    spec = spec.strip()
-    if spec == "all":
-        return list(range(num_layers))
-    if spec.startswith("last:"):
-        count = spec.split(":", 1)[1]
-        if not count.isdigit() or not 1 <= int(count) <= num_layers:
-            raise UserError(f"--layers {spec}: N must be 1..{num_layers} for this model")
-        return list(range(num_layers - int(count), num_layers))
-    try:
-        layers = sorted({int(part) for part in spec.split(",") if part.strip()})
-    except ValueError:
-        raise UserError(f"--layers {spec!r} is not 'all', 'last:N' or a comma list of block indices") from None
-    if not layers or layers[0] < 0 or layers[-1] >= num_layers:
-        raise UserError(f"--layers {spec}: indices must lie in 0..{num_layers - 1} for this model")
-    return layers
-
-
 def weights_sha256(module: nn.Module) -> str:
     """sha256 of the weights actually loaded: names, dtypes, shapes and bytes in state_dict order.
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_cache.backbone import load_backbone, resolve_layers
+from dist_cache.backbone import load_backbone
+from dist_cache.backbone_config import resolve_layers
 from dist_cache.manifests import load_manifest
 from dist_cache.transforms import normalize_frames
 from pipelines.extract.extractor import ExtractOptions, build_schema, render_spec, resolve_precision

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from dist_cache.backbone import Backbone, load_backbone, resolve_layers
+from dist_cache.backbone import Backbone, load_backbone
+from dist_cache.backbone_config import resolve_layers
 from dist_cache.decode_pool import DecodePool, InProcessDecoder, open_pool
 from dist_cache.decoders import DECODERS, DecodeError, get_decoder
 from dist_cache.devices import resolve_device

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from dist_cache.backbone import check_recorded_config, resolve_layers
+from dist_cache.backbone import check_recorded_config
+from dist_cache.backbone_config import resolve_layers
 from dist_cache.decoders import get_decoder
 from dist_cache.errors import UserError
 from dist_cache.model import DiSTConfig
