@@ -51,8 +51,8 @@ BUNDLED_CONFIGS = Path(__file__).parent / "configs"
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 # The activations an open_clip ViT can be built with (a timm tower's is fixed by its architecture).
 ACTIVATIONS = ("quick_gelu", "gelu")
-PRECISIONS = ("fp32", "fp16", "bf16")
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = ("fp32", *AUTOCAST_DTYPES)  # fp32 or an autocast dtype: a store's `precision`
 # What open_clip logs when create_model gets no weights; expected while building on the meta device, where the
 # weights are assigned right after.
 _NO_WEIGHTS_LOGGED = "No pretrained weights loaded for model"

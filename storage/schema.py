@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from dist_cache.decoders import DECODERS
 from dist_cache.sampling import DENSE_GAMMAS
 from storage import frames_codec
 from storage.encoding import ENCODED_FORMAT_VERSION, check_section, compat_of
@@ -38,7 +39,6 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 ACTIVATION_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,31}")
 # What a tower's prefix tokens are (backbone.prefix_tokens), in stored order before the patches.
 PREFIX_KINDS = ("class", "register", "distillation")
-DECODERS = ("decord", "pyav")
 SPLITS = ("train", "test")
 
 # Backbone fields that identify the weights, the geometry and the function computed; e.g.

@@ -194,6 +194,24 @@ def test_a_checkpoint_from_before_the_evaluation_set_was_recorded_still_warns_on
     assert chosen_on_this_set(store_identity(val), val) and not chosen_on_this_set(None, val)
 
 
+def test_a_validation_store_of_another_activation_is_refused(stores, tmp_path):
+    """The same model, weights and geometry run with GELU where training's ran QuickGELU compute other features: the
+    validation store must be refused, as a resume refuses it (one definition, schema.BACKBONE_COMPAT_KEYS)."""
+    val = tmp_path / "val-quick-gelu.zarr"
+    shutil.copytree(stores["val"], val)
+    meta = json.loads((val / "zarr.json").read_text())
+    record = meta["attributes"]["dist_cache"]["backbone"]
+    assert FeatureStore.open(stores["train"]).schema.backbone["activation"] == record["activation"] == "gelu"
+    record["activation"] = "quick_gelu"
+    (val / "zarr.json").write_text(json.dumps(meta))
+    for consolidated in meta.get("consolidated_metadata", {}).get("metadata", {}).values():
+        assert "dist_cache" not in consolidated.get("attributes", {})
+    code, output = cli_train("--cache", stores["train"], "--val-cache", str(val), "--out", str(tmp_path / "r"),
+                             "--epochs", "1", *FEATURES_ONLY)
+    assert code == 2 and output.strip().count("\n") == 0, output
+    assert "backbone activation 'quick_gelu'" in output and "'gelu'" in output and not (tmp_path / "r").exists()
+
+
 def test_eval_and_validation_refuse_train_split_stores(stores, tmp_path):
     """Per-video scoring of augmented views, some relabelled by a flip, would count correct views as wrong."""
     code, output = cli_train("--cache", stores["train"], "--val-cache", stores["train"], "--out", str(tmp_path / "r"),

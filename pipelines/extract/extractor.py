@@ -47,11 +47,8 @@ from pipelines.video_notes import VideoNotes
 from storage import StoreSchema, StoreWriter, frames_codec
 from storage.remote import open_location
 from storage.root import read_attrs
-from storage.schema import ATTR_KEY, FORMAT_VERSION
+from storage.schema import ATTR_KEY, DTYPES, FORMAT_VERSION, PRECISIONS, SPLITS
 
-FORMAT_SPLITS = ("train", "test")
-DTYPES = ("fp16", "int8")
-PRECISIONS = ("fp16", "bf16", "fp32")
 # Views per video when --views is not given: one augmented view to train on; 3 temporal clips x 1 crop to test
 # (the reference's evaluation protocol, what `eval` expects).
 DEFAULT_VIEWS = {"train": 1, "test": 3}
@@ -176,8 +173,8 @@ def check_template(template: str) -> None:
 
 def check_options(opts: ExtractOptions) -> None:
     """Reject bad flag values before anything is loaded or written."""
-    if opts.split not in FORMAT_SPLITS:
-        raise UserError(f"--split {opts.split}: must be one of {', '.join(FORMAT_SPLITS)}")
+    if opts.split not in SPLITS:
+        raise UserError(f"--split {opts.split}: must be one of {', '.join(SPLITS)}")
     if opts.dtype not in DTYPES:
         raise UserError(f"--dtype {opts.dtype}: must be one of {', '.join(DTYPES)}")
     if opts.frames < 1 or opts.views < 1 or opts.batch_frames < 1:
