@@ -55,19 +55,11 @@ class VerifyReport:
 def _replanned(store: FeatureStore, sample: dict) -> Any:
     """The plan the recorded sampling parameters give for this sample's video, or None when the store does not
     record them all (a store written through the StoreWriter API need not)."""
-    from dist_cache.sampling import plan_views
-
-    schema = store.schema
-    sampling = schema.sampling
-    if not all(k in sampling for k in ("scale", "ratio", "flip_p", "grayscale_p")):
+    sampling = store.schema.view_sampling()
+    if sampling is None:
         return None
-    plans = plan_views(
-        int(sample["num_frames"]), int(sample["width"]), int(sample["height"]),
-        frames=schema.num_frames, views=schema.views_per_video, split=schema.split, seed=sampling["seed"],
-        video_index=int(sample["video_index"]), scale=tuple(sampling["scale"]), ratio=tuple(sampling["ratio"]),
-        flip_p=sampling["flip_p"], grayscale_p=sampling["grayscale_p"],
-        test_offsets=sampling.get("test_offsets", "centred"), offsets_gamma=int(sampling.get("test_offsets_gamma", 2)),
-    )
+    plans = sampling.plan(int(sample["num_frames"]), int(sample["width"]), int(sample["height"]),
+                          int(sample["video_index"]))
     return plans[int(sample["view"])]
 
 

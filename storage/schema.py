@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from dist_cache.decoders import DECODERS
-from dist_cache.sampling import DENSE_GAMMAS
+from dist_cache.sampling import DENSE_GAMMAS, Sampling
 from storage import frames_codec
 from storage.encoding import ENCODED_FORMAT_VERSION, check_section, compat_of
 from storage.errors import StoreMismatchError
@@ -299,6 +299,10 @@ class StoreSchema:
     def dense_gamma(self) -> int | None:
         """G, the dense frames stored per sparse frame, or None when the store holds no frames."""
         return None if self.dense_frames is None else int(self.dense_frames["gamma"])
+
+    def view_sampling(self) -> Sampling | None:
+        """How this store's views were planned (plan_views' arguments), or None where the record lacks them."""
+        return Sampling.recorded(self.sampling, self.num_frames, self.views_per_video, self.split)
 
     @property
     def frames_format(self) -> tuple[str, int | None] | None:

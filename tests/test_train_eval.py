@@ -23,8 +23,8 @@ from dist_cache.errors import UserError
 from dist_cache.model import DiSTSwitches
 from dist_cache.sampling import ViewPlan
 from dist_cache.transforms import normalize_frames
-from pipelines.extract.extractor import ExtractOptions, extract, render_spec
-from pipelines.extract.prepare import prepare_video
+from pipelines.extract.extractor import ExtractOptions, extract
+from pipelines.extract.prepare import RenderSpec, prepare_video
 from pipelines.train.checkpoint import load_checkpoint
 from pipelines.train.data.dense_frames import VideoChanged
 from pipelines.train.data.loader import BatchLoader, DecodedFrames, EpochSampler
@@ -204,10 +204,9 @@ def test_decoded_frames_are_the_pixels_clip_saw(stores, tiny_checkpoint):
     assert labels.tolist() == [store.label(3)]
     # Byte for byte what the extraction worker rendered for this view and CLIP saw ...
     backbone = load_recorded_backbone(store.schema.backbone, pretrained=str(tiny_checkpoint))
-    opts = ExtractOptions(manifest="", video_root="", out="", frames=4, views=2, split="train")
     sample = store.sample(3)
     video, view = int(sample["video_index"]), int(sample["view"])
-    prepared = prepare_video(str(Path(stores["videos"]) / sample["video"]), video, render_spec(opts, backbone))
+    prepared = prepare_video(str(Path(stores["videos"]) / sample["video"]), video, RenderSpec.of_schema(store.schema))
     assert prepared.plans[view] == ViewPlan.from_dict(sample)
     assert torch.equal(frames[0, ::2], torch.from_numpy(prepared.images[4 * view : 4 * view + 4]))
     # ... whose features are the stored ones, once normalised.

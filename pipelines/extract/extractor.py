@@ -229,15 +229,11 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
     return "fp16" if device.type == "cuda" else "fp32"
 
 
-def flips_apply(opts: ExtractOptions) -> bool:
-    """Only training views are flipped (test views are centre crops, never mirrored)."""
-    return opts.split == "train"
-
-
 def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], manifest: Manifest) -> StoreSchema:
-    """Everything a stranger needs to reuse or reproduce the features."""
+    """Everything a stranger needs to reuse or reproduce the features; the views are planned from its `sampling`
+    (RenderSpec.of_schema), where only training views are flipped (test views are centre crops, never mirrored)."""
     described = backbone.describe()
-    train = flips_apply(opts)
+    train = opts.split == "train"
     schema = StoreSchema.from_json({
         "format_version": FORMAT_VERSION,
         "backbone": described,
@@ -266,8 +262,8 @@ def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], ma
                           "gap_k = sparse[k+1] - sparse[k], the last slot's gap = window",
             "flip_label_map": [list(p) for p in opts.flip_label_map] if opts.flip_label_map and train else None,
             # Recorded only when not centred, so stores from before the option keep resuming (no key: centred).
-            **({"test_offsets": "reference", "test_offsets_gamma": opts.dense_gamma} if reference_offsets(opts)
-               else {}),
+            **({"test_offsets": "reference", "test_offsets_gamma": opts.dense_gamma}
+               if not train and opts.test_offsets == "reference" else {}),
         },
         "dense_frames": frames_codec.section(opts.dense_gamma, opts.frames_format, opts.jpeg_quality)
         if opts.dense_frames else None,
@@ -275,31 +271,8 @@ def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], ma
         "class_names": manifest.class_names,
         "text": {"templates": list(opts.templates), "source": backbone.text_source},
     })
-    # --dtype int8 or --pca: a compact store (format 3), fitted when the store is created (pipelines/extract_fit.py)
+    # --dtype int8 or --pca: a compact store (format 3), fitted when the store is created (extract/fit.py)
     return with_encoding(schema, encoding_section(opts.pca, opts.dtype, opts.pca_sample, opts.seed))
-
-
-def render_spec(opts: ExtractOptions, backbone: Backbone) -> RenderSpec:
-    return spec_at(opts, backbone.image_size)
-
-
-def spec_at(opts: ExtractOptions, image_size: int) -> RenderSpec:
-    """What extraction with `opts` renders, at `image_size` (the backbone's): also how a benchmark bounds its work."""
-    train = flips_apply(opts)
-    return RenderSpec(
-        frames=opts.frames, views=opts.views, split=opts.split, seed=opts.seed, image_size=image_size,
-        scale=tuple(opts.scale), ratio=tuple(opts.ratio), decoder=opts.decoder,
-        flip_p=opts.flip_p if train else 0.0,
-        grayscale_p=opts.grayscale_p if train else 0.0,
-        dense_gamma=opts.dense_gamma if opts.dense_frames else None,
-        test_offsets="reference" if reference_offsets(opts) else "centred",
-        offsets_gamma=opts.dense_gamma,
-    )
-
-
-def reference_offsets(opts: ExtractOptions) -> bool:
-    """Whether the test clips sample at the reference's offsets (`--test-offsets reference`, test split only)."""
-    return opts.split == "test" and opts.test_offsets == "reference"
 
 
 def fit_here(opts: ExtractOptions, backbone: Backbone, layers: list[int], manifest: Manifest, device: torch.device,
@@ -310,7 +283,7 @@ def fit_here(opts: ExtractOptions, backbone: Backbone, layers: list[int], manife
     own = pool is None
     pool = pool or DecodePool(opts.decode_workers, opts.decode_timeout, preload=DECODE_PRELOAD)
     try:
-        return fit_on_device(opts, backbone, layers, manifest, device, pool, schema, render_spec(opts, backbone))
+        return fit_on_device(opts, backbone, layers, manifest, device, pool, schema, RenderSpec.of_schema(schema))
     finally:
         if own:
             pool.close()
@@ -451,7 +424,7 @@ class Extractor:
             if pool is not None:
                 pool.close(kill=True)
             raise
-        return cls(opts, backbone, layers, manifest, writer, device, partners if flips_apply(opts) else {}, pool)
+        return cls(opts, backbone, layers, manifest, writer, device, partners if opts.split == "train" else {}, pool)
 
     @property
     def videos_per_batch(self) -> int:
@@ -501,7 +474,7 @@ class Extractor:
         (from a writer thread). A store write error, or FIRST_FAILURES_LIMIT decode failures before the first
         stored video, stops the run: raised once the writes in flight have ended."""
         state = _RunState(self, on_progress)
-        spec = render_spec(self.opts, self.backbone)
+        spec = RenderSpec.of_schema(self.writer.schema)
         root = Path(self.opts.video_root)
         jobs = [(str(root / self.manifest.videos[v]), v, spec, self.opts.hash_videos) for v in video_indices]
         if self.decode_pool is None:
