@@ -1,4 +1,4 @@
-"""Stage-two training throughput on a GPU, the cache against CLIP run live, side by side in one run.
+"""Stage-two training throughput, the cache against CLIP run live, side by side in one run (a GPU, or a CPU).
 
 Four phases, each the real training step (pipelines.train.step.train_step: bf16/fp16 autocast, fp32 logits and loss, the
 non-finite guard, AdamW) at --batch clips per step, gamma 2, over the store --store (extract --dense-frames, fp16):
@@ -8,9 +8,13 @@ non-finite guard, AdamW) at --batch clips per step, gamma 2, over the store --st
   (c) online_step: CLIP (in the store's recorded precision) plus the branch, on one batch of frames in GPU memory;
   (d) online_e2e: the same, fed by the real loader (frames only).
 Reported: cached_e2e/cached_step and online_e2e/online_step (the loader keeps up when >= 0.8), cached/online end
-to end (what the cache buys), and on a GPU each phase's own peak memory (the statistics are reset before each
-phase). Every phase stops at its time budget; a watchdog writes what was measured and exits if a phase hangs. With
---quick on a CPU and a dist-tiny store it runs in seconds (a smoke test of the script).
+to end (what the cache buys) against the compute bound, what it would buy if the branch ran at CLIP's FLOP efficiency
+((CLIP fwd + 3 x branch fwd) / (3 x branch fwd), backward taken as 2 x forward, from `dist_cache.flops.profile_dist`;
+>= 0.8 of it), the seconds per clip of CLIP and of the branch step (what `benchmarks.break_even` reads), and on a
+GPU each phase's own peak memory (the statistics are reset before each phase). Every phase stops at its time
+budget; a watchdog writes what was measured and exits if a phase hangs. With --quick on a CPU and a dist-tiny store
+it runs in seconds (a smoke test of the script). A store to measure on a CPU: `python -m benchmarks.gpu_data`, then
+`dist-cache extract --dense-frames` (what benchmarks/gpu.sh runs).
 
 With --cached-only only (a) and (b) run: gpu.sh measures a compact copy of the store this way (int8 PCA codes,
 fed to the model as stored; the projection folded into its first linears), beside the fp16 store's run.
@@ -85,6 +89,20 @@ class Phases:
         self._watchdog.cancel()
         self.current = None
         self.write()
+
+
+def compute_bound(model: str, frames: int, layers: list[int], gamma: int) -> float | None:
+    """The cached/online speedup at equal FLOP efficiency, from the FLOPs of one clip on the meta device; None for a
+    model profile_dist cannot build by name (a config file's)."""
+    from dist_cache.errors import UserError
+    from dist_cache.flops import profile_dist
+
+    try:
+        parts = profile_dist(model, frames=frames, layers=layers, gamma=gamma)["gflops_by_part"]
+    except UserError:
+        return None
+    branch = parts["temporal_encoder"] + parts["integration_branch"] + parts["head"]
+    return (parts["clip"] + 3 * branch) / (3 * branch)
 
 
 def main() -> None:
@@ -189,12 +207,19 @@ def main() -> None:
         print(json.dumps(phases.results, indent=1, default=str))
         return
     online_ratio = rates["online_e2e"] / rates["online_step"]
+    speedup = rates["cached_e2e"] / rates["online_e2e"]
+    bound = compute_bound(backbone["model"], store.schema.num_frames, config.layers, gamma)
+    t_branch = 1 / rates["cached_step"]  # the online step is CLIP's forward plus the same branch step
     phases.results.update(
+        compute_bound_cached_over_online=bound and round(bound, 2),
+        seconds_per_clip={"clip": round(1 / rates["online_step"] - t_branch, 4), "branch": round(t_branch, 4)},
         ratio={"cached_e2e_over_step": round(cached_ratio, 3), "online_e2e_over_step": round(online_ratio, 3),
-               "cached_over_online_e2e": round(rates["cached_e2e"] / rates["online_e2e"], 3),
-               "cached_over_online_step": round(rates["cached_step"] / rates["online_step"], 3)},
-        goal=f"end to end >= {TARGET} of the model step alone, cached and online",
-        verdict="met" if min(cached_ratio, online_ratio) >= TARGET else "missed")
+               "cached_over_online_e2e": round(speedup, 3),
+               "cached_over_online_step": round(rates["cached_step"] / rates["online_step"], 3),
+               "cached_over_online_e2e_over_bound": bound and round(speedup / bound, 3)},
+        goal=f"end to end >= {TARGET} of the model step alone, cached and online; cached/online end to end >= "
+             f"{TARGET} of the compute bound",
+        verdict="met" if min(cached_ratio, online_ratio, speedup / (bound or speedup)) >= TARGET else "missed")
     phases.finish()
     print(json.dumps(phases.results, indent=1, default=str))
 
