@@ -182,11 +182,7 @@ def extract_on_cluster(opts: ExtractOptions, client, *, chunk_videos: int = DEFA
                 client.cancel(list(futures))
                 raise first_failures_error(summary.failed, summary.failures[0][1],
                                            ", then rerun with --retry-failed (their failures are recorded)")
-    final = writer.finalize()
-    summary.complete = bool(final["complete"])
-    summary.store_failed = int(final["failed"])
-    summary.seconds = time.monotonic() - started
-    return summary
+    return summary.finalized(writer, started)
 
 
 def extract_distributed(opts: ExtractOptions, *, workers: int | None, scheduler: str | None,

@@ -157,6 +157,13 @@ class ExtractSummary:
         self.failures.extend(other.failures)
         self.notes.merge(other.notes)
 
+    def finalized(self, writer: StoreWriter, started: float) -> ExtractSummary:
+        """This run's summary once the store is finalised (complete unless videos are pending)."""
+        final = writer.finalize()
+        self.complete, self.store_failed = bool(final["complete"]), int(final["failed"])
+        self.seconds = time.monotonic() - started
+        return self
+
 
 def check_template(template: str) -> None:
     """A prompt template holds exactly one `{}`, where the class name goes; anything else would give every class
@@ -173,22 +180,16 @@ def check_template(template: str) -> None:
 
 def check_options(opts: ExtractOptions) -> None:
     """Reject bad flag values before anything is loaded or written."""
-    if opts.split not in SPLITS:
-        raise UserError(f"--split {opts.split}: must be one of {', '.join(SPLITS)}")
-    if opts.dtype not in DTYPES:
-        raise UserError(f"--dtype {opts.dtype}: must be one of {', '.join(DTYPES)}")
+    choices = {"--split": (opts.split, SPLITS), "--dtype": (opts.dtype, DTYPES), "--decoder": (opts.decoder, DECODERS),
+               "--dense-gamma": (opts.dense_gamma, DENSE_GAMMAS), "--test-offsets": (opts.test_offsets, TEST_OFFSETS),
+               "--precision": (opts.precision, (None, *PRECISIONS))}
+    for flag, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise UserError(f"{flag} {value}: must be one of {', '.join(str(a) for a in allowed if a is not None)}")
     if opts.frames < 1 or opts.views < 1 or opts.batch_frames < 1:
         raise UserError("--frames, --views and --batch-frames must be at least 1")
     if not (isinstance(opts.seed, int) and 0 <= opts.seed <= MAX_SEED):
         raise UserError(f"--seed {opts.seed}: must be an integer in [0, 2^63)")
-    if opts.precision is not None and opts.precision not in PRECISIONS:
-        raise UserError(f"--precision {opts.precision}: must be one of {', '.join(PRECISIONS)}")
-    if opts.decoder not in DECODERS:
-        raise UserError(f"--decoder {opts.decoder}: must be one of {', '.join(DECODERS)}")
-    if opts.dense_gamma not in DENSE_GAMMAS:
-        raise UserError(f"--dense-gamma {opts.dense_gamma}: must be one of {', '.join(map(str, DENSE_GAMMAS))}")
-    if opts.test_offsets not in TEST_OFFSETS:
-        raise UserError(f"--test-offsets {opts.test_offsets}: must be one of {', '.join(TEST_OFFSETS)}")
     check_frames_format(opts.frames_format, opts.jpeg_quality, opts.dense_frames)
     if opts.decode_workers != "auto" and not (isinstance(opts.decode_workers, int) and opts.decode_workers >= 0):
         raise UserError(f"--decode-workers {opts.decode_workers}: must be auto, or a count (0: in this process)")
@@ -593,8 +594,4 @@ def extract(opts: ExtractOptions, progress: bool = True) -> ExtractSummary:
             bar.close()
     finally:
         extractor.close()
-    final = extractor.writer.finalize()
-    summary.complete = bool(final["complete"])
-    summary.store_failed = int(final["failed"])
-    summary.seconds = time.monotonic() - started
-    return summary
+    return summary.finalized(extractor.writer, started)
