@@ -1,15 +1,15 @@
 """Stage two: train the DiST branch on cached CLIP features (or, with `online`, on CLIP run live).
 
 A run is four named steps: `preflight` (every check, before anything is written), `setup` (network, optimiser,
-loaders, the run's record), `train_step` (pipelines/step.py: one guarded optimiser step) and `end_of_epoch`
-(validation, best.pt, last.pt). The optimiser is the reference's (pipelines/optim.py); mixed precision on CUDA
+loaders, the run's record), `train_step` (step.py: one guarded optimiser step) and `end_of_epoch`
+(validation, best.pt, last.pt). The optimiser is the reference's (optim.py); mixed precision on CUDA
 only, with the logits and the loss in fp32.
 
 Everything that decides a step's result is a function of (seed, step): the initial weights, the epoch's
 view choice and order (see `pipelines.train.data.loader.EpochSampler`), and the state in the checkpoint. So `resume`
 after a kill continues with exactly the batches an uninterrupted run would have seen. One process at a time
-trains in a run directory (pipelines/runlock.py). SIGTERM or SIGUSR1 stops the run after the step in progress,
-with last.pt written (pipelines/preemption.py); at an epoch's end, that epoch's validation is left to the resume.
+trains in a run directory (runlock.py). SIGTERM or SIGUSR1 stops the run after the step in progress,
+with last.pt written (preemption.py); at an epoch's end, that epoch's validation is left to the resume.
 """
 
 from __future__ import annotations
