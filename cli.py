@@ -290,6 +290,9 @@ def _video_list(kw: dict) -> None:
     if kw["manifest"] is not None or kw["video_root"] is not None:
         given = "--manifest" if kw["manifest"] is not None else "--video-root"
         raise click.UsageError(f"--videos {folder} is the list of videos and their root: drop {given}")
+    if kw["manifest_format"] != "auto":
+        raise click.UsageError(f"--videos {folder} is a folder of class folders, not a manifest: drop "
+                               f"--manifest-format")
     kw.update(manifest=folder, video_root=folder, manifest_format=FOLDER_FORMAT)
 
 
@@ -300,8 +303,9 @@ def _video_list(kw: dict) -> None:
 @storage_options_option()
 @user_errors
 def info(store: str, as_json: bool, failed: bool, storage_options: dict) -> None:
-    """Summarise a store: backbone, layers, frames, sampling, progress, objects and size (checking its metadata,
-    tables and text embeddings on the way: DAMAGED if they are)."""
+    """Summarise a store: backbone, layers, frames, sampling, progress, objects and size; DAMAGED if found so.
+
+    On the way it checks the store's metadata, tables and text embeddings (not the videos' shards: verify does)."""
     from pipelines.info import format_info, store_info
 
     check_storage_options(storage_options, store)
@@ -327,8 +331,10 @@ def info(store: str, as_json: bool, failed: bool, storage_options: dict) -> None
 @storage_options_option()
 @user_errors
 def verify(store: str, storage_options: dict, **kw) -> None:
-    """Check a store is whole: completeness, its metadata, tables and text embeddings, every sample's integrity,
-    the videos, recomputed samples."""
+    """Check a store is whole: metadata, tables, every sample's integrity; the videos and recomputed samples.
+
+    Completeness, every metadata document, the tables and text embeddings, every sample's shards (--deep: every
+    byte); with --video-root, the videos against their recorded facts and random samples recomputed."""
     from pipelines.verify import format_report, verify_store
 
     check_storage_options(storage_options, store)
@@ -650,8 +656,7 @@ def demo(workdir: str, videos_per_class: int, epochs: int, seed: int) -> None:
 @user_errors
 def copy(src: str, dst: str, storage_options: dict, src_storage_options: dict, dst_storage_options: dict,
          drop_dense_frames: bool, **kw) -> None:
-    """Copy a store to DST: a layer subset, compact (int8, PCA codes), JPEG or no frames, or packed; a rerun
-    resumes."""
+    """Copy a store to DST: some layers, compact (int8, PCA codes), JPEG or no frames, or packed; resumable."""
     from pipelines.compact import parse_pca
     from pipelines.copy import copy_dry_run, copy_store
     from storage.location import is_local
@@ -679,6 +684,9 @@ def copy(src: str, dst: str, storage_options: dict, src_storage_options: dict, d
 
 def run() -> None:
     """The `dist-cache` console script: `main`, with bad flags reported like every other user error, in one line."""
+    from dist_cache.logs import warnings_above_bars
+
+    warnings_above_bars()
     try:
         code = main(standalone_mode=False, prog_name="dist-cache")
     except click.UsageError as err:

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks._common import machine
+from benchmarks._compact_formats import format_store
 from dist_cache.backbone import load_backbone
 from dist_cache.flops import profile_dist
 from dist_cache.model import DiSTSwitches
@@ -66,6 +67,8 @@ class Mode:
     name: str
     views: int  # cached views per video (the store trained from)
     extra: dict = field(default_factory=dict)  # TrainOptions for this mode
+    # A compact format (benchmarks._compact_formats): the cached store, and the test store, copied to it from fp16
+    compact: str | None = None
 
 
 BASELINE = "online --reaugment, no mixing"  # what the paired differences and equal compute compare against
@@ -107,7 +110,15 @@ def shifted_clip(rng: np.random.Generator, direction: str, frames: int) -> np.nd
 
 
 def make_data(root: Path, scale: Scale, frames: int) -> dict[str, Path]:
-    """Training videos (the demo's generator), held-out shifted test clips, their manifests, the flip map."""
+    """Training videos (the demo's generator), held-out shifted test clips, their manifests, the flip map; kept
+    where a previous run wrote them (the encoder's bytes may differ between runs, and the stores and the online
+    runs' checks hold the first run's file sizes)."""
+    paths = {"train": root / "train.csv", "test": root / "test.csv", "videos": root / "videos",
+             "flips": root / "flips.json"}
+    made = root / "made.json"  # what the data was made for, written last: present means complete
+    wanted = {"train_per_class": scale.train_per_class, "test_per_class": scale.test_per_class, "frames": frames}
+    if made.exists() and json.loads(made.read_text()) == wanted:
+        return paths
     # make_motion_dataset keeps a quarter of each class (at least one) for val: ask for enough to train on as many.
     per_class = next(n for n in range(2, 4 * scale.train_per_class)
                      if n - max(1, round(n / 4)) == scale.train_per_class)
@@ -119,12 +130,11 @@ def make_data(root: Path, scale: Scale, frames: int) -> dict[str, Path]:
             rel = f"test/{name}/{i}.mp4"
             write_video(root / "videos" / rel, shifted_clip(np.random.default_rng([7, ci, i]), name, frames), 16)
             rows.append((rel, name))
-    test = root / "test.csv"
-    with test.open("w", newline="") as f:
+    with paths["test"].open("w", newline="") as f:
         csv.writer(f).writerows([("path", "label"), *rows])
-    flips = root / "flips.json"
-    flips.write_text(json.dumps([["left", "right"]]))
-    return {"train": root / "train.csv", "test": test, "videos": root / "videos", "flips": flips}
+    paths["flips"].write_text(json.dumps([["left", "right"]]))
+    made.write_text(json.dumps(wanted))
+    return paths
 
 
 @dataclass(frozen=True)
@@ -192,11 +202,15 @@ def run(scale: Scale, modes: tuple[Mode, ...], workdir: Path, say=print) -> dict
     def train_and_score(mode: Mode, seed: int, epochs: int, label: str) -> tuple[float, int]:
         tick = time.monotonic()
         out = workdir / "runs" / f"{label.split(' (')[0].replace(' ', '_').replace('/', '-')}-e{epochs}-s{seed}"
+        store, test = stores[mode.views, seed], test_store
+        if mode.compact:  # the fp16 stores copied to the format, as `copy` makes them (each fitted on its own)
+            store, test = format_store(store, mode.compact, workdir), format_store(test_store, mode.compact, workdir)
         result = train(TrainOptions(
-            cache=str(stores[mode.views, seed]), video_root=str(data["videos"]), out=str(out), epochs=epochs,
+            cache=str(store), video_root=str(data["videos"]), out=str(out), epochs=epochs,
             batch_size=scale.batch_size, lr=1e-3, warmup_epochs=1, seed=seed, decode_workers=0,
-            pretrained=str(checkpoint), switches=SWITCHES, **mode.extra), progress=False)
-        report = evaluate(EvalOptions(checkpoint=str(result.last), cache=str(test_store), decode_workers=0))
+            pretrained=str(checkpoint), switches=SWITCHES, resume=(out / "last.pt").exists(), **mode.extra),
+            progress=False)  # a rerun in the same workdir resumes (a finished run: scored again)
+        report = evaluate(EvalOptions(checkpoint=str(result.last), cache=str(test), decode_workers=0))
         say(f"{label} seed {seed}: top-1 {report['top1']:.1%} ({time.monotonic() - tick:.0f} s, {result.steps} steps)")
         return report["top1"], result.steps
 

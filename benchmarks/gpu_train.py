@@ -32,12 +32,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from benchmarks._common import machine
+
+if TYPE_CHECKING:
+    from pipelines.train.step import StepModel
 
 TARGET = 0.8
 
@@ -91,6 +94,21 @@ class Phases:
         self.write()
 
 
+def step_model(net: torch.nn.Module, text: torch.Tensor, mean: Any, std: Any, device: torch.device) -> StepModel:
+    """`train`'s step state for `net` (its branch's AdamW at a fixed rate, the loss scaler, autocast as on `device`):
+    what this script and `benchmarks.compact` time with `train_step`."""
+    from pipelines.train.branch import amp_dtype, branch_of
+    from pipelines.train.optim import make_optimizer, make_scaler
+    from pipelines.train.step import StepModel
+
+    branch = branch_of(net)
+    optimizer, scheduler = make_optimizer(branch, lr=1e-5, weight_decay=1e-4, total=10**6, warmup=0,
+                                          warmup_start_lr=1e-5)
+    amp = amp_dtype(device)
+    return StepModel(net, net, branch, optimizer, scheduler, make_scaler(amp), text, tuple(mean), tuple(std), amp,
+                     0.1, 1.0)
+
+
 def compute_bound(model: str, frames: int, layers: list[int], gamma: int) -> float | None:
     """The cached/online speedup at equal FLOP efficiency, from the FLOPs of one clip on the meta device; None for a
     model profile_dist cannot build by name (a config file's)."""
@@ -119,11 +137,10 @@ def main() -> None:
     args = p.parse_args()
 
     from dist_cache.model import DiSTConfig, DiSTSwitches
-    from pipelines.train.branch import amp_dtype, branch_of, build_network, online_precision
+    from pipelines.train.branch import amp_dtype, build_network, online_precision
     from pipelines.train.data.loader import BatchLoader, EpochSampler, frame_source
     from pipelines.train.distributed import Ranks
-    from pipelines.train.optim import make_optimizer, make_scaler
-    from pipelines.train.step import StepModel, train_step
+    from pipelines.train.step import train_step
     from storage import FeatureStore, SampleStatus
 
     budget, warmup = (2.0, 1) if args.quick else (20.0, 3)
@@ -145,16 +162,6 @@ def main() -> None:
     ranks = Ranks(0, 1, device)
     text = torch.as_tensor(store.text_features, device=device)
     backbone = store.schema.backbone
-
-    def step_model(online: bool) -> StepModel:
-        net = build_network(config, online=online, backbone_record=backbone, pretrained=args.pretrained,
-                            device=device, seed=0, precision=precision)
-        branch = branch_of(net)
-        optimizer, scheduler = make_optimizer(branch, lr=1e-5, weight_decay=1e-4, total=10**6, warmup=0,
-                                              warmup_start_lr=1e-5)
-        amp = amp_dtype(device)
-        return StepModel(net, net, branch, optimizer, scheduler, make_scaler(amp), text, tuple(backbone["mean"]),
-                         tuple(backbone["std"]), amp, 0.1, 1.0)
 
     def loader(online: bool) -> BatchLoader:
         sampler = EpochSampler(usable, store.schema.views_per_video, args.batch, seed=0, train=True)
@@ -188,14 +195,16 @@ def main() -> None:
     rates = {}
     for online in (False,) if args.cached_only else (False, True):
         name = "online" if online else "cached"
-        m = step_model(online)
+        net = build_network(config, online=online, backbone_record=backbone, pretrained=args.pretrained,
+                            device=device, seed=0, precision=precision)
+        m = step_model(net, text, backbone["mean"], backbone["std"], device)
         rates[f"{name}_step"] = phases.run(f"{name}_step", in_memory(m, online), budget, warmup)
         source = loader(online)
         try:
             rates[f"{name}_e2e"] = phases.run(f"{name}_e2e", end_to_end(m, source), budget, warmup)
         finally:
             source.close()
-        del m
+        del m, net
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the next model starts from the memory it needs, not this one's pool
     cached_ratio = rates["cached_e2e"] / rates["cached_step"]

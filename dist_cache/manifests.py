@@ -162,13 +162,19 @@ def load_video_folder(root: str | os.PathLike, *, classes: str | os.PathLike | S
 
     The classes are the folder names sorted, or, with `classes`, that list (every folder must be in it; a
     class may have no folder, e.g. a validation split lacking one). A video outside every class folder, or a
-    class folder without videos, is an error: the label of either would be a guess."""
+    class folder without videos, is an error: the label of either would be a guess. A zarr store or group (a
+    folder holding a zarr.json, such as the store extracted from `root` with its --out inside it) is no class
+    folder and is left out, so that the extraction's rerun lists the same videos."""
     root = Path(root)
     if not root.is_dir():
         raise ManifestError(f"--videos {root}: no such directory")
+
+    def listed(folder: Path, name: str) -> bool:
+        return not name.startswith(".") and not (folder / name / "zarr.json").is_file()
+
     videos: list[str] = []
     for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = [d for d in dirs if listed(Path(folder), d)]
         for name in files:
             if not name.startswith(".") and name.lower().endswith(FOLDER_EXTENSIONS):
                 videos.append(Path(folder, name).relative_to(root).as_posix())
@@ -181,8 +187,7 @@ def load_video_folder(root: str | os.PathLike, *, classes: str | os.PathLike | S
     if not found:
         raise ManifestError(f"--videos {root}: no videos in class folders ({' '.join(FOLDER_EXTENSIONS)}); "
                             "check the folder")
-    empty = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
-                   and d.name not in found)
+    empty = sorted(d.name for d in root.iterdir() if d.is_dir() and listed(root, d.name) and d.name not in found)
     if empty:
         raise ManifestError(f"--videos {root}: class folder {empty[0]}/ holds no videos; add some or remove it")
     label_map = _Labels(root, classes)
@@ -382,7 +387,9 @@ def flip_partners(pairs: Sequence[Sequence[str]], class_names: Sequence[str]) ->
     unknown = [n for p in pairs for n in p if n not in lookup]
     if unknown:
         raise ManifestError(f"--flip-label-map names the class {unknown[0]!r}, which is not among the "
-                            f"{len(class_names)} classes of the manifest (or --classes); fix the name in the file")
+                            f"{len(class_names)} classes of the manifest (or --classes): a map pairs the dataset's "
+                            f"own class names (the built-in ssv2 map, Something-Something v2's as its labels.json "
+                            f"spells them); fix the map or the class list")
     partners: dict[int, int] = {}
     for a, b in pairs:
         partners[lookup[a]], partners[lookup[b]] = lookup[b], lookup[a]

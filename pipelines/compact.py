@@ -132,7 +132,8 @@ def jpeg_frame_bytes(source: FeatureStore, quality: int) -> int:
     done = source.done_indices()
     if not len(done):
         raise UserError(f"store {source.url} has no extracted video yet: there are no frames to measure")
-    picked = sorted({int(done[j]) for j in np.linspace(0, len(done) - 1, min(JPEG_SAMPLE_VIEWS, len(done)))})
+    spread = np.linspace(0, len(done) - 1, min(JPEG_SAMPLE_VIEWS, len(done))).round().astype(int)
+    picked = sorted({int(done[j]) for j in spread})
     if source.schema.frames_format == (frames_codec.JPEG, quality):
         K = source.schema.views_per_video
         videos = sorted({i // K for i in picked})

@@ -77,8 +77,12 @@ def target_frames(source: StoreSchema, frames: str, frames_format: str | None, q
         if quality is not None:
             raise UserError(f"--jpeg-quality {quality} applies to JPEG frames: add --frames-format jpeg")
         return frames_codec.section(source.dense_gamma)  # type: ignore[arg-type]
-    return frames_codec.section(source.dense_gamma, frames_codec.JPEG,  # type: ignore[arg-type]
-                                quality if quality is not None else have_quality)
+    quality = quality if quality is not None else have_quality
+    # JPEG frames of another quality are decoded and encoded again: the section keeps each earlier quality, which
+    # verify's bound replays.
+    before = frames_codec.encodings(source.dense_frames)
+    return frames_codec.section(source.dense_gamma, frames_codec.JPEG, quality,  # type: ignore[arg-type]
+                                before[:-1] if quality == have_quality else before)
 
 
 def target_schema(source: FeatureStore, layers: list[int], dtype: str | None, frames: str = "keep",

@@ -79,7 +79,7 @@ def run_demo(opts: DemoOptions, say: Callable[[str], None] = print) -> dict:
                                   json=str(run / "eval.json"), decode_workers=0))
     chance = 1 / len(report["class_names"])
     say(f"\nval top-1 {report['top1']:.1%} (chance {chance:.0%}; a frame-order-blind model tops out at 50%), "
-        f"top-5 {report['top5']:.1%}, {report['videos']} videos")
+        f"top-{report['top5_k']} {report['top5']:.1%}, {report['videos']} videos")
     say(f"run directory: {run} (metrics.jsonl, curves PNG, eval.json, confusion-matrix PNG, checkpoints)")
     say(f"next: dist-cache info {train_store}   |   dist-cache verify {val_store} --video-root {data / 'videos'} "
         f"--pretrained {checkpoint}")

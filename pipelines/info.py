@@ -56,7 +56,7 @@ def store_info(url: str, storage_options: dict | None = None) -> dict[str, Any]:
         notes: VideoNotes | None = VideoNotes.from_tables(facts["num_frames"][done], facts["vfr"][done],
                                                           facts["transform"][done], schema.num_frames)
         G = schema.dense_gamma
-        dense = None if G is None else frames_info(store)
+        dense = None if G is None else frames_info(store, damage)
     except StoreDamagedError as err:  # what the counts come from is damaged: say so, show the rest
         damage = damage or [first_line(err)]
         failed, counts, notes = [], dict.fromkeys(("done", "failed", "pending")), None
@@ -106,23 +106,27 @@ def _bytes_per_view(schema, dense: dict | None) -> dict[str, int] | None:
 FRAME_BYTES_SAMPLE = 16
 
 
-def frames_info(store: FeatureStore) -> dict[str, Any]:
+def frames_info(store: FeatureStore, damage: list[str]) -> dict[str, Any]:
     """The dense frames: stored G and the gammas they serve, format and quality, and bytes per clip view: exact for
     raw frames, for JPEG the mean over the shard indexes of the first FRAME_BYTES_SAMPLE done videos (None before
-    any is done)."""
+    any is done). A damaged shard among those is added to `damage` and left out of the mean."""
     schema = store.schema
     G, (kind, quality) = schema.dense_gamma, store.frames_format
     done = [int(v) for v in np.flatnonzero(store.status[::schema.views_per_video] == SampleStatus.DONE)]
     raw = G * schema.num_frames * (schema.image_size**2 * 3 + 4)  # each frame's bytes and its chunk's checksum
+    per_view: float | None = None
     if kind == frames_codec.RAW:
-        per_view: float | None = raw
+        per_view = raw
     elif done and store.checksummed:
-        measured = done[:FRAME_BYTES_SAMPLE]
-        per_view = sum(store.stored_bytes(layout.FRAMES, v) for v in measured) / (len(measured) *
-                                                                                  schema.views_per_video)
-    else:
-        per_view = None
+        sizes = []
+        for v in done[:FRAME_BYTES_SAMPLE]:
+            try:
+                sizes.append(store.stored_bytes(layout.FRAMES, v))
+            except StoreDamagedError as err:  # one video's shard: the counts and the other videos still stand
+                damage.append(first_line(err))
+        per_view = sum(sizes) / (len(sizes) * schema.views_per_video) if sizes else None
     return {"gamma": G, "gammas": dense_gammas(G), "format": kind, "quality": quality,
+            "encoded_before": list(frames_codec.encodings(schema.dense_frames)[:-1]),
             "bytes_per_view": None if per_view is None else round(per_view),
             "raw_bytes_per_view": raw}
 
@@ -260,9 +264,12 @@ def _frames_format(dense: dict) -> str:
     if dense["format"] == frames_codec.RAW:
         return f"raw uint8, {_size(dense['bytes_per_view'])} per clip view"
     per_view = dense["bytes_per_view"]
+    jpeg = f"JPEG quality {dense['quality']}"
+    if dense["encoded_before"]:
+        jpeg += f" (encoded again: first at quality {', then '.join(map(str, dense['encoded_before']))})"
     if per_view is None:
-        return f"JPEG quality {dense['quality']}, size not measured yet (no video done)"
-    return (f"JPEG quality {dense['quality']}, {_size(per_view)} per clip view "
+        return f"{jpeg}, size not measured yet (no video done)"
+    return (f"{jpeg}, {_size(per_view)} per clip view "
             f"({dense['raw_bytes_per_view'] / per_view:.1f}x smaller than raw)")
 
 

@@ -5,7 +5,7 @@
   mmaction2's samplers would also give it repeats.
 - variable frame rate: frames are sampled by index, so equal segments are equal in frames, not in seconds.
 - turned upright: the decoder applied the container's display matrix (a phone video); decord does not say, so
-  its stores count these as unknown.
+  its stores count these as unknown, as do stores finalized before these facts were recorded.
 The rules are the README's ("Sampling and views"); the facts are the decoder's, recorded per video.
 """
 
@@ -61,5 +61,6 @@ class VideoNotes:
                  f"{self.vfr} with a variable frame rate (sampled by frame index, not time)"
                  + (f", {self.vfr_unknown} unknown" if self.vfr_unknown else ""),
                  f"{self.turned} turned upright by a display matrix"
-                 + (f", {self.turned_unknown} unknown (decord does not report it)" if self.turned_unknown else "")]
+                 + (f", {self.turned_unknown} unknown (decord does not report it, and older stores did not record it)"
+                    if self.turned_unknown else "")]
         return "; ".join(parts)

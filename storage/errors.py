@@ -22,8 +22,8 @@ def store_fix(format_version: int, videos_per_shard: int) -> str:
     if format_version < 2:
         return "format 1 stores are never written into: restore it from a backup, or re-extract into a new --out"
     if videos_per_shard > 1:
-        return ("this packed copy is read-only: copy it again from its source (dist-cache copy SRC DST "
-                f"--videos-per-shard {videos_per_shard})")
+        return ("this packed copy is read-only: copy it again from its source into a new destination (dist-cache "
+                f"copy SRC NEW_DST --videos-per-shard {videos_per_shard}; a copy into this one skips what it holds)")
     return REPAIR_HINT
 
 

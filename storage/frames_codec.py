@@ -47,28 +47,39 @@ CODEC_NAME = "dist_cache.jpeg"
 # libjpeg's 2x2 chroma subsampling (Pillow's code 2): what every JPEG decoder, nvjpeg's hardware path included,
 # handles fastest; the temporal encoder sees motion, which lives in luma.
 _SUBSAMPLING_420 = 2
+# A copy of a copy at another quality adds one to `encoded_before`; a bound keeps the schema small.
+MAX_ENCODINGS = 16
 
 
-def section(gamma: int, frames_format: str = RAW, quality: int | None = None) -> dict[str, Any]:
+def section(gamma: int, frames_format: str = RAW, quality: int | None = None,
+            encoded_before: Sequence[int] = ()) -> dict[str, Any]:
     """The schema's `dense_frames` section. Raw frames are `{"gamma": G}` exactly, as every store before JPEG
-    frames had, so such stores resume and keep their fingerprint."""
+    frames had, so such stores resume and keep their fingerprint. `encoded_before`: the qualities JPEG frames were
+    encoded at before this store's (a copy at another quality decodes and encodes again), oldest first; only
+    present when there are some, so the stores extract writes keep their section."""
     if frames_format == RAW:
         return {"gamma": gamma}
-    return {"gamma": gamma, "format": JPEG, "quality": DEFAULT_QUALITY if quality is None else quality}
+    out = {"gamma": gamma, "format": JPEG, "quality": DEFAULT_QUALITY if quality is None else quality}
+    if encoded_before:
+        out["encoded_before"] = [int(q) for q in encoded_before]
+    return out
 
 
 def section_problem(dense: Any) -> str | None:
     """Why `dense` is not a valid `dense_frames` section (None: it is). The gamma's bound is the schema's."""
-    shape = 'null, {"gamma": G} or {"gamma": G, "format": "jpeg", "quality": Q}'
+    shape = 'null, {"gamma": G} or {"gamma": G, "format": "jpeg", "quality": Q[, "encoded_before": [Q, ...]]}'
     if not isinstance(dense, dict) or "gamma" not in dense:
         return f"dense_frames must be {shape}"
     if set(dense) == {"gamma"}:
         return None
-    if set(dense) != {"gamma", "format", "quality"} or dense["format"] != JPEG:
+    if set(dense) - {"encoded_before"} != {"gamma", "format", "quality"} or dense["format"] != JPEG:
         return f"dense_frames must be {shape}"
-    quality = dense["quality"]
-    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
-        return f"dense_frames.quality must be an int in [1, 100], got {quality!r}"
+    before = dense.get("encoded_before", [])
+    if not isinstance(before, list) or "encoded_before" in dense and not 1 <= len(before) <= MAX_ENCODINGS:
+        return f"dense_frames.encoded_before must be a list of 1 to {MAX_ENCODINGS} qualities"
+    for quality in [dense["quality"], *before]:
+        if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+            return f"dense_frames.quality must be an int in [1, 100], got {quality!r}"
     return None
 
 
@@ -77,6 +88,14 @@ def format_of(dense: dict[str, Any] | None) -> tuple[str, int | None] | None:
     if dense is None:
         return None
     return (JPEG, int(dense["quality"])) if dense.get("format") == JPEG else (RAW, None)
+
+
+def encodings(dense: dict[str, Any] | None) -> tuple[int, ...]:
+    """The qualities a valid `dense_frames` section's JPEG frames were encoded at, oldest first, the stored one
+    last; () for raw frames or none."""
+    if dense is None or dense.get("format") != JPEG:
+        return ()
+    return (*map(int, dense.get("encoded_before", ())), int(dense["quality"]))
 
 
 # ---------------------------------------------------------------- one frame

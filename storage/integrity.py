@@ -39,8 +39,9 @@ def listed_nodes(st: OpenedStore) -> dict[str, dict[str, Any] | None]:
         per_shard = 1  # reported below, with the features array's metadata
     expected = layout.data_arrays(st.schema, per_shard) + (layout.table_arrays(st.schema) if st.complete else [])
     for spec in expected:
-        if st.schema.format_version == 1 and spec.name in layout.OPTIONAL_TABLES and spec.name not in nodes:
-            continue  # format 1 may lack these (storage/README.md, "Format 1")
+        if spec.name not in nodes and (spec.name in layout.LATER_TABLES or (
+                st.schema.format_version == 1 and spec.name in layout.OPTIONAL_TABLES)):
+            continue  # finalized before they existed, or format 1 (storage/README.md, "Format 1"): read as unknown
         nodes.setdefault(spec.name, None)
     for name in list(nodes):
         parts = name.split("/")

@@ -322,6 +322,11 @@ class StoreSchema:
         compat["preprocess"]["decoder"] = {"name": self.preprocess["decoder"]["name"]}
         if self.encoding is not None:  # the request, not the fit (a resume reuses the stored fit)
             compat["encoding"] = compat_of(self.encoding)
+        if compat["dense_frames"] is not None:
+            # The encodes a copy's JPEG frames went through before: their history, not a setting a writer must
+            # share. extract --repair into such a copy writes frames encoded once, which lie closer to the video's
+            # than the chain verify holds them to (every one of 329 frames and quality chains tried).
+            compat["dense_frames"].pop("encoded_before", None)
         return compat
 
     @property

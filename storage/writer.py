@@ -239,8 +239,9 @@ class StoreWriter:
         complete store use the consolidated copy, writers these), and the arrays written at creation read whole
         (every chunk present, its crc32c right) and hold this manifest. Damage raises StoreDamagedError, or with
         `repair` is rewritten: documents from the schema (pure functions of it), the manifest's arrays from these
-        arguments (the same manifest: its sha256 matched), the text embeddings from this run's. Returns what was
-        rewritten, one line each."""
+        arguments (the same manifest: its sha256 matched), the text embeddings from this run's, and a complete
+        store's tables by finalize (their damage un-completes the store). Returns what was rewritten, one line
+        each."""
         specs = {spec.name: spec for spec in layout.data_arrays(self.schema, self.videos_per_shard)}
         tables = {spec.name: spec for spec in layout.table_arrays(self.schema)}
         groups = sorted({name.rsplit("/", 1)[0] for name in [*specs, *tables] if "/" in name})
@@ -248,12 +249,15 @@ class StoreWriter:
         later = {*tables, *(g for g in groups if not any(name.startswith(f"{g}/") for name in specs))}
         documents: dict[str, bytes] = {}  # key -> the document to restore
         findings: list[str] = []
+        finalized = []  # tables whose documents are there (a store older than a table lacks it)
         for name in [*groups, *specs, *tables]:
             key = f"{name}/{ROOT_KEY}"
             data = self._loc.read(key)
             spec = None if name in groups else {**specs, **tables}[name]
             if data is None and name in later:
                 continue
+            if name in tables:
+                finalized.append(name)
             why = "missing" if data is None else _document_damage(data, spec)
             if why:
                 findings.append(f"{key} is {why}")
@@ -267,6 +271,12 @@ class StoreWriter:
             elif len(values) and (why := self._unreadable(name, values, compare=name != layout.TEXT)):
                 findings.append(why)
                 rewrite.append(name)
+        if (read_attrs(self._loc) or {}).get("complete"):
+            # Readers (repair's own check among them) read a complete store's videos from these tables; finalize
+            # rewrites them whole from the records once the store is un-completed, which is all their repair needs.
+            for name in finalized:
+                if f"{name}/{ROOT_KEY}" not in documents and (why := self._unreadable(name, None, compare=False)):
+                    findings.append(why)
         if findings and not repair:
             raise StoreDamagedError(f"store {self._loc.url}: {findings[0]}; "
                                     f"{store_fix(FORMAT_VERSION, self.videos_per_shard)}")
@@ -279,7 +289,7 @@ class StoreWriter:
                 layout.open_array(self._store(), name, mode="r+")[...] = written[name]
         return findings
 
-    def _unreadable(self, name: str, expected: np.ndarray, compare: bool) -> str | None:
+    def _unreadable(self, name: str, expected: np.ndarray | None, compare: bool) -> str | None:
         """Why array `name` does not read back whole (a chunk missing or failing its crc32c), or does not hold
         `expected` (when `compare`); None if it does."""
         try:
@@ -769,7 +779,8 @@ def _check_creatable(loc: Location) -> None:
         own = [n for n in foreign if n in _OWN_NAMES]
         hint = f", which a store would write into ({', '.join(own[:3])})" if own else ""
         raise UserError(f"cannot create store {loc.url}: it is not empty and not a dist-cache store (found "
-                        f"{len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'}: {', '.join(foreign[:3])}{hint}); "
+                        f"{len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'}: {', '.join(foreign[:3])}"
+                        f"{', ...' if len(foreign) > 3 else ''}{hint}); "
                         f"use a new or empty --out")
 
 

@@ -20,6 +20,7 @@ BENCHMARKS = ROOT / "benchmarks"
 # a test checking their report in detail: that test runs them with --quick, and they are not run twice.
 QUICK_ELSEWHERE = {
     "augmentation_cost": "test_benchmark_augmentation_cost.py",
+    "compact": "test_benchmark_compact.py",
     "decode_pool": "test_benchmark_decode_pool.py",
     "gpu_extract": "test_benchmark_gpu_extract.py",
     "gpu_train": "test_benchmark_gpu_train.py",

@@ -53,6 +53,7 @@ def test_commands_are_listed_in_workflow_order_with_whole_summaries():
     for name in cli.COMMAND_ORDER:
         summary = cli.main.commands[name].help.strip().splitlines()[0]
         assert " ".join(summary.split()) in flat, name
+        assert summary.endswith("."), f"{name}'s summary is not a whole sentence: {summary!r}"
     assert "..." not in section
 
 

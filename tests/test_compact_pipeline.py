@@ -87,6 +87,18 @@ def test_copy_dry_run_reports_bytes_and_error_and_writes_nothing(stores, tmp_pat
     assert not (tmp_path / "out.zarr").exists()
 
 
+def test_copy_dry_run_measures_jpeg_frames(stores):
+    """JPEG frames' bytes depend on the content: the dry run encodes views spread over the source's samples."""
+    raw = run_cli("copy", stores["fp16"], "--pca", "16", "--dtype", "int8", "--dry-run")
+    jpeg = run_cli("copy", stores["fp16"], "--pca", "16", "--dtype", "int8", "--frames-format", "jpeg", "--dry-run")
+    assert raw.exit_code == 0 and jpeg.exit_code == 0, jpeg.output
+
+    def frames_mb(output: str) -> float:
+        return float(re.search(r"dense frames ([\d.]+) MB", output).group(1))
+
+    assert 0 < frames_mb(jpeg.output) < frames_mb(raw.output) / 2
+
+
 @pytest.mark.parametrize("options", [("--dtype", "int8"), ("--pca", "12", "--dtype", "int8"), ("--pca", "0.9")])
 def test_every_compact_format_trains_and_its_checkpoint_evaluates_on_fp16(stores, tmp_path, options):
     compact = tmp_path / "c.zarr"

@@ -82,6 +82,14 @@ def test_flip_label_maps_are_checked(motion_dataset, tiny_checkpoint, tmp_path, 
     assert not (tmp_path / "f.zarr").exists()
 
 
+def test_the_built_in_ssv2_map_on_other_classes_says_whose_names_it_needs(motion_dataset, tiny_checkpoint, tmp_path):
+    """Before: "fix the name in the file", with no file (--flip-label-map ssv2)."""
+    line = one_line_error(invoke(motion_dataset, tmp_path / "f.zarr", tiny_checkpoint, "--flip-label-map", "ssv2"))
+    assert "'Pulling something from left to right', which is not among the 4 classes" in line, line
+    assert "Something-Something v2's" in line and "in the file" not in line, line
+    assert not (tmp_path / "f.zarr").exists()
+
+
 def test_manifest_paths_outside_the_video_root_are_refused(motion_dataset, tiny_checkpoint, tmp_path):
     manifest = tmp_path / "escape.csv"
     manifest.write_text("path,label\nleft/0.mp4,left\n../../etc/passwd,right\n")
@@ -151,6 +159,7 @@ def test_a_folder_of_videos_extracts_like_its_manifest(motion_dataset, tiny_chec
 @pytest.mark.parametrize("extra, says", [
     (["--manifest", "m.csv"], "--videos V is the list of videos and their root: drop --manifest"),
     (["--video-root", "."], "--videos V is the list of videos and their root: drop --video-root"),
+    (["--manifest-format", "csv"], "--videos V is a folder of class folders, not a manifest: drop --manifest-format"),
 ])
 def test_a_folder_of_videos_is_not_mixed_with_a_manifest(tmp_path, extra, says):
     (tmp_path / "V").mkdir()
@@ -158,3 +167,13 @@ def test_a_folder_of_videos_is_not_mixed_with_a_manifest(tmp_path, extra, says):
     assert result.exit_code == 2 and says.replace("V", str(tmp_path / "V")) in result.output, result.output
     nothing = CliRunner().invoke(cli.main, ["extract", "--out", "o.zarr"])
     assert nothing.exit_code == 2 and "pass --manifest FILE with --video-root DIR, or --videos DIR" in nothing.output
+
+
+def test_a_missing_folder_of_videos_is_named_by_its_flag(tmp_path, tiny_checkpoint):
+    """Before: "--video-root V: no such directory", a flag the user never gave."""
+    result = CliRunner().invoke(cli.main, ["extract", "--videos", str(tmp_path / "V"), "--out",
+                                           str(tmp_path / "o.zarr"), "--model", "dist-tiny", "--pretrained",
+                                           str(tiny_checkpoint)])
+    assert result.exit_code == 2 and result.output == f"error: --videos {tmp_path / 'V'}: no such directory\n", \
+        result.output
+    assert not (tmp_path / "o.zarr").exists()

@@ -49,7 +49,7 @@ def test_frames_precision_activation_decoder_objects_and_size(tmp_path):
     assert (data["objects"], data["bytes"], data["measured"]) == (objects, size, "listing")
     raw = 4 * 4 * (64 * 64 * 3 + 4)  # G*T frames of 64 px, each with its chunk's checksum
     assert data["dense_frames"] == {"gamma": 4, "gammas": [1, 2, 4], "format": "raw", "quality": None,
-                                    "bytes_per_view": raw, "raw_bytes_per_view": raw}
+                                    "encoded_before": [], "bytes_per_view": raw, "raw_bytes_per_view": raw}
     assert data["videos_per_shard"] == 1
     assert f"storage    format 2, {objects} objects" in text
     assert "none stored" in info(_plain_store(tmp_path))

@@ -104,7 +104,7 @@ def test_train_and_eval_from_the_jpeg_stores_alone(stores, tmp_path, tiny_checkp
         shutil.move(gone, stores["videos"])
 
 
-def test_copy_encodes_raw_frames_and_moves_jpeg_frames_as_stored(stores, tmp_path):
+def test_copy_encodes_raw_frames_and_moves_jpeg_frames_as_stored(stores, tmp_path, tiny_checkpoint, motion_dataset):
     raw = FeatureStore.open(stores["raw"])
     encoded = run("copy", stores["raw"], tmp_path / "j.zarr", "--frames-format", "jpeg")
     assert encoded.exit_code == 0, encoded.output
@@ -122,6 +122,23 @@ def test_copy_encodes_raw_frames_and_moves_jpeg_frames_as_stored(stores, tmp_pat
         assert [bytes(p) for p in moved.frame_payloads(i)] == [bytes(p) for p in source.frame_payloads(i)]
     coarser = run("copy", stores["train"], tmp_path / "q50.zarr", "--jpeg-quality", "50")
     assert coarser.exit_code == 0 and FeatureStore.open(tmp_path / "q50.zarr").frames_format == ("jpeg", 50)
+    # Encoded twice, at 90 then 50: recorded, so verify holds the frames to that chain, not to one encode at 50
+    # (before: such a copy failed verify, its frames a fraction of a dB below a single encode's).
+    assert FeatureStore.open(tmp_path / "q50.zarr").schema.dense_frames["encoded_before"] == [90]
+    assert "JPEG quality 50 (encoded again: first at quality 90)" in run("info", tmp_path / "q50.zarr").stdout
+    checked = run("verify", tmp_path / "q50.zarr", "--video-root", stores["videos"], "--samples", "4", "--device",
+                  "cpu", "--pretrained", tiny_checkpoint)
+    assert checked.exit_code == 0 and checked.stdout.count("JPEG frames >= ") == 4, checked.output
+    # extract --repair mends such a copy as any other (its earlier encodes are history, not a flag to match): the
+    # redone video is encoded once, which verify admits too.
+    (tmp_path / "q50.zarr" / "frames" / "c.1.0.0.0.0").unlink()
+    repaired = extract(motion_dataset, stores["videos"], "train.csv", tmp_path / "q50.zarr", tiny_checkpoint,
+                       "--dense-frames", *train_views(), "--frames-format", "jpeg", "--jpeg-quality", "50", "--repair")
+    assert repaired.exit_code == 0 and "(1 damaged, redone)" in repaired.output, repaired.output
+    every = len(FeatureStore.open(tmp_path / "q50.zarr"))  # the redone video's views among them
+    checked = run("verify", tmp_path / "q50.zarr", "--video-root", stores["videos"], "--samples", every, "--device",
+                  "cpu", "--pretrained", tiny_checkpoint)
+    assert checked.exit_code == 0 and checked.stdout.count("JPEG frames >= ") == every, checked.output
     back = run("copy", stores["train"], tmp_path / "raw.zarr", "--frames-format", "raw")
     assert back.exit_code == 2 and back.output.count("\n") == 1, back.output
     assert back.output.startswith("error: the source's dense frames are JPEG (quality 90): decoding them does not")
@@ -138,6 +155,19 @@ def test_a_damaged_jpeg_frame_is_found_by_verify_deep(stores, tmp_path):
     deep = run("verify", tmp_path / "v.zarr", "--deep")
     assert deep.exit_code == 1, deep.output
     assert "damaged: video 1 (" in deep.stdout and "frames: inner chunk" in deep.stdout and "crc32c" in deep.stdout
+
+
+def test_info_on_a_missing_jpeg_frames_shard_keeps_the_counts(stores, tmp_path):
+    """info reads a few JPEG frames shards' indexes to measure bytes per view. Before: one missing shard made it
+    say "? done, ? failed, ? pending", "the store's tables are damaged" and "videos not counted", none of it so."""
+    shutil.copytree(stores["val"], tmp_path / "v.zarr")
+    (tmp_path / "v.zarr" / "frames" / "c.0.0.0.0.0").unlink()
+    result = run("info", tmp_path / "v.zarr")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert ": DAMAGED, 4 videos, 12 samples (12 done, 0 failed, 0 pending)" in lines[0], result.stdout
+    assert "tables are damaged" not in result.stdout and "JPEG quality 80, " in result.stdout
+    assert any(line.startswith("  damaged: ") and "video 0 (" in line and "frames" in line for line in lines)
 
 
 def test_jpeg_flags_refused_in_one_line_before_anything_is_written(stores, motion_dataset, tiny_checkpoint, tmp_path):

@@ -196,6 +196,9 @@ def test_stored_jpegs_are_written_as_they_are_and_must_fit(tmp_path):
     ({"gamma": 2, "format": "jpeg", "quality": 0}, "quality must be an int in"),
     ({"gamma": 2, "format": "jpeg", "quality": True}, "quality must be an int in"),
     ({"gamma": 2, "quality": 90}, "dense_frames must be"),
+    ({"gamma": 2, "format": "jpeg", "quality": 50, "encoded_before": []}, "encoded_before must be a list of 1 to"),
+    ({"gamma": 2, "format": "jpeg", "quality": 50, "encoded_before": 90}, "encoded_before must be a list of 1 to"),
+    ({"gamma": 2, "format": "jpeg", "quality": 50, "encoded_before": [101]}, "quality must be an int in"),
 ])
 def test_the_schema_says_exactly_raw_or_jpeg_of_a_quality(dense, problem):
     spec = make_schema(dense_gamma=2).to_json()
@@ -213,6 +216,9 @@ def test_verify_accepts_frames_within_the_recorded_quality_and_nothing_else(rend
     assert frames_problem(stored[1:], rendered[:-1], ("jpeg", 90))[0]  # each frame its neighbour's
     assert frames_problem(stored[:, :, ::-1], rendered, ("jpeg", 90))[0]  # mirrored
     assert least < psnr(stored, rendered).min()
+    twice = through_jpeg(through_jpeg(rendered, 90), 50)  # what copy --jpeg-quality 50 of a Q 90 store holds
+    assert frames_problem(twice, rendered, ("jpeg", 50), [90])[0] is None
+    assert frames_problem(through_jpeg(rendered, 40), rendered, ("jpeg", 50), [90])[0]
     assert frames_problem(rendered, rendered, ("raw", None))[0] is None
     assert frames_problem(stored, rendered, ("raw", None))[0] == \
         "the stored dense frames differ from the video's frames, rendered again"

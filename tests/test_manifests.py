@@ -254,6 +254,11 @@ def test_a_folder_lists_its_videos_sorted_and_labelled_by_class_folder(tmp_path)
     # A class list fixes names and order; a class without a folder is fine (a split may lack one).
     m = load_manifest(root, fmt=FOLDER_FORMAT, classes=write(tmp_path / "c.txt", "walk\njump\nrun\n"))
     assert m.class_names == ["walk", "jump", "run"] and m.labels == [2, 2, 0, 0]
+    # A store extracted with its --out inside the folder is no class folder (before: "class folder train.zarr/
+    # holds no videos", so the extraction's rerun, --repair or --retry-failed was refused).
+    for rel in ("train.zarr/zarr.json", "train.zarr/features/zarr.json", "walk/val.zarr/zarr.json"):
+        write(root / rel, "{}")
+    assert load_manifest(root, fmt=FOLDER_FORMAT).videos == ["run/c.mkv", "run/sub/z.webm", "walk/a.MP4", "walk/b.mp4"]
 
 
 def test_a_folder_whose_labels_would_be_guesses_is_refused(tmp_path):

@@ -100,7 +100,8 @@ def stores(clips, tmp_path_factory):
 
 
 def test_extract_info_and_train_through_the_cli(clips, stores, tmp_path):
-    for decoder, turned in (("decord", "0 turned upright by a display matrix, 9 unknown (decord does not report it)"),
+    for decoder, turned in (("decord", "0 turned upright by a display matrix, 9 unknown (decord does not report it, "
+                                        "and older stores did not record it)"),
                             ("pyav", "1 turned upright by a display matrix")):
         store, out = stores[decoder]
         notes = (f"3 shorter than 8 frames (their views repeat frames); 1 with a variable frame rate (sampled by "

@@ -4,6 +4,7 @@ test_train_eval (train, --resume) and test_ddp_train (torchrun, --nproc)."""
 
 from __future__ import annotations
 
+import logging
 import re
 import sys
 
@@ -62,3 +63,27 @@ def test_an_unwritable_run_directory_is_one_line(tmp_path):
                                         r"writable, or use another --out$"):
         with RunLog(tmp_path / "file" / "train.log"):
             pass
+
+
+def test_a_storage_warning_printed_during_a_bar_is_a_line_of_its_own(tmp_path, capsys):
+    """What the console script sets up (dist_cache.logs.warnings_above_bars): before, the warning of a store served
+    without Range support, logged mid-epoch, was written into the progress bar's line, on the terminal and in
+    train.log ("train:  50%|...|warning: http://... ignores HTTP Range requests ...")."""
+    from tqdm import tqdm
+
+    from dist_cache.logs import BarSafeHandler, warnings_above_bars
+
+    warnings_above_bars()
+    try:
+        with RunLog(tmp_path / "train.log"):
+            bar = tqdm(total=2, desc="train", file=sys.stderr)
+            bar.update(1)
+            logging.getLogger("storage.http").warning("warning: a server without Range support")
+            bar.update(1)
+            bar.close()
+    finally:
+        for handler in [h for h in logging.getLogger("storage").handlers if isinstance(h, BarSafeHandler)]:
+            logging.getLogger("storage").removeHandler(handler)
+    assert "warning: a server without Range support" in lines(tmp_path / "train.log")
+    err = capsys.readouterr().err
+    assert "\rwarning: a server without Range support\n" in err, repr(err)  # the bar lifted, the line its own

@@ -442,3 +442,10 @@ def test_decoder_facts_round_trip_and_stores_without_their_tables_read_as_unknow
     old = FeatureStore.open(root)
     assert old.complete and old.sample(0)["num_frames"] == store.sample(0)["num_frames"]
     assert (old.sample(0)["transform"], old.sample(0)["vfr"]) == (None, None)
+    # Intact, as info and verify check it (before: "videos/transform/zarr.json is missing", DAMAGED); info does not
+    # blame decord for what such a store never recorded.
+    assert old.check_store() == []
+    from pipelines.info import format_info, store_info
+
+    assert "3 unknown; 0 turned upright by a display matrix, 3 unknown (decord does not report it, and older stores " \
+           "did not record it)" in format_info(store_info(str(root)))

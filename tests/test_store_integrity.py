@@ -139,3 +139,21 @@ def test_repair_rewrites_the_damaged_arrays_and_documents(store, motion_dataset,
     # Everything is as extracted, byte for byte, but the text embeddings: this run's (the same on this machine).
     assert [k for k in before if before[k] != after[k]] == [], [k for k in before if before[k] != after[k]]
     assert FeatureStore.open(store).complete
+
+
+def test_repair_rewrites_the_tables_of_a_complete_store(store, motion_dataset, tiny_checkpoint):
+    """Before: a complete store is read from its tables, so --repair's own check stopped at a missing or damaged
+    table chunk (videos/fps, samples/crop...) with "rerun with --repair", and no command could mend it."""
+    before = {p.relative_to(store): p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    (store / "videos/fps/c.0").unlink()
+    flip(store / "samples/crop/c.0.0")
+    line = one_error_line(invoke(*extract_args(motion_dataset, tiny_checkpoint, store)))
+    assert "array samples/crop does not decode" in line and line.endswith("with --repair"), line
+    result = invoke(*extract_args(motion_dataset, tiny_checkpoint, store, "--repair"))
+    assert result.exit_code == 0, result.output
+    for what in ("videos/fps/c.0, a chunk of videos/fps, is missing", "array samples/crop does not decode"):
+        assert f"repaired the store's {what}" in result.output, result.output
+    assert invoke("verify", store, "--deep").exit_code == 0
+    after = {p.relative_to(store): p.read_bytes() for p in store.rglob("*") if p.is_file()}
+    assert after.keys() == before.keys()
+    assert [k for k in before if before[k] != after[k]] == []

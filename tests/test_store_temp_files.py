@@ -57,6 +57,7 @@ def source(tmp_path_factory) -> Path:
     {"dataset.tar.partial": HOUR},  # older than the 600 s a writer's orphan needs: it was swept before
     {"videos/notes.txt": HOUR, "records/mine.json": HOUR},  # inside the folders a store writes
     {"features/c.0.0.0.0.0.partial": HOUR},  # looks like a shard's temp file, but has no uuid
+    {"a.mp4": HOUR, "b.mp4": HOUR, "c.mp4": HOUR, "d.mp4": HOUR},  # more than the three it names
 ])
 def test_extract_and_copy_refuse_a_directory_that_is_not_a_store(motion_dataset, tiny_checkpoint, source, tmp_path,
                                                                   users):
@@ -70,6 +71,8 @@ def test_extract_and_copy_refuse_a_directory_that_is_not_a_store(motion_dataset,
         "--device", "cpu"))
     assert "it is not empty and not a dist-cache store" in line and "use a new or empty --out" in line, line
     assert str(out) in line and next(iter(users)).split("/")[0] in line, line
+    top = {name.split("/")[0] for name in users}
+    assert (f"found {len(top)} entries: " in line or len(top) == 1) and (", ...)" in line) == (len(top) > 3), line
     line = one_error_line(invoke("copy", source, out))
     assert "it is not empty and not a dist-cache store" in line, line
     assert files(out) == before  # nothing removed, nothing written among them

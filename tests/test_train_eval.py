@@ -181,6 +181,10 @@ def test_round_trip_train_then_eval(stores, run, tmp_path):
     missing = CliRunner().invoke(cli.main, ["eval", "--checkpoint", str(run.best), "--cache", stores["val"],
                                             "--predictions", str(tmp_path / "no" / "p.jsonl")])
     assert missing.exit_code == 2 and "--predictions" in missing.output and "create it" in missing.output
+    both = str(tmp_path / "r.json")
+    same = CliRunner().invoke(cli.main, ["eval", "--checkpoint", str(run.best), "--cache", stores["val"],
+                                         "--report", both, "--predictions", both])
+    assert same.exit_code == 2 and "name the same file" in same.output and not (tmp_path / "r.json").exists()
 
 
 def first_batch(store: FeatureStore, indices: list[int], frames, layers=None, **kw):

@@ -107,7 +107,10 @@ def test_a_packed_copy_names_its_own_fix(store, tmp_path):
     assert result.exit_code == 1
     assert [line.split(":")[1].strip() for line in result.stdout.splitlines() if "damaged:" in line] == \
         ["video 4 (class1/video_004.mp4)", "video 5 (class2/video_005.mp4)"]
-    assert "this packed copy is read-only: copy it again from its source" in result.stdout
+    assert "this packed copy is read-only: copy it again from its source into a new destination" in result.stdout
+    # ... which is what it takes: a copy into the damaged one skips every group it holds (and mends nothing).
+    again = copy_store(str(store), str(tmp_path / "p.zarr"), videos_per_shard=4, progress=False)
+    assert again.copied == 0 and verify(tmp_path / "p.zarr").exit_code == 1
 
 
 def test_stray_partial_files_are_reported(store):

@@ -35,7 +35,7 @@ from dist_cache.decode_pool import DecodePool, InProcessDecoder, open_pool
 from dist_cache.decoders import DECODERS, DecodeError, get_decoder
 from dist_cache.devices import resolve_device
 from dist_cache.errors import UserError, first_line, machine_error, machine_failure
-from dist_cache.manifests import Manifest, flip_partners, load_manifest
+from dist_cache.manifests import FOLDER_FORMAT, Manifest, flip_partners, load_manifest
 from dist_cache.sampling import DENSE_GAMMAS, TEST_OFFSETS
 from dist_cache.transforms import PREPROCESS
 from pipelines.compact import encoding_section, with_encoding
@@ -207,7 +207,8 @@ def check_options(opts: ExtractOptions) -> None:
     for template in opts.templates:
         check_template(template)
     if not Path(opts.video_root).is_dir():
-        raise UserError(f"--video-root {opts.video_root}: no such directory")
+        flag = "--videos" if opts.manifest_format == FOLDER_FORMAT else "--video-root"
+        raise UserError(f"{flag} {opts.video_root}: no such directory")
 
 
 def check_frames_format(frames_format: str, quality: int | None, dense_frames: bool) -> None:

@@ -234,6 +234,9 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
     """Evaluate a checkpoint on a store; write the JSON report and the confusion PNG when asked."""
     for flag, path in (("--report", opts.json), ("--predictions", opts.predictions)):
         check_output_file(path, flag)
+    if opts.json and opts.predictions and Path(opts.json).resolve() == Path(opts.predictions).resolve():
+        raise UserError(f"--report and --predictions name the same file, {opts.predictions}: the report would "
+                        f"overwrite the predictions; give each its own file")
     device = resolve_device(opts.device)
     ckpt = load_checkpoint(opts.checkpoint)
     config = DiSTConfig.from_dict(ckpt["dist_config"])
