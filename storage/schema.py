@@ -43,8 +43,9 @@ SPLITS = ("train", "test")
 
 # Backbone fields that identify the weights, the geometry and the function computed; e.g.
 # "open_clip_version" or the local path the weights were loaded from may change without changing a feature.
+# In this order a mismatch is named by its most telling field: other weights by their sha256, before their name.
 BACKBONE_COMPAT_KEYS = (
-    "model", "model_config", "pretrained", "weights_sha256", "image_size", "patch_size", "width",
+    "model", "model_config", "weights_sha256", "pretrained", "image_size", "patch_size", "width",
     "embed_dim", "num_layers", "mean", "std", "activation",
 )
 # Keys the store derives itself (stored for other readers, recomputed on reading).
