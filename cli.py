@@ -53,7 +53,7 @@ def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from dist_cache.errors import UserError
-        from pipelines.preemption import PREEMPTED_EXIT, Preempted
+        from pipelines.train import PREEMPTED_EXIT, Preempted
 
         try:
             return fn(*args, **kwargs)
@@ -249,7 +249,7 @@ def extract(**kw) -> None:
     if workers is None and scheduler is None:
         summary = run_extract(ExtractOptions(**kw))
     else:
-        from pipelines.extract_dask import extract_distributed
+        from pipelines.extract import extract_distributed
 
         summary = extract_distributed(ExtractOptions(**kw), workers=workers, scheduler=scheduler)
     for what in summary.repaired:
@@ -477,9 +477,14 @@ def loader_options(fn):
 def train(nproc: int, recipe: str | None, **kw) -> None:
     """Train DiST's temporal encoder and integration branch from a feature store."""
     from dist_cache.recipes import REFERENCE_OPTIONS, check_training_store, effective_settings, method_deviations
-    from pipelines.checks import online_jpeg_warning
-    from pipelines.distributed import quiet_unless_main
-    from pipelines.train import TrainOptions, preflight, train as run_train, train_ranks
+    from pipelines.train import (
+        TrainOptions,
+        online_jpeg_warning,
+        preflight,
+        quiet_unless_main,
+        train as run_train,
+        train_ranks,
+    )
 
     quiet_unless_main()  # under torchrun, rank 0 alone reports
     check_storage_options(kw["storage_options"], kw["cache"], kw["val_cache"])
@@ -529,7 +534,7 @@ def _main_rank() -> bool:
 
 def _run_log(opts) -> contextlib.AbstractContextManager:
     """RUN/train.log, appended to by the process that reports."""
-    from pipelines.runlog import RunLog, run_heading
+    from pipelines.train import RunLog, run_heading
 
     if not _main_rank():
         return contextlib.nullcontext()
@@ -568,7 +573,7 @@ def _run_log(opts) -> contextlib.AbstractContextManager:
 @user_errors
 def evaluate(report: str | None, zero_shot_classes: str | None, **kw) -> None:
     """Score a checkpoint: multi-view top-1/top-5, per-class accuracy, zero-shot with --zero-shot-classes."""
-    from pipelines.evaluate import EvalOptions, evaluate as run_eval, format_report
+    from pipelines.train import EvalOptions, evaluate as run_eval, format_report
 
     check_storage_options(kw["storage_options"], kw["cache"])
     report = run_eval(EvalOptions(json=report, classes=zero_shot_classes, **kw))

@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import sys
-import time
 from collections.abc import Callable
 
 import torch
@@ -58,17 +57,3 @@ def report(parameters: dict, results: dict, ratio, goal: str, verdict: str, **ex
         "verdict": verdict,
         **extra,
     }, indent=1, default=str))
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-class Timer:
-    def __enter__(self):
-        self.t = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.s = time.perf_counter() - self.t

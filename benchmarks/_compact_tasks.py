@@ -163,7 +163,7 @@ def appearance_task(workdir: Path, seeds: list[int], train_per_class: int, test_
                     batch_size: int = 16) -> Task:
     """The appearance task's stores (1 view per training video, 1 centre clip per test video), temporal off."""
     from dist_cache.model import DiSTSwitches
-    from pipelines.extract import ExtractOptions, extract
+    from pipelines.extract.extractor import ExtractOptions, extract
 
     data = make_appearance_dataset(workdir / "data", train_per_class, test_per_class, saturation)
     model, checkpoint = random_backbone(workdir, B16_WIDTH_NAME)
@@ -184,7 +184,7 @@ def appearance_task(workdir: Path, seeds: list[int], train_per_class: int, test_
 def motion_task(workdir: Path, seeds: list[int], test_per_class: int, epochs: int, views: int = 2) -> Task:
     """The augmentation study's motion task (its data, views and branch), `views` cached views per training video,
     3 clips per test video, with dense frames stored (gamma 2) so that `+jpeg` formats apply."""
-    from pipelines.extract import ExtractOptions, extract
+    from pipelines.extract.extractor import ExtractOptions, extract
 
     scale = aug.Scale(train_per_class=8, test_per_class=test_per_class, epochs=epochs, batch_size=8,
                       seeds=tuple(seeds))
@@ -215,8 +215,8 @@ def compare_formats(task: Task, formats: list[str], workdir: Path, say: Callable
     a model reads; training on a format also changes the run's path, and a run that is sensitive to small changes
     of its inputs (as a small task's often is) spreads the trained models' paired differences far wider."""
     from pipelines.compact import jpeg_frame_bytes, sample_bytes
-    from pipelines.evaluate import EvalOptions, evaluate
-    from pipelines.train import TrainOptions, train
+    from pipelines.train.evaluation import EvalOptions, evaluate
+    from pipelines.train.run import TrainOptions, train
     from storage import FeatureStore, frames_codec, layout
 
     def score(checkpoint: Path, test: Path) -> float:

@@ -3,7 +3,7 @@
 * loader: `BatchLoader` (reader threads, stored frames, as `train` reads) over a ViT-B/16-shaped store and its
   compact copies, each against a plain read of its own bytes (every shard file of its features or codes, token
   scales and frames, open().read()), warm page cache, interleaved rounds, medians;
-* step: the training step (`pipelines.step.train_step`, AdamW, the default DiST branch) on fp16 tokens against the
+* step: the training step (`pipelines.train.step.train_step`, AdamW, the default DiST branch) on fp16 tokens against the
   same step on a compact batch (`CompactTokens`: int8 dequantised where each layer is read, PCA codes through the
   folded FC_l and head), the same branch weights and frames, interleaved; beside the FLOPs the profile counts.
 """
@@ -26,7 +26,7 @@ STEP_FORMATS = ("int8", "pca128", "pca128-int8")
 def loader_rates(workdir: Path, quick: bool, batch: int, threads: int) -> dict:
     """clips/s of the loader and of a plain read, per format (fp16 and LOADER_FORMATS), and their ratio."""
     from benchmarks.data_loader import GAMMA, build_store, plain_read
-    from pipelines.data import BatchLoader, EpochSampler, StoredFrames
+    from pipelines.train.data.loader import BatchLoader, EpochSampler, StoredFrames
     from storage import FeatureStore
 
     videos, views, seconds = (2, 2, 2.0) if quick else (12, 3, 6.0)
@@ -91,11 +91,13 @@ def _compact_batch(tokens: torch.Tensor, name: str, device: torch.device):
 def step_times(quick: bool, device: torch.device, batch: int, reps: int) -> dict:
     """Seconds per training step on fp16 tokens and on each STEP_FORMATS batch (ViT-B/16 shapes; --quick: the tiny
     CLIP's), interleaved, medians; and the profile's branch GFLOPs on tokens and on PCA codes."""
-    from benchmarks.train_step import make_step
+    from benchmarks.gpu_train import step_model
     from dist_cache.backbone import load_backbone
     from dist_cache.flops import profile_dist
     from dist_cache.model import DiST, DiSTConfig, DiSTSwitches
-    from pipelines.data import Batch
+    from pipelines.train.data.loader import Batch
+    from pipelines.train.distributed import Ranks
+    from pipelines.train.step import train_step
 
     model, T, gamma = ("dist-tiny", 4, 2) if quick else ("ViT-B-16", 8, 2)
     backbone = load_backbone(model, "none", allow_random_weights=True)
@@ -106,7 +108,10 @@ def step_times(quick: bool, device: torch.device, batch: int, reps: int) -> dict
     torch.manual_seed(0)
     net = DiST(config).to(device).train()
     text = torch.randn(4, config.embed_dim, device=device)
-    step = make_step(net, text, device, backbone.mean, backbone.std)
+    state, ranks = step_model(net, text, backbone.mean, backbone.std, device), Ranks(0, 1, device)
+
+    def step(batch: Batch) -> None:
+        train_step(state, batch, ranks, None, 0)
     g = torch.Generator().manual_seed(0)
     frames = torch.randint(0, 256, (batch, config.dense_frames, config.image_size, config.image_size, 3),
                            generator=g, dtype=torch.uint8).to(device)

@@ -52,9 +52,9 @@ from dist_cache.backbone import load_backbone
 from dist_cache.flops import profile_dist
 from dist_cache.model import DiSTSwitches
 from dist_cache.synthetic import DIRECTIONS, make_motion_dataset, motion_clip, write_video
-from pipelines.evaluate import EvalOptions, evaluate
-from pipelines.extract import ExtractOptions, extract
-from pipelines.train import TrainOptions, train
+from pipelines.extract.extractor import ExtractOptions, extract
+from pipelines.train.evaluation import EvalOptions, evaluate
+from pipelines.train.run import TrainOptions, train
 
 SIZE = 64  # pixels of every clip, as the demo's
 FRAMES, GAMMA = 4, 2  # CLIP frames per view, dense frames per CLIP frame

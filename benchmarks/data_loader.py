@@ -1,4 +1,4 @@
-"""Stage-two input rate: the training loader (pipelines.data.BatchLoader) against a plain read of the same bytes,
+"""Stage-two input rate: the training loader (`BatchLoader`) against a plain read of the same bytes,
 reader threads against DataLoader worker processes, and stored dense frames against decoding them.
 
 A ViT-B/16-shaped store (12 layers x 8 frames x 197 tokens x 768 fp16: 29 MB per clip, plus 16 dense 224 px
@@ -49,9 +49,9 @@ def build_store(workdir: Path, videos: int, views: int, seconds: float, gamma: i
     """(store URL, video root): `videos` K400-like clips and a store of their views (frames stored when gamma)."""
     from benchmarks.decode_pool import k400_like
     from dist_cache.decoders import get_decoder
+    from dist_cache.paths import file_facts
     from dist_cache.sampling import plan_views
-    from pipelines.dense_frames import decode_view
-    from pipelines.prepare import file_facts
+    from pipelines.train.data.dense_frames import decode_view
     from storage import StoreWriter
 
     root = workdir / "videos"
@@ -130,7 +130,7 @@ def main() -> None:
         p.add_argument("--threads", type=int, default=4),
         p.add_argument("--workers", type=int, default=2),
         p.add_argument("--batch", type=int, default=4)))
-    from pipelines.data import BatchLoader, DecodedFrames, EpochSampler, StoredFrames
+    from pipelines.train.data.loader import BatchLoader, DecodedFrames, EpochSampler, StoredFrames
     from storage import FeatureStore
 
     videos, views, seconds = (2, 2, 2.0) if args.quick else (8, 3, 6.0)

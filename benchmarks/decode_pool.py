@@ -1,12 +1,11 @@
 """Decode pool vs bare decord readers: clips/s of what an extraction worker does per video (probe, plan,
-decode, render to uint8: `pipelines.prepare.prepare_video` in `DecodePool`) against a bare process pool of
+decode, render to uint8: `pipelines.extract.prepare.prepare_video` in `DecodePool`) against a bare process pool of
 decord readers that only open each video and decode the same frames, same worker count, same K400-like
 videos (340x256, 25 fps H.264, 10 s; generated here), timed bare / pool / bare in one run.
 
-Also, in this process on one thread (as in a worker): the time per frame of rendering one view before (the
-float path: crop, float32 antialiased resize, flip, grayscale, normalise, as dist-cache 0.1 did in the
-worker) and after (`render_frames`: uint8 throughout; normalising moved to the device), and the median time
-per video of each step: a bare decode, `probe_and_read` (decord and PyAV), the whole `prepare_video`.
+Also, in this process on one thread (as in a worker): the median time per video of each step: a bare decode,
+`probe_and_read` (decord and PyAV), the whole `prepare_video`. (How uint8 rendering compared with dist-cache 0.1's
+float path is recorded in benchmarks/RESULTS.md.)
 
 And the same pool with the PyAV decoder (`extract --decoder pyav`), timed between the decord pool and the
 second bare pass: what choosing PyAV, the decoder that installs everywhere, costs in extraction throughput.
@@ -25,13 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from benchmarks._common import parse, report
 
 FPS, WIDTH, HEIGHT, IMAGE_SIZE, FRAMES = 25, 340, 256, 224, 8
-LUMA = (0.299, 0.587, 0.114)
-MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
 
 
 def k400_like(path: Path, seconds: float, rng: np.random.Generator) -> None:
@@ -59,70 +55,10 @@ def bare_read(path: str, indices: list[int]) -> np.ndarray:
     return vr.get_batch(indices).asnumpy()
 
 
-def float_render(frames: np.ndarray, plan, image_size: int) -> torch.Tensor:
-    """dist-cache 0.1's rendering, for comparison: per frame, float32 throughout, normalised on the CPU."""
-    frames = torch.as_tensor(frames)
-    x, y, w, h = plan.crop
-    mean, std = torch.tensor(MEAN).view(3, 1, 1), torch.tensor(STD).view(3, 1, 1)
-    luma = torch.tensor(LUMA).view(3, 1, 1)
-    out = torch.empty((frames.shape[0], 3, image_size, image_size))
-    for i, frame in enumerate(frames):
-        img = frame[y : y + h, x : x + w].permute(2, 0, 1).float().unsqueeze(0)
-        img = F.interpolate(img, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)[0]
-        if plan.flip:
-            img = img.flip(-1)
-        if plan.grayscale:
-            img = (img * luma).sum(0, keepdim=True).expand(3, -1, -1)
-        out[i] = (img / 255.0 - mean) / std
-    return out
-
-
 def planned(num_frames: int, video_index: int, spec) -> list[int]:
     """The frames prepare_video decodes for this video (planned from the facts the generator wrote)."""
-    from dist_cache.sampling import plan_views
-
-    plans = plan_views(num_frames, WIDTH, HEIGHT, frames=spec.frames, views=spec.views, split=spec.split,
-                       seed=spec.seed,
-                       video_index=video_index, scale=spec.scale, ratio=spec.ratio, flip_p=spec.flip_p,
-                       grayscale_p=spec.grayscale_p)
+    plans = spec.sampling.plan(num_frames, WIDTH, HEIGHT, video_index)
     return sorted({i for p in plans for i in p.sparse_indices})
-
-
-def time_renders(videos: list[Path], spec, reps: int) -> dict:
-    """ms per frame of one view's rendering, float path vs uint8 path, on one thread, on decoded frames."""
-    from dist_cache.decoders import get_decoder
-    from dist_cache.sampling import plan_views
-    from dist_cache.transforms import render_frames
-
-    decoder = get_decoder("decord")
-    cases = []
-    for v, path in enumerate(videos):
-        facts = decoder.probe(path)
-        for plan in plan_views(facts.num_frames, facts.width, facts.height, frames=FRAMES, views=spec.views,
-                               split="train", seed=spec.seed, video_index=v):
-            cases.append((decoder.read(path, plan.sparse_indices), plan))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        timings = {}
-        for name, render in (("float", float_render), ("uint8", render_frames)):
-            for frames, plan in cases:  # warm-up
-                render(frames, plan, IMAGE_SIZE)
-            start = time.perf_counter()
-            for _ in range(reps):
-                for frames, plan in cases:
-                    out = render(frames, plan, IMAGE_SIZE)
-            timings[name] = (time.perf_counter() - start) / (reps * len(cases) * FRAMES)
-            timings[f"{name}_bytes_per_frame"] = out[0].numel() * out.element_size()
-    finally:
-        torch.set_num_threads(threads)
-    return {
-        "float_ms_per_frame": round(1e3 * timings["float"], 3),
-        "uint8_ms_per_frame": round(1e3 * timings["uint8"], 3),
-        "speedup": round(timings["float"] / timings["uint8"], 2),
-        "bytes_per_frame_float32": timings["float_bytes_per_frame"],
-        "bytes_per_frame_uint8": timings["uint8_bytes_per_frame"],
-    }
 
 
 def serial_split(videos: list[Path], num_frames: int, spec, rounds: int) -> dict:
@@ -131,7 +67,7 @@ def serial_split(videos: list[Path], num_frames: int, spec, rounds: int) -> dict
     that a busy moment of the machine hits them all alike; wall-clock, and CPU seconds of this process (all its
     threads: decord decodes on a thread of its own), which a machine shared with other jobs disturbs far less."""
     from dist_cache.decoders import get_decoder
-    from pipelines.prepare import prepare_video
+    from pipelines.extract.prepare import prepare_video
 
     def checked(name: str, path: Path, v: int) -> None:
         get_decoder(name).probe_and_read(path, lambda facts: planned(facts.num_frames, v, spec))
@@ -174,7 +110,7 @@ def run_bare(executor, jobs) -> float:
 
 
 def run_pool(pool, jobs) -> float:
-    from pipelines.prepare import prepare_video
+    from pipelines.extract.prepare import prepare_video
 
     start = time.perf_counter()
     for _, future in pool.map_unordered(prepare_video, jobs):
@@ -186,13 +122,14 @@ def main() -> None:
     args = parse(__doc__.splitlines()[0], extra=lambda p: p.add_argument(
         "--workers", default="auto", help="processes in each pool (default: auto, as `--decode-workers auto`)"))
     from dist_cache.decode_pool import DecodePool, auto_workers
-    from pipelines.extract import DECODE_PRELOAD
-    from pipelines.prepare import RenderSpec
+    from dist_cache.sampling import Sampling
+    from pipelines.extract.extractor import DECODE_PRELOAD
+    from pipelines.extract.prepare import RenderSpec
 
     workers = auto_workers() if args.workers == "auto" else int(args.workers)
     count, seconds = (4, 2.0) if args.quick else (32, 10.0)
-    spec = RenderSpec(frames=FRAMES, views=1, split="train", seed=0, image_size=IMAGE_SIZE, scale=(0.4, 1.0),
-                      ratio=(3 / 4, 4 / 3), flip_p=0.5, grayscale_p=0.2, decoder="decord")
+    sampling = Sampling(FRAMES, 1, "train", 0, scale=(0.4, 1.0), ratio=(3 / 4, 4 / 3), flip_p=0.5, grayscale_p=0.2)
+    spec = RenderSpec(sampling, IMAGE_SIZE, decoder="decord")
     tmp = Path(tempfile.mkdtemp(prefix="dist-bench-decode-"))
     try:
         rng = np.random.default_rng(0)
@@ -203,7 +140,6 @@ def main() -> None:
         bare_jobs = [(str(p), planned(num_frames, v, spec)) for v, p in enumerate(videos)]
         pool_jobs = [(str(p), v, spec) for v, p in enumerate(videos)]
         pyav_jobs = [(str(p), v, dataclasses.replace(spec, decoder="pyav")) for v, p in enumerate(videos)]
-        renders = time_renders(videos[:2], spec, reps=2 if args.quick else 5)
         split = serial_split(videos[: min(count, 8)], num_frames, spec, rounds=1 if args.quick else 3)
 
         context = multiprocessing.get_context("spawn")
@@ -221,20 +157,20 @@ def main() -> None:
             pool.close()
             close_s = time.perf_counter() - start
         bare_s = (bare_first + bare_second) / 2
-        clips = count * spec.views
+        clips = count * sampling.views
         ratio = round(bare_s / pool_s, 3)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     report(
         parameters={"videos": count, "seconds": seconds, "size": f"{WIDTH}x{HEIGHT}", "fps": FPS,
                     "codec": "H.264 (libx264 veryfast crf 18)",
-                    "workers": workers, "frames": FRAMES, "views": spec.views, "image_size": IMAGE_SIZE,
+                    "workers": workers, "frames": FRAMES, "views": sampling.views, "image_size": IMAGE_SIZE,
                     "split": "train (random crop, flip, grayscale)", "decoder": spec.decoder},
         results={"pool_clips_per_s": round(clips / pool_s, 3), "bare_clips_per_s": round(clips / bare_s, 3),
                  "pool_s": round(pool_s, 3), "bare_s": [round(bare_first, 3), round(bare_second, 3)],
                  "pool_close_s": round(close_s, 3),
                  "pyav_pool_clips_per_s": round(clips / pyav_s, 3), "pyav_over_decord_pool": round(pool_s / pyav_s, 3),
-                 "render": renders, "serial_one_thread": split},
+                 "serial_one_thread": split},
         ratio=ratio,
         goal="decode pool (probe, plan, decode, render) >= 90% of the clips/s of bare decord readers",
         verdict="met" if ratio >= 0.9 else "missed",

@@ -1,10 +1,11 @@
 """Data for the one-shot GPU measurement (benchmarks/gpu.sh): K400-like clips, a manifest, a ViT checkpoint.
 
 The clips are `benchmarks.decode_pool.k400_like` (340x256, 25 fps H.264, a textured panning scene: decoding costs
-what a real clip's does), generated in parallel on every core. The manifest lists each file `--repeat` times under
-distinct rows, so extraction and training see `videos * repeat` clips (each row is its own video index, with its
-own sampled frames and crop) while generation stays short. The checkpoint is the model's random weights saved as a
-state dict, the way a user passes `--pretrained PATH`: loading it is timed like loading real weights.
+what a real clip's does), generated in parallel on every core. The manifest lists each file `--repeat` times, under
+distinct names (hard links: a manifest lists each video once), so extraction and training see `videos * repeat` clips
+(each row is its own video index, with its own sampled frames and crop) while generation stays short. The
+checkpoint is the model's random weights saved as a state dict, the way a user passes `--pretrained PATH`: loading it
+is timed like loading real weights.
 
     python -m benchmarks.gpu_data --out DIR [--videos 64] [--repeat 6] [--seconds 10] [--model ViT-B-16] [--quick]
 
@@ -46,9 +47,16 @@ def make_clips(videos_dir: Path, count: int, seconds: float) -> list[str]:
     return names
 
 
-def write_manifest(path: Path, names: list[str], repeat: int) -> int:
-    """path,label rows: every file `repeat` times (the same file under distinct rows), labels cycling over CLASSES."""
-    rows = [(name, CLASSES[(r * len(names) + i) % len(CLASSES)]) for r in range(repeat) for i, name in enumerate(names)]
+def write_manifest(path: Path, videos_dir: Path, names: list[str], repeat: int) -> int:
+    """path,label rows: every file `repeat` times (repeats as hard links NAME-r.mp4), labels cycling over CLASSES."""
+    rows = []
+    for r in range(repeat):
+        for i, name in enumerate(names):
+            row = name if r == 0 else name.replace(".mp4", f"-{r}.mp4")
+            if r:
+                (videos_dir / row).unlink(missing_ok=True)
+                os.link(videos_dir / name, videos_dir / row)
+            rows.append((row, CLASSES[(r * len(names) + i) % len(CLASSES)]))
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "label"])
@@ -81,13 +89,13 @@ def main() -> None:
     start = time.perf_counter()
     names = make_clips(args.out / "videos", args.videos, args.seconds)
     generated = time.perf_counter() - start
-    rows = write_manifest(args.out / "train.csv", names, args.repeat)
+    rows = write_manifest(args.out / "train.csv", args.out / "videos", names, args.repeat)
     checkpoint = args.out / f"{args.model}-random.pt"
     save_random_checkpoint(args.model, checkpoint)
     print(json.dumps({"videos_dir": str(args.out / "videos"), "manifest": str(args.out / "train.csv"),
                       "rows": rows, "distinct_clips": len(names), "seconds_per_clip": args.seconds,
                       "generate_s": round(generated, 1), "checkpoint": str(checkpoint),
-                      "bytes": sum(f.stat().st_size for f in (args.out / "videos").iterdir())}))
+                      "bytes": sum((args.out / "videos" / n).stat().st_size for n in names)}))
 
 
 if __name__ == "__main__":

@@ -38,9 +38,11 @@ PACKAGES = {
 # The project's modules the steps import (benchmarks.gpu_* and those they run), and the modules they import late
 # (inside functions: decoders, the demo's video generator, plots).
 MODULES = (
-    "cli", "storage", "storage.http", "pipelines.extract", "pipelines.train", "pipelines.evaluate", "pipelines.demo",
-    "pipelines.plots", "dist_cache.backbone", "dist_cache.decode_decord", "dist_cache.decode_pyav",
-    "dist_cache.synthetic", "benchmarks.gpu_data", "benchmarks.gpu_extract", "benchmarks.gpu_train",
+    "cli", "storage", "storage.http", "pipelines.extract.extractor", "pipelines.train.run",
+    "pipelines.train.evaluation",
+    "pipelines.demo", "pipelines.train.plots", "dist_cache.backbone", "dist_cache.decode_decord",
+    "dist_cache.decode_pyav", "dist_cache.synthetic", "benchmarks.gpu_data", "benchmarks.gpu_extract",
+    "benchmarks.gpu_train",
     "benchmarks.store_write", "benchmarks.decode_pool", "benchmarks.gpu_summary", "benchmarks.jpeg_frames",
     "pipelines.copy", "storage.frames_codec",
 )

@@ -122,7 +122,7 @@ def writer_rates(workdir: Path, frames: np.ndarray, videos: int, writers: int) -
 def loader_rates(raw_url: str, jpeg_url: str, batch: int, threads: int, rounds: int) -> dict:
     """Median clips/s over interleaved rounds: plain reads of each store's shard files, the loader on each with
     features and frames, and on each with frames alone."""
-    from pipelines.data import BatchLoader, EpochSampler, StoredFrames
+    from pipelines.train.data.loader import BatchLoader, EpochSampler, StoredFrames
     from storage import FeatureStore
 
     stores = {"raw": FeatureStore.open(raw_url), "jpeg": FeatureStore.open(jpeg_url)}

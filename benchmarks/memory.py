@@ -19,7 +19,7 @@ from benchmarks._common import parse, report
 
 CHILD = r"""
 import json, resource, sys
-from pipelines.train import TrainOptions, train
+from pipelines.train.run import TrainOptions, train
 r = train(TrainOptions(cache=sys.argv[1], video_root=sys.argv[2], out=sys.argv[3], epochs=1,
                        batch_size=int(sys.argv[5]), decode_workers=2, device=sys.argv[4], warmup_epochs=0),
           progress=False)
@@ -33,7 +33,7 @@ print(json.dumps({"self_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_
 def main() -> None:
     args = parse(__doc__.splitlines()[0])
     from dist_cache.synthetic import make_motion_dataset
-    from pipelines.extract import ExtractOptions, extract
+    from pipelines.extract.extractor import ExtractOptions, extract
 
     sizes, batch = ([8, 16], 4) if args.quick else ([50, 200, 800], 16)
     tmp = Path(tempfile.mkdtemp(prefix="dist-bench-memory-"))

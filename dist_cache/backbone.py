@@ -51,8 +51,8 @@ BUNDLED_CONFIGS = Path(__file__).parent / "configs"
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
 # The activations an open_clip ViT can be built with (a timm tower's is fixed by its architecture).
 ACTIVATIONS = ("quick_gelu", "gelu")
-PRECISIONS = ("fp32", "fp16", "bf16")
 AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = ("fp32", *AUTOCAST_DTYPES)  # fp32 or an autocast dtype: a store's `precision`
 # What open_clip logs when create_model gets no weights; expected while building on the meta device, where the
 # weights are assigned right after.
 _NO_WEIGHTS_LOGGED = "No pretrained weights loaded for model"
@@ -196,25 +196,6 @@ def class_prototypes(num_classes: int, dim: int) -> np.ndarray:
     else:
         rows = gaussian / gaussian.norm(dim=1, keepdim=True)
     return rows.numpy().astype(np.float32)
-
-
-def resolve_layers(spec: str, num_layers: int) -> list[int]:
-    """Parse `all`, `last:N` or a comma list of 0-based block indices into a sorted list."""
-    spec = spec.strip()
-    if spec == "all":
-        return list(range(num_layers))
-    if spec.startswith("last:"):
-        count = spec.split(":", 1)[1]
-        if not count.isdigit() or not 1 <= int(count) <= num_layers:
-            raise UserError(f"--layers {spec}: N must be 1..{num_layers} for this model")
-        return list(range(num_layers - int(count), num_layers))
-    try:
-        layers = sorted({int(part) for part in spec.split(",") if part.strip()})
-    except ValueError:
-        raise UserError(f"--layers {spec!r} is not 'all', 'last:N' or a comma list of block indices") from None
-    if not layers or layers[0] < 0 or layers[-1] >= num_layers:
-        raise UserError(f"--layers {spec}: indices must lie in 0..{num_layers - 1} for this model")
-    return layers
 
 
 def weights_sha256(module: nn.Module) -> str:

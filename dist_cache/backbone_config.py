@@ -1,4 +1,4 @@
-"""Bounding an open_clip model config before anything is built from it.
+"""Bounding an open_clip model config before anything is built from it; reading `--layers` against its blocks.
 
 A config comes from a user's `--model CONFIG.json` or from a store's record, i.e. from a stranger. open_clip
 builds whatever it is given: 100000 blocks of width 16384 take minutes and gigabytes to lay out even on the meta
@@ -13,6 +13,7 @@ take noticeable time to build.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from dist_cache.errors import UserError
@@ -148,3 +149,29 @@ def check_model_config(config: Any) -> int:
         raise UserError(f"{count / 1e9:.1f} B parameters, more than any open_clip CLIP "
                         f"({MAX_BACKBONE_PARAMS / 1e9:.0f} B at most)")
     return count
+
+
+def resolve_layers(spec: str | None, available: int | Sequence[int], whose: str = "") -> list[int]:
+    """`--layers`: all (or None), last:N or a comma list of block indices, sorted, over `available`: a model's
+    blocks (an int: their count) or the layers a store holds. `whose` names them in the one-line error. Torch-free,
+    so that copy does not load torch to read its `--layers`."""
+    have = list(range(available)) if isinstance(available, int) else list(available)
+    whose = whose or f"this model's blocks 0..{len(have) - 1}"
+    spec = "all" if spec is None else spec.strip()
+    if spec == "all":
+        return have
+    if spec.startswith("last:"):
+        count = spec.split(":", 1)[1]
+        if not count.isdigit() or not 1 <= int(count) <= len(have):
+            raise UserError(f"--layers {spec}: N must be 1..{len(have)} ({whose})")
+        return have[len(have) - int(count):]
+    try:
+        wanted = sorted({int(part) for part in spec.split(",") if part.strip()})
+    except ValueError:
+        wanted = []
+    if not wanted:
+        raise UserError(f"--layers {spec!r} is not 'all', 'last:N' or a comma list of block indices")
+    missing = [x for x in wanted if x not in have]
+    if missing:
+        raise UserError(f"--layers {spec}: layers {missing} are not in {whose}")
+    return wanted

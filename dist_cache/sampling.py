@@ -8,8 +8,10 @@ sparse slot k covers the dense frames from sparse frame k up to the next one).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -181,3 +183,39 @@ def plan_views(
         grayscale = bool(rng.uniform() < grayscale_p)
         plans.append(ViewPlan(sparse, window, crop, flip, grayscale))
     return plans
+
+
+# The keys of a store's `sampling` record that plan_views needs (a store written through the StoreWriter API may
+# leave them out).
+RECORDED_KEYS = ("seed", "scale", "ratio", "flip_p", "grayscale_p")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a store's views are planned: plan_views' arguments as the store records them (`StoreSchema.view_sampling()`),
+    so extraction, verify and re-augmented training draw a video's views from one record."""
+
+    frames: int
+    views: int
+    split: str
+    seed: int
+    scale: tuple[float, float]
+    ratio: tuple[float, float]
+    flip_p: float
+    grayscale_p: float
+    test_offsets: str = "centred"
+    offsets_gamma: int = 2
+
+    @classmethod
+    def recorded(cls, record: dict[str, Any], frames: int, views: int, split: str) -> Sampling | None:
+        """From a store's `sampling` record and its frames, views and split; None when the record lacks a key."""
+        if any(key not in record for key in RECORDED_KEYS):
+            return None
+        return cls(frames, views, split, int(record["seed"]), tuple(record["scale"]), tuple(record["ratio"]),
+                   float(record["flip_p"]), float(record["grayscale_p"]), record.get("test_offsets", "centred"),
+                   int(record.get("test_offsets_gamma", 2)))
+
+    def plan(self, num_frames: int, width: int, height: int, video_index: int, epoch: int | None = None
+             ) -> list[ViewPlan]:
+        fields = dataclasses.asdict(self)
+        return plan_views(num_frames, width, height, video_index=video_index, epoch=epoch, **fields)

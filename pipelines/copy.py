@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from dist_cache.backbone_config import resolve_layers
 from dist_cache.errors import UserError
 from pipelines.compact import (
     dry_run,
@@ -48,31 +49,9 @@ class CopySummary:
     held_back: int = 0  # done in the source, but their packed group waits for a video still pending there
 
 
-def parse_layers(text: str | None, available: list[int]) -> list[int]:
-    """`--layers` of copy, with dist_cache.backbone.resolve_layers' grammar over the source's layers:
-    None/"all" -> all of them, "last:N" (N in 1..len(available)) -> the last N, or a comma list of block
-    indices that must all be in the source. Anything else is a one-line UserError naming the flag.
-
-    (resolve_layers itself counts a model's layers, and importing it pulls in torch.)"""
-    spec = "all" if text is None else text.strip()
-    if spec == "all":
-        return list(available)
-    where = f"the source store has layers {format_value(list(available))}"
-    if spec.startswith("last:"):
-        count = spec.split(":", 1)[1]
-        if not count.isdigit() or not 1 <= int(count) <= len(available):
-            raise UserError(f"--layers {spec}: N must be 1..{len(available)} ({where})")
-        return list(available[len(available) - int(count):])
-    try:
-        wanted = sorted({int(part) for part in spec.split(",") if part.strip()})
-    except ValueError:
-        raise UserError(f"--layers {spec!r} is not 'all', 'last:N' or a comma list of block indices") from None
-    if not wanted:
-        raise UserError(f"--layers {spec!r} is not 'all', 'last:N' or a comma list of block indices")
-    missing = [x for x in wanted if x not in available]
-    if missing:
-        raise UserError(f"--layers {spec}: layers {format_value(missing)} are not in the source store ({where})")
-    return wanted
+def source_layers(spec: str | None, source: StoreSchema) -> list[int]:
+    """copy's `--layers`: all, last:N or a comma list, over the layers the source holds."""
+    return resolve_layers(spec, source.layers, f"the source store's layers {format_value(list(source.layers))}")
 
 
 def target_frames(source: StoreSchema, frames: str, frames_format: str | None, quality: int | None
@@ -184,7 +163,7 @@ def copy_store(src: str, dst: str, *, layers: str | None = None, dtype: str | No
     if videos_per_shard < 1:
         raise UserError(f"--videos-per-shard {videos_per_shard}: must be at least 1")
     source = FeatureStore.open(src, storage_options=src_options)
-    kept = parse_layers(layers, list(source.schema.layers))
+    kept = source_layers(layers, source.schema)
     dtype, section = target_encoding(source, dtype, pca, pca_sample)
     schema = target_schema(source, kept, dtype, frames, frames_format, jpeg_quality, section)
     writer = StoreWriter.open(dst, schema, source.videos, source.labels.tolist(), source.text_features,
@@ -218,7 +197,7 @@ def copy_dry_run(src: str, *, layers: str | None = None, dtype: str | None = Non
     compact target, the fit's error on held-out videos of the source, fitted on a sample of it; nothing is
     written."""
     source = FeatureStore.open(src, storage_options=src_options)
-    kept = parse_layers(layers, list(source.schema.layers))
+    kept = source_layers(layers, source.schema)
     dtype, section = target_encoding(source, dtype, pca, pca_sample)
     schema = target_schema(source, kept, dtype, frames, frames_format, jpeg_quality, encoding=section)
     return format_dry_run(dry_run(source, schema, kept, section))

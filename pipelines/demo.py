@@ -18,9 +18,9 @@ import torch
 from dist_cache.backbone import load_backbone
 from dist_cache.model import DiSTSwitches
 from dist_cache.synthetic import make_motion_dataset
-from pipelines.evaluate import EvalOptions, evaluate
-from pipelines.extract import ExtractOptions, extract
-from pipelines.train import TrainOptions, train
+from pipelines.extract.extractor import ExtractOptions, extract
+from pipelines.train.evaluation import EvalOptions, evaluate
+from pipelines.train.run import TrainOptions, train
 
 
 @dataclass

@@ -56,26 +56,18 @@ class VerifyReport:
 def _replanned(store: FeatureStore, sample: dict) -> Any:
     """The plan the recorded sampling parameters give for this sample's video, or None when the store does not
     record them all (a store written through the StoreWriter API need not)."""
-    from dist_cache.sampling import plan_views
-
-    schema = store.schema
-    sampling = schema.sampling
-    if not all(k in sampling for k in ("scale", "ratio", "flip_p", "grayscale_p")):
+    sampling = store.schema.view_sampling()
+    if sampling is None:
         return None
-    plans = plan_views(
-        int(sample["num_frames"]), int(sample["width"]), int(sample["height"]),
-        frames=schema.num_frames, views=schema.views_per_video, split=schema.split, seed=sampling["seed"],
-        video_index=int(sample["video_index"]), scale=tuple(sampling["scale"]), ratio=tuple(sampling["ratio"]),
-        flip_p=sampling["flip_p"], grayscale_p=sampling["grayscale_p"],
-        test_offsets=sampling.get("test_offsets", "centred"), offsets_gamma=int(sampling.get("test_offsets_gamma", 2)),
-    )
+    plans = sampling.plan(int(sample["num_frames"]), int(sample["width"]), int(sample["height"]),
+                          int(sample["video_index"]))
     return plans[int(sample["view"])]
 
 
 def video_mismatch(sample: dict, path: Path, decoder: str = "decord") -> str | None:
     """Why the file at `path` is not the video this sample was extracted from, or None if it is."""
     from dist_cache.decoders import get_decoder
-    from pipelines.prepare import file_sha256
+    from dist_cache.paths import file_mismatch
 
     try:
         facts = get_decoder(decoder).probe(path)
@@ -85,12 +77,8 @@ def video_mismatch(sample: dict, path: Path, decoder: str = "decord") -> str | N
     if (facts.num_frames, facts.width, facts.height) != recorded:
         return (f"{sample['video']}: this copy has {facts.num_frames} frames of {facts.width}x{facts.height}, "
                 f"the store recorded {recorded[0]} of {recorded[1]}x{recorded[2]}")
-    if sample.get("size_bytes") is not None and path.stat().st_size != sample["size_bytes"]:
-        return (f"{sample['video']}: this copy has {path.stat().st_size} bytes, "
-                f"the store recorded {sample['size_bytes']}")
-    if sample.get("sha256") and file_sha256(str(path)) != sample["sha256"]:
-        return f"{sample['video']}: this copy's sha256 differs from the recorded one"
-    return None
+    why = file_mismatch(path, sample)
+    return f"{sample['video']}: {why}" if why else None
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -38,7 +38,6 @@ MEAN = "encoding/mean"
 COMPONENTS = "encoding/components"
 CHANNEL_SCALES = "encoding/channel_scales"
 CHANNEL_GROUPS = "encoding/channel_groups"
-PARAMETER_ARRAYS = (MEAN, COMPONENTS, CHANNEL_SCALES, CHANNEL_GROUPS)
 
 
 class EncodingError(ValueError):
@@ -278,11 +277,6 @@ class Encoding:
         return cls(width, num_layers, None if components is None else tuple(int(k) for k in components),
                    _f32(arrays.get(MEAN)), _f32(arrays.get(COMPONENTS)), _f32(arrays.get(CHANNEL_SCALES)),
                    None if groups is None else np.asarray(groups, dtype=np.uint8))
-
-    def bytes_per_sample(self, frames: int, tokens: int) -> int:
-        """Stored bytes of one sample's codes and token scales (chunk checksums and shard indexes aside)."""
-        per_token = sum(self.dims) * (1 if self.quantized else 2) + (4 * self.num_layers if self.quantized else 0)
-        return frames * tokens * per_token
 
 
 def _f32(values: np.ndarray | None) -> np.ndarray | None:

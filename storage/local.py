@@ -232,11 +232,10 @@ class LocalLocation(Location):
                     pass  # removed meanwhile (a writer's temp file)
         return StoreUsage(objects, size)
 
-    def remove_partials(self, older_than_s: float) -> list[str]:
+    def remove_partials(self, older_than_s: float) -> None:
         # Only old ones: a concurrent writer's in-flight temp file is young, and deleting it would
         # make that writer's rename fail. Only the writers' own names: never a user's `*.partial`.
         now = time.time()
-        removed = []
         for dirpath, _dirs, files in os.walk(self.root):
             for name in files:
                 if not is_temp_name(name):
@@ -245,7 +244,5 @@ class LocalLocation(Location):
                 try:
                     if is_stale(now - path.stat().st_mtime, older_than_s):
                         path.unlink()
-                        removed.append(path.relative_to(self.root).as_posix())
                 except FileNotFoundError:
                     pass  # renamed or removed by its writer meanwhile
-        return sorted(removed)

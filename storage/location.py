@@ -134,9 +134,8 @@ class Location:
         """Check the root can be written, creating its folder if needed; UserError if not."""
         raise NotImplementedError
 
-    def remove_partials(self, older_than_s: float) -> list[str]:
-        """Delete temp files of interrupted atomic writes (`is_temp_name`, `is_stale`); return their keys."""
-        return []
+    def remove_partials(self, older_than_s: float) -> None:
+        """Delete temp files of interrupted atomic writes (`is_temp_name`, `is_stale`)."""
 
     def usage(self) -> StoreUsage | None:
         """Objects and bytes under the root, from a listing; None where nothing can be listed (HTTP)."""

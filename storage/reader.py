@@ -12,7 +12,9 @@ crc32c checked. Anything missing or damaged raises StoreDamagedError; it is neve
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import itertools
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -33,6 +35,9 @@ from storage.quantize import GROUPS, dequantize_int8
 from storage.records import RecordError, VideoRecord, decode_group, group_members
 from storage.remote import ZarrStoreLocation, open_location
 from storage.schema import DTYPES, SampleStatus, StoreSchema, status_counts
+
+# Integrity checks are small reads (whole shards when deep): a few in flight hide a remote store's latency.
+CHECK_THREADS = 8
 
 
 class StoreDamageWarning(UserWarning):
@@ -117,10 +122,6 @@ class FeatureStore:
                 else open_location(self._url, self._options)
             self._opened = OpenedStore(loc)
         return self._opened
-
-    def refresh(self) -> None:
-        """Forget cached state, e.g. to see progress of a running extraction."""
-        self._opened = None
 
     def __repr__(self) -> str:
         url = self._url if isinstance(self._url, str) else repr(self._url)
@@ -571,11 +572,22 @@ class FeatureStore:
         return next(self.check_videos([v], deep))[1]
 
     def check_videos(self, videos: Iterable[int], deep: bool = False) -> Iterator[tuple[int, list[str]]]:
-        """(v, check_video(v, deep)) for each video in turn, reading each shard's index once per call however many
-        videos it holds (a packed copy's shards hold many), and never from the cache of earlier reads."""
-        seen: dict[str, tuple[str, Any]] = {}  # array or "records" -> (key, its index / decoded record, or damage)
-        for v in videos:
-            yield v, self._check(int(v), deep, seen)
+        """(v, check_video(v, deep)) for each video in order (verify's pass, and extract --repair's), checked
+        CHECK_THREADS at a time; the videos of one shard (a packed copy's shards hold many) in one thread, which reads
+        the shard's index once, and never from the cache of earlier reads."""
+        P = self.videos_per_shard
+
+        def check(group: list[int]) -> list[tuple[int, list[str]]]:
+            seen: dict[str, tuple[str, Any]] = {}  # array or "records" -> (key, its index / decoded record, or damage)
+            return [(v, self._check(v, deep, seen)) for v in group]
+
+        groups = [list(g) for _, g in itertools.groupby(map(int, videos), key=lambda v: v // P)]
+        pool = concurrent.futures.ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="store-check")
+        try:
+            for checked in pool.map(check, groups):
+                yield from checked
+        finally:
+            pool.shutdown(cancel_futures=True)  # a caller that stops early does not wait for the rest
 
     def _check(self, v: int, deep: bool, seen: dict[str, tuple[str, Any]]) -> list[str]:
         st = self._state()

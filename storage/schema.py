@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from dist_cache.sampling import DENSE_GAMMAS
+from dist_cache.decoders import DECODERS
+from dist_cache.sampling import DENSE_GAMMAS, Sampling
 from storage import frames_codec
 from storage.encoding import ENCODED_FORMAT_VERSION, check_section, compat_of
 from storage.errors import StoreMismatchError
@@ -38,13 +39,13 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 ACTIVATION_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,31}")
 # What a tower's prefix tokens are (backbone.prefix_tokens), in stored order before the patches.
 PREFIX_KINDS = ("class", "register", "distillation")
-DECODERS = ("decord", "pyav")
 SPLITS = ("train", "test")
 
 # Backbone fields that identify the weights, the geometry and the function computed; e.g.
 # "open_clip_version" or the local path the weights were loaded from may change without changing a feature.
+# In this order a mismatch is named by its most telling field: other weights by their sha256, before their name.
 BACKBONE_COMPAT_KEYS = (
-    "model", "model_config", "pretrained", "weights_sha256", "image_size", "patch_size", "width",
+    "model", "model_config", "weights_sha256", "pretrained", "image_size", "patch_size", "width",
     "embed_dim", "num_layers", "mean", "std", "activation",
 )
 # Keys the store derives itself (stored for other readers, recomputed on reading).
@@ -72,10 +73,6 @@ class SampleStatus(enum.IntEnum):
     def label(self) -> str:
         """The spelling in records and messages: "pending", "done", "failed"."""
         return self.name.lower()
-
-    @classmethod
-    def from_label(cls, label: str) -> SampleStatus:
-        return cls[label.upper()]
 
 
 def status_counts(codes: Any) -> dict[str, int]:
@@ -303,6 +300,10 @@ class StoreSchema:
     def dense_gamma(self) -> int | None:
         """G, the dense frames stored per sparse frame, or None when the store holds no frames."""
         return None if self.dense_frames is None else int(self.dense_frames["gamma"])
+
+    def view_sampling(self) -> Sampling | None:
+        """How this store's views were planned (plan_views' arguments), or None where the record lacks them."""
+        return Sampling.recorded(self.sampling, self.num_frames, self.views_per_video, self.split)
 
     @property
     def frames_format(self) -> tuple[str, int | None] | None:

@@ -119,11 +119,6 @@ def write_videos(url: str, schema: StoreSchema, indices: list[int], *, fail: set
     return w
 
 
-def read_in_child(store: Any, i: int, layers: list[int] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-    """Target for spawn-process tests: use a FeatureStore that arrived by pickle."""
-    return store.features(i, layers), store.sample(i)
-
-
 def _main() -> None:
     """`python -m storage.testing URL JSON`: a writer process for kill/concurrency tests."""
     import json

@@ -129,7 +129,6 @@ class StoreWriter:
         self.schema = schema
         self.stale_partial_s = stale_partial_s
         self.videos_per_shard = videos_per_shard
-        self.removed_partials: list[str] = []
         self.repaired: list[str] = []  # what StoreWriter.open(repair=True) rewrote, one line each
         self._zstore: zarr.abc.store.Store | None = None
         self._checked_complete = False
@@ -211,7 +210,7 @@ class StoreWriter:
                 writer._check_videos_per_shard()
                 writer.repaired = writer._check_arrays(videos, labels, text, repair)
             writer._confirm_schema()
-            writer.removed_partials = loc.remove_partials(stale_partial_s)
+            loc.remove_partials(stale_partial_s)
         return writer
 
     def _create(self, videos: list[str], labels: list[int], text: np.ndarray) -> None:
@@ -697,7 +696,7 @@ class StoreWriter:
                     arr[...] = tables[spec.name]
             self._root_group().update_attributes({"complete": True, "summary": summary})
             consolidate(store)
-            self.removed_partials += self._loc.remove_partials(self.stale_partial_s)
+            self._loc.remove_partials(self.stale_partial_s)
         self._checked_complete = False  # a later write must un-complete again
         return {**summary, "complete": True}
 

@@ -1,8 +1,8 @@
 """Stores that hold dense frames, for the training tests, written through StoreWriter from real videos.
 
-Each video goes through what extraction does (pipelines.prepare.prepare_video: probe, plan, decode, uint8 render;
+Each video goes through what extraction does (`prepare.prepare_video`: probe, plan, decode, uint8 render;
 the tiny CLIP on the normalised frames) and its views' dense frames are decoded at their plans and rendered
-(pipelines.dense_frames.decode_view, what training decodes). So the store is the one `extract --dense-frames`
+(pipelines.train.data.dense_frames.decode_view, what training decodes). So the store is the one `extract --dense-frames`
 makes, and a store of the same videos without frames holds the same features.
 """
 
@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dist_cache.backbone import load_backbone, resolve_layers
+from dist_cache.backbone import load_backbone
+from dist_cache.backbone_config import resolve_layers
 from dist_cache.manifests import load_manifest
 from dist_cache.transforms import normalize_frames
-from pipelines.dense_frames import decode_view
-from pipelines.extract import ExtractOptions, build_schema, render_spec, resolve_precision
-from pipelines.prepare import prepare_video
+from pipelines.extract.extractor import ExtractOptions, build_schema, resolve_precision
+from pipelines.extract.prepare import RenderSpec, prepare_video
+from pipelines.train.data.dense_frames import decode_view
 from storage import StoreWriter
 
 
@@ -34,11 +35,12 @@ def extract_with_frames(manifest: Path, video_root: Path, out: Path, checkpoint:
     backbone = load_backbone(opts.model, opts.pretrained)
     layers = resolve_layers(opts.layers, backbone.num_layers)
     listed = load_manifest(opts.manifest, video_root=opts.video_root)
-    schema = dataclasses.replace(build_schema(opts, backbone, layers, listed), dense_frames={"gamma": gamma})
+    sparse = build_schema(opts, backbone, layers, listed)
+    schema = dataclasses.replace(sparse, dense_frames={"gamma": gamma})
     writer = StoreWriter.open(str(out), schema, listed.videos, listed.labels,
                               backbone.encode_text(listed.class_names, list(opts.templates)))
     encoder = backbone.spatial_encoder(layers)
-    spec = render_spec(opts, backbone)
+    spec = RenderSpec.of_schema(sparse)  # CLIP's frames: the dense ones are decoded as training decodes them
     for v, relative in enumerate(listed.videos):
         path = str(video_root / relative)
         prepared = prepare_video(path, v, spec, hash_videos)

@@ -14,11 +14,11 @@ import torch
 
 from dist_cache.errors import UserError
 from dist_cache.model import DiSTSwitches
-from pipelines.checkpoint import load_checkpoint
-from pipelines.extract import ExtractOptions, extract
-from pipelines.plots import read_metrics
-from pipelines.reaugment import ReaugmentedFrames, check_reaugmentable
-from pipelines.train import TrainOptions, train
+from pipelines.extract.extractor import ExtractOptions, extract
+from pipelines.train.checkpoint import load_checkpoint
+from pipelines.train.data.reaugment import ReaugmentedFrames, check_reaugmentable
+from pipelines.train.plots import read_metrics
+from pipelines.train.run import TrainOptions, train
 from storage import FeatureStore
 
 SMALL = dict(switches=DiSTSwitches(alpha_dim=32, beta_dim=16, pool_blocks=1), batch_size=4, decode_workers=0,
@@ -69,7 +69,7 @@ def test_reaugment_draws_a_fresh_view_every_epoch_the_same_for_the_same_seed(sto
 
 
 def test_reaugmented_online_run_resumes_exactly(stores, tmp_path, monkeypatch):
-    import pipelines.train as train_mod
+    import pipelines.train.run as train_mod
 
     common = dict(cache=stores["train"], video_root=stores["videos"], online=True, reaugment=True, epochs=2,
                   save_every=1, pretrained=stores["checkpoint"], **SMALL)

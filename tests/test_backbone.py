@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_cache.backbone import BUNDLED_CONFIGS, load_backbone, load_recorded_backbone, resolve_layers
+from dist_cache.backbone import BUNDLED_CONFIGS, load_backbone, load_recorded_backbone
+from dist_cache.backbone_config import resolve_layers
 from dist_cache.errors import UserError
 
 

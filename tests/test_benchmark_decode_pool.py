@@ -24,6 +24,3 @@ def test_decode_pool_benchmark_quick_reports_its_ratio():
         results["pyav_pool_clips_per_s"] / results["pool_clips_per_s"], rel=0.01)
     serial = results["serial_one_thread"]  # CPU seconds too: a shared machine disturbs them far less
     assert serial["probe_and_read_pyav_cpu_s_per_video"] > 0 and serial["probe_and_read_decord_cpu_s_per_video"] > 0
-    render = results["render"]
-    assert render["float_ms_per_frame"] > 0 and render["uint8_ms_per_frame"] > 0
-    assert render["bytes_per_frame_float32"] == 4 * render["bytes_per_frame_uint8"] == 4 * 224 * 224 * 3

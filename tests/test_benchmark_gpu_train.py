@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from dense_stores import extract_with_frames
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +28,13 @@ def test_gpu_train_benchmark_runs_quick_on_a_tiny_store(tmp_path, motion_dataset
     assert set(result["phases"]) == {"cached_step", "cached_e2e", "online_step", "online_e2e"}
     assert all(p["clips_per_s"] > 0 and p["steps"] >= 1 for p in result["phases"].values())
     assert set(result["ratio"]) == {"cached_e2e_over_step", "online_e2e_over_step", "cached_over_online_e2e",
-                                    "cached_over_online_step"}
+                                    "cached_over_online_step", "cached_over_online_e2e_over_bound"}
+    # what the cache would buy at equal FLOP efficiency (the FLOPs of dist-tiny), and what break_even reads
+    bound = result["compute_bound_cached_over_online"]
+    assert bound > 1 and result["ratio"]["cached_over_online_e2e_over_bound"] == pytest.approx(
+        result["ratio"]["cached_over_online_e2e"] / bound, rel=0.02)
+    seconds = result["seconds_per_clip"]
+    assert seconds["branch"] == pytest.approx(1 / result["phases"]["cached_step"]["clips_per_s"], rel=0.02)
     assert result["verdict"] in ("met", "missed") and "timed_out" not in result
     assert result["parameters"]["dense_frames_stored"] == 2 and result["parameters"]["online_precision"] == "fp32"
 

@@ -15,7 +15,7 @@ import zarr
 from click.testing import CliRunner, Result
 
 import cli
-from pipelines.extract import ExtractOptions, extract
+from pipelines.extract.extractor import ExtractOptions, extract
 from storage import FeatureStore, StoreMismatchError, StoreWriter, layout
 from storage.testing import make_schema, manifest, write_videos
 

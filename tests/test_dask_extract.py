@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from distributed import Client, LocalCluster, WorkerPlugin
 
-from pipelines.extract import ExtractOptions, extract
-from pipelines.extract_dask import TASK_PREFIX, extract_on_cluster
+from pipelines.extract.dask_runner import TASK_PREFIX, extract_on_cluster
+from pipelines.extract.extractor import ExtractOptions, extract
 from storage import FeatureStore, SampleStatus
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

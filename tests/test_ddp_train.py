@@ -10,10 +10,10 @@ import torch
 
 from dist_cache.errors import UserError
 from dist_cache.model import DiSTSwitches
-from pipelines.checkpoint import load_checkpoint
-from pipelines.extract import ExtractOptions, extract
-from pipelines.plots import read_metrics
-from pipelines.train import TrainOptions, train, train_ranks
+from pipelines.extract.extractor import ExtractOptions, extract
+from pipelines.train.checkpoint import load_checkpoint
+from pipelines.train.plots import read_metrics
+from pipelines.train.run import TrainOptions, train, train_ranks
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -61,10 +61,10 @@ def test_nproc_bad_store_is_one_line_before_any_process(motion_dataset, tmp_path
 
 
 def test_a_rank_user_error_reaches_the_parent_as_one(motion_dataset, tmp_path: Path, monkeypatch):
-    import pipelines.train
+    import pipelines.train.run
 
     # Skip the parent's checks, so the ranks (fresh spawned processes, not patched) meet the error themselves.
-    monkeypatch.setattr(pipelines.train, "preflight", lambda opts, world=1: None)
+    monkeypatch.setattr(pipelines.train.run, "preflight", lambda opts, world=1: None)
     missing = tmp_path / "absent.zarr"
     opts = TrainOptions(cache=str(missing), video_root=str(motion_dataset / "videos"), out=str(tmp_path / "run"),
                         **SMALL)

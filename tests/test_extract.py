@@ -164,7 +164,7 @@ def write_manifest(path: Path, rows: list[tuple[str, str]]) -> Path:
 
 
 def test_broken_videos_are_recorded_as_failed_and_extraction_goes_on(motion_dataset, tiny_checkpoint, tmp_path):
-    from dist_cache.synthetic import truncate_file
+    from video_files import truncate_file
 
     videos = motion_dataset / "videos"
     broken = tmp_path / "videos"

@@ -63,7 +63,7 @@ def test_a_video_listed_twice_is_refused_naming_both_rows(motion_dataset, tiny_c
 
 
 def test_literal_braces_in_a_template_are_fine():
-    from pipelines.extract import check_template
+    from pipelines.extract.extractor import check_template
 
     check_template("a video of {} {{in braces}}")
 

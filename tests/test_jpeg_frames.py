@@ -19,7 +19,7 @@ from dist_cache.errors import UserError
 from dist_cache.sampling import dense_indices, dense_subset, plan_views
 from dist_cache.transforms import render_frames
 from pipelines.copy import copy_store
-from pipelines.data import BatchLoader, EpochSampler, StoredFrames
+from pipelines.train.data.loader import BatchLoader, EpochSampler, StoredFrames
 from pipelines.verify import frames_problem, psnr
 from storage import FeatureStore, StoreDamagedError, StoreSchema, StoreWriter, frames_codec, layout
 from storage.frames_codec import StoredJpegs

@@ -2,7 +2,9 @@
 
 storage/ is the store (it knows nothing of training or the command line), dist_cache/ the model, decoding and
 sampling (it knows nothing of the store), pipelines/ the commands' work (the CLI calls it, never the reverse), and
-benchmarks/ measure all of them (nothing ships importing them). Every import counts: top-level, function-local
+benchmarks/ measure all of them (nothing ships importing them). Within pipelines/, each stage has its folder
+(extract/, train/) and neither imports the other; the store tools beside them (verify, info, copy, ...) import
+neither, but for the demo, which runs both. Every import counts: top-level, function-local
 (the usual way to hide a cycle), `from X import Y` (where X.Y may itself be a module) and relative imports.
 """
 
@@ -17,14 +19,26 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ("cli.py", "cli_options.py", "dist_cache", "storage", "pipelines", "benchmarks")
 
-# layer -> the layers it must never import (a layer is a module's top-level name)
+STAGES = ("pipelines.extract", "pipelines.train")
+UPPER = {"cli", "cli_options", "benchmarks"}
+# layer -> the layers it must never import (a layer is a module's top-level name, or its stage folder)
 FORBIDDEN = {
-    "storage": {"pipelines", "cli", "cli_options", "benchmarks"},
-    "dist_cache": {"storage", "pipelines", "cli", "cli_options", "benchmarks"},
-    "pipelines": {"cli", "cli_options", "benchmarks"},
+    "storage": {"pipelines", *STAGES, *UPPER},
+    "dist_cache": {"storage", "pipelines", *STAGES, *UPPER},
+    "pipelines": {*STAGES, *UPPER},
+    "pipelines.extract": {"pipelines.train", *UPPER},
+    "pipelines.train": {"pipelines.extract", *UPPER},
+    "pipelines.demo": UPPER,  # extract, train, eval end to end
     "cli": {"benchmarks"},
     "cli_options": {"benchmarks"},
 }
+
+
+def layer_of(module: str) -> str:
+    """A module's layer: itself where FORBIDDEN names it, else its stage folder, else its top-level name."""
+    if module in FORBIDDEN:
+        return module
+    return next((stage for stage in STAGES if module.startswith(stage + ".")), module.split(".")[0])
 
 
 def module_files(root: Path = ROOT) -> dict[str, Path]:
@@ -130,7 +144,7 @@ def layer_violations(graph: dict[str, set[str]]) -> list[str]:
         f"{module} imports {target}"
         for module, targets in graph.items()
         for target in targets
-        if target.split(".")[0] in FORBIDDEN.get(module.split(".")[0], ())
+        if layer_of(target) in FORBIDDEN.get(layer_of(module), ())
     )
 
 
@@ -144,6 +158,9 @@ def test_every_layer_is_read(graph):
     assert layers == {"cli", "cli_options", "dist_cache", "storage", "pipelines", "benchmarks"}
     # the walk sees what the layers are built on: the CLI runs pipelines, pipelines read the store
     assert "pipelines.verify" in graph["cli"] and "storage" in graph["pipelines.verify"]
+    # and each stage's folders, down to the training data's
+    assert {layer_of(m) for m in graph} >= {"pipelines", *STAGES}
+    assert "pipelines.train.data.loader" in graph["pipelines.train.run"]
 
 
 def test_no_layer_imports_what_it_must_not(graph):
@@ -176,3 +193,26 @@ def test_imports_are_found_wherever_they_are_written(tmp_path):
     assert graph["storage.reader"] == {"pipelines.train"}
     assert layer_violations(graph) == ["storage.reader imports pipelines.train"]
     assert import_cycles(graph) == [["pipelines.train", "storage.reader"]]
+
+
+def test_a_stage_importing_the_other_is_a_violation():
+    graph = {"pipelines.extract.prepare": {"pipelines.train.data.loader"}, "pipelines.verify": {"pipelines.extract"},
+             "pipelines.demo": {"pipelines.extract", "pipelines.train.run"}, "pipelines.train.run": {"pipelines.files"}}
+    assert layer_violations(graph) == ["pipelines.extract.prepare imports pipelines.train.data.loader",
+                                       "pipelines.verify imports pipelines.extract"]
+
+
+def test_each_stage_exports_what_the_cli_uses_and_no_submodule_shadows_it():
+    """`from pipelines.train import evaluate` must give the function even after a submodule of that name could
+    have been imported: an export named like a submodule would become the module."""
+    import importlib
+    import pkgutil
+
+    for stage in STAGES:
+        package = importlib.import_module(stage)
+        submodules = {m.name for m in pkgutil.iter_modules(package.__path__)}
+        assert package._EXPORTS and not submodules & set(package._EXPORTS)
+        for name, module in package._EXPORTS.items():
+            assert getattr(package, name) is getattr(importlib.import_module(f"{stage}.{module}"), name)
+    cli_text = (ROOT / "cli.py").read_text()
+    assert "from pipelines.extract import" in cli_text and "from pipelines.train import" in cli_text

@@ -22,7 +22,7 @@ from dist_cache.recipes import (
     get_recipe,
     method_deviations,
 )
-from pipelines.checkpoint import load_checkpoint
+from pipelines.train.checkpoint import load_checkpoint
 from storage import FeatureStore
 
 DEFAULTS = {"epochs": 30, "warmup_epochs": 5.0, "lr": 3.2e-4, "weight_decay": 1e-4, "batch_size": 32,

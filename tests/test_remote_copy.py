@@ -83,14 +83,14 @@ def test_copy_refuses_bad_layers_in_one_line(source, tmp_path, spec, why):
     assert not (tmp_path / "x.zarr").exists()  # refused before anything is written
 
 
-def test_parse_layers_follows_resolve_layers_grammar():
-    from pipelines.copy import parse_layers
+def test_copy_layers_follow_the_layers_grammar_over_the_source_layers():
+    from pipelines.copy import source_layers
 
-    available = [2, 5, 7]
-    assert parse_layers(None, available) == parse_layers("all", available) == [2, 5, 7]
-    assert parse_layers("last:1", available) == [7]
-    assert parse_layers("last:3", available) == [2, 5, 7]
-    assert parse_layers(" 7, 2 ,2", available) == [2, 7]
+    source = testing.make_schema(num_videos=1, views=1, layers=[2, 5, 7])
+    assert source_layers(None, source) == source_layers("all", source) == [2, 5, 7]
+    assert source_layers("last:1", source) == [7]
+    assert source_layers("last:3", source) == [2, 5, 7]
+    assert source_layers(" 7, 2 ,2", source) == [2, 7]
 
 
 def test_copy_keeps_every_recorded_fact(tmp_path):

@@ -16,7 +16,7 @@ from click.testing import CliRunner, Result
 
 import cli
 from dist_cache.errors import UserError
-from pipelines.extract import ExtractOptions, extract
+from pipelines.extract.extractor import ExtractOptions, extract
 from servers import Faults, serve, serve_in_process
 from storage import FeatureStore, testing
 

@@ -41,7 +41,7 @@ def test_write_then_read_with_storage_options(s3, tmp_path):
     store = FeatureStore.open(url, storage_options=options)
     assert not store.complete and store.progress() == {"done": 2, "failed": 0, "pending": 1}
     testing.write_videos(url, schema, [1], finalize=True, storage_options=options)
-    store.refresh()
+    store = FeatureStore.open(url, storage_options=options)  # a reader's state is taken when it opens
     assert store.complete and store.consolidated
     local = testing.write_videos(str(tmp_path / "t.zarr"), schema, [0, 1, 2], finalize=True)
     ref = FeatureStore.open(local.url)

@@ -8,8 +8,8 @@ from click.testing import CliRunner
 
 import cli
 from pipelines.config_file import read_config
-from pipelines.extract import ExtractOptions, extract
-from pipelines.plots import read_metrics
+from pipelines.extract.extractor import ExtractOptions, extract
+from pipelines.train.plots import read_metrics
 
 
 @pytest.fixture(scope="module")

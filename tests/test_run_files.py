@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from pipelines.extract import ExtractOptions, extract
+from pipelines.extract.extractor import ExtractOptions, extract
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

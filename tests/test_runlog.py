@@ -1,4 +1,4 @@
-"""RUN/train.log (pipelines.runlog): every printed line, stamped, passed on unchanged; a progress bar's redraws kept
+"""RUN/train.log (train/runlog.py): every printed line, stamped, passed on unchanged; a progress bar's redraws kept
 as its last state and a periodic snapshot; an error that ends the run as its last line. The whole CLI path is in
 test_train_eval (train, --resume) and test_ddp_train (torchrun, --nproc)."""
 
@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from dist_cache.errors import UserError
-from pipelines.runlog import RunLog
+from pipelines.train.runlog import RunLog
 
 STAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ")
 

@@ -19,7 +19,7 @@ from zarr.storage import LocalStore
 
 from dist_cache.errors import UserError
 from storage import FeatureStore, SampleNotDoneError, StoreNotFoundError, StoreWriter, dequantize_int8, quantize_int8
-from storage.testing import make_schema, manifest, open_writer, read_in_child, video_data, write_videos
+from storage.testing import make_schema, manifest, open_writer, video_data, write_videos
 
 
 def expected_fp16(schema, i):
@@ -339,6 +339,11 @@ def test_open_errors_are_one_line_user_errors(tmp_path):
 
 
 # ------------------------------------------------------------------ pickling and fsspec
+
+
+def read_in_child(store: FeatureStore, i: int, layers: list[int] | None = None) -> tuple[np.ndarray, dict]:
+    """Target for the spawned process: use a FeatureStore that arrived by pickle."""
+    return store.features(i, layers), store.sample(i)
 
 
 def test_feature_store_pickles_cheaply_and_works_in_spawned_process(tmp_path):

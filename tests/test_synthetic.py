@@ -5,7 +5,8 @@ import pytest
 
 from dist_cache.decoders import get_decoder
 from dist_cache.manifests import load_manifest
-from dist_cache.synthetic import DIRECTIONS, make_motion_dataset, motion_clip, truncate_file, write_video
+from dist_cache.synthetic import DIRECTIONS, make_motion_dataset, motion_clip, write_video
+from video_files import truncate_file
 
 CLASSES = ("left", "right", "up", "down")
 

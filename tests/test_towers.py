@@ -23,10 +23,10 @@ from dist_cache.errors import UserError
 from dist_cache.model import DiSTSwitches
 from dist_cache.model.tokens import TokenLayout, branch_tokens
 from dist_cache.transforms import normalize_frames
-from pipelines.evaluate import EvalOptions, evaluate, format_report, view_scores
-from pipelines.extract import ExtractOptions, extract
+from pipelines.extract.extractor import ExtractOptions, extract
 from pipelines.info import format_info, store_info
-from pipelines.train import TrainOptions, train
+from pipelines.train.evaluation import EvalOptions, evaluate, format_report, view_scores
+from pipelines.train.run import TrainOptions, train
 from storage import FeatureStore
 from storage.schema import SchemaError, StoreSchema
 from tower_families import FAMILIES, block_outputs
@@ -194,7 +194,7 @@ def test_training_and_eval_on_towers_without_class_token_or_text(towers, stores,
             result = train(TrainOptions(cache=stores[name], out=str(tmp_path / f"{name}-{mode}"), epochs=1,
                                         online=mode == "online", pretrained=str(towers[name][1]), device="cpu",
                                         **SMALL), progress=False)
-            from pipelines.plots import read_metrics
+            from pipelines.train.plots import read_metrics
 
             losses[mode] = [r["loss"] for r in read_metrics(result.metrics) if r["kind"] == "train"]
         assert losses["online"][0] == pytest.approx(losses["cached"][0], rel=1e-3)

@@ -18,10 +18,10 @@ from click.testing import CliRunner
 import cli
 from dist_cache.errors import UserError
 from dist_cache.model import DiST, DiSTConfig, DiSTSwitches
-from pipelines.checkpoint import load_checkpoint, save_checkpoint
-from pipelines.data import EpochSampler
-from pipelines.optim import lr_at, param_groups, restore_scaler
-from pipelines.plots import read_metrics
+from pipelines.train.checkpoint import load_checkpoint, save_checkpoint
+from pipelines.train.data.loader import EpochSampler
+from pipelines.train.optim import lr_at, param_groups, restore_scaler
+from pipelines.train.plots import read_metrics
 
 # 7 videos x 3 views; video 2 failed at extraction (no usable view), video 5 has only views 0 and 2.
 USABLE = np.array([i for i in range(21) if i // 3 != 2 and i != 16])
@@ -182,8 +182,8 @@ def test_train_metrics_log_drops_a_torn_last_line_only(tmp_path):
 
 
 def _step_model(amp):
-    from pipelines.optim import make_optimizer, make_scaler
-    from pipelines.step import StepModel
+    from pipelines.train.optim import make_optimizer, make_scaler
+    from pipelines.train.step import StepModel
 
     config = DiSTConfig(width=64, patch_size=16, image_size=64, num_frames=4, embed_dim=32, layers=[0, 1],
                         switches=DiSTSwitches(alpha_dim=32, beta_dim=16, pool_blocks=1, temporal=False,
@@ -196,10 +196,10 @@ def _step_model(amp):
 
 
 def test_train_step_keeps_the_loss_in_fp32_and_learns_under_bf16_as_in_fp32():
-    from pipelines.data import Batch
-    from pipelines.distributed import Ranks
-    from pipelines.optim import loss_scaling
-    from pipelines.step import train_step
+    from pipelines.train.data.loader import Batch
+    from pipelines.train.distributed import Ranks
+    from pipelines.train.optim import loss_scaling
+    from pipelines.train.step import train_step
 
     assert loss_scaling(torch.float16) and not loss_scaling(torch.bfloat16) and not loss_scaling(None)
     gen = torch.Generator().manual_seed(2)

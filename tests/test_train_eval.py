@@ -22,17 +22,17 @@ from dist_cache.backbone import load_backbone, load_recorded_backbone
 from dist_cache.errors import UserError
 from dist_cache.model import DiSTSwitches
 from dist_cache.sampling import ViewPlan
-from dist_cache.synthetic import truncate_file
 from dist_cache.transforms import normalize_frames
-from pipelines.checkpoint import load_checkpoint
-from pipelines.data import BatchLoader, DecodedFrames, EpochSampler
-from pipelines.dense_frames import VideoChanged
-from pipelines.evaluate import EvalOptions, evaluate, format_report
-from pipelines.extract import ExtractOptions, extract, render_spec
-from pipelines.plots import read_metrics
-from pipelines.prepare import prepare_video
-from pipelines.train import TrainOptions, train
+from pipelines.extract.extractor import ExtractOptions, extract
+from pipelines.extract.prepare import RenderSpec, prepare_video
+from pipelines.train.checkpoint import load_checkpoint
+from pipelines.train.data.dense_frames import VideoChanged
+from pipelines.train.data.loader import BatchLoader, DecodedFrames, EpochSampler
+from pipelines.train.evaluation import EvalOptions, evaluate, format_report
+from pipelines.train.plots import read_metrics
+from pipelines.train.run import TrainOptions, train
 from storage import FeatureStore, SampleStatus
+from video_files import truncate_file
 
 # A small branch and batch, so every run takes seconds on two CPU cores.
 SMALL = dict(switches=DiSTSwitches(alpha_dim=32, beta_dim=16, pool_blocks=1), batch_size=4, decode_workers=0,
@@ -208,10 +208,9 @@ def test_decoded_frames_are_the_pixels_clip_saw(stores, tiny_checkpoint):
     assert labels.tolist() == [store.label(3)]
     # Byte for byte what the extraction worker rendered for this view and CLIP saw ...
     backbone = load_recorded_backbone(store.schema.backbone, pretrained=str(tiny_checkpoint))
-    opts = ExtractOptions(manifest="", video_root="", out="", frames=4, views=2, split="train")
     sample = store.sample(3)
     video, view = int(sample["video_index"]), int(sample["view"])
-    prepared = prepare_video(str(Path(stores["videos"]) / sample["video"]), video, render_spec(opts, backbone))
+    prepared = prepare_video(str(Path(stores["videos"]) / sample["video"]), video, RenderSpec.of_schema(store.schema))
     assert prepared.plans[view] == ViewPlan.from_dict(sample)
     assert torch.equal(frames[0, ::2], torch.from_numpy(prepared.images[4 * view : 4 * view + 4]))
     # ... whose features are the stored ones, once normalised.
@@ -260,7 +259,7 @@ def test_resume_after_kill_matches_an_uninterrupted_run(stores, tmp_path):
         from pathlib import Path
         import torch
         torch.set_num_threads({torch.get_num_threads()})
-        import pipelines.train as train_mod
+        import pipelines.train.run as train_mod
 
         saved = []
         real_save, real_step = train_mod.save_checkpoint, train_mod.train_step

@@ -13,11 +13,11 @@ from click.testing import CliRunner
 
 import cli
 from dense_stores import extract_with_frames
-from pipelines.checkpoint import load_checkpoint
-from pipelines.data import BatchLoader, DecodedFrames, EpochSampler, StoredFrames
-from pipelines.evaluate import EvalOptions, evaluate
-from pipelines.extract import ExtractOptions, extract
-from pipelines.plots import read_metrics
+from pipelines.extract.extractor import ExtractOptions, extract
+from pipelines.train.checkpoint import load_checkpoint
+from pipelines.train.data.loader import BatchLoader, DecodedFrames, EpochSampler, StoredFrames
+from pipelines.train.evaluation import EvalOptions, evaluate
+from pipelines.train.plots import read_metrics
 from storage import FeatureStore, SampleStatus
 
 # The demo's task at small scale: no flips (a mirrored "left" is a "right"), crops keeping most of the frame.

@@ -22,14 +22,14 @@ import torch
 from click.testing import CliRunner
 
 import cli
-from pipelines.branch import online_precision
-from pipelines.checkpoint import load_checkpoint
-from pipelines.data import BatchLoader, EpochSampler
-from pipelines.dense_frames import VideoChanged
-from pipelines.evaluate import EvalOptions, evaluate
-from pipelines.extract import ExtractOptions, extract
-from pipelines.runlock import RunLock
-from pipelines.train import TrainOptions, train
+from pipelines.extract.extractor import ExtractOptions, extract
+from pipelines.train.branch import online_precision
+from pipelines.train.checkpoint import load_checkpoint
+from pipelines.train.data.dense_frames import VideoChanged
+from pipelines.train.data.loader import BatchLoader, EpochSampler
+from pipelines.train.evaluation import EvalOptions, evaluate
+from pipelines.train.run import TrainOptions, train
+from pipelines.train.runlock import RunLock
 from storage import FeatureStore
 from storage.testing import make_schema, write_videos
 
@@ -186,12 +186,30 @@ def test_eval_warns_when_the_checkpoint_was_chosen_on_the_evaluated_store(stores
 
 
 def test_a_checkpoint_from_before_the_evaluation_set_was_recorded_still_warns_on_its_store(stores):
-    from pipelines.selection import chosen_on_this_set, store_identity
+    from pipelines.train.selection import chosen_on_this_set, store_identity
 
     val = FeatureStore.open(stores["val"])
     old = {"fingerprint": val.fingerprint, "url": val.url}  # what checkpoints recorded until now
     assert chosen_on_this_set(old, val) and not chosen_on_this_set(old, FeatureStore.open(stores["test"]))
     assert chosen_on_this_set(store_identity(val), val) and not chosen_on_this_set(None, val)
+
+
+def test_a_validation_store_of_another_activation_is_refused(stores, tmp_path):
+    """The same model, weights and geometry run with GELU where training's ran QuickGELU compute other features: the
+    validation store must be refused, as a resume refuses it (one definition, schema.BACKBONE_COMPAT_KEYS)."""
+    val = tmp_path / "val-quick-gelu.zarr"
+    shutil.copytree(stores["val"], val)
+    meta = json.loads((val / "zarr.json").read_text())
+    record = meta["attributes"]["dist_cache"]["backbone"]
+    assert FeatureStore.open(stores["train"]).schema.backbone["activation"] == record["activation"] == "gelu"
+    record["activation"] = "quick_gelu"
+    (val / "zarr.json").write_text(json.dumps(meta))
+    for consolidated in meta.get("consolidated_metadata", {}).get("metadata", {}).values():
+        assert "dist_cache" not in consolidated.get("attributes", {})
+    code, output = cli_train("--cache", stores["train"], "--val-cache", str(val), "--out", str(tmp_path / "r"),
+                             "--epochs", "1", *FEATURES_ONLY)
+    assert code == 2 and output.strip().count("\n") == 0, output
+    assert "backbone activation 'quick_gelu'" in output and "'gelu'" in output and not (tmp_path / "r").exists()
 
 
 def test_eval_and_validation_refuse_train_split_stores(stores, tmp_path):
@@ -302,7 +320,7 @@ def test_a_run_directory_is_held_by_one_process_and_its_ranks_die_with_the_launc
 
 
 def test_a_dead_holders_lock_is_taken_over(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipelines.runlock import RunLock; "
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pipelines.train.runlock import RunLock; "
                                f"RunLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(600)"],
                               cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, text=True)
     try:

@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.checkpoint import load_checkpoint
-from pipelines.extract import ExtractOptions, extract
-from pipelines.plots import read_metrics
-from pipelines.preemption import PREEMPTED_EXIT
+from pipelines.extract.extractor import ExtractOptions, extract
+from pipelines.train.checkpoint import load_checkpoint
+from pipelines.train.plots import read_metrics
+from pipelines.train.preemption import PREEMPTED_EXIT
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -119,7 +119,7 @@ def test_a_stop_at_an_epochs_last_step_leaves_its_validation_to_the_resume(store
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent("""
         import os, signal, sys
-        import pipelines.train as train_mod
+        import pipelines.train.run as train_mod
         import cli
 
         real_step = train_mod.train_step

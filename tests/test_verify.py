@@ -16,7 +16,7 @@ from click.testing import CliRunner, Result
 
 import cli
 from pipelines.copy import copy_store
-from pipelines.extract import ExtractOptions, extract
+from pipelines.extract.extractor import ExtractOptions, extract
 from storage import FeatureStore
 from storage.location import temp_name
 from storage.testing import make_schema, write_videos

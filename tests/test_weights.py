@@ -203,7 +203,7 @@ def test_a_recorded_giant_architecture_is_refused_before_it_is_built(tiny_checkp
 
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory, motion_dataset, tiny_checkpoint) -> Path:
-    from pipelines.extract import ExtractOptions, extract
+    from pipelines.extract.extractor import ExtractOptions, extract
 
     out = tmp_path_factory.mktemp("record") / "val.zarr"
     extract(ExtractOptions(manifest=str(motion_dataset / "val.csv"), video_root=str(motion_dataset / "videos"),

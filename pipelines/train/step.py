@@ -1,7 +1,7 @@
 """One training step, guarded, and the meter of its losses and throughput.
 
 The step keeps the logits and the loss in fp32 whatever the autocast dtype (`DiST.logits` runs outside autocast;
-the loss is computed from fp32 logits), and scales the loss only for fp16 autocast (`pipelines.optim.make_scaler`).
+the loss is computed from fp32 logits), and scales the loss only for fp16 autocast (`optim.make_scaler`).
 
 Nothing silently wrong: after the backward pass and before the optimiser moves anything, the step reads back
 (one device sync, one collective across ranks) the global batch's loss and whether any sample's loss, or the
@@ -22,9 +22,9 @@ from torch import nn
 
 from dist_cache.errors import UserError
 from dist_cache.mixing import Mixer
-from pipelines.branch import Network, embed
-from pipelines.data import Batch
-from pipelines.distributed import Ranks, all_gather_objects, all_sum
+from pipelines.train.branch import Network, embed
+from pipelines.train.data.loader import Batch
+from pipelines.train.distributed import Ranks, all_gather_objects, all_sum
 from storage import FeatureStore
 
 NAMED_SAMPLES = 5  # samples a non-finite error names (and counts the rest)
@@ -111,11 +111,9 @@ class Meter:
 
     epoch_sum: float = 0.0
     epoch_steps: int = 0
-    last_loss: float | None = None
     _window: list[float] = field(default_factory=lambda: [0.0, 0, 0, 0.0])  # loss sum, steps, clips, seconds
 
     def add(self, loss: float, clips: int, seconds: float) -> None:
-        self.last_loss = loss
         self.epoch_sum += loss
         self.epoch_steps += 1
         w = self._window

@@ -11,7 +11,7 @@ before the run, on the first CHECKED_VIDEOS videos the run uses:
 - where the recorded decoder is installed too, each video's first view, decoded both ways, must agree within the
   tolerance (nothing heavy: a few frames; CLIP is never run).
 Every other video's decoded size is checked against its record the first time the run decodes it
-(`pipelines.dense_frames.decode_view`).
+(`pipelines.train.data.dense_frames.decode_view`).
 """
 
 from __future__ import annotations

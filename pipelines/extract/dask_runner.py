@@ -1,4 +1,4 @@
-"""Stage one on a dask.distributed cluster: the same extraction as `pipelines.extract`, spread over workers.
+"""Stage one on a dask.distributed cluster: the same extraction as `pipelines.extract.extractor`, spread over workers.
 
 The client creates (or reopens) the store, splits the pending videos into chunks and submits one task per
 chunk. Each worker process loads the backbone once per run and writes its videos' shards and records
@@ -28,7 +28,7 @@ from dist_cache.errors import UserError
 if TYPE_CHECKING:
     import distributed
 
-    from pipelines.extract import ExtractOptions, Extractor, ExtractSummary
+    from pipelines.extract.extractor import ExtractOptions, Extractor, ExtractSummary
 
 DEFAULT_CHUNK_VIDEOS = 8
 TASK_PREFIX = "extract-chunk"
@@ -65,7 +65,7 @@ def _extract_chunk(run_key: str, options: dict[str, Any], videos: list[int]) -> 
     extractor = _WORKER_EXTRACTOR.get(run_key)
     if extractor is None:
         _import_storage()
-        from pipelines.extract import ExtractOptions, Extractor
+        from pipelines.extract.extractor import ExtractOptions, Extractor
 
         _WORKER_EXTRACTOR.clear()
         extractor = _WORKER_EXTRACTOR[run_key] = Extractor.open(ExtractOptions(**options))
@@ -73,10 +73,10 @@ def _extract_chunk(run_key: str, options: dict[str, Any], videos: list[int]) -> 
 
 
 def _fit_task(options: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-    """Runs on one worker, before any chunk: a compact store's fit pass (pipelines.extract_fit) on the worker's
+    """Runs on one worker, before any chunk: a compact store's fit pass (pipelines.extract.fit) on the worker's
     device and decode processes. Returns the fit record and the parameters (small numpy arrays) to the client."""
     _import_storage()
-    from pipelines.extract import fit_here, load_for_fit
+    from pipelines.extract.extractor import fit_here, load_for_fit
 
     opts, backbone, layers, manifest, device, schema = load_for_fit(options)
     return fit_here(opts, backbone, layers, manifest, device, None, schema)
@@ -142,7 +142,7 @@ def extract_on_cluster(opts: ExtractOptions, client, *, chunk_videos: int = DEFA
     from distributed import as_completed
     from tqdm import tqdm
 
-    from pipelines.extract import FIRST_FAILURES_LIMIT, Extractor, ExtractSummary, first_failures_error
+    from pipelines.extract.extractor import FIRST_FAILURES_LIMIT, Extractor, ExtractSummary, first_failures_error
 
     if chunk_videos < 1:
         raise ValueError("chunk_videos must be at least 1")
@@ -182,18 +182,14 @@ def extract_on_cluster(opts: ExtractOptions, client, *, chunk_videos: int = DEFA
                 client.cancel(list(futures))
                 raise first_failures_error(summary.failed, summary.failures[0][1],
                                            ", then rerun with --retry-failed (their failures are recorded)")
-    final = writer.finalize()
-    summary.complete = bool(final["complete"])
-    summary.store_failed = int(final["failed"])
-    summary.seconds = time.monotonic() - started
-    return summary
+    return summary.finalized(writer, started)
 
 
 def extract_distributed(opts: ExtractOptions, *, workers: int | None, scheduler: str | None,
                         chunk_videos: int = DEFAULT_CHUNK_VIDEOS, progress: bool = True) -> ExtractSummary:
     """`dist-cache extract --dask-workers N | --scheduler ADDRESS`."""
     from dist_cache.decode_pool import auto_workers
-    from pipelines.extract import check_options
+    from pipelines.extract.extractor import check_options
 
     check_options(opts)  # fail on a bad flag before starting or joining a cluster
     if workers is not None and opts.decode_workers == "auto":

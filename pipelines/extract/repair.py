@@ -8,15 +8,11 @@ a flipped bit anywhere, at the price of reading the whole store (storage/README.
 
 from __future__ import annotations
 
-import concurrent.futures
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from storage import FeatureStore
-
-# Checks are small reads (or whole-shard reads with --deep): a few in flight hide a remote store's latency.
-CHECK_THREADS = 8
 
 
 @dataclass(frozen=True)
@@ -32,18 +28,12 @@ class Damage:
 def damaged_videos(url: str, videos: Iterable[int], *, deep: bool = False,
                    storage_options: dict[str, Any] | None = None,
                    on_checked: Callable[[], None] = lambda: None) -> list[Damage]:
-    """The videos among `videos` whose stored bytes fail the integrity check, ascending. Videos that are not
-    done (pending, failed) have nothing to check."""
+    """The videos among `videos` whose stored bytes fail the integrity check (`FeatureStore.check_videos`, verify's
+    pass), in their order. Videos that are not done (pending, failed) have nothing to check."""
     store = FeatureStore.open(url, storage_options)
-
-    def check(v: int) -> Damage | None:
-        findings = store.check_video(v, deep=deep)
-        return Damage(v, store.video(v), findings[0]) if findings else None
-
     damaged = []
-    with concurrent.futures.ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="store-check") as pool:
-        for found in pool.map(check, videos):
-            on_checked()
-            if found is not None:
-                damaged.append(found)
+    for v, findings in store.check_videos(videos, deep=deep):
+        on_checked()
+        if findings:
+            damaged.append(Damage(v, store.video(v), findings[0]))
     return damaged

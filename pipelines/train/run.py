@@ -1,15 +1,15 @@
 """Stage two: train the DiST branch on cached CLIP features (or, with `online`, on CLIP run live).
 
 A run is four named steps: `preflight` (every check, before anything is written), `setup` (network, optimiser,
-loaders, the run's record), `train_step` (pipelines/step.py: one guarded optimiser step) and `end_of_epoch`
-(validation, best.pt, last.pt). The optimiser is the reference's (pipelines/optim.py); mixed precision on CUDA
+loaders, the run's record), `train_step` (step.py: one guarded optimiser step) and `end_of_epoch`
+(validation, best.pt, last.pt). The optimiser is the reference's (optim.py); mixed precision on CUDA
 only, with the logits and the loss in fp32.
 
 Everything that decides a step's result is a function of (seed, step): the initial weights, the epoch's
-view choice and order (see `pipelines.data.EpochSampler`), and the state in the checkpoint. So `resume`
+view choice and order (see `pipelines.train.data.loader.EpochSampler`), and the state in the checkpoint. So `resume`
 after a kill continues with exactly the batches an uninterrupted run would have seen. One process at a time
-trains in a run directory (pipelines/runlock.py). SIGTERM or SIGUSR1 stops the run after the step in progress,
-with last.pt written (pipelines/preemption.py); at an epoch's end, that epoch's validation is left to the resume.
+trains in a run directory (runlock.py). SIGTERM or SIGUSR1 stops the run after the step in progress,
+with last.pt written (preemption.py); at an epoch's end, that epoch's validation is left to the resume.
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ from dist_cache.errors import UserError
 from dist_cache.mixing import Mixer
 from dist_cache.model import DiSTConfig, DiSTSwitches
 from dist_cache.recipes import REFERENCE_MIXING, check_training_store
-from pipelines.branch import amp_dtype, branch_of, build_network, online_precision
-from pipelines.checkpoint import load_checkpoint, save_checkpoint
-from pipelines.checks import (
+from pipelines.files import check_run_dir
+from pipelines.train.branch import amp_dtype, branch_of, build_network, online_precision
+from pipelines.train.checkpoint import load_checkpoint, save_checkpoint
+from pipelines.train.checks import (
     check_backbone,
     check_evaluation_store,
     check_frames,
@@ -44,20 +45,19 @@ from pipelines.checks import (
     select_layers,
     usable_samples,
 )
-from pipelines.data import BatchLoader, EpochSampler, frame_source
-from pipelines.decoder_check import check_decoder
-from pipelines.distributed import LAUNCHER_ENV, Ranks, joined, launch
-from pipelines.evaluate import Validation
-from pipelines.files import check_run_dir
-from pipelines.optim import make_optimizer, make_scaler, restore_scaler
-from pipelines.plots import plot_curves
-from pipelines.preemption import StopRequests, preempted, wait_for_all
-from pipelines.reaugment import ReaugmentedFrames, check_reaugmentable
-from pipelines.runlock import RunLock
-from pipelines.runlog import RunLog
-from pipelines.selection import store_identity
-from pipelines.step import Meter, StepModel, train_step
-from pipelines.tracking import REPORTERS, Tracker
+from pipelines.train.data.loader import BatchLoader, EpochSampler, frame_source
+from pipelines.train.data.reaugment import ReaugmentedFrames, check_reaugmentable
+from pipelines.train.decoder_check import check_decoder
+from pipelines.train.distributed import LAUNCHER_ENV, Ranks, joined, launch
+from pipelines.train.evaluation import Validation
+from pipelines.train.optim import make_optimizer, make_scaler, restore_scaler
+from pipelines.train.plots import plot_curves
+from pipelines.train.preemption import StopRequests, preempted, wait_for_all
+from pipelines.train.runlock import RunLock
+from pipelines.train.runlog import RunLog
+from pipelines.train.selection import store_identity
+from pipelines.train.step import Meter, StepModel, train_step
+from pipelines.train.tracking import REPORTERS, Tracker
 from storage import FeatureStore
 
 # Options a resumed run may change: where things are and how fast they run, never what is computed.
@@ -102,7 +102,7 @@ class TrainOptions:
     read_threads: int = 8  # threads reading the store into the batch buffers (reads release the GIL)
     decode_workers: int | Literal["auto"] = "auto"  # processes decoding dense frames (0: in the reader threads)
     decode_timeout: float = 120.0  # seconds before a video's decode is killed (and the run stops)
-    decoder: str | None = None  # decode the dense frames with this decoder, not the store's (pipelines.decoder_check)
+    decoder: str | None = None  # decode the dense frames with this decoder, not the store's (decoder_check.py)
     device: str = "auto"
     save_every: int = 500  # steps between last.pt writes (also written at every epoch end)
     log_every: int = 10
@@ -133,7 +133,6 @@ class TrainResult:
     metrics: Path
     plot: Path
     skipped_failed_samples: int
-    final_loss: float | None
     frames: str | None  # where the dense frames came from: "stored", "decoded", "reaugmented", or None (none used)
 
 
@@ -490,7 +489,7 @@ def _train(opts: TrainOptions, progress: bool, ranks: Ranks, checked: Checked, s
     plot = plot_curves(out / "metrics.jsonl", out / "curves.png") if ranks.main else out / "curves.png"
     return TrainResult(out=out, steps=run.step, epochs=run.step // run.steps_per_epoch, last=out / "last.pt",
                        best=out / "best.pt", best_top1=run.best_top1, metrics=out / "metrics.jsonl", plot=plot,
-                       skipped_failed_samples=checked.failed, final_loss=run.meter.last_loss, frames=run.frames)
+                       skipped_failed_samples=checked.failed, frames=run.frames)
 
 
 def stop_after_step(run: Run, received: int | None) -> None:

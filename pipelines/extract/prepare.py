@@ -12,34 +12,31 @@ frame, so those bytes are exactly the sparse frames' (docs/DESIGN.md, "transform
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
 from dist_cache.decoders import VideoFacts, get_decoder
-from dist_cache.sampling import ViewPlan, dense_indices, plan_views
+from dist_cache.paths import file_facts
+from dist_cache.sampling import Sampling, ViewPlan, dense_indices
 from dist_cache.transforms import render_frames
+from storage.schema import StoreSchema
 
 
 @dataclass(frozen=True)
 class RenderSpec:
     """What a worker needs to render a video's views exactly as the store records them."""
 
-    frames: int
-    views: int
-    split: str
-    seed: int
+    sampling: Sampling
     image_size: int
-    scale: tuple[float, float]
-    ratio: tuple[float, float]
-    flip_p: float
-    grayscale_p: float
     decoder: str = "decord"  # a `dist_cache.decoders` name: the store records it
     dense_gamma: int | None = None  # G: also render each view's G*T dense frames (the store keeps them)
-    test_offsets: str = "centred"  # test split: where the clips sample (dist_cache.sampling.plan_views)
-    offsets_gamma: int = 2  # the dense gamma the reference's test offsets are taken for
+
+    @classmethod
+    def of_schema(cls, schema: StoreSchema) -> RenderSpec:
+        sampling = schema.view_sampling()
+        assert sampling is not None, "extraction records its sampling"
+        return cls(sampling, schema.image_size, schema.preprocess["decoder"]["name"], schema.dense_gamma)
 
 
 @dataclass
@@ -65,41 +62,11 @@ class PreparedVideo:
         return self.rendered if self.dense else None
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def file_facts(path: str, with_hash: bool) -> dict:
-    facts: dict = {"size_bytes": os.path.getsize(path)}
-    if with_hash:
-        facts["sha256"] = file_sha256(path)
-    return facts
-
-
 def prepare_video(path: str, video_index: int, spec: RenderSpec, hash_video: bool = False) -> PreparedVideo:
     gamma = spec.dense_gamma or 1
 
     def plan(facts: VideoFacts) -> list[ViewPlan]:
-        return plan_views(
-            facts.num_frames,
-            facts.width,
-            facts.height,
-            frames=spec.frames,
-            views=spec.views,
-            split=spec.split,
-            seed=spec.seed,
-            video_index=video_index,
-            scale=spec.scale,
-            ratio=spec.ratio,
-            flip_p=spec.flip_p,
-            grayscale_p=spec.grayscale_p,
-            test_offsets=spec.test_offsets,
-            offsets_gamma=spec.offsets_gamma,
-        )
+        return spec.sampling.plan(facts.num_frames, facts.width, facts.height, video_index)
 
     def wanted(plans: list[ViewPlan], num_frames: int) -> list[np.ndarray]:
         # Per view, the frames to render (dense_indices for G = 1 are the sparse indices).

@@ -12,30 +12,17 @@ the run.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from dist_cache.decoders import get_decoder
 from dist_cache.errors import DecodeError, UserError
+from dist_cache.paths import file_mismatch
 from dist_cache.sampling import ViewPlan, dense_indices
 from dist_cache.transforms import render_frames
-from pipelines.prepare import file_sha256
 
 
 class VideoChanged(UserError):
     """A video on disk is not the one the store was extracted from, or no longer decodes."""
-
-
-def file_mismatch(path: str, expected: dict) -> str | None:
-    """Why the file at `path` is not the one recorded (`expected`: size_bytes, sha256 when recorded), or None."""
-    size = expected.get("size_bytes")
-    if size is not None and os.path.getsize(path) != size:
-        return f"it is {os.path.getsize(path)} bytes, the store recorded {size}"
-    sha = expected.get("sha256")
-    if sha and file_sha256(path) != sha:
-        return "its sha256 differs from the one the store recorded"
-    return None
 
 
 def decode_view(path: str, plan: dict, gamma: int, num_frames: int, image_size: int, decoder: str,

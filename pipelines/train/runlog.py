@@ -54,7 +54,7 @@ class RunLog:
                 tee.end()
         if err is not None:
             from dist_cache.errors import UserError, first_line
-            from pipelines.preemption import Preempted
+            from pipelines.train.preemption import Preempted
 
             if isinstance(err, KeyboardInterrupt):
                 self.line("interrupted")

@@ -7,7 +7,7 @@ or ours (`launch`, behind `dist-cache train --nproc N`). Without that environmen
 Ranks started here die with their launcher: each asks the kernel for SIGKILL when its parent dies (Linux
 PR_SET_PDEATHSIG), and elsewhere a thread watches the parent's pid. A kill -9 of the launcher therefore never
 leaves ranks training as orphans that keep writing into the run directory. A stop signal (SIGTERM, SIGUSR1) to the
-launcher is passed on to its ranks, which stop together (pipelines/preemption.py), and the launcher waits for them.
+launcher is passed on to its ranks, which stop together (preemption.py), and the launcher waits for them.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dist_cache.errors import UserError
-from pipelines.preemption import Preempted, handled
+from pipelines.train.preemption import Preempted, handled
 
 # Rank 0 validates alone between epochs while the others wait in their next collective, so the collective
 # timeout must outlast a validation pass (NCCL's default is 10 minutes).

@@ -11,17 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from dist_cache.backbone import check_recorded_config, resolve_layers
+from dist_cache.backbone import check_recorded_config
+from dist_cache.backbone_config import resolve_layers
 from dist_cache.decoders import get_decoder
 from dist_cache.errors import UserError
 from dist_cache.model import DiSTConfig
 from dist_cache.paths import resolve_under
-from pipelines.data import stored_frames_cover
+from pipelines.train.data.loader import stored_frames_cover
 from storage import FeatureStore, SampleStatus, frames_codec
-from storage.schema import format_value
-
-# What makes two backbones produce the same features (the path the weights were loaded from does not).
-BACKBONE_IDENTITY = ("model", "weights_sha256", "image_size", "patch_size", "width", "embed_dim")
+from storage.schema import BACKBONE_COMPAT_KEYS, format_value
 
 
 def open_store(url: str, flag: str, storage_options: dict | None = None) -> FeatureStore:
@@ -142,8 +140,9 @@ def check_layers(store: FeatureStore, layers: Sequence[int], flag: str) -> None:
 
 
 def check_backbone(store: FeatureStore, recorded: dict[str, Any], flag: str, against: str) -> None:
-    """The store's features must come from the same CLIP (same weights, geometry) as `recorded`."""
-    for key in BACKBONE_IDENTITY:
+    """The store's features must come from the same backbone as `recorded`: what a resume of either store would
+    compare (model, config, weights, geometry, normalisation, activation: schema.BACKBONE_COMPAT_KEYS)."""
+    for key in BACKBONE_COMPAT_KEYS:
         mine, theirs = store.schema.backbone.get(key), recorded.get(key)
         if mine != theirs:
             raise UserError(

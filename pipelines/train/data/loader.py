@@ -13,7 +13,7 @@ device is a GPU, straight from the store's one-read-per-sample path: features in
 codes and scales for int8 stores, a compact store's PCA codes), frames as uint8 (JPEG frames decoded by the reader
 threads; on a GPU their compressed bytes are decoded there instead, one nvjpeg call per batch). A bounded number of
 batches is in flight, so memory does not grow with the store. Each batch goes to the device with non-blocking copies
-on a side stream; int8 features are dequantised and frames normalised there (`pipelines.branch.embed`), never on
+on a side stream; int8 features are dequantised and frames normalised there (`pipelines.train.branch.embed`), never on
 the host, and PCA codes stay codes: the model folds the projection into its first linear maps.
 
 The sampler owns all randomness of the data order: epoch e's order is a permutation seeded by (seed, e),
@@ -41,14 +41,14 @@ from dist_cache.model.compact import TokenBatch
 from dist_cache.model.tokens import TokenLayout, branch_tokens
 from dist_cache.paths import resolve_under
 from pipelines.compact_device import DeviceEncoding
-from pipelines.dense_frames import VideoChanged, decode_view
+from pipelines.train.data.dense_frames import VideoChanged, decode_view
 from storage import FeatureStore, RawSample, frames_codec
 from storage.reader import stored_shapes
 
 # Batches being read while the model computes on the current one: enough to hide a slow read behind a step,
 # few enough that host memory stays (PREFETCH + 1) batches whatever the store's size.
 PREFETCH = 2
-DECODE_PRELOAD = ("pipelines.dense_frames",)
+DECODE_PRELOAD = ("pipelines.train.data.dense_frames",)
 
 # Fills `out` (uint8 (gamma*T, R, R, 3)) with one sample's frames; runs in a reader thread. Returns the label of
 # the view it rendered when the source drew the view itself (a re-drawn flip may swap it), else None: the store's.
@@ -93,7 +93,7 @@ class StoredFrames:
 
 class DecodedFrames:
     """The view's dense frames decoded from its video at the recorded plan, with the store's decoder (or `decoder`,
-    which `pipelines.decoder_check` has vetted).
+    which `pipelines.train.decoder_check` has vetted).
 
     `workers` > 0 decode in a `DecodePool` (processes: a decoder that hangs is killed at `timeout` and the run
     stops with one line, instead of stalling); 0 decodes in the reader threads (tiny clips, tests). Each video's
@@ -445,7 +445,7 @@ class EpochSampler:
 def frame_source(store: FeatureStore, gamma: int, video_root: str | None, *, decode_workers: int | Literal["auto"],
                  decode_timeout: float, decoder: str | None = None) -> FrameSource:
     """The store's dense frames when it holds them for `gamma`, else decoding from `video_root` (which
-    `pipelines.checks.check_frames` has vetted)."""
+    `pipelines.train.checks.check_frames` has vetted)."""
     if stored_frames_cover(store, gamma):
         return StoredFrames(store, gamma)
     if video_root is None:

@@ -22,7 +22,7 @@ import torch
 
 from dist_cache.transforms import normalize_frames
 from pipelines.compact_device import DeviceEncoding
-from pipelines.prepare import PreparedVideo
+from pipelines.extract.prepare import PreparedVideo
 from storage.encoding import Encoded
 from storage.quantize import GROUPS
 
@@ -121,7 +121,6 @@ class DeviceForward:
         self.copy_stream = torch.cuda.Stream(device) if cuda else None
         self.encoding = encoding
         shape: tuple[int, ...] = (videos_per_batch, views, self.layers, frames, tokens, width)
-        self.float_shape = shape[1:]
         ring_dtype, scales_shape = transfer_dtype, None
         if encoding is not None:
             enc = encoding.encoding

@@ -31,9 +31,10 @@ from dist_cache.devices import resolve_device
 from dist_cache.errors import UserError, first_line
 from dist_cache.manifests import load_class_names
 from dist_cache.model import DiSTConfig, OnlineDiST
-from pipelines.branch import Network, autocast, branch_of, build_network, embed, online_precision
-from pipelines.checkpoint import load_checkpoint
-from pipelines.checks import (
+from pipelines.files import replace_atomically
+from pipelines.train.branch import Network, autocast, branch_of, build_network, embed, online_precision
+from pipelines.train.checkpoint import load_checkpoint
+from pipelines.train.checks import (
     check_backbone,
     check_evaluation_store,
     check_frames,
@@ -42,11 +43,10 @@ from pipelines.checks import (
     open_store,
     usable_samples,
 )
-from pipelines.data import BatchLoader, EpochSampler, frame_source
-from pipelines.decoder_check import check_decoder
-from pipelines.files import replace_atomically
-from pipelines.plots import plot_confusion
-from pipelines.selection import chosen_on_this_set
+from pipelines.train.data.loader import BatchLoader, EpochSampler, frame_source
+from pipelines.train.decoder_check import check_decoder
+from pipelines.train.plots import plot_confusion
+from pipelines.train.selection import chosen_on_this_set
 from storage import FeatureStore
 
 
@@ -65,7 +65,7 @@ class EvalOptions:
     read_threads: int = 8
     decode_workers: int | Literal["auto"] = "auto"
     decode_timeout: float = 120.0
-    decoder: str | None = None  # decode the dense frames with this decoder, not the store's (pipelines.decoder_check)
+    decoder: str | None = None  # decode the dense frames with this decoder, not the store's (decoder_check.py)
     device: str = "auto"
     storage_options: dict = field(default_factory=dict)
 
@@ -218,7 +218,7 @@ def text_embeddings(store: FeatureStore, names: list[str], pretrained: str | Non
 
 def selection_warning(ckpt: dict[str, Any], store: FeatureStore, checkpoint: str) -> str | None:
     """A warning when `checkpoint` was chosen as its run's best by validating on this evaluation set (this store or
-    any copy of it: pipelines.selection): its score here was the maximum over the run's validations, so it is
+    any copy of it: pipelines.train.selection): its score here was the maximum over the run's validations, so it is
     optimistic (test-set selection)."""
     chosen = ckpt.get("chosen_on")
     if not chosen_on_this_set(chosen, store):

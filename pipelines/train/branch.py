@@ -18,7 +18,7 @@ from dist_cache.mixing import Mix
 from dist_cache.model import DiST, DiSTConfig, OnlineDiST
 from dist_cache.model.compact import CompactTokens
 from dist_cache.transforms import normalize_frames
-from pipelines.data import Batch
+from pipelines.train.data.loader import Batch
 
 Network = DiST | OnlineDiST
 

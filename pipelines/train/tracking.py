@@ -17,7 +17,7 @@ from typing import Any
 
 from dist_cache.errors import UserError, first_line
 from pipelines.files import replace_atomically, write_failure
-from pipelines.plots import read_metrics
+from pipelines.train.plots import read_metrics
 
 REPORTERS = ("tensorboard", "wandb")
 WANDB_ID_FILE = "wandb-run-id"

@@ -4,7 +4,7 @@ Each stage has its own flow, so the slowest one sets the pace and the others kee
 - decode workers (processes, killable on a hang) probe, plan, decode and render each video, running ahead of
   the forward by a bounded number of videos;
 - this process's main thread batches rendered videos and enqueues each batch's forward, cast and copy to
-  pinned host memory as soon as the batch is full (`pipelines.extract_device`), without waiting for the device;
+  pinned host memory as soon as the batch is full (`pipelines.extract.device`), without waiting for the device;
 - writer threads store each video (its shards, then its completion record) straight from those host
   buffers, which return to a bounded ring when the batch's last video is written.
 A rerun skips every video that has a record, so kill -9 at any point loses only unrecorded work. A video that
@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from dist_cache.backbone import Backbone, load_backbone, resolve_layers
+from dist_cache.backbone import Backbone, load_backbone
+from dist_cache.backbone_config import resolve_layers
 from dist_cache.decode_pool import DecodePool, InProcessDecoder, open_pool
 from dist_cache.decoders import DECODERS, DecodeError, get_decoder
 from dist_cache.devices import resolve_device
@@ -39,25 +40,22 @@ from dist_cache.sampling import DENSE_GAMMAS, TEST_OFFSETS
 from dist_cache.transforms import PREPROCESS
 from pipelines.compact import encoding_section, with_encoding
 from pipelines.compact_device import DeviceEncoding
-from pipelines.extract_device import DeviceForward, LaunchedBatch
-from pipelines.prepare import PreparedVideo, RenderSpec, prepare_video
-from pipelines.repair import Damage, damaged_videos
+from pipelines.extract.device import DeviceForward, LaunchedBatch
+from pipelines.extract.prepare import PreparedVideo, RenderSpec, prepare_video
+from pipelines.extract.repair import Damage, damaged_videos
 from pipelines.video_notes import VideoNotes
 from storage import StoreSchema, StoreWriter, frames_codec
 from storage.remote import open_location
 from storage.root import read_attrs
-from storage.schema import ATTR_KEY, FORMAT_VERSION
+from storage.schema import ATTR_KEY, DTYPES, FORMAT_VERSION, PRECISIONS, SPLITS
 
-FORMAT_SPLITS = ("train", "test")
-DTYPES = ("fp16", "int8")
-PRECISIONS = ("fp16", "bf16", "fp32")
 # Views per video when --views is not given: one augmented view to train on; 3 temporal clips x 1 crop to test
 # (the reference's evaluation protocol, what `eval` expects).
 DEFAULT_VIEWS = {"train": 1, "test": 3}
 # Each video owns its shards, so writers never contend. Several keep the disk busy: each one checks and
 # checksums a chunk while its I/O thread writes the previous one.
 WRITER_THREADS = 4
-DECODE_PRELOAD = ("pipelines.prepare",)
+DECODE_PRELOAD = ("pipelines.extract.prepare",)
 # If this many videos fail to decode before any is stored, the input is wrong (a wrong --video-root, a garbage
 # manifest): stop before recording hundreds of thousands of failures.
 FIRST_FAILURES_LIMIT = 100
@@ -159,6 +157,13 @@ class ExtractSummary:
         self.failures.extend(other.failures)
         self.notes.merge(other.notes)
 
+    def finalized(self, writer: StoreWriter, started: float) -> ExtractSummary:
+        """This run's summary once the store is finalised (complete unless videos are pending)."""
+        final = writer.finalize()
+        self.complete, self.store_failed = bool(final["complete"]), int(final["failed"])
+        self.seconds = time.monotonic() - started
+        return self
+
 
 def check_template(template: str) -> None:
     """A prompt template holds exactly one `{}`, where the class name goes; anything else would give every class
@@ -175,22 +180,16 @@ def check_template(template: str) -> None:
 
 def check_options(opts: ExtractOptions) -> None:
     """Reject bad flag values before anything is loaded or written."""
-    if opts.split not in FORMAT_SPLITS:
-        raise UserError(f"--split {opts.split}: must be one of {', '.join(FORMAT_SPLITS)}")
-    if opts.dtype not in DTYPES:
-        raise UserError(f"--dtype {opts.dtype}: must be one of {', '.join(DTYPES)}")
+    choices = {"--split": (opts.split, SPLITS), "--dtype": (opts.dtype, DTYPES), "--decoder": (opts.decoder, DECODERS),
+               "--dense-gamma": (opts.dense_gamma, DENSE_GAMMAS), "--test-offsets": (opts.test_offsets, TEST_OFFSETS),
+               "--precision": (opts.precision, (None, *PRECISIONS))}
+    for flag, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise UserError(f"{flag} {value}: must be one of {', '.join(str(a) for a in allowed if a is not None)}")
     if opts.frames < 1 or opts.views < 1 or opts.batch_frames < 1:
         raise UserError("--frames, --views and --batch-frames must be at least 1")
     if not (isinstance(opts.seed, int) and 0 <= opts.seed <= MAX_SEED):
         raise UserError(f"--seed {opts.seed}: must be an integer in [0, 2^63)")
-    if opts.precision is not None and opts.precision not in PRECISIONS:
-        raise UserError(f"--precision {opts.precision}: must be one of {', '.join(PRECISIONS)}")
-    if opts.decoder not in DECODERS:
-        raise UserError(f"--decoder {opts.decoder}: must be one of {', '.join(DECODERS)}")
-    if opts.dense_gamma not in DENSE_GAMMAS:
-        raise UserError(f"--dense-gamma {opts.dense_gamma}: must be one of {', '.join(map(str, DENSE_GAMMAS))}")
-    if opts.test_offsets not in TEST_OFFSETS:
-        raise UserError(f"--test-offsets {opts.test_offsets}: must be one of {', '.join(TEST_OFFSETS)}")
     check_frames_format(opts.frames_format, opts.jpeg_quality, opts.dense_frames)
     if opts.decode_workers != "auto" and not (isinstance(opts.decode_workers, int) and opts.decode_workers >= 0):
         raise UserError(f"--decode-workers {opts.decode_workers}: must be auto, or a count (0: in this process)")
@@ -232,15 +231,11 @@ def resolve_precision(precision: str | None, device: torch.device) -> str:
     return "fp16" if device.type == "cuda" else "fp32"
 
 
-def flips_apply(opts: ExtractOptions) -> bool:
-    """Only training views are flipped (test views are centre crops, never mirrored)."""
-    return opts.split == "train"
-
-
 def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], manifest: Manifest) -> StoreSchema:
-    """Everything a stranger needs to reuse or reproduce the features."""
+    """Everything a stranger needs to reuse or reproduce the features; the views are planned from its `sampling`
+    (RenderSpec.of_schema), where only training views are flipped (test views are centre crops, never mirrored)."""
     described = backbone.describe()
-    train = flips_apply(opts)
+    train = opts.split == "train"
     schema = StoreSchema.from_json({
         "format_version": FORMAT_VERSION,
         "backbone": described,
@@ -269,8 +264,8 @@ def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], ma
                           "gap_k = sparse[k+1] - sparse[k], the last slot's gap = window",
             "flip_label_map": [list(p) for p in opts.flip_label_map] if opts.flip_label_map and train else None,
             # Recorded only when not centred, so stores from before the option keep resuming (no key: centred).
-            **({"test_offsets": "reference", "test_offsets_gamma": opts.dense_gamma} if reference_offsets(opts)
-               else {}),
+            **({"test_offsets": "reference", "test_offsets_gamma": opts.dense_gamma}
+               if not train and opts.test_offsets == "reference" else {}),
         },
         "dense_frames": frames_codec.section(opts.dense_gamma, opts.frames_format, opts.jpeg_quality)
         if opts.dense_frames else None,
@@ -278,42 +273,19 @@ def build_schema(opts: ExtractOptions, backbone: Backbone, layers: list[int], ma
         "class_names": manifest.class_names,
         "text": {"templates": list(opts.templates), "source": backbone.text_source},
     })
-    # --dtype int8 or --pca: a compact store (format 3), fitted when the store is created (pipelines/extract_fit.py)
+    # --dtype int8 or --pca: a compact store (format 3), fitted when the store is created (extract/fit.py)
     return with_encoding(schema, encoding_section(opts.pca, opts.dtype, opts.pca_sample, opts.seed))
-
-
-def render_spec(opts: ExtractOptions, backbone: Backbone) -> RenderSpec:
-    return spec_at(opts, backbone.image_size)
-
-
-def spec_at(opts: ExtractOptions, image_size: int) -> RenderSpec:
-    """What extraction with `opts` renders, at `image_size` (the backbone's): also how a benchmark bounds its work."""
-    train = flips_apply(opts)
-    return RenderSpec(
-        frames=opts.frames, views=opts.views, split=opts.split, seed=opts.seed, image_size=image_size,
-        scale=tuple(opts.scale), ratio=tuple(opts.ratio), decoder=opts.decoder,
-        flip_p=opts.flip_p if train else 0.0,
-        grayscale_p=opts.grayscale_p if train else 0.0,
-        dense_gamma=opts.dense_gamma if opts.dense_frames else None,
-        test_offsets="reference" if reference_offsets(opts) else "centred",
-        offsets_gamma=opts.dense_gamma,
-    )
-
-
-def reference_offsets(opts: ExtractOptions) -> bool:
-    """Whether the test clips sample at the reference's offsets (`--test-offsets reference`, test split only)."""
-    return opts.split == "test" and opts.test_offsets == "reference"
 
 
 def fit_here(opts: ExtractOptions, backbone: Backbone, layers: list[int], manifest: Manifest, device: torch.device,
              pool: DecodePool | None, schema: StoreSchema) -> Any:
     """The fit pass of a compact store, in this process (its decode workers, or a pool made for it)."""
-    from pipelines.extract_fit import fit_on_device
+    from pipelines.extract.fit import fit_on_device
 
     own = pool is None
     pool = pool or DecodePool(opts.decode_workers, opts.decode_timeout, preload=DECODE_PRELOAD)
     try:
-        return fit_on_device(opts, backbone, layers, manifest, device, pool, schema, render_spec(opts, backbone))
+        return fit_on_device(opts, backbone, layers, manifest, device, pool, schema, RenderSpec.of_schema(schema))
     finally:
         if own:
             pool.close()
@@ -423,7 +395,7 @@ class Extractor:
 
         `decode=False` for a process that only creates the store (a dask client): no decode workers, and CLIP's
         visual tower is never run there (so its precision need not suit this process's device). A compact store
-        is fitted (`pipelines.extract_fit`) only if it has to be created: here, or by `fit` (a dask client passes
+        is fitted (`pipelines.extract.fit`) only if it has to be created: here, or by `fit` (a dask client passes
         one that runs the fit on a worker)."""
         check_options(opts)
         manifest = load_manifest(opts.manifest, video_root=opts.video_root, classes=opts.classes,
@@ -454,7 +426,7 @@ class Extractor:
             if pool is not None:
                 pool.close(kill=True)
             raise
-        return cls(opts, backbone, layers, manifest, writer, device, partners if flips_apply(opts) else {}, pool)
+        return cls(opts, backbone, layers, manifest, writer, device, partners if opts.split == "train" else {}, pool)
 
     @property
     def videos_per_batch(self) -> int:
@@ -504,7 +476,7 @@ class Extractor:
         (from a writer thread). A store write error, or FIRST_FAILURES_LIMIT decode failures before the first
         stored video, stops the run: raised once the writes in flight have ended."""
         state = _RunState(self, on_progress)
-        spec = render_spec(self.opts, self.backbone)
+        spec = RenderSpec.of_schema(self.writer.schema)
         root = Path(self.opts.video_root)
         jobs = [(str(root / self.manifest.videos[v]), v, spec, self.opts.hash_videos) for v in video_indices]
         if self.decode_pool is None:
@@ -623,8 +595,4 @@ def extract(opts: ExtractOptions, progress: bool = True) -> ExtractSummary:
             bar.close()
     finally:
         extractor.close()
-    final = extractor.writer.finalize()
-    summary.complete = bool(final["complete"])
-    summary.store_failed = int(final["failed"])
-    summary.seconds = time.monotonic() - started
-    return summary
+    return summary.finalized(extractor.writer, started)

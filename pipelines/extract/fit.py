@@ -23,7 +23,7 @@ from dist_cache.errors import UserError, first_line
 from dist_cache.manifests import Manifest
 from dist_cache.transforms import normalize_frames
 from pipelines.compact import sample_size
-from pipelines.prepare import PreparedVideo, RenderSpec, prepare_video
+from pipelines.extract.prepare import PreparedVideo, RenderSpec, prepare_video
 from storage import StoreSchema
 from storage.encoding import Encoding
 from storage.pca import ErrorStats, FitAccumulator, draw_sample, fit, fit_record
