@@ -22,6 +22,7 @@ import torch
 from click.testing import CliRunner
 
 import cli
+from dist_cache.errors import UserError
 from pipelines.extract.extractor import ExtractOptions, extract
 from pipelines.train.branch import online_precision
 from pipelines.train.checkpoint import load_checkpoint
@@ -210,6 +211,23 @@ def test_a_validation_store_of_another_activation_is_refused(stores, tmp_path):
                              "--epochs", "1", *FEATURES_ONLY)
     assert code == 2 and output.strip().count("\n") == 0, output
     assert "backbone activation 'quick_gelu'" in output and "'gelu'" in output and not (tmp_path / "r").exists()
+
+
+def test_a_validation_store_from_a_renamed_copy_of_the_weights_is_accepted(stores, tmp_path):
+    """`pretrained` records a local checkpoint's file name; the weights' sha256 is their identity. A validation store
+    extracted from a copy of the checkpoint under another name holds the same features; other weights do not."""
+    from pipelines.train.checks import check_backbone
+
+    recorded = FeatureStore.open(stores["train"]).schema.backbone
+    val = tmp_path / "val-renamed.zarr"
+    shutil.copytree(stores["val"], val)
+    meta = json.loads((val / "zarr.json").read_text())
+    meta["attributes"]["dist_cache"]["backbone"]["pretrained"] = "a-copy-of-the-weights.pt"
+    (val / "zarr.json").write_text(json.dumps(meta))
+    check_backbone(FeatureStore.open(str(val)), recorded, "--val-cache", "the training store")
+    with pytest.raises(UserError, match="backbone weights_sha256"):
+        check_backbone(FeatureStore.open(str(val)), {**recorded, "weights_sha256": "0" * 64}, "--val-cache",
+                       "the training store")
 
 
 def test_eval_and_validation_refuse_train_split_stores(stores, tmp_path):

@@ -141,9 +141,15 @@ def check_layers(store: FeatureStore, layers: Sequence[int], flag: str) -> None:
 
 def check_backbone(store: FeatureStore, recorded: dict[str, Any], flag: str, against: str) -> None:
     """The store's features must come from the same backbone as `recorded`: what a resume of either store would
-    compare (model, config, weights, geometry, normalisation, activation: schema.BACKBONE_COMPAT_KEYS)."""
+    compare (model, config, weights, geometry, normalisation, activation: schema.BACKBONE_COMPAT_KEYS), except that
+    weights of one sha256 are the same weights whatever their file was called (`pretrained` records a local
+    checkpoint's file name: the validation store may have been extracted from a copy of it)."""
+    same_weights = recorded.get("weights_sha256") is not None and \
+        store.schema.backbone.get("weights_sha256") == recorded.get("weights_sha256")
     for key in BACKBONE_COMPAT_KEYS:
         mine, theirs = store.schema.backbone.get(key), recorded.get(key)
+        if key == "pretrained" and same_weights:
+            continue
         if mine != theirs:
             raise UserError(
                 f"{flag} {store.url} was extracted with backbone {key} {format_value(mine)}, but {against} "
