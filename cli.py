@@ -235,7 +235,7 @@ def extract(**kw) -> None:
     from dist_cache.manifests import load_flip_label_map
     from dist_cache.recipes import FLIP_LABEL_MAPS
     from pipelines.compact import parse_pca
-    from pipelines.extract import ExtractOptions, extract as run_extract
+    from pipelines.extract import ExtractOptions, extract as run_extract, unused_options
 
     check_storage_options(kw["storage_options"], kw["out"])
     _video_list(kw)
@@ -246,12 +246,15 @@ def extract(**kw) -> None:
         kw["flip_label_map"] = FLIP_LABEL_MAPS[kw["flip_label_map"]]
     elif kw["flip_label_map"] is not None:
         kw["flip_label_map"] = load_flip_label_map(kw["flip_label_map"])
+    opts = ExtractOptions(**kw)
+    for unused in unused_options(opts):
+        click.echo(f"warning: {unused}", err=True)
     if workers is None and scheduler is None:
-        summary = run_extract(ExtractOptions(**kw))
+        summary = run_extract(opts)
     else:
         from pipelines.extract import extract_distributed
 
-        summary = extract_distributed(ExtractOptions(**kw), workers=workers, scheduler=scheduler)
+        summary = extract_distributed(opts, workers=workers, scheduler=scheduler)
     for what in summary.repaired:
         click.echo(f"repaired the store's {what}", err=True)
     for damage in summary.damaged[:5]:

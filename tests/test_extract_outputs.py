@@ -137,3 +137,21 @@ def test_test_clips_at_the_reference_offsets_are_recorded_and_verified(motion_da
     assert result.exit_code == 0 and result.output.strip().splitlines()[-1] == "ok", result.output
     info = CliRunner().invoke(cli.main, ["info", str(tmp_path / "r.zarr")])
     assert "uniform-clips at the reference's offsets (gamma 2)" in info.output
+
+
+def test_options_a_split_does_not_use_are_named_not_dropped(motion_dataset, tiny_checkpoint, tmp_path):
+    """--test-offsets on a train store and --flip-label-map on a test store change nothing: each says so in a warning
+    line (one config file often serves both splits, so it is not an error), and the store is written as without it."""
+    flips = tmp_path / "flips.json"
+    flips.write_text('[["right", "left"]]')
+    runs = {"train": ("--test-offsets", "reference"), "test": ("--flip-label-map", flips)}
+    for split, flag in runs.items():
+        args = ["extract", "--manifest", motion_dataset / ("val.csv" if split == "test" else "train.csv"),
+                "--video-root", motion_dataset / "videos", "--out", tmp_path / f"{split}.zarr", "--model", "dist-tiny",
+                "--pretrained", tiny_checkpoint, "--frames", "4", "--decode-workers", "1", "--split", split, *flag]
+        result = CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        warnings = [line for line in result.output.splitlines() if line.startswith("warning: ")]
+        assert len(warnings) == 1 and warnings[0].startswith(f"warning: {flag[0]} ") and "no effect" in warnings[0]
+        sampling = FeatureStore.open(tmp_path / f"{split}.zarr").schema.sampling
+        assert "test_offsets" not in sampling and not sampling.get("flip_label_map")

@@ -15,7 +15,8 @@ from typing import Any
 
 # What the CLI uses, imported on first use: a dask worker imports `dask_runner` before the `storage` package can be
 # imported safely (dask_runner._import_storage), and `dist-cache info` should not load torch.
-_EXPORTS = {"ExtractOptions": "extractor", "extract": "extractor", "extract_distributed": "dask_runner"}
+_EXPORTS = {"ExtractOptions": "extractor", "extract": "extractor", "unused_options": "extractor",
+            "extract_distributed": "dask_runner"}
 
 
 def __getattr__(name: str) -> Any:

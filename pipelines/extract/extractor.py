@@ -211,6 +211,20 @@ def check_options(opts: ExtractOptions) -> None:
         raise UserError(f"{flag} {opts.video_root}: no such directory")
 
 
+def unused_options(opts: ExtractOptions) -> list[str]:
+    """Flags given that this split does not use, each as a warning line (not an error: one config file or command
+    line often serves both splits). Train views are random crops, so test clips' offsets do not apply to them; test
+    views are never flipped, so no label is swapped."""
+    unused = []
+    if opts.split == "train" and opts.test_offsets != "centred":
+        unused.append(f"--test-offsets {opts.test_offsets} places --split test's clips; this --split train store's "
+                      "views are random crops, so it has no effect (extract the validation store with it)")
+    if opts.split == "test" and opts.flip_label_map:
+        unused.append("--flip-label-map relabels flipped training views; --split test never flips a view, so it has "
+                      "no effect here")
+    return unused
+
+
 def check_frames_format(frames_format: str, quality: int | None, dense_frames: bool) -> None:
     """--frames-format and --jpeg-quality (extract's; copy checks its own): JPEG stores dense frames, so it needs
     them, and a quality belongs to JPEG."""
