@@ -50,7 +50,6 @@ APPEARANCE_FORMATS = ("int8", "pca64-int8", "pca128-int8", "pca192-int8", "pca25
                       "pca16-int8")
 MOTION_FORMATS = ("int8", "pca0.99-int8", "pca16-int8", "fp16+jpeg", "pca16-int8+jpeg")
 EQUAL_BYTES_FORMAT = "pca16-int8+jpeg"
-GOAL_MB = 4.0
 
 
 def say(line: str) -> None:

@@ -8,9 +8,9 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from zarr.abc.store import Store
 from zarr.storage import LocalStore
@@ -22,6 +22,8 @@ from storage.location import Location, StoreUsage, is_stale, is_temp_name, temp_
 # noise, small enough that producing the next batch (checks, checksums) overlaps the write of this one.
 WRITE_BATCH_BYTES = 1 << 20
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+T = TypeVar("T")
 
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -133,39 +135,30 @@ class LocalLocation(Location):
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             return dict(zip(keys, pool.map(self.read, keys)))
 
-    def _open_read(self, key: str) -> int | None:
+    def _with_file(self, key: str, use: Callable[[int], T]) -> T | None:
+        """use(fd) on the object's file, opened for reading and closed after; None where there is no such file."""
         try:
-            return os.open(self.root / key, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(self.root / key, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return None
+        try:
+            return use(fd)
+        finally:
+            os.close(fd)
 
     def read_range(self, key: str, start: int, stop: int) -> bytes | None:
-        fd = self._open_read(key)
-        if fd is None:
-            return None
-        try:
-            return os.pread(fd, max(0, stop - start), start)
-        finally:
-            os.close(fd)
+        return self._with_file(key, lambda fd: os.pread(fd, max(0, stop - start), start))
 
     def read_suffix(self, key: str, nbytes: int) -> bytes | None:
-        fd = self._open_read(key)
-        if fd is None:
-            return None
-        try:
+        def suffix(fd: int) -> bytes:
             size = os.fstat(fd).st_size
             return os.pread(fd, min(nbytes, size), max(0, size - nbytes))
-        finally:
-            os.close(fd)
+
+        return self._with_file(key, suffix)
 
     def read_into(self, key: str, offset: int, buffers: list[Any]) -> int | None:
-        fd = self._open_read(key)
-        if fd is None:
-            return None
-        try:
-            return _vectored(os.preadv, fd, buffers, offset)  # short: a truncated object
-        finally:
-            os.close(fd)
+        # Short: a truncated object.
+        return self._with_file(key, lambda fd: _vectored(os.preadv, fd, buffers, offset))
 
     def _temp_path(self, key: str) -> Path:
         path = self.root / key

@@ -13,10 +13,6 @@ from storage.encoding import Encoding, EncodingError
 from storage.schema import StoreSchema
 
 
-def components(schema: StoreSchema) -> list[int] | None:
-    return layout.projected_components(schema)
-
-
 def write(store: Any, schema: StoreSchema, encoding: Encoding) -> None:
     """Create the encoding/ arrays (never over a different layout) and write the parameters. Idempotent: equal
     parameters are equal bytes, which is what concurrent creators of one store rely on."""
@@ -32,7 +28,7 @@ def read(array: Callable[[str], Any], schema: StoreSchema) -> Encoding:
     fit = section.get("fit") or {}
     values = {spec.name: np.asarray(array(spec.name)[...]) for spec in layout.encoding_arrays(schema)}
     encoding = Encoding.from_arrays(values, width=schema.width, num_layers=len(schema.layers),
-                                    components=components(schema))
+                                    components=layout.projected_components(schema))
     if encoding.digest() != fit.get("sha256"):
         raise EncodingError("its encoding parameters (encoding/*) are not those its schema's fit recorded (sha256)")
     return encoding

@@ -80,24 +80,20 @@ class FsspecLocation(Location):
     def _full(self, key: str) -> str:
         return f"{self.path}/{key}"
 
-    def read(self, key: str) -> bytes | None:
+    def _cat(self, key: str, **byte_range: int) -> bytes | None:
         try:
-            return self.fs.cat_file(self._full(key))
+            return self.fs.cat_file(self._full(key), **byte_range)
         except FileNotFoundError:
             return None
+
+    def read(self, key: str) -> bytes | None:
+        return self._cat(key)
 
     def read_range(self, key: str, start: int, stop: int) -> bytes | None:
-        try:
-            return self.fs.cat_file(self._full(key), start=start, end=stop)
-        except FileNotFoundError:
-            return None
+        return self._cat(key, start=start, end=stop)
 
     def read_suffix(self, key: str, nbytes: int) -> bytes | None:
-        # A suffix request ("bytes=-n"): one GET, no HEAD for the size.
-        try:
-            return self.fs.cat_file(self._full(key), start=-nbytes)
-        except FileNotFoundError:
-            return None
+        return self._cat(key, start=-nbytes)  # a suffix request ("bytes=-n"): one GET, no HEAD for the size
 
     def read_many(self, keys: list[str]) -> dict[str, bytes | None]:
         if not keys:

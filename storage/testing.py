@@ -6,7 +6,6 @@ another process wrote and compare exactly.
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
@@ -118,22 +117,3 @@ def write_videos(url: str, schema: StoreSchema, indices: list[int], *, fail: set
         w.finalize()
     return w
 
-
-def _main() -> None:
-    """`python -m storage.testing URL JSON`: a writer process for kill/concurrency tests."""
-    import json
-
-    args = json.loads(sys.argv[2])
-    # A shared wall-clock start lets concurrent-writer tests make processes race on creation too.
-    time.sleep(max(0.0, args.get("start_at", 0.0) - time.time()))
-    started = time.time()
-    w = write_videos(sys.argv[1], StoreSchema.from_json(args["schema"]), args["indices"],
-                     fail=set(args.get("fail", [])),
-                     delay_s=args.get("delay_s", 0.0))
-    wrote = time.time()
-    summary = w.finalize() if args.get("finalize") else None
-    print(json.dumps({"started": started, "wrote": wrote, "summary": summary}))
-
-
-if __name__ == "__main__":
-    _main()

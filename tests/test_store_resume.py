@@ -1,6 +1,6 @@
 """Feature store under interruption and concurrency: resume, mismatch refusal, kill -9, parallel writers.
 
-Writers run as real OS processes (`python -m storage.testing`), killed with SIGKILL where the test says so.
+Writers run as real OS processes (WRITER: storage.testing.write_videos), killed with SIGKILL where the test says so.
 """
 
 from __future__ import annotations
@@ -21,6 +21,22 @@ from storage.location import temp_name
 from storage.testing import make_schema, manifest, open_writer, video_data, write_videos
 
 REPO = Path(__file__).resolve().parents[1]
+# `python -c WRITER URL JSON`: a writer process for kill/concurrency tests.
+WRITER = r"""
+import json, sys, time
+from storage.schema import StoreSchema
+from storage.testing import write_videos
+
+args = json.loads(sys.argv[2])
+# A shared wall-clock start lets concurrent-writer tests make processes race on creation too.
+time.sleep(max(0.0, args.get("start_at", 0.0) - time.time()))
+started = time.time()
+w = write_videos(sys.argv[1], StoreSchema.from_json(args["schema"]), args["indices"], fail=set(args.get("fail", [])),
+                 delay_s=args.get("delay_s", 0.0))
+wrote = time.time()
+summary = w.finalize() if args.get("finalize") else None
+print(json.dumps({"started": started, "wrote": wrote, "summary": summary}))
+"""
 
 
 def snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
@@ -37,7 +53,7 @@ def spawn_writer(url: str, schema: dict, indices: list[int], **kw) -> subprocess
     url = str(Path(url).resolve()) if "://" not in url else url  # the child runs in the repo root
     args = json.dumps({"schema": schema.to_json(), "indices": list(indices), **kw})
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.Popen([sys.executable, "-m", "storage.testing", url, args], cwd=REPO, env=env,
+    return subprocess.Popen([sys.executable, "-c", WRITER, url, args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
