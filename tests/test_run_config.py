@@ -3,22 +3,11 @@ repeats the run: the same metrics, step for step, with the seed it recorded. Rea
 
 from __future__ import annotations
 
-import pytest
 from click.testing import CliRunner
 
 import cli
 from pipelines.config_file import read_config
-from pipelines.extract.extractor import ExtractOptions, extract
 from pipelines.train.plots import read_metrics
-
-
-@pytest.fixture(scope="module")
-def train_store(motion_dataset, tiny_checkpoint, tmp_path_factory):
-    out = tmp_path_factory.mktemp("config") / "train.zarr"
-    extract(ExtractOptions(manifest=str(motion_dataset / "train.csv"), video_root=str(motion_dataset / "videos"),
-                           out=str(out), model="dist-tiny", pretrained=str(tiny_checkpoint), frames=4, views=2,
-                           split="train", decode_workers=1, device="cpu"), progress=False)
-    return out
 
 
 def train(*args: object) -> str:

@@ -16,22 +16,12 @@ import pytest
 from click.testing import CliRunner
 
 import cli
-from pipelines.extract.extractor import ExtractOptions, extract
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 FEATURES_ONLY = ["--no-temporal", "--no-integ-to-temp", "--no-temp-to-integ", "--alpha-dim", "32", "--beta-dim", "16",
                  "--pool-blocks", "1", "--batch-size", "4", "--warmup-epochs", "1", "--epochs", "1", "--device", "cpu",
                  "--decode-workers", "0", "--read-threads", "2"]
-
-
-@pytest.fixture(scope="module")
-def store(tmp_path_factory, motion_dataset, tiny_checkpoint) -> str:
-    out = tmp_path_factory.mktemp("files") / "train.zarr"
-    extract(ExtractOptions(manifest=str(motion_dataset / "train.csv"), video_root=str(motion_dataset / "videos"),
-                           out=str(out), model="dist-tiny", pretrained=str(tiny_checkpoint), frames=4, views=2,
-                           decode_workers=1, device="cpu"), progress=False)
-    return str(out)
 
 
 @pytest.fixture
@@ -65,24 +55,24 @@ def digest(root: Path) -> dict[str, str]:
             if p.is_file()}
 
 
-def test_a_fresh_run_on_a_read_only_file_system_is_one_line(store, read_only):
+def test_a_fresh_run_on_a_read_only_file_system_is_one_line(train_store, read_only):
     place, seal = read_only
     seal()
-    code, lines = invoke("train", "--cache", store, "--out", place / "runs" / "a", *FEATURES_ONLY)
+    code, lines = invoke("train", "--cache", train_store, "--out", place / "runs" / "a", *FEATURES_ONLY)
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"error: --out {place / 'runs' / 'a'}: cannot create the run in {place} (")
     assert lines[0].endswith("); pass a writable --out")
     assert list(place.iterdir()) == []
 
 
-def test_resume_in_a_read_only_run_directory_is_one_line(store, read_only):
+def test_resume_in_a_read_only_run_directory_is_one_line(train_store, read_only):
     place, seal = read_only
     run = place / "run"
-    code, lines = invoke("train", "--cache", store, "--out", run, *FEATURES_ONLY)
+    code, lines = invoke("train", "--cache", train_store, "--out", run, *FEATURES_ONLY)
     assert code == 0, lines
     before = digest(run)
     seal()
-    code, lines = invoke("train", "--cache", store, "--out", run, "--resume", *FEATURES_ONLY)
+    code, lines = invoke("train", "--cache", train_store, "--out", run, "--resume", *FEATURES_ONLY)
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith(f"error: --out {run}: cannot write the run directory (") and lines[0].endswith(
         "copy the run to a writable directory and resume that (--out COPY --resume)")
