@@ -9,19 +9,14 @@ import shutil
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
-import cli
+from cli_runs import invoke, one_error_line
 from storage import FeatureStore
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 TRAIN_FLAGS = ("--epochs", "1", "--batch-size", "4", "--decode-workers", "0", "--alpha-dim", "32", "--beta-dim", "16",
                "--pool-blocks", "1", "--warmup-epochs", "1", "--device", "cpu")
-
-
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(cli.main, [str(a) for a in args])
 
 
 def extract_args(dataset: Path, checkpoint: Path, out: Path, *extra: object) -> list[object]:
@@ -99,14 +94,6 @@ def test_info_says_damaged_and_what_it_checked(store, damage):
     assert ": DAMAGED," in first and "complete" not in first, result.output
     assert f"  damaged: {DAMAGE[damage][1]}" in result.output, result.output
     assert "  fix: rerun the extract command with --repair" in result.output
-
-
-def one_error_line(result: Result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 @pytest.mark.parametrize("key", ["videos/label/c.0", "text_embeddings/c.0.0"])

@@ -12,27 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
 
-import cli
+from cli_runs import invoke, one_error_line
 from storage.location import temp_name
 from storage.testing import make_schema, write_videos
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 HOUR = 3600.0
-
-
-def invoke(*args: object) -> Result:
-    return CliRunner().invoke(cli.main, [str(a) for a in args])
-
-
-def one_error_line(result: Result) -> str:
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, result.output
-    return lines[0]
 
 
 def aged(path: Path, content: bytes, age_s: float) -> Path:
