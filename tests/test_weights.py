@@ -201,22 +201,11 @@ def test_a_recorded_giant_architecture_is_refused_before_it_is_built(tiny_checkp
         load_recorded_backbone(nonsense, pretrained=str(tiny_checkpoint))
 
 
-@pytest.fixture(scope="module")
-def small_store(tmp_path_factory, motion_dataset, tiny_checkpoint) -> Path:
-    from pipelines.extract.extractor import ExtractOptions, extract
-
-    out = tmp_path_factory.mktemp("record") / "val.zarr"
-    extract(ExtractOptions(manifest=str(motion_dataset / "val.csv"), video_root=str(motion_dataset / "videos"),
-                           out=str(out), model="dist-tiny", pretrained=str(tiny_checkpoint), frames=4, views=1,
-                           split="test", decode_workers=1, device="cpu"), progress=False)
-    return out
-
-
 HUGE_CONFIG = {"embed_dim": 512, "vision_cfg": {"image_size": 224, "layers": 100000, "width": 16384, "patch_size": 16},
                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}}
 
 
-def test_a_huge_model_config_is_refused_before_open_clip_builds_anything(small_store, motion_dataset,
+def test_a_huge_model_config_is_refused_before_open_clip_builds_anything(val_store, motion_dataset,
                                                                          tiny_checkpoint, tmp_path, monkeypatch):
     """A recorded config of 100000 blocks of width 16384 under an unknown name (verify --video-root and train
     --online rebuild it), and the same config as extract --model CONFIG.json: refused in one line from the
@@ -233,7 +222,7 @@ def test_a_huge_model_config_is_refused_before_open_clip_builds_anything(small_s
 
     monkeypatch.setattr(open_clip, "create_model", create_model)
     store = tmp_path / "s.zarr"
-    shutil.copytree(small_store, store)
+    shutil.copytree(val_store, store)
     meta = json.loads((store / "zarr.json").read_text())
     meta["attributes"]["dist_cache"]["backbone"].update(model="huge-vit", model_config=HUGE_CONFIG)
     (store / "zarr.json").write_text(json.dumps(meta))
