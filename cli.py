@@ -247,8 +247,6 @@ def extract(**kw) -> None:
     elif kw["flip_label_map"] is not None:
         kw["flip_label_map"] = load_flip_label_map(kw["flip_label_map"])
     opts = ExtractOptions(**kw)
-    for unused in unused_options(opts):
-        click.echo(f"warning: {unused}", err=True)
     if workers is None and scheduler is None:
         summary = run_extract(opts)
     else:
@@ -269,6 +267,8 @@ def extract(**kw) -> None:
     )
     if summary.notes.videos:
         click.echo(f"of the {summary.notes.videos} videos stored: {summary.notes.describe(kw['frames'])}")
+    for unused in unused_options(opts):  # after the run: a flag that failed its own check was that one error
+        click.echo(f"warning: {unused}", err=True)
     if summary.store_failed:
         first = f"; first in this run: {summary.failures[0][1]}" if summary.failures else ""
         click.echo(

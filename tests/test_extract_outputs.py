@@ -155,3 +155,10 @@ def test_options_a_split_does_not_use_are_named_not_dropped(motion_dataset, tiny
         assert len(warnings) == 1 and warnings[0].startswith(f"warning: {flag[0]} ") and "no effect" in warnings[0]
         sampling = FeatureStore.open(tmp_path / f"{split}.zarr").schema.sampling
         assert "test_offsets" not in sampling and not sampling.get("flip_label_map")
+    flips.write_text('[["right", "sideways"]]')  # a map that fails its own check: that error alone is printed
+    args = ["extract", "--manifest", motion_dataset / "val.csv", "--video-root", motion_dataset / "videos", "--out",
+            tmp_path / "bad.zarr", "--model", "dist-tiny", "--pretrained", tiny_checkpoint, "--split", "test",
+            "--flip-label-map", flips]
+    result = CliRunner().invoke(cli.main, [str(a) for a in args])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: --flip-label-map"), lines

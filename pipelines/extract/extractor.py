@@ -218,9 +218,9 @@ def unused_options(opts: ExtractOptions) -> list[str]:
     unused = []
     if opts.split == "train" and opts.test_offsets != "centred":
         unused.append(f"--test-offsets {opts.test_offsets} places --split test's clips; this --split train store's "
-                      "views are random crops, so it has no effect (extract the validation store with it)")
+                      "views are random crops, so it had no effect (extract the validation store with it)")
     if opts.split == "test" and opts.flip_label_map:
-        unused.append("--flip-label-map relabels flipped training views; --split test never flips a view, so it has "
+        unused.append("--flip-label-map relabels flipped training views; --split test never flips a view, so it had "
                       "no effect here")
     return unused
 
