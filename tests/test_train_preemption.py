@@ -4,6 +4,7 @@ exit status 75; `--resume` then ends exactly where an uninterrupted run ends. Th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -56,6 +57,19 @@ def finish(proc: subprocess.Popen) -> tuple[int, str]:
     finally:
         proc.kill()
     return proc.returncode, err
+
+
+def spawned_ranks(pid: int) -> list:
+    """The ranks `train --nproc` spawned: children running multiprocessing's spawn_main (others, such as a short-lived
+    helper that has already exited and is a zombie, are skipped)."""
+    import psutil
+
+    ranks = []
+    for child in psutil.Process(pid).children():
+        with contextlib.suppress(psutil.Error):
+            if "spawn_main" in " ".join(child.cmdline()):
+                ranks.append(child)
+    return ranks
 
 
 def train_steps(out: Path) -> list[int]:
@@ -151,7 +165,6 @@ def test_ranks_signalled_at_different_steps_stop_after_the_same_one(stores, tmp_
     flags are summed after every step, so both stop after the same step (a rank that went on would wait in its next
     collective for hours), rank 0 writes last.pt, and the launcher exits 75. The resume takes every remaining step
     once. (That a resume ends on the uninterrupted run's weights is shown above, in one process.)"""
-    import psutil
 
     args = ["--nproc", "2", "--no-temporal", "--no-temp-to-integ", "--no-integ-to-temp", "--epochs", "6",
             "--batch-size", "4"]
@@ -161,7 +174,7 @@ def test_ranks_signalled_at_different_steps_stop_after_the_same_one(stores, tmp_
     while not (out / "metrics.jsonl").exists() or not train_steps(out):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.02)
-    ranks = [p for p in psutil.Process(proc.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+    ranks = spawned_ranks(proc.pid)
     assert len(ranks) == 2
     rank1 = [p for p in ranks if p.environ().get("RANK") == "1"] or sorted(ranks, key=lambda p: p.pid)[1:]
     rank1[0].send_signal(signal.SIGTERM)
@@ -174,3 +187,20 @@ def test_ranks_signalled_at_different_steps_stop_after_the_same_one(stores, tmp_
     code, err = finish(dist_cache(*train_args(stores, out, *args, "--resume")))
     assert code == 0, err
     assert load_checkpoint(out / "last.pt")["step"] == 12 and train_steps(out) == list(range(1, 13))
+
+
+def test_a_stop_signal_while_the_ranks_start_is_one_line_and_the_signals_exit_status(stores, tmp_path):
+    """`train --nproc 2`, SIGTERM to the launcher as soon as its ranks exist: they are still importing, their stop
+    handlers not yet in place, so the forwarded signal kills them. The launcher says so in one line and exits 143
+    (128 + SIGTERM, as one process killed by it), not with a traceback, and not 75: there is no last.pt to resume."""
+    proc = dist_cache(*train_args(stores, tmp_path / "run", "--nproc", "2"))
+    deadline = time.monotonic() + 120
+    while not spawned_ranks(proc.pid):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    code, err = finish(proc)
+    assert code == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    assert "stopped by SIGTERM while the ranks were starting or finishing, outside a step" in err
+    assert not (tmp_path / "run" / "last.pt").exists()

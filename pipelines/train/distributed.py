@@ -181,6 +181,16 @@ def launch(fn: Callable[[Any], Any], arg: Any, nproc: int) -> Any:
             if kind == "error":
                 raise UserError(value) from None
         raise
+    except mp.ProcessExitedException as died:
+        if died.signal_name not in {signal.Signals(s).name for s in received}:
+            raise
+        # A forwarded stop signal reached a rank outside its training loop (still importing, or finishing), where
+        # it keeps the default action: the rank died of it, as one process would, and nothing is left to stop
+        # after a step. The launcher exits as a process killed by it does (128 + the signal), with one line instead
+        # of a traceback; not 75, which promises a last.pt to resume from.
+        print(f"stopped by {died.signal_name} while the ranks were starting or finishing, outside a step: rerun "
+              "the same command (with --resume if the run directory holds last.pt)", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.Signals[died.signal_name])
     kind, result = results.get()
     if kind == "preempted":
         raise Preempted(result)
