@@ -9,6 +9,11 @@ from pathlib import Path
 
 from dist_cache.errors import UserError, first_line
 
+# What an errno met while writing a run's file means, in the words of `write_failure`'s line.
+WRITE_FAILURES = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk full",
+                  errno.EFBIG: "file too large (a file-size limit, ulimit -f)", errno.EROFS: "read-only file system",
+                  errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+
 
 def replace_atomically(path: str | os.PathLike, write: Callable[[Path], object], *, fsync: bool = False) -> Path:
     """Write through `write(tmp)` into a temporary sibling of `path`, then rename it over `path`.
@@ -36,17 +41,7 @@ def write_failure(path: str | os.PathLike, err: OSError) -> UserError:
     do. The run's last checkpoint is whole (files are replaced atomically), so a rerun with --resume loses
     nothing but the steps since it; before the run's first last.pt there is nothing to resume, and the rerun is
     the same command without --resume."""
-    code = err.errno
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        why = "disk full"
-    elif code == errno.EFBIG:
-        why = "file too large (a file-size limit, ulimit -f)"
-    elif code == errno.EROFS:
-        why = "read-only file system"
-    elif code in (errno.EACCES, errno.EPERM):
-        why = "permission denied"
-    else:
-        why = err.strerror or first_line(err)
+    why = WRITE_FAILURES.get(err.errno) or err.strerror or first_line(err)
     if (Path(path).parent / "last.pt").is_file():
         rerun = "rerun with --resume"
     else:
