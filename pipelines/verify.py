@@ -53,17 +53,6 @@ class VerifyReport:
         return not self.problems
 
 
-def _replanned(store: FeatureStore, sample: dict) -> Any:
-    """The plan the recorded sampling parameters give for this sample's video, or None when the store does not
-    record them all (a store written through the StoreWriter API need not)."""
-    sampling = store.schema.view_sampling()
-    if sampling is None:
-        return None
-    plans = sampling.plan(int(sample["num_frames"]), int(sample["width"]), int(sample["height"]),
-                          int(sample["video_index"]))
-    return plans[int(sample["view"])]
-
-
 def video_mismatch(sample: dict, path: Path, decoder: str = "decord") -> str | None:
     """Why the file at `path` is not the video this sample was extracted from, or None if it is."""
     from dist_cache.decoders import get_decoder
@@ -380,10 +369,11 @@ def _recompute_sample(store: FeatureStore, report: VerifyReport, i: int, sample:
     from dist_cache.transforms import normalize_frames, render_frames
 
     plan = ViewPlan.from_dict(sample)
-    replanned = _replanned(store, sample)
-    if replanned is None:
+    sampling = store.schema.view_sampling()  # None: not all recorded (a store written through StoreWriter need not)
+    if sampling is None:
         report.notes.append("the store does not record its sampling parameters: plans were not re-derived")
-    elif replanned != plan:
+    elif sampling.plan(int(sample["num_frames"]), int(sample["width"]), int(sample["height"]),
+                       int(sample["video_index"]))[int(sample["view"])] != plan:
         report.problems.append(f"sample {i}: the recorded plan is not what the recorded seed gives")
     size = run.backbone.image_size
     frames = render_frames(run.reader.read(path, plan.sparse_indices), plan, size)
