@@ -145,23 +145,6 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
             conn.send(("err", RuntimeError(f"{fn.__name__} result could not be sent back"), traceback.format_exc()))
 
 
-def _describe(fn: Callable, args: tuple) -> str:
-    """`/x/a.mp4: prepare_video` for a decode job (path first, like every DecodeError), else `sleep(60)`."""
-    name = getattr(fn, "__name__", "job")
-    if args and isinstance(args[0], (str, os.PathLike)):
-        return f"{args[0]}: {name}"
-    return f"{name}({args[0]!r})" if args else name
-
-
-def _exit_reason(code: int | None) -> str:
-    if code is not None and code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
 class _Job(NamedTuple):
     future: concurrent.futures.Future
     fn: Callable
@@ -169,28 +152,35 @@ class _Job(NamedTuple):
     deaths: list[str]  # how each worker that ran it died
 
     def describe(self) -> str:
-        return _describe(self.fn, self.args)
+        """`/x/a.mp4: prepare_video` for a decode job (path first, like every DecodeError), else `sleep(60)`."""
+        name = getattr(self.fn, "__name__", "job")
+        if self.args and isinstance(self.args[0], (str, os.PathLike)):
+            return f"{self.args[0]}: {name}"
+        return f"{name}({self.args[0]!r})" if self.args else name
 
 
 class _Worker:
     def __init__(self, ctx: multiprocessing.context.BaseContext, preload: tuple[str, ...]):
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_worker_main, args=(child, preload), daemon=True)
-        self._start()
+        # A Ctrl-C during the worker's own start-up (spawn re-imports the main module) prints nothing either: SIGINT
+        # is ignored from its first instruction (this process ignores it for the milliseconds of the fork).
+        with sigint_ignored():
+            self.process.start()
         child.close()  # so that a dead worker reads as EOF here
         self.ready = False  # set by its "ready" message, once its preloads are imported
         self.job: _Job | None = None
         self.deadline = 0.0
 
-    def _start(self) -> None:
-        """A Ctrl-C during the worker's own start-up (spawn re-imports the main module) prints nothing either:
-        SIGINT is ignored from its first instruction (this process ignores it for the milliseconds of the fork)."""
-        with sigint_ignored():
-            self.process.start()
-
     def exit_reason(self) -> str:
         self.process.join(timeout=1)
-        return _exit_reason(self.process.exitcode)
+        code = self.process.exitcode
+        if code is not None and code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit code {code}"
 
     def kill(self) -> None:
         self.process.kill()
@@ -424,7 +414,6 @@ class DecodePool:
                 job.future.set_exception(RuntimeError("DecodePool closed before the job finished"))
         while self._queue:
             self._queue.popleft()[0].cancel()
-
 
 
 class InProcessDecoder:
