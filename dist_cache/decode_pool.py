@@ -82,13 +82,11 @@ def usable_cores() -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         cores = os.cpu_count() or 1
-    try:
+    with contextlib.suppress(OSError, ValueError):
         with open("/sys/fs/cgroup/cpu.max") as f:
             quota, period = f.read().split()[:2]
         if quota != "max":
             cores = min(cores, max(1, -(-int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
     return cores
 
 
@@ -121,10 +119,8 @@ def _worker_main(conn: multiprocessing.connection.Connection, preload: tuple[str
         importlib.import_module(module)
     if "torch" in sys.modules:  # imported before this ran (by the parent's main module, re-imported by spawn)
         sys.modules["torch"].set_num_threads(1)
-    try:
+    with contextlib.suppress(EOFError, OSError):  # the parent is gone (closed the pool, or died): nothing to report to
         _serve(conn)
-    except (EOFError, OSError):  # the parent is gone (closed the pool, or died): nothing to report to
-        pass
     _quiet_exit()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Callable
@@ -54,11 +55,9 @@ def unwritable(directory: str | os.PathLike) -> str | None:
     (a read-only file system refuses root too) and for the permission bits (which root bypasses)."""
     if os.access(directory, os.W_OK | os.X_OK):
         return None
-    try:
+    with contextlib.suppress(OSError):
         if os.statvfs(directory).f_flag & os.ST_RDONLY:
             return "read-only file system"
-    except OSError:
-        pass
     return "permission denied"
 
 
