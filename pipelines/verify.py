@@ -271,13 +271,16 @@ def _load_recompute(store: FeatureStore, report: VerifyReport, pretrained: str |
                     device: str) -> Recompute:
     """The recorded backbone, rebuilt (its weights proven by their hash), the decoder, and the tolerance, stated in
     the report. A UserError when they cannot be had here (a store made from a local file needs --pretrained)."""
-    from dist_cache.backbone import load_recorded_backbone
+    from dist_cache.backbone import check_precision, load_recorded_backbone
     from dist_cache.decoders import get_decoder
     from dist_cache.devices import resolve_device
 
     torch_device = resolve_device(device)
-    recorded = store.schema.precision
-    run = recorded if _runs_here(recorded, torch_device) else "fp32"
+    recorded = run = store.schema.precision
+    try:
+        check_precision(recorded, torch_device)
+    except UserError:  # fp16 on a CPU, or bf16 on a GPU without it: recomputed in fp32
+        run = "fp32"
     try:
         # The recorded activation and precision; offline (HF_HUB_OFFLINE) an uncached tag fails in one line.
         backbone = load_recorded_backbone(store.schema.backbone, pretrained=pretrained, device=torch_device,
@@ -336,16 +339,6 @@ def storage_tolerance(store: FeatureStore, report: VerifyReport) -> float:
                         f"held-out videos ({recorded:.2%}, projection and quantisation) plus fp16 rounding "
                         f"({TOLERANCE['fp16']:.1%}): {tolerance:.2%}")
     return tolerance
-
-
-def _runs_here(precision: str, device: Any) -> bool:
-    from dist_cache.backbone import check_precision
-
-    try:
-        check_precision(precision, device)
-    except UserError:
-        return False
-    return True
 
 
 @dataclass
