@@ -665,21 +665,20 @@ def copy(src: str, dst: str, storage_options: dict, src_storage_options: dict, d
     from storage.location import is_local
 
     kw["pca"] = parse_pca(kw["pca"])
+    kw["frames"] = "drop" if drop_dense_frames else "keep"
+    src_options = src_storage_options or ({} if is_local(src) else storage_options)
     if kw.pop("dry_run"):
         check_storage_options(src_storage_options or storage_options, src)
-        options = src_storage_options or ({} if is_local(src) else storage_options)
         kw.pop("videos_per_shard")
-        click.echo(copy_dry_run(src, src_options=options, frames="drop" if drop_dense_frames else "keep", **kw))
+        click.echo(copy_dry_run(src, src_options=src_options, **kw))
         return
     if dst is None:
         raise CommandError("copy needs DST (or --dry-run)")
     check_storage_options(storage_options, src, dst)
     check_storage_options(src_storage_options, src, flag="--src-storage-options")
     check_storage_options(dst_storage_options, dst, flag="--dst-storage-options")
-    src_options = src_storage_options or ({} if is_local(src) else storage_options)
     dst_options = dst_storage_options or ({} if is_local(dst) else storage_options)
-    s = copy_store(src, dst, src_options=src_options, dst_options=dst_options,
-                   frames="drop" if drop_dense_frames else "keep", **kw)
+    s = copy_store(src, dst, src_options=src_options, dst_options=dst_options, **kw)
     held = f", {s.held_back} more wait for them to fill their shards" if s.held_back else ""
     click.echo(f"copied {s.copied} videos, skipped {s.skipped} (already there), failed {s.failed} -> {dst}"
                + ("" if s.complete else f" (incomplete: {s.pending_in_source} not extracted in the source yet{held})"))

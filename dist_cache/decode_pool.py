@@ -82,13 +82,11 @@ def usable_cores() -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         cores = os.cpu_count() or 1
-    try:
+    with contextlib.suppress(OSError, ValueError):
         with open("/sys/fs/cgroup/cpu.max") as f:
             quota, period = f.read().split()[:2]
         if quota != "max":
             cores = min(cores, max(1, -(-int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass
     return cores
 
 
@@ -121,10 +119,8 @@ def _worker_main(conn: multiprocessing.connection.Connection, preload: tuple[str
         importlib.import_module(module)
     if "torch" in sys.modules:  # imported before this ran (by the parent's main module, re-imported by spawn)
         sys.modules["torch"].set_num_threads(1)
-    try:
+    with contextlib.suppress(EOFError, OSError):  # the parent is gone (closed the pool, or died): nothing to report to
         _serve(conn)
-    except (EOFError, OSError):  # the parent is gone (closed the pool, or died): nothing to report to
-        pass
     _quiet_exit()
 
 
@@ -145,23 +141,6 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
             conn.send(("err", RuntimeError(f"{fn.__name__} result could not be sent back"), traceback.format_exc()))
 
 
-def _describe(fn: Callable, args: tuple) -> str:
-    """`/x/a.mp4: prepare_video` for a decode job (path first, like every DecodeError), else `sleep(60)`."""
-    name = getattr(fn, "__name__", "job")
-    if args and isinstance(args[0], (str, os.PathLike)):
-        return f"{args[0]}: {name}"
-    return f"{name}({args[0]!r})" if args else name
-
-
-def _exit_reason(code: int | None) -> str:
-    if code is not None and code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
 class _Job(NamedTuple):
     future: concurrent.futures.Future
     fn: Callable
@@ -169,28 +148,35 @@ class _Job(NamedTuple):
     deaths: list[str]  # how each worker that ran it died
 
     def describe(self) -> str:
-        return _describe(self.fn, self.args)
+        """`/x/a.mp4: prepare_video` for a decode job (path first, like every DecodeError), else `sleep(60)`."""
+        name = getattr(self.fn, "__name__", "job")
+        if self.args and isinstance(self.args[0], (str, os.PathLike)):
+            return f"{self.args[0]}: {name}"
+        return f"{name}({self.args[0]!r})" if self.args else name
 
 
 class _Worker:
     def __init__(self, ctx: multiprocessing.context.BaseContext, preload: tuple[str, ...]):
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=_worker_main, args=(child, preload), daemon=True)
-        self._start()
+        # A Ctrl-C during the worker's own start-up (spawn re-imports the main module) prints nothing either: SIGINT
+        # is ignored from its first instruction (this process ignores it for the milliseconds of the fork).
+        with sigint_ignored():
+            self.process.start()
         child.close()  # so that a dead worker reads as EOF here
         self.ready = False  # set by its "ready" message, once its preloads are imported
         self.job: _Job | None = None
         self.deadline = 0.0
 
-    def _start(self) -> None:
-        """A Ctrl-C during the worker's own start-up (spawn re-imports the main module) prints nothing either:
-        SIGINT is ignored from its first instruction (this process ignores it for the milliseconds of the fork)."""
-        with sigint_ignored():
-            self.process.start()
-
     def exit_reason(self) -> str:
         self.process.join(timeout=1)
-        return _exit_reason(self.process.exitcode)
+        code = self.process.exitcode
+        if code is not None and code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit code {code}"
 
     def kill(self) -> None:
         self.process.kill()
@@ -424,7 +410,6 @@ class DecodePool:
                 job.future.set_exception(RuntimeError("DecodePool closed before the job finished"))
         while self._queue:
             self._queue.popleft()[0].cancel()
-
 
 
 class InProcessDecoder:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from dist_cache.errors import UserError, first_line
+
+# What an errno met while writing a run's file means, in the words of `write_failure`'s line.
+WRITE_FAILURES = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk full",
+                  errno.EFBIG: "file too large (a file-size limit, ulimit -f)", errno.EROFS: "read-only file system",
+                  errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
 
 
 def replace_atomically(path: str | os.PathLike, write: Callable[[Path], object], *, fsync: bool = False) -> Path:
@@ -36,17 +42,7 @@ def write_failure(path: str | os.PathLike, err: OSError) -> UserError:
     do. The run's last checkpoint is whole (files are replaced atomically), so a rerun with --resume loses
     nothing but the steps since it; before the run's first last.pt there is nothing to resume, and the rerun is
     the same command without --resume."""
-    code = err.errno
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        why = "disk full"
-    elif code == errno.EFBIG:
-        why = "file too large (a file-size limit, ulimit -f)"
-    elif code == errno.EROFS:
-        why = "read-only file system"
-    elif code in (errno.EACCES, errno.EPERM):
-        why = "permission denied"
-    else:
-        why = err.strerror or first_line(err)
+    why = WRITE_FAILURES.get(err.errno) or err.strerror or first_line(err)
     if (Path(path).parent / "last.pt").is_file():
         rerun = "rerun with --resume"
     else:
@@ -59,11 +55,9 @@ def unwritable(directory: str | os.PathLike) -> str | None:
     (a read-only file system refuses root too) and for the permission bits (which root bypasses)."""
     if os.access(directory, os.W_OK | os.X_OK):
         return None
-    try:
+    with contextlib.suppress(OSError):
         if os.statvfs(directory).f_flag & os.ST_RDONLY:
             return "read-only file system"
-    except OSError:
-        pass
     return "permission denied"
 
 

@@ -85,7 +85,7 @@ def store_info(url: str, storage_options: dict | None = None) -> dict[str, Any]:
         "format": store_format(schema),
         "bytes_per_view": _bytes_per_view(schema, dense),
         "encoding": schema.encoding,
-        **_usage_or_unknown(store, url, storage_options),
+        **usage(store, url, storage_options),
         "limitations": limitations(store),
         "schema": schema.to_json(),
     }
@@ -197,26 +197,22 @@ def limitations(store: FeatureStore) -> list[str]:
     return out
 
 
-def _usage_or_unknown(store: FeatureStore, url: str, storage_options: dict | None) -> dict[str, Any]:
-    try:
-        return usage(store, url, storage_options)
-    except StoreDamagedError:  # over HTTP the objects are derived from the status table: damaged, and said so
-        return {"objects": None, "bytes": None, "measured": None}
-
-
 def usage(store: FeatureStore, url: str, storage_options: dict | None) -> dict[str, Any]:
     """{"objects", "bytes", "measured"}: "listing" (a walk, an object store's listing), or over HTTP "metadata"
     (objects derived from the metadata, bytes the shards' from the store's summary), or None: unknown."""
     unknown = {"objects": None, "bytes": None, "measured": None}
-    loc = open_location(url, storage_options)
-    found = loc.usage()
-    if found is not None:
-        return {"objects": found.objects, "bytes": found.bytes, "measured": "listing"}
-    summary = (read_attrs(loc) or {}).get("summary")
-    group = zarr.open_group(loc.zarr_store(read_only=True), mode="r", zarr_format=3)
-    if not store.complete or not isinstance(summary, dict) or group.metadata.consolidated_metadata is None:
+    try:
+        loc = open_location(url, storage_options)
+        found = loc.usage()
+        if found is not None:
+            return {"objects": found.objects, "bytes": found.bytes, "measured": "listing"}
+        summary = (read_attrs(loc) or {}).get("summary")
+        group = zarr.open_group(loc.zarr_store(read_only=True), mode="r", zarr_format=3)
+        if not store.complete or not isinstance(summary, dict) or group.metadata.consolidated_metadata is None:
+            return unknown
+        return {"objects": _derived_objects(store, group), "bytes": summary.get("bytes"), "measured": "metadata"}
+    except StoreDamagedError:  # over HTTP the objects are derived from the status table: damaged, and said so
         return unknown
-    return {"objects": _derived_objects(store, group), "bytes": summary.get("bytes"), "measured": "metadata"}
 
 
 def _derived_objects(store: FeatureStore, group: zarr.Group) -> int:

@@ -53,17 +53,6 @@ class VerifyReport:
         return not self.problems
 
 
-def _replanned(store: FeatureStore, sample: dict) -> Any:
-    """The plan the recorded sampling parameters give for this sample's video, or None when the store does not
-    record them all (a store written through the StoreWriter API need not)."""
-    sampling = store.schema.view_sampling()
-    if sampling is None:
-        return None
-    plans = sampling.plan(int(sample["num_frames"]), int(sample["width"]), int(sample["height"]),
-                          int(sample["video_index"]))
-    return plans[int(sample["view"])]
-
-
 def video_mismatch(sample: dict, path: Path, decoder: str = "decord") -> str | None:
     """Why the file at `path` is not the video this sample was extracted from, or None if it is."""
     from dist_cache.decoders import get_decoder
@@ -282,13 +271,16 @@ def _load_recompute(store: FeatureStore, report: VerifyReport, pretrained: str |
                     device: str) -> Recompute:
     """The recorded backbone, rebuilt (its weights proven by their hash), the decoder, and the tolerance, stated in
     the report. A UserError when they cannot be had here (a store made from a local file needs --pretrained)."""
-    from dist_cache.backbone import load_recorded_backbone
+    from dist_cache.backbone import check_precision, load_recorded_backbone
     from dist_cache.decoders import get_decoder
     from dist_cache.devices import resolve_device
 
     torch_device = resolve_device(device)
-    recorded = store.schema.precision
-    run = recorded if _runs_here(recorded, torch_device) else "fp32"
+    recorded = run = store.schema.precision
+    try:
+        check_precision(recorded, torch_device)
+    except UserError:  # fp16 on a CPU, or bf16 on a GPU without it: recomputed in fp32
+        run = "fp32"
     try:
         # The recorded activation and precision; offline (HF_HUB_OFFLINE) an uncached tag fails in one line.
         backbone = load_recorded_backbone(store.schema.backbone, pretrained=pretrained, device=torch_device,
@@ -349,16 +341,6 @@ def storage_tolerance(store: FeatureStore, report: VerifyReport) -> float:
     return tolerance
 
 
-def _runs_here(precision: str, device: Any) -> bool:
-    from dist_cache.backbone import check_precision
-
-    try:
-        check_precision(precision, device)
-    except UserError:
-        return False
-    return True
-
-
 @dataclass
 class Recompute:
     """The recorded backbone, rebuilt, and the decoder that reads the videos."""
@@ -380,10 +362,11 @@ def _recompute_sample(store: FeatureStore, report: VerifyReport, i: int, sample:
     from dist_cache.transforms import normalize_frames, render_frames
 
     plan = ViewPlan.from_dict(sample)
-    replanned = _replanned(store, sample)
-    if replanned is None:
+    sampling = store.schema.view_sampling()  # None: not all recorded (a store written through StoreWriter need not)
+    if sampling is None:
         report.notes.append("the store does not record its sampling parameters: plans were not re-derived")
-    elif replanned != plan:
+    elif sampling.plan(int(sample["num_frames"]), int(sample["width"]), int(sample["height"]),
+                       int(sample["video_index"]))[int(sample["view"])] != plan:
         report.problems.append(f"sample {i}: the recorded plan is not what the recorded seed gives")
     size = run.backbone.image_size
     frames = render_frames(run.reader.read(path, plan.sparse_indices), plan, size)

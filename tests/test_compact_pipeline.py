@@ -137,7 +137,9 @@ def test_the_device_encoding_is_the_stores(tmp_path):
         batch = device.tokens(torch.from_numpy(codes), None if scales is None else torch.from_numpy(scales))
         reference = np.stack([enc.decode(codes[k], None if scales is None else scales[k], [0, 1], 4, 17)
                               for k in range(2)]).transpose(1, 0, 2, 3, 4)
-        assert _relative(batch.tokens().numpy(), reference) < 1e-5
+        tokens = torch.stack([batch.values(i) if batch.components is None else  # x = mean + z @ B
+                              batch.values(i) @ batch.components[i] + batch.mean[i] for i in range(batch.num_layers)])
+        assert _relative(tokens.numpy(), reference) < 1e-5
 
 
 def test_the_fit_sample_is_drawn_over_the_whole_manifest():

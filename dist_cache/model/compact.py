@@ -83,14 +83,6 @@ class CompactTokens:
         mixed = [fn(self.values(i, dtype).unsqueeze(0))[0] for i in range(self.num_layers)]
         return CompactTokens(mixed, mean=self.mean, components=self.components)
 
-    def tokens(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The reconstructed tokens (L, B, T, N+1, C): what a reader that wants tokens gets (not used by the step)."""
-        out = []
-        for i in range(self.num_layers):
-            z = self.values(i)
-            out.append((z if self.components is None else z @ self.components[i] + self.mean[i]).to(dtype))
-        return torch.stack(out)
-
 
 TokenBatch = torch.Tensor | CompactTokens
 

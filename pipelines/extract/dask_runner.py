@@ -88,6 +88,8 @@ def connect(workers: int | None, scheduler: str | None) -> Iterator[distributed.
     import dask
     from distributed import Client, LocalCluster
 
+    from dist_cache.decode_pool import sigint_ignored
+
     if (workers is None) == (scheduler is None):
         raise UserError("pass exactly one of --dask-workers N (a local cluster) and --scheduler ADDRESS")
     if scheduler is not None:
@@ -96,20 +98,14 @@ def connect(workers: int | None, scheduler: str | None) -> Iterator[distributed.
         return
     if workers < 1:
         raise UserError(f"--dask-workers {workers}: must be at least 1")
-    with dask.config.set({"distributed.worker.daemon": False}), \
-            _started_ignoring_sigint(LocalCluster, n_workers=workers, threads_per_worker=1, processes=True,
-                                     host="127.0.0.1", dashboard_address=None) as cluster, Client(cluster) as client:
-        yield client
-
-
-def _started_ignoring_sigint(factory: Any, **kwargs: Any) -> Any:
-    """`factory(**kwargs)` (a LocalCluster, whose nannies and workers start meanwhile) with SIGINT ignored: its
-    processes then ignore a terminal's Ctrl-C, which would make each print a KeyboardInterrupt traceback; this
-    process alone handles it, and closes the cluster."""
-    from dist_cache.decode_pool import sigint_ignored
-
-    with sigint_ignored():
-        return factory(**kwargs)
+    with dask.config.set({"distributed.worker.daemon": False}):
+        # The cluster's nannies and workers start with SIGINT ignored: they then ignore a terminal's Ctrl-C, which
+        # would make each print a KeyboardInterrupt traceback; this process alone handles it, and closes the cluster.
+        with sigint_ignored():
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                   dashboard_address=None)
+        with cluster, Client(cluster) as client:
+            yield client
 
 
 def _task_resources(client) -> dict[str, int] | None:

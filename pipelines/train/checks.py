@@ -18,6 +18,7 @@ from dist_cache.errors import UserError
 from dist_cache.model import DiSTConfig
 from dist_cache.paths import resolve_under
 from pipelines.train.data.loader import stored_frames_cover
+from pipelines.train.decoder_check import check_decoder
 from storage import FeatureStore, SampleStatus, frames_codec
 from storage.schema import BACKBONE_COMPAT_KEYS, format_value
 
@@ -44,14 +45,18 @@ def usable_samples(store: FeatureStore, flag: str) -> tuple[np.ndarray, int]:
     return np.flatnonzero(status == SampleStatus.DONE), counts["failed"] * store.schema.views_per_video
 
 
-def check_frames(store: FeatureStore, usable: np.ndarray, gamma: int, video_root: str | None, flag: str, *,
-                 decode: bool = False, decoder: str | None = None) -> str:
-    """Where this run's dense frames will come from: "stored" (the store holds them for `gamma`), or "decoded"
-    (from `video_root`, with `decoder` or else the store's, every video there and of its recorded size; always
-    when `decode`). Fails now, as one line, rather than in a reader thread mid-epoch."""
-    stored = store.dense_gamma
+def check_frames(store: FeatureStore, usable: np.ndarray, config: DiSTConfig, video_root: str | None, flag: str, *,
+                 online: bool, decode: bool = False, decoder: str | None = None) -> tuple[str | None, str | None]:
+    """Where this run's dense frames will come from: None (a cached model without the temporal encoder needs
+    none), "stored" (the store holds them for the model's gamma), or "decoded" (from `video_root`, with `decoder`
+    or else the store's, every video there and of its recorded size; always when `decode`); and, for frames
+    decoded with a `decoder` that is not the store's, the line saying what `check_decoder` checked (else None).
+    Fails now, as one line, rather than in a reader thread mid-epoch."""
+    if not (online or config.switches.temporal):
+        return None, None
+    stored, gamma = store.dense_gamma, config.switches.gamma
     if stored_frames_cover(store, gamma) and not decode:
-        return "stored"
+        return "stored", None
     if video_root is None:
         if stored is not None:
             raise UserError(f"store {store.url} holds dense frames for gamma {stored}, which covers gamma {stored} "
@@ -69,7 +74,7 @@ def check_frames(store: FeatureStore, usable: np.ndarray, gamma: int, video_root
                         "machine: pass --decoder pyav to decode its videos with PyAV (checked against the store "
                         "first), or use a store extracted with --dense-frames or --decoder pyav") from None
     check_video_root(store, usable, video_root, flag)
-    return "decoded"
+    return "decoded", check_decoder(store, usable, video_root, decoder) if decoder else None
 
 
 def online_jpeg_warning(store: FeatureStore, online: bool, frames: str | None) -> str | None:

@@ -102,14 +102,12 @@ def quiet_unless_main() -> None:
 def die_with_parent(parent: int) -> None:
     """Be killed when process `parent` (this one's parent) dies, however it dies."""
     if sys.platform.startswith("linux"):
-        try:
+        with contextlib.suppress(OSError, AttributeError):  # no prctl here: the thread below watches instead
             libc = ctypes.CDLL(None, use_errno=True)
             if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
                 if os.getppid() != parent:  # it died before the request took effect
                     os._exit(1)
                 return
-        except (OSError, AttributeError):
-            pass
 
     def watch() -> None:
         while os.getppid() == parent:

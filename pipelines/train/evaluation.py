@@ -44,7 +44,6 @@ from pipelines.train.checks import (
     usable_samples,
 )
 from pipelines.train.data.loader import BatchLoader, EpochSampler, frame_source
-from pipelines.train.decoder_check import check_decoder
 from pipelines.train.plots import plot_confusion
 from pipelines.train.selection import chosen_on_this_set
 from storage import FeatureStore
@@ -245,13 +244,8 @@ def evaluate(opts: EvalOptions, progress: bool = True) -> dict[str, Any]:
     check_backbone(store, ckpt["store"]["backbone"], "--cache", f"checkpoint {opts.checkpoint}")
     check_store_fits(store, config, "--cache", online=opts.online)
     usable, failed = usable_samples(store, "--cache")
-    frames = None
-    decoder_note = None
-    if opts.online or config.switches.temporal:
-        frames = check_frames(store, usable, config.switches.gamma, opts.video_root, "--video-root",
-                              decoder=opts.decoder)
-        if frames == "decoded" and opts.decoder:
-            decoder_note = check_decoder(store, usable, opts.video_root, opts.decoder)
+    frames, decoder_note = check_frames(store, usable, config, opts.video_root, "--video-root", online=opts.online,
+                                        decoder=opts.decoder)
 
     scoring = None
     if opts.classes:

@@ -47,7 +47,6 @@ from pipelines.train.checks import (
 )
 from pipelines.train.data.loader import BatchLoader, EpochSampler, frame_source
 from pipelines.train.data.reaugment import ReaugmentedFrames, check_reaugmentable
-from pipelines.train.decoder_check import check_decoder
 from pipelines.train.distributed import LAUNCHER_ENV, Ranks, joined, launch
 from pipelines.train.evaluation import Validation
 from pipelines.train.optim import make_optimizer, make_scaler, restore_scaler
@@ -231,19 +230,14 @@ def preflight(opts: TrainOptions, world: int = 1) -> Checked:
     layers = select_layers(opts.layers, store, opts.online)
     config = DiSTConfig.from_backbone(store.schema.backbone, store.schema.num_frames, layers, switches=opts.switches)
     check_store_fits(store, config, "--cache", online=opts.online)
-    needs_frames = opts.online or config.switches.temporal
-    gamma = config.switches.gamma
     if opts.online:
         recorded_weights_source(store.schema.backbone, opts.pretrained)  # loaded in setup, after the first writes
     if opts.reaugment:
         check_reaugmentable(store, "--cache")
         if opts.video_root is None:
             raise UserError("--reaugment decodes a fresh view of every video each epoch: pass --video-root")
-    frames = (check_frames(store, usable, gamma, opts.video_root, "--video-root", decode=opts.reaugment,
-                           decoder=opts.decoder) if needs_frames else None)
-    note = None
-    if frames == "decoded" and opts.decoder:
-        note = check_decoder(store, usable, opts.video_root, opts.decoder)
+    frames, note = check_frames(store, usable, config, opts.video_root, "--video-root", online=opts.online,
+                                decode=opts.reaugment, decoder=opts.decoder)
     frames = "reaugmented" if opts.reaugment else frames
     val_store = val_usable = val_frames = None
     if opts.val_cache:
@@ -252,11 +246,8 @@ def preflight(opts: TrainOptions, world: int = 1) -> Checked:
         check_evaluation_store(val_store, "--val-cache")
         check_store_fits(val_store, config, "--val-cache", online=opts.online)
         val_usable, _ = usable_samples(val_store, "--val-cache")
-        if needs_frames:
-            val_root = opts.val_video_root or opts.video_root
-            val_frames = check_frames(val_store, val_usable, gamma, val_root, "--val-video-root", decoder=opts.decoder)
-            if val_frames == "decoded" and opts.decoder:
-                check_decoder(val_store, val_usable, val_root, opts.decoder)
+        val_frames, _ = check_frames(val_store, val_usable, config, opts.val_video_root or opts.video_root,
+                                     "--val-video-root", online=opts.online, decoder=opts.decoder)
     ckpt = load_checkpoint(last_path) if opts.resume else None
     if ckpt is not None:
         _check_resume(ckpt, opts, store.fingerprint, opts.cache)

@@ -54,9 +54,6 @@ class Tracker:
     """Every backend of one run, fed the records metrics.jsonl gets."""
 
     def __init__(self, out: Path, report_to: Sequence[str], *, resume_step: int | None, config: dict[str, Any]):
-        unknown = sorted(set(report_to) - set(REPORTERS))
-        if unknown:
-            raise UserError(f"--report-to {unknown[0]}: choose from {', '.join(REPORTERS)}")
         self.log = MetricsLog(out / "metrics.jsonl", resume_step)
         self._tensorboard = _tensorboard(out, resume_step) if "tensorboard" in report_to else None
         self._wandb = _wandb(out, config) if "wandb" in report_to else None

@@ -40,6 +40,7 @@ from dist_cache.errors import DecodeError, UserError
 from dist_cache.model.compact import TokenBatch
 from dist_cache.model.tokens import TokenLayout, branch_tokens
 from dist_cache.paths import resolve_under
+from dist_cache.sampling import ViewPlan
 from pipelines.compact_device import DeviceEncoding
 from pipelines.train.data.dense_frames import VideoChanged, decode_view
 from storage import FeatureStore, RawSample, frames_codec
@@ -110,9 +111,7 @@ class DecodedFrames:
     def view(self, sample: dict, epoch: int) -> tuple[dict, int | None]:
         """The plan to decode for `sample` in `epoch`, and its label if it differs from the stored one (None):
         here the view's recorded plan, whatever the epoch."""
-        plan = {"sparse_indices": [int(i) for i in sample["sparse_indices"]], "window": sample["window"],
-                "crop": list(sample["crop"]), "flip": sample["flip"], "grayscale": sample["grayscale"]}
-        return plan, None
+        return ViewPlan.from_dict(sample).to_dict(), None
 
     def request(self, index: int, epoch: int) -> FrameJob:
         sample = self.store.sample(index)
