@@ -616,7 +616,7 @@ class FeatureStore:
                     if scratch is not None:
                         st.read_chunks(spec.name, v, k, 0, scratch, index=index)
                     else:
-                        self._check_listed(fmt, index, v, k)
+                        st.locate(spec.name, v, k, 0, fmt.chunks_per_sample, index)
             except shards.ShardDamage as err:
                 findings.append(f"{spec.name}: {err}")
         return findings
@@ -643,13 +643,6 @@ class FeatureStore:
             return [f"{key} says video {v} is {stored.status.label if stored else 'absent'}, the store's tables say "
                     f"{rec.status.label}"]
         return []
-
-    def _check_listed(self, fmt: shards.ShardFormat, index: np.ndarray, v: int, k: int) -> None:
-        per_shard = fmt.samples_per_shard // self.schema.views_per_video
-        start = ((v % per_shard) * self.schema.views_per_video + k) * fmt.chunks_per_sample
-        missing = shards.missing_chunks(index, start, start + fmt.chunks_per_sample)
-        if missing:
-            raise shards.ShardDamage(f"its inner chunk {missing[0]} is missing from the shard index")
 
 
 def _once(seen: dict[str, tuple[str, Any]], slot: str, key: str, load: Any, damage: type[Exception]) -> Any:
