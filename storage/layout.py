@@ -265,12 +265,6 @@ def table_arrays(schema: StoreSchema) -> list[ArraySpec]:
     return specs
 
 
-def expected_metadata(spec: ArraySpec) -> dict[str, Any]:
-    meta = zarr.create_array(MemoryStore(), **spec.create_kwargs()).metadata.to_dict()
-    meta.pop("attributes", None)
-    return meta
-
-
 def metadata_document(spec: ArraySpec) -> bytes:
     """The array's zarr.json exactly as zarr writes it on creation (what `extract --repair` restores)."""
     from zarr.core.buffer import default_buffer_prototype
@@ -290,7 +284,8 @@ def matches(found: dict[str, Any], spec: ArraySpec) -> bool:
     def essential(meta: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in meta.items() if k not in _DESCRIPTIVE}
 
-    return essential(found) == essential(expected_metadata(spec))
+    created = zarr.create_array(MemoryStore(), **spec.create_kwargs())
+    return essential(found) == essential(created.metadata.to_dict())
 
 
 def create_or_open(store: Store, spec: ArraySpec) -> zarr.Array:
