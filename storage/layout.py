@@ -8,7 +8,7 @@ a reader can check that a stored array is exactly what its schema says before si
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +75,14 @@ def group_record_key(group: int) -> str:
 def group_record_index(name: str) -> int | None:
     """Group index of a records/ entry name of a packed store's group record, or None."""
     return record_index(name[len(GROUP_RECORD_PREFIX):]) if name.startswith(GROUP_RECORD_PREFIX) else None
+
+
+def listed_records(names: Iterable[str], num_videos: int, videos_per_shard: int) -> dict[int, str]:
+    """The records among records/ entry `names`, ascending: video index -> key, or in a packed store group index ->
+    key; anything else (temp files, strays, records past the store's videos) left out."""
+    P = videos_per_shard
+    index, key = (group_record_index, group_record_key) if P > 1 else (record_index, record_key)
+    return {i: key(i) for i in sorted(i for i in map(index, names) if i is not None and i * P < num_videos)}
 
 
 def videos_per_shard(meta: dict[str, Any], views_per_video: int) -> int | None:

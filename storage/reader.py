@@ -313,19 +313,17 @@ class FeatureStore:
             per_sample = np.asarray(st.table("samples/status"), dtype=np.uint8)
             return per_sample[:: self.schema.views_per_video]
         V, P = self.schema.num_videos, st.videos_per_shard
-        names = st.loc.list_names(layout.RECORDS)
+        listed = layout.listed_records(st.loc.list_names(layout.RECORDS), V, P)
         per_video = np.zeros(V, dtype=np.uint8)
         if P > 1:
-            groups = sorted(g for g in map(layout.group_record_index, names) if g is not None and g * P < V)
-            raw = st.loc.read_many([layout.group_record_key(g) for g in groups])
-            for g in groups:
-                for v, rec in self._decode_group(g, raw[layout.group_record_key(g)]).items():
+            raw = st.loc.read_many(list(listed.values()))
+            for g, key in listed.items():
+                for v, rec in self._decode_group(g, raw[key]).items():
                     per_video[v] = rec.status
             return per_video
-        indices = sorted(v for v in map(layout.record_index, names) if v is not None and v < V)
-        raw = st.loc.read_many([layout.record_key(v) for v in indices if v not in st.done_records])
-        for v in indices:
-            rec = st.done_records.get(v) or self._decode_record(v, raw.get(layout.record_key(v)))
+        raw = st.loc.read_many([key for v, key in listed.items() if v not in st.done_records])
+        for v, key in listed.items():
+            rec = st.done_records.get(v) or self._decode_record(v, raw.get(key))
             if rec is not None:
                 per_video[v] = rec.status
         return per_video

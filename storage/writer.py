@@ -382,29 +382,20 @@ class StoreWriter:
     def _records(self) -> dict[int, VideoRecord]:
         """Every record that decodes, from one listing plus one read per record (batched for remote
         stores). A record that does not decode is left out: its video is pending, and a rerun redoes it."""
-        V, P = self.schema.num_videos, self.videos_per_shard
-        names = self._loc.list_names(layout.RECORDS)
+        P = self.videos_per_shard
+        listed = layout.listed_records(self._loc.list_names(layout.RECORDS), self.schema.num_videos, P)
+        raw = self._loc.read_many(list(listed.values()))
         out: dict[int, VideoRecord] = {}
-        if P > 1:  # a packed store: one record per group
-            groups = sorted(g for g in map(layout.group_record_index, names) if g is not None and g * P < V)
-            raw = self._loc.read_many([layout.group_record_key(g) for g in groups])
-            for g in groups:
-                data = raw[layout.group_record_key(g)]
-                try:
-                    out.update((r.video_index, r) for r in (decode_group(data, g, P, self.schema) if data else ()))
-                except RecordError:
-                    pass  # FeatureStore.check_video and `verify` report it; here the group is simply not done
-            return out
-        indices = sorted(v for v in map(layout.record_index, names) if v is not None and v < V)
-        raw = self._loc.read_many([layout.record_key(v) for v in indices])
-        for v in indices:
-            data = raw[layout.record_key(v)]
-            if data is None:
+        for i, key in listed.items():  # i: a video, or in a packed store a group (one record per group)
+            if raw[key] is None:
                 continue
             try:
-                out[v] = VideoRecord.decode(data, v, self.schema)
+                if P > 1:
+                    out.update((r.video_index, r) for r in decode_group(raw[key], i, P, self.schema))
+                else:
+                    out[i] = VideoRecord.decode(raw[key], i, self.schema)
             except RecordError:
-                pass  # FeatureStore.check_video and `verify` report it; here it is simply not done
+                pass  # FeatureStore.check_video and `verify` report it; here its videos are simply not done
         return out
 
     def pending(self, retry_failed: bool = False) -> list[int]:
