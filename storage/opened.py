@@ -244,7 +244,7 @@ class OpenedStore:
         flat = out.reshape(-1).view(np.uint8)
         count = flat.size // n
         fmt, key, rows, start = self.locate(name, v, k, first, count, index)
-        if not fmt.compressed and shards.is_contiguous(rows, 0, count):
+        if not fmt.compressed and shards.is_contiguous(rows):
             crcs = np.empty((count, shards.CRC_BYTES), np.uint8)
             buffers = [b for j in range(count) for b in (flat[j * n:(j + 1) * n], crcs[j])]
             got = self.loc.read_into(key, int(rows[0, 0]), buffers)
@@ -267,7 +267,7 @@ class OpenedStore:
         return self._read_pieces(fmt, key, rows, start)
 
     def _read_pieces(self, fmt: shards.ShardFormat, key: str, rows: np.ndarray, start: int) -> list[np.ndarray]:
-        if shards.is_contiguous(rows, 0, len(rows)):
+        if shards.is_contiguous(rows):
             spans = [(0, int(rows[-1, 0] + rows[-1, 1] - rows[0, 0]))]
             base = int(rows[0, 0])
         else:  # written by another tool (zarr writes Morton order): one read per chunk
