@@ -437,12 +437,10 @@ class StoreWriter:
         is a third of its CPU time per fp16 video."""
         self._check_unpacked()
         features = self._checked_features(v, features)
-        clip_embeds = np.asarray(clip_embeds)
-        self._check_clip_shape(v, clip_embeds)
+        clip16 = self._checked_clip(v, clip_embeds, finite_checked)
         self._check_frames(v, frames)
         # Validate the record before touching any shard, so a bad plan cannot leave orphan shards.
         record = self._done_record(v, facts, plans, labels)
-        clip16 = self._checked_clip(v, clip_embeds, finite_checked)
 
         nbytes = 0
         with _writing(self._loc.url):
@@ -510,14 +508,12 @@ class StoreWriter:
                 _require_finite(features.scales, f"video {v}: feature scales")
         return features
 
-    def _check_clip_shape(self, v: int, clip_embeds: np.ndarray) -> None:
+    def _checked_clip(self, v: int, clip_embeds: Any, finite_checked: bool = False) -> np.ndarray:
+        """clip_embeds (K, T, E) as fp16, checked finite (unless the caller checked them, in fp16)."""
+        clip_embeds = np.asarray(clip_embeds)
         want = (self.schema.views_per_video, self.schema.num_frames, self.schema.embed_dim)
         if clip_embeds.shape != want:
             raise ValueError(f"video {v}: clip_embeds have shape {clip_embeds.shape}, the store expects {want}")
-
-    def _checked_clip(self, v: int, clip_embeds: np.ndarray, finite_checked: bool = False) -> np.ndarray:
-        """clip_embeds as fp16, checked finite (unless the caller checked them, in fp16)."""
-        self._check_clip_shape(v, clip_embeds)
         with np.errstate(over="ignore"):  # overflow shows up as inf, reported just below
             clip16 = clip_embeds.astype(np.float16, copy=False)
         if not (finite_checked and clip_embeds.dtype == np.float16):
@@ -645,7 +641,7 @@ class StoreWriter:
         if fmt.name == layout.SCALES:
             return fmt.raw_chunks(scales.pop(v))
         if fmt.name == layout.CLIP:
-            return fmt.raw_chunks(self._checked_clip(v, np.asarray(source.clip_embeds(v))))
+            return fmt.raw_chunks(self._checked_clip(v, source.clip_embeds(v)))
         frames = source.frames(v)
         self._check_frames(v, frames)
         return _frame_chunks(fmt, frames)
