@@ -168,9 +168,8 @@ class OpenedStore:
         if ((self.schema.format_version == 1 and name in layout.OPTIONAL_TABLES) or name in layout.LATER_TABLES) \
                 and name not in self.group:
             # A store finalized before this table existed: every row is "unknown".
-            dtype, _row, fill = {**layout.SAMPLE_TABLES, **layout.VIDEO_TABLES}[name]
-            rows = self.schema.num_samples if name in layout.SAMPLE_TABLES else self.schema.num_videos
-            values = np.full((rows,), fill, dtype=object if dtype is str else dtype)
+            spec = next(spec for spec in layout.table_arrays(self.schema) if spec.name == name)
+            values = np.full(spec.shape, spec.fill_value, dtype=object if spec.dtype is str else spec.dtype)
         else:
             values = self.read_whole(name)
         self.check_values(name, values)
