@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import warnings
@@ -442,10 +443,14 @@ class StoreWriter:
         # Validate the record before touching any shard, so a bad plan cannot leave orphan shards.
         record = self._done_record(v, facts, plans, labels)
 
+        given = {layout.FEATURES: features, layout.CLIP: clip16, layout.FRAMES: frames}
+        scales: dict[int, np.ndarray] = {}
         nbytes = 0
         with _writing(self._loc.url):
             self._before_write(v)
-            for fmt, chunks in self._shard_chunks(v, features, clip16, frames, finite_checked):
+            for spec in layout.sharded_arrays(self.schema):
+                fmt = ShardFormat.of(spec)
+                chunks = self._video_chunks(fmt, v, given.__getitem__, scales, finite_checked)
                 nbytes += self._loc.write_parts(fmt.shard_key(v), fmt.encode(chunks))
             self._loc.write_atomic(layout.record_key(v), dataclasses.replace(record, nbytes=nbytes).encode())
         return nbytes
@@ -553,28 +558,6 @@ class StoreWriter:
             return fmt.raw_chunks(feats16)
         return _checked_fp16(fmt.raw_chunks(feats16), f"video {v}: features")
 
-    def _shard_chunks(self, v: int, features: np.ndarray, clip16: np.ndarray, frames: np.ndarray | None,
-                      finite_checked: bool = False) -> Iterator[tuple[ShardFormat, Iterable[np.ndarray]]]:
-        """Each array's shard format and its inner chunks for video v, in write order."""
-        specs = {spec.name: ShardFormat.of(spec) for spec in layout.sharded_arrays(self.schema)}
-        if self.schema.encoded:
-            encoded = self._encoded(v, features, finite_checked)
-            fmt = specs[layout.feature_array(self.schema)]
-            yield fmt, fmt.raw_chunks(encoded.codes)
-            if encoded.scales is not None:
-                yield specs[layout.SCALES], specs[layout.SCALES].raw_chunks(encoded.scales)
-        elif self.schema.dtype == "int8":
-            if isinstance(features, Encoded):
-                raise ValueError(f"video {v}: encoded features given, but store {self.url} is not a compact store")
-            codes, scales = self._quantized(v, features, finite_checked)
-            yield specs[layout.FEATURES], specs[layout.FEATURES].raw_chunks(codes)
-            yield specs[layout.SCALES], specs[layout.SCALES].raw_chunks(scales)
-        else:
-            yield specs[layout.FEATURES], self._fp16_chunks(specs[layout.FEATURES], v, features, finite_checked)
-        yield specs[layout.CLIP], specs[layout.CLIP].raw_chunks(clip16)
-        if frames is not None:
-            yield specs[layout.FRAMES], _frame_chunks(specs[layout.FRAMES], frames)
-
     # ---------------------------------------------------------------- packed stores
     def write_group(self, g: int, videos: Sequence[GroupVideo], source: GroupSource) -> int:
         """Write group g of a packed store (videos g*P .. g*P+P-1): each array's shard holding the group's videos
@@ -613,38 +596,47 @@ class StoreWriter:
         return sum(per_video.values())
 
     def _group_chunks(self, fmt: ShardFormat, members: range, done: set[int], source: GroupSource,
-                      scales: dict[int, np.ndarray]) -> Iterator[np.ndarray | None]:
+                      scales: dict[int, np.ndarray]) -> Iterator[np.ndarray | EncodedChunk | None]:
         """Every inner chunk of one array's shard of a group, None where the shard holds none."""
         per_video = self.schema.views_per_video * fmt.chunks_per_sample
         for slot in range(self.videos_per_shard):
             v = members.start + slot
             if v in done:
-                yield from self._video_chunks(fmt, v, source, scales)
+                yield from self._video_chunks(fmt, v, functools.partial(self._from_source, source, v), scales)
             else:
                 yield from itertools.repeat(None, per_video)
 
-    def _video_chunks(self, fmt: ShardFormat, v: int, source: GroupSource,
-                      scales: dict[int, np.ndarray]) -> Iterable[np.ndarray]:
-        """One done video's chunks of array `fmt.name`, read from `source`. An int8 store's scales are kept from
-        its features' quantisation (they are small) for the scales shard, written next."""
+    def _from_source(self, source: GroupSource, v: int, name: str) -> Any:
+        """Video v's features, clip embeddings (as fp16) or frames from a group's source, checked."""
+        if name == layout.FEATURES:
+            return self._checked_features(v, source.features(v))
+        if name == layout.CLIP:
+            return self._checked_clip(v, source.clip_embeds(v))
+        frames = source.frames(v)
+        self._check_frames(v, frames)
+        return frames
+
+    def _video_chunks(self, fmt: ShardFormat, v: int, array: Callable[[str], Any], scales: dict[int, np.ndarray],
+                      finite_checked: bool = False) -> Iterable[np.ndarray | EncodedChunk]:
+        """One done video's chunks of array `fmt.name` (write_video's, or one video's of a group's shard), from
+        `array(FEATURES, CLIP or FRAMES)`: the checked values. An int8 store's scales are kept from its features'
+        quantisation (they are small) for the scales shard, written next."""
         if fmt.name == layout.feature_array(self.schema):
-            features = self._checked_features(v, source.features(v))
+            features = array(layout.FEATURES)
             if self.schema.encoded:
-                encoded = self._encoded(v, features, False)
+                encoded = self._encoded(v, features, finite_checked)
                 if encoded.scales is not None:
                     scales[v] = encoded.scales
                 return fmt.raw_chunks(encoded.codes)
             if self.schema.dtype == "int8":
-                codes, scales[v] = self._quantized(v, features, False)
+                codes, scales[v] = self._quantized(v, features, finite_checked)
                 return fmt.raw_chunks(codes)
-            return self._fp16_chunks(fmt, v, features, False)
+            return self._fp16_chunks(fmt, v, features, finite_checked)
         if fmt.name == layout.SCALES:
             return fmt.raw_chunks(scales.pop(v))
         if fmt.name == layout.CLIP:
-            return fmt.raw_chunks(self._checked_clip(v, source.clip_embeds(v)))
-        frames = source.frames(v)
-        self._check_frames(v, frames)
-        return _frame_chunks(fmt, frames)
+            return fmt.raw_chunks(array(layout.CLIP))
+        return _frame_chunks(fmt, array(layout.FRAMES))
 
     def write_failure(self, v: int, error: str, facts: Any | None = None) -> bool:
         """Record that video v failed and why. A "done" record is never replaced by a failure (an
