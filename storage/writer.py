@@ -543,11 +543,6 @@ class StoreWriter:
             got = None if frames is None else (frames.shape, str(frames.dtype))
             raise ValueError(f"video {v}: the store holds dense frames: frames must be uint8 {want}, got {got}")
 
-    def _quantized(self, v: int, features: np.ndarray, finite_checked: bool) -> tuple[np.ndarray, np.ndarray]:
-        if not finite_checked:
-            _require_finite(features, f"video {v}: features")
-        return quantize_int8(features)
-
     def _fp16_chunks(self, fmt: ShardFormat, v: int, features: np.ndarray, finite_checked: bool
                      ) -> Iterable[np.ndarray]:
         """fp16 features' chunks, each checked for inf/NaN while the previous one streams to disk (a bad one
@@ -629,7 +624,9 @@ class StoreWriter:
                     scales[v] = encoded.scales
                 return fmt.raw_chunks(encoded.codes)
             if self.schema.dtype == "int8":
-                codes, scales[v] = self._quantized(v, features, finite_checked)
+                if not finite_checked:
+                    _require_finite(features, f"video {v}: features")
+                codes, scales[v] = quantize_int8(features)
                 return fmt.raw_chunks(codes)
             return self._fp16_chunks(fmt, v, features, finite_checked)
         if fmt.name == layout.SCALES:
