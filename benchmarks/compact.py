@@ -263,19 +263,15 @@ def main() -> None:
         workdir = Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         b16 = b16_tokens(workdir, args.quick, args.views) if {"bytes", "error"} & set(parts) else {}
+        measure = {"bytes": lambda: part_bytes(workdir, args.quick, b16),
+                   "error": lambda: part_error(workdir, args.quick, b16, args.views),
+                   "accuracy": lambda: part_accuracy(workdir, args.quick, seeds, args),
+                   "equal_bytes": lambda: part_equal_bytes(workdir, args.quick, seeds, args),
+                   "timing": lambda: part_timing(workdir, args.quick, args)}
         for part in parts:
             start = time.monotonic()
             say(f"part {part}")
-            if part == "bytes":
-                report[part] = part_bytes(workdir, args.quick, b16)
-            elif part == "error":
-                report[part] = part_error(workdir, args.quick, b16, args.views)
-            elif part == "accuracy":
-                report[part] = part_accuracy(workdir, args.quick, seeds, args)
-            elif part == "equal_bytes":
-                report[part] = part_equal_bytes(workdir, args.quick, seeds, args)
-            else:
-                report[part] = part_timing(workdir, args.quick, args)
+            report[part] = measure[part]()
             report["seconds"][part] = round(time.monotonic() - start, 1)
     report["seconds"]["total"] = round(time.monotonic() - tick, 1)
     report["summary"] = summary(report)

@@ -32,11 +32,12 @@ B16 = dict(image_size=224, patch_size=16, width=768, embed_dim=512, num_layers=1
 GAMMA = 2
 
 
-def b16_schema(num_videos: int, views: int, gamma: int | None):
+def b16_schema(num_videos: int, views: int, gamma: int | None, jpeg_quality: int | None = None):
+    """A ViT-B/16-shaped schema; dense frames at `gamma`, raw, or JPEG at `jpeg_quality`."""
     from storage import StoreSchema
     from storage.testing import make_schema
 
-    spec = make_schema(num_videos=num_videos, views=views, dense_gamma=gamma).to_json()
+    spec = make_schema(num_videos=num_videos, views=views, dense_gamma=gamma, jpeg_quality=jpeg_quality).to_json()
     spec.pop("compat", None)
     spec["backbone"].update(model="ViT-B-16", image_size=B16["image_size"], patch_size=B16["patch_size"],
                             width=B16["width"], embed_dim=B16["embed_dim"], num_layers=B16["num_layers"])

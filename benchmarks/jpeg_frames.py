@@ -90,10 +90,10 @@ def codec_ms(frames: np.ndarray, rounds: int) -> dict:
 def writer_rates(workdir: Path, frames: np.ndarray, videos: int, writers: int) -> dict:
     """clips/s of write_video (finite_checked, as extraction calls it) by `writers` threads, raw against JPEG."""
     from benchmarks.data_loader import b16_schema
-    from storage import StoreSchema, StoreWriter
+    from storage import StoreWriter
 
     rng = np.random.default_rng(0)
-    features = rng.standard_normal((1, len(range(B16["num_layers"])), B16["num_frames"], B16["tokens"],
+    features = rng.standard_normal((1, B16["num_layers"], B16["num_frames"], B16["tokens"],
                                     B16["width"]), dtype=np.float32).astype(np.float16)
     clip = rng.standard_normal((1, B16["num_frames"], B16["embed_dim"]), dtype=np.float32).astype(np.float16)
     plan = [{"sparse_indices": list(range(B16["num_frames"])), "window": 1.0, "crop": [0, 0, 224, 224],
@@ -101,10 +101,7 @@ def writer_rates(workdir: Path, frames: np.ndarray, videos: int, writers: int) -
     facts = {"num_frames": 100, "fps": 25.0, "width": 340, "height": 256}
     rates = {}
     for kind in ("raw", "jpeg"):
-        spec = b16_schema(videos, 1, GAMMA).to_json()
-        spec.pop("compat")
-        spec["dense_frames"] = frames_codec.section(GAMMA, kind)
-        schema = StoreSchema.from_json(spec)
+        schema = b16_schema(videos, 1, GAMMA, None if kind == "raw" else frames_codec.DEFAULT_QUALITY)
         root = Path(tempfile.mkdtemp(prefix=f"writer-{kind}-", dir=workdir))
         writer = StoreWriter.open(str(root / "s.zarr"), schema, [f"{v}.mp4" for v in range(videos)],
                                   [v % schema.num_classes for v in range(videos)],

@@ -8,7 +8,7 @@ a reader can check that a stored array is exactly what its schema says before si
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +75,14 @@ def group_record_key(group: int) -> str:
 def group_record_index(name: str) -> int | None:
     """Group index of a records/ entry name of a packed store's group record, or None."""
     return record_index(name[len(GROUP_RECORD_PREFIX):]) if name.startswith(GROUP_RECORD_PREFIX) else None
+
+
+def listed_records(names: Iterable[str], num_videos: int, videos_per_shard: int) -> dict[int, str]:
+    """The records among records/ entry `names`, ascending: video index -> key, or in a packed store group index ->
+    key; anything else (temp files, strays, records past the store's videos) left out."""
+    P = videos_per_shard
+    index, key = (group_record_index, group_record_key) if P > 1 else (record_index, record_key)
+    return {i: key(i) for i in sorted(i for i in map(index, names) if i is not None and i * P < num_videos)}
 
 
 def videos_per_shard(meta: dict[str, Any], views_per_video: int) -> int | None:
@@ -265,12 +273,6 @@ def table_arrays(schema: StoreSchema) -> list[ArraySpec]:
     return specs
 
 
-def expected_metadata(spec: ArraySpec) -> dict[str, Any]:
-    meta = zarr.create_array(MemoryStore(), **spec.create_kwargs()).metadata.to_dict()
-    meta.pop("attributes", None)
-    return meta
-
-
 def metadata_document(spec: ArraySpec) -> bytes:
     """The array's zarr.json exactly as zarr writes it on creation (what `extract --repair` restores)."""
     from zarr.core.buffer import default_buffer_prototype
@@ -290,7 +292,8 @@ def matches(found: dict[str, Any], spec: ArraySpec) -> bool:
     def essential(meta: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in meta.items() if k not in _DESCRIPTIVE}
 
-    return essential(found) == essential(expected_metadata(spec))
+    created = zarr.create_array(MemoryStore(), **spec.create_kwargs())
+    return essential(found) == essential(created.metadata.to_dict())
 
 
 def create_or_open(store: Store, spec: ArraySpec) -> zarr.Array:

@@ -168,9 +168,8 @@ class OpenedStore:
         if ((self.schema.format_version == 1 and name in layout.OPTIONAL_TABLES) or name in layout.LATER_TABLES) \
                 and name not in self.group:
             # A store finalized before this table existed: every row is "unknown".
-            dtype, _row, fill = {**layout.SAMPLE_TABLES, **layout.VIDEO_TABLES}[name]
-            rows = self.schema.num_samples if name in layout.SAMPLE_TABLES else self.schema.num_videos
-            values = np.full((rows,), fill, dtype=object if dtype is str else dtype)
+            spec = next(spec for spec in layout.table_arrays(self.schema) if spec.name == name)
+            values = np.full(spec.shape, spec.fill_value, dtype=object if spec.dtype is str else spec.dtype)
         else:
             values = self.read_whole(name)
         self.check_values(name, values)
@@ -219,10 +218,10 @@ class OpenedStore:
                     self.index_bytes -= self.indexes.popitem(last=False)[1].nbytes
         return index
 
-    def _locate(self, name: str, v: int, k: int, first: int, count: int, index: np.ndarray | None
+    def locate(self, name: str, v: int, k: int, first: int, count: int, index: np.ndarray | None
                 ) -> tuple[shards.ShardFormat, str, np.ndarray, int]:
-        """The shard format, shard key, index rows and position of chunks first..first+count of sample (v, k),
-        every one of them listed in the index."""
+        """The shard format, shard key, index rows and position of chunks first..first+count of sample (v, k);
+        ShardDamage unless every one of them is listed in the index (`index`: the shard's, if the caller has it)."""
         fmt = self.formats[name]
         per_shard = fmt.samples_per_shard // self.schema.views_per_video
         key = fmt.shard_key(v // per_shard)
@@ -243,8 +242,8 @@ class OpenedStore:
         n = fmt.chunk_nbytes
         flat = out.reshape(-1).view(np.uint8)
         count = flat.size // n
-        fmt, key, rows, start = self._locate(name, v, k, first, count, index)
-        if not fmt.compressed and shards.is_contiguous(rows, 0, count):
+        fmt, key, rows, start = self.locate(name, v, k, first, count, index)
+        if not fmt.compressed and shards.is_contiguous(rows):
             crcs = np.empty((count, shards.CRC_BYTES), np.uint8)
             buffers = [b for j in range(count) for b in (flat[j * n:(j + 1) * n], crcs[j])]
             got = self.loc.read_into(key, int(rows[0, 0]), buffers)
@@ -263,11 +262,11 @@ class OpenedStore:
         """The stored bytes (checksums verified, then dropped) of inner chunks first..first+count of sample (v, k),
         e.g. its JPEG frames: writable 1-D uint8 views of one buffer filled by ONE ranged read when the chunks
         are back to back (this writer's layout)."""
-        fmt, key, rows, start = self._locate(name, v, k, first, count, index)
+        fmt, key, rows, start = self.locate(name, v, k, first, count, index)
         return self._read_pieces(fmt, key, rows, start)
 
     def _read_pieces(self, fmt: shards.ShardFormat, key: str, rows: np.ndarray, start: int) -> list[np.ndarray]:
-        if shards.is_contiguous(rows, 0, len(rows)):
+        if shards.is_contiguous(rows):
             spans = [(0, int(rows[-1, 0] + rows[-1, 1] - rows[0, 0]))]
             base = int(rows[0, 0])
         else:  # written by another tool (zarr writes Morton order): one read per chunk

@@ -239,37 +239,22 @@ class FeatureStore:
             raise IndexError(f"sample index {i!r} out of range [0, {len(self)})")
         return divmod(int(i), self.schema.views_per_video)
 
-    def _decode_record(self, v: int, data: bytes | None) -> VideoRecord | None:
+    def _decode(self, i: int, data: bytes | None) -> dict[int, VideoRecord]:
+        """The records in record i: video i's, or in a packed store group i's. {} while it is pending, or if it is
+        unreadable: then its videos count as pending until they are written again (one warning names it)."""
         st = self._state()
-        if data is None:
-            return None
-        try:
-            rec = VideoRecord.decode(data, v, self.schema)
-        except RecordError as err:
-            if v not in st.bad_records:
-                warnings.warn(f"store {st.url}: record {layout.record_key(v)} is unreadable ({err}); video {v} "
-                              f"counts as pending until extract redoes it", StoreDamageWarning, stacklevel=3)
-            st.bad_records[v] = str(err)
-            return None
-        if rec.status == SampleStatus.DONE:
-            rec = self._with_labels(rec)
-            st.done_records[v] = rec
-        return rec
-
-    def _decode_group(self, g: int, data: bytes | None) -> dict[int, VideoRecord]:
-        """The records of a packed store's group g ({} while the group is pending, or if its record is unreadable:
-        then its videos count as pending, like those of an unreadable video record)."""
-        st = self._state()
+        P = st.videos_per_shard
         if data is None:
             return {}
         try:
-            recs = decode_group(data, g, st.videos_per_shard, self.schema)
+            recs = decode_group(data, i, P, self.schema) if P > 1 else [VideoRecord.decode(data, i, self.schema)]
         except RecordError as err:
-            members = group_members(g, st.videos_per_shard, self.schema.num_videos)
+            members = group_members(i, P, self.schema.num_videos)
             if members[0] not in st.bad_records:
-                warnings.warn(f"store {st.url}: record {layout.group_record_key(g)} is unreadable ({err}); videos "
-                              f"{members[0]}..{members[-1]} count as pending until the copy redoes them",
-                              StoreDamageWarning, stacklevel=3)
+                pending = f"video {i} counts as pending until extract redoes it" if P == 1 else \
+                    f"videos {members[0]}..{members[-1]} count as pending until the copy redoes them"
+                warnings.warn(f"store {st.url}: record {self._record_key(members[0])} is unreadable ({err}); "
+                              f"{pending}", StoreDamageWarning, stacklevel=3)
             st.bad_records.update(dict.fromkeys(members, str(err)))
             return {}
         out = {}
@@ -302,10 +287,7 @@ class FeatureStore:
         if st.complete:
             rec = records.from_tables(st.table, v, self.schema.views_per_video)
             return None if rec is None else self._with_labels(rec)
-        P = st.videos_per_shard
-        if P > 1:
-            return self._decode_group(v // P, st.loc.read(layout.group_record_key(v // P))).get(v)
-        return self._decode_record(v, st.loc.read(layout.record_key(v)))
+        return self._decode(v // st.videos_per_shard, st.loc.read(self._record_key(v))).get(v)
 
     def _video_statuses(self) -> np.ndarray:
         st = self._state()
@@ -313,20 +295,12 @@ class FeatureStore:
             per_sample = np.asarray(st.table("samples/status"), dtype=np.uint8)
             return per_sample[:: self.schema.views_per_video]
         V, P = self.schema.num_videos, st.videos_per_shard
-        names = st.loc.list_names(layout.RECORDS)
+        listed = layout.listed_records(st.loc.list_names(layout.RECORDS), V, P)
+        raw = st.loc.read_many([key for i, key in listed.items() if P > 1 or i not in st.done_records])
         per_video = np.zeros(V, dtype=np.uint8)
-        if P > 1:
-            groups = sorted(g for g in map(layout.group_record_index, names) if g is not None and g * P < V)
-            raw = st.loc.read_many([layout.group_record_key(g) for g in groups])
-            for g in groups:
-                for v, rec in self._decode_group(g, raw[layout.group_record_key(g)]).items():
-                    per_video[v] = rec.status
-            return per_video
-        indices = sorted(v for v in map(layout.record_index, names) if v is not None and v < V)
-        raw = st.loc.read_many([layout.record_key(v) for v in indices if v not in st.done_records])
-        for v in indices:
-            rec = st.done_records.get(v) or self._decode_record(v, raw.get(layout.record_key(v)))
-            if rec is not None:
+        for i, key in listed.items():
+            found = {i: st.done_records[i]} if P == 1 and i in st.done_records else self._decode(i, raw[key])
+            for v, rec in found.items():
                 per_video[v] = rec.status
         return per_video
 
@@ -616,7 +590,7 @@ class FeatureStore:
                     if scratch is not None:
                         st.read_chunks(spec.name, v, k, 0, scratch, index=index)
                     else:
-                        self._check_listed(fmt, index, v, k)
+                        st.locate(spec.name, v, k, 0, fmt.chunks_per_sample, index)
             except shards.ShardDamage as err:
                 findings.append(f"{spec.name}: {err}")
         return findings
@@ -643,13 +617,6 @@ class FeatureStore:
             return [f"{key} says video {v} is {stored.status.label if stored else 'absent'}, the store's tables say "
                     f"{rec.status.label}"]
         return []
-
-    def _check_listed(self, fmt: shards.ShardFormat, index: np.ndarray, v: int, k: int) -> None:
-        per_shard = fmt.samples_per_shard // self.schema.views_per_video
-        start = ((v % per_shard) * self.schema.views_per_video + k) * fmt.chunks_per_sample
-        missing = shards.missing_chunks(index, start, start + fmt.chunks_per_sample)
-        if missing:
-            raise shards.ShardDamage(f"its inner chunk {missing[0]} is missing from the shard index")
 
 
 def _once(seen: dict[str, tuple[str, Any]], slot: str, key: str, load: Any, damage: type[Exception]) -> Any:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from storage.layout import SAMPLE_TABLES, VIDEO_TABLES
+from storage.layout import table_arrays
 from storage.schema import FORMAT_VERSION, SampleStatus, StoreSchema, canonical_json, status_counts
 
 MAX_ERROR_CHARS = 4000  # enough for a traceback's last lines; records stay small
@@ -218,12 +218,9 @@ def decode_group(data: bytes, group: int, videos_per_shard: int, schema: StoreSc
 # ---------------------------------------------------------------- tables
 def gather(records: Mapping[int, VideoRecord], schema: StoreSchema) -> dict[str, np.ndarray]:
     """Dense per-sample and per-video tables (fills for pending/failed), deterministic in the records."""
-    V, K, T = schema.num_videos, schema.views_per_video, schema.num_frames
-    tables: dict[str, np.ndarray] = {}
-    for name, (dtype, row_shape, fill) in SAMPLE_TABLES.items():
-        tables[name] = np.full((V * K, *(T if d == "T" else d for d in row_shape)), fill, dtype=dtype)
-    for name, (dtype, _row, fill) in VIDEO_TABLES.items():
-        tables[name] = np.full((V,), fill, dtype=object if dtype is str else dtype)
+    K = schema.views_per_video
+    tables = {spec.name: np.full(spec.shape, spec.fill_value, dtype=object if spec.dtype is str else spec.dtype)
+              for spec in table_arrays(schema)}
     for v, rec in records.items():
         tables["videos/status"][v] = rec.status
         tables["videos/error"][v] = rec.error or ""

@@ -186,10 +186,9 @@ class StoreSchema:
         _bounded(self.num_videos, "num_videos", LIMITS["num_videos"], low=0)
         _check(self.num_videos * self.views_per_video <= MAX_SAMPLES,
                f"num_videos * views_per_video must be at most {MAX_SAMPLES}")
-        _check(self.split in SPLITS, f"split must be one of {list(SPLITS)}")
-        _check(self.dtype in DTYPES, f"dtype must be one of {list(DTYPES)}")
-        _check(self.codec in CODEC_NAMES, f"codec must be one of {list(CODEC_NAMES)}")
-        _check(self.precision in PRECISIONS, f"precision must be one of {list(PRECISIONS)}")
+        for key, allowed in (("split", SPLITS), ("dtype", DTYPES), ("codec", CODEC_NAMES),
+                             ("precision", PRECISIONS)):
+            _check(getattr(self, key) in allowed, f"{key} must be one of {list(allowed)}")
         names = self.class_names
         _check(isinstance(names, tuple) and 0 < len(names) <= LIMITS["num_classes"]
                and all(isinstance(n, str) for n in names), "class_names must be a non-empty list of strings")

@@ -139,23 +139,20 @@ class ShardFormat:
         index = np.full((self.chunks_per_shard, 2), MISSING, dtype="<u8")
         offset = count = 0
         for raw in chunks:
-            if raw is None:
-                count += 1
-                if sizes is not None:
-                    sizes.append(0)
-                continue
-            if isinstance(raw, Encoded):
-                data = np.frombuffer(raw.data, dtype=np.uint8)
-            else:
-                data = raw if compressor is None else np.frombuffer(compressor.encode(raw), dtype=np.uint8)
-            crc = crc32c(data)
-            index[count] = (offset, data.size + CRC_BYTES)
-            offset += data.size + CRC_BYTES
+            size = 0  # a missing chunk's
+            if raw is not None:
+                if isinstance(raw, Encoded):
+                    data = np.frombuffer(raw.data, dtype=np.uint8)
+                else:
+                    data = raw if compressor is None else np.frombuffer(compressor.encode(raw), dtype=np.uint8)
+                size = data.size + CRC_BYTES
+                index[count] = (offset, size)
+                offset += size
+                yield data
+                yield crc32c(data)
             count += 1
             if sizes is not None:
-                sizes.append(data.size + CRC_BYTES)
-            yield data
-            yield crc
+                sizes.append(size)
         if count != self.chunks_per_shard:
             raise ValueError(f"{self.name}: {count} inner chunks for a shard of {self.chunks_per_shard}")
         body = index.tobytes()
@@ -186,11 +183,6 @@ class ShardFormat:
         if crc32c(data) != bytes(crc):
             raise ShardDamage(f"{what} fails its crc32c checksum")
 
-    def decode_into(self, encoded: np.ndarray, out: np.ndarray, what: str) -> None:
-        """Check one stored chunk (its bytes and checksum) and write its values into `out` (1-D uint8)."""
-        self.verify(encoded[:-CRC_BYTES], encoded[-CRC_BYTES:], what)
-        self.decode_payload(encoded[:-CRC_BYTES], out, what)
-
     def decode_payload(self, payload: np.ndarray, out: np.ndarray, what: str) -> None:
         """Write the values of one chunk's stored bytes (checksum already checked and removed) into `out`."""
         compressor = self._chunk_codec()
@@ -209,7 +201,6 @@ def missing_chunks(index: np.ndarray, start: int, stop: int) -> list[int]:
     return [int(j) + start for j in np.flatnonzero(index[start:stop, 0] == MISSING)]
 
 
-def is_contiguous(index: np.ndarray, start: int, stop: int) -> bool:
-    """Whether chunks [start, stop) lie back to back in the file, in order (this writer's layout)."""
-    rows = index[start:stop]
+def is_contiguous(rows: np.ndarray) -> bool:
+    """Whether the chunks of these index rows lie back to back in the file, in order (this writer's layout)."""
     return bool(np.all(rows[1:, 0] == rows[:-1, 0] + rows[:-1, 1]))

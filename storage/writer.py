@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import warnings
@@ -382,29 +383,20 @@ class StoreWriter:
     def _records(self) -> dict[int, VideoRecord]:
         """Every record that decodes, from one listing plus one read per record (batched for remote
         stores). A record that does not decode is left out: its video is pending, and a rerun redoes it."""
-        V, P = self.schema.num_videos, self.videos_per_shard
-        names = self._loc.list_names(layout.RECORDS)
+        P = self.videos_per_shard
+        listed = layout.listed_records(self._loc.list_names(layout.RECORDS), self.schema.num_videos, P)
+        raw = self._loc.read_many(list(listed.values()))
         out: dict[int, VideoRecord] = {}
-        if P > 1:  # a packed store: one record per group
-            groups = sorted(g for g in map(layout.group_record_index, names) if g is not None and g * P < V)
-            raw = self._loc.read_many([layout.group_record_key(g) for g in groups])
-            for g in groups:
-                data = raw[layout.group_record_key(g)]
-                try:
-                    out.update((r.video_index, r) for r in (decode_group(data, g, P, self.schema) if data else ()))
-                except RecordError:
-                    pass  # FeatureStore.check_video and `verify` report it; here the group is simply not done
-            return out
-        indices = sorted(v for v in map(layout.record_index, names) if v is not None and v < V)
-        raw = self._loc.read_many([layout.record_key(v) for v in indices])
-        for v in indices:
-            data = raw[layout.record_key(v)]
-            if data is None:
+        for i, key in listed.items():  # i: a video, or in a packed store a group (one record per group)
+            if raw[key] is None:
                 continue
             try:
-                out[v] = VideoRecord.decode(data, v, self.schema)
+                if P > 1:
+                    out.update((r.video_index, r) for r in decode_group(raw[key], i, P, self.schema))
+                else:
+                    out[i] = VideoRecord.decode(raw[key], i, self.schema)
             except RecordError:
-                pass  # FeatureStore.check_video and `verify` report it; here it is simply not done
+                pass  # FeatureStore.check_video and `verify` report it; here its videos are simply not done
         return out
 
     def pending(self, retry_failed: bool = False) -> list[int]:
@@ -446,17 +438,19 @@ class StoreWriter:
         is a third of its CPU time per fp16 video."""
         self._check_unpacked()
         features = self._checked_features(v, features)
-        clip_embeds = np.asarray(clip_embeds)
-        self._check_clip_shape(v, clip_embeds)
+        clip16 = self._checked_clip(v, clip_embeds, finite_checked)
         self._check_frames(v, frames)
         # Validate the record before touching any shard, so a bad plan cannot leave orphan shards.
         record = self._done_record(v, facts, plans, labels)
-        clip16 = self._checked_clip(v, clip_embeds, finite_checked)
 
+        given = {layout.FEATURES: features, layout.CLIP: clip16, layout.FRAMES: frames}
+        scales: dict[int, np.ndarray] = {}
         nbytes = 0
         with _writing(self._loc.url):
             self._before_write(v)
-            for fmt, chunks in self._shard_chunks(v, features, clip16, frames, finite_checked):
+            for spec in layout.sharded_arrays(self.schema):
+                fmt = ShardFormat.of(spec)
+                chunks = self._video_chunks(fmt, v, given.__getitem__, scales, finite_checked)
                 nbytes += self._loc.write_parts(fmt.shard_key(v), fmt.encode(chunks))
             self._loc.write_atomic(layout.record_key(v), dataclasses.replace(record, nbytes=nbytes).encode())
         return nbytes
@@ -519,14 +513,12 @@ class StoreWriter:
                 _require_finite(features.scales, f"video {v}: feature scales")
         return features
 
-    def _check_clip_shape(self, v: int, clip_embeds: np.ndarray) -> None:
+    def _checked_clip(self, v: int, clip_embeds: Any, finite_checked: bool = False) -> np.ndarray:
+        """clip_embeds (K, T, E) as fp16, checked finite (unless the caller checked them, in fp16)."""
+        clip_embeds = np.asarray(clip_embeds)
         want = (self.schema.views_per_video, self.schema.num_frames, self.schema.embed_dim)
         if clip_embeds.shape != want:
             raise ValueError(f"video {v}: clip_embeds have shape {clip_embeds.shape}, the store expects {want}")
-
-    def _checked_clip(self, v: int, clip_embeds: np.ndarray, finite_checked: bool = False) -> np.ndarray:
-        """clip_embeds as fp16, checked finite (unless the caller checked them, in fp16)."""
-        self._check_clip_shape(v, clip_embeds)
         with np.errstate(over="ignore"):  # overflow shows up as inf, reported just below
             clip16 = clip_embeds.astype(np.float16, copy=False)
         if not (finite_checked and clip_embeds.dtype == np.float16):
@@ -551,11 +543,6 @@ class StoreWriter:
             got = None if frames is None else (frames.shape, str(frames.dtype))
             raise ValueError(f"video {v}: the store holds dense frames: frames must be uint8 {want}, got {got}")
 
-    def _quantized(self, v: int, features: np.ndarray, finite_checked: bool) -> tuple[np.ndarray, np.ndarray]:
-        if not finite_checked:
-            _require_finite(features, f"video {v}: features")
-        return quantize_int8(features)
-
     def _fp16_chunks(self, fmt: ShardFormat, v: int, features: np.ndarray, finite_checked: bool
                      ) -> Iterable[np.ndarray]:
         """fp16 features' chunks, each checked for inf/NaN while the previous one streams to disk (a bad one
@@ -565,28 +552,6 @@ class StoreWriter:
         if finite_checked and features.dtype == np.float16:
             return fmt.raw_chunks(feats16)
         return _checked_fp16(fmt.raw_chunks(feats16), f"video {v}: features")
-
-    def _shard_chunks(self, v: int, features: np.ndarray, clip16: np.ndarray, frames: np.ndarray | None,
-                      finite_checked: bool = False) -> Iterator[tuple[ShardFormat, Iterable[np.ndarray]]]:
-        """Each array's shard format and its inner chunks for video v, in write order."""
-        specs = {spec.name: ShardFormat.of(spec) for spec in layout.sharded_arrays(self.schema)}
-        if self.schema.encoded:
-            encoded = self._encoded(v, features, finite_checked)
-            fmt = specs[layout.feature_array(self.schema)]
-            yield fmt, fmt.raw_chunks(encoded.codes)
-            if encoded.scales is not None:
-                yield specs[layout.SCALES], specs[layout.SCALES].raw_chunks(encoded.scales)
-        elif self.schema.dtype == "int8":
-            if isinstance(features, Encoded):
-                raise ValueError(f"video {v}: encoded features given, but store {self.url} is not a compact store")
-            codes, scales = self._quantized(v, features, finite_checked)
-            yield specs[layout.FEATURES], specs[layout.FEATURES].raw_chunks(codes)
-            yield specs[layout.SCALES], specs[layout.SCALES].raw_chunks(scales)
-        else:
-            yield specs[layout.FEATURES], self._fp16_chunks(specs[layout.FEATURES], v, features, finite_checked)
-        yield specs[layout.CLIP], specs[layout.CLIP].raw_chunks(clip16)
-        if frames is not None:
-            yield specs[layout.FRAMES], _frame_chunks(specs[layout.FRAMES], frames)
 
     # ---------------------------------------------------------------- packed stores
     def write_group(self, g: int, videos: Sequence[GroupVideo], source: GroupSource) -> int:
@@ -626,38 +591,49 @@ class StoreWriter:
         return sum(per_video.values())
 
     def _group_chunks(self, fmt: ShardFormat, members: range, done: set[int], source: GroupSource,
-                      scales: dict[int, np.ndarray]) -> Iterator[np.ndarray | None]:
+                      scales: dict[int, np.ndarray]) -> Iterator[np.ndarray | EncodedChunk | None]:
         """Every inner chunk of one array's shard of a group, None where the shard holds none."""
         per_video = self.schema.views_per_video * fmt.chunks_per_sample
         for slot in range(self.videos_per_shard):
             v = members.start + slot
             if v in done:
-                yield from self._video_chunks(fmt, v, source, scales)
+                yield from self._video_chunks(fmt, v, functools.partial(self._from_source, source, v), scales)
             else:
                 yield from itertools.repeat(None, per_video)
 
-    def _video_chunks(self, fmt: ShardFormat, v: int, source: GroupSource,
-                      scales: dict[int, np.ndarray]) -> Iterable[np.ndarray]:
-        """One done video's chunks of array `fmt.name`, read from `source`. An int8 store's scales are kept from
-        its features' quantisation (they are small) for the scales shard, written next."""
+    def _from_source(self, source: GroupSource, v: int, name: str) -> Any:
+        """Video v's features, clip embeddings (as fp16) or frames from a group's source, checked."""
+        if name == layout.FEATURES:
+            return self._checked_features(v, source.features(v))
+        if name == layout.CLIP:
+            return self._checked_clip(v, source.clip_embeds(v))
+        frames = source.frames(v)
+        self._check_frames(v, frames)
+        return frames
+
+    def _video_chunks(self, fmt: ShardFormat, v: int, array: Callable[[str], Any], scales: dict[int, np.ndarray],
+                      finite_checked: bool = False) -> Iterable[np.ndarray | EncodedChunk]:
+        """One done video's chunks of array `fmt.name` (write_video's, or one video's of a group's shard), from
+        `array(FEATURES, CLIP or FRAMES)`: the checked values. An int8 store's scales are kept from its features'
+        quantisation (they are small) for the scales shard, written next."""
         if fmt.name == layout.feature_array(self.schema):
-            features = self._checked_features(v, source.features(v))
+            features = array(layout.FEATURES)
             if self.schema.encoded:
-                encoded = self._encoded(v, features, False)
+                encoded = self._encoded(v, features, finite_checked)
                 if encoded.scales is not None:
                     scales[v] = encoded.scales
                 return fmt.raw_chunks(encoded.codes)
             if self.schema.dtype == "int8":
-                codes, scales[v] = self._quantized(v, features, False)
+                if not finite_checked:
+                    _require_finite(features, f"video {v}: features")
+                codes, scales[v] = quantize_int8(features)
                 return fmt.raw_chunks(codes)
-            return self._fp16_chunks(fmt, v, features, False)
+            return self._fp16_chunks(fmt, v, features, finite_checked)
         if fmt.name == layout.SCALES:
             return fmt.raw_chunks(scales.pop(v))
         if fmt.name == layout.CLIP:
-            return fmt.raw_chunks(self._checked_clip(v, np.asarray(source.clip_embeds(v))))
-        frames = source.frames(v)
-        self._check_frames(v, frames)
-        return _frame_chunks(fmt, frames)
+            return fmt.raw_chunks(array(layout.CLIP))
+        return _frame_chunks(fmt, array(layout.FRAMES))
 
     def write_failure(self, v: int, error: str, facts: Any | None = None) -> bool:
         """Record that video v failed and why. A "done" record is never replaced by a failure (an

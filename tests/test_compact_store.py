@@ -147,6 +147,9 @@ def test_encoded_features_from_a_device_are_written_as_given(tmp_path):
     np.testing.assert_array_equal(FeatureStore.open(path).read_sample(3).features, codes[1])
     with pytest.raises(ValueError, match="not this store's"):
         w.write_video(0, facts, plans, Encoded(codes[:, :-1], scales), clip)
+    plain = open_writer(str(tmp_path / "plain.zarr"), make_schema(num_videos=2, views=2, dtype="int8"))
+    with pytest.raises(ValueError, match="encoded features given, but store .* is not a compact store"):
+        plain.write_video(0, facts, plans, Encoded(codes, scales), clip)
 
 
 def test_old_stores_keep_their_format_and_bytes(tmp_path):
