@@ -16,7 +16,9 @@ Parts (`--only` takes a comma list; the default runs all but timing, which needs
   same with outliers injected at the published magnitudes, and on the tiny CLIP's tokens. Random weights.
 * accuracy: fp16 against each compact format, paired by seed (benchmarks/_compact_tasks.py): the motion task (the
   demo's, in the augmentation study's setting, tiny CLIP: dense frames solve it) and an appearance task with the
-  temporal branch off (only the cached features can solve it; a random-weight CLIP of ViT-B/16's width 768).
+  temporal branch off (overlapping hue classes: only the cached features can solve it; a random-weight CLIP of
+  ViT-B/16's width 768), with PCA 16 and PCA 4 int8 as controls that must lose, and beside the trained models a
+  convex probe of each format's stored tokens (benchmarks/_compact_probe.py: deterministic, no training path).
 * equal_bytes: the augmentation study (benchmarks.augmentation_cost: its task, views, schedule, test clips, paired
   differences and equal compute): fp16 with 1 cached view against a compact format with 4 and 8 views (in ViT-B/16
   bytes, 4-8 compact views cost less than one fp16 view), beside online --reaugment.
