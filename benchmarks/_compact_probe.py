@@ -4,7 +4,7 @@ same format's test store.
 
 Training DiST on a format also changes the run's path, and a small task's training is sensitive to that; the probe
 has no path. Its loss is strictly convex (a fixed L2 weight decay), solved by L-BFGS in float64 from zero weights
-until the gradient vanishes, so the same features give the same score, and a format's difference to fp16 is what the
+to convergence (below), so the same features give the same score, and a format's difference to fp16 is what the
 format changed in the information a linear reader can reach. It is a probe, not DiST training: it says what a
 format keeps, not what a branch trained on it scores.
 
@@ -19,9 +19,14 @@ import numpy as np
 import torch
 
 WEIGHT_DECAY = 1e-3  # on the mean cross-entropy, of the standardised features' weights
-MAX_ROUNDS = 30  # of L-BFGS's 200 iterations each; converged in 5-10 on the appearance task's sizes
-LOSS_TOLERANCE = 1e-9  # converged: a round changed the loss by less than this share of it,
-GRADIENT_TOLERANCE = 1e-6  # or no gradient entry is larger (a separable sample's loss is too small for the share)
+# Stop when a round changes the loss by less than LOSS_TOLERANCE of it or no gradient entry exceeds
+# GRADIENT_TOLERANCE (a separable sample's loss is too small for the share), else after MAX_ROUNDS rounds of 200
+# L-BFGS iterations: the appearance task's fits reach that cap with the largest entry at ~1e-6, and the loss being
+# strongly convex (modulus 2 x WEIGHT_DECAY), the weights are then within |gradient| / (2 x WEIGHT_DECAY) of the
+# optimum; the result records which way it stopped.
+MAX_ROUNDS = 30
+LOSS_TOLERANCE = 1e-9
+GRADIENT_TOLERANCE = 1e-6
 
 
 def pooled(store_url: str) -> tuple[np.ndarray, np.ndarray]:
