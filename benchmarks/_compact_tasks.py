@@ -36,7 +36,7 @@ from dist_cache.synthetic import write_video
 # The class is the hue of a shape: six classes centred 60 degrees apart, each drawn from +-40 degrees of its centre,
 # so neighbours overlap by 20 degrees on each side and about a quarter of the clips cannot be told apart by anyone
 # (the task's ceiling is ~75 %: its difficulty is in the data, far from chance and from 100 %, where a loss shows).
-# Saturation, brightness, shape (square or disc), size (30-45 % of the frame across), place and drift, and the
+# Saturation, brightness, shape (square or disc), size (60-90 % of the frame across), place and drift, and the
 # background's colour and texture are drawn per clip. One word per class: with a random-weight text tower, names
 # sharing tokens get near-identical text embeddings (cosine ~0.97), which the cosine logits can hardly tell apart;
 # these six stay below 0.8.
