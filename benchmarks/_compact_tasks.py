@@ -4,9 +4,10 @@
   8 training videos per class, test clips framed and timed unlike any training view, 3 clips per test video), with
   the bundled tiny CLIP (random weights). The dense frames solve it (the temporal encoder), so it shows what JPEG
   frames cost and whether compact features hurt a model that does not depend on them.
-* appearance: classes a single frame tells (a shape and the texture on it, in a random colour over a random
-  textured background), trained with the temporal branch off: only the cached CLIP features can solve it, so
-  feature damage shows. CLIP is a random-weight ViT of ViT-B/16's width (768, patch 16) made cheap (4 blocks,
+* appearance: six hue classes whose hue ranges overlap (a shape over a random textured background), trained with
+  the temporal branch off: only the cached CLIP features can solve it, so feature damage shows. The overlap sets the
+  ceiling (about 75 %), not the optimiser, and the data are large enough (80 videos x 2 views per class) for the
+  runs to agree across seeds. CLIP is a random-weight ViT of ViT-B/16's width (768, patch 16) made cheap (4 blocks,
   96 px frames: 37 tokens), so a PCA of K components out of 768 means what it means for ViT-B/16.
 
 Formats are compared as `copy` makes them: the fp16 train and test stores are copied to each format (each copy
@@ -32,15 +33,20 @@ from benchmarks._compact_formats import format_store
 from dist_cache.synthetic import write_video
 
 # ---------------------------------------------------------------- the appearance task
-# The class is the hue of a shape (the colour circle in six 60-degree sectors); its saturation, brightness and
-# texture, its shape, size and place, and the background are drawn per clip. One word per class: with a
-# random-weight text tower, names sharing tokens get near-identical text embeddings (cosine ~0.97), which the cosine
-# logits can hardly tell apart; these six stay below 0.8. (Texture classes were tried first: a random-weight ViT's
-# pooled tokens do not tell stripes from checks, linearly or through the branch, at this scale.)
+# The class is the hue of a shape: six classes centred 60 degrees apart, each drawn from +-40 degrees of its centre,
+# so neighbours overlap by 20 degrees on each side and about a quarter of the clips cannot be told apart by anyone
+# (the task's ceiling is ~75 %: its difficulty is in the data, far from chance and from 100 %, where a loss shows).
+# Saturation, brightness, shape (square or disc), size (60-90 % of the frame across), place and drift, and the
+# background's colour and texture are drawn per clip. One word per class: with a random-weight text tower, names
+# sharing tokens get near-identical text embeddings (cosine ~0.97), which the cosine logits can hardly tell apart;
+# these six stay below 0.8.
+# The first take of this task (32 training videos x 1 view per class, hues +-20 degrees, small textured shapes, 20 %
+# greyscale training views, lr 3e-3 at batch 16) over-fitted: train accuracy ~100 %, test 46-77 % over six seeds, and
+# a seed moved 5-16 points when the same values were stored another way (benchmarks/RESULTS.md, "compact").
 APPEARANCE_CLASSES = ("red", "yellow", "green", "cyan", "blue", "magenta")
-TEXTURES = ("plain", "stripes", "checks", "dots")
 APPEARANCE_SIZE = 96  # pixels of every clip and of the model's input
 APPEARANCE_FRAMES = 4  # CLIP frames per view
+HUE_JITTER = 40.0  # degrees either side of a class's centre (the centres are 60 apart)
 
 # A random-weight ViT of ViT-B/16's width and patch, made cheap: 4 blocks at 96 px (36 patches + class token); a
 # text tower as small as dist-tiny's (only its class embeddings are stored). Written next to the data and passed to
@@ -66,46 +72,32 @@ def _hsv(hue: float, saturation: float, value: float) -> np.ndarray:
 
 
 def appearance_clip(rng: np.random.Generator, label: int, size: int = APPEARANCE_SIZE, frames: int = 16,
-                    saturation: tuple[float, float] = (0.25, 0.7)) -> np.ndarray:
-    """uint8 frames (frames, size, size, 3): a shape (square or disc) whose hue is the class's (its sector's centre
-    +- 20 degrees), drifting slowly over a random textured background. The shape's saturation (`saturation`: the
-    task's difficulty, grey shapes are hard to tell apart), brightness, texture (plain, stripes, checks or dots in
-    two shades of its colour), size (a quarter to two fifths of the frame), place and drift are drawn per clip, and
-    the background's colour is any colour."""
-    hue = 60.0 * label + rng.uniform(-20, 20)
-    sat, value = rng.uniform(*saturation), rng.uniform(0.45, 0.9)
-    base, other = _hsv(hue, sat, value), _hsv(hue, sat, value * rng.uniform(0.6, 0.8))
-    texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
-    square = bool(rng.random() < 0.5)
+                    hue_jitter: float = HUE_JITTER, saturation: tuple[float, float] = (0.4, 0.8),
+                    radius: tuple[float, float] = (0.3, 0.45)) -> np.ndarray:
+    """uint8 frames (frames, size, size, 3): a shape (square or disc) whose hue is its class's centre +- hue_jitter
+    degrees, drifting slowly over a random textured background. Its saturation, brightness, size (`radius` times
+    the frame: its half-width), place and drift are drawn per clip, the background's colour is any colour, and
+    every frame has fresh sensor noise (more on the shape: its colour is not one flat value)."""
+    hue = 60.0 * label + rng.uniform(-hue_jitter, hue_jitter)
+    base = _hsv(hue, rng.uniform(*saturation), rng.uniform(0.45, 0.9))
     background = _blocky(rng, size, 6, rng.uniform(40, 215, 3), 45) + _blocky(rng, size, 24, 0.0, 20)
-    radius = rng.uniform(size / 8, size / 5)
-    period = rng.uniform(4, 8)
-    phase = rng.uniform(0, period, 2)
-    start = rng.uniform(radius + 1, size - radius - 1, 2)
-    drift = rng.uniform(-0.25, 0.25, 2) * radius
+    r = rng.uniform(*radius) * size
+    square = bool(rng.random() < 0.5)
+    start = rng.uniform(r + 1, size - r - 1, 2)
+    drift = rng.uniform(-0.25, 0.25, 2) * r
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     out = np.empty((frames, size, size, 3), np.uint8)
     for t in range(frames):
-        cx, cy = np.clip(start + drift * (t / max(1, frames - 1) - 0.5), radius + 1, size - radius - 1)
+        cx, cy = np.clip(start + drift * (t / max(1, frames - 1) - 0.5), r + 1, size - r - 1)
         dx, dy = xx - cx, yy - cy
-        mask = (np.maximum(abs(dx), abs(dy)) <= radius) if square else (dx ** 2 + dy ** 2 <= radius ** 2)
-        u, v = (dx + phase[0]) / period, (dy + phase[1]) / period
-        if texture == "plain":
-            on = np.zeros_like(u, dtype=bool)
-        elif texture == "stripes":
-            on = np.floor(v) % 2 == 0
-        elif texture == "checks":
-            on = (np.floor(u) + np.floor(v)) % 2 == 0
-        else:  # dots: discs of a third of the period on a square lattice
-            on = (u - np.floor(u) - 0.5) ** 2 + (v - np.floor(v) - 0.5) ** 2 <= (1 / 3) ** 2
-        frame = background + rng.normal(0, 4, background.shape)  # sensor noise, fresh every frame
-        frame[mask] = np.where(on[mask][:, None], other, base)
+        mask = (np.maximum(abs(dx), abs(dy)) <= r) if square else (dx ** 2 + dy ** 2 <= r ** 2)
+        frame = background + rng.normal(0, 4, background.shape)
+        frame[mask] = base + rng.normal(0, 6, (int(mask.sum()), 3))
         out[t] = np.clip(np.rint(frame), 0, 255).astype(np.uint8)
     return out
 
 
-def make_appearance_dataset(root: Path, train_per_class: int, test_per_class: int,
-                            saturation: tuple[float, float] = (0.25, 0.7)) -> dict[str, Path]:
+def make_appearance_dataset(root: Path, train_per_class: int, test_per_class: int) -> dict[str, Path]:
     """root/videos/{train,test}/<class>/<i>.mp4, train.csv and test.csv (kept if already there), the model config
     and its random weights (seeded)."""
     videos = root / "videos"
@@ -117,7 +109,7 @@ def make_appearance_dataset(root: Path, train_per_class: int, test_per_class: in
             for i in range(count):
                 rel = f"{split}/{name}/{i}.mp4"
                 if not (videos / rel).exists():
-                    clip = appearance_clip(np.random.default_rng([stream, ci, i]), ci, saturation=saturation)
+                    clip = appearance_clip(np.random.default_rng([stream, ci, i]), ci)
                     write_video(videos / rel, clip, 16)
                 rows.append((rel, name))
         manifests[split] = root / f"{split}.csv"
@@ -159,21 +151,22 @@ class Task:
 
 
 def appearance_task(workdir: Path, seeds: list[int], train_per_class: int, test_per_class: int, epochs: int,
-                    saturation: tuple[float, float] = (0.25, 0.7), alpha_dim: int = 64, lr: float = 1e-3,
-                    batch_size: int = 16) -> Task:
-    """The appearance task's stores (1 view per training video, 1 centre clip per test video), temporal off."""
+                    views: int = 2, alpha_dim: int = 64, lr: float = 2e-3, batch_size: int = 32) -> Task:
+    """The appearance task's stores (`views` views per training video, drawn per seed; 1 centre clip per test
+    video), temporal off. No greyscale training views: a grey view of a hue class carries no label (the first
+    take's 20 % were label noise)."""
     from dist_cache.model import DiSTSwitches
     from pipelines.extract.extractor import ExtractOptions, extract
 
-    data = make_appearance_dataset(workdir / "data", train_per_class, test_per_class, saturation)
+    data = make_appearance_dataset(workdir / "data", train_per_class, test_per_class)
     model, checkpoint = random_backbone(workdir, B16_WIDTH_NAME)
     common = dict(video_root=str(data["videos"]), model=model, pretrained=str(checkpoint),
                   frames=APPEARANCE_FRAMES, decode_workers=1)
     train_stores = {}
     for seed in seeds:
-        train_stores[seed] = workdir / f"appearance-train-s{seed}.zarr"
-        extract(ExtractOptions(manifest=str(data["train"]), out=str(train_stores[seed]), views=1, split="train",
-                               scale=(0.6, 1.0), seed=seed, **common), progress=False)
+        train_stores[seed] = workdir / f"appearance-train-k{views}-s{seed}.zarr"
+        extract(ExtractOptions(manifest=str(data["train"]), out=str(train_stores[seed]), views=views, split="train",
+                               scale=(0.6, 1.0), grayscale_p=0.0, seed=seed, **common), progress=False)
     test_store = workdir / "appearance-test.zarr"
     extract(ExtractOptions(manifest=str(data["test"]), out=str(test_store), views=1, split="test", seed=0, **common),
             progress=False)

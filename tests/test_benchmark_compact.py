@@ -2,7 +2,8 @@
 object. Accuracies and timings are never asserted (a one-epoch run learns nothing; timings are the benchmark's), only
 that each part measured what it says: bytes from the layout and the JPEG frames measured, per-layer errors of every
 format with the outliers making per-token absmax worse on the ordinary channels, every format trained on every
-seed and paired against fp16, the equal-bytes runs on compact copies, and the timing's sides."""
+seed and paired against fp16 (and probed, on the appearance task), the equal-bytes runs on compact copies, and the
+timing's sides."""
 
 import json
 import subprocess
@@ -74,6 +75,13 @@ def test_accuracy_is_paired_by_seed_against_fp16(quick_report):
                 assert read["paired_vs_fp16"]["per_seed"] == pytest.approx([a - b for a, b in zip(read["top1"], fp16)])
     appearance = report["accuracy"]["appearance"]["parameters"]
     assert appearance["clip"]["width"] == 768 and appearance["switches"]["temporal"] is False
+    # The convex probe beside the training: fitted per seed on each format's training store, paired the same way.
+    results = report["accuracy"]["appearance"]["results"]
+    for r in results.values():
+        probe = r["probe"]
+        assert len(probe["top1"]) == len(probe["train_top1"]) == 1 and probe["converged"]
+        assert probe["paired_vs_fp16"]["per_seed"] == pytest.approx(
+            [a - b for a, b in zip(probe["top1"], results["fp16"]["probe"]["top1"])])
     from storage import FeatureStore
 
     jpeg = FeatureStore.open(next(work.glob("motion/motion-train-k2-s0-*jpeg.zarr")))
