@@ -20,6 +20,7 @@ import contextlib
 import importlib
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.util
 import os
 import signal
 import sys
@@ -50,6 +51,13 @@ CLOSE_GRACE_S = 0.5
 # (a video that segfaults its decoder), recorded as its DecodeError. One death alone proves nothing: the OOM
 # killer or a stray `kill -9` may have hit a healthy job.
 JOB_CRASH_LIMIT = 2
+# Set as this process exits, before multiprocessing terminates its daemonic children (the decode workers): a pool
+# then starts no replacement for them. A replacement started then is orphaned mid-start, and prints an EOFError
+# traceback from spawn_main. A dask worker's pool is never closed (its cached extractor lives as long as the
+# worker's process), so at every such exit its dispatcher sees its workers die. An exit finalizer, not atexit:
+# multiprocessing children (dask workers) leave through os._exit, which skips atexit but runs these.
+_EXITING = threading.Event()
+multiprocessing.util.Finalize(None, _EXITING.set, exitpriority=100)
 
 
 def death_limit(workers: int) -> int:
@@ -378,10 +386,10 @@ class DecodePool:
 
     def _replace(self, w: _Worker, start: bool = True) -> None:
         """Kill `w` (a hung or dead worker) and put a fresh one in its place; `start=False` once the pool is
-        broken, when a fresh worker would only die too."""
+        broken, when a fresh worker would only die too, and none as this process exits (`_EXITING`)."""
         w.kill()
         w.job = None
-        if start:
+        if start and not _EXITING.is_set():
             self._workers[self._workers.index(w)] = _Worker(self._ctx, self._preload)
         else:
             self._workers.remove(w)

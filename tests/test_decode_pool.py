@@ -213,3 +213,33 @@ def test_memory_and_machine_oserrors_are_the_machines_not_the_videos():
     assert machine_failure(OSError(errno.ESTALE, "Stale file handle"))
     assert not machine_failure(FileNotFoundError(errno.ENOENT, "No such file or directory"))
     assert not machine_failure(DecodeError("/v/a.mp4: cannot open as a video"))
+
+
+EXIT_WITH_THE_POOL_OPEN = """
+import multiprocessing, sys, time
+
+def child():
+    from dist_cache.decode_pool import DecodePool
+    pool = DecodePool(1, timeout=30)
+    pool.submit(sum, [1, 2]).result()  # its worker has started
+    # the pool is left open, as a dask worker's cached extractor leaves it: this process's exit terminates the worker
+
+if __name__ == "__main__":
+    process = multiprocessing.get_context("spawn").Process(target=child)
+    process.start()
+    process.join()
+    sys.exit(process.exitcode)
+"""
+
+
+def test_a_process_exiting_with_its_pool_open_starts_no_orphan_worker(tmp_path):
+    """A multiprocessing child (as a dask worker is) exits with its pool open: multiprocessing terminates the
+    daemonic decode worker, and the pool's dispatcher must not start a replacement, which the exit would orphan
+    mid-start: it printed spawn_main's `EOFError: Ran out of input` traceback into the user's terminal (after
+    a Ctrl-C of `extract --dask-workers`). The output is read until every process holding it has exited."""
+    script = tmp_path / "exit_with_pool.py"
+    script.write_text(EXIT_WITH_THE_POOL_OPEN)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "EOFError" not in done.stderr, done.stderr
